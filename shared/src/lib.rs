@@ -1,0 +1,17 @@
+//! The Drover protocol, version 1.
+//!
+//! This crate is the only place that knows topic names and payload shapes.
+//! The orchestrator, the agent, the tests and the load generator all build and
+//! parse topics through [`topic`] and encode payloads through [`codec`]; none of
+//! them formats a topic string by hand. It does no I/O.
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod ids;
+pub mod model;
+pub mod payload;
+pub mod topic;
+
+pub use codec::{decode, encode, DecodeError, PROTOCOL_VERSION};
+pub use ids::{DeviceId, IdError, Name};

@@ -1,0 +1,413 @@
+//! The app model and the device state that travels inside payloads and the
+//! REST API alike.
+//!
+//! An app is a named set of containers. The model leaves room for releases,
+//! labels and rollouts (`labels` on apps, `generation` on desired state)
+//! without reshaping what exists.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::Name;
+
+/// Container label keys the agent puts on every container it creates.
+/// A container without `LABEL_MANAGED` is never touched.
+pub const LABEL_MANAGED: &str = "io.drover.managed";
+pub const LABEL_DEVICE: &str = "io.drover.device";
+pub const LABEL_APP: &str = "io.drover.app";
+pub const LABEL_CONTAINER: &str = "io.drover.container";
+pub const LABEL_SPEC_HASH: &str = "io.drover.spec-hash";
+pub const LABEL_GENERATION: &str = "io.drover.generation";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub name: Name,
+    pub containers: Vec<ContainerSpec>,
+    /// Free-form labels for selection and display; not interpreted yet.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    pub name: Name,
+    /// `registry/repo:tag` or `registry/repo@sha256:…`. A reference with
+    /// neither gets `:latest` at validation, so a pull never fetches every tag.
+    pub image: String,
+    /// Overrides the image's CMD when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeBind>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores (0.5 = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    pub host: u16,
+    pub container: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Host address to bind; all addresses when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeBind {
+    /// A host path (starting with `/`) or a named Docker volume.
+    pub source: String,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    No,
+    #[default]
+    UnlessStopped,
+    Always,
+    OnFailure,
+}
+
+impl RestartPolicy {
+    pub fn docker_name(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::UnlessStopped => "unless-stopped",
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+        }
+    }
+}
+
+/// A validation failure that names the offending field by its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl AppSpec {
+    /// Checks everything serde cannot: non-empty, unique names, a usable
+    /// image reference, sane ports and limits. Normalises image references
+    /// without tag or digest to `:latest`.
+    pub fn validate(&mut self) -> Result<(), FieldError> {
+        if self.containers.is_empty() {
+            return Err(FieldError::new("containers", "an app needs at least one container"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in self.containers.iter_mut().enumerate() {
+            let at = |f: &str| format!("containers[{i}].{f}");
+            if !seen.insert(c.name.clone()) {
+                return Err(FieldError::new(at("name"), format!("duplicate container name {:?}", c.name.as_str())));
+            }
+            let image = ImageRef::parse(&c.image).map_err(|m| FieldError::new(at("image"), m))?;
+            c.image = image.to_string();
+            if let Some(cmd) = &c.command {
+                if cmd.is_empty() {
+                    return Err(FieldError::new(at("command"), "must not be an empty list; omit it to use the image's command"));
+                }
+            }
+            for k in c.env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(FieldError::new(at("env"), format!("invalid variable name {k:?}")));
+                }
+            }
+            for (j, p) in c.ports.iter().enumerate() {
+                if p.host == 0 || p.container == 0 {
+                    return Err(FieldError::new(format!("containers[{i}].ports[{j}]"), "ports must be between 1 and 65535"));
+                }
+                if let Some(ip) = &p.host_ip {
+                    if ip.parse::<std::net::IpAddr>().is_err() {
+                        return Err(FieldError::new(format!("containers[{i}].ports[{j}].host_ip"), format!("{ip:?} is not an IP address")));
+                    }
+                }
+            }
+            for (j, v) in c.volumes.iter().enumerate() {
+                let f = |x: &str| format!("containers[{i}].volumes[{j}].{x}");
+                if v.source.is_empty() || v.source.contains(':') {
+                    return Err(FieldError::new(f("source"), "must be a host path or a volume name, without ':'"));
+                }
+                if !v.target.starts_with('/') || v.target.contains(':') {
+                    return Err(FieldError::new(f("target"), "must be an absolute path inside the container, without ':'"));
+                }
+            }
+            if c.memory_mb == Some(0) {
+                return Err(FieldError::new(at("memory_mb"), "must be greater than 0"));
+            }
+            if let Some(cpus) = c.cpus {
+                if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                    return Err(FieldError::new(at("cpus"), "must be a number of cores greater than 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ContainerSpec {
+    /// A stable fingerprint of the spec. The agent stores it as a label; a
+    /// different fingerprint means the container must be recreated.
+    pub fn fingerprint(&self) -> String {
+        // FNV-1a over the canonical CBOR encoding: maps are BTreeMaps, so
+        // the encoding is deterministic.
+        let mut bytes = Vec::new();
+        if ciborium::into_writer(self, &mut bytes).is_err() {
+            return String::from("0");
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// An image reference split the way the Docker pull API wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<ImageRef, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > 512 {
+            return Err("is longer than 512 characters".into());
+        }
+        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("contains {c:?}"));
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => {
+                let ok = d.split_once(':').is_some_and(|(alg, hex)| !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()));
+                if !ok {
+                    return Err(format!("digest {d:?} is not of the form algorithm:hex"));
+                }
+                (r, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => {
+                let i = last_slash + i;
+                let tag = &rest[i + 1..];
+                if tag.is_empty() || tag.len() > 128 || !tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+                    return Err(format!("tag {tag:?} is not a valid tag"));
+                }
+                (&rest[..i], Some(tag.to_string()))
+            }
+            None => (rest, None),
+        };
+        if repository.is_empty() || repository.starts_with('/') || repository.ends_with('/') || repository.contains("//") {
+            return Err(format!("repository {repository:?} is not valid"));
+        }
+        let path_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | ':');
+        // The first component may be a registry host with upper case and a port.
+        let path = match repository.split_once('/') {
+            Some((host, p)) if host.contains('.') || host.contains(':') || host == "localhost" => p,
+            _ => repository,
+        };
+        if let Some(c) = path.chars().find(|c| !path_ok(*c)) {
+            return Err(format!("repository {repository:?} contains {c:?} (repository names are lower case)"));
+        }
+        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
+        Ok(ImageRef { repository: repository.to_string(), tag, digest })
+    }
+
+    /// What to pass as the `tag` of a pull: the digest when pinned, else the tag.
+    pub fn pull_tag(&self) -> &str {
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an app deployed on a device should be running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Stopped,
+}
+
+/// Everything one device should run. Written only by the orchestrator;
+/// `generation` grows by one on every change.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub generation: u64,
+    pub apps: Vec<DesiredApp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredApp {
+    pub spec: AppSpec,
+    pub run: RunState,
+}
+
+impl DesiredState {
+    pub fn app(&self, name: &Name) -> Option<&DesiredApp> {
+        self.apps.iter().find(|a| &a.spec.name == name)
+    }
+}
+
+/// Where an app is on a device, as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppPhase {
+    Pending,
+    Pulling,
+    Starting,
+    Running,
+    Stopped,
+    Failed,
+}
+
+/// What runs on a device. Written only by the agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ObservedState {
+    /// The highest desired generation the agent has fully applied.
+    pub applied_generation: u64,
+    /// The highest desired generation the agent has received.
+    pub desired_generation: u64,
+    pub apps: Vec<AppStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: Name,
+    pub phase: AppPhase,
+    /// Docker's or the registry's own error text when `phase` is failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub containers: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub name: Name,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Docker's state word: created, running, exited, … or `absent`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(image: &str) -> AppSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "containers": [{"name": "main", "image": image}]
+        }))
+        .expect("valid json")
+    }
+
+    #[test]
+    fn image_without_tag_gets_latest() {
+        let mut s = spec("127.0.0.1:5000/demo/hello");
+        s.validate().expect("valid");
+        assert_eq!(s.containers[0].image, "127.0.0.1:5000/demo/hello:latest");
+    }
+
+    #[test]
+    fn image_references_parse() {
+        let r = ImageRef::parse("localhost:5000/a/b:1.2").expect("ok");
+        assert_eq!((r.repository.as_str(), r.tag.as_deref()), ("localhost:5000/a/b", Some("1.2")));
+        let d = ImageRef::parse("busybox@sha256:abcdef").expect("ok");
+        assert_eq!(d.pull_tag(), "sha256:abcdef");
+        assert!(ImageRef::parse("Busybox:1").is_err());
+        assert!(ImageRef::parse("busybox:").is_err());
+        assert!(ImageRef::parse("bad image").is_err());
+        assert!(ImageRef::parse("busybox@nothex").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = spec("busybox:1");
+        s.containers[0].memory_mb = Some(0);
+        assert_eq!(s.validate().expect_err("invalid").field, "containers[0].memory_mb");
+        let mut s = spec("busybox:1");
+        s.containers.push(s.containers[0].clone());
+        assert_eq!(s.validate().expect_err("invalid").field, "containers[1].name");
+        let mut s = spec("busybox:1");
+        s.containers.clear();
+        assert_eq!(s.validate().expect_err("invalid").field, "containers");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<AppSpec, _> = serde_json::from_value(serde_json::json!({
+            "name": "web", "containers": [], "imagee": "x"
+        }));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_spec() {
+        let a = spec("busybox:1").containers[0].clone();
+        let mut b = a.clone();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.env.insert("X".into(), "1".into());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,218 @@
+//! One payload type per topic kind. Timestamps are Unix milliseconds.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Message;
+use crate::ids::Name;
+use crate::model::{DesiredState, ObservedState};
+use crate::topic::TopicKind;
+
+/// `hello`: who the device is and what it has. Sent on every connect.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub arch: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// Empty when the Docker daemon could not be reached; see `docker_error`.
+    pub docker_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_error: Option<String>,
+    /// `repo:tag` of every image present on the device.
+    pub images: Vec<String>,
+    pub booted_at_ms: u64,
+}
+
+/// `status`: retained; the agent publishes `online: true` on connect and the
+/// broker publishes its Last Will, `online: false`, when the connection is lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub online: bool,
+    /// 0 in the Last Will: it is written at connect time, not at loss.
+    pub at_ms: u64,
+}
+
+/// `heartbeat`: retained, every few seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub at_ms: u64,
+    pub seq: u64,
+    pub uptime_s: u64,
+    pub applied_generation: u64,
+}
+
+/// `state`: retained; what actually runs, after every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    pub at_ms: u64,
+    pub observed: ObservedState,
+}
+
+/// `telemetry`: host and per-container resource usage.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub at_ms: u64,
+    pub host: HostMetrics,
+    pub containers: Vec<ContainerMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HostMetrics {
+    pub cpu_percent: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub load_1: f64,
+    pub load_5: f64,
+    pub load_15: f64,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerMetrics {
+    pub app: Name,
+    pub container: Name,
+    /// Percent of one core, as `docker stats` shows it.
+    pub cpu_percent: f32,
+    pub memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+}
+
+/// `logs`: a bounded batch of lines from one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub app: Name,
+    pub container: Name,
+    pub lines: Vec<LogLine>,
+    /// Lines the agent had to drop before this batch because its buffer was full.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub at_ms: u64,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// `desired`: retained; the device's whole desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub state: DesiredState,
+}
+
+/// `cmd`: a request with an id. Applying the same command twice, or a
+/// command whose generation is older than what the device holds, changes
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: String,
+    pub issued_at_ms: u64,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// Deploy, start, stop or remove: carried as the resulting desired
+    /// state, so the device converges on state, not on a sequence of verbs.
+    Apply { op: Op, app: Name, desired: DesiredState },
+    /// Re-send hello, state and heartbeat now.
+    Resync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Deploy,
+    Start,
+    Stop,
+    Remove,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Deploy => "deploy",
+            Op::Start => "start",
+            Op::Stop => "stop",
+            Op::Remove => "remove",
+        }
+    }
+}
+
+/// `ack`: progress and outcome of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub command_id: String,
+    pub at_ms: u64,
+    pub phase: AckPhase,
+    /// Human-readable detail; on failure, Docker's or the registry's own text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckPhase {
+    /// The device has the command and will work on it.
+    Received,
+    /// Work under way; see `progress`.
+    Progress,
+    Succeeded,
+    Failed,
+    /// A newer desired state replaced this one before it finished.
+    Superseded,
+}
+
+impl AckPhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, AckPhase::Succeeded | AckPhase::Failed | AckPhase::Superseded)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// What is happening: `pulling`, `creating`, `starting`, `stopping`, `removing`.
+    pub step: String,
+    pub container: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+}
+
+macro_rules! message {
+    ($($ty:ty => $kind:ident),* $(,)?) => {
+        $(impl Message for $ty { const KIND: TopicKind = TopicKind::$kind; })*
+    };
+}
+
+message! {
+    Hello => Hello,
+    Status => Status,
+    Heartbeat => Heartbeat,
+    StateReport => State,
+    Telemetry => Telemetry,
+    LogBatch => Logs,
+    Desired => Desired,
+    Command => Cmd,
+    Ack => Ack,
+}

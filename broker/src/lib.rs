@@ -1,1 +1,150 @@
+//! The embedded MQTT broker: rumqttd's router and its v4 TCP server, run on
+//! the orchestrator's own tokio runtime instead of `Broker::start()` (which
+//! blocks forever and owns its own threads).
+//!
+//! `RouterConfig::default()` is all zeros and unusable (zero connections,
+//! panics on subscribe), so every router setting is chosen here on purpose
+//! and documented on [`BrokerConfig`].
+
 #![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use rumqttd::protocol::v4::V4;
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tracing::{error, info};
+
+/// Limits of the embedded broker. Every field is deliberate:
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Where MQTT clients connect.
+    pub listen: SocketAddr,
+    /// rumqttd pre-allocates slabs of this size and is reported to panic
+    /// above it, so it is the hard cap on devices per node (plus the
+    /// orchestrator's own connection and automation clients).
+    pub max_connections: usize,
+    /// Largest MQTT payload accepted; matches the protocol's limit plus room
+    /// for the packet header.
+    pub max_payload_size: usize,
+    /// Unacknowledged QoS 1 messages in flight per connection.
+    pub max_inflight_count: usize,
+    /// Packets queued towards one slow client before the router stops
+    /// reading for it.
+    pub max_outgoing_packet_count: u64,
+    /// Bytes per commit-log segment. Must comfortably exceed the largest
+    /// payload; tiny segments make rumqttd panic on subscribe.
+    pub max_segment_size: usize,
+    /// Segments kept in memory per log. Offline QoS 1 delivery is a cursor
+    /// into this log: when it rolls over, queued messages are dropped
+    /// silently, which is why Drover never relies on the broker's queue
+    /// as the source of truth (desired state is retained and generations
+    /// are compared).
+    pub max_segment_count: usize,
+    /// Time a new TCP connection has to send CONNECT.
+    pub connection_timeout_ms: u16,
+}
+
+impl BrokerConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        BrokerConfig {
+            listen,
+            max_connections: 20_000,
+            max_payload_size: drover_payload_limit(),
+            max_inflight_count: 100,
+            max_outgoing_packet_count: 1_000,
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 4,
+            connection_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The protocol's payload limit plus room for topic and header.
+fn drover_payload_limit() -> usize {
+    256 * 1024 + 4 * 1024
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("invalid broker setting: {0}")]
+    Config(String),
+}
+
+/// A started broker. Dropping it does not stop it; await [`Broker::run`].
+pub struct Broker {
+    config: BrokerConfig,
+    server: Server<V4>,
+}
+
+impl Broker {
+    /// Validates the settings, checks the listen address can be bound, and
+    /// starts the router thread. Nothing is listening until [`Broker::run`].
+    pub fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        if config.max_connections == 0 {
+            return Err(BrokerError::Config("max_connections must be at least 1".into()));
+        }
+        if config.max_segment_size < 2 * config.max_payload_size {
+            return Err(BrokerError::Config(format!(
+                "max_segment_size ({}) must be at least twice max_payload_size ({})",
+                config.max_segment_size, config.max_payload_size
+            )));
+        }
+        // rumqttd binds inside its accept loop and cannot report a failure
+        // to bind except by logging; probe first so a taken port is a clear,
+        // early error.
+        std::net::TcpListener::bind(config.listen)
+            .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+
+        let router_config = RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: config.max_outgoing_packet_count,
+            max_segment_size: config.max_segment_size,
+            max_segment_count: config.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        // The router runs on its own OS thread for the life of the process:
+        // rumqttd offers no way to stop it.
+        let router_tx = Router::new(0, router_config).spawn();
+        let settings = ServerSettings {
+            name: "drover-v4".into(),
+            listen: config.listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: config.connection_timeout_ms,
+                max_payload_size: config.max_payload_size,
+                max_inflight_count: config.max_inflight_count,
+                auth: None::<HashMap<String, String>>,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let server = Server::new(settings, router_tx, V4);
+        Ok(Broker { config, server })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.config.listen
+    }
+
+    /// Accepts MQTT connections until `shutdown` resolves. Connections
+    /// already open are owned by rumqttd's tasks and end with the runtime.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let addr = self.config.listen;
+        info!(%addr, "embedded MQTT broker listening");
+        tokio::select! {
+            res = self.server.start(LinkType::Remote) => {
+                if let Err(e) = res {
+                    error!(%addr, error = %e, "embedded MQTT broker stopped");
+                }
+            }
+            () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Prepares everything the test suite needs on this machine: Debian packages,
+# a reachable Docker daemon, a local v2 registry on 127.0.0.1:5000 and a tiny
+# busybox test image in it. Safe to run any number of times: every step checks
+# first and does nothing when its goal already holds, so a ready machine costs
+# well under a second.
+#
+# Needs root for anything it has to install or start. With CI=true every
+# failure ends the run with a non-zero status; outside CI a package that
+# cannot be installed is only a warning, because a developer may have the
+# tool elsewhere and later steps fail loudly if it really mattered.
+
+set -euo pipefail
+
+readonly REGISTRY_ADDR="127.0.0.1:5000"
+readonly REGISTRY_URL="http://${REGISTRY_ADDR}"
+readonly REGISTRY_CONFIG="/etc/drover/registry.yml"
+readonly REGISTRY_DATA="/var/lib/drover-registry"
+readonly REGISTRY_LOG="/var/log/docker-registry-drover.log"
+readonly DOCKERD_LOG="/var/log/dockerd-drover.log"
+readonly IMAGE_REPO="drover/busybox"
+readonly IMAGE_TAG="1"
+readonly IMAGE="${REGISTRY_ADDR}/${IMAGE_REPO}:${IMAGE_TAG}"
+readonly WAIT_SECONDS=30
+
+# The image build's scratch directory, removed however the script ends.
+ROOTFS_TMP=""
+trap '[[ -z "$ROOTFS_TMP" ]] || rm -rf "$ROOTFS_TMP"' EXIT
+
+log() { printf 'test-env: %s\n' "$*"; }
+
+die() {
+    printf 'test-env: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# A failure that a developer may choose to live with; fatal under CI.
+soft_fail() {
+    if [[ "${CI:-}" == "true" ]]; then
+        die "$*"
+    fi
+    printf 'test-env: warning: %s\n' "$*" >&2
+}
+
+is_root() { [[ "$(id -u)" -eq 0 ]]; }
+
+# Polls a command until it succeeds or WAIT_SECONDS pass. With WATCH_PID
+# set, gives up early once that process has exited (a daemon that died on
+# start-up, e.g. because its port is taken), after a last short grace in case
+# another instance is the one answering.
+WATCH_PID=""
+wait_for() {
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until "$@"; do
+        if [[ -n "$WATCH_PID" ]] && ! kill -0 "$WATCH_PID" 2>/dev/null; then
+            sleep 1
+            "$@"
+            return
+        fi
+        if ((SECONDS >= deadline)); then
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+package_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+ensure_packages() {
+    local missing=()
+    # Any docker CLI will do (Docker's own packages, a static binary in
+    # /usr/local/bin, ...); only install Debian's when there is none.
+    command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+    local pkg
+    for pkg in docker-registry mosquitto mosquitto-clients busybox-static curl iproute2; do
+        package_installed "$pkg" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "packages: all present"
+        return 0
+    fi
+    if ! is_root; then
+        soft_fail "missing packages (${missing[*]}) and not root; install them with apt-get"
+        return 0
+    fi
+    log "packages: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get update -qq >/dev/null; then
+        soft_fail "apt-get update failed"
+        return 0
+    fi
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        soft_fail "apt-get install ${missing[*]} failed"
+    fi
+}
+
+docker_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+ensure_docker() {
+    command -v docker >/dev/null 2>&1 || die "no docker CLI; install docker.io"
+    if docker_up; then
+        log "docker: daemon reachable"
+        return 0
+    fi
+    is_root || die "docker daemon unreachable and not root to start it"
+    # A daemon that is already starting only needs time.
+    if pgrep -x dockerd >/dev/null 2>&1; then
+        log "docker: dockerd is running but not answering yet; waiting"
+    elif service docker start >/dev/null 2>&1; then
+        log "docker: started with 'service docker start'"
+    else
+        command -v dockerd >/dev/null 2>&1 || die "docker daemon unreachable and no dockerd binary to start"
+        log "docker: starting dockerd in the background (log: ${DOCKERD_LOG})"
+        setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+        WATCH_PID=$!
+    fi
+    wait_for docker_up ||
+        die "docker daemon unreachable (it exited, or was not up within ${WAIT_SECONDS}s); see ${DOCKERD_LOG} or 'docker info'"
+    WATCH_PID=""
+}
+
+registry_up() { curl -fsS --max-time 3 -o /dev/null "${REGISTRY_URL}/v2/" 2>/dev/null; }
+
+# Debian's packaged /etc/docker/registry/config.yml listens on every address
+# and turns on htpasswd auth whose path is a directory, so the registry runs
+# but answers 401 to everything. Ours: loopback only, no auth, own storage.
+write_registry_config() {
+    local want
+    want=$(
+        cat <<EOF
+# Written by scripts/test-env.sh: the Drover test registry.
+version: 0.1
+log:
+  level: info
+  fields:
+    service: drover-registry
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: ${REGISTRY_DATA}
+  delete:
+    enabled: true
+http:
+  addr: ${REGISTRY_ADDR}
+  headers:
+    X-Content-Type-Options: [nosniff]
+health:
+  storagedriver:
+    enabled: true
+    interval: 10s
+    threshold: 3
+EOF
+    )
+    if [[ -f "$REGISTRY_CONFIG" && "$(cat "$REGISTRY_CONFIG")" == "$want" ]]; then
+        return 0
+    fi
+    mkdir -p "$(dirname "$REGISTRY_CONFIG")"
+    printf '%s\n' "$want" >"$REGISTRY_CONFIG"
+    log "registry: wrote ${REGISTRY_CONFIG}"
+}
+
+# Installing docker-registry on a machine with an init system starts the
+# packaged service on :5000 with that unusable config. It holds our port and
+# serves nothing, so it gives way to ours, now and at the next boot.
+stop_packaged_registry() {
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "${REGISTRY_URL}/v2/" 2>/dev/null || true)
+    if [[ "$code" != "401" ]] || ! service docker-registry status >/dev/null 2>&1; then
+        return 0
+    fi
+    log "registry: stopping Debian's docker-registry service (it demands auth on ${REGISTRY_ADDR})"
+    service docker-registry stop >/dev/null 2>&1 || die "could not stop the docker-registry service holding ${REGISTRY_ADDR}"
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --quiet docker-registry.service >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_registry() {
+    if registry_up; then
+        log "registry: already serving ${REGISTRY_URL}/v2/"
+        return 0
+    fi
+    is_root || die "no registry at ${REGISTRY_URL} and not root to start one"
+    command -v docker-registry >/dev/null 2>&1 || die "no registry at ${REGISTRY_URL} and docker-registry is not installed"
+    stop_packaged_registry
+    write_registry_config
+    mkdir -p "$REGISTRY_DATA"
+    # Run unprivileged as the package's own user when it exists.
+    local run_as=()
+    if getent passwd docker-registry >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1; then
+        chown docker-registry: "$REGISTRY_DATA"
+        run_as=(setpriv --reuid=docker-registry --regid=docker-registry --init-groups --)
+    fi
+    log "registry: starting docker-registry on ${REGISTRY_ADDR} (data: ${REGISTRY_DATA}, log: ${REGISTRY_LOG})"
+    setsid nohup "${run_as[@]}" docker-registry serve "$REGISTRY_CONFIG" >>"$REGISTRY_LOG" 2>&1 </dev/null &
+    WATCH_PID=$!
+    if ! wait_for registry_up; then
+        tail -n 3 "$REGISTRY_LOG" >&2 || true
+        die "registry not answering on ${REGISTRY_URL}/v2/ (it exited, or was not up within ${WAIT_SECONDS}s); see ${REGISTRY_LOG}"
+    fi
+    WATCH_PID=""
+}
+
+image_in_registry() {
+    curl -fsS --max-time 5 "${REGISTRY_URL}/v2/${IMAGE_REPO}/tags/list" 2>/dev/null |
+        grep -Eq "\"tags\":\[([^]]*,)?\"${IMAGE_TAG}\""
+}
+
+# A root file system of one static busybox plus applet symlinks, imported as
+# an image whose command prints a numbered line every second forever.
+build_image() {
+    local busybox
+    busybox=$(command -v busybox || true)
+    [[ -n "$busybox" ]] || die "busybox not found; install busybox-static"
+    busybox=$(readlink -f "$busybox")
+    # A dynamically linked busybox would not run in an empty root file system.
+    if command -v ldd >/dev/null 2>&1 && ldd "$busybox" >/dev/null 2>&1; then
+        die "${busybox} is dynamically linked; install busybox-static"
+    fi
+    local rootfs
+    rootfs=$(mktemp -d)
+    ROOTFS_TMP=$rootfs
+    mkdir -p "$rootfs/bin" "$rootfs/tmp" "$rootfs/etc" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev"
+    chmod 1777 "$rootfs/tmp"
+    cp "$busybox" "$rootfs/bin/busybox"
+    local applet
+    for applet in sh sleep echo cat ls env true false printf date; do
+        ln -s busybox "$rootfs/bin/$applet"
+    done
+    tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf - . |
+        docker import \
+            -c 'ENV PATH=/bin' \
+            -c 'CMD ["/bin/sh","-c","i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]' \
+            -m "drover test image: static busybox" \
+            - "$IMAGE" >/dev/null ||
+        die "docker import of ${IMAGE} failed"
+    rm -rf "$rootfs"
+    ROOTFS_TMP=""
+}
+
+ensure_image() {
+    if image_in_registry; then
+        log "image: ${IMAGE} already in the registry"
+        return 0
+    fi
+    if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+        log "image: pushing existing local ${IMAGE}"
+    else
+        log "image: building ${IMAGE} from static busybox"
+        build_image
+    fi
+    docker push "$IMAGE" >/dev/null || die "docker push ${IMAGE} failed"
+    image_in_registry || die "pushed ${IMAGE} but the registry does not list tag ${IMAGE_TAG}"
+    log "image: pushed ${IMAGE}"
+}
+
+main() {
+    ensure_packages
+    ensure_docker
+    ensure_registry
+    ensure_image
+    log "ready (registry ${REGISTRY_ADDR}, image ${IMAGE})"
+}
+
+main "$@"

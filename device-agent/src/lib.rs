@@ -1,1 +1,300 @@
+//! The Drover device agent: keeps the local Docker daemon at the desired
+//! state it receives over MQTT, and reports heartbeats, state, logs and
+//! telemetry.
+//!
+//! Tasks: the MQTT event loop ([`mqtt`]), the reconciler ([`reconcile`]),
+//! telemetry ([`telemetry`]) and log followers ([`logs`]). The agent core in
+//! this file owns the desired state ([`desired`]) and is the only task that
+//! decides what to acknowledge; the others report to it over channels.
+
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod desired;
+pub mod inventory;
+pub mod logs;
+pub mod mqtt;
+pub mod reconcile;
+pub mod runtime;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_shared::model::{DesiredState, ObservedState};
+use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, StateReport, Status};
+use drover_shared::DeviceId;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+pub use config::{AgentConfig, ConfigError};
+
+use crate::desired::{AckOut, Intake};
+use crate::mqtt::{MqttEvent, Publisher};
+use crate::reconcile::{ReconcileEvent, Reconciler};
+use crate::runtime::DockerRuntime;
+use crate::store::DesiredStore;
+
+/// How long shutdown waits for the offline status and DISCONNECT to go out.
+const GOODBYE_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent setup")]
+    Config(#[from] ConfigError),
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs the agent until `shutdown` resolves. Returns an error only for a
+/// setup failure (an unwritable state directory); an unreachable broker or
+/// Docker daemon is retried, never fatal.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    config::prepare_state_dir(&config.state_dir)?;
+    let device = config::resolve_device_id(config.device_id.as_ref(), &config.state_dir)?;
+    let span = info_span!("device", device = %device);
+    run_device(config, device, shutdown).instrument(span).await;
+    Ok(())
+}
+
+async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future<Output = ()> + Send) {
+    let store = DesiredStore::new(&config.state_dir);
+    let stored = match store.load() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, cause = ?std::error::Error::source(&e), "ignoring unreadable stored desired state");
+            None
+        }
+    };
+    if let Some(s) = &stored {
+        info!(generation = s.generation, "resuming stored desired state");
+    }
+    let intake = Intake::new(stored.clone());
+    // Reconciling starts at once from the stored state, broker or not.
+    let (desired_tx, desired_rx) = watch::channel(stored.map(Arc::new));
+    let runtime = DockerRuntime::new(device.clone());
+
+    let (publisher, eventloop, online_tx) = mqtt::client(&config, &device);
+    let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
+    let (rec_tx, rec_rx) = mpsc::channel(256);
+    let here = tracing::Span::current();
+    let mqtt_task = tokio::spawn(
+        mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx)
+            .instrument(info_span!(parent: &here, "mqtt", broker = %format!("{}:{}", config.broker_host, config.broker_port))),
+    );
+    let workers = [
+        tokio::spawn(
+            Reconciler::new(Arc::new(runtime.clone()), device.clone(), rec_tx)
+                .run(desired_rx, config.reconcile_interval)
+                .instrument(info_span!(parent: &here, "reconcile")),
+        ),
+        tokio::spawn(
+            telemetry::run(runtime.clone(), publisher.clone(), config.telemetry_interval)
+                .instrument(info_span!(parent: &here, "telemetry")),
+        ),
+        tokio::spawn(logs::run(runtime.clone(), publisher.clone()).instrument(info_span!(parent: &here, "logs"))),
+    ];
+
+    let core = Core {
+        publisher: publisher.clone(),
+        runtime,
+        store,
+        intake,
+        desired_tx,
+        started: Instant::now(),
+        seq: 0,
+        observed: ObservedState::default(),
+        published: None,
+    };
+    core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown).await;
+
+    info!("shutting down");
+    publisher.goodbye(now_ms(), GOODBYE_GRACE).await;
+    for w in &workers {
+        w.abort();
+    }
+    let abort = mqtt_task.abort_handle();
+    if tokio::time::timeout(GOODBYE_GRACE, mqtt_task).await.is_err() {
+        warn!("broker did not take the disconnect in time");
+        abort.abort();
+    }
+}
+
+/// The agent core: the single owner of the desired state and of acks.
+struct Core {
+    publisher: Publisher,
+    runtime: DockerRuntime,
+    store: DesiredStore,
+    intake: Intake,
+    desired_tx: watch::Sender<Option<Arc<DesiredState>>>,
+    started: Instant,
+    seq: u64,
+    observed: ObservedState,
+    /// The last state report sent, to send only changes.
+    published: Option<ObservedState>,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut mqtt_rx: mpsc::Receiver<MqttEvent>,
+        mut rec_rx: mpsc::Receiver<ReconcileEvent>,
+        heartbeat_every: Duration,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        self.observed.desired_generation = self.intake.held_generation();
+        // The first heartbeat goes out with the connect; the ticker follows.
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                Some(ev) = mqtt_rx.recv() => self.on_mqtt(ev).await,
+                Some(ev) = rec_rx.recv() => self.on_reconcile(ev),
+                _ = heartbeat.tick() => self.heartbeat(),
+            }
+        }
+    }
+
+    async fn on_mqtt(&mut self, ev: MqttEvent) {
+        match ev {
+            MqttEvent::Connected => {
+                if let Err(e) = self.publisher.subscribe_own() {
+                    warn!(error = %e, "could not subscribe");
+                }
+                self.send(&Status { online: true, at_ms: now_ms() });
+                self.resync();
+            }
+            MqttEvent::Disconnected => debug!("offline; queueing state changes for the next connection"),
+            MqttEvent::Desired(d) => self.offer(d.state, None).await,
+            MqttEvent::Command(c) => match c.action {
+                Action::Apply { op, app, desired } => {
+                    info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
+                    self.offer(desired, Some(&c.id)).await;
+                }
+                Action::Resync => {
+                    self.ack(&AckOut { command_id: c.id.clone(), phase: AckPhase::Received, detail: String::new() });
+                    self.resync();
+                    self.ack(&AckOut { command_id: c.id, phase: AckPhase::Succeeded, detail: String::new() });
+                }
+            },
+        }
+    }
+
+    /// Re-sends everything retained, e.g. after a reconnect to a broker that
+    /// may have lost its retained messages.
+    fn resync(&mut self) {
+        let runtime = self.runtime.clone();
+        let publisher = self.publisher.clone();
+        tokio::spawn(
+            async move {
+                let hello = inventory::collect(&runtime).await;
+                if let Err(e) = publisher.send(&hello) {
+                    warn!(error = %e, "could not queue hello");
+                }
+            }
+            .in_current_span(),
+        );
+        self.published = None;
+        self.publish_state();
+        self.heartbeat();
+    }
+
+    async fn offer(&mut self, state: DesiredState, command: Option<&str>) {
+        let generation = state.generation;
+        let offer = self.intake.offer(state, command);
+        for ack in &offer.acks {
+            self.ack(ack);
+        }
+        if !offer.adopted {
+            debug!(generation, held = self.intake.held_generation(), "desired state not adopted");
+            return;
+        }
+        let Some(held) = self.intake.held().cloned() else { return };
+        info!(generation, "adopted desired state");
+        let store = self.store.clone();
+        let to_save = held.clone();
+        match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist desired state"),
+            Err(e) => error!(error = %e, "persisting desired state panicked"),
+        }
+        self.desired_tx.send_replace(Some(Arc::new(held)));
+        self.observed.desired_generation = generation;
+        self.publish_state();
+    }
+
+    fn on_reconcile(&mut self, ev: ReconcileEvent) {
+        match ev {
+            ReconcileEvent::Progress { generation, progress } => {
+                let ids: Vec<String> = self.intake.pending_for(generation).map(str::to_string).collect();
+                for id in ids {
+                    let ack = Ack {
+                        command_id: id,
+                        at_ms: now_ms(),
+                        phase: AckPhase::Progress,
+                        detail: String::new(),
+                        progress: Some(progress.clone()),
+                    };
+                    self.send(&ack);
+                }
+            }
+            ReconcileEvent::Interim { generation, apps } => {
+                if generation == self.intake.held_generation() {
+                    self.observed.apps = apps;
+                    self.publish_state();
+                }
+            }
+            ReconcileEvent::Done(report) => {
+                if report.generation != self.intake.held_generation() {
+                    return;
+                }
+                if let Some(f) = &report.failure {
+                    warn!(generation = report.generation, failure = %f, "reconcile finished with a failure");
+                }
+                for ack in self.intake.finished(report.generation, report.failure) {
+                    self.ack(&ack);
+                }
+                self.observed.applied_generation = self.intake.applied_generation();
+                self.observed.apps = report.apps;
+                self.publish_state();
+            }
+        }
+    }
+
+    fn publish_state(&mut self) {
+        if self.published.as_ref() == Some(&self.observed) {
+            return;
+        }
+        self.send(&StateReport { at_ms: now_ms(), observed: self.observed.clone() });
+        self.published = Some(self.observed.clone());
+    }
+
+    fn heartbeat(&mut self) {
+        self.seq += 1;
+        self.publisher.send_sample(&Heartbeat {
+            at_ms: now_ms(),
+            seq: self.seq,
+            uptime_s: self.started.elapsed().as_secs(),
+            applied_generation: self.intake.applied_generation(),
+        });
+    }
+
+    fn ack(&self, a: &AckOut) {
+        debug!(command = %a.command_id, phase = ?a.phase, "ack");
+        self.send(&Ack { command_id: a.command_id.clone(), at_ms: now_ms(), phase: a.phase, detail: a.detail.clone(), progress: None });
+    }
+
+    fn send<T: drover_shared::codec::Message>(&self, msg: &T) {
+        if let Err(e) = self.publisher.send(msg) {
+            warn!(kind = %T::KIND, error = %e, "message dropped");
+        }
+    }
+}

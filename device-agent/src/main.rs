@@ -1,1 +1,133 @@
-fn main() {}
+//! `drover-agent`: parses arguments, sets up logging, runs the agent until
+//! SIGTERM or Ctrl-C.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use drover_agent::AgentConfig;
+use drover_shared::topic::Topics;
+use drover_shared::DeviceId;
+
+#[derive(Debug, Parser)]
+#[command(name = "drover-agent", version, about = "The Drover device agent")]
+struct Args {
+    /// Broker address, mqtt://HOST:PORT.
+    #[arg(long, env = "DROVER_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// This device's id; generated and stored in the state directory when absent.
+    #[arg(long, env = "DROVER_DEVICE_ID")]
+    device_id: Option<String>,
+    #[arg(long, env = "DROVER_STATE_DIR", default_value = ".drover/agent")]
+    state_dir: PathBuf,
+    #[arg(long, env = "DROVER_TOPIC_ROOT", default_value = drover_shared::topic::DEFAULT_ROOT)]
+    topic_root: String,
+    #[arg(long, env = "DROVER_KEEP_ALIVE_SECS", default_value_t = 10)]
+    keep_alive_secs: u64,
+    #[arg(long, env = "DROVER_HEARTBEAT_SECS", default_value_t = 5)]
+    heartbeat_secs: u64,
+    #[arg(long, env = "DROVER_TELEMETRY_SECS", default_value_t = 10)]
+    telemetry_secs: u64,
+    #[arg(long, env = "DROVER_RECONCILE_SECS", default_value_t = 15)]
+    reconcile_secs: u64,
+}
+
+/// Accepts `mqtt://host[:port]` only; TLS and websockets are not built in.
+fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
+    let Some(rest) = url.strip_prefix("mqtt://") else {
+        bail!("--broker {url:?}: only mqtt://HOST:PORT is supported");
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') => {
+            (h, p.parse::<u16>().with_context(|| format!("--broker {url:?}: invalid port {p:?}"))?)
+        }
+        _ => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        bail!("--broker {url:?}: missing or invalid host");
+    }
+    Ok((host.to_string(), port))
+}
+
+fn secs(name: &str, s: u64) -> anyhow::Result<Duration> {
+    if s == 0 {
+        bail!("--{name} must be at least 1");
+    }
+    Ok(Duration::from_secs(s))
+}
+
+fn config(args: Args) -> anyhow::Result<AgentConfig> {
+    let (host, port) = parse_broker(&args.broker)?;
+    let mut c = AgentConfig::new(host, port, args.state_dir);
+    c.device_id = args
+        .device_id
+        .map(|d| DeviceId::new(d.clone()).with_context(|| format!("--device-id {d:?} is invalid")))
+        .transpose()?;
+    c.topics = Topics::new(args.topic_root.clone()).with_context(|| format!("--topic-root {:?} is invalid", args.topic_root))?;
+    c.keep_alive = secs("keep-alive-secs", args.keep_alive_secs)?;
+    c.heartbeat_interval = secs("heartbeat-secs", args.heartbeat_secs)?;
+    c.telemetry_interval = secs("telemetry-secs", args.telemetry_secs)?;
+    c.reconcile_interval = secs("reconcile-secs", args.reconcile_secs)?;
+    Ok(c)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match config(args) {
+        Ok(config) => drover_agent::run(config, shutdown_signal()).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the cause chain on one line, without a backtrace.
+            eprintln!("drover-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(parse_broker("mqtt://127.0.0.1:1883").expect("ok"), ("127.0.0.1".into(), 1883));
+        assert_eq!(parse_broker("mqtt://broker").expect("ok"), ("broker".into(), 1883));
+        assert_eq!(parse_broker("mqtt://[::1]:18830").expect("ok"), ("::1".into(), 18830));
+        assert!(parse_broker("mqtts://h:8883").is_err());
+        assert!(parse_broker("http://h").is_err());
+        assert!(parse_broker("mqtt://h:notaport").is_err());
+        assert!(parse_broker("mqtt://:1883").is_err());
+    }
+}

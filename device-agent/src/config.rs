@@ -1,0 +1,149 @@
+//! Agent configuration and the device's identity.
+//!
+//! The device id is the MQTT client id and the topic segment, so it must stay
+//! the same across restarts: a new id would look like a new device to the
+//! orchestrator and orphan the old persistent session.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_shared::topic::Topics;
+use drover_shared::DeviceId;
+
+const DEVICE_ID_FILE: &str = "device-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot create state directory {path}")]
+    CreateStateDir { path: PathBuf, source: std::io::Error },
+    #[error("state directory {path} is not writable")]
+    StateDirNotWritable { path: PathBuf, source: std::io::Error },
+    #[error("cannot read device id from {path}")]
+    ReadDeviceId { path: PathBuf, source: std::io::Error },
+    #[error("device id in {path} is invalid")]
+    InvalidStoredDeviceId { path: PathBuf, source: drover_shared::IdError },
+    #[error("cannot persist device id to {path}")]
+    WriteDeviceId { path: PathBuf, source: std::io::Error },
+}
+
+/// Everything [`crate::run`] needs. Build it with [`AgentConfig::new`] and
+/// override fields as needed.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `None`: load from `<state_dir>/device-id`, else generate
+    /// `<hostname>-<6 hex>` and persist it.
+    pub device_id: Option<DeviceId>,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub topics: Topics,
+    pub state_dir: PathBuf,
+    pub keep_alive: Duration,
+    pub heartbeat_interval: Duration,
+    pub telemetry_interval: Duration,
+    /// The periodic drift check: containers die, people run `docker rm`.
+    pub reconcile_interval: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(broker_host: impl Into<String>, broker_port: u16, state_dir: PathBuf) -> Self {
+        AgentConfig {
+            device_id: None,
+            broker_host: broker_host.into(),
+            broker_port,
+            topics: Topics::default(),
+            state_dir,
+            keep_alive: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(5),
+            telemetry_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Creates the state directory and proves it is writable, so a broken disk is
+/// a clear start-up error instead of a silent loss of the desired state later.
+pub(crate) fn prepare_state_dir(dir: &Path) -> Result<(), ConfigError> {
+    std::fs::create_dir_all(dir).map_err(|source| ConfigError::CreateStateDir { path: dir.to_path_buf(), source })?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| ConfigError::StateDirNotWritable { path: dir.to_path_buf(), source })
+}
+
+/// Returns the configured id, else the persisted one, else a new one that is
+/// persisted before it is used.
+pub(crate) fn resolve_device_id(configured: Option<&DeviceId>, state_dir: &Path) -> Result<DeviceId, ConfigError> {
+    if let Some(id) = configured {
+        return Ok(id.clone());
+    }
+    let path = state_dir.join(DEVICE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            return DeviceId::new(s.trim()).map_err(|source| ConfigError::InvalidStoredDeviceId { path, source });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ConfigError::ReadDeviceId { path, source }),
+    }
+    let id = generate_device_id(sysinfo::System::host_name().as_deref().unwrap_or(""));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| ConfigError::WriteDeviceId { path, source })?;
+    Ok(id)
+}
+
+/// `<hostname-sanitised>-<6 random hex>`: readable in a fleet list, and the
+/// suffix keeps cloned SD card images with the same hostname apart.
+pub(crate) fn generate_device_id(hostname: &str) -> DeviceId {
+    let mut base: String = hostname
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let trimmed = base.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    base = trimmed;
+    base.truncate(DeviceId::MAX_LEN - 7);
+    if base.is_empty() {
+        base.push_str("device");
+    }
+    let suffix: [u8; 3] = rand::random();
+    let id = format!("{base}-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2]);
+    match DeviceId::new(id) {
+        Ok(id) => id,
+        // Unreachable by construction (sanitised, bounded, alphanumeric start),
+        // but a device must never fail to boot over its own name.
+        Err(_) => DeviceId::new(format!("device-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2]))
+            .unwrap_or_else(|e| unreachable!("fixed-form device id rejected: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_valid_and_sanitised() {
+        let id = generate_device_id("My Pi/4 #kitchen");
+        assert!(id.as_str().starts_with("my-pi-4--kitchen-"), "{id}");
+        assert_eq!(id.as_str().len(), "my-pi-4--kitchen-".len() + 6);
+        assert!(generate_device_id("").as_str().starts_with("device-"));
+        assert!(generate_device_id("--").as_str().starts_with("device-"));
+        assert!(generate_device_id(&"x".repeat(200)).as_str().len() <= DeviceId::MAX_LEN);
+    }
+
+    #[test]
+    fn device_id_is_stable_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = resolve_device_id(None, dir.path()).expect("generated");
+        let second = resolve_device_id(None, dir.path()).expect("loaded");
+        assert_eq!(first, second);
+        let configured = DeviceId::new("fixed").expect("valid");
+        assert_eq!(resolve_device_id(Some(&configured), dir.path()).expect("configured"), configured);
+    }
+
+    #[test]
+    fn a_corrupt_stored_id_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(DEVICE_ID_FILE), "a/b").expect("write");
+        assert!(matches!(resolve_device_id(None, dir.path()), Err(ConfigError::InvalidStoredDeviceId { .. })));
+    }
+}

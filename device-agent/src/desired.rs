@@ -1,0 +1,206 @@
+//! Which desired state the agent holds, and which commands wait on it.
+//!
+//! A pure state machine: it decides, the agent core does the I/O. The rules
+//! follow the protocol: the highest generation wins, an older one is ignored,
+//! an equal one is a duplicate that changes nothing — but a command with an id
+//! always gets its acks, so a retried command is answered, not dropped.
+
+use drover_shared::model::DesiredState;
+use drover_shared::payload::AckPhase;
+
+/// An ack to send: command id, phase, detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOut {
+    pub command_id: String,
+    pub phase: AckPhase,
+    pub detail: String,
+}
+
+impl AckOut {
+    fn new(command_id: &str, phase: AckPhase, detail: impl Into<String>) -> Self {
+        AckOut { command_id: command_id.to_string(), phase, detail: detail.into() }
+    }
+}
+
+/// The result of offering a desired state.
+#[derive(Debug, Default, PartialEq)]
+pub struct Offer {
+    /// `true`: the offered state is now held and must be persisted and reconciled.
+    pub adopted: bool,
+    pub acks: Vec<AckOut>,
+}
+
+#[derive(Debug, Default)]
+pub struct Intake {
+    held: Option<DesiredState>,
+    /// The last generation a pass finished for, with its failure text.
+    outcome: Option<(u64, Option<String>)>,
+    /// Commands waiting for their generation's pass: (id, generation).
+    pending: Vec<(String, u64)>,
+}
+
+impl Intake {
+    /// Starts from the persisted state, which is adopted without any command.
+    pub fn new(stored: Option<DesiredState>) -> Self {
+        Intake { held: stored, ..Default::default() }
+    }
+
+    pub fn held(&self) -> Option<&DesiredState> {
+        self.held.as_ref()
+    }
+
+    pub fn held_generation(&self) -> u64 {
+        self.held.as_ref().map_or(0, |d| d.generation)
+    }
+
+    /// The generation whose pass last finished (0 before the first).
+    pub fn applied_generation(&self) -> u64 {
+        self.outcome.as_ref().map_or(0, |(g, _)| *g)
+    }
+
+    pub fn pending_for(&self, generation: u64) -> impl Iterator<Item = &str> {
+        self.pending.iter().filter(move |(_, g)| *g == generation).map(|(id, _)| id.as_str())
+    }
+
+    /// A desired state arrived, on the `desired` topic (`command: None`) or
+    /// inside a command.
+    pub fn offer(&mut self, state: DesiredState, command: Option<&str>) -> Offer {
+        let generation = state.generation;
+        let held = self.held.as_ref().map(|d| d.generation);
+        let mut offer = Offer::default();
+        if let Some(id) = command {
+            offer.acks.push(AckOut::new(id, AckPhase::Received, ""));
+        }
+        match held {
+            Some(h) if generation < h => {
+                if let Some(id) = command {
+                    offer.acks.push(AckOut::new(id, AckPhase::Superseded, format!("device holds generation {h}, newer than {generation}")));
+                }
+            }
+            Some(h) if generation == h => {
+                if let Some(id) = command {
+                    match &self.outcome {
+                        Some((g, failure)) if *g == generation => offer.acks.push(final_ack(id, failure.as_deref())),
+                        _ => self.add_pending(id, generation),
+                    }
+                }
+            }
+            _ => {
+                for (id, _) in std::mem::take(&mut self.pending) {
+                    offer.acks.push(AckOut::new(&id, AckPhase::Superseded, format!("replaced by generation {generation}")));
+                }
+                self.held = Some(state);
+                offer.adopted = true;
+                if let Some(id) = command {
+                    self.add_pending(id, generation);
+                }
+            }
+        }
+        offer
+    }
+
+    fn add_pending(&mut self, id: &str, generation: u64) {
+        if !self.pending.iter().any(|(p, _)| p == id) {
+            self.pending.push((id.to_string(), generation));
+        }
+    }
+
+    /// A pass finished for `generation`; answers the commands waiting on it.
+    /// A report for a generation other than the held one is stale and ignored.
+    pub fn finished(&mut self, generation: u64, failure: Option<String>) -> Vec<AckOut> {
+        if generation != self.held_generation() {
+            return Vec::new();
+        }
+        let acks = self
+            .pending
+            .iter()
+            .filter(|(_, g)| *g == generation)
+            .map(|(id, _)| final_ack(id, failure.as_deref()))
+            .collect();
+        self.pending.retain(|(_, g)| *g != generation);
+        self.outcome = Some((generation, failure));
+        acks
+    }
+}
+
+fn final_ack(id: &str, failure: Option<&str>) -> AckOut {
+    match failure {
+        None => AckOut::new(id, AckPhase::Succeeded, ""),
+        Some(text) => AckOut::new(id, AckPhase::Failed, text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen(g: u64) -> DesiredState {
+        DesiredState { generation: g, apps: vec![] }
+    }
+
+    fn phases(acks: &[AckOut]) -> Vec<(&str, AckPhase)> {
+        acks.iter().map(|a| (a.command_id.as_str(), a.phase)).collect()
+    }
+
+    #[test]
+    fn newer_generation_is_adopted_and_acked_on_finish() {
+        let mut i = Intake::new(None);
+        let o = i.offer(gen(1), Some("c1"));
+        assert!(o.adopted);
+        assert_eq!(phases(&o.acks), vec![("c1", AckPhase::Received)]);
+        assert_eq!(phases(&i.finished(1, None)), vec![("c1", AckPhase::Succeeded)]);
+        assert_eq!(i.applied_generation(), 1);
+    }
+
+    #[test]
+    fn older_generation_is_ignored_but_answered() {
+        let mut i = Intake::new(Some(gen(5)));
+        let o = i.offer(gen(4), Some("old"));
+        assert!(!o.adopted);
+        assert_eq!(phases(&o.acks), vec![("old", AckPhase::Received), ("old", AckPhase::Superseded)]);
+        assert!(!i.offer(gen(3), None).adopted);
+        assert_eq!(i.held_generation(), 5);
+    }
+
+    #[test]
+    fn duplicate_of_applied_generation_is_answered_at_once() {
+        let mut i = Intake::new(None);
+        i.offer(gen(2), Some("a"));
+        i.finished(2, Some("manifest unknown".into()));
+        let o = i.offer(gen(2), Some("a-retry"));
+        assert!(!o.adopted, "nothing is done twice");
+        assert_eq!(o.acks[1], AckOut { command_id: "a-retry".into(), phase: AckPhase::Failed, detail: "manifest unknown".into() });
+    }
+
+    #[test]
+    fn duplicate_while_in_progress_waits_for_the_same_pass() {
+        let mut i = Intake::new(None);
+        i.offer(gen(2), Some("a"));
+        let o = i.offer(gen(2), Some("b"));
+        assert!(!o.adopted);
+        assert_eq!(phases(&o.acks), vec![("b", AckPhase::Received)]);
+        let again = i.offer(gen(2), Some("a"));
+        assert_eq!(phases(&again.acks), vec![("a", AckPhase::Received)]);
+        assert_eq!(phases(&i.finished(2, None)), vec![("a", AckPhase::Succeeded), ("b", AckPhase::Succeeded)]);
+    }
+
+    #[test]
+    fn newer_generation_supersedes_waiting_commands() {
+        let mut i = Intake::new(None);
+        i.offer(gen(1), Some("one"));
+        let o = i.offer(gen(2), Some("two"));
+        assert!(o.adopted);
+        assert_eq!(phases(&o.acks), vec![("two", AckPhase::Received), ("one", AckPhase::Superseded)]);
+        assert!(i.finished(1, None).is_empty(), "a stale report answers nothing");
+        assert_eq!(i.applied_generation(), 0);
+        assert_eq!(phases(&i.finished(2, None)), vec![("two", AckPhase::Succeeded)]);
+    }
+
+    #[test]
+    fn desired_topic_without_command_sends_no_acks() {
+        let mut i = Intake::new(None);
+        let o = i.offer(gen(1), None);
+        assert!(o.adopted && o.acks.is_empty());
+        assert!(!i.offer(gen(1), None).adopted);
+    }
+}

@@ -1,0 +1,408 @@
+//! The container runtime: a small trait the reconciler drives, and its
+//! Docker implementation on bollard.
+//!
+//! The trait exists so the reconciler can be unit-tested against a fake; the
+//! fake is for unit tests only and never ships.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use drover_shared::model::{
+    ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED,
+    LABEL_SPEC_HASH,
+};
+use drover_shared::{DeviceId, Name};
+use futures_util::StreamExt;
+use tokio::sync::Mutex;
+
+/// Seconds Docker waits after SIGTERM before it kills a container.
+const STOP_TIMEOUT_S: i32 = 10;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// The daemon could not be reached at all; the next pass retries.
+    #[error("docker is not reachable: {0}")]
+    Unreachable(String),
+    /// Docker or the registry refused; the text is theirs, verbatim.
+    #[error("{0}")]
+    Docker(String),
+}
+
+impl RuntimeError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RuntimeError::Unreachable(_))
+    }
+}
+
+fn docker_error(e: bollard::errors::Error) -> RuntimeError {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError { message, .. } => RuntimeError::Docker(message),
+        E::DockerStreamError { error } => RuntimeError::Docker(error),
+        E::HyperResponseError { .. } | E::IOError { .. } | E::RequestTimeoutError | E::SocketNotFoundError(_) => {
+            RuntimeError::Unreachable(e.to_string())
+        }
+        other => RuntimeError::Docker(other.to_string()),
+    }
+}
+
+/// A container this agent created, as read back from its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub app: Name,
+    pub container: Name,
+    pub spec_hash: String,
+    pub generation: u64,
+    pub image: String,
+    /// Docker's state word: created, running, exited, …
+    pub state: String,
+    pub exit_code: Option<i64>,
+}
+
+impl ManagedContainer {
+    /// `None` for anything this device must not touch: containers without the
+    /// managed label, other devices' containers (several agents may share one
+    /// daemon), or labels that do not parse.
+    pub fn from_labels(
+        own: &DeviceId,
+        id: &str,
+        labels: &HashMap<String, String>,
+        image: &str,
+        state: &str,
+        exit_code: Option<i64>,
+    ) -> Option<ManagedContainer> {
+        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true") {
+            return None;
+        }
+        if labels.get(LABEL_DEVICE).map(String::as_str) != Some(own.as_str()) {
+            return None;
+        }
+        Some(ManagedContainer {
+            id: id.to_string(),
+            app: Name::new(labels.get(LABEL_APP)?.as_str()).ok()?,
+            container: Name::new(labels.get(LABEL_CONTAINER)?.as_str()).ok()?,
+            spec_hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+            generation: labels.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+            image: image.to_string(),
+            state: state.to_string(),
+            exit_code,
+        })
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.state.as_str(), "running" | "restarting")
+    }
+}
+
+/// Docker's container name for one container of one app on one device.
+pub fn container_name(device: &DeviceId, app: &Name, container: &Name) -> String {
+    format!("drover-{device}-{app}-{container}")
+}
+
+/// The labels that make a container ours and let a later pass compare it
+/// with the spec without keeping any other record.
+pub fn labels_for(device: &DeviceId, app: &Name, spec: &ContainerSpec, generation: u64) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (LABEL_DEVICE.to_string(), device.to_string()),
+        (LABEL_APP.to_string(), app.to_string()),
+        (LABEL_CONTAINER.to_string(), spec.name.to_string()),
+        (LABEL_SPEC_HASH.to_string(), spec.fingerprint()),
+        (LABEL_GENERATION.to_string(), generation.to_string()),
+    ])
+}
+
+/// Byte counts summed over all layers of a pull.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullProgress {
+    pub current: u64,
+    pub total: u64,
+}
+
+/// What the reconciler needs from a container runtime.
+pub trait Runtime: Send + Sync + 'static {
+    /// This device's managed containers, including stopped ones.
+    fn list_managed(&self) -> impl Future<Output = Result<Vec<ManagedContainer>, RuntimeError>> + Send;
+    fn image_present(&self, image: &ImageRef) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    fn pull(
+        &self,
+        image: &ImageRef,
+        progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Creates the container and returns its id.
+    fn create(
+        &self,
+        name: &str,
+        spec: &ContainerSpec,
+        labels: HashMap<String, String>,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
+
+/// The Docker daemon through bollard. Connects lazily and reconnects after a
+/// failure, because an unreachable daemon at start is normal on a device that
+/// is still booting.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    device: DeviceId,
+    docker: Arc<Mutex<Option<Docker>>>,
+}
+
+impl DockerRuntime {
+    pub fn new(device: DeviceId) -> Self {
+        DockerRuntime { device, docker: Arc::new(Mutex::new(None)) }
+    }
+
+    /// The connected client. Negotiation is mandatory: bollard speaks a newer
+    /// API version by default than many device daemons (Debian's 20.10 is 1.41).
+    pub async fn client(&self) -> Result<Docker, RuntimeError> {
+        let mut slot = self.docker.lock().await;
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Docker::connect_with_local_defaults().map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        let d = d.negotiate_version().await.map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        *slot = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Forgets the client after an unreachable error so the next call
+    /// negotiates again (the daemon may have been upgraded in between).
+    async fn check<T>(&self, r: Result<T, bollard::errors::Error>) -> Result<T, RuntimeError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let e = docker_error(e);
+                if e.is_unreachable() {
+                    *self.docker.lock().await = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn version(&self) -> Result<String, RuntimeError> {
+        let d = self.client().await?;
+        let v = self.check(d.version().await).await?;
+        Ok(v.version.unwrap_or_default())
+    }
+
+    /// `repo:tag` of every tagged image.
+    pub async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        let d = self.client().await?;
+        let list = self.check(d.list_images(Some(ListImagesOptionsBuilder::new().build())).await).await?;
+        let mut tags: Vec<String> =
+            list.into_iter().flat_map(|i| i.repo_tags).filter(|t| t != "<none>:<none>").collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+}
+
+fn summary_state(s: Option<ContainerSummaryStateEnum>) -> String {
+    match s {
+        Some(ContainerSummaryStateEnum::EMPTY) | None => "unknown".to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Docker's list API has no exit code; its status text has: `Exited (137) 2 minutes ago`.
+fn exit_code_from_status(status: &str) -> Option<i64> {
+    let rest = status.strip_prefix("Exited (")?;
+    rest.split_once(')')?.0.parse().ok()
+}
+
+fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> ContainerCreateBody {
+    let mut exposed = Vec::new();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &spec.ports {
+        let proto = match p.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let key = format!("{}/{proto}", p.container);
+        exposed.push(key.clone());
+        bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(PortBinding {
+            host_ip: p.host_ip.clone(),
+            host_port: Some(p.host.to_string()),
+        });
+    }
+    let binds: Vec<String> = spec
+        .volumes
+        .iter()
+        .map(|v| if v.read_only { format!("{}:{}:ro", v.source, v.target) } else { format!("{}:{}", v.source, v.target) })
+        .collect();
+    let restart = match spec.restart {
+        drover_shared::model::RestartPolicy::No => RestartPolicyNameEnum::NO,
+        drover_shared::model::RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+        drover_shared::model::RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
+        drover_shared::model::RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: spec.command.clone(),
+        env: (!spec.env.is_empty()).then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(labels),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(HostConfig {
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            binds: (!binds.is_empty()).then_some(binds),
+            restart_policy: Some(RestartPolicy { name: Some(restart), maximum_retry_count: None }),
+            memory: spec.memory_mb.map(|mb| i64::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
+            nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Runtime for DockerRuntime {
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        let d = self.client().await?;
+        // Filter in the daemon too, but decide by our own check: the label
+        // filter is an optimisation, `from_labels` is the rule.
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DEVICE}={}", self.device)],
+        )]);
+        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let list = self.check(d.list_containers(Some(opts)).await).await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let state = summary_state(c.state);
+                let exit = c.status.as_deref().and_then(exit_code_from_status);
+                ManagedContainer::from_labels(
+                    &self.device,
+                    c.id.as_deref().unwrap_or_default(),
+                    &labels,
+                    c.image.as_deref().unwrap_or_default(),
+                    &state,
+                    exit,
+                )
+            })
+            .collect())
+    }
+
+    async fn image_present(&self, image: &ImageRef) -> Result<bool, RuntimeError> {
+        let d = self.client().await?;
+        match d.inspect_image(&image.to_string()).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(e) => self.check(Err(e)).await,
+        }
+    }
+
+    async fn pull(&self, image: &ImageRef, progress: &mut (dyn FnMut(PullProgress) + Send)) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        // Always an explicit tag: an empty tag would pull every tag.
+        let opts = CreateImageOptionsBuilder::new().from_image(&image.repository).tag(image.pull_tag()).build();
+        let mut stream = d.create_image(Some(opts), None, None);
+        let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+        while let Some(item) = stream.next().await {
+            // Errors arrive mid-stream, after a 200 response.
+            let info = self.check(item).await?;
+            if let Some(err) = info.error_detail.and_then(|e| e.message) {
+                return Err(RuntimeError::Docker(err));
+            }
+            if let (Some(id), Some(p)) = (info.id, info.progress_detail) {
+                let current = p.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
+                let total = p.total.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+                let entry = layers.entry(id).or_default();
+                if total > 0 {
+                    *entry = (current.min(total), total);
+                    let (c, t) = layers.values().fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
+                    progress(PullProgress { current: c, total: t });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, spec: &ContainerSpec, labels: HashMap<String, String>) -> Result<String, RuntimeError> {
+        let d = self.client().await?;
+        let opts = CreateContainerOptionsBuilder::new().name(name).build();
+        let r = self.check(d.create_container(Some(opts), create_body(spec, labels)).await).await?;
+        Ok(r.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        match d.start_container(id, None).await {
+            // 304: already running, which is what we wanted.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            r => self.check(r).await,
+        }
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        let opts = StopContainerOptionsBuilder::new().t(STOP_TIMEOUT_S).build();
+        match d.stop_container(id, Some(opts)).await {
+            // 304: already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            r => self.check(r).await,
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        let opts = RemoveContainerOptionsBuilder::new().force(true).build();
+        match d.remove_container(id, Some(opts)).await {
+            // 404: already gone.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            r => self.check(r).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_come_from_the_status_text() {
+        assert_eq!(exit_code_from_status("Exited (137) 2 minutes ago"), Some(137));
+        assert_eq!(exit_code_from_status("Up 3 seconds"), None);
+    }
+
+    #[test]
+    fn only_own_managed_containers_are_read() {
+        let me = DeviceId::new("me").expect("valid");
+        let spec: ContainerSpec = ContainerSpec {
+            name: Name::new("main").expect("valid"),
+            image: "x:1".into(),
+            command: None,
+            env: Default::default(),
+            ports: vec![],
+            volumes: vec![],
+            restart: Default::default(),
+            memory_mb: None,
+            cpus: None,
+        };
+        let app = Name::new("web").expect("valid");
+        let ours = labels_for(&me, &app, &spec, 3);
+        let got = ManagedContainer::from_labels(&me, "id1", &ours, "x:1", "running", None).expect("ours");
+        assert_eq!((got.generation, got.spec_hash.as_str()), (3, spec.fingerprint().as_str()));
+
+        let other = DeviceId::new("other").expect("valid");
+        let theirs = labels_for(&other, &app, &spec, 3);
+        assert_eq!(ManagedContainer::from_labels(&me, "id2", &theirs, "x:1", "running", None), None);
+
+        let mut unmanaged = ours.clone();
+        unmanaged.remove(LABEL_MANAGED);
+        assert_eq!(ManagedContainer::from_labels(&me, "id3", &unmanaged, "x:1", "running", None), None);
+        assert_eq!(ManagedContainer::from_labels(&me, "id4", &HashMap::new(), "x:1", "running", None), None);
+    }
+}

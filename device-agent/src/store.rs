@@ -1,0 +1,129 @@
+//! The adopted desired state on local disk, so that after a reboot without
+//! network the agent brings the apps back on its own (agent autonomy).
+//!
+//! The file holds a `Desired` payload in the wire encoding: one codec, and a
+//! version check for free when an older agent finds a newer file.
+
+use std::path::{Path, PathBuf};
+
+use drover_shared::model::DesiredState;
+use drover_shared::payload::Desired;
+
+const FILE_NAME: &str = "desired.cbor";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot decode {path}")]
+    Decode { path: PathBuf, source: drover_shared::DecodeError },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct DesiredStore {
+    path: PathBuf,
+}
+
+impl DesiredStore {
+    pub fn new(state_dir: &Path) -> Self {
+        DesiredStore { path: state_dir.join(FILE_NAME) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `Ok(None)` when nothing was ever stored.
+    pub fn load(&self) -> Result<Option<DesiredState>, StoreError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Read { path: self.path.clone(), source }),
+        };
+        let desired: Desired =
+            drover_shared::decode(&bytes).map_err(|source| StoreError::Decode { path: self.path.clone(), source })?;
+        Ok(Some(desired.state))
+    }
+
+    /// Writes a temporary file and renames it over the old one, so a power
+    /// cut leaves either the old or the new state, never half of one.
+    pub fn save(&self, state: &DesiredState) -> Result<(), StoreError> {
+        let bytes = drover_shared::encode(&Desired { state: state.clone() });
+        let tmp = self.path.with_extension("cbor.tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|source| StoreError::Write { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_shared::model::{AppSpec, ContainerSpec, DesiredApp, RunState};
+    use drover_shared::Name;
+
+    fn state(generation: u64) -> DesiredState {
+        let name = |s: &str| Name::new(s).expect("valid name");
+        DesiredState {
+            generation,
+            apps: vec![DesiredApp {
+                spec: AppSpec {
+                    name: name("web"),
+                    containers: vec![ContainerSpec {
+                        name: name("main"),
+                        image: "localtest/busybox:1".into(),
+                        command: None,
+                        env: Default::default(),
+                        ports: vec![],
+                        volumes: vec![],
+                        restart: Default::default(),
+                        memory_mb: Some(32),
+                        cpus: None,
+                    }],
+                    labels: Default::default(),
+                },
+                run: RunState::Running,
+            }],
+        }
+    }
+
+    #[test]
+    fn nothing_stored_is_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(DesiredStore::new(dir.path()).load().expect("loads"), None);
+    }
+
+    #[test]
+    fn saved_state_loads_back_and_overwrites() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DesiredStore::new(dir.path());
+        store.save(&state(3)).expect("saves");
+        assert_eq!(store.load().expect("loads"), Some(state(3)));
+        store.save(&state(4)).expect("saves again");
+        assert_eq!(store.load().expect("loads"), Some(state(4)));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("lists").collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_a_decode_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DesiredStore::new(dir.path());
+        std::fs::write(store.path(), b"garbage").expect("write");
+        assert!(matches!(store.load(), Err(StoreError::Decode { .. })));
+    }
+
+    #[test]
+    fn an_unwritable_location_is_a_write_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DesiredStore::new(&dir.path().join("missing-subdir"));
+        assert!(matches!(store.save(&state(1)), Err(StoreError::Write { .. })));
+    }
+}

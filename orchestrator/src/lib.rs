@@ -1,1 +1,15 @@
+//! The Drover orchestrator. `drover serve` runs [`server::start`]; the other
+//! subcommands are a CLI over the REST API ([`cli`]).
+
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backoff;
+pub mod cli;
+pub mod fleet;
+pub mod metrics;
+pub mod mqtt;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,1 +1,178 @@
-fn main() {}
+//! `drover`: the orchestrator (`drover serve`) and its CLI.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use drover::cli::{Client, ClientCmd, Output};
+use drover::server::{self, BrokerMode, ServerConfig};
+use drover_shared::topic::Topics;
+use drover_shared::DeviceId;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "drover", version, about = "Orchestrate fleets of Docker devices over MQTT")]
+struct Cli {
+    /// Base URL of the Drover REST API (client commands).
+    #[arg(long, global = true, env = "DROVER_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Output format of client commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the orchestrator with its embedded broker and database.
+    Serve(Serve),
+    #[command(flatten)]
+    Client(ClientCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// Directory for the redb database.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = ".drover/orchestrator")]
+    data_dir: PathBuf,
+    /// Address of the REST API.
+    #[arg(long, env = "DROVER_API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// Address of the embedded MQTT broker.
+    #[arg(long, env = "DROVER_MQTT_LISTEN", default_value = "0.0.0.0:1883")]
+    mqtt_listen: SocketAddr,
+    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    #[arg(long, env = "DROVER_BROKER")]
+    broker: Option<String>,
+    /// Root of the MQTT topic tree.
+    #[arg(long, env = "DROVER_TOPIC_ROOT", default_value = "drover")]
+    topic_root: String,
+    /// Also run a device agent for this machine's Docker in the same process.
+    #[arg(long)]
+    local_agent: bool,
+    /// State directory of the local agent.
+    #[arg(long, default_value = ".drover/agent")]
+    agent_state_dir: PathBuf,
+    /// Device id of the local agent (default: generated once and kept).
+    #[arg(long)]
+    agent_device_id: Option<String>,
+}
+
+/// Parses `mqtt://host:port` (port defaults to 1883).
+fn parse_broker_url(url: &str) -> Result<(String, u16)> {
+    let Some(rest) = url.strip_prefix("mqtt://") else {
+        bail!("--broker must be an mqtt://HOST:PORT URL, got {url:?}");
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().with_context(|| format!("--broker {url:?}: bad port {p:?}"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        bail!("--broker {url:?}: missing host");
+    }
+    Ok((host.to_string(), port))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutting down");
+}
+
+async fn serve(args: Serve) -> Result<()> {
+    let topics = Topics::new(args.topic_root.clone()).with_context(|| format!("--topic-root {:?}", args.topic_root))?;
+    let agent_id = args
+        .agent_device_id
+        .as_deref()
+        .map(DeviceId::new)
+        .transpose()
+        .with_context(|| format!("--agent-device-id {:?}", args.agent_device_id.as_deref().unwrap_or_default()))?;
+    let broker = match &args.broker {
+        Some(url) => {
+            let (host, port) = parse_broker_url(url)?;
+            BrokerMode::External { host, port }
+        }
+        None => BrokerMode::Embedded { listen: args.mqtt_listen },
+    };
+    let mut config = ServerConfig::new(args.data_dir);
+    config.api_listen = args.api_listen;
+    config.broker = broker;
+    config.topics = topics.clone();
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let orch = server::start(config, wait(rx.clone())).await?;
+    println!("drover: REST API on http://{}  MQTT on {}:{}", orch.api_addr, orch.mqtt_addr.0, orch.mqtt_addr.1);
+
+    let agent = if args.local_agent {
+        let mut cfg = drover_agent::AgentConfig::new(orch.mqtt_addr.0.clone(), orch.mqtt_addr.1, args.agent_state_dir);
+        cfg.device_id = agent_id;
+        cfg.topics = topics;
+        Some(tokio::spawn(drover_agent::run(cfg, wait(rx.clone()))))
+    } else {
+        None
+    };
+    let res = orch.wait().await;
+    if let Some(a) = agent {
+        match tokio::time::timeout(Duration::from_secs(10), a).await {
+            Ok(Ok(Err(e))) => eprintln!("drover: local agent: {e}"),
+            Err(_) => eprintln!("drover: local agent did not stop in time"),
+            _ => {}
+        }
+    }
+    res.map_err(Into::into)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+                )
+                .init();
+            serve(args).await
+        }
+        Command::Client(cmd) => match Client::new(&cli.api, cli.output) {
+            Ok(c) => c.run(cmd).await,
+            Err(e) => Err(e),
+        },
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drover: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

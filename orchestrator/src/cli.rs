@@ -1,0 +1,514 @@
+//! The CLI: every subcommand but `serve` is a thin client of the REST API.
+//! Human-readable tables by default, `-o json` for scripts.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use drover_shared::model::{AppSpec, ContainerSpec, PortMapping, Protocol, RestartPolicy, VolumeBind};
+use drover_shared::Name;
+use serde_json::Value;
+
+use crate::api::ErrorBody;
+use crate::records::{AppRecord, DeviceView, OpStatus, Operation};
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCmd {
+    /// List devices (the default).
+    List,
+    /// Show one device: inventory, desired and observed state, telemetry.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCmd {
+    /// List apps.
+    List,
+    /// Show one app's spec.
+    Show { name: String },
+    /// Create an app: one container from flags, or a full spec with -f.
+    Create(Box<CreateApp>),
+    /// Delete an app that is deployed nowhere.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateApp {
+    /// App name (omit with -f; the file names the app).
+    pub name: Option<String>,
+    /// Full app spec as JSON (`-` for standard input).
+    #[arg(short = 'f', long, conflicts_with_all = ["image", "name"])]
+    pub file: Option<String>,
+    /// Image reference, e.g. 127.0.0.1:5000/drover/busybox:1.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Container name inside the app.
+    #[arg(long, default_value = "main")]
+    pub container: String,
+    /// Command overriding the image's, e.g. --cmd /bin/sh -c 'echo hi'.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub cmd: Option<Vec<String>>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Port mapping HOST:CONTAINER[/udp] (repeatable).
+    #[arg(long = "port", short = 'p')]
+    pub ports: Vec<String>,
+    /// Volume SOURCE:TARGET[:ro] (repeatable).
+    #[arg(long = "volume", short = 'v')]
+    pub volumes: Vec<String>,
+    /// Restart policy: no, unless-stopped, always, on-failure.
+    #[arg(long, default_value = "unless-stopped")]
+    pub restart: String,
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    #[arg(long)]
+    pub cpus: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The app.
+    pub app: String,
+    /// The device.
+    #[arg(long, short = 'd')]
+    pub device: String,
+    /// Wait until the device reports a final outcome.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpsCmd {
+    /// Recent operations, newest first.
+    List {
+        #[arg(long, short = 'd')]
+        device: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One operation.
+    Show { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub app: String,
+    #[arg(long, short = 'd')]
+    pub device: String,
+    #[arg(long, short = 'c')]
+    pub container: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub tail: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    /// Devices and their state (default: list).
+    Devices {
+        #[command(subcommand)]
+        cmd: Option<DevicesCmd>,
+    },
+    /// App definitions (default: list).
+    Apps {
+        #[command(subcommand)]
+        cmd: Option<AppsCmd>,
+    },
+    /// Deploy an app to a device.
+    Deploy(Target),
+    /// Start a deployed app.
+    Start(Target),
+    /// Stop a deployed app (its containers stay).
+    Stop(Target),
+    /// Remove an app from a device.
+    Remove(Target),
+    /// Follow what deploy/start/stop/remove did (default: list).
+    Ops {
+        #[command(subcommand)]
+        cmd: Option<OpsCmd>,
+    },
+    /// Recent log lines of an app's containers on a device.
+    Logs(LogsArgs),
+}
+
+/// A client command with the default subcommands filled in.
+enum Resolved {
+    Devices(DevicesCmd),
+    Apps(AppsCmd),
+    Ops(OpsCmd),
+    Deploy(Target),
+    Start(Target),
+    Stop(Target),
+    Remove(Target),
+    Logs(LogsArgs),
+}
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    output: Output,
+}
+
+impl Client {
+    pub fn new(base: &str, output: Output) -> Result<Client> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--api must be an http:// or https:// URL, got {base:?}");
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Client { base, http, output })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = req.send().await.with_context(|| format!("cannot reach the Drover API at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            if let Ok(e) = serde_json::from_str::<ErrorBody>(&text) {
+                bail!("{} ({})", e.error.message, status);
+            }
+            bail!("{status}: {text}");
+        }
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<Value> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+
+    fn print<T: serde::de::DeserializeOwned>(&self, v: &Value, table: impl FnOnce(T) -> String) -> Result<()> {
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+            Output::Table => print!("{}", table(serde_json::from_value(v.clone())?)),
+        }
+        Ok(())
+    }
+
+    pub async fn run(&self, cmd: ClientCmd) -> Result<()> {
+        let cmd = match cmd {
+            ClientCmd::Devices { cmd } => Resolved::Devices(cmd.unwrap_or(DevicesCmd::List)),
+            ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
+            ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List { device: None, limit: 20 })),
+            ClientCmd::Deploy(t) => Resolved::Deploy(t),
+            ClientCmd::Start(t) => Resolved::Start(t),
+            ClientCmd::Stop(t) => Resolved::Stop(t),
+            ClientCmd::Remove(t) => Resolved::Remove(t),
+            ClientCmd::Logs(l) => Resolved::Logs(l),
+        };
+        match cmd {
+            Resolved::Devices(DevicesCmd::List) => {
+                let v = self.get("/api/v1/devices").await?;
+                self.print(&v, devices_table)
+            }
+            Resolved::Devices(DevicesCmd::Show { id }) => {
+                let v = self.get(&format!("/api/v1/devices/{id}")).await?;
+                self.print(&v, device_detail)
+            }
+            Resolved::Apps(AppsCmd::List) => {
+                let v = self.get("/api/v1/apps").await?;
+                self.print(&v, apps_table)
+            }
+            Resolved::Apps(AppsCmd::Show { name }) => {
+                let v = self.get(&format!("/api/v1/apps/{name}")).await?;
+                self.print(&v, |a: AppRecord| serde_json::to_string_pretty(&a.spec).unwrap_or_default() + "\n")
+            }
+            Resolved::Apps(AppsCmd::Create(c)) => {
+                let body = app_body(*c)?;
+                let v = self.post("/api/v1/apps", &body).await?;
+                self.print(&v, |a: AppRecord| format!("created app {}\n", a.spec.name))
+            }
+            Resolved::Apps(AppsCmd::Delete { name }) => {
+                self.delete(&format!("/api/v1/apps/{name}")).await?;
+                if self.output == Output::Table {
+                    println!("deleted app {name}");
+                }
+                Ok(())
+            }
+            Resolved::Deploy(t) => {
+                let body = serde_json::json!({ "app": t.app });
+                let v = self.post(&format!("/api/v1/devices/{}/apps", t.device), &body).await?;
+                self.follow(v, &t).await
+            }
+            Resolved::Start(t) => {
+                let v = self.post(&format!("/api/v1/devices/{}/apps/{}/start", t.device, t.app), &Value::Null).await?;
+                self.follow(v, &t).await
+            }
+            Resolved::Stop(t) => {
+                let v = self.post(&format!("/api/v1/devices/{}/apps/{}/stop", t.device, t.app), &Value::Null).await?;
+                self.follow(v, &t).await
+            }
+            Resolved::Remove(t) => {
+                let v = self.delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app)).await?;
+                self.follow(v, &t).await
+            }
+            Resolved::Ops(OpsCmd::List { device, limit }) => {
+                let mut path = format!("/api/v1/operations?limit={limit}");
+                if let Some(d) = device {
+                    path.push_str(&format!("&device={d}"));
+                }
+                let v = self.get(&path).await?;
+                self.print(&v, ops_table)
+            }
+            Resolved::Ops(OpsCmd::Show { id }) => {
+                let v = self.get(&format!("/api/v1/operations/{id}")).await?;
+                self.print(&v, |o: Operation| ops_table(vec![o]))
+            }
+            Resolved::Logs(l) => {
+                let mut path = format!("/api/v1/devices/{}/logs?app={}&tail={}", l.device, l.app, l.tail);
+                if let Some(c) = &l.container {
+                    path.push_str(&format!("&container={c}"));
+                }
+                let v = self.get(&path).await?;
+                self.print(&v, |lines: Vec<drover_shared::payload::LogLine>| {
+                    lines.into_iter().map(|l| l.line + "\n").collect()
+                })
+            }
+        }
+    }
+
+    /// Prints the operation; with `--wait`, polls it to a final outcome and
+    /// fails the command if the device reports failure.
+    async fn follow(&self, v: Value, t: &Target) -> Result<()> {
+        let mut op: Operation = serde_json::from_value(v.clone())?;
+        if t.wait {
+            let deadline = Instant::now() + Duration::from_secs(t.timeout);
+            let mut last = String::new();
+            while !op.status.is_final() {
+                if Instant::now() > deadline {
+                    bail!("operation {} still {:?} after {}s", op.id, op.status, t.timeout);
+                }
+                if self.output == Output::Table {
+                    let line = progress_line(&op);
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                op = serde_json::from_value(self.get(&format!("/api/v1/operations/{}", op.id)).await?)?;
+            }
+        }
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&op)?),
+            Output::Table => print!("{}", ops_table(vec![op.clone()])),
+        }
+        if op.status == OpStatus::Failed {
+            bail!("{} of {} on {} failed: {}", op.op.as_str(), op.app, op.device, op.detail);
+        }
+        Ok(())
+    }
+}
+
+fn progress_line(op: &Operation) -> String {
+    let status = serde_json::to_value(op.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    match &op.progress {
+        Some(p) => match (p.current_bytes, p.total_bytes) {
+            (Some(c), Some(t)) if t > 0 => format!("{status}: {} {} {}%", p.step, p.container, c * 100 / t),
+            _ => format!("{status}: {} {}", p.step, p.container),
+        },
+        None => status,
+    }
+}
+
+fn app_body(c: CreateApp) -> Result<Value> {
+    if let Some(f) = c.file {
+        let text = if f == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {f}"))?
+        };
+        return serde_json::from_str(&text).with_context(|| format!("{f} is not valid JSON"));
+    }
+    let name = c.name.ok_or_else(|| anyhow!("an app name is required (or -f FILE)"))?;
+    let image = c.image.ok_or_else(|| anyhow!("--image is required (or -f FILE)"))?;
+    let mut env = BTreeMap::new();
+    for e in c.env {
+        let (k, v) = e.split_once('=').ok_or_else(|| anyhow!("--env {e:?} is not KEY=VALUE"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let ports = c
+        .ports
+        .iter()
+        .map(|p| {
+            let (spec, proto) = match p.split_once('/') {
+                Some((s, "udp")) => (s, Protocol::Udp),
+                Some((s, "tcp")) => (s, Protocol::Tcp),
+                Some((_, other)) => bail!("--port {p:?}: protocol {other:?} is not tcp or udp"),
+                None => (p.as_str(), Protocol::Tcp),
+            };
+            let (h, ct) = spec.split_once(':').ok_or_else(|| anyhow!("--port {p:?} is not HOST:CONTAINER"))?;
+            Ok(PortMapping {
+                host: h.parse().with_context(|| format!("--port {p:?}: bad host port"))?,
+                container: ct.parse().with_context(|| format!("--port {p:?}: bad container port"))?,
+                protocol: proto,
+                host_ip: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let volumes = c
+        .volumes
+        .iter()
+        .map(|v| {
+            let parts: Vec<&str> = v.split(':').collect();
+            match parts.as_slice() {
+                [s, t] => Ok(VolumeBind { source: s.to_string(), target: t.to_string(), read_only: false }),
+                [s, t, "ro"] => Ok(VolumeBind { source: s.to_string(), target: t.to_string(), read_only: true }),
+                _ => bail!("--volume {v:?} is not SOURCE:TARGET[:ro]"),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let restart: RestartPolicy = serde_json::from_value(Value::String(c.restart.clone()))
+        .map_err(|_| anyhow!("--restart {:?} is not one of no, unless-stopped, always, on-failure", c.restart))?;
+    let spec = AppSpec {
+        name: Name::new(&name).map_err(|e| anyhow!("app name {name:?}: {e}"))?,
+        containers: vec![ContainerSpec {
+            name: Name::new(&c.container).map_err(|e| anyhow!("--container {:?}: {e}", c.container))?,
+            image,
+            command: c.cmd,
+            env,
+            ports,
+            volumes,
+            restart,
+            memory_mb: c.memory_mb,
+            cpus: c.cpus,
+        }],
+        labels: BTreeMap::new(),
+    };
+    Ok(serde_json::to_value(spec)?)
+}
+
+fn ago(ms: u64) -> String {
+    let now = crate::service::now_ms();
+    if ms == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+fn devices_table(devices: Vec<DeviceView>) -> String {
+    let rows = devices
+        .into_iter()
+        .map(|d| {
+            let inv = d.inventory.unwrap_or_default();
+            vec![
+                d.id.to_string(),
+                if d.online { "online".into() } else { "offline".into() },
+                ago(d.last_seen_ms),
+                inv.hostname,
+                inv.arch,
+                format!("{}/{}", d.applied_generation, d.desired_generation),
+                d.observed.map_or(0, |o| o.apps.len()).to_string(),
+            ]
+        })
+        .collect();
+    table(&["DEVICE", "STATUS", "LAST SEEN", "HOSTNAME", "ARCH", "GEN (APPLIED/DESIRED)", "APPS"], rows)
+}
+
+fn device_detail(d: DeviceView) -> String {
+    let mut out = String::new();
+    let inv = d.inventory.clone().unwrap_or_default();
+    out += &format!("device:      {}\nstatus:      {} (last seen {})\n", d.id, if d.online { "online" } else { "offline" }, ago(d.last_seen_ms));
+    out += &format!("hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\n", inv.hostname, inv.os, inv.kernel, inv.arch, inv.cpus, inv.memory_bytes / (1 << 20));
+    out += &format!("docker:      {}{}\nagent:       {}\n", inv.docker_version, inv.docker_error.map(|e| format!(" ({e})")).unwrap_or_default(), inv.agent_version);
+    out += &format!("generation:  applied {} of desired {}\n", d.applied_generation, d.desired_generation);
+    if let Some(t) = &d.telemetry {
+        out += &format!(
+            "telemetry:   cpu {:.1}%  mem {}/{} MiB  load {:.2}\n",
+            t.host.cpu_percent,
+            t.host.memory_used_bytes >> 20,
+            t.host.memory_total_bytes >> 20,
+            t.host.load_1
+        );
+    }
+    let mut rows = Vec::new();
+    for a in d.observed.map(|o| o.apps).unwrap_or_default() {
+        for c in a.containers {
+            rows.push(vec![
+                a.name.to_string(),
+                format!("{:?}", a.phase).to_lowercase(),
+                c.name.to_string(),
+                c.state,
+                c.image,
+                c.error.or(a.error.clone()).unwrap_or_default(),
+            ]);
+        }
+    }
+    out += "\n";
+    out += &table(&["APP", "PHASE", "CONTAINER", "STATE", "IMAGE", "ERROR"], rows);
+    out
+}
+
+fn apps_table(apps: Vec<AppRecord>) -> String {
+    let rows = apps
+        .into_iter()
+        .map(|a| {
+            let images: Vec<String> = a.spec.containers.iter().map(|c| c.image.clone()).collect();
+            vec![a.spec.name.to_string(), a.spec.containers.len().to_string(), images.join(",")]
+        })
+        .collect();
+    table(&["APP", "CONTAINERS", "IMAGES"], rows)
+}
+
+fn ops_table(ops: Vec<Operation>) -> String {
+    let rows = ops
+        .into_iter()
+        .map(|o| {
+            vec![
+                o.id.clone(),
+                o.op.as_str().to_string(),
+                o.app.to_string(),
+                o.device.to_string(),
+                o.generation.to_string(),
+                serde_json::to_value(o.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                o.detail.clone(),
+            ]
+        })
+        .collect();
+    table(&["OPERATION", "OP", "APP", "DEVICE", "GEN", "STATUS", "DETAIL"], rows)
+}

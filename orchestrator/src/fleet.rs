@@ -1,0 +1,556 @@
+//! The orchestrator's state machine: what it knows about apps, devices,
+//! desired states and operations, and how each device message or operator
+//! request changes that. No I/O: every transition returns the store writes
+//! and publications it implies, and `service` carries them out.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
+use drover_shared::payload::{Ack, AckPhase, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status, Telemetry};
+use drover_shared::{DeviceId, Name};
+
+use crate::records::{AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation};
+use crate::store::Write;
+
+/// Log lines kept per container; older lines are dropped first.
+pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
+
+/// A decoded message from a device, keyed by the topic it came on.
+#[derive(Debug, Clone)]
+pub enum DeviceMessage {
+    Hello(Hello),
+    Status(Status),
+    Heartbeat(Heartbeat),
+    State(StateReport),
+    Telemetry(Telemetry),
+    Logs(LogBatch),
+    Ack(Ack),
+}
+
+/// What a transition asks the outside world to do.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub writes: Vec<Write>,
+    /// The device is behind: publish its desired state again.
+    pub republish: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("device {0} is not known")]
+    UnknownDevice(DeviceId),
+    #[error("app {0} does not exist")]
+    UnknownApp(Name),
+    #[error("app {0} already exists")]
+    AppExists(Name),
+    #[error("app {app} is not deployed on device {device}")]
+    NotDeployed { device: DeviceId, app: Name },
+    #[error("app {app} is still deployed on {devices:?}; remove it there first")]
+    AppInUse { app: Name, devices: Vec<DeviceId> },
+}
+
+#[derive(Debug)]
+struct Device {
+    record: DeviceRecord,
+    heartbeat: Option<Heartbeat>,
+    telemetry: Option<Telemetry>,
+}
+
+#[derive(Debug, Default)]
+pub struct Fleet {
+    devices: BTreeMap<DeviceId, Device>,
+    apps: BTreeMap<Name, AppRecord>,
+    desired: HashMap<DeviceId, DesiredState>,
+    operations: HashMap<String, Operation>,
+    logs: HashMap<(DeviceId, Name, Name), VecDeque<LogLine>>,
+}
+
+impl Fleet {
+    /// Rebuilds the state from the store. Every device starts offline: the
+    /// broker (embedded or not) tells us who is online as they reconnect.
+    pub fn load(
+        devices: Vec<DeviceRecord>,
+        apps: Vec<AppRecord>,
+        desired: Vec<DesiredRecord>,
+        operations: Vec<Operation>,
+    ) -> Fleet {
+        Fleet {
+            devices: devices
+                .into_iter()
+                .map(|mut r| {
+                    r.online = false;
+                    (r.id.clone(), Device { record: r, heartbeat: None, telemetry: None })
+                })
+                .collect(),
+            apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
+            desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
+            operations: operations.into_iter().map(|o| (o.id.clone(), o)).collect(),
+            logs: HashMap::new(),
+        }
+    }
+
+    // ----- device messages -------------------------------------------------
+
+    pub fn on_device_message(&mut self, id: &DeviceId, msg: DeviceMessage, now: u64) -> Effects {
+        let mut fx = Effects::default();
+        let known = self.devices.contains_key(id);
+        // Only a hello (or a status) makes a device known; other messages from
+        // a device we have never heard of are dropped until it says hello.
+        if !known && !matches!(msg, DeviceMessage::Hello(_) | DeviceMessage::Status(Status { online: true, .. })) {
+            return fx;
+        }
+        let dev = self.devices.entry(id.clone()).or_insert_with(|| Device {
+            record: DeviceRecord {
+                id: id.clone(),
+                first_seen_ms: now,
+                last_seen_ms: now,
+                online: true,
+                inventory: None,
+                observed: None,
+            },
+            heartbeat: None,
+            telemetry: None,
+        });
+        let mut persist = !known;
+        match msg {
+            DeviceMessage::Hello(h) => {
+                dev.record.inventory = Some(h);
+                dev.record.online = true;
+                dev.record.last_seen_ms = now;
+                persist = true;
+                // A device that just connected gets its desired state again:
+                // cheap, and it heals a lost retained message.
+                fx.republish = self.desired.contains_key(id);
+            }
+            DeviceMessage::Status(s) => {
+                if dev.record.online != s.online {
+                    dev.record.online = s.online;
+                    persist = true;
+                }
+                if s.online {
+                    dev.record.last_seen_ms = now;
+                }
+            }
+            DeviceMessage::Heartbeat(h) => {
+                dev.record.last_seen_ms = now;
+                if !dev.record.online {
+                    dev.record.online = true;
+                    persist = true;
+                }
+                let behind = h.applied_generation < self.desired.get(id).map_or(0, |d| d.generation);
+                let was_behind = dev.heartbeat.as_ref().is_some_and(|p| p.applied_generation == h.applied_generation);
+                dev.heartbeat = Some(h);
+                // Behind on two heartbeats in a row with no progress: resend.
+                fx.republish = behind && was_behind;
+            }
+            DeviceMessage::Telemetry(t) => {
+                dev.record.last_seen_ms = now;
+                dev.telemetry = Some(t);
+            }
+            DeviceMessage::State(report) => {
+                dev.record.last_seen_ms = now;
+                let applied = report.observed.applied_generation;
+                let received = report.observed.desired_generation;
+                let ours = self.desired.get(id).map_or(0, |d| d.generation);
+                dev.record.observed = Some(report.observed);
+                persist = true;
+                fx.republish = received < ours;
+                self.settle_operations(id, applied, now, &mut fx);
+            }
+            DeviceMessage::Logs(batch) => {
+                dev.record.last_seen_ms = now;
+                let buf = self.logs.entry((id.clone(), batch.app, batch.container)).or_default();
+                for line in batch.lines {
+                    if buf.len() == LOG_LINES_PER_CONTAINER {
+                        buf.pop_front();
+                    }
+                    buf.push_back(line);
+                }
+            }
+            DeviceMessage::Ack(ack) => {
+                dev.record.last_seen_ms = now;
+                if let Some(op) = self.operations.get_mut(&ack.command_id) {
+                    if &op.device == id && apply_ack(op, &ack, now) {
+                        fx.writes.push(Write::Operation(op.clone()));
+                    }
+                }
+            }
+        }
+        if persist {
+            if let Some(dev) = self.devices.get(id) {
+                fx.writes.push(Write::Device(dev.record.clone()));
+            }
+        }
+        fx
+    }
+
+    /// Level-triggered completion: once a device reports a generation as
+    /// applied, every open operation at or below it is final, with the
+    /// outcome read from what actually runs, whether or not its ack arrived.
+    fn settle_operations(&mut self, id: &DeviceId, applied: u64, now: u64, fx: &mut Effects) {
+        let observed = self.devices.get(id).and_then(|d| d.record.observed.as_ref());
+        for op in self.operations.values_mut() {
+            if &op.device != id || op.status.is_final() || op.generation > applied {
+                continue;
+            }
+            let app = observed.and_then(|o| o.apps.iter().find(|a| a.name == op.app));
+            let (status, detail) = match (op.op, app) {
+                (_, Some(a)) if a.phase == AppPhase::Failed => {
+                    (OpStatus::Failed, a.error.clone().unwrap_or_else(|| "failed".into()))
+                }
+                (Op::Remove, None) => (OpStatus::Succeeded, String::new()),
+                (Op::Remove, Some(_)) => (OpStatus::Superseded, "app deployed again by a later operation".into()),
+                (_, None) => (OpStatus::Superseded, "app removed by a later operation".into()),
+                (_, Some(_)) => (OpStatus::Succeeded, String::new()),
+            };
+            op.status = status;
+            op.detail = detail;
+            op.updated_at_ms = now;
+            fx.writes.push(Write::Operation(op.clone()));
+        }
+    }
+
+    // ----- operator requests -----------------------------------------------
+
+    /// Checks a new app; the caller persists the write, then [`Fleet::put_app`].
+    pub fn create_app(&self, spec: AppSpec, now: u64) -> Result<(AppRecord, Vec<Write>), FleetError> {
+        if self.apps.contains_key(&spec.name) {
+            return Err(FleetError::AppExists(spec.name));
+        }
+        let rec = AppRecord { spec, created_at_ms: now, updated_at_ms: now };
+        Ok((rec.clone(), vec![Write::App(rec)]))
+    }
+
+    pub fn put_app(&mut self, rec: AppRecord) {
+        self.apps.insert(rec.spec.name.clone(), rec);
+    }
+
+    /// Checks a deletion; the caller persists it, then [`Fleet::remove_app`].
+    pub fn delete_app(&self, name: &Name) -> Result<Vec<Write>, FleetError> {
+        if !self.apps.contains_key(name) {
+            return Err(FleetError::UnknownApp(name.clone()));
+        }
+        let devices: Vec<DeviceId> = self
+            .desired
+            .iter()
+            .filter(|(_, d)| d.app(name).is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !devices.is_empty() {
+            return Err(FleetError::AppInUse { app: name.clone(), devices });
+        }
+        Ok(vec![Write::DeleteApp(name.to_string())])
+    }
+
+    pub fn remove_app(&mut self, name: &Name) {
+        self.apps.remove(name);
+    }
+
+    /// Turns an operator request into the device's next desired state and an
+    /// operation to follow it. The generation grows by one on every change.
+    /// Nothing changes here: the caller persists the writes first, then
+    /// calls [`Fleet::commit_request`], so a failed write leaves no trace.
+    pub fn request(
+        &self,
+        device: &DeviceId,
+        op: Op,
+        app: &Name,
+        op_id: String,
+        now: u64,
+    ) -> Result<(DesiredState, Operation, Vec<Write>), FleetError> {
+        if !self.devices.contains_key(device) {
+            return Err(FleetError::UnknownDevice(device.clone()));
+        }
+        let mut next = self.desired.get(device).cloned().unwrap_or_default();
+        let pos = next.apps.iter().position(|a| &a.spec.name == app);
+        match (op, pos) {
+            (Op::Deploy, _) => {
+                let spec = self.apps.get(app).ok_or_else(|| FleetError::UnknownApp(app.clone()))?.spec.clone();
+                let entry = DesiredApp { spec, run: RunState::Running };
+                match pos {
+                    Some(i) => next.apps[i] = entry,
+                    None => next.apps.push(entry),
+                }
+            }
+            (_, None) => return Err(FleetError::NotDeployed { device: device.clone(), app: app.clone() }),
+            (Op::Start, Some(i)) => next.apps[i].run = RunState::Running,
+            (Op::Stop, Some(i)) => next.apps[i].run = RunState::Stopped,
+            (Op::Remove, Some(i)) => {
+                next.apps.remove(i);
+            }
+        }
+        next.generation += 1;
+        let operation = Operation {
+            id: op_id,
+            device: device.clone(),
+            app: app.clone(),
+            op,
+            generation: next.generation,
+            status: OpStatus::Pending,
+            detail: String::new(),
+            progress: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let writes = vec![
+            Write::Desired(DesiredRecord { device: device.clone(), state: next.clone() }),
+            Write::Operation(operation.clone()),
+        ];
+        Ok((next, operation, writes))
+    }
+
+    pub fn commit_request(&mut self, desired: DesiredState, op: Operation) {
+        self.desired.insert(op.device.clone(), desired);
+        self.operations.insert(op.id.clone(), op);
+    }
+
+    /// Marks an operation as handed to the broker, unless the device already
+    /// answered (acks can overtake this bookkeeping).
+    pub fn mark_sent(&mut self, op_id: &str, now: u64) -> Option<Write> {
+        let op = self.operations.get_mut(op_id)?;
+        if op.status != OpStatus::Pending {
+            return None;
+        }
+        op.status = OpStatus::Sent;
+        op.updated_at_ms = now;
+        Some(Write::Operation(op.clone()))
+    }
+
+    // ----- reads -----------------------------------------------------------
+
+    pub fn device_ids(&self) -> impl Iterator<Item = &DeviceId> {
+        self.devices.keys()
+    }
+
+    pub fn device_view(&self, id: &DeviceId) -> Option<DeviceView> {
+        let d = self.devices.get(id)?;
+        let desired = self.desired.get(id).cloned();
+        Some(DeviceView {
+            id: id.clone(),
+            online: d.record.online,
+            first_seen_ms: d.record.first_seen_ms,
+            last_seen_ms: d.record.last_seen_ms,
+            desired_generation: desired.as_ref().map_or(0, |s| s.generation),
+            applied_generation: d.record.observed.as_ref().map_or(0, |o| o.applied_generation),
+            inventory: d.record.inventory.clone(),
+            desired,
+            observed: d.record.observed.clone(),
+            heartbeat: d.heartbeat.clone(),
+            telemetry: d.telemetry.clone(),
+        })
+    }
+
+    pub fn device_views(&self) -> Vec<DeviceView> {
+        self.devices.keys().filter_map(|id| self.device_view(id)).collect()
+    }
+
+    pub fn apps(&self) -> Vec<AppRecord> {
+        self.apps.values().cloned().collect()
+    }
+
+    pub fn app(&self, name: &Name) -> Option<AppRecord> {
+        self.apps.get(name).cloned()
+    }
+
+    pub fn desired(&self, id: &DeviceId) -> Option<&DesiredState> {
+        self.desired.get(id)
+    }
+
+    pub fn all_desired(&self) -> impl Iterator<Item = (&DeviceId, &DesiredState)> {
+        self.desired.iter()
+    }
+
+    pub fn operation(&self, id: &str) -> Option<Operation> {
+        self.operations.get(id).cloned()
+    }
+
+    /// Newest first.
+    pub fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
+        let mut ops: Vec<Operation> = self
+            .operations
+            .values()
+            .filter(|o| device.is_none_or(|d| &o.device == d))
+            .cloned()
+            .collect();
+        ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.generation.cmp(&a.generation)));
+        ops.truncate(limit);
+        ops
+    }
+
+    /// The last `tail` lines of one container, oldest first. `container`
+    /// may be omitted when the app has exactly one container with logs.
+    pub fn logs(&self, device: &DeviceId, app: &Name, container: Option<&Name>, tail: usize) -> Vec<LogLine> {
+        let mut lines: Vec<LogLine> = self
+            .logs
+            .iter()
+            .filter(|((d, a, c), _)| d == device && a == app && container.is_none_or(|n| n == c))
+            .flat_map(|(_, buf)| buf.iter().cloned())
+            .collect();
+        lines.sort_by_key(|l| l.at_ms);
+        let skip = lines.len().saturating_sub(tail);
+        lines.split_off(skip)
+    }
+}
+
+/// Moves an operation forward on an ack. Never moves it back: a late
+/// `progress` after `succeeded` changes nothing. Returns whether it changed.
+fn apply_ack(op: &mut Operation, ack: &Ack, now: u64) -> bool {
+    if op.status.is_final() {
+        return false;
+    }
+    let next = match ack.phase {
+        AckPhase::Received => {
+            if matches!(op.status, OpStatus::Received | OpStatus::InProgress) {
+                return false;
+            }
+            OpStatus::Received
+        }
+        AckPhase::Progress => OpStatus::InProgress,
+        AckPhase::Succeeded => OpStatus::Succeeded,
+        AckPhase::Failed => OpStatus::Failed,
+        AckPhase::Superseded => OpStatus::Superseded,
+    };
+    op.status = next;
+    if !ack.detail.is_empty() || next.is_final() {
+        op.detail = ack.detail.clone();
+    }
+    if ack.progress.is_some() {
+        op.progress = ack.progress.clone();
+    }
+    op.updated_at_ms = now;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_shared::model::{AppStatus, ObservedState};
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("id")
+    }
+    fn name(s: &str) -> Name {
+        Name::new(s).expect("name")
+    }
+    fn spec(n: &str) -> AppSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": n, "containers": [{"name": "main", "image": "busybox:1"}]
+        }))
+        .expect("spec")
+    }
+
+    fn fleet_with_device() -> Fleet {
+        let mut f = Fleet::default();
+        f.on_device_message(&id("pi"), DeviceMessage::Hello(Hello::default()), 1);
+        let (rec, _) = f.create_app(spec("web"), 1).expect("create");
+        f.put_app(rec);
+        f
+    }
+
+    impl Fleet {
+        fn req(&mut self, op: Op, app: &str, op_id: &str, now: u64) -> Result<(DesiredState, Operation), FleetError> {
+            let (d, o, _) = self.request(&id("pi"), op, &name(app), op_id.into(), now)?;
+            self.commit_request(d.clone(), o.clone());
+            Ok((d, o))
+        }
+    }
+
+    fn report(applied: u64, apps: Vec<AppStatus>) -> DeviceMessage {
+        DeviceMessage::State(StateReport {
+            at_ms: 0,
+            observed: ObservedState { applied_generation: applied, desired_generation: applied, apps },
+        })
+    }
+
+    #[test]
+    fn every_request_bumps_the_generation() {
+        let mut f = fleet_with_device();
+        let (d1, _) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let (d2, _) = f.req(Op::Stop, "web", "b", 3).expect("stop");
+        let (d3, _) = f.req(Op::Remove, "web", "c", 4).expect("remove");
+        assert_eq!((d1.generation, d2.generation, d3.generation), (1, 2, 3));
+        assert_eq!(d2.apps[0].run, RunState::Stopped);
+        assert!(d3.apps.is_empty());
+    }
+
+    #[test]
+    fn requests_name_what_is_missing() {
+        let mut f = fleet_with_device();
+        assert_eq!(
+            f.request(&id("ghost"), Op::Deploy, &name("web"), "a".into(), 1).err(),
+            Some(FleetError::UnknownDevice(id("ghost")))
+        );
+        assert_eq!(
+            f.req(Op::Deploy, "nope", "a", 1).err(),
+            Some(FleetError::UnknownApp(name("nope")))
+        );
+        assert!(matches!(
+            f.req(Op::Stop, "web", "a", 1),
+            Err(FleetError::NotDeployed { .. })
+        ));
+    }
+
+    #[test]
+    fn acks_move_operations_forward_only() {
+        let mut f = fleet_with_device();
+        let (_, op) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let ack = |phase, detail: &str| {
+            DeviceMessage::Ack(Ack { command_id: op.id.clone(), at_ms: 0, phase, detail: detail.into(), progress: None })
+        };
+        f.on_device_message(&id("pi"), ack(AckPhase::Failed, "manifest unknown"), 3);
+        f.on_device_message(&id("pi"), ack(AckPhase::Progress, ""), 4);
+        let got = f.operation(&op.id).expect("op");
+        assert_eq!((got.status, got.detail.as_str()), (OpStatus::Failed, "manifest unknown"));
+    }
+
+    #[test]
+    fn a_state_report_settles_operations_without_acks() {
+        let mut f = fleet_with_device();
+        let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let (_, b) = f.req(Op::Stop, "web", "b", 3).expect("stop");
+        let running = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, containers: vec![] };
+        let fx = f.on_device_message(&id("pi"), report(1, vec![running.clone()]), 4);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
+        assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Pending);
+        assert!(fx.republish, "device is behind generation 2");
+        let failed = AppStatus { phase: AppPhase::Failed, error: Some("boom".into()), ..running };
+        f.on_device_message(&id("pi"), report(2, vec![failed]), 5);
+        let b = f.operation(&b.id).expect("b");
+        assert_eq!((b.status, b.detail.as_str()), (OpStatus::Failed, "boom"));
+    }
+
+    #[test]
+    fn messages_from_unknown_devices_before_hello_are_dropped() {
+        let mut f = Fleet::default();
+        let fx = f.on_device_message(&id("x"), report(1, vec![]), 1);
+        assert!(fx.writes.is_empty());
+        assert!(f.device_view(&id("x")).is_none());
+    }
+
+    #[test]
+    fn logs_are_bounded_per_container() {
+        let mut f = fleet_with_device();
+        let line = |i: u64| LogLine { at_ms: i, stream: drover_shared::payload::LogStream::Stdout, line: i.to_string() };
+        let batch = LogBatch {
+            app: name("web"),
+            container: name("main"),
+            lines: (0..LOG_LINES_PER_CONTAINER as u64 + 5).map(line).collect(),
+            dropped: 0,
+        };
+        f.on_device_message(&id("pi"), DeviceMessage::Logs(batch), 2);
+        let all = f.logs(&id("pi"), &name("web"), None, usize::MAX);
+        assert_eq!(all.len(), LOG_LINES_PER_CONTAINER);
+        assert_eq!(all[0].line, "5");
+        assert_eq!(f.logs(&id("pi"), &name("web"), Some(&name("main")), 2).len(), 2);
+    }
+
+    #[test]
+    fn an_app_in_use_cannot_be_deleted() {
+        let mut f = fleet_with_device();
+        f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        assert!(matches!(f.delete_app(&name("web")), Err(FleetError::AppInUse { .. })));
+        f.req(Op::Remove, "web", "b", 3).expect("remove");
+        assert!(f.delete_app(&name("web")).is_ok());
+        assert!(f.app(&name("web")).is_some(), "checking a deletion does not delete");
+    }
+}

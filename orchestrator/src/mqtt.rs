@@ -1,0 +1,125 @@
+//! The orchestrator's MQTT link: a plain MQTT client, so the same code works
+//! against the embedded broker and any external one. It turns incoming
+//! publishes into [`Event`]s and hands them to the service loop.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_shared::codec::{decode, DecodeError, MAX_PAYLOAD_BYTES};
+use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::DeviceId;
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::fleet::DeviceMessage;
+use crate::metrics::Metrics;
+
+/// Everything the service loop reacts to. Closed on purpose: a new kind of
+/// input is a new variant and a compile error wherever it is not handled.
+#[derive(Debug)]
+pub enum Event {
+    /// (Re)connected to the broker; subscriptions are in place.
+    Connected,
+    Device { id: DeviceId, msg: Box<DeviceMessage> },
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub topics: Topics,
+}
+
+pub fn qos(kind: TopicKind) -> QoS {
+    if kind.qos() == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Decodes a publish on a device topic. `Ok(None)` for topics the
+/// orchestrator itself publishes (it may see its own retained messages).
+pub fn decode_device_message(kind: TopicKind, payload: &[u8]) -> Result<Option<DeviceMessage>, DecodeError> {
+    Ok(Some(match kind {
+        TopicKind::Hello => DeviceMessage::Hello(decode(payload)?),
+        TopicKind::Status => DeviceMessage::Status(decode(payload)?),
+        TopicKind::Heartbeat => DeviceMessage::Heartbeat(decode(payload)?),
+        TopicKind::State => DeviceMessage::State(decode(payload)?),
+        TopicKind::Telemetry => DeviceMessage::Telemetry(decode(payload)?),
+        TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
+        TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
+        TopicKind::Cmd | TopicKind::Desired => return Ok(None),
+    }))
+}
+
+pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    // A persistent session with a stable id: requests queued during an
+    // outage survive the reconnect (rumqttc drops them with a clean session).
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
+    opts.set_inflight(100);
+    AsyncClient::new(opts, 4_096)
+}
+
+/// Drives the event loop until the process ends. Polling again right after
+/// an error makes rumqttc reconnect at once, so errors sleep with jittered
+/// exponential backoff first.
+pub async fn drive(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    cfg: LinkConfig,
+    events: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "connected to broker");
+                for kind in TopicKind::FROM_DEVICE {
+                    if let Err(e) = client.subscribe(cfg.topics.all_devices(kind), QoS::AtLeastOnce).await {
+                        warn!(error = %e, "subscribe failed");
+                    }
+                }
+                if events.send(Event::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
+                let Some((id, kind)) = cfg.topics.parse(&p.topic) else {
+                    metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                    debug!(topic = %p.topic, "ignoring publish on a foreign topic");
+                    continue;
+                };
+                match decode_device_message(kind, &p.payload) {
+                    Ok(Some(msg)) => {
+                        if events.send(Event::Device { id, msg: Box::new(msg) }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                        warn!(device = %id, topic = %p.topic, error = %e, "rejected device message");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

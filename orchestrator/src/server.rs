@@ -1,0 +1,167 @@
+//! Starting and stopping the orchestrator: store, broker, MQTT link,
+//! service loop and REST API, in that order, with one shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_broker::{Broker, BrokerConfig, BrokerError};
+use drover_shared::topic::Topics;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::mqtt::{self, LinkConfig};
+use crate::service::Service;
+use crate::store::{Store, StoreError};
+
+/// Which broker the orchestrator and its devices use.
+#[derive(Debug, Clone)]
+pub enum BrokerMode {
+    /// Run rumqttd in this process. Port 0 picks a free port.
+    Embedded { listen: SocketAddr },
+    /// Use a broker that is already running (Mosquitto, EMQX, …).
+    External { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    pub broker: BrokerMode,
+    pub topics: Topics,
+    /// MQTT client id of the orchestrator; stable so its session persists.
+    pub client_id: String,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            broker: BrokerMode::Embedded { listen: SocketAddr::from(([0, 0, 0, 0], 1883)) },
+            topics: Topics::default(),
+            client_id: "drover-orchestrator".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot listen for the REST API on {addr}: {source}")]
+    ApiBind { addr: SocketAddr, source: std::io::Error },
+    #[error("REST API server failed: {0}")]
+    Api(std::io::Error),
+}
+
+/// A running orchestrator.
+pub struct Orchestrator {
+    /// Where the REST API listens.
+    pub api_addr: SocketAddr,
+    /// Where MQTT clients (agents) should connect.
+    pub mqtt_addr: (String, u16),
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Orchestrator {
+    /// Waits until the orchestrator has shut down.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task.await.unwrap_or_else(|e| Err(ServeError::Api(std::io::Error::other(e))))
+    }
+}
+
+/// Binds everything and starts serving. Any bad setting or taken port is an
+/// error here, before anything is served.
+pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Orchestrator, ServeError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ServeError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    let db_path = config.data_dir.join("drover.redb");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))??;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // The broker stops last, after the API has drained and our own client
+    // (and any in-process agent) has disconnected cleanly.
+    let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut broker_task = None;
+    let mqtt_addr = match &config.broker {
+        BrokerMode::Embedded { listen } => {
+            let mut listen = *listen;
+            if listen.port() == 0 {
+                // rumqttd binds inside its own accept loop and cannot report
+                // the port it got, so pick a free one here.
+                let probe = std::net::TcpListener::bind(listen)
+                    .map_err(|source| BrokerError::Bind { addr: listen, source })?;
+                listen = probe.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?;
+            }
+            let broker = Broker::start(BrokerConfig::new(listen))?;
+            broker_task = Some(tokio::spawn(broker.run(async move {
+                let _ = broker_stop_rx.await;
+            })));
+            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            (host, listen.port())
+        }
+        BrokerMode::External { host, port } => (host.clone(), *port),
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| ServeError::ApiBind { addr: config.api_listen, source })?;
+    let api_addr = listener.local_addr().map_err(|source| ServeError::ApiBind { addr: config.api_listen, source })?;
+
+    let metrics = Arc::new(Metrics::default());
+    let link = LinkConfig {
+        host: mqtt_addr.0.clone(),
+        port: mqtt_addr.1,
+        client_id: config.client_id.clone(),
+        keep_alive: Duration::from_secs(15),
+        topics: config.topics.clone(),
+    };
+    let (client, eventloop) = mqtt::connect(&link);
+    let service = Arc::new(Service::new(store, client.clone(), config.topics.clone(), metrics.clone())?);
+    let (events_tx, events_rx) = mpsc::channel(10_000);
+    let link_task = tokio::spawn(mqtt::drive(client.clone(), eventloop, link, events_tx, metrics));
+    let service_task = tokio::spawn(service.clone().run(events_rx));
+
+    info!(api = %api_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
+    let app = crate::api::router(service);
+    let stop_api = stopped();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop_api).await;
+        // Let queued publishes reach the broker before the link goes away.
+        if tokio::time::timeout(Duration::from_secs(5), client.disconnect()).await.is_err() {
+            warn!("MQTT disconnect timed out");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        link_task.abort();
+        service_task.abort();
+        let _ = broker_stop_tx.send(());
+        if let Some(b) = broker_task {
+            let _ = b.await;
+        }
+        info!("drover orchestrator stopped");
+        served.map_err(ServeError::Api)
+    });
+    Ok(Orchestrator { api_addr, mqtt_addr, task })
+}

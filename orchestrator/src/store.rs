@@ -1,0 +1,179 @@
+//! The orchestrator's durable state in one redb file.
+//!
+//! Values are JSON so a person can inspect a copy of the file with any redb
+//! tool. redb is synchronous and allows one writer at a time: callers run
+//! these methods on the blocking pool (see `service`), never on the executor.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::records::{AppRecord, DeviceRecord, DesiredRecord, Operation};
+
+/// Devices by id.
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// App specs by name.
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+/// Each device's desired state with its generation, by device id.
+const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
+/// Every command issued, with its outcome, by operation id.
+const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open { path: String, source: redb::DatabaseError },
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("corrupt record in table {table} under key {key:?}: {source}")]
+    Corrupt { table: &'static str, key: String, source: serde_json::Error },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A write to apply atomically with others in one transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Device(DeviceRecord),
+    App(AppRecord),
+    DeleteApp(String),
+    Desired(DesiredRecord),
+    Operation(Operation),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Records are plain structs of strings, numbers and maps with string
+    // keys; serialising them cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path)
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        // Create every table up front so reads never see a missing table.
+        let tx = db.begin_write()?;
+        for t in [DEVICES, APPS, DESIRED, OPERATIONS] {
+            tx.open_table(t)?;
+        }
+        tx.commit()?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// Applies writes in one transaction: all or nothing.
+    pub fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            for w in writes {
+                match w {
+                    Write::Device(d) => {
+                        tx.open_table(DEVICES)?.insert(d.id.as_str(), encode(d).as_slice())?;
+                    }
+                    Write::App(a) => {
+                        tx.open_table(APPS)?.insert(a.spec.name.as_str(), encode(a).as_slice())?;
+                    }
+                    Write::DeleteApp(name) => {
+                        tx.open_table(APPS)?.remove(name.as_str())?;
+                    }
+                    Write::Desired(d) => {
+                        tx.open_table(DESIRED)?.insert(d.device.as_str(), encode(d).as_slice())?;
+                    }
+                    Write::Operation(o) => {
+                        tx.open_table(OPERATIONS)?.insert(o.id.as_str(), encode(o).as_slice())?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn load_all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(def)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let rec = serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                table: name,
+                key: k.value().to_string(),
+                source,
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.load_all(DEVICES, "devices")
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.load_all(APPS, "apps")
+    }
+
+    pub fn desired(&self) -> Result<Vec<DesiredRecord>, StoreError> {
+        self.load_all(DESIRED, "desired")
+    }
+
+    pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
+        self.load_all(OPERATIONS, "operations")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::*;
+    use drover_shared::model::*;
+    use drover_shared::{DeviceId, Name};
+
+    #[test]
+    fn writes_survive_reopen_and_are_atomic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.redb");
+        let spec: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "web", "containers": [{"name": "main", "image": "busybox:1"}]
+        }))
+        .expect("spec");
+        let dev = DeviceId::new("pi").expect("id");
+        {
+            let s = Store::open(&path).expect("open");
+            s.write(&[
+                Write::App(AppRecord { spec: spec.clone(), created_at_ms: 1, updated_at_ms: 1 }),
+                Write::Desired(DesiredRecord {
+                    device: dev.clone(),
+                    state: DesiredState {
+                        generation: 3,
+                        apps: vec![DesiredApp { spec: spec.clone(), run: RunState::Running }],
+                    },
+                }),
+            ])
+            .expect("write");
+            s.write(&[Write::DeleteApp("nope".into())]).expect("deleting a missing key is fine");
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert_eq!(s.apps().expect("apps")[0].spec.name, Name::new("web").expect("n"));
+        let d = s.desired().expect("desired");
+        assert_eq!((d[0].device.clone(), d[0].state.generation), (dev, 3));
+    }
+}

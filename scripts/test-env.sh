@@ -19,7 +19,7 @@ readonly REGISTRY_DATA="/var/lib/drover-registry"
 readonly REGISTRY_LOG="/var/log/docker-registry-drover.log"
 readonly DOCKERD_LOG="/var/log/dockerd-drover.log"
 readonly IMAGE_REPO="drover/busybox"
-readonly IMAGE_TAG="1"
+readonly IMAGE_TAG="2"
 readonly IMAGE="${REGISTRY_ADDR}/${IMAGE_REPO}:${IMAGE_TAG}"
 readonly WAIT_SECONDS=30
 
@@ -233,7 +233,7 @@ build_image() {
     tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf - . |
         docker import \
             -c 'ENV PATH=/bin' \
-            -c 'CMD ["/bin/sh","-c","i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]' \
+            -c 'CMD ["/bin/sh","-c","trap \"exit 0\" TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]' \
             -m "drover test image: static busybox" \
             - "$IMAGE" >/dev/null ||
         die "docker import of ${IMAGE} failed"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: prepares the environment (Docker, the local registry,
+# the test image), builds the binaries the end-to-end tests start, then runs
+# the whole workspace's tests. Nothing is skipped: a missing service fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/test-env.sh
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "test: installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+# The end-to-end tests start the real drover and drover-agent binaries.
+cargo build --workspace --bins
+cargo nextest run --workspace --no-fail-fast "$@"

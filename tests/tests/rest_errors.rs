@@ -1,0 +1,75 @@
+//! Bad REST input gets a 4xx JSON error naming the field, and changes nothing.
+
+use drover_tests::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn malformed_bodies_name_the_field() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+
+    let cases = [
+        (json!({"containers": [{"name": "main", "image": "busybox:1"}]}), "name"),
+        (json!({"name": "web", "containers": [{"name": "main"}]}), "containers[0].image"),
+        (json!({"name": "web", "containers": [{"name": "main", "image": "Bad Image"}]}), "containers[0].image"),
+        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "memory_mb": "lots"}]}), "containers[0].memory_mb"),
+        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "ports": [{"host": 0, "container": 80}]}]}), "containers[0].ports[0]"),
+        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "restart": "sometimes"}]}), "containers[0].restart"),
+        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "imagee": "x"}]}), "containers[0].imagee"),
+        (json!({"name": "we/b", "containers": [{"name": "main", "image": "busybox:1"}]}), "name"),
+        (json!({"name": "web", "containers": []}), "containers"),
+    ];
+    for (body, field) in cases {
+        let (s, v) = api.post("/api/v1/apps", &body).await;
+        assert_eq!(s, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["field"], json!(field), "{body} -> {v}");
+        assert!(v["error"]["message"].as_str().unwrap_or_default().contains(field), "message names the field: {v}");
+    }
+
+    let (s, v) = api.post_raw("/api/v1/apps", "{\"name\": ").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("not valid JSON"), "{v}");
+    let (s, _) = api.post_raw("/api/v1/apps", "").await;
+    assert_eq!(s, 400);
+
+    // Nothing was created by any of that.
+    let (_, apps) = api.get("/api/v1/apps").await;
+    assert_eq!(apps, json!([]));
+
+    // A good app, then a duplicate.
+    api.create_app("web", "busybox:1").await;
+    let (s, v) = api.post("/api/v1/apps", &json!({"name": "web", "containers": [{"name": "main", "image": "busybox:2"}]})).await;
+    assert_eq!((s, v["error"]["field"].clone()), (409, json!("name")), "{v}");
+    let (_, v) = api.get("/api/v1/apps/web").await;
+    assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:1"), "duplicate did not overwrite");
+    orch.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_things_are_404() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    api.create_app("web", "busybox:1").await;
+
+    let (s, v) = api.get("/api/v1/devices/ghost").await;
+    assert_eq!((s, v["error"]["field"].clone()), (404, json!("device")), "{v}");
+    let (s, v) = api.post("/api/v1/devices/ghost/apps", &json!({"app": "web"})).await;
+    assert_eq!((s, v["error"]["field"].clone()), (404, json!("device")), "{v}");
+    let (s, _) = api.post("/api/v1/devices/ghost/apps/web/stop", &json!(null)).await;
+    assert_eq!(s, 404);
+    let (s, _) = api.delete("/api/v1/devices/ghost/apps/web").await;
+    assert_eq!(s, 404);
+    let (s, _) = api.get("/api/v1/devices/ghost/logs?app=web").await;
+    assert_eq!(s, 404);
+    let (s, v) = api.get("/api/v1/apps/nope").await;
+    assert_eq!((s, v["error"]["field"].clone()), (404, json!("app")), "{v}");
+    let (s, _) = api.get("/api/v1/operations/nope").await;
+    assert_eq!(s, 404);
+    let (s, v) = api.get("/api/v1/devices/bad%2Bid").await;
+    assert_eq!((s, v["error"]["field"].clone()), (400, json!("device")), "{v}");
+    let (s, v) = api.get("/api/v1/operations?limit=0").await;
+    assert_eq!((s, v["error"]["field"].clone()), (400, json!("limit")), "{v}");
+    let (s, _) = api.get("/api/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    orch.stop().await;
+}

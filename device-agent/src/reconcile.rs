@@ -193,12 +193,12 @@ pub fn observe(
                     _ => AppPhase::Starting,
                 }
             };
-            AppStatus { name: app.spec.name.clone(), phase, error, containers }
+            AppStatus { name: app.spec.name.clone(), phase, error, attempts: 0, next_retry_at_ms: None, containers }
         })
         .collect();
     // An app that should be gone but could not be removed is still news.
     for (name, error) in errors.iter().filter(|(n, _)| desired.app(n).is_none()) {
-        apps.push(AppStatus { name: name.clone(), phase: AppPhase::Failed, error: Some(error.clone()), containers: vec![] });
+        apps.push(AppStatus { name: name.clone(), phase: AppPhase::Failed, error: Some(error.clone()), attempts: 0, next_retry_at_ms: None, containers: vec![] });
     }
     apps
 }

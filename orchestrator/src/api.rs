@@ -139,6 +139,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/api/v1/devices/{id}/apps/{app}/start", post(start))
         .route("/api/v1/devices/{id}/apps/{app}/stop", post(stop))
         .route("/api/v1/devices/{id}/logs", get(logs))
+        .route("/api/v1/devices/{id}/events", get(events))
         .route("/api/v1/apps", get(list_apps).post(create_app))
         .route("/api/v1/apps/{name}", get(show_app).delete(delete_app))
         .route("/api/v1/operations", get(list_operations))
@@ -214,6 +215,26 @@ async fn logs(State(s): State<Arc<Service>>, Path(id): Path<String>, Query(q): Q
     Ok(Json(lines))
 }
 
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    limit: Option<String>,
+}
+
+async fn events(State(s): State<Arc<Service>>, Path(id): Path<String>, Query(q): Query<EventsQuery>) -> ApiResult<impl IntoResponse> {
+    let id = device_id(&id)?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    Ok(Json(s.events(&id, limit).await.map_err(ServiceError::from)?))
+}
+
+fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
+    match raw {
+        None => Ok(100),
+        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| {
+            ApiError::field(StatusCode::BAD_REQUEST, "limit", format!("`limit` must be between 1 and 10000, got {l:?}"))
+        }),
+    }
+}
+
 async fn list_apps(State(s): State<Arc<Service>>) -> impl IntoResponse {
     Json(s.apps().await)
 }
@@ -245,12 +266,7 @@ struct OpsQuery {
 
 async fn list_operations(State(s): State<Arc<Service>>, Query(q): Query<OpsQuery>) -> ApiResult<impl IntoResponse> {
     let device = q.device.as_deref().map(device_id).transpose()?;
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| {
-            ApiError::field(StatusCode::BAD_REQUEST, "limit", format!("`limit` must be between 1 and 10000, got {l:?}"))
-        })?,
-    };
+    let limit = parse_limit(q.limit.as_deref())?;
     Ok(Json(s.operations(device.as_ref(), limit).await))
 }
 

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
-use drover_shared::payload::{Ack, AckPhase, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status, Telemetry};
+use drover_shared::payload::{
+    Ack, AckPhase, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status, Telemetry,
+};
 use drover_shared::{DeviceId, Name};
 
 use crate::records::{AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation};
@@ -14,6 +16,8 @@ use crate::store::Write;
 
 /// Log lines kept per container; older lines are dropped first.
 pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
+/// Device events kept per device; older events are dropped first.
+pub const EVENTS_PER_DEVICE: usize = 200;
 
 /// A decoded message from a device, keyed by the topic it came on.
 #[derive(Debug, Clone)]
@@ -25,6 +29,7 @@ pub enum DeviceMessage {
     Telemetry(Telemetry),
     Logs(LogBatch),
     Ack(Ack),
+    Event(DeviceEvent),
 }
 
 /// What a transition asks the outside world to do.
@@ -54,6 +59,7 @@ struct Device {
     record: DeviceRecord,
     heartbeat: Option<Heartbeat>,
     telemetry: Option<Telemetry>,
+    events: VecDeque<DeviceEvent>,
 }
 
 #[derive(Debug, Default)]
@@ -79,7 +85,7 @@ impl Fleet {
                 .into_iter()
                 .map(|mut r| {
                     r.online = false;
-                    (r.id.clone(), Device { record: r, heartbeat: None, telemetry: None })
+                    (r.id.clone(), Device { record: r, heartbeat: None, telemetry: None, events: VecDeque::new() })
                 })
                 .collect(),
             apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
@@ -110,6 +116,7 @@ impl Fleet {
             },
             heartbeat: None,
             telemetry: None,
+            events: VecDeque::new(),
         });
         let mut persist = !known;
         match msg {
@@ -167,6 +174,13 @@ impl Fleet {
                     buf.push_back(line);
                 }
             }
+            DeviceMessage::Event(ev) => {
+                dev.record.last_seen_ms = now;
+                if dev.events.len() == EVENTS_PER_DEVICE {
+                    dev.events.pop_front();
+                }
+                dev.events.push_back(ev);
+            }
             DeviceMessage::Ack(ack) => {
                 dev.record.last_seen_ms = now;
                 if let Some(op) = self.operations.get_mut(&ack.command_id) {
@@ -189,12 +203,24 @@ impl Fleet {
     /// outcome read from what actually runs, whether or not its ack arrived.
     fn settle_operations(&mut self, id: &DeviceId, applied: u64, now: u64, fx: &mut Effects) {
         let observed = self.devices.get(id).and_then(|d| d.record.observed.as_ref());
+        // The newest applied generation that touched each app: an older open
+        // operation on the same app was overtaken, whatever runs now.
+        let mut newest: HashMap<&Name, u64> = HashMap::new();
+        for op in self.operations.values() {
+            if &op.device == id && op.generation <= applied {
+                let g = newest.entry(&op.app).or_default();
+                *g = (*g).max(op.generation);
+            }
+        }
+        let newest: HashMap<Name, u64> = newest.into_iter().map(|(k, v)| (k.clone(), v)).collect();
         for op in self.operations.values_mut() {
             if &op.device != id || op.status.is_final() || op.generation > applied {
                 continue;
             }
             let app = observed.and_then(|o| o.apps.iter().find(|a| a.name == op.app));
+            let overtaken = newest.get(&op.app).is_some_and(|g| *g > op.generation);
             let (status, detail) = match (op.op, app) {
+                _ if overtaken => (OpStatus::Superseded, "a later operation on the same app was applied first".into()),
                 (_, Some(a)) if a.phase == AppPhase::Failed => {
                     (OpStatus::Failed, a.error.clone().unwrap_or_else(|| "failed".into()))
                 }
@@ -337,6 +363,7 @@ impl Fleet {
             observed: d.record.observed.clone(),
             heartbeat: d.heartbeat.clone(),
             telemetry: d.telemetry.clone(),
+            recent_events: d.events.iter().rev().take(20).cloned().collect(),
         })
     }
 
@@ -375,6 +402,11 @@ impl Fleet {
         ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.generation.cmp(&a.generation)));
         ops.truncate(limit);
         ops
+    }
+
+    /// A device's events, newest first.
+    pub fn events(&self, device: &DeviceId, limit: usize) -> Option<Vec<DeviceEvent>> {
+        Some(self.devices.get(device)?.events.iter().rev().take(limit).cloned().collect())
     }
 
     /// The last `tail` lines of one container, oldest first. `container`
@@ -508,7 +540,7 @@ mod tests {
         let mut f = fleet_with_device();
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
         let (_, b) = f.req(Op::Stop, "web", "b", 3).expect("stop");
-        let running = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, containers: vec![] };
+        let running = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
         let fx = f.on_device_message(&id("pi"), report(1, vec![running.clone()]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
         assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Pending);
@@ -517,6 +549,18 @@ mod tests {
         f.on_device_message(&id("pi"), report(2, vec![failed]), 5);
         let b = f.operation(&b.id).expect("b");
         assert_eq!((b.status, b.detail.as_str()), (OpStatus::Failed, "boom"));
+    }
+
+    #[test]
+    fn an_operation_overtaken_before_the_device_saw_it_is_superseded() {
+        let mut f = fleet_with_device();
+        let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let (_, b) = f.req(Op::Stop, "web", "b", 3).expect("stop");
+        // The device was offline for both and applied generation 2 directly.
+        let stopped = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        f.on_device_message(&id("pi"), report(2, vec![stopped]), 4);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Superseded);
+        assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Succeeded);
     }
 
     #[test]

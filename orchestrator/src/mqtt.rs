@@ -54,6 +54,7 @@ pub fn decode_device_message(kind: TopicKind, payload: &[u8]) -> Result<Option<D
         TopicKind::Telemetry => DeviceMessage::Telemetry(decode(payload)?),
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
+        TopicKind::Event => DeviceMessage::Event(decode(payload)?),
         TopicKind::Cmd | TopicKind::Desired => return Ok(None),
     }))
 }

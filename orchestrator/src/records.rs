@@ -2,7 +2,7 @@
 //! views of the REST API.
 
 use drover_shared::model::{AppSpec, DesiredState, ObservedState};
-use drover_shared::payload::{Heartbeat, Hello, Op, Progress, Telemetry};
+use drover_shared::payload::{DeviceEvent, Heartbeat, Hello, Op, Progress, Telemetry};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 
@@ -91,4 +91,7 @@ pub struct DeviceView {
     pub heartbeat: Option<Heartbeat>,
     #[serde(default)]
     pub telemetry: Option<Telemetry>,
+    /// The device's latest events, newest first.
+    #[serde(default)]
+    pub recent_events: Vec<DeviceEvent>,
 }

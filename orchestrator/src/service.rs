@@ -214,6 +214,10 @@ impl Service {
         Ok(fleet.logs(device, app, container, tail))
     }
 
+    pub async fn events(&self, device: &DeviceId, limit: usize) -> Result<Vec<drover_shared::payload::DeviceEvent>, FleetError> {
+        self.fleet.lock().await.events(device, limit).ok_or_else(|| FleetError::UnknownDevice(device.clone()))
+    }
+
     pub async fn metrics_text(&self) -> String {
         let fleet = self.fleet.lock().await;
         let views = fleet.device_views();

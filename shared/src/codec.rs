@@ -142,8 +142,10 @@ mod tests {
                 desired_generation: 7,
                 apps: vec![AppStatus {
                     name: name("web"),
-                    phase: AppPhase::Failed,
-                    error: Some("manifest unknown".into()),
+                    phase: AppPhase::Retrying,
+                    error: Some("connection refused".into()),
+                    attempts: 3,
+                    next_retry_at_ms: Some(10),
                     containers: vec![ContainerStatus {
                         name: name("main"),
                         image: "x:1".into(),
@@ -165,6 +167,13 @@ mod tests {
             container: name("main"),
             lines: vec![LogLine { at_ms: 8, stream: LogStream::Stderr, line: "boom".into() }],
             dropped: 2,
+        });
+        round_trip(DeviceEvent {
+            at_ms: 9,
+            kind: EventKind::DriftRepaired,
+            app: Some(name("web")),
+            container: Some(name("main")),
+            detail: "container was removed by hand; recreated".into(),
         });
         round_trip(Hello { agent_version: "0.1.0".into(), images: vec!["a:1".into()], ..Default::default() });
     }

@@ -310,6 +310,10 @@ impl DesiredState {
 pub enum AppPhase {
     Pending,
     Pulling,
+    /// A pull failed for a reason that may pass (registry unreachable, 5xx,
+    /// not enough disk); the agent retries with backoff. See `error`,
+    /// `attempts` and `next_retry_at_ms`.
+    Retrying,
     Starting,
     Running,
     Stopped,
@@ -330,10 +334,20 @@ pub struct ObservedState {
 pub struct AppStatus {
     pub name: Name,
     pub phase: AppPhase,
-    /// Docker's or the registry's own error text when `phase` is failed.
+    /// Docker's or the registry's own error text when `phase` is failed or
+    /// retrying: the last error seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Failed attempts so far at the current generation (retrying phase).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_at_ms: Option<u64>,
     pub containers: Vec<ContainerStatus>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

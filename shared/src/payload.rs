@@ -199,6 +199,36 @@ pub struct Progress {
     pub total_bytes: Option<u64>,
 }
 
+/// `event`: something the agent did or saw on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEvent {
+    pub at_ms: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Name>,
+    /// What happened, in words; Docker's text where there is one.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A managed container was found stopped, exited or missing when it
+    /// should run, and was started or recreated.
+    DriftRepaired,
+    /// A managed container exited and its restart policy says to leave it.
+    ContainerExited,
+    /// A pull failed and will be retried.
+    PullRetrying,
+    /// An image no managed app uses any more was removed.
+    ImageRemoved,
+    /// The agent started with no broker and restored its apps from its
+    /// local copy of the desired state.
+    RestoredFromLocalState,
+}
+
 macro_rules! message {
     ($($ty:ty => $kind:ident),* $(,)?) => {
         $(impl Message for $ty { const KIND: TopicKind = TopicKind::$kind; })*
@@ -215,4 +245,5 @@ message! {
     Desired => Desired,
     Command => Cmd,
     Ack => Ack,
+    DeviceEvent => Event,
 }

@@ -36,10 +36,13 @@ pub enum TopicKind {
     Logs,
     /// device → all, retained: inventory, sent on every connect.
     Hello,
+    /// device → orchestrator: something happened that nobody asked for
+    /// (drift repaired, image cleaned up, pull retried).
+    Event,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 9] = [
+    pub const ALL: [TopicKind; 10] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -49,10 +52,11 @@ impl TopicKind {
         TopicKind::Telemetry,
         TopicKind::Logs,
         TopicKind::Hello,
+        TopicKind::Event,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
-    pub const FROM_DEVICE: [TopicKind; 7] = [
+    pub const FROM_DEVICE: [TopicKind; 8] = [
         TopicKind::Ack,
         TopicKind::Status,
         TopicKind::Heartbeat,
@@ -60,6 +64,7 @@ impl TopicKind {
         TopicKind::Telemetry,
         TopicKind::Logs,
         TopicKind::Hello,
+        TopicKind::Event,
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
@@ -76,6 +81,7 @@ impl TopicKind {
             TopicKind::Telemetry => "telemetry",
             TopicKind::Logs => "logs",
             TopicKind::Hello => "hello",
+            TopicKind::Event => "event",
         }
     }
 

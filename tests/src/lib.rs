@@ -135,12 +135,17 @@ pub struct Orch {
 }
 
 impl Orch {
+    /// With the embedded broker on a free port.
     pub async fn start() -> Orch {
+        Orch::start_with(BrokerMode::Embedded { listen: "127.0.0.1:0".parse().expect("addr") }).await
+    }
+
+    pub async fn start_with(broker: BrokerMode) -> Orch {
         init_tracing();
         let data = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(data.path().to_path_buf());
         cfg.api_listen = "127.0.0.1:0".parse().expect("addr");
-        cfg.broker = BrokerMode::Embedded { listen: "127.0.0.1:0".parse().expect("addr") };
+        cfg.broker = broker;
         cfg.client_id = unique("orch");
         let (tx, rx) = oneshot::channel::<()>();
         let orch = server::start(cfg, async move {
@@ -230,6 +235,70 @@ impl Api {
         let (s, v) = self.get(&format!("/api/v1/devices/{id}")).await;
         (s == 200).then_some(v)
     }
+}
+
+/// Reads one counter from the orchestrator's `/metrics`.
+pub async fn metric(api: &Api, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", api.base)).await.expect("metrics").text().await.expect("body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+// ----- outside brokers and clients -------------------------------------------
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A real Mosquitto broker (Debian's) on a free loopback port.
+pub struct Mosquitto {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 300000\n"))
+            .expect("write mosquitto.conf");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is not installed; run `bash scripts/test-env.sh`");
+        wait_for(Duration::from_secs(10), "mosquitto listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
+        .await;
+        Mosquitto { port, child, _dir: dir }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes with Debian's `mosquitto_pub`, an MQTT client that is not ours.
+pub async fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("payload");
+    std::fs::write(&file, payload).expect("write payload");
+    let mut cmd = tokio::process::Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic]).arg("-f").arg(&file);
+    if retain {
+        cmd.arg("-r");
+    }
+    let out = cmd.output().await.expect("mosquitto_pub is not installed; run `bash scripts/test-env.sh`");
+    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ----- agents ----------------------------------------------------------------

@@ -11,6 +11,7 @@ use drover_shared::payload::{
 };
 use drover_shared::{DeviceId, Name};
 
+use crate::ops::OpBook;
 use crate::records::{AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation};
 use crate::store::Write;
 
@@ -67,7 +68,7 @@ pub struct Fleet {
     devices: BTreeMap<DeviceId, Device>,
     apps: BTreeMap<Name, AppRecord>,
     desired: HashMap<DeviceId, DesiredState>,
-    operations: HashMap<String, Operation>,
+    operations: OpBook,
     logs: HashMap<(DeviceId, Name, Name), VecDeque<LogLine>>,
 }
 
@@ -90,7 +91,7 @@ impl Fleet {
                 .collect(),
             apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
             desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
-            operations: operations.into_iter().map(|o| (o.id.clone(), o)).collect(),
+            operations: OpBook::load(operations),
             logs: HashMap::new(),
         }
     }
@@ -183,9 +184,10 @@ impl Fleet {
             }
             DeviceMessage::Ack(ack) => {
                 dev.record.last_seen_ms = now;
-                if let Some(op) = self.operations.get_mut(&ack.command_id) {
-                    if &op.device == id && apply_ack(op, &ack, now) {
-                        fx.writes.push(Write::Operation(op.clone()));
+                let ours = self.operations.get(&ack.command_id).is_some_and(|o| &o.device == id);
+                if ours {
+                    if let Some(op) = self.operations.update(&ack.command_id, |op| apply_ack(op, &ack, now)) {
+                        fx.writes.push(Write::Operation(op));
                     }
                 }
             }
@@ -203,22 +205,13 @@ impl Fleet {
     /// outcome read from what actually runs, whether or not its ack arrived.
     fn settle_operations(&mut self, id: &DeviceId, applied: u64, now: u64, fx: &mut Effects) {
         let observed = self.devices.get(id).and_then(|d| d.record.observed.as_ref());
-        // The newest applied generation that touched each app: an older open
-        // operation on the same app was overtaken, whatever runs now.
-        let mut newest: HashMap<&Name, u64> = HashMap::new();
-        for op in self.operations.values() {
-            if &op.device == id && op.generation <= applied {
-                let g = newest.entry(&op.app).or_default();
-                *g = (*g).max(op.generation);
-            }
-        }
-        let newest: HashMap<Name, u64> = newest.into_iter().map(|(k, v)| (k.clone(), v)).collect();
-        for op in self.operations.values_mut() {
-            if &op.device != id || op.status.is_final() || op.generation > applied {
-                continue;
-            }
+        for op_id in self.operations.open_up_to(id, applied) {
+            let Some(op) = self.operations.get(&op_id) else { continue };
             let app = observed.and_then(|o| o.apps.iter().find(|a| a.name == op.app));
-            let overtaken = newest.get(&op.app).is_some_and(|g| *g > op.generation);
+            // A newer applied operation on the same app overtook this one,
+            // whatever runs now.
+            let latest = self.operations.latest_generation(id, &op.app);
+            let overtaken = latest > op.generation && latest <= applied;
             let (status, detail) = match (op.op, app) {
                 _ if overtaken => (OpStatus::Superseded, "a later operation on the same app was applied first".into()),
                 (_, Some(a)) if a.phase == AppPhase::Failed => {
@@ -229,10 +222,15 @@ impl Fleet {
                 (_, None) => (OpStatus::Superseded, "app removed by a later operation".into()),
                 (_, Some(_)) => (OpStatus::Succeeded, String::new()),
             };
-            op.status = status;
-            op.detail = detail;
-            op.updated_at_ms = now;
-            fx.writes.push(Write::Operation(op.clone()));
+            let updated = self.operations.update(&op_id, |op| {
+                op.status = status;
+                op.detail = detail;
+                op.updated_at_ms = now;
+                true
+            });
+            if let Some(op) = updated {
+                fx.writes.push(Write::Operation(op));
+            }
         }
     }
 
@@ -327,19 +325,22 @@ impl Fleet {
 
     pub fn commit_request(&mut self, desired: DesiredState, op: Operation) {
         self.desired.insert(op.device.clone(), desired);
-        self.operations.insert(op.id.clone(), op);
+        self.operations.insert(op);
     }
 
     /// Marks an operation as handed to the broker, unless the device already
     /// answered (acks can overtake this bookkeeping).
     pub fn mark_sent(&mut self, op_id: &str, now: u64) -> Option<Write> {
-        let op = self.operations.get_mut(op_id)?;
-        if op.status != OpStatus::Pending {
-            return None;
-        }
-        op.status = OpStatus::Sent;
-        op.updated_at_ms = now;
-        Some(Write::Operation(op.clone()))
+        self.operations
+            .update(op_id, |op| {
+                if op.status != OpStatus::Pending {
+                    return false;
+                }
+                op.status = OpStatus::Sent;
+                op.updated_at_ms = now;
+                true
+            })
+            .map(Write::Operation)
     }
 
     // ----- reads -----------------------------------------------------------
@@ -391,17 +392,10 @@ impl Fleet {
         self.operations.get(id).cloned()
     }
 
-    /// Newest first.
+    /// Newest first, among those in memory (all open ones and the newest
+    /// finished ones; see [`crate::ops`]).
     pub fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
-        let mut ops: Vec<Operation> = self
-            .operations
-            .values()
-            .filter(|o| device.is_none_or(|d| &o.device == d))
-            .cloned()
-            .collect();
-        ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.generation.cmp(&a.generation)));
-        ops.truncate(limit);
-        ops
+        self.operations.list(device, limit)
     }
 
     /// A device's events, newest first.

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod fleet;
 pub mod metrics;
 pub mod mqtt;
+pub mod ops;
 pub mod records;
 pub mod server;
 pub mod service;

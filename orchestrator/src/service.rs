@@ -192,8 +192,22 @@ impl Service {
         Ok(fleet.operation(&id).unwrap_or(operation))
     }
 
+    /// From memory, or from redb for an old finished operation that was
+    /// evicted from memory.
     pub async fn operation(&self, id: &str) -> Option<Operation> {
-        self.fleet.lock().await.operation(id)
+        if let Some(op) = self.fleet.lock().await.operation(id) {
+            return Some(op);
+        }
+        let store = self.store.clone();
+        let id = id.to_string();
+        match tokio::task::spawn_blocking(move || store.operation(&id)).await {
+            Ok(Ok(op)) => op,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading an operation from the store failed");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     pub async fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {

@@ -123,6 +123,16 @@ impl Store {
         Ok(out)
     }
 
+    /// One operation by id, straight from the file.
+    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(OPERATIONS)?;
+        let Some(v) = table.get(id)? else { return Ok(None) };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { table: "operations", key: id.to_string(), source })
+    }
+
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.load_all(DEVICES, "devices")
     }

@@ -141,7 +141,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/api/v1/devices/{id}/logs", get(logs))
         .route("/api/v1/devices/{id}/events", get(events))
         .route("/api/v1/apps", get(list_apps).post(create_app))
-        .route("/api/v1/apps/{name}", get(show_app).delete(delete_app))
+        .route("/api/v1/apps/{name}", get(show_app).put(update_app).delete(delete_app))
         .route("/api/v1/operations", get(list_operations))
         .route("/api/v1/operations/{id}", get(show_operation))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations") })
@@ -244,6 +244,21 @@ async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<imp
     spec.validate().map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
     let rec = s.create_app(spec).await?;
     Ok((StatusCode::CREATED, Json(rec)))
+}
+
+/// Replaces an app's spec. Devices pick it up when it is deployed again.
+async fn update_app(State(s): State<Arc<Service>>, Path(n): Path<String>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let n = name("app", &n)?;
+    let mut spec: AppSpec = parse_body(&body)?;
+    if spec.name != n {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "name",
+            format!("body names app {:?} but the path names {:?}", spec.name.as_str(), n.as_str()),
+        ));
+    }
+    spec.validate().map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
+    Ok(Json(s.update_app(spec).await?))
 }
 
 async fn show_app(State(s): State<Arc<Service>>, Path(n): Path<String>) -> ApiResult<impl IntoResponse> {

@@ -36,6 +36,8 @@ pub enum AppsCmd {
     Show { name: String },
     /// Create an app: one container from flags, or a full spec with -f.
     Create(Box<CreateApp>),
+    /// Replace an app's spec (same flags as create); deploy again to roll it out.
+    Update(Box<CreateApp>),
     /// Delete an app that is deployed nowhere.
     Delete { name: String },
 }
@@ -238,6 +240,12 @@ impl Client {
                 let body = app_body(*c)?;
                 let v = self.post("/api/v1/apps", &body).await?;
                 self.print(&v, |a: AppRecord| format!("created app {}\n", a.spec.name))
+            }
+            Resolved::Apps(AppsCmd::Update(c)) => {
+                let body = app_body(*c)?;
+                let name = body["name"].as_str().unwrap_or_default().to_string();
+                let v = self.send(self.http.put(format!("{}/api/v1/apps/{name}", self.base)).json(&body)).await?;
+                self.print(&v, |a: AppRecord| format!("updated app {}; deploy it again to roll it out\n", a.spec.name))
             }
             Resolved::Apps(AppsCmd::Delete { name }) => {
                 self.delete(&format!("/api/v1/apps/{name}")).await?;

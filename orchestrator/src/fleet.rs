@@ -245,6 +245,14 @@ impl Fleet {
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
+    /// Checks a replacement spec for an existing app. Devices keep running
+    /// the old spec until the app is deployed to them again.
+    pub fn update_app(&self, spec: AppSpec, now: u64) -> Result<(AppRecord, Vec<Write>), FleetError> {
+        let old = self.apps.get(&spec.name).ok_or_else(|| FleetError::UnknownApp(spec.name.clone()))?;
+        let rec = AppRecord { spec, created_at_ms: old.created_at_ms, updated_at_ms: now };
+        Ok((rec.clone(), vec![Write::App(rec)]))
+    }
+
     pub fn put_app(&mut self, rec: AppRecord) {
         self.apps.insert(rec.spec.name.clone(), rec);
     }

@@ -149,6 +149,15 @@ impl Service {
         Ok(rec)
     }
 
+    pub async fn update_app(&self, spec: AppSpec) -> Result<AppRecord, ServiceError> {
+        let mut fleet = self.fleet.lock().await;
+        let (rec, writes) = fleet.update_app(spec, now_ms())?;
+        self.persist(writes).await?;
+        fleet.put_app(rec.clone());
+        info!(app = %rec.spec.name, "app updated");
+        Ok(rec)
+    }
+
     pub async fn delete_app(&self, name: &Name) -> Result<(), ServiceError> {
         let mut fleet = self.fleet.lock().await;
         let writes = fleet.delete_app(name)?;

@@ -40,8 +40,21 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     pub heartbeat_interval: Duration,
     pub telemetry_interval: Duration,
-    /// The periodic drift check: containers die, people run `docker rm`.
+    /// The periodic drift check, a backstop for the Docker event stream,
+    /// which triggers a pass as soon as a managed container dies or goes.
     pub reconcile_interval: Duration,
+    /// Pulls that fail for a reason that may pass are retried after
+    /// exponential backoff with full jitter: base, doubling, capped at max.
+    pub pull_retry_base: Duration,
+    pub pull_retry_max: Duration,
+    /// No pull starts with less free space than this on the file system of
+    /// Docker's data root; the pull is retried instead.
+    pub min_free_disk_bytes: u64,
+    /// Remove images this agent pulled once no desired app uses them.
+    pub image_cleanup: bool,
+    pub image_cleanup_max_per_pass: usize,
+    /// Unused pulled images to keep anyway, most recently used first.
+    pub keep_unused_images: usize,
 }
 
 impl AgentConfig {
@@ -56,6 +69,22 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(5),
             telemetry_interval: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(15),
+            pull_retry_base: Duration::from_secs(1),
+            pull_retry_max: Duration::from_secs(60),
+            min_free_disk_bytes: 256 * 1024 * 1024,
+            image_cleanup: true,
+            image_cleanup_max_per_pass: 5,
+            keep_unused_images: 0,
+        }
+    }
+
+    pub(crate) fn reconcile_options(&self) -> crate::reconcile::ReconcileOptions {
+        crate::reconcile::ReconcileOptions {
+            pull_backoff: crate::backoff::Backoff::new(self.pull_retry_base, self.pull_retry_max),
+            min_free_disk_bytes: self.min_free_disk_bytes,
+            image_cleanup: self.image_cleanup,
+            image_cleanup_max_per_pass: self.image_cleanup_max_per_pass,
+            keep_unused_images: self.keep_unused_images,
         }
     }
 }

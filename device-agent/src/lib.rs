@@ -9,11 +9,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod config;
 pub mod desired;
+pub mod docker_events;
+pub mod images;
 pub mod inventory;
 pub mod logs;
 pub mod mqtt;
+pub mod pull;
 pub mod reconcile;
 pub mod runtime;
 pub mod store;
@@ -24,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{DesiredState, ObservedState};
-use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, StateReport, Status};
+use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, Op, StateReport, Status};
 use drover_shared::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -64,6 +68,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
 }
 
 async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future<Output = ()> + Send) {
+    let (rec_tx, rec_rx) = mpsc::channel(256);
     let store = DesiredStore::new(&config.state_dir);
     let stored = match store.load() {
         Ok(s) => s,
@@ -76,13 +81,29 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         info!(generation = s.generation, "resuming stored desired state");
     }
     let intake = Intake::new(stored.clone());
+    let runtime = DockerRuntime::new(device.clone());
+    let ledger = match crate::images::ImageLedger::load(&config.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, cause = ?std::error::Error::source(&e), "ignoring unreadable image ledger; images pulled before are no longer cleaned up");
+            crate::images::ImageLedger::empty_at(&config.state_dir)
+        }
+    };
+    let mut reconciler = Reconciler::new(Arc::new(runtime.clone()), device.clone(), rec_tx)
+        .with_options(config.reconcile_options())
+        .with_ledger(ledger);
+    if let Some(s) = &stored {
+        reconciler = reconciler.restoring(s);
+    }
+    let intents = reconciler.intents();
     // Reconciling starts at once from the stored state, broker or not.
     let (desired_tx, desired_rx) = watch::channel(stored.map(Arc::new));
-    let runtime = DockerRuntime::new(device.clone());
+    // Docker events poke the reconciler; a capacity of one is enough, since
+    // one pending poke already means "pass soon".
+    let (trigger_tx, trigger_rx) = mpsc::channel(1);
 
     let (publisher, eventloop, online_tx) = mqtt::client(&config, &device);
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
-    let (rec_tx, rec_rx) = mpsc::channel(256);
     let here = tracing::Span::current();
     let mqtt_task = tokio::spawn(
         mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx)
@@ -90,9 +111,11 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
     );
     let workers = [
         tokio::spawn(
-            Reconciler::new(Arc::new(runtime.clone()), device.clone(), rec_tx)
-                .run(desired_rx, config.reconcile_interval)
-                .instrument(info_span!(parent: &here, "reconcile")),
+            reconciler.run(desired_rx, config.reconcile_interval, trigger_rx).instrument(info_span!(parent: &here, "reconcile")),
+        ),
+        tokio::spawn(
+            docker_events::watch(runtime.clone(), device.clone(), trigger_tx)
+                .instrument(info_span!(parent: &here, "docker-events")),
         ),
         tokio::spawn(
             telemetry::run(runtime.clone(), publisher.clone(), config.telemetry_interval)
@@ -111,6 +134,7 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         seq: 0,
         observed: ObservedState::default(),
         published: None,
+        intents,
     };
     core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown).await;
 
@@ -138,6 +162,9 @@ struct Core {
     observed: ObservedState,
     /// The last state report sent, to send only changes.
     published: Option<ObservedState>,
+    /// Deploy and start commands reach the reconciler through this, so an
+    /// exited container is started even when its restart policy says no.
+    intents: crate::reconcile::Intents,
 }
 
 impl Core {
@@ -177,6 +204,9 @@ impl Core {
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
+                    if matches!(op, Op::Deploy | Op::Start) && desired.generation >= self.intake.held_generation() {
+                        self.intents.run(app);
+                    }
                     self.offer(desired, Some(&c.id)).await;
                 }
                 Action::Resync => {
@@ -233,14 +263,14 @@ impl Core {
 
     fn on_reconcile(&mut self, ev: ReconcileEvent) {
         match ev {
-            ReconcileEvent::Progress { generation, progress } => {
+            ReconcileEvent::Progress { generation, progress, detail } => {
                 let ids: Vec<String> = self.intake.pending_for(generation).map(str::to_string).collect();
                 for id in ids {
                     let ack = Ack {
                         command_id: id,
                         at_ms: now_ms(),
                         phase: AckPhase::Progress,
-                        detail: String::new(),
+                        detail: detail.clone(),
                         progress: Some(progress.clone()),
                     };
                     self.send(&ack);
@@ -265,6 +295,12 @@ impl Core {
                 self.observed.applied_generation = self.intake.applied_generation();
                 self.observed.apps = report.apps;
                 self.publish_state();
+            }
+            ReconcileEvent::Event(ev) => {
+                debug!(kind = ?ev.kind, detail = %ev.detail, "event");
+                // Queued while offline (QoS 1): the orchestrator keeps a
+                // bounded history, so late is better than lost.
+                self.send(&ev);
             }
         }
     }

@@ -33,6 +33,24 @@ struct Args {
     telemetry_secs: u64,
     #[arg(long, env = "DROVER_RECONCILE_SECS", default_value_t = 15)]
     reconcile_secs: u64,
+    /// First wait before retrying a pull that failed for a reason that may pass.
+    #[arg(long, env = "DROVER_PULL_RETRY_BASE_MS", default_value_t = 1000)]
+    pull_retry_base_ms: u64,
+    /// Longest wait between pull retries.
+    #[arg(long, env = "DROVER_PULL_RETRY_MAX_MS", default_value_t = 60_000)]
+    pull_retry_max_ms: u64,
+    /// Free space required on Docker's data root before a pull starts.
+    #[arg(long, env = "DROVER_MIN_FREE_DISK_MB", default_value_t = 256)]
+    min_free_disk_mb: u64,
+    /// Never remove images, not even ones the agent pulled and no longer uses.
+    #[arg(long, env = "DROVER_NO_IMAGE_CLEANUP")]
+    no_image_cleanup: bool,
+    /// Most unused images removed after one converged pass.
+    #[arg(long, env = "DROVER_IMAGE_CLEANUP_MAX_PER_PASS", default_value_t = 5)]
+    image_cleanup_max_per_pass: usize,
+    /// Unused pulled images to keep anyway, most recently used first.
+    #[arg(long, env = "DROVER_KEEP_UNUSED_IMAGES", default_value_t = 0)]
+    keep_unused_images: usize,
 }
 
 /// Accepts `mqtt://host[:port]` only; TLS and websockets are not built in.
@@ -73,6 +91,18 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     c.heartbeat_interval = secs("heartbeat-secs", args.heartbeat_secs)?;
     c.telemetry_interval = secs("telemetry-secs", args.telemetry_secs)?;
     c.reconcile_interval = secs("reconcile-secs", args.reconcile_secs)?;
+    if args.pull_retry_base_ms == 0 {
+        bail!("--pull-retry-base-ms must be at least 1");
+    }
+    if args.pull_retry_max_ms < args.pull_retry_base_ms {
+        bail!("--pull-retry-max-ms ({}) must not be below --pull-retry-base-ms ({})", args.pull_retry_max_ms, args.pull_retry_base_ms);
+    }
+    c.pull_retry_base = Duration::from_millis(args.pull_retry_base_ms);
+    c.pull_retry_max = Duration::from_millis(args.pull_retry_max_ms);
+    c.min_free_disk_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
+    c.image_cleanup = !args.no_image_cleanup;
+    c.image_cleanup_max_per_pass = args.image_cleanup_max_per_pass;
+    c.keep_unused_images = args.keep_unused_images;
     Ok(c)
 }
 
@@ -129,5 +159,29 @@ mod tests {
         assert!(parse_broker("http://h").is_err());
         assert!(parse_broker("mqtt://h:notaport").is_err());
         assert!(parse_broker("mqtt://:1883").is_err());
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        Args::parse_from(["drover-agent"].iter().chain(extra))
+    }
+
+    #[test]
+    fn pull_and_cleanup_flags() {
+        let c = config(args(&[])).expect("defaults are valid");
+        assert_eq!((c.pull_retry_base, c.pull_retry_max), (Duration::from_secs(1), Duration::from_secs(60)));
+        assert_eq!(c.min_free_disk_bytes, 256 * 1024 * 1024);
+        assert!(c.image_cleanup);
+        assert_eq!((c.image_cleanup_max_per_pass, c.keep_unused_images), (5, 0));
+        let c = config(args(&[
+            "--pull-retry-base-ms", "200", "--pull-retry-max-ms", "2000", "--min-free-disk-mb", "100000000",
+            "--no-image-cleanup", "--keep-unused-images", "3",
+        ]))
+        .expect("valid");
+        assert_eq!((c.pull_retry_base, c.pull_retry_max), (Duration::from_millis(200), Duration::from_secs(2)));
+        assert_eq!(c.min_free_disk_bytes, 100_000_000 * 1024 * 1024);
+        assert!(!c.image_cleanup);
+        assert_eq!(c.keep_unused_images, 3);
+        assert!(config(args(&["--pull-retry-base-ms", "0"])).is_err());
+        assert!(config(args(&["--pull-retry-base-ms", "5000", "--pull-retry-max-ms", "1000"])).is_err());
     }
 }

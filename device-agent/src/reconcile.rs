@@ -1,27 +1,39 @@
 //! Makes the local runtime match the desired state.
 //!
-//! Split in two: [`plan`] is a pure function from (desired, actual) to steps,
-//! so every decision is unit-tested; [`Reconciler`] executes a plan against a
-//! [`Runtime`] and reports what it saw. The reconciler is level-triggered: it
-//! never remembers what it did, it re-reads the runtime on every pass.
+//! Split in two: [`plan_with`] is a pure function from (desired, actual,
+//! what the agent already brought about) to steps, so every decision is
+//! unit-tested; [`Reconciler`] executes a plan against a [`Runtime`] and
+//! reports what it saw. The reconciler is level-triggered: it re-reads the
+//! runtime on every pass. Its only memory is what it needs to tell drift
+//! from intent (which containers it already settled), pull retries, and
+//! which events it already published.
+//!
+//! Passes run on every new desired state, on every periodic tick, soon after
+//! a Docker event about one of this device's containers (debounced), and
+//! when a pull retry is due.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{
-    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RunState,
+    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RestartPolicy, RunState,
 };
-use drover_shared::payload::Progress;
+use drover_shared::payload::{DeviceEvent, EventKind, Progress};
 use drover_shared::{DeviceId, Name};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
+use crate::images::{self, ImageLedger, PulledImage};
+use crate::now_ms;
+use crate::pull::{self, PullErrorClass};
 use crate::runtime::{container_name, labels_for, ManagedContainer, PullProgress, Runtime, RuntimeError};
 
 /// Pull progress is sent at most this often per pass (≤ 2/s).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Docker events come in bursts (kill, die, stop, destroy): one pass for a burst.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// One runtime action. Steps that act on an existing container carry its id.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,17 +68,98 @@ impl Step {
     }
 }
 
+/// What the agent has already brought about, per (app, container): the spec
+/// fingerprint and run state it last converged to. A container that departs
+/// from a settled state is drift; one that is not settled yet is still being
+/// brought about (a deploy, a start) and the operator's intent wins.
+pub type Settled = HashMap<(Name, Name), (String, RunState)>;
+
+/// Drift the planner found and repairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// The container is gone (removed by hand, lost with the daemon's data).
+    Removed,
+    /// The container exited and its restart policy says to run it again.
+    Exited { code: Option<i64> },
+}
+
+impl Drift {
+    pub fn detail(&self) -> String {
+        match self {
+            Drift::Removed => "container was removed; recreated".to_string(),
+            Drift::Exited { code: Some(c) } => format!("container exited with code {c}; started"),
+            Drift::Exited { code: None } => "container exited; started".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub app: Name,
+    pub container: Name,
+    pub drift: Drift,
+}
+
+/// A container that exited while its app should run, and that its restart
+/// policy says to leave alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftExited {
+    pub app: Name,
+    pub container: Name,
+    pub id: String,
+    pub exit_code: Option<i64>,
+    pub policy: RestartPolicy,
+}
+
+impl LeftExited {
+    pub fn detail(&self) -> String {
+        let code = self.exit_code.map_or_else(|| "an unknown code".to_string(), |c| format!("code {c}"));
+        format!("container exited with {code}; restart policy {} leaves it exited", self.policy.docker_name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub repairs: Vec<Repair>,
+    pub left_exited: Vec<LeftExited>,
+}
+
+/// Whether a container that exited with `exit_code` should run again, by
+/// its restart policy (the same rule Docker applies to its own restarts).
+pub fn restarts_after_exit(policy: RestartPolicy, exit_code: Option<i64>) -> bool {
+    match policy {
+        RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
+        // An unknown code counts as a failure: better one start too many.
+        RestartPolicy::OnFailure => exit_code != Some(0),
+        RestartPolicy::No => false,
+    }
+}
+
+/// [`plan_with`] for a fresh agent that has settled nothing.
+pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
+    plan_with(desired, actual, &Settled::new()).steps
+}
+
 /// The steps that take `actual` to `desired`; empty when converged.
 ///
 /// Order matters: new images are pulled before anything is stopped, so a
 /// failed pull leaves the old container running; old containers are removed
 /// before new ones are created, because they share a name and may share
 /// host ports.
-pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
+///
+/// Drift rules: a removed container is always recreated; an exited one
+/// whose app should run is started when it is not settled yet (the
+/// operator asked for it to run) or when its restart policy says so, and is
+/// otherwise left exited and listed in `left_exited`. A container Docker is
+/// restarting, or that is paused or being removed, is not drift.
+pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &Settled) -> Plan {
     let mut pulls = Vec::new();
     let mut teardown = Vec::new();
     let mut creates = Vec::new();
     let mut starts = Vec::new();
+    let mut repairs = Vec::new();
+    let mut left_exited = Vec::new();
     let mut claimed: HashSet<&str> = HashSet::new();
 
     let retire = |c: &ManagedContainer, teardown: &mut Vec<Step>| {
@@ -80,6 +173,9 @@ pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
         let app_name = &app.spec.name;
         for spec in &app.spec.containers {
             let hash = spec.fingerprint();
+            let is_settled = settled
+                .get(&(app_name.clone(), spec.name.clone()))
+                .is_some_and(|(h, run)| *h == hash && *run == app.run);
             let candidates: Vec<&ManagedContainer> =
                 actual.iter().filter(|c| &c.app == app_name && c.container == spec.name).collect();
             // Keep one container with the current spec, preferring a running one.
@@ -94,6 +190,7 @@ pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
                 }
                 claimed.insert(c.id.as_str());
             }
+            let repair = |drift| Repair { app: app_name.clone(), container: spec.name.clone(), drift };
             match (keep, app.run) {
                 (None, run) => {
                     pulls.push(Step::Pull { app: app_name.clone(), container: spec.name.clone(), image: spec.image.clone() });
@@ -101,9 +198,31 @@ pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
                     if run == RunState::Running {
                         starts.push(Step::Start { app: app_name.clone(), container: spec.name.clone(), id: None });
                     }
+                    if candidates.is_empty() && is_settled {
+                        repairs.push(repair(Drift::Removed));
+                    }
                 }
-                (Some(k), RunState::Running) if !k.is_running() && k.state != "paused" => {
-                    starts.push(Step::Start { app: app_name.clone(), container: spec.name.clone(), id: Some(k.id.clone()) });
+                (Some(k), RunState::Running) => {
+                    let start = Step::Start { app: app_name.clone(), container: spec.name.clone(), id: Some(k.id.clone()) };
+                    match k.state.as_str() {
+                        // Running, Docker's own restart under way, paused on
+                        // purpose, or on its way out: not drift.
+                        "running" | "restarting" | "paused" | "removing" => {}
+                        // Never started: start it whatever the policy says.
+                        "created" => starts.push(start),
+                        _ if !is_settled => starts.push(start),
+                        _ if restarts_after_exit(spec.restart, k.exit_code) => {
+                            starts.push(start);
+                            repairs.push(repair(Drift::Exited { code: k.exit_code }));
+                        }
+                        _ => left_exited.push(LeftExited {
+                            app: app_name.clone(),
+                            container: spec.name.clone(),
+                            id: k.id.clone(),
+                            exit_code: k.exit_code,
+                            policy: spec.restart,
+                        }),
+                    }
                 }
                 (Some(k), RunState::Stopped) if k.is_running() => {
                     teardown.push(Step::Stop { app: app_name.clone(), container: spec.name.clone(), id: k.id.clone() });
@@ -116,7 +235,49 @@ pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
     for c in actual.iter().filter(|c| !claimed.contains(c.id.as_str())) {
         retire(c, &mut teardown);
     }
-    pulls.into_iter().chain(teardown).chain(creates).chain(starts).collect()
+    Plan { steps: pulls.into_iter().chain(teardown).chain(creates).chain(starts).collect(), repairs, left_exited }
+}
+
+/// Sets the phase of apps whose containers their restart policy left
+/// exited: `failed` (with the exit as error) for a non-zero or unknown exit
+/// code, `stopped` for a clean exit when nothing else of the app runs.
+pub fn mark_left_exited(apps: &mut [AppStatus], left: &[LeftExited]) {
+    for l in left {
+        let Some(a) = apps.iter_mut().find(|a| a.name == l.app) else { continue };
+        if a.phase == AppPhase::Failed {
+            continue;
+        }
+        if l.exit_code == Some(0) {
+            if a.containers.iter().all(|c| c.state != "running" && c.state != "restarting") {
+                a.phase = AppPhase::Stopped;
+            }
+        } else {
+            a.phase = AppPhase::Failed;
+            a.error = Some(format!("container {} {}", l.container, l.detail().trim_start_matches("container ")));
+        }
+    }
+}
+
+/// A pull that failed for a reason that may pass, waiting for its next attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub attempts: u32,
+    /// The last error, verbatim.
+    pub error: String,
+    pub next_at: Instant,
+    pub next_at_ms: u64,
+}
+
+/// Shows apps with a pull waiting for retry as `retrying`.
+pub fn mark_retrying(apps: &mut [AppStatus], retrying: &BTreeMap<Name, Retry>) {
+    for a in apps.iter_mut() {
+        if let Some(r) = retrying.get(&a.name) {
+            a.phase = AppPhase::Retrying;
+            a.error = Some(r.error.clone());
+            a.attempts = r.attempts;
+            a.next_retry_at_ms = Some(r.next_at_ms);
+        }
+    }
 }
 
 /// What a pass saw and whether it counts for its generation.
@@ -126,16 +287,23 @@ pub struct PassReport {
     pub apps: Vec<AppStatus>,
     /// Docker's or the registry's text for the first failure, verbatim.
     pub failure: Option<String>,
+    /// Some pull failed for a reason that may pass: the pass is not done,
+    /// and the next attempt is due then.
+    pub retry_at: Option<Instant>,
 }
 
 /// Messages from the reconciler to the agent core.
 #[derive(Debug)]
 pub enum ReconcileEvent {
-    Progress { generation: u64, progress: Progress },
-    /// Work has started; apps being pulled are shown as such.
+    /// `detail`: the last error while retrying, else empty.
+    Progress { generation: u64, progress: Progress, detail: String },
+    /// Work has started or is waiting to retry; apps being pulled or
+    /// retrying are shown as such.
     Interim { generation: u64, apps: Vec<AppStatus> },
     /// The pass finished (converged or failed for good) for this generation.
     Done(PassReport),
+    /// Something the agent did or saw on its own, for the `event` topic.
+    Event(DeviceEvent),
 }
 
 /// Builds the per-app status from what the runtime shows after a pass.
@@ -203,67 +371,220 @@ pub fn observe(
     apps
 }
 
+
+/// How the reconciler pulls and cleans up.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    pub pull_backoff: Backoff,
+    /// A pull is not started with less free space than this where Docker
+    /// keeps its images.
+    pub min_free_disk_bytes: u64,
+    pub image_cleanup: bool,
+    pub image_cleanup_max_per_pass: usize,
+    pub keep_unused_images: usize,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> Self {
+        ReconcileOptions {
+            pull_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            min_free_disk_bytes: 256 * 1024 * 1024,
+            image_cleanup: true,
+            image_cleanup_max_per_pass: 5,
+            keep_unused_images: 0,
+        }
+    }
+}
+
+/// What the reconciler remembers between passes. Never held across an await.
+#[derive(Debug, Default)]
+struct Memory {
+    /// The generation of the last finished pass. A periodic retry of the same
+    /// generation sends no interim report, so the state does not flap
+    /// between pulling and failed every interval.
+    finished: u64,
+    settled: Settled,
+    /// Pull retries by image, for `retries_generation` only.
+    retries: HashMap<String, Retry>,
+    retries_generation: u64,
+    /// Container id → exit code already reported as `container_exited`.
+    reported_exits: HashMap<String, Option<i64>>,
+    /// The stored generation the agent started with, until its first pass
+    /// finishes and is reported as `restored_from_local_state`.
+    restoring: Option<u64>,
+    /// Pulled images the desired state referenced at the last converged pass.
+    referenced: BTreeSet<String>,
+}
+
 /// Executes plans against a runtime, one pass at a time.
 pub struct Reconciler<R> {
     runtime: Arc<R>,
     device: DeviceId,
     events: mpsc::Sender<ReconcileEvent>,
-    /// The generation of the last finished pass. A periodic retry of the same
-    /// generation sends no interim report, so the state does not flap
-    /// between pulling and failed every interval.
-    finished: AtomicU64,
+    options: ReconcileOptions,
+    memory: std::sync::Mutex<Memory>,
+    ledger: tokio::sync::Mutex<ImageLedger>,
+    intents: Intents,
+}
+
+/// Apps an operator explicitly asked to run (a `deploy` or `start` command):
+/// their exited containers are started at the next pass whatever their
+/// restart policy, because the command says so.
+#[derive(Debug, Clone, Default)]
+pub struct Intents(Arc<std::sync::Mutex<HashSet<Name>>>);
+
+impl Intents {
+    pub fn run(&self, app: Name) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(app);
+    }
+
+    fn take(&self) -> HashSet<Name> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
 }
 
 impl<R: Runtime> Reconciler<R> {
+    /// Default options and an in-memory image ledger.
     pub fn new(runtime: Arc<R>, device: DeviceId, events: mpsc::Sender<ReconcileEvent>) -> Self {
-        Reconciler { runtime, device, events, finished: AtomicU64::new(0) }
+        Reconciler {
+            runtime,
+            device,
+            events,
+            options: ReconcileOptions::default(),
+            memory: std::sync::Mutex::new(Memory::default()),
+            ledger: tokio::sync::Mutex::new(ImageLedger::in_memory()),
+            intents: Intents::default(),
+        }
     }
 
-    /// Runs passes until `desired` closes: on every new desired state and on
-    /// every `interval` tick (drift: a crashed container, a manual `docker rm`).
-    pub async fn run(self, mut desired: watch::Receiver<Option<Arc<DesiredState>>>, interval: Duration) {
+    /// The handle the agent core uses to pass on explicit run requests.
+    pub fn intents(&self) -> Intents {
+        self.intents.clone()
+    }
+
+    pub fn with_options(mut self, options: ReconcileOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn with_ledger(mut self, ledger: ImageLedger) -> Self {
+        self.ledger = tokio::sync::Mutex::new(ledger);
+        self
+    }
+
+    /// Starts from a desired state restored from local disk: it counts as
+    /// settled (it was applied before the agent stopped), so restart
+    /// policies hold across an agent restart, and the first finished pass is
+    /// reported as `restored_from_local_state`.
+    pub fn restoring(self, stored: &DesiredState) -> Self {
+        {
+            let mut m = self.mem();
+            m.restoring = Some(stored.generation);
+            for app in &stored.apps {
+                for spec in &app.spec.containers {
+                    m.settled.insert((app.spec.name.clone(), spec.name.clone()), (spec.fingerprint(), app.run));
+                }
+            }
+        }
+        self
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Memory> {
+        // A panic while holding it cannot leave it inconsistent in a way that
+        // matters: every pass re-reads the runtime.
+        self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs passes until `desired` closes: on every new desired state, on
+    /// every `interval` tick, [`DEBOUNCE`] after a `trigger` (a Docker event),
+    /// and when a pull retry is due.
+    pub async fn run(
+        self,
+        mut desired: watch::Receiver<Option<Arc<DesiredState>>>,
+        interval: Duration,
+        mut triggers: mpsc::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             let current = desired.borrow_and_update().clone();
+            let mut retry_at = None;
             if let Some(state) = current {
                 match self.pass(&state, &desired).await {
                     Ok(Some(report)) => {
-                        if self.events.send(ReconcileEvent::Done(report)).await.is_err() {
+                        retry_at = report.retry_at;
+                        let converged = report.failure.is_none() && report.retry_at.is_none();
+                        let ev = match report.retry_at {
+                            Some(_) => ReconcileEvent::Interim { generation: report.generation, apps: report.apps },
+                            None => ReconcileEvent::Done(report),
+                        };
+                        if self.events.send(ev).await.is_err() {
                             return;
+                        }
+                        if converged {
+                            self.cleanup_images(&state).await;
                         }
                     }
                     Ok(None) => debug!(generation = state.generation, "pass superseded by a newer desired state"),
                     Err(e) => warn!(generation = state.generation, error = %e, "reconcile pass could not run; retrying later"),
                 }
             }
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
+                Some(()) = triggers.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while triggers.try_recv().is_ok() {}
+                }
+                () = retry => {}
             }
         }
     }
 
     /// One pass. `Ok(None)`: a newer desired state arrived mid-pass, so this
     /// one no longer counts. `Err`: the runtime is unreachable; nothing is
-    /// definitive and the next tick retries.
+    /// definitive and the next tick retries. A report with `retry_at` is not
+    /// done: a pull is waiting to be retried.
     pub async fn pass(
         &self,
         desired: &DesiredState,
         newer: &watch::Receiver<Option<Arc<DesiredState>>>,
     ) -> Result<Option<PassReport>, RuntimeError> {
         let generation = desired.generation;
+        {
+            let mut m = self.mem();
+            if m.retries_generation != generation {
+                m.retries.clear();
+                m.retries_generation = generation;
+            }
+        }
+        let asked = self.intents.take();
         let actual = self.runtime.list_managed().await?;
-        let steps = plan(desired, &actual);
+        let settled = {
+            let mut m = self.mem();
+            m.settled.retain(|(app, _), _| !asked.contains(app));
+            m.settled.clone()
+        };
+        let Plan { steps, repairs, left_exited } = plan_with(desired, &actual, &settled);
+        self.report_exits(&left_exited).await;
         if steps.is_empty() {
-            let apps = observe(desired, &actual, &BTreeMap::new(), &HashSet::new());
-            self.finished.store(generation, Ordering::Relaxed);
-            return Ok(Some(PassReport { generation, apps, failure: None }));
+            let mut apps = observe(desired, &actual, &BTreeMap::new(), &HashSet::new());
+            mark_left_exited(&mut apps, &left_exited);
+            self.settle(desired, &HashSet::new());
+            self.finish(generation, &[]).await;
+            return Ok(Some(PassReport { generation, apps, failure: None, retry_at: None }));
         }
         info!(generation, steps = steps.len(), "reconciling");
 
         let mut pulling = HashSet::new();
+        let mut retrying: BTreeMap<Name, Retry> = BTreeMap::new();
         for s in &steps {
             if let Step::Pull { app, image, .. } = s {
                 let present = match ImageRef::parse(image) {
@@ -272,17 +593,22 @@ impl<R: Runtime> Reconciler<R> {
                 };
                 if !present {
                     pulling.insert(app.clone());
+                    if let Some(r) = self.mem().retries.get(image) {
+                        retrying.insert(app.clone(), r.clone());
+                    }
                 }
             }
         }
-        if self.finished.load(Ordering::Relaxed) != generation {
-            let interim = observe(desired, &actual, &BTreeMap::new(), &pulling);
+        if self.mem().finished != generation {
+            let mut interim = observe(desired, &actual, &BTreeMap::new(), &pulling);
+            mark_retrying(&mut interim, &retrying);
             let _ = self.events.try_send(ReconcileEvent::Interim { generation, apps: interim });
         }
 
         let mut errors: BTreeMap<Name, String> = BTreeMap::new();
         let mut failed: HashSet<(Name, Name)> = HashSet::new();
         let mut created: BTreeMap<(Name, Name), String> = BTreeMap::new();
+        retrying.clear();
         for step in steps {
             if newer.has_changed().unwrap_or(false) {
                 return Ok(None);
@@ -292,6 +618,15 @@ impl<R: Runtime> Reconciler<R> {
             if failed.contains(&key) {
                 continue;
             }
+            if let Step::Pull { image, .. } = &step {
+                // Waiting for a retry: neither an attempt nor a failure.
+                let waiting = self.mem().retries.get(image).filter(|r| r.next_at > Instant::now()).cloned();
+                if let (Some(r), true) = (waiting, pulling.contains(app)) {
+                    retrying.insert(key.0.clone(), r);
+                    failed.insert(key);
+                    continue;
+                }
+            }
             self.progress(generation, Progress {
                 step: step.word().to_string(),
                 container: container.clone(),
@@ -299,10 +634,18 @@ impl<R: Runtime> Reconciler<R> {
                 total_bytes: None,
             });
             let result = self.execute(generation, &step, &pulling, &mut created).await;
-            match result {
-                Ok(()) => {}
-                Err(e) if e.is_unreachable() => return Err(e),
-                Err(e) => {
+            match (result, &step) {
+                (Ok(()), Step::Pull { image, .. }) => {
+                    self.mem().retries.remove(image);
+                }
+                (Ok(()), _) => {}
+                (Err(e), _) if e.is_unreachable() => return Err(e),
+                (Err(e), Step::Pull { image, .. }) if e.pull_class() == PullErrorClass::Transient => {
+                    let r = self.retry_later(generation, &key, image, e.to_string()).await;
+                    retrying.insert(key.0.clone(), r);
+                    failed.insert(key);
+                }
+                (Err(e), _) => {
                     let text = e.to_string();
                     warn!(app = %key.0, container = %key.1, step = step.word(), error = %text, "step failed");
                     errors.entry(key.0.clone()).or_insert(text);
@@ -311,10 +654,114 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         let actual = self.runtime.list_managed().await?;
-        let apps = observe(desired, &actual, &errors, &HashSet::new());
+        let mut apps = observe(desired, &actual, &errors, &HashSet::new());
+        mark_left_exited(&mut apps, &left_exited);
+        mark_retrying(&mut apps, &retrying);
         let failure = errors.values().next().cloned();
-        self.finished.store(generation, Ordering::Relaxed);
-        Ok(Some(PassReport { generation, apps, failure }))
+        self.settle(desired, &failed);
+        let done: Vec<&Repair> =
+            repairs.iter().filter(|r| !failed.contains(&(r.app.clone(), r.container.clone()))).collect();
+        if let Some(at) = retrying.values().map(|r| r.next_at).min() {
+            self.publish_repairs(&done).await;
+            return Ok(Some(PassReport { generation, apps, failure, retry_at: Some(at) }));
+        }
+        self.finish(generation, &done).await;
+        Ok(Some(PassReport { generation, apps, failure, retry_at: None }))
+    }
+
+    /// Records a pull failure that may pass and schedules the next attempt;
+    /// tells the agent core (ack progress) and the orchestrator (event).
+    async fn retry_later(&self, generation: u64, key: &(Name, Name), image: &str, error: String) -> Retry {
+        let r = {
+            let mut m = self.mem();
+            let attempts = m.retries.get(image).map_or(0, |r| r.attempts).saturating_add(1);
+            let delay = self.options.pull_backoff.delay(attempts);
+            let r = Retry {
+                attempts,
+                error,
+                next_at: Instant::now() + delay,
+                next_at_ms: now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+            };
+            m.retries.insert(image.to_string(), r.clone());
+            r
+        };
+        let wait = r.next_at.saturating_duration_since(Instant::now());
+        warn!(app = %key.0, container = %key.1, %image, attempts = r.attempts, retry_in_ms = wait.as_millis() as u64, error = %r.error, "pull failed; will retry");
+        let _ = self.events.try_send(ReconcileEvent::Progress {
+            generation,
+            progress: Progress { step: "retrying".to_string(), container: key.1.clone(), current_bytes: None, total_bytes: None },
+            detail: r.error.clone(),
+        });
+        let detail = format!(
+            "pull of {image} failed (attempt {}): {}; next attempt in {:.1} s",
+            r.attempts,
+            r.error,
+            wait.as_secs_f64()
+        );
+        self.publish(EventKind::PullRetrying, Some(&key.0), Some(&key.1), detail).await;
+        r
+    }
+
+    /// Remembers what this pass brought about; containers whose steps failed
+    /// are not settled, so the operator's intent still applies to them.
+    fn settle(&self, desired: &DesiredState, failed: &HashSet<(Name, Name)>) {
+        let mut m = self.mem();
+        let mut now = Settled::new();
+        for app in &desired.apps {
+            for spec in &app.spec.containers {
+                let key = (app.spec.name.clone(), spec.name.clone());
+                if !failed.contains(&key) {
+                    now.insert(key, (spec.fingerprint(), app.run));
+                }
+            }
+        }
+        m.settled = now;
+    }
+
+    /// A pass finished for `generation`: publishes its repairs, and the
+    /// restore from local state when this was the first pass after start.
+    async fn finish(&self, generation: u64, repairs: &[&Repair]) {
+        let restoring = {
+            let mut m = self.mem();
+            m.finished = generation;
+            m.restoring.take()
+        };
+        if restoring == Some(generation) {
+            let what = if repairs.is_empty() {
+                "all containers were already as desired".to_string()
+            } else {
+                repairs.iter().map(|r| format!("{}/{}: {}", r.app, r.container, r.drift.detail())).collect::<Vec<_>>().join(", ")
+            };
+            let detail = format!("restored apps from the local desired state, generation {generation}: {what}");
+            info!(generation, "{detail}");
+            self.publish(EventKind::RestoredFromLocalState, None, None, detail).await;
+        }
+        self.publish_repairs(repairs).await;
+    }
+
+    async fn publish_repairs(&self, repairs: &[&Repair]) {
+        for r in repairs {
+            info!(app = %r.app, container = %r.container, "drift repaired: {}", r.drift.detail());
+            self.publish(EventKind::DriftRepaired, Some(&r.app), Some(&r.container), r.drift.detail()).await;
+        }
+    }
+
+    /// Publishes `container_exited` once per container and exit.
+    async fn report_exits(&self, left: &[LeftExited]) {
+        let fresh: Vec<&LeftExited> = {
+            let mut m = self.mem();
+            m.reported_exits.retain(|id, _| left.iter().any(|l| &l.id == id));
+            left.iter().filter(|l| m.reported_exits.insert(l.id.clone(), l.exit_code) != Some(l.exit_code)).collect()
+        };
+        for l in fresh {
+            info!(app = %l.app, container = %l.container, "{}", l.detail());
+            self.publish(EventKind::ContainerExited, Some(&l.app), Some(&l.container), l.detail()).await;
+        }
+    }
+
+    async fn publish(&self, kind: EventKind, app: Option<&Name>, container: Option<&Name>, detail: String) {
+        let ev = DeviceEvent { at_ms: now_ms(), kind, app: app.cloned(), container: container.cloned(), detail };
+        let _ = self.events.send(ReconcileEvent::Event(ev)).await;
     }
 
     async fn execute(
@@ -329,32 +776,21 @@ impl<R: Runtime> Reconciler<R> {
                 if !pulling.contains(app) {
                     return Ok(());
                 }
-                let image_ref = ImageRef::parse(image).map_err(|e| RuntimeError::Docker(format!("invalid image reference {image:?}: {e}")))?;
-                if self.runtime.image_present(&image_ref).await? {
-                    return Ok(());
-                }
-                info!(%image, "pulling");
-                let mut last: Option<Instant> = None;
-                let events = self.events.clone();
-                let container = container.clone();
-                let mut on_progress = move |p: PullProgress| {
-                    if last.is_none_or(|l| l.elapsed() >= PROGRESS_EVERY) {
-                        last = Some(Instant::now());
-                        let progress = Progress {
-                            step: "pulling".to_string(),
-                            container: container.clone(),
-                            current_bytes: Some(p.current),
-                            total_bytes: Some(p.total),
-                        };
-                        let _ = events.try_send(ReconcileEvent::Progress { generation, progress });
-                    }
-                };
-                self.runtime.pull(&image_ref, &mut on_progress).await
+                self.pull(generation, container, image).await
             }
             Step::Create { app, spec } => {
                 let name = container_name(&self.device, app, &spec.name);
                 let labels = labels_for(&self.device, app, spec, generation);
-                let id = self.runtime.create(&name, spec, labels).await?;
+                let id = match self.runtime.create(&name, spec, labels.clone()).await {
+                    // The image went away since the pass looked (another
+                    // agent's cleanup, a person's `docker rmi`): pull again.
+                    Err(RuntimeError::Docker(m)) if m.to_lowercase().contains("no such image") => {
+                        info!(image = %spec.image, "image vanished before create; pulling again");
+                        self.pull(generation, &spec.name, &spec.image).await?;
+                        self.runtime.create(&name, spec, labels).await?
+                    }
+                    r => r?,
+                };
                 info!(%app, container = %spec.name, %id, "created");
                 created.insert((app.clone(), spec.name.clone()), id);
                 Ok(())
@@ -384,8 +820,136 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 
+    /// Pulls one image unless present, after checking free disk, and
+    /// records it in the ledger as pulled by this agent.
+    async fn pull(&self, generation: u64, container: &Name, image: &str) -> Result<(), RuntimeError> {
+        let image_ref =
+            ImageRef::parse(image).map_err(|e| RuntimeError::Docker(format!("invalid image reference {image:?}: {e}")))?;
+        if self.runtime.image_present(&image_ref).await? {
+            return Ok(());
+        }
+        match self.runtime.free_disk().await {
+            Ok(Some(disk)) => {
+                if let Some(text) = pull::disk_shortfall(image, &disk.root, disk.free_bytes, self.options.min_free_disk_bytes) {
+                    return Err(RuntimeError::Pull { status: None, message: text });
+                }
+            }
+            Ok(None) => debug!("free disk unknown; pulling unchecked"),
+            Err(e) if e.is_unreachable() => return Err(e),
+            Err(e) => warn!(error = %e, "cannot tell free disk; pulling unchecked"),
+        }
+        info!(%image, "pulling");
+        let mut last: Option<Instant> = None;
+        let events = self.events.clone();
+        let container = container.clone();
+        let mut on_progress = move |p: PullProgress| {
+            if last.is_none_or(|l| l.elapsed() >= PROGRESS_EVERY) {
+                last = Some(Instant::now());
+                let progress = Progress {
+                    step: "pulling".to_string(),
+                    container: container.clone(),
+                    current_bytes: Some(p.current),
+                    total_bytes: Some(p.total),
+                };
+                let _ = events.try_send(ReconcileEvent::Progress { generation, progress, detail: String::new() });
+            }
+        };
+        self.runtime.pull(&image_ref, &mut on_progress).await?;
+        let now = now_ms();
+        let snapshot = {
+            let mut ledger = self.ledger.lock().await;
+            ledger.images.insert(image.to_string(), PulledImage { pulled_at_ms: now, last_used_ms: now });
+            ledger.snapshot()
+        };
+        save_ledger(snapshot).await;
+        Ok(())
+    }
+
+    /// After a converged pass: removes images this agent pulled that no
+    /// desired app references and no container uses, within the limits.
+    /// Failures are logged and skipped; cleanup never fails a pass.
+    pub async fn cleanup_images(&self, desired: &DesiredState) {
+        let wanted: HashSet<String> =
+            desired.apps.iter().flat_map(|a| a.spec.containers.iter().map(|c| c.image.clone())).collect();
+        let mut ledger = self.ledger.lock().await;
+        let mut dirty = false;
+        // Last use: refreshed whenever the set of referenced pulled images
+        // changes, which also stamps images at the moment they fall out of use.
+        let referenced: BTreeSet<String> = ledger.images.keys().filter(|r| wanted.contains(*r)).cloned().collect();
+        let previous = std::mem::replace(&mut self.mem().referenced, referenced.clone());
+        if referenced != previous {
+            let now = now_ms();
+            for r in referenced.union(&previous) {
+                if let Some(p) = ledger.images.get_mut(r) {
+                    p.last_used_ms = now;
+                    dirty = true;
+                }
+            }
+        }
+        let candidates: Vec<String> = ledger.images.keys().filter(|r| !wanted.contains(*r)).cloned().collect();
+        if self.options.image_cleanup && !candidates.is_empty() {
+            match self.runtime.images_in_use().await {
+                Ok(used) => {
+                    let mut in_use = HashSet::new();
+                    for r in &candidates {
+                        match self.runtime.image_id(r).await {
+                            Ok(Some(id)) if used.contains(&id) || used.contains(r) => {
+                                in_use.insert(r.clone());
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => {
+                                debug!(image = %r, "pulled image is gone; forgetting it");
+                                ledger.images.remove(r);
+                                dirty = true;
+                            }
+                            Err(e) => {
+                                debug!(image = %r, error = %e, "cannot inspect image; keeping it");
+                                in_use.insert(r.clone());
+                            }
+                        }
+                    }
+                    let chosen = images::select_for_cleanup(
+                        &ledger.images,
+                        &wanted,
+                        &in_use,
+                        self.options.keep_unused_images,
+                        self.options.image_cleanup_max_per_pass,
+                    );
+                    for r in chosen {
+                        match self.runtime.remove_image(&r).await {
+                            Ok(()) => {
+                                info!(image = %r, "removed unused image");
+                                ledger.images.remove(&r);
+                                dirty = true;
+                                let detail = format!("removed image {r}: pulled by this agent, no desired app or container uses it");
+                                self.publish(EventKind::ImageRemoved, None, None, detail).await;
+                            }
+                            Err(e) => warn!(image = %r, error = %e, "could not remove unused image; skipping"),
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot list containers for image cleanup; skipping"),
+            }
+        }
+        if dirty {
+            let snapshot = ledger.snapshot();
+            drop(ledger);
+            save_ledger(snapshot).await;
+        }
+    }
+
     fn progress(&self, generation: u64, progress: Progress) {
-        let _ = self.events.try_send(ReconcileEvent::Progress { generation, progress });
+        let _ = self.events.try_send(ReconcileEvent::Progress { generation, progress, detail: String::new() });
+    }
+}
+
+/// Writes the ledger off the executor; a failure costs only cleanup.
+async fn save_ledger(snapshot: Option<(std::path::PathBuf, Vec<u8>)>) {
+    let Some((path, bytes)) = snapshot else { return };
+    match tokio::task::spawn_blocking(move || images::write_snapshot(&path, &bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, cause = ?std::error::Error::source(&e), "could not save the image ledger"),
+        Err(e) => warn!(error = %e, "saving the image ledger panicked"),
     }
 }
 

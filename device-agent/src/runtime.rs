@@ -4,14 +4,15 @@
 //! The trait exists so the reconciler can be unit-tested against a fake; the
 //! fake is for unit tests only and never ships.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use drover_shared::model::{
@@ -21,6 +22,8 @@ use drover_shared::model::{
 use drover_shared::{DeviceId, Name};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
+
+use crate::pull::PullErrorClass;
 
 /// Seconds Docker waits after SIGTERM before it kills a container.
 const STOP_TIMEOUT_S: i32 = 10;
@@ -33,12 +36,32 @@ pub enum RuntimeError {
     /// Docker or the registry refused; the text is theirs, verbatim.
     #[error("{0}")]
     Docker(String),
+    /// A pull failed; the daemon's HTTP status when the pull was refused up
+    /// front, `None` when the error came inside the progress stream.
+    #[error("{message}")]
+    Pull { status: Option<u16>, message: String },
 }
 
 impl RuntimeError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, RuntimeError::Unreachable(_))
     }
+
+    /// Whether retrying the pull that failed with this error may help.
+    pub fn pull_class(&self) -> PullErrorClass {
+        match self {
+            RuntimeError::Unreachable(_) => PullErrorClass::Transient,
+            RuntimeError::Docker(m) => crate::pull::classify(None, m),
+            RuntimeError::Pull { status, message } => crate::pull::classify(*status, message),
+        }
+    }
+}
+
+/// Free space on the file system that holds Docker's data root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub root: PathBuf,
+    pub free_bytes: u64,
 }
 
 fn docker_error(e: bollard::errors::Error) -> RuntimeError {
@@ -147,6 +170,26 @@ pub trait Runtime: Send + Sync + 'static {
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Free space where images are stored; `None` when it cannot be told
+    /// (the pull then goes ahead unchecked).
+    fn free_disk(&self) -> impl Future<Output = Result<Option<DiskSpace>, RuntimeError>> + Send {
+        async { Ok(None) }
+    }
+    /// Image names and image ids used by any container on the host, managed
+    /// or not, running or not.
+    fn images_in_use(&self) -> impl Future<Output = Result<HashSet<String>, RuntimeError>> + Send {
+        async { Ok(HashSet::new()) }
+    }
+    /// The image id of a reference; `None` when the image is not present.
+    fn image_id(&self, _image: &str) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send {
+        async { Ok(None) }
+    }
+    /// Removes one image reference without force: Docker refuses when a
+    /// container uses it.
+    fn remove_image(&self, _image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// The Docker daemon through bollard. Connects lazily and reconnects after a
@@ -174,6 +217,11 @@ impl DockerRuntime {
         let d = d.negotiate_version().await.map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
         *slot = Some(d.clone());
         Ok(d)
+    }
+
+    /// Drops the cached client, so the next call connects and negotiates anew.
+    pub async fn forget(&self) {
+        *self.docker.lock().await = None;
     }
 
     /// Forgets the client after an unreachable error so the next call
@@ -311,10 +359,19 @@ impl Runtime for DockerRuntime {
         let mut stream = d.create_image(Some(opts), None, None);
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
         while let Some(item) = stream.next().await {
-            // Errors arrive mid-stream, after a 200 response.
-            let info = self.check(item).await?;
+            let info = match item {
+                // Refused up front: the status tells what kind of refusal.
+                Err(bollard::errors::Error::DockerResponseServerError { status_code, message }) => {
+                    return Err(RuntimeError::Pull { status: Some(status_code), message });
+                }
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    return Err(RuntimeError::Pull { status: None, message: error });
+                }
+                other => self.check(other).await?,
+            };
+            // Errors also arrive mid-stream, after a 200 response.
             if let Some(err) = info.error_detail.and_then(|e| e.message) {
-                return Err(RuntimeError::Docker(err));
+                return Err(RuntimeError::Pull { status: None, message: err });
             }
             if let (Some(id), Some(p)) = (info.id, info.progress_detail) {
                 let current = p.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
@@ -365,6 +422,53 @@ impl Runtime for DockerRuntime {
             r => self.check(r).await,
         }
     }
+
+    async fn free_disk(&self) -> Result<Option<DiskSpace>, RuntimeError> {
+        let Some(root) = self.root_dir().await? else { return Ok(None) };
+        let at = root.clone();
+        let free = tokio::task::spawn_blocking(move || free_bytes_at(&at)).await.ok().flatten();
+        Ok(free.map(|free_bytes| DiskSpace { root, free_bytes }))
+    }
+
+    async fn images_in_use(&self) -> Result<HashSet<String>, RuntimeError> {
+        let d = self.client().await?;
+        let opts = ListContainersOptionsBuilder::new().all(true).build();
+        let list = self.check(d.list_containers(Some(opts)).await).await?;
+        Ok(list.into_iter().flat_map(|c| [c.image, c.image_id]).flatten().collect())
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        let d = self.client().await?;
+        match d.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => self.check(Err(e)).await,
+        }
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        let opts = RemoveImageOptionsBuilder::new().force(false).noprune(false).build();
+        let r = d.remove_image(image, Some(opts), None).await.map(|_| ());
+        self.check(r).await
+    }
+}
+
+impl DockerRuntime {
+    /// Docker's data root as the daemon reports it (`docker info`).
+    async fn root_dir(&self) -> Result<Option<PathBuf>, RuntimeError> {
+        let d = self.client().await?;
+        let info = self.check(d.info().await).await?;
+        Ok(info.docker_root_dir.filter(|r| !r.is_empty()).map(PathBuf::from))
+    }
+}
+
+/// Free bytes on the mount that holds `path`. Blocking (reads the mount table).
+fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    let mounts: Vec<PathBuf> = disks.list().iter().map(|d| d.mount_point().to_path_buf()).collect();
+    let i = crate::pull::containing_mount(path, &mounts)?;
+    Some(disks.list()[i].available_space())
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use drover_shared::model::{AppSpec, DesiredApp};
+use drover_shared::payload::{DeviceEvent, EventKind};
+
+use crate::backoff::Backoff;
 
 use super::*;
 
@@ -213,6 +216,11 @@ struct FakeRuntime {
     images: Mutex<Vec<String>>,
     pullable: Vec<String>,
     log: Mutex<Vec<String>>,
+    /// Returned by the next pulls instead of pulling, while set.
+    pull_error: Mutex<Option<RuntimeError>>,
+    exit_codes: Mutex<HashMap<String, i64>>,
+    free_disk: Option<u64>,
+    in_use: Mutex<HashSet<String>>,
 }
 
 impl FakeRuntime {
@@ -242,7 +250,10 @@ impl Runtime for FakeRuntime {
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|(id, labels, state)| ManagedContainer::from_labels(&me, id, labels, "img", state, None))
+            .filter_map(|(id, labels, state)| {
+                let code = self.exit_codes.lock().expect("lock").get(id).copied();
+                ManagedContainer::from_labels(&me, id, labels, "img", state, code)
+            })
             .collect())
     }
     async fn image_present(&self, image: &ImageRef) -> Result<bool, RuntimeError> {
@@ -250,6 +261,9 @@ impl Runtime for FakeRuntime {
     }
     async fn pull(&self, image: &ImageRef, progress: &mut (dyn FnMut(PullProgress) + Send)) -> Result<(), RuntimeError> {
         self.log(format!("pull {image}"));
+        if let Some(e) = self.pull_error.lock().expect("lock").clone() {
+            return Err(e);
+        }
         if !self.pullable.contains(&image.to_string()) {
             return Err(RuntimeError::Docker(format!("manifest for {image} not found: manifest unknown")));
         }
@@ -274,6 +288,20 @@ impl Runtime for FakeRuntime {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.log(format!("remove {id}"));
         self.containers.lock().expect("lock").retain(|c| c.0 != id);
+        Ok(())
+    }
+    async fn free_disk(&self) -> Result<Option<crate::runtime::DiskSpace>, RuntimeError> {
+        Ok(self.free_disk.map(|free_bytes| crate::runtime::DiskSpace { root: "/var/lib/docker".into(), free_bytes }))
+    }
+    async fn images_in_use(&self) -> Result<HashSet<String>, RuntimeError> {
+        Ok(self.in_use.lock().expect("lock").clone())
+    }
+    async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        Ok(self.images.lock().expect("lock").contains(&image.to_string()).then(|| format!("sha256:{image}")))
+    }
+    async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
+        self.log(format!("rmi {image}"));
+        self.images.lock().expect("lock").retain(|i| i != image);
         Ok(())
     }
 }
@@ -344,4 +372,311 @@ async fn a_newer_desired_state_aborts_the_pass() {
     let (tx, newer) = watch::channel(None);
     tx.send_replace(Some(Arc::new(desired(2, vec![]))));
     assert_eq!(r.pass(&d, &newer).await.expect("runs"), None);
+}
+
+// ----- drift and restart policies --------------------------------------------
+
+fn with_policy(mut s: ContainerSpec, policy: RestartPolicy) -> ContainerSpec {
+    s.restart = policy;
+    s
+}
+
+fn exited(id: &str, app: &str, s: &ContainerSpec, code: Option<i64>) -> ManagedContainer {
+    ManagedContainer { exit_code: code, ..actual(id, app, s, "exited") }
+}
+
+fn settled_as(d: &DesiredState) -> Settled {
+    d.apps
+        .iter()
+        .flat_map(|a| a.spec.containers.iter().map(move |c| ((a.spec.name.clone(), c.name.clone()), (c.fingerprint(), a.run))))
+        .collect()
+}
+
+#[test]
+fn restart_policy_matrix() {
+    use RestartPolicy::*;
+    for (policy, code, restart) in [
+        (Always, Some(0), true),
+        (Always, Some(137), true),
+        (UnlessStopped, Some(0), true),
+        (UnlessStopped, Some(143), true),
+        (OnFailure, Some(1), true),
+        (OnFailure, Some(137), true),
+        (OnFailure, None, true),
+        (OnFailure, Some(0), false),
+        (No, Some(0), false),
+        (No, Some(137), false),
+        (No, None, false),
+    ] {
+        assert_eq!(restarts_after_exit(policy, code), restart, "{policy:?} {code:?}");
+    }
+}
+
+#[test]
+fn exited_settled_container_follows_its_restart_policy() {
+    for (policy, code, started) in [
+        (RestartPolicy::UnlessStopped, Some(143), true),
+        (RestartPolicy::Always, Some(0), true),
+        (RestartPolicy::OnFailure, Some(137), true),
+        (RestartPolicy::OnFailure, Some(0), false),
+        (RestartPolicy::No, Some(137), false),
+    ] {
+        let main = with_policy(spec("main", "reg/web:1"), policy);
+        let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+        let p = plan_with(&d, &[exited("c1", "web", &main, code)], &settled_as(&d));
+        if started {
+            assert_eq!(p.steps, vec![Step::Start { app: name("web"), container: name("main"), id: Some("c1".into()) }], "{policy:?}");
+            assert_eq!(p.repairs, vec![Repair { app: name("web"), container: name("main"), drift: Drift::Exited { code } }]);
+            assert!(p.left_exited.is_empty());
+        } else {
+            assert_eq!(p.steps, vec![], "{policy:?} {code:?}");
+            assert_eq!(p.left_exited.len(), 1);
+            assert_eq!(p.left_exited[0].exit_code, code);
+        }
+    }
+}
+
+#[test]
+fn exited_container_not_yet_settled_is_started_whatever_the_policy() {
+    // A start command (stopped -> running) or a deploy still under way: intent wins.
+    let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::No);
+    let d = desired(2, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let stopped_before = settled_as(&desired(1, vec![app("web", RunState::Stopped, vec![main.clone()])]));
+    let p = plan_with(&d, &[exited("c1", "web", &main, Some(0))], &stopped_before);
+    assert_eq!(p.steps, vec![Step::Start { app: name("web"), container: name("main"), id: Some("c1".into()) }]);
+    assert!(p.repairs.is_empty(), "a start command is not drift");
+}
+
+#[test]
+fn removed_container_is_recreated_and_reported_as_drift() {
+    for run in [RunState::Running, RunState::Stopped] {
+        let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::No);
+        let d = desired(1, vec![app("web", run, vec![main.clone()])]);
+        let p = plan_with(&d, &[], &settled_as(&d));
+        assert!(p.steps.contains(&Step::Create { app: name("web"), spec: main.clone() }), "{run:?}");
+        assert_eq!(p.steps.iter().any(|s| matches!(s, Step::Start { .. })), run == RunState::Running);
+        assert_eq!(p.repairs, vec![Repair { app: name("web"), container: name("main"), drift: Drift::Removed }]);
+        assert_eq!(Drift::Removed.detail(), "container was removed; recreated");
+    }
+    // The first deploy creates too, but that is no repair.
+    let main = spec("main", "reg/web:1");
+    let d = desired(1, vec![app("web", RunState::Running, vec![main])]);
+    assert!(plan_with(&d, &[], &Settled::new()).repairs.is_empty());
+}
+
+#[test]
+fn docker_restarting_paused_or_removing_is_not_drift() {
+    let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::Always);
+    let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    for state in ["restarting", "paused", "removing", "running"] {
+        let p = plan_with(&d, &[actual("c1", "web", &main, state)], &settled_as(&d));
+        assert_eq!(p, Plan::default(), "{state}");
+    }
+}
+
+#[test]
+fn drift_details_name_what_was_found() {
+    assert_eq!(Drift::Exited { code: Some(137) }.detail(), "container exited with code 137; started");
+    let l = LeftExited { app: name("web"), container: name("main"), id: "c1".into(), exit_code: Some(137), policy: RestartPolicy::No };
+    assert_eq!(l.detail(), "container exited with code 137; restart policy no leaves it exited");
+}
+
+#[tokio::test]
+async fn a_left_exited_container_is_reported_once_and_shown_failed() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::No);
+    let d = desired(1, vec![app("web", RunState::Running, vec![main])]);
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs").expect("done");
+    rt.set_state("id-drover-dev1-web-main", "exited").expect("exists");
+    rt.exit_codes.lock().expect("lock").insert("id-drover-dev1-web-main".into(), 137);
+    rt.log.lock().expect("lock").clear();
+    let report = r.pass(&d, &newer).await.expect("runs").expect("done");
+    assert!(rt.log.lock().expect("lock").is_empty(), "restart policy no: left exited");
+    assert_eq!(report.apps[0].phase, AppPhase::Failed);
+    assert_eq!(report.apps[0].error.as_deref(), Some("container main exited with code 137; restart policy no leaves it exited"));
+    assert_eq!(report.failure, None, "no command failed");
+    r.pass(&d, &newer).await.expect("runs");
+    let exits: Vec<DeviceEvent> = drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::ContainerExited).collect();
+    assert_eq!(exits.len(), 1, "reported once: {exits:?}");
+    assert_eq!(exits[0].detail, "container exited with code 137; restart policy no leaves it exited");
+
+    // An explicit start command overrides the policy.
+    r.intents().run(name("web"));
+    let report = r.pass(&d, &newer).await.expect("runs").expect("done");
+    assert_eq!(*rt.log.lock().expect("lock"), vec!["start id-drover-dev1-web-main"]);
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+}
+
+#[tokio::test]
+async fn removed_and_stopped_containers_are_repaired_with_events() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs");
+    assert!(drain_events(&mut events).is_empty(), "a deploy is no drift");
+
+    rt.containers.lock().expect("lock").clear();
+    rt.log.lock().expect("lock").clear();
+    let report = r.pass(&d, &newer).await.expect("runs").expect("done");
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+    assert_eq!(*rt.log.lock().expect("lock"), vec!["create drover-dev1-web-main", "start id-drover-dev1-web-main"]);
+    let ev = drain_events(&mut events);
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].kind, ev[0].detail.as_str()), (EventKind::DriftRepaired, "container was removed; recreated"));
+    assert_eq!(ev[0].container, Some(name("main")));
+
+    rt.set_state("id-drover-dev1-web-main", "exited").expect("exists");
+    rt.exit_codes.lock().expect("lock").insert("id-drover-dev1-web-main".into(), 143);
+    r.pass(&d, &newer).await.expect("runs");
+    let ev = drain_events(&mut events);
+    assert_eq!(ev[0].detail, "container exited with code 143; started");
+}
+
+fn drain_events(rx: &mut mpsc::Receiver<ReconcileEvent>) -> Vec<DeviceEvent> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let ReconcileEvent::Event(e) = ev {
+            out.push(e);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn restoring_reports_restored_from_local_state_once() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let d = desired(7, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let r = r.restoring(&d);
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs");
+    r.pass(&d, &newer).await.expect("runs");
+    let restored: Vec<DeviceEvent> =
+        drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::RestoredFromLocalState).collect();
+    assert_eq!(restored.len(), 1);
+    assert!(restored[0].detail.contains("generation 7"), "{}", restored[0].detail);
+    assert!(restored[0].detail.contains("web/main: container was removed; recreated"), "{}", restored[0].detail);
+}
+
+// ----- pull retries, disk, cleanup --------------------------------------------
+
+fn fast_retries() -> ReconcileOptions {
+    ReconcileOptions {
+        pull_backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+        ..ReconcileOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_transient_pull_error_retries_instead_of_failing() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let refused = r#"Get "http://reg/v2/": dial tcp 127.0.0.1:5999: connect: connection refused"#;
+    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull { status: Some(500), message: refused.into() });
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let r = r.with_options(fast_retries());
+    let d = desired(3, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let (_tx, newer) = watch::channel(None);
+
+    let first = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    assert!(first.retry_at.is_some(), "not done: waiting to retry");
+    assert_eq!(first.failure, None);
+    assert_eq!(first.apps[0].phase, AppPhase::Retrying);
+    assert_eq!(first.apps[0].error.as_deref(), Some(refused), "the last error, verbatim");
+    assert_eq!(first.apps[0].attempts, 1);
+    assert!(first.apps[0].next_retry_at_ms.is_some());
+    let mut acks = Vec::new();
+    let mut retry_events = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        match ev {
+            ReconcileEvent::Progress { progress, detail, .. } if progress.step == "retrying" => acks.push(detail),
+            ReconcileEvent::Event(e) if e.kind == EventKind::PullRetrying => retry_events.push(e),
+            _ => {}
+        }
+    }
+    assert_eq!(acks, vec![refused.to_string()]);
+    assert_eq!(retry_events.len(), 1);
+    assert!(retry_events[0].detail.contains("attempt 1"), "{}", retry_events[0].detail);
+
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    assert_eq!(second.apps[0].attempts, 2);
+
+    // The registry is back: the same generation converges.
+    *rt.pull_error.lock().expect("lock") = None;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let done = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    assert_eq!((done.retry_at, done.failure.as_deref()), (None, None));
+    assert_eq!(done.apps[0].phase, AppPhase::Running);
+    assert_eq!(done.apps[0].attempts, 0);
+}
+
+#[tokio::test]
+async fn a_pull_not_yet_due_is_not_attempted() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull { status: Some(503), message: "service unavailable".into() });
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let r = r.with_options(ReconcileOptions {
+        pull_backoff: Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600)),
+        ..ReconcileOptions::default()
+    });
+    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs");
+    // The next attempt is up to an hour away (a draw below a millisecond
+    // has odds of one in millions).
+    let again = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let pulls = rt.log.lock().expect("lock").iter().filter(|l| l.starts_with("pull")).count();
+    assert_eq!(pulls, 1, "waiting, not attempting");
+    assert_eq!(again.apps[0].phase, AppPhase::Retrying);
+    // A newer generation starts over at once.
+    let d2 = desired(2, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let before = rt.log.lock().expect("lock").len();
+    let fresh = r.pass(&d2, &newer).await.expect("runs").expect("not superseded");
+    assert_eq!(rt.log.lock().expect("lock").len(), before + 1, "pulled at once for the new generation");
+    assert_eq!(fresh.apps[0].attempts, 1);
+}
+
+#[tokio::test]
+async fn not_enough_disk_is_retried_with_a_clear_error() {
+    let rt = Arc::new(FakeRuntime { free_disk: Some(120 * 1024 * 1024), ..FakeRuntime::new(&["reg/web:1"]) });
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let r = r.with_options(fast_retries());
+    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let (_tx, newer) = watch::channel(None);
+    let report = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    assert!(rt.log.lock().expect("lock").is_empty(), "no pull started");
+    assert_eq!(report.apps[0].phase, AppPhase::Retrying);
+    assert_eq!(
+        report.apps[0].error.as_deref(),
+        Some("not enough free disk for pulling reg/web:1: 120 MiB free on /var/lib/docker, 256 MiB required")
+    );
+}
+
+#[tokio::test]
+async fn unused_pulled_images_are_cleaned_up_after_convergence() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/web:2", "reg/side:1"]));
+    rt.images.lock().expect("lock").push("preloaded:1".into());
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let v1 = desired(1, vec![
+        app("web", RunState::Running, vec![spec("main", "reg/web:1")]),
+        app("side", RunState::Running, vec![spec("main", "reg/side:1")]),
+    ]);
+    r.pass(&v1, &newer).await.expect("runs");
+    r.cleanup_images(&v1).await;
+    assert!(!rt.log.lock().expect("lock").iter().any(|l| l.starts_with("rmi")), "everything is still desired");
+
+    // web moves to :2 and side goes; side's image is still used by some container.
+    rt.in_use.lock().expect("lock").insert("sha256:reg/side:1".into());
+    let v2 = desired(2, vec![app("web", RunState::Running, vec![spec("main", "reg/web:2")])]);
+    r.pass(&v2, &newer).await.expect("runs");
+    r.cleanup_images(&v2).await;
+    let rmi: Vec<String> = rt.log.lock().expect("lock").iter().filter(|l| l.starts_with("rmi")).cloned().collect();
+    assert_eq!(rmi, vec!["rmi reg/web:1"], "never in use, never desired, never not ours");
+    let removed: Vec<DeviceEvent> = drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::ImageRemoved).collect();
+    assert_eq!(removed.len(), 1);
+    assert!(removed[0].detail.contains("reg/web:1"));
 }

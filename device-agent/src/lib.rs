@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{DesiredState, ObservedState};
-use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, Op, StateReport, Status};
+use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, StateReport, Status};
 use drover_shared::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -93,9 +93,15 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         .with_options(config.reconcile_options())
         .with_ledger(ledger);
     if let Some(s) = &stored {
-        reconciler = reconciler.restoring(s);
+        // Only a generation that was fully applied before the restart has
+        // containers that may be treated as settled; one cut short is simply
+        // finished by the first pass.
+        let applied = store.load_applied() == Some(s.generation);
+        if !applied {
+            info!(generation = s.generation, "stored desired state was not fully applied before the restart; finishing it");
+        }
+        reconciler = reconciler.restoring(s, applied);
     }
-    let intents = reconciler.intents();
     // Reconciling starts at once from the stored state, broker or not.
     let (desired_tx, desired_rx) = watch::channel(stored.map(Arc::new));
     // Docker events poke the reconciler; a capacity of one is enough, since
@@ -134,7 +140,6 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         seq: 0,
         observed: ObservedState::default(),
         published: None,
-        intents,
     };
     core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown).await;
 
@@ -162,9 +167,6 @@ struct Core {
     observed: ObservedState,
     /// The last state report sent, to send only changes.
     published: Option<ObservedState>,
-    /// Deploy and start commands reach the reconciler through this, so an
-    /// exited container is started even when its restart policy says no.
-    intents: crate::reconcile::Intents,
 }
 
 impl Core {
@@ -204,9 +206,6 @@ impl Core {
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
-                    if matches!(op, Op::Deploy | Op::Start) && desired.generation >= self.intake.held_generation() {
-                        self.intents.run(app);
-                    }
                     self.offer(desired, Some(&c.id)).await;
                 }
                 Action::Resync => {
@@ -292,7 +291,16 @@ impl Core {
                 for ack in self.intake.finished(report.generation, report.failure) {
                     self.ack(&ack);
                 }
-                self.observed.applied_generation = self.intake.applied_generation();
+                let applied = self.intake.applied_generation();
+                if applied != self.observed.applied_generation {
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = store.save_applied(applied) {
+                            warn!(error = %e, "could not record the applied generation");
+                        }
+                    });
+                }
+                self.observed.applied_generation = applied;
                 self.observed.apps = report.apps;
                 self.publish_state();
             }

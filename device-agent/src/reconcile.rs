@@ -72,7 +72,7 @@ impl Step {
 /// fingerprint and run state it last converged to. A container that departs
 /// from a settled state is drift; one that is not settled yet is still being
 /// brought about (a deploy, a start) and the operator's intent wins.
-pub type Settled = HashMap<(Name, Name), (String, RunState)>;
+pub type Settled = HashMap<(Name, Name), (String, RunState, u64)>;
 
 /// Drift the planner found and repairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +175,7 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
             let hash = spec.fingerprint();
             let is_settled = settled
                 .get(&(app_name.clone(), spec.name.clone()))
-                .is_some_and(|(h, run)| *h == hash && *run == app.run);
+                .is_some_and(|(h, run, started)| *h == hash && *run == app.run && *started == app.started_at);
             let candidates: Vec<&ManagedContainer> =
                 actual.iter().filter(|c| &c.app == app_name && c.container == spec.name).collect();
             // Keep one container with the current spec, preferring a running one.
@@ -424,23 +424,6 @@ pub struct Reconciler<R> {
     options: ReconcileOptions,
     memory: std::sync::Mutex<Memory>,
     ledger: tokio::sync::Mutex<ImageLedger>,
-    intents: Intents,
-}
-
-/// Apps an operator explicitly asked to run (a `deploy` or `start` command):
-/// their exited containers are started at the next pass whatever their
-/// restart policy, because the command says so.
-#[derive(Debug, Clone, Default)]
-pub struct Intents(Arc<std::sync::Mutex<HashSet<Name>>>);
-
-impl Intents {
-    pub fn run(&self, app: Name) {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(app);
-    }
-
-    fn take(&self) -> HashSet<Name> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
 }
 
 impl<R: Runtime> Reconciler<R> {
@@ -453,13 +436,7 @@ impl<R: Runtime> Reconciler<R> {
             options: ReconcileOptions::default(),
             memory: std::sync::Mutex::new(Memory::default()),
             ledger: tokio::sync::Mutex::new(ImageLedger::in_memory()),
-            intents: Intents::default(),
         }
-    }
-
-    /// The handle the agent core uses to pass on explicit run requests.
-    pub fn intents(&self) -> Intents {
-        self.intents.clone()
     }
 
     pub fn with_options(mut self, options: ReconcileOptions) -> Self {
@@ -472,17 +449,22 @@ impl<R: Runtime> Reconciler<R> {
         self
     }
 
-    /// Starts from a desired state restored from local disk: it counts as
-    /// settled (it was applied before the agent stopped), so restart
-    /// policies hold across an agent restart, and the first finished pass is
-    /// reported as `restored_from_local_state`.
-    pub fn restoring(self, stored: &DesiredState) -> Self {
+    /// Starts from a desired state restored from local disk; the first
+    /// finished pass is reported as `restored_from_local_state`. When it was
+    /// fully applied before the agent stopped (`applied`), its containers
+    /// count as settled, so restart policies hold across an agent restart;
+    /// otherwise missing containers are simply created, not called drift.
+    pub fn restoring(self, stored: &DesiredState, applied: bool) -> Self {
         {
             let mut m = self.mem();
             m.restoring = Some(stored.generation);
+            if !applied {
+                drop(m);
+                return self;
+            }
             for app in &stored.apps {
                 for spec in &app.spec.containers {
-                    m.settled.insert((app.spec.name.clone(), spec.name.clone()), (spec.fingerprint(), app.run));
+                    m.settled.insert((app.spec.name.clone(), spec.name.clone()), (spec.fingerprint(), app.run, app.started_at));
                 }
             }
         }
@@ -565,13 +547,8 @@ impl<R: Runtime> Reconciler<R> {
                 m.retries_generation = generation;
             }
         }
-        let asked = self.intents.take();
         let actual = self.runtime.list_managed().await?;
-        let settled = {
-            let mut m = self.mem();
-            m.settled.retain(|(app, _), _| !asked.contains(app));
-            m.settled.clone()
-        };
+        let settled = self.mem().settled.clone();
         let Plan { steps, repairs, left_exited } = plan_with(desired, &actual, &settled);
         self.report_exits(&left_exited).await;
         if steps.is_empty() {
@@ -711,7 +688,7 @@ impl<R: Runtime> Reconciler<R> {
             for spec in &app.spec.containers {
                 let key = (app.spec.name.clone(), spec.name.clone());
                 if !failed.contains(&key) {
-                    now.insert(key, (spec.fingerprint(), app.run));
+                    now.insert(key, (spec.fingerprint(), app.run, app.started_at));
                 }
             }
         }

@@ -10,6 +10,10 @@ use drover_shared::model::DesiredState;
 use drover_shared::payload::Desired;
 
 const FILE_NAME: &str = "desired.cbor";
+/// The generation the agent last fully applied, beside the desired state:
+/// after a restart only an applied generation's containers count as
+/// settled, so a deploy cut short is finished, not reported as drift.
+const APPLIED_FILE: &str = "applied-generation";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,16 +55,36 @@ impl DesiredStore {
     /// cut leaves either the old or the new state, never half of one.
     pub fn save(&self, state: &DesiredState) -> Result<(), StoreError> {
         let bytes = drover_shared::encode(&Desired { state: state.clone() });
-        let tmp = self.path.with_extension("cbor.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|source| StoreError::Write { path: self.path.clone(), source })
+        write_atomically(&self.path, &bytes)
     }
+
+    fn applied_path(&self) -> PathBuf {
+        self.path.with_file_name(APPLIED_FILE)
+    }
+
+    /// The generation last applied; `None` when never recorded or unreadable
+    /// (then nothing counts as settled, which only costs an extra pass).
+    pub fn load_applied(&self) -> Option<u64> {
+        std::fs::read_to_string(self.applied_path()).ok()?.trim().parse().ok()
+    }
+
+    pub fn save_applied(&self, generation: u64) -> Result<(), StoreError> {
+        write_atomically(&self.applied_path(), generation.to_string().as_bytes())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|source| StoreError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -90,6 +114,7 @@ mod tests {
                     labels: Default::default(),
                 },
                 run: RunState::Running,
+                started_at: 1,
             }],
         }
     }
@@ -110,6 +135,17 @@ mod tests {
         assert_eq!(store.load().expect("loads"), Some(state(4)));
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("lists").collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn the_applied_generation_is_kept_beside_the_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DesiredStore::new(dir.path());
+        assert_eq!(store.load_applied(), None);
+        store.save_applied(7).expect("saves");
+        assert_eq!(store.load_applied(), Some(7));
+        std::fs::write(dir.path().join(APPLIED_FILE), b"junk").expect("write");
+        assert_eq!(store.load_applied(), None, "unreadable means nothing settled");
     }
 
     #[test]

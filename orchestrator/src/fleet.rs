@@ -294,24 +294,28 @@ impl Fleet {
             return Err(FleetError::UnknownDevice(device.clone()));
         }
         let mut next = self.desired.get(device).cloned().unwrap_or_default();
+        next.generation += 1;
+        let generation = next.generation;
         let pos = next.apps.iter().position(|a| &a.spec.name == app);
         match (op, pos) {
             (Op::Deploy, _) => {
                 let spec = self.apps.get(app).ok_or_else(|| FleetError::UnknownApp(app.clone()))?.spec.clone();
-                let entry = DesiredApp { spec, run: RunState::Running };
+                let entry = DesiredApp { spec, run: RunState::Running, started_at: generation };
                 match pos {
                     Some(i) => next.apps[i] = entry,
                     None => next.apps.push(entry),
                 }
             }
             (_, None) => return Err(FleetError::NotDeployed { device: device.clone(), app: app.clone() }),
-            (Op::Start, Some(i)) => next.apps[i].run = RunState::Running,
+            (Op::Start, Some(i)) => {
+                next.apps[i].run = RunState::Running;
+                next.apps[i].started_at = generation;
+            }
             (Op::Stop, Some(i)) => next.apps[i].run = RunState::Stopped,
             (Op::Remove, Some(i)) => {
                 next.apps.remove(i);
             }
         }
-        next.generation += 1;
         let operation = Operation {
             id: op_id,
             device: device.clone(),
@@ -442,7 +446,19 @@ fn apply_ack(op: &mut Operation, ack: &Ack, now: u64) -> bool {
         AckPhase::Progress => OpStatus::InProgress,
         AckPhase::Succeeded => OpStatus::Succeeded,
         AckPhase::Failed => OpStatus::Failed,
-        AckPhase::Superseded => OpStatus::Superseded,
+        // The device moved on to a newer generation before finishing this
+        // one. Whether this operation's effect holds is decided once that
+        // generation is reported applied (`settle_operations`), so the
+        // outcome is the same whether or not this ack arrives.
+        AckPhase::Superseded => {
+            op.detail = "a newer desired state reached the device first; outcome follows from its next state report".into();
+            op.updated_at_ms = now;
+            if op.status == OpStatus::InProgress {
+                return true;
+            }
+            op.status = OpStatus::InProgress;
+            return true;
+        }
     };
     op.status = next;
     if !ack.detail.is_empty() || next.is_final() {
@@ -504,6 +520,7 @@ mod tests {
         let (d3, _) = f.req(Op::Remove, "web", "c", 4).expect("remove");
         assert_eq!((d1.generation, d2.generation, d3.generation), (1, 2, 3));
         assert_eq!(d2.apps[0].run, RunState::Stopped);
+        assert_eq!((d1.apps[0].started_at, d2.apps[0].started_at), (1, 1), "a stop keeps the last start");
         assert!(d3.apps.is_empty());
     }
 
@@ -535,6 +552,22 @@ mod tests {
         f.on_device_message(&id("pi"), ack(AckPhase::Progress, ""), 4);
         let got = f.operation(&op.id).expect("op");
         assert_eq!((got.status, got.detail.as_str()), (OpStatus::Failed, "manifest unknown"));
+    }
+
+    #[test]
+    fn a_superseded_ack_leaves_the_outcome_to_the_state_report() {
+        let mut f = fleet_with_device();
+        let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let superseded = Ack { command_id: a.id.clone(), at_ms: 0, phase: AckPhase::Superseded, detail: String::new(), progress: None };
+        f.on_device_message(&id("pi"), DeviceMessage::Ack(superseded), 3);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::InProgress);
+        // Generation 2 (a later change to another app) applied; web runs.
+        let (rec, _) = f.create_app(spec("db"), 3).expect("create");
+        f.put_app(rec);
+        f.req(Op::Deploy, "db", "b", 4).expect("deploy db");
+        let running = AppStatus { name: name("web"), phase: AppPhase::Running, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        f.on_device_message(&id("pi"), report(2, vec![running]), 5);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded, "its effect holds");
     }
 
     #[test]

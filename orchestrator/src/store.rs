@@ -174,7 +174,7 @@ mod tests {
                     device: dev.clone(),
                     state: DesiredState {
                         generation: 3,
-                        apps: vec![DesiredApp { spec: spec.clone(), run: RunState::Running }],
+                        apps: vec![DesiredApp { spec: spec.clone(), run: RunState::Running, started_at: 3 }],
                     },
                 }),
             ])

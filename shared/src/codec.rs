@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn every_payload_round_trips() {
-        let desired = DesiredState { generation: 7, apps: vec![DesiredApp { spec: app(), run: RunState::Running }] };
+        let desired = DesiredState { generation: 7, apps: vec![DesiredApp { spec: app(), run: RunState::Running, started_at: 7 }] };
         round_trip(Command {
             id: "c1".into(),
             issued_at_ms: 1,

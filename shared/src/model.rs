@@ -254,7 +254,14 @@ impl ImageRef {
             return Err(format!("repository {repository:?} contains {c:?} (repository names are lower case)"));
         }
         let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
-        Ok(ImageRef { repository: repository.to_string(), tag, digest })
+        let image = ImageRef { repository: repository.to_string(), tag, digest };
+        // The limit holds for the normal form too: `AppSpec::validate` stores
+        // it and the agent parses it again before pulling, so a reference
+        // that only fits without `:latest` must be refused here, not there.
+        if image.to_string().len() > 512 {
+            return Err("is longer than 512 characters once `:latest` is added".into());
+        }
+        Ok(image)
     }
 
     /// What to pass as the `tag` of a pull: the digest when pinned, else the tag.
@@ -296,6 +303,12 @@ pub struct DesiredState {
 pub struct DesiredApp {
     pub spec: AppSpec,
     pub run: RunState,
+    /// The generation of the last deploy or start of this app. A value the
+    /// device has not acted on yet means "run it now", even where the
+    /// restart policy would leave an exited container alone; carried in the
+    /// state, not the command, so it holds whichever message arrives first.
+    #[serde(default)]
+    pub started_at: u64,
 }
 
 impl DesiredState {
@@ -414,6 +427,23 @@ mod tests {
             "name": "web", "containers": [], "imagee": "x"
         }));
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn normal_form_of_a_valid_image_parses_again() {
+        // Found by fuzz/ (app_spec): a 510-character reference without a tag
+        // passed validation and became 517 characters with `:latest`, which
+        // the agent's own ImageRef::parse then refused on every reconcile.
+        let mut s = spec(&"a".repeat(510));
+        assert_eq!(s.validate().expect_err("too long once normalised").field, "containers[0].image");
+        let longest = "a".repeat(512 - ":latest".len());
+        let mut s = spec(&longest);
+        s.validate().expect("fits with :latest");
+        assert_eq!(s.containers[0].image, format!("{longest}:latest"));
+        let r = ImageRef::parse(&s.containers[0].image).expect("normal form parses");
+        assert_eq!(r.to_string(), s.containers[0].image);
+        // Explicit tags and digests were already bounded by the raw length.
+        assert!(ImageRef::parse(&format!("{}:1", "a".repeat(510))).is_ok());
     }
 
     #[test]

@@ -208,6 +208,10 @@ impl Api {
             .await
     }
 
+    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.request(method, format!("{}{path}", self.base)).json(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> (u16, Value) {
         self.send(self.http.delete(format!("{}{path}", self.base))).await
     }
@@ -309,12 +313,21 @@ pub struct Agent {
     pub id: String,
     child: Option<tokio::process::Child>,
     pub state_dir: tempfile::TempDir,
+    /// Flags added after the harness's defaults on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl Agent {
     pub fn spawn(broker_url: &str, id: &str) -> Agent {
+        Agent::spawn_with(broker_url, id, &[])
+    }
+
+    /// With extra flags (e.g. `--pull-retry-base-ms 200`), kept for restarts.
+    /// They must not repeat a default flag: clap rejects a flag given twice.
+    pub fn spawn_with(broker_url: &str, id: &str, extra_args: &[&str]) -> Agent {
         let state_dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Agent { id: id.to_string(), child: None, state_dir };
+        let extra_args = extra_args.iter().map(|a| (*a).to_string()).collect();
+        let mut a = Agent { id: id.to_string(), child: None, state_dir, extra_args };
         a.start(broker_url);
         a
     }
@@ -325,6 +338,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(self.state_dir.path())
             .args(["--keep-alive-secs", "2", "--heartbeat-secs", "1", "--telemetry-secs", "1", "--reconcile-secs", "5"])
+            .args(&self.extra_args)
             .env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -351,19 +365,441 @@ impl Drop for Agent {
             let _ = c.start_kill();
         }
         // Remove what this agent managed, found by its device label.
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=io.drover.device={}", self.id)])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
-            if !ids.is_empty() {
-                let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-            }
-        }
+        remove_device_containers(&self.id);
     }
 }
 
 /// Removes a local image tag if present (cleanup; errors ignored).
 pub fn untag(image: &str) {
     let _ = std::process::Command::new("docker").args(["rmi", image]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+// ----- fault injection ---------------------------------------------------------
+//
+// Parts a test can break on purpose: an orchestrator process to SIGKILL and
+// restart, a TCP proxy to partition agents from the broker, and a registry
+// of the test's own to stop. All of them live on 127.0.0.1 only.
+
+/// The orchestrator as a real `drover serve` process on ports picked once,
+/// so it can be SIGKILLed and restarted on the same ports and data dir.
+pub struct OrchProc {
+    pub api: Api,
+    pub api_port: u16,
+    pub mqtt_port: u16,
+    pub data: tempfile::TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl OrchProc {
+    pub async fn start() -> OrchProc {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (api_port, mqtt_port) = (free_port(), free_port());
+        let api = Api::new(format!("http://127.0.0.1:{api_port}"));
+        let mut o = OrchProc { api, api_port, mqtt_port, data, child: None };
+        o.launch().await;
+        o
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// SIGKILL: no shutdown, no drain; the embedded broker dies with it.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill drover");
+        }
+    }
+
+    /// Starts it again on the same ports and data dir (after [`OrchProc::kill`]).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart an orchestrator that is still running");
+        self.launch().await;
+    }
+
+    async fn launch(&mut self) {
+        let mut child = tokio::process::Command::new(binary("drover"))
+            .arg("serve")
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .env("RUST_LOG", std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn drover serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            if let Some(status) = child.try_wait().expect("drover status") {
+                panic!("drover serve exited during start-up ({status}); is port {} or {} taken?", self.api_port, self.mqtt_port);
+            }
+            let ok = http
+                .get(format!("{}/healthz", self.api.base))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "drover serve not healthy after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.child = Some(child);
+    }
+}
+
+impl Drop for OrchProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// A TCP proxy on a free loopback port forwarding to `127.0.0.1:upstream`.
+/// Agents connect through it; [`Proxy::cut`] partitions them.
+pub struct Proxy {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let mut rx = cut_rx.clone();
+                if *rx.borrow_and_update() {
+                    // Partitioned: the connection closes at once.
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut up) => {}
+                        // Cut, or the proxy was dropped: both sockets close here.
+                        _ = rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, cut, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every live connection; new ones are closed at once until [`Proxy::heal`].
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Ends every forwarding task too.
+        self.cut.send_replace(true);
+    }
+}
+
+/// Runs the docker CLI and returns its stdout; panics with stderr on failure.
+pub async fn docker_cli(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("docker").args(args).output().await.expect("run docker");
+    assert!(out.status.success(), "docker {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The shared test image, pulled into the local daemon if it is not there.
+pub async fn base_image_local() -> String {
+    let base = format!("{REGISTRY}/{BASE_REPO}:{BASE_TAG}");
+    let present = tokio::process::Command::new("docker")
+        .args(["image", "inspect", &base])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !present {
+        docker_cli(&["pull", "-q", &base]).await;
+    }
+    base
+}
+
+/// A registry of the test's own: Debian's `docker-registry` on a free
+/// loopback port with temporary storage. It can be stopped and started
+/// again on the same port and storage. (The shared registry on
+/// 127.0.0.1:5000 is never stopped: other tests use it in parallel.)
+pub struct PrivateRegistry {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRegistry {
+    pub async fn start() -> PrivateRegistry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let storage = dir.path().join("storage");
+        std::fs::create_dir_all(&storage).expect("registry storage");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        std::fs::write(dir.path().join("registry.yml"), config).expect("write registry.yml");
+        let mut r = PrivateRegistry { port, dir, child: None };
+        r.run().await;
+        r
+    }
+
+    /// `host:port`, the prefix of its image references.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn run(&mut self) {
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("registry.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is not installed; run `bash scripts/test-env.sh`");
+        self.child = Some(child);
+        let url = format!("http://{}/v2/", self.addr());
+        wait_for(Duration::from_secs(15), "private registry serving", || async {
+            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+        })
+        .await;
+    }
+
+    /// Stops it (SIGKILL) and waits until its port refuses connections.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let port = self.port;
+        wait_for(Duration::from_secs(10), "private registry port closed", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err().then_some(())
+        })
+        .await;
+    }
+
+    /// Starts it again on the same port and storage.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the private registry is already running");
+        self.run().await;
+    }
+
+    /// Puts the shared test image into this registry as `repo:tag` and
+    /// removes the local tag, so an agent has to pull it.
+    pub async fn push_base(&self, repo_tag: &str) -> String {
+        let base = base_image_local().await;
+        let image = format!("{}/{repo_tag}", self.addr());
+        docker_cli(&["tag", &base, &image]).await;
+        docker_cli(&["push", "-q", &image]).await;
+        docker_cli(&["rmi", &image]).await;
+        image
+    }
+
+    /// Puts the test image plus one layer of `mb` MiB of random bytes into
+    /// this registry as `repo:tag` (create, cp, commit: no build tool
+    /// needed), and removes everything local, so a pull of it takes a while.
+    pub async fn push_big(&self, repo_tag: &str, mb: usize) -> String {
+        let base = base_image_local().await;
+        let image = format!("{}/{repo_tag}", self.addr());
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let blob = tmp.path().join("blob");
+        std::fs::write(&blob, random_bytes(mb << 20)).expect("write blob");
+        let builder = unique("drover-build");
+        docker_cli(&["create", "--name", &builder, &base]).await;
+        docker_cli(&["cp", &blob.display().to_string(), &format!("{builder}:/blob")]).await;
+        docker_cli(&["commit", &builder, &image]).await;
+        docker_cli(&["rm", "-f", &builder]).await;
+        docker_cli(&["push", "-q", &image]).await;
+        docker_cli(&["rmi", &image]).await;
+        image
+    }
+}
+
+impl Drop for PrivateRegistry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Incompressible bytes (xorshift), so a layer's size is its transfer size.
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+// ----- convergence checks --------------------------------------------------------
+
+/// One managed container as the Docker API shows it.
+#[derive(Debug, Clone)]
+pub struct SeenContainer {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub container: String,
+    pub image: String,
+    pub running: bool,
+    pub started_at: String,
+}
+
+/// Every container labelled for `device`, read from the Docker API.
+pub async fn device_containers(docker: &Docker, device: &str) -> Vec<SeenContainer> {
+    use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("io.drover.device={device}")])]);
+    let list = docker
+        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
+        .await
+        .expect("list containers");
+    let mut seen = Vec::new();
+    for c in list {
+        let Some(id) = c.id else { continue };
+        // A container removed between list and inspect is simply not there.
+        let Ok(i) = docker.inspect_container(&id, None::<InspectContainerOptions>).await else { continue };
+        let config = i.config.unwrap_or_default();
+        let labels = config.labels.unwrap_or_default();
+        let state = i.state.unwrap_or_default();
+        seen.push(SeenContainer {
+            id,
+            name: i.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            app: labels.get("io.drover.app").cloned().unwrap_or_default(),
+            container: labels.get("io.drover.container").cloned().unwrap_or_default(),
+            image: config.image.unwrap_or_default(),
+            running: state.running.unwrap_or(false),
+            started_at: state.started_at.unwrap_or_default(),
+        });
+    }
+    seen
+}
+
+/// `Ok` when Docker runs exactly what the orchestrator's latest desired
+/// state for `device` says, and the device reports that generation as
+/// applied; otherwise what differs.
+pub async fn converged(api: &Api, docker: &Docker, device: &str) -> Result<(), String> {
+    let view = api.device(device).await.ok_or_else(|| format!("device {device} unknown"))?;
+    let desired = &view["desired"];
+    let generation = desired["generation"].as_u64().unwrap_or(0);
+    let applied = view["applied_generation"].as_u64().unwrap_or(0);
+    if applied != generation {
+        return Err(format!("device applied generation {applied}, desired is {generation}"));
+    }
+    let seen = device_containers(docker, device).await;
+    let mut problems = Vec::new();
+    let mut expected = std::collections::HashSet::new();
+    for app in desired["apps"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let app_name = app["spec"]["name"].as_str().unwrap_or_default();
+        let should_run = app["run"] == "running";
+        for spec in app["spec"]["containers"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let cname = spec["name"].as_str().unwrap_or_default();
+            let image = spec["image"].as_str().unwrap_or_default();
+            let name = format!("drover-{device}-{app_name}-{cname}");
+            expected.insert(name.clone());
+            let found: Vec<&SeenContainer> = seen.iter().filter(|c| c.app == app_name && c.container == cname).collect();
+            match found.as_slice() {
+                [] => problems.push(format!("{name}: missing")),
+                [c] => {
+                    if c.name != name {
+                        problems.push(format!("{app_name}/{cname}: named {}, expected {name}", c.name));
+                    }
+                    if c.running != should_run {
+                        problems.push(format!("{name}: running={}, desired run={}", c.running, app["run"]));
+                    }
+                    let tagged = image.rsplit('/').next().is_some_and(|last| last.contains(':') || last.contains('@'));
+                    // An untagged reference means `:latest`.
+                    let same = c.image == image || (!tagged && c.image == format!("{image}:latest"));
+                    if !same {
+                        problems.push(format!("{name}: image {}, desired {image}", c.image));
+                    }
+                }
+                many => problems.push(format!("{name}: {} containers (duplicates)", many.len())),
+            }
+        }
+    }
+    for c in seen.iter().filter(|c| !expected.contains(&c.name)) {
+        problems.push(format!("{}: managed for {device} but not desired (app {}, container {})", c.name, c.app, c.container));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("generation {generation}: {}", problems.join("; ")))
+    }
+}
+
+/// Polls [`converged`] until it holds; returns how long that took, or
+/// panics with the last difference seen.
+pub async fn wait_converged(api: &Api, docker: &Docker, device: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let Err(last) = converged(api, docker, device).await else { return start.elapsed() };
+        assert!(start.elapsed() < timeout, "device {device} not converged after {timeout:?}: {last}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every operation of `device`, newest first.
+pub async fn operations(api: &Api, device: &str) -> Vec<Value> {
+    let (s, v) = api.get(&format!("/api/v1/operations?device={device}&limit=10000")).await;
+    assert_eq!(s, 200, "list operations: {v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn is_final(op: &Value) -> bool {
+    matches!(op["status"].as_str(), Some("succeeded" | "failed" | "superseded"))
+}
+
+/// Polls until every operation of `device` is final (succeeded, failed or
+/// superseded); returns them, newest first, or panics naming the open ones.
+pub async fn wait_all_ops_final(api: &Api, device: &str, timeout: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let ops = operations(api, device).await;
+        let open: Vec<&Value> = ops.iter().filter(|o| !is_final(o)).collect();
+        if open.is_empty() {
+            return ops;
+        }
+        assert!(start.elapsed() < timeout, "operations of {device} still open after {timeout:?}: {open:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removes every container labelled for `device` (cleanup for tests whose
+/// agent is gone or never existed as an [`Agent`]).
+pub fn remove_device_containers(device: &str) {
+    let out = std::process::Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=io.drover.device={device}")]).output();
+    if let Ok(out) = out {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
 }

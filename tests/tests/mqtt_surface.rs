@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use drover::server::BrokerMode;
 use drover_shared::codec::{encode_with_version, MAX_PAYLOAD_BYTES};
-use drover_shared::payload::{Heartbeat, Status};
+use drover_shared::model::DesiredState;
+use drover_shared::payload::{Desired, Heartbeat, Status};
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{encode, DeviceId};
 use drover_tests::*;
@@ -116,6 +117,62 @@ async fn garbage_on_every_topic_is_counted_and_changes_nothing() {
     // And the agent survived its share and still obeys: stop works.
     let (_, op) = orch.api.post(&format!("/api/v1/devices/{}/apps/{app}/stop", agent.id), &json!(null)).await;
     assert_eq!(orch.api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"));
+    untag(&image);
+    orch.stop().await;
+}
+
+/// Retained garbage on the `desired` topic is the first thing a restarting
+/// agent reads. It must neither crash the agent nor replace the desired
+/// state the agent keeps locally (a payload that decoded as "generation 999,
+/// no apps" would remove everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_garbage_on_desired_then_agent_restart_keeps_state() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let mut agent = Agent::spawn(&orch.broker_url(), &unique("rjunk"));
+    online(&orch.api, &agent.id).await;
+    let image = fresh_image(&unique("rjunk")).await;
+    let app = unique("rapp");
+    orch.api.create_app(&app, &image).await;
+    let (_, op) = orch.api.post(&format!("/api/v1/devices/{}/apps", agent.id), &json!({"app": app})).await;
+    assert_eq!(orch.api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"));
+    let name = agent.container_name(&app, "main");
+    let id_before = docker
+        .inspect_container(&name, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+        .expect("container exists")
+        .id;
+
+    let topic = Topics::default().device(&DeviceId::new(agent.id.clone()).expect("id"), TopicKind::Desired);
+    let wipe = Desired { state: DesiredState { generation: 999, apps: Vec::new() } };
+    let valid_wipe = encode(&wipe);
+    let payloads: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\xff\x00 definitely not cbor".to_vec()),
+        ("truncated", valid_wipe[..valid_wipe.len() - 3].to_vec()),
+        ("wrong version", encode_with_version(2, &wipe)),
+        ("wrong type", encode(&Status { online: true, at_ms: 1 })),
+    ];
+    for (i, (what, payload)) in payloads.iter().enumerate() {
+        agent.kill().await;
+        mosquitto_pub(orch.mqtt_port, &topic, payload, true).await;
+        agent.start(&orch.broker_url());
+        online(&orch.api, &agent.id).await;
+        // The retained payload arrives on subscribe, before this command: once
+        // it is done, the agent has read (and survived) the garbage.
+        let verb = if i % 2 == 0 { "stop" } else { "start" };
+        let (s, op) = orch.api.post(&format!("/api/v1/devices/{}/apps/{app}/{verb}", agent.id), &json!(null)).await;
+        assert_eq!(s, 202, "{op}");
+        assert_eq!(orch.api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"), "{verb} after retained {what}");
+        let d = orch.api.device(&agent.id).await.expect("device");
+        assert_eq!(d["observed"]["desired_generation"], json!(i + 2), "retained {what} must not be adopted: {d}");
+    }
+    wait_converged(&orch.api, &docker, &agent.id, OP_TIMEOUT).await;
+    let id_after = docker
+        .inspect_container(&name, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+        .expect("container still exists")
+        .id;
+    assert_eq!(id_after, id_before, "the container was never removed or recreated");
     untag(&image);
     orch.stop().await;
 }

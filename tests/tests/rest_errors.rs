@@ -73,3 +73,28 @@ async fn unknown_things_are_404() {
     assert_eq!(s, 404);
     orch.stop().await;
 }
+
+#[tokio::test]
+async fn apps_can_be_replaced_but_not_renamed() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    api.create_app("web", "busybox:1").await;
+    let v2 = json!({"name": "web", "containers": [{"name": "main", "image": "busybox:2", "env": {"A": "1"}}]});
+    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/web", &v2).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = api.get("/api/v1/apps/web").await;
+    assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:2"));
+    assert!(v["updated_at_ms"].as_u64() >= v["created_at_ms"].as_u64());
+
+    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/other", &v2).await;
+    assert_eq!((s, v["error"]["field"].clone()), (400, json!("name")), "{v}");
+    let other = json!({"name": "other", "containers": [{"name": "main", "image": "busybox:2"}]});
+    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/other", &other).await;
+    assert_eq!((s, v["error"]["field"].clone()), (404, json!("app")), "{v}");
+    let bad = json!({"name": "web", "containers": [{"name": "main", "image": ""}]});
+    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/web", &bad).await;
+    assert_eq!((s, v["error"]["field"].clone()), (400, json!("containers[0].image")), "{v}");
+    let (_, v) = api.get("/api/v1/apps/web").await;
+    assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:2"), "a rejected update changes nothing");
+    orch.stop().await;
+}

@@ -30,7 +30,7 @@ fn spec(container: &str, image: &str) -> ContainerSpec {
 }
 
 fn app(name_: &str, run: RunState, containers: Vec<ContainerSpec>) -> DesiredApp {
-    DesiredApp { spec: AppSpec { name: name(name_), containers, labels: Default::default() }, run }
+    DesiredApp { spec: AppSpec { name: name(name_), containers, labels: Default::default() }, run, started_at: 1 }
 }
 
 fn desired(generation: u64, apps: Vec<DesiredApp>) -> DesiredState {
@@ -388,7 +388,7 @@ fn exited(id: &str, app: &str, s: &ContainerSpec, code: Option<i64>) -> ManagedC
 fn settled_as(d: &DesiredState) -> Settled {
     d.apps
         .iter()
-        .flat_map(|a| a.spec.containers.iter().map(move |c| ((a.spec.name.clone(), c.name.clone()), (c.fingerprint(), a.run))))
+        .flat_map(|a| a.spec.containers.iter().map(move |c| ((a.spec.name.clone(), c.name.clone()), (c.fingerprint(), a.run, a.started_at))))
         .collect()
 }
 
@@ -502,8 +502,11 @@ async fn a_left_exited_container_is_reported_once_and_shown_failed() {
     assert_eq!(exits.len(), 1, "reported once: {exits:?}");
     assert_eq!(exits[0].detail, "container exited with code 137; restart policy no leaves it exited");
 
-    // An explicit start command overrides the policy.
-    r.intents().run(name("web"));
+    // An explicit start (a newer `started_at`) overrides the policy, in
+    // the desired state itself, whichever message brought it.
+    let mut d = d.clone();
+    d.generation += 1;
+    d.apps[0].started_at = d.generation;
     let report = r.pass(&d, &newer).await.expect("runs").expect("done");
     assert_eq!(*rt.log.lock().expect("lock"), vec!["start id-drover-dev1-web-main"]);
     assert_eq!(report.apps[0].phase, AppPhase::Running);
@@ -550,7 +553,7 @@ async fn restoring_reports_restored_from_local_state_once() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, mut events) = reconciler(Arc::clone(&rt));
     let d = desired(7, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
-    let r = r.restoring(&d);
+    let r = r.restoring(&d, true);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     r.pass(&d, &newer).await.expect("runs");
@@ -559,6 +562,22 @@ async fn restoring_reports_restored_from_local_state_once() {
     assert_eq!(restored.len(), 1);
     assert!(restored[0].detail.contains("generation 7"), "{}", restored[0].detail);
     assert!(restored[0].detail.contains("web/main: container was removed; recreated"), "{}", restored[0].detail);
+}
+
+#[tokio::test]
+async fn restoring_a_generation_never_applied_reports_no_drift() {
+    // The agent was killed mid-deploy: the container was never created.
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let d = desired(7, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let r = r.restoring(&d, false);
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs");
+    let events = drain_events(&mut events);
+    assert!(!events.iter().any(|e| e.kind == EventKind::DriftRepaired), "{events:?}");
+    let restored: Vec<&DeviceEvent> = events.iter().filter(|e| e.kind == EventKind::RestoredFromLocalState).collect();
+    assert_eq!(restored.len(), 1, "still restored from local state: {events:?}");
+    assert!(!restored[0].detail.contains("was removed"), "{}", restored[0].detail);
 }
 
 // ----- pull retries, disk, cleanup --------------------------------------------

@@ -131,7 +131,12 @@ pub fn client(config: &AgentConfig, device: &DeviceId) -> (Publisher, EventLoop,
         qos(TopicKind::Status.qos()),
         TopicKind::Status.retained(),
     ));
-    let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    // Acks and state reports are small packets that should go out at once,
+    // not wait for Nagle's algorithm and the broker's delayed ACK.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let (online_tx, online_rx) = watch::channel(false);
     let publisher = Publisher { client, topics: config.topics.clone(), device: device.clone(), online: online_rx };
     (publisher, eventloop, online_tx)

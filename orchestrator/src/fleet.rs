@@ -380,6 +380,11 @@ impl Fleet {
         })
     }
 
+    /// (known, online), without building views.
+    pub fn device_counts(&self) -> (usize, usize) {
+        (self.devices.len(), self.devices.values().filter(|d| d.record.online).count())
+    }
+
     pub fn device_views(&self) -> Vec<DeviceView> {
         self.devices.keys().filter_map(|id| self.device_view(id)).collect()
     }

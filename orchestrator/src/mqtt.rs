@@ -67,7 +67,17 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
     opts.set_inflight(100);
-    AsyncClient::new(opts, 4_096)
+    let (client, mut eventloop) = AsyncClient::new(opts, 4_096);
+    eventloop.set_network_options(nodelay());
+    (client, eventloop)
+}
+
+/// Commands and acks are small packets that should go out at once, not wait
+/// for Nagle's algorithm and the peer's delayed ACK (about 40 ms each way).
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
 }
 
 /// Drives the event loop until the process ends. Polling again right after

@@ -11,7 +11,7 @@ use drover_shared::payload::{Action, Command, Desired, Op};
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{encode, DeviceId, Name};
 use rumqttc::AsyncClient;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::fleet::{Fleet, FleetError};
@@ -32,9 +32,50 @@ pub enum ServiceError {
     Store(#[from] StoreError),
 }
 
+/// Writes handed to the store writer; `done` is told the outcome when the
+/// caller must not go on before the change is durable.
+struct WriteJob {
+    writes: Vec<Write>,
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// How many queued jobs one redb transaction may take at most.
+const MAX_JOBS_PER_TRANSACTION: usize = 512;
+
+/// The one store writer: redb allows a single writer and fsyncs each
+/// commit, so everything queued while a commit runs goes into the next
+/// transaction together. Jobs are applied in the order they were queued.
+async fn store_writer(store: Store, mut jobs: mpsc::Receiver<WriteJob>, metrics: Arc<Metrics>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_JOBS_PER_TRANSACTION {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<Write> = batch.iter().flat_map(|j| j.writes.iter().cloned()).collect();
+        let store = store.clone();
+        let res = tokio::task::spawn_blocking(move || store.write(&writes))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))));
+        let res = res.map_err(|e| e.to_string());
+        if let Err(e) = &res {
+            metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, jobs = batch.len(), "store transaction failed");
+        }
+        for job in batch {
+            if let Some(done) = job.done {
+                let _ = done.send(res.clone().map_err(StoreError::Db));
+            }
+        }
+    }
+}
+
 pub struct Service {
     fleet: Mutex<Fleet>,
     store: Store,
+    writer: mpsc::Sender<WriteJob>,
     mqtt: AsyncClient,
     topics: Topics,
     pub metrics: Arc<Metrics>,
@@ -43,22 +84,34 @@ pub struct Service {
 impl Service {
     pub fn new(store: Store, mqtt: AsyncClient, topics: Topics, metrics: Arc<Metrics>) -> Result<Service, StoreError> {
         let fleet = Fleet::load(store.devices()?, store.apps()?, store.desired()?, store.operations()?);
-        Ok(Service { fleet: Mutex::new(fleet), store, mqtt, topics, metrics })
+        let (writer, jobs) = mpsc::channel(10_000);
+        tokio::spawn(store_writer(store.clone(), jobs, metrics.clone()));
+        Ok(Service { fleet: Mutex::new(fleet), store, writer, mqtt, topics, metrics })
     }
 
-    /// Runs a redb transaction on the blocking pool.
+    /// Stores writes and waits until they are durable.
     async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
-        let store = self.store.clone();
-        let res = tokio::task::spawn_blocking(move || store.write(&writes))
+        let (done, outcome) = oneshot::channel();
+        self.writer
+            .send(WriteJob { writes, done: Some(done) })
             .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))));
-        if res.is_err() {
-            self.metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
+            .map_err(|_| StoreError::Db("the store writer has stopped".into()))?;
+        outcome.await.unwrap_or_else(|_| Err(StoreError::Db("the store writer has stopped".into())))
+    }
+
+    /// Queues writes of device observations without waiting: they are the
+    /// agent's facts, re-sent with its next report if this one were lost,
+    /// and the service loop must not stall on an fsync per message.
+    async fn record(&self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
         }
-        res
+        if self.writer.send(WriteJob { writes, done: None }).await.is_err() {
+            warn!("the store writer has stopped; device report not stored");
+        }
     }
 
     fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
@@ -102,11 +155,7 @@ impl Service {
             }
         }
         drop(fleet);
-        // Observations are the agent's facts; losing one to a failed write
-        // is healed by the next report, so it is logged, not fatal.
-        if let Err(e) = self.persist(fx.writes).await {
-            warn!(error = %e, "could not store device report");
-        }
+        self.record(fx.writes).await;
     }
 
     /// After (re)connecting to the broker, every device's desired state is
@@ -242,9 +291,7 @@ impl Service {
     }
 
     pub async fn metrics_text(&self) -> String {
-        let fleet = self.fleet.lock().await;
-        let views = fleet.device_views();
-        let online = views.iter().filter(|v| v.online).count();
-        self.metrics.render(views.len(), online)
+        let (total, online) = self.fleet.lock().await.device_counts();
+        self.metrics.render(total, online)
     }
 }

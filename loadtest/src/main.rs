@@ -51,9 +51,9 @@ struct CommonArgs {
     /// MQTT keep-alive of each agent (the real agent's default is 10).
     #[arg(long, global = true, default_value_t = 10)]
     keep_alive_secs: u64,
-    /// Set TCP_NODELAY on the agents' sockets (rumqttc and the real agent
-    /// leave it off).
-    #[arg(long, global = true)]
+    /// TCP_NODELAY on the agents' sockets: on by default, as the real agent
+    /// sets it; `--tcp-nodelay false` for rumqttc's default.
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set)]
     tcp_nodelay: bool,
     /// Agents started per second (start times jittered within each slot).
     #[arg(long, global = true, default_value_t = 500.0)]

@@ -75,7 +75,7 @@ impl Common {
             self.heartbeat.as_secs(),
             self.telemetry.as_secs(),
             self.keep_alive.as_secs(),
-            if self.tcp_nodelay { ", agents with TCP_NODELAY" } else { "" },
+            if self.tcp_nodelay { ", agents with TCP_NODELAY (as the real agent)" } else { ", agents without TCP_NODELAY" },
             self.ramp_per_sec,
             t.mqtt_hosts.len(),
             t.mqtt_hosts.first().map_or("", String::as_str),

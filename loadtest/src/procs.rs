@@ -112,7 +112,13 @@ pub fn raise_nofile(want: u64) -> Result<u64, ProcError> {
                 .map_err(|e| ProcError::Rlimit(e.into()))?;
             Ok(hard)
         }
-        Err(e) => Err(ProcError::Rlimit(e.into())),
+        // Not allowed to go higher (no CAP_SYS_RESOURCE, e.g. in a
+        // container): run at the limit there is; steps beyond it break with
+        // "too many open files", which the table records as the limit found.
+        Err(e) => {
+            warn!(error = %e, want, limit = soft, "cannot raise the open-file limit; running at the current one");
+            Ok(soft)
+        }
     }
 }
 

@@ -39,6 +39,10 @@ pub struct Effects {
     pub writes: Vec<Write>,
     /// The device is behind: publish its desired state again.
     pub republish: bool,
+    /// The device has applied more than its last state report we hold
+    /// says (the report was lost, e.g. dropped by a broker's full queue):
+    /// ask it to send its state again.
+    pub resync: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +151,8 @@ impl Fleet {
                 }
                 let behind = h.applied_generation < self.desired.get(id).map_or(0, |d| d.generation);
                 let was_behind = dev.heartbeat.as_ref().is_some_and(|p| p.applied_generation == h.applied_generation);
+                let reported = dev.record.observed.as_ref().map_or(0, |o| o.applied_generation);
+                fx.resync = h.applied_generation > reported;
                 dev.heartbeat = Some(h);
                 // Behind on two heartbeats in a row with no progress: resend.
                 fx.republish = behind && was_behind;
@@ -601,6 +607,22 @@ mod tests {
         f.on_device_message(&id("pi"), report(2, vec![stopped]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Superseded);
         assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Succeeded);
+    }
+
+    #[test]
+    fn a_heartbeat_ahead_of_the_last_state_report_asks_for_a_resync() {
+        let mut f = fleet_with_device();
+        let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let hb = |g| DeviceMessage::Heartbeat(Heartbeat { at_ms: 0, seq: 1, uptime_s: 1, applied_generation: g });
+        assert!(!f.on_device_message(&id("pi"), hb(0), 3).resync, "nothing applied, nothing lost");
+        // The state report for generation 1 was dropped; the heartbeat says 1.
+        let fx = f.on_device_message(&id("pi"), hb(1), 4);
+        assert!(fx.resync);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Pending, "not settled from a heartbeat alone");
+        let running = AppStatus { name: name("web"), phase: AppPhase::Running, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        f.on_device_message(&id("pi"), report(1, vec![running]), 5);
+        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
+        assert!(!f.on_device_message(&id("pi"), hb(1), 6).resync);
     }
 
     #[test]

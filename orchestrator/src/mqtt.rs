@@ -67,7 +67,7 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
     opts.set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4_096);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16_384);
     eventloop.set_network_options(nodelay());
     (client, eventloop)
 }

@@ -155,6 +155,10 @@ impl Service {
             }
         }
         drop(fleet);
+        if fx.resync {
+            let cmd = Command { id: uuid::Uuid::new_v4().to_string(), issued_at_ms: now_ms(), action: Action::Resync };
+            self.publish(&id, TopicKind::Cmd, encode(&cmd));
+        }
         self.record(fx.writes).await;
     }
 
@@ -225,29 +229,47 @@ impl Service {
         let (desired, operation, writes) = fleet.request(device, op, app, id.clone(), now)?;
         self.persist(writes).await?;
         fleet.commit_request(desired.clone(), operation.clone());
+        drop(fleet);
         info!(device = %device, app = %app, op = op.as_str(), generation = desired.generation, operation = %id, "desired state changed");
         // Retained desired state first: it is what a reconnecting device
         // reads. The command carries the same state plus the id to ack.
-        let sent = self.publish_desired(device, &desired)
-            && self.publish(
-                device,
-                TopicKind::Cmd,
-                encode(&Command {
-                    id: id.clone(),
-                    issued_at_ms: now,
-                    action: Action::Apply { op, app: app.clone(), desired },
-                }),
-            );
+        // Outside the fleet lock, waiting for room in the MQTT queue: a burst
+        // of requests slows down instead of dropping publishes.
+        let cmd = Command { id: id.clone(), issued_at_ms: now, action: Action::Apply { op, app: app.clone(), desired: desired.clone() } };
+        let sent = self.publish_waiting(device, TopicKind::Desired, encode(&Desired { state: desired })).await
+            && self.publish_waiting(device, TopicKind::Cmd, encode(&cmd)).await;
         if sent {
-            if let Some(w) = fleet.mark_sent(&id, now_ms()) {
-                drop(fleet);
+            let w = self.fleet.lock().await.mark_sent(&id, now_ms());
+            if let Some(w) = w {
                 if let Err(e) = self.persist(vec![w]).await {
                     warn!(error = %e, "could not store operation status");
                 }
-                return Ok(self.operation(&id).await.unwrap_or(operation));
             }
         }
-        Ok(fleet.operation(&id).unwrap_or(operation))
+        Ok(self.operation(&id).await.unwrap_or(operation))
+    }
+
+    /// Publishes, waiting up to a few seconds for room in the client's
+    /// queue; on time-out the device gets its state on the next resync.
+    async fn publish_waiting(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
+        let topic = self.topics.device(device, kind);
+        let publish = self.mqtt.publish(topic, qos(kind), kind.retained(), payload);
+        match tokio::time::timeout(std::time::Duration::from_secs(5), publish).await {
+            Ok(Ok(())) => {
+                self.metrics.mqtt_published.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Ok(Err(e)) => {
+                self.metrics.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(device = %device, %kind, error = %e, "publish failed; the device will get it on resync");
+                false
+            }
+            Err(_) => {
+                self.metrics.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(device = %device, %kind, "MQTT queue full for 5 s; the device will get it on resync");
+                false
+            }
+        }
     }
 
     /// From memory, or from redb for an old finished operation that was

@@ -399,6 +399,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+            // [drover patch] MQTT packets are small and latency-bound: do
+            // not hold them back for Nagle's algorithm (measured ~40 ms of a
+            // ~90 ms idle command round trip).
+            let _ = stream.set_nodelay(true);
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,

@@ -69,7 +69,10 @@ fn drover_payload_limit() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen for MQTT on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("invalid broker setting: {0}")]
     Config(String),
 }
@@ -85,7 +88,9 @@ impl Broker {
     /// starts the router thread. Nothing is listening until [`Broker::run`].
     pub fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         if config.max_connections == 0 {
-            return Err(BrokerError::Config("max_connections must be at least 1".into()));
+            return Err(BrokerError::Config(
+                "max_connections must be at least 1".into(),
+            ));
         }
         if config.max_segment_size < 2 * config.max_payload_size {
             return Err(BrokerError::Config(format!(
@@ -96,8 +101,10 @@ impl Broker {
         // rumqttd binds inside its accept loop and cannot report a failure
         // to bind except by logging; probe first so a taken port is a clear,
         // early error.
-        std::net::TcpListener::bind(config.listen)
-            .map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+        std::net::TcpListener::bind(config.listen).map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
 
         let router_config = RouterConfig {
             max_connections: config.max_connections,

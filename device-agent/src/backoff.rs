@@ -15,13 +15,18 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { base, max: max.max(base) }
+        Backoff {
+            base,
+            max: max.max(base),
+        }
     }
 
     /// The upper bound of the wait after the `attempt`-th failure (1-based).
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let shift = attempt.saturating_sub(1).min(32);
-        self.base.saturating_mul(1u32 << shift.min(31)).min(self.max)
+        self.base
+            .saturating_mul(1u32 << shift.min(31))
+            .min(self.max)
     }
 
     /// `fraction` in [0, 1] picks the point below the ceiling; a pure
@@ -49,7 +54,11 @@ mod tests {
         let c: Vec<u64> = (1..=8).map(|a| b().ceiling(a).as_secs()).collect();
         assert_eq!(c, vec![1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(b().ceiling(0), Duration::from_secs(1));
-        assert_eq!(b().ceiling(u32::MAX), Duration::from_secs(60), "no overflow on huge attempt counts");
+        assert_eq!(
+            b().ceiling(u32::MAX),
+            Duration::from_secs(60),
+            "no overflow on huge attempt counts"
+        );
     }
 
     #[test]
@@ -57,7 +66,11 @@ mod tests {
         assert_eq!(b().delay_at(3, 0.0), Duration::ZERO);
         assert_eq!(b().delay_at(3, 1.0), Duration::from_secs(4));
         assert_eq!(b().delay_at(3, 0.5), Duration::from_secs(2));
-        assert_eq!(b().delay_at(3, 7.0), Duration::from_secs(4), "fraction is clamped");
+        assert_eq!(
+            b().delay_at(3, 7.0),
+            Duration::from_secs(4),
+            "fraction is clamped"
+        );
         for a in 1..20 {
             let d = b().delay(a);
             assert!(d <= b().ceiling(a), "attempt {a}: {d:?}");

@@ -15,15 +15,30 @@ const DEVICE_ID_FILE: &str = "device-id";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot create state directory {path}")]
-    CreateStateDir { path: PathBuf, source: std::io::Error },
+    CreateStateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("state directory {path} is not writable")]
-    StateDirNotWritable { path: PathBuf, source: std::io::Error },
+    StateDirNotWritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read device id from {path}")]
-    ReadDeviceId { path: PathBuf, source: std::io::Error },
+    ReadDeviceId {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("device id in {path} is invalid")]
-    InvalidStoredDeviceId { path: PathBuf, source: drover_shared::IdError },
+    InvalidStoredDeviceId {
+        path: PathBuf,
+        source: drover_shared::IdError,
+    },
     #[error("cannot persist device id to {path}")]
-    WriteDeviceId { path: PathBuf, source: std::io::Error },
+    WriteDeviceId {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Everything [`crate::run`] needs. Build it with [`AgentConfig::new`] and
@@ -92,23 +107,33 @@ impl AgentConfig {
 /// Creates the state directory and proves it is writable, so a broken disk is
 /// a clear start-up error instead of a silent loss of the desired state later.
 pub(crate) fn prepare_state_dir(dir: &Path) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(dir).map_err(|source| ConfigError::CreateStateDir { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| ConfigError::CreateStateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok")
         .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|source| ConfigError::StateDirNotWritable { path: dir.to_path_buf(), source })
+        .map_err(|source| ConfigError::StateDirNotWritable {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Returns the configured id, else the persisted one, else a new one that is
 /// persisted before it is used.
-pub(crate) fn resolve_device_id(configured: Option<&DeviceId>, state_dir: &Path) -> Result<DeviceId, ConfigError> {
+pub(crate) fn resolve_device_id(
+    configured: Option<&DeviceId>,
+    state_dir: &Path,
+) -> Result<DeviceId, ConfigError> {
     if let Some(id) = configured {
         return Ok(id.clone());
     }
     let path = state_dir.join(DEVICE_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(s) => {
-            return DeviceId::new(s.trim()).map_err(|source| ConfigError::InvalidStoredDeviceId { path, source });
+            return DeviceId::new(s.trim())
+                .map_err(|source| ConfigError::InvalidStoredDeviceId { path, source });
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(ConfigError::ReadDeviceId { path, source }),
@@ -126,9 +151,17 @@ pub(crate) fn resolve_device_id(configured: Option<&DeviceId>, state_dir: &Path)
 pub(crate) fn generate_device_id(hostname: &str) -> DeviceId {
     let mut base: String = hostname
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
-    let trimmed = base.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    let trimmed = base
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
     base = trimmed;
     base.truncate(DeviceId::MAX_LEN - 7);
     if base.is_empty() {
@@ -140,8 +173,11 @@ pub(crate) fn generate_device_id(hostname: &str) -> DeviceId {
         Ok(id) => id,
         // Unreachable by construction (sanitised, bounded, alphanumeric start),
         // but a device must never fail to boot over its own name.
-        Err(_) => DeviceId::new(format!("device-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2]))
-            .unwrap_or_else(|e| unreachable!("fixed-form device id rejected: {e}")),
+        Err(_) => DeviceId::new(format!(
+            "device-{:02x}{:02x}{:02x}",
+            suffix[0], suffix[1], suffix[2]
+        ))
+        .unwrap_or_else(|e| unreachable!("fixed-form device id rejected: {e}")),
     }
 }
 
@@ -166,13 +202,19 @@ mod tests {
         let second = resolve_device_id(None, dir.path()).expect("loaded");
         assert_eq!(first, second);
         let configured = DeviceId::new("fixed").expect("valid");
-        assert_eq!(resolve_device_id(Some(&configured), dir.path()).expect("configured"), configured);
+        assert_eq!(
+            resolve_device_id(Some(&configured), dir.path()).expect("configured"),
+            configured
+        );
     }
 
     #[test]
     fn a_corrupt_stored_id_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(DEVICE_ID_FILE), "a/b").expect("write");
-        assert!(matches!(resolve_device_id(None, dir.path()), Err(ConfigError::InvalidStoredDeviceId { .. })));
+        assert!(matches!(
+            resolve_device_id(None, dir.path()),
+            Err(ConfigError::InvalidStoredDeviceId { .. })
+        ));
     }
 }

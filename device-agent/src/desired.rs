@@ -18,7 +18,11 @@ pub struct AckOut {
 
 impl AckOut {
     fn new(command_id: &str, phase: AckPhase, detail: impl Into<String>) -> Self {
-        AckOut { command_id: command_id.to_string(), phase, detail: detail.into() }
+        AckOut {
+            command_id: command_id.to_string(),
+            phase,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -42,7 +46,10 @@ pub struct Intake {
 impl Intake {
     /// Starts from the persisted state, which is adopted without any command.
     pub fn new(stored: Option<DesiredState>) -> Self {
-        Intake { held: stored, ..Default::default() }
+        Intake {
+            held: stored,
+            ..Default::default()
+        }
     }
 
     pub fn held(&self) -> Option<&DesiredState> {
@@ -59,7 +66,10 @@ impl Intake {
     }
 
     pub fn pending_for(&self, generation: u64) -> impl Iterator<Item = &str> {
-        self.pending.iter().filter(move |(_, g)| *g == generation).map(|(id, _)| id.as_str())
+        self.pending
+            .iter()
+            .filter(move |(_, g)| *g == generation)
+            .map(|(id, _)| id.as_str())
     }
 
     /// A desired state arrived, on the `desired` topic (`command: None`) or
@@ -74,20 +84,30 @@ impl Intake {
         match held {
             Some(h) if generation < h => {
                 if let Some(id) = command {
-                    offer.acks.push(AckOut::new(id, AckPhase::Superseded, format!("device holds generation {h}, newer than {generation}")));
+                    offer.acks.push(AckOut::new(
+                        id,
+                        AckPhase::Superseded,
+                        format!("device holds generation {h}, newer than {generation}"),
+                    ));
                 }
             }
             Some(h) if generation == h => {
                 if let Some(id) = command {
                     match &self.outcome {
-                        Some((g, failure)) if *g == generation => offer.acks.push(final_ack(id, failure.as_deref())),
+                        Some((g, failure)) if *g == generation => {
+                            offer.acks.push(final_ack(id, failure.as_deref()))
+                        }
                         _ => self.add_pending(id, generation),
                     }
                 }
             }
             _ => {
                 for (id, _) in std::mem::take(&mut self.pending) {
-                    offer.acks.push(AckOut::new(&id, AckPhase::Superseded, format!("replaced by generation {generation}")));
+                    offer.acks.push(AckOut::new(
+                        &id,
+                        AckPhase::Superseded,
+                        format!("replaced by generation {generation}"),
+                    ));
                 }
                 self.held = Some(state);
                 offer.adopted = true;
@@ -135,11 +155,16 @@ mod tests {
     use super::*;
 
     fn gen(g: u64) -> DesiredState {
-        DesiredState { generation: g, apps: vec![] }
+        DesiredState {
+            generation: g,
+            apps: vec![],
+        }
     }
 
     fn phases(acks: &[AckOut]) -> Vec<(&str, AckPhase)> {
-        acks.iter().map(|a| (a.command_id.as_str(), a.phase)).collect()
+        acks.iter()
+            .map(|a| (a.command_id.as_str(), a.phase))
+            .collect()
     }
 
     #[test]
@@ -148,7 +173,10 @@ mod tests {
         let o = i.offer(gen(1), Some("c1"));
         assert!(o.adopted);
         assert_eq!(phases(&o.acks), vec![("c1", AckPhase::Received)]);
-        assert_eq!(phases(&i.finished(1, None)), vec![("c1", AckPhase::Succeeded)]);
+        assert_eq!(
+            phases(&i.finished(1, None)),
+            vec![("c1", AckPhase::Succeeded)]
+        );
         assert_eq!(i.applied_generation(), 1);
     }
 
@@ -157,7 +185,10 @@ mod tests {
         let mut i = Intake::new(Some(gen(5)));
         let o = i.offer(gen(4), Some("old"));
         assert!(!o.adopted);
-        assert_eq!(phases(&o.acks), vec![("old", AckPhase::Received), ("old", AckPhase::Superseded)]);
+        assert_eq!(
+            phases(&o.acks),
+            vec![("old", AckPhase::Received), ("old", AckPhase::Superseded)]
+        );
         assert!(!i.offer(gen(3), None).adopted);
         assert_eq!(i.held_generation(), 5);
     }
@@ -169,7 +200,14 @@ mod tests {
         i.finished(2, Some("manifest unknown".into()));
         let o = i.offer(gen(2), Some("a-retry"));
         assert!(!o.adopted, "nothing is done twice");
-        assert_eq!(o.acks[1], AckOut { command_id: "a-retry".into(), phase: AckPhase::Failed, detail: "manifest unknown".into() });
+        assert_eq!(
+            o.acks[1],
+            AckOut {
+                command_id: "a-retry".into(),
+                phase: AckPhase::Failed,
+                detail: "manifest unknown".into()
+            }
+        );
     }
 
     #[test]
@@ -181,7 +219,10 @@ mod tests {
         assert_eq!(phases(&o.acks), vec![("b", AckPhase::Received)]);
         let again = i.offer(gen(2), Some("a"));
         assert_eq!(phases(&again.acks), vec![("a", AckPhase::Received)]);
-        assert_eq!(phases(&i.finished(2, None)), vec![("a", AckPhase::Succeeded), ("b", AckPhase::Succeeded)]);
+        assert_eq!(
+            phases(&i.finished(2, None)),
+            vec![("a", AckPhase::Succeeded), ("b", AckPhase::Succeeded)]
+        );
     }
 
     #[test]
@@ -190,10 +231,19 @@ mod tests {
         i.offer(gen(1), Some("one"));
         let o = i.offer(gen(2), Some("two"));
         assert!(o.adopted);
-        assert_eq!(phases(&o.acks), vec![("two", AckPhase::Received), ("one", AckPhase::Superseded)]);
-        assert!(i.finished(1, None).is_empty(), "a stale report answers nothing");
+        assert_eq!(
+            phases(&o.acks),
+            vec![("two", AckPhase::Received), ("one", AckPhase::Superseded)]
+        );
+        assert!(
+            i.finished(1, None).is_empty(),
+            "a stale report answers nothing"
+        );
         assert_eq!(i.applied_generation(), 0);
-        assert_eq!(phases(&i.finished(2, None)), vec![("two", AckPhase::Succeeded)]);
+        assert_eq!(
+            phases(&i.finished(2, None)),
+            vec![("two", AckPhase::Succeeded)]
+        );
     }
 
     #[test]

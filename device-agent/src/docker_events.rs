@@ -26,13 +26,22 @@ const ACTIONS: [&str; 4] = ["die", "stop", "destroy", "oom"];
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// The daemon is local, so there is no herd to spread: a short cap brings
 /// repairs back soon after the daemon returns.
-const RECONNECT: Backoff = Backoff { base: Duration::from_millis(250), max: Duration::from_secs(5) };
+const RECONNECT: Backoff = Backoff {
+    base: Duration::from_millis(250),
+    max: Duration::from_secs(5),
+};
 
 /// Runs until the trigger channel closes.
 pub async fn watch(runtime: DockerRuntime, device: DeviceId, trigger: mpsc::Sender<()>) {
     let filters: HashMap<&str, Vec<String>> = HashMap::from([
         ("type", vec!["container".to_string()]),
-        ("label", vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DEVICE}={device}")]),
+        (
+            "label",
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_DEVICE}={device}"),
+            ],
+        ),
         ("event", ACTIONS.iter().map(|a| a.to_string()).collect()),
     ]);
     let mut failures: u32 = 0;
@@ -61,13 +70,18 @@ pub async fn watch(runtime: DockerRuntime, device: DeviceId, trigger: mpsc::Send
             }
             was_down = false;
             let since = Instant::now();
-            let mut stream = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+            let mut stream =
+                docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
             // Anything may have happened while nobody watched.
             let _ = trigger.try_send(());
             loop {
                 match stream.next().await {
                     Some(Ok(ev)) => {
-                        let id = ev.actor.as_ref().and_then(|a| a.id.as_deref()).unwrap_or("");
+                        let id = ev
+                            .actor
+                            .as_ref()
+                            .and_then(|a| a.id.as_deref())
+                            .unwrap_or("");
                         debug!(action = ev.action.as_deref().unwrap_or(""), container = %short(id), "docker event");
                         // Full channel: a pass is already due, which is enough.
                         if trigger.try_send(()).is_err() && trigger.is_closed() {

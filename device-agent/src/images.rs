@@ -15,11 +15,20 @@ const FILE_NAME: &str = "images.json";
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot decode {path}")]
-    Decode { path: PathBuf, source: serde_json::Error },
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,18 +60,29 @@ impl ImageLedger {
         let path = state_dir.join(FILE_NAME);
         let images = match std::fs::read(&path) {
             Ok(bytes) => {
-                serde_json::from_slice::<File>(&bytes).map_err(|source| LedgerError::Decode { path: path.clone(), source })?.images
+                serde_json::from_slice::<File>(&bytes)
+                    .map_err(|source| LedgerError::Decode {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .images
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(LedgerError::Read { path, source }),
         };
-        Ok(ImageLedger { path: Some(path), images })
+        Ok(ImageLedger {
+            path: Some(path),
+            images,
+        })
     }
 
     /// An empty ledger that saves to `<state_dir>/images.json`, for when the
     /// old file could not be read.
     pub fn empty_at(state_dir: &Path) -> Self {
-        ImageLedger { path: Some(state_dir.join(FILE_NAME)), images: BTreeMap::new() }
+        ImageLedger {
+            path: Some(state_dir.join(FILE_NAME)),
+            images: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -72,7 +92,10 @@ impl ImageLedger {
     /// The bytes to save, or `None` for an in-memory ledger.
     pub fn snapshot(&self) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.path.clone()?;
-        let bytes = serde_json::to_vec_pretty(&File { images: self.images.clone() }).unwrap_or_default();
+        let bytes = serde_json::to_vec_pretty(&File {
+            images: self.images.clone(),
+        })
+        .unwrap_or_default();
         Some((path, bytes))
     }
 }
@@ -88,7 +111,10 @@ pub fn write_snapshot(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|source| LedgerError::Write { path: path.to_path_buf(), source })
+    write().map_err(|source| LedgerError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Which pulled images to remove now: those no desired app references and
@@ -118,7 +144,18 @@ mod tests {
     use super::*;
 
     fn pulled(entries: &[(&str, u64)]) -> BTreeMap<String, PulledImage> {
-        entries.iter().map(|(r, t)| (r.to_string(), PulledImage { pulled_at_ms: 0, last_used_ms: *t })).collect()
+        entries
+            .iter()
+            .map(|(r, t)| {
+                (
+                    r.to_string(),
+                    PulledImage {
+                        pulled_at_ms: 0,
+                        last_used_ms: *t,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn set(items: &[&str]) -> HashSet<String> {
@@ -141,12 +178,26 @@ mod tests {
 
     #[test]
     fn keep_spares_the_most_recently_used_and_max_bounds_a_pass() {
-        let p = pulled(&[("old:1", 10), ("mid:1", 20), ("new:1", 30), ("newest:1", 40)]);
+        let p = pulled(&[
+            ("old:1", 10),
+            ("mid:1", 20),
+            ("new:1", 30),
+            ("newest:1", 40),
+        ]);
         let none = HashSet::new();
-        assert_eq!(select_for_cleanup(&p, &none, &none, 1, 10), vec!["old:1", "mid:1", "new:1"]);
+        assert_eq!(
+            select_for_cleanup(&p, &none, &none, 1, 10),
+            vec!["old:1", "mid:1", "new:1"]
+        );
         assert_eq!(select_for_cleanup(&p, &none, &none, 2, 1), vec!["old:1"]);
-        assert_eq!(select_for_cleanup(&p, &none, &none, 10, 10), Vec::<String>::new());
-        assert_eq!(select_for_cleanup(&p, &none, &none, 0, 0), Vec::<String>::new());
+        assert_eq!(
+            select_for_cleanup(&p, &none, &none, 10, 10),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            select_for_cleanup(&p, &none, &none, 0, 0),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -154,7 +205,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut l = ImageLedger::load(dir.path()).expect("empty");
         assert!(l.images.is_empty());
-        l.images.insert("x:1".into(), PulledImage { pulled_at_ms: 5, last_used_ms: 6 });
+        l.images.insert(
+            "x:1".into(),
+            PulledImage {
+                pulled_at_ms: 5,
+                last_used_ms: 6,
+            },
+        );
         let (path, bytes) = l.snapshot().expect("has a path");
         write_snapshot(&path, &bytes).expect("writes");
         let back = ImageLedger::load(dir.path()).expect("loads");
@@ -162,6 +219,9 @@ mod tests {
         let files: Vec<_> = std::fs::read_dir(dir.path()).expect("lists").collect();
         assert_eq!(files.len(), 1, "no temporary file is left behind");
         std::fs::write(&path, b"{not json").expect("write");
-        assert!(matches!(ImageLedger::load(dir.path()), Err(LedgerError::Decode { .. })));
+        assert!(matches!(
+            ImageLedger::load(dir.path()),
+            Err(LedgerError::Decode { .. })
+        ));
     }
 }

@@ -18,7 +18,8 @@ pub fn host_facts() -> Hello {
         os: System::long_os_version().unwrap_or_default(),
         kernel: System::kernel_version().unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+        cpus: std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         memory_bytes: sys.total_memory(),
         disk_total_bytes,
         disk_free_bytes,
@@ -40,7 +41,9 @@ pub fn root_disk() -> (u64, u64) {
 
 /// The full inventory. An unreachable daemon is reported, not fatal.
 pub async fn collect(runtime: &DockerRuntime) -> Hello {
-    let mut hello = tokio::task::spawn_blocking(host_facts).await.unwrap_or_default();
+    let mut hello = tokio::task::spawn_blocking(host_facts)
+        .await
+        .unwrap_or_default();
     match runtime.version().await {
         Ok(v) => hello.docker_version = v,
         Err(e) => hello.docker_error = Some(e.to_string()),

@@ -59,7 +59,10 @@ pub(crate) fn now_ms() -> u64 {
 /// Runs the agent until `shutdown` resolves. Returns an error only for a
 /// setup failure (an unwritable state directory); an unreachable broker or
 /// Docker daemon is retried, never fatal.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
     config::prepare_state_dir(&config.state_dir)?;
     let device = config::resolve_device_id(config.device_id.as_ref(), &config.state_dir)?;
     let span = info_span!("device", device = %device);
@@ -67,7 +70,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     Ok(())
 }
 
-async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future<Output = ()> + Send) {
+async fn run_device(
+    config: AgentConfig,
+    device: DeviceId,
+    shutdown: impl Future<Output = ()> + Send,
+) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
     let store = DesiredStore::new(&config.state_dir);
     let stored = match store.load() {
@@ -98,7 +105,10 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         // finished by the first pass.
         let applied = store.load_applied() == Some(s.generation);
         if !applied {
-            info!(generation = s.generation, "stored desired state was not fully applied before the restart; finishing it");
+            info!(
+                generation = s.generation,
+                "stored desired state was not fully applied before the restart; finishing it"
+            );
         }
         reconciler = reconciler.restoring(s, applied);
     }
@@ -117,17 +127,26 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
     );
     let workers = [
         tokio::spawn(
-            reconciler.run(desired_rx, config.reconcile_interval, trigger_rx).instrument(info_span!(parent: &here, "reconcile")),
+            reconciler
+                .run(desired_rx, config.reconcile_interval, trigger_rx)
+                .instrument(info_span!(parent: &here, "reconcile")),
         ),
         tokio::spawn(
             docker_events::watch(runtime.clone(), device.clone(), trigger_tx)
                 .instrument(info_span!(parent: &here, "docker-events")),
         ),
         tokio::spawn(
-            telemetry::run(runtime.clone(), publisher.clone(), config.telemetry_interval)
-                .instrument(info_span!(parent: &here, "telemetry")),
+            telemetry::run(
+                runtime.clone(),
+                publisher.clone(),
+                config.telemetry_interval,
+            )
+            .instrument(info_span!(parent: &here, "telemetry")),
         ),
-        tokio::spawn(logs::run(runtime.clone(), publisher.clone()).instrument(info_span!(parent: &here, "logs"))),
+        tokio::spawn(
+            logs::run(runtime.clone(), publisher.clone())
+                .instrument(info_span!(parent: &here, "logs")),
+        ),
     ];
 
     let core = Core {
@@ -141,7 +160,8 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         observed: ObservedState::default(),
         published: None,
     };
-    core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown).await;
+    core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown)
+        .await;
 
     info!("shutting down");
     publisher.goodbye(now_ms(), GOODBYE_GRACE).await;
@@ -149,7 +169,10 @@ async fn run_device(config: AgentConfig, device: DeviceId, shutdown: impl Future
         w.abort();
     }
     let abort = mqtt_task.abort_handle();
-    if tokio::time::timeout(GOODBYE_GRACE, mqtt_task).await.is_err() {
+    if tokio::time::timeout(GOODBYE_GRACE, mqtt_task)
+        .await
+        .is_err()
+    {
         warn!("broker did not take the disconnect in time");
         abort.abort();
     }
@@ -179,7 +202,10 @@ impl Core {
     ) {
         self.observed.desired_generation = self.intake.held_generation();
         // The first heartbeat goes out with the connect; the ticker follows.
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + heartbeat_every,
+            heartbeat_every,
+        );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
@@ -198,10 +224,15 @@ impl Core {
                 if let Err(e) = self.publisher.subscribe_own() {
                     warn!(error = %e, "could not subscribe");
                 }
-                self.send(&Status { online: true, at_ms: now_ms() });
+                self.send(&Status {
+                    online: true,
+                    at_ms: now_ms(),
+                });
                 self.resync();
             }
-            MqttEvent::Disconnected => debug!("offline; queueing state changes for the next connection"),
+            MqttEvent::Disconnected => {
+                debug!("offline; queueing state changes for the next connection")
+            }
             MqttEvent::Desired(d) => self.offer(d.state, None).await,
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
@@ -209,9 +240,17 @@ impl Core {
                     self.offer(desired, Some(&c.id)).await;
                 }
                 Action::Resync => {
-                    self.ack(&AckOut { command_id: c.id.clone(), phase: AckPhase::Received, detail: String::new() });
+                    self.ack(&AckOut {
+                        command_id: c.id.clone(),
+                        phase: AckPhase::Received,
+                        detail: String::new(),
+                    });
                     self.resync();
-                    self.ack(&AckOut { command_id: c.id, phase: AckPhase::Succeeded, detail: String::new() });
+                    self.ack(&AckOut {
+                        command_id: c.id,
+                        phase: AckPhase::Succeeded,
+                        detail: String::new(),
+                    });
                 }
             },
         }
@@ -243,16 +282,24 @@ impl Core {
             self.ack(ack);
         }
         if !offer.adopted {
-            debug!(generation, held = self.intake.held_generation(), "desired state not adopted");
+            debug!(
+                generation,
+                held = self.intake.held_generation(),
+                "desired state not adopted"
+            );
             return;
         }
-        let Some(held) = self.intake.held().cloned() else { return };
+        let Some(held) = self.intake.held().cloned() else {
+            return;
+        };
         info!(generation, "adopted desired state");
         let store = self.store.clone();
         let to_save = held.clone();
         match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist desired state"),
+            Ok(Err(e)) => {
+                error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist desired state")
+            }
             Err(e) => error!(error = %e, "persisting desired state panicked"),
         }
         self.desired_tx.send_replace(Some(Arc::new(held)));
@@ -262,8 +309,16 @@ impl Core {
 
     fn on_reconcile(&mut self, ev: ReconcileEvent) {
         match ev {
-            ReconcileEvent::Progress { generation, progress, detail } => {
-                let ids: Vec<String> = self.intake.pending_for(generation).map(str::to_string).collect();
+            ReconcileEvent::Progress {
+                generation,
+                progress,
+                detail,
+            } => {
+                let ids: Vec<String> = self
+                    .intake
+                    .pending_for(generation)
+                    .map(str::to_string)
+                    .collect();
                 for id in ids {
                     let ack = Ack {
                         command_id: id,
@@ -317,7 +372,10 @@ impl Core {
         if self.published.as_ref() == Some(&self.observed) {
             return;
         }
-        self.send(&StateReport { at_ms: now_ms(), observed: self.observed.clone() });
+        self.send(&StateReport {
+            at_ms: now_ms(),
+            observed: self.observed.clone(),
+        });
         self.published = Some(self.observed.clone());
     }
 
@@ -333,7 +391,13 @@ impl Core {
 
     fn ack(&self, a: &AckOut) {
         debug!(command = %a.command_id, phase = ?a.phase, "ack");
-        self.send(&Ack { command_id: a.command_id.clone(), at_ms: now_ms(), phase: a.phase, detail: a.detail.clone(), progress: None });
+        self.send(&Ack {
+            command_id: a.command_id.clone(),
+            at_ms: now_ms(),
+            phase: a.phase,
+            detail: a.detail.clone(),
+            progress: None,
+        });
     }
 
     fn send<T: drover_shared::codec::Message>(&self, msg: &T) {

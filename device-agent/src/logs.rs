@@ -75,11 +75,25 @@ fn unix_now_s() -> i64 {
     i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
-async fn follow(docker: bollard::Docker, publisher: Publisher, c: ManagedContainer, since: i64) -> (String, i64) {
+async fn follow(
+    docker: bollard::Docker,
+    publisher: Publisher,
+    c: ManagedContainer,
+    since: i64,
+) -> (String, i64) {
     debug!(container = %c.id, app = %c.app, "following logs");
     let (tx, rx) = mpsc::channel(BUFFER_LINES);
     let dropped = Arc::new(AtomicU64::new(0));
-    let batcher = tokio::spawn(batch(rx, Arc::clone(&dropped), publisher, c.app.clone(), c.container.clone()).in_current_span());
+    let batcher = tokio::spawn(
+        batch(
+            rx,
+            Arc::clone(&dropped),
+            publisher,
+            c.app.clone(),
+            c.container.clone(),
+        )
+        .in_current_span(),
+    );
     let opts = LogsOptionsBuilder::new()
         .follow(true)
         .stdout(true)
@@ -90,7 +104,9 @@ async fn follow(docker: bollard::Docker, publisher: Publisher, c: ManagedContain
     let mut stream = docker.logs(&c.id, Some(opts));
     while let Some(item) = stream.next().await {
         let (stream_kind, bytes) = match item {
-            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => (LogStream::Stdout, message),
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                (LogStream::Stdout, message)
+            }
             Ok(LogOutput::StdErr { message }) => (LogStream::Stderr, message),
             Ok(LogOutput::StdIn { .. }) => continue,
             Err(e) => {
@@ -127,7 +143,11 @@ fn parse_line(raw: &str, stream: LogStream) -> LogLine {
         }
         line.truncate(cut);
     }
-    LogLine { at_ms, stream, line }
+    LogLine {
+        at_ms,
+        stream,
+        line,
+    }
 }
 
 /// Docker writes `2024-05-01T12:34:56.123456789Z`; only UTC is expected.
@@ -181,7 +201,12 @@ async fn batch(
             }
         }
         let n = lines.len() as u64;
-        let msg = LogBatch { app: app.clone(), container: container.clone(), lines, dropped: dropped.swap(0, Ordering::Relaxed) };
+        let msg = LogBatch {
+            app: app.clone(),
+            container: container.clone(),
+            lines,
+            dropped: dropped.swap(0, Ordering::Relaxed),
+        };
         if !publisher.send_sample(&msg) {
             // Offline: these lines are lost too; say so in the next batch.
             dropped.fetch_add(n + msg.dropped, Ordering::Relaxed);
@@ -199,15 +224,24 @@ mod tests {
     #[test]
     fn docker_timestamps_parse_to_unix_millis() {
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_ms("2024-05-01T12:34:56.123456789Z"), Some(1_714_566_896_123));
-        assert_eq!(parse_rfc3339_ms("2000-02-29T00:00:01.5Z"), Some(951_782_401_500));
+        assert_eq!(
+            parse_rfc3339_ms("2024-05-01T12:34:56.123456789Z"),
+            Some(1_714_566_896_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2000-02-29T00:00:01.5Z"),
+            Some(951_782_401_500)
+        );
         assert_eq!(parse_rfc3339_ms("garbage"), None);
     }
 
     #[test]
     fn lines_are_split_and_bounded() {
         let l = parse_line("2024-05-01T12:34:56.1Z hello world", LogStream::Stderr);
-        assert_eq!((l.at_ms, l.line.as_str(), l.stream), (1_714_566_896_100, "hello world", LogStream::Stderr));
+        assert_eq!(
+            (l.at_ms, l.line.as_str(), l.stream),
+            (1_714_566_896_100, "hello world", LogStream::Stderr)
+        );
         let long = format!("2024-05-01T12:34:56Z {}", "é".repeat(MAX_LINE));
         assert!(parse_line(&long, LogStream::Stdout).line.len() <= MAX_LINE);
     }

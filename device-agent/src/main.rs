@@ -60,9 +60,11 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') => {
-            (h, p.parse::<u16>().with_context(|| format!("--broker {url:?}: invalid port {p:?}"))?)
-        }
+        Some((h, p)) if !h.ends_with(':') => (
+            h,
+            p.parse::<u16>()
+                .with_context(|| format!("--broker {url:?}: invalid port {p:?}"))?,
+        ),
         _ => (rest, 1883),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -86,7 +88,8 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
         .device_id
         .map(|d| DeviceId::new(d.clone()).with_context(|| format!("--device-id {d:?} is invalid")))
         .transpose()?;
-    c.topics = Topics::new(args.topic_root.clone()).with_context(|| format!("--topic-root {:?} is invalid", args.topic_root))?;
+    c.topics = Topics::new(args.topic_root.clone())
+        .with_context(|| format!("--topic-root {:?} is invalid", args.topic_root))?;
     c.keep_alive = secs("keep-alive-secs", args.keep_alive_secs)?;
     c.heartbeat_interval = secs("heartbeat-secs", args.heartbeat_secs)?;
     c.telemetry_interval = secs("telemetry-secs", args.telemetry_secs)?;
@@ -95,7 +98,11 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
         bail!("--pull-retry-base-ms must be at least 1");
     }
     if args.pull_retry_max_ms < args.pull_retry_base_ms {
-        bail!("--pull-retry-max-ms ({}) must not be below --pull-retry-base-ms ({})", args.pull_retry_max_ms, args.pull_retry_base_ms);
+        bail!(
+            "--pull-retry-max-ms ({}) must not be below --pull-retry-base-ms ({})",
+            args.pull_retry_max_ms,
+            args.pull_retry_base_ms
+        );
     }
     c.pull_retry_base = Duration::from_millis(args.pull_retry_base_ms);
     c.pull_retry_max = Duration::from_millis(args.pull_retry_max_ms);
@@ -129,11 +136,14 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     let result = match config(args) {
-        Ok(config) => drover_agent::run(config, shutdown_signal()).await.map_err(anyhow::Error::from),
+        Ok(config) => drover_agent::run(config, shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from),
         Err(e) => Err(e),
     };
     match result {
@@ -152,9 +162,18 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(parse_broker("mqtt://127.0.0.1:1883").expect("ok"), ("127.0.0.1".into(), 1883));
-        assert_eq!(parse_broker("mqtt://broker").expect("ok"), ("broker".into(), 1883));
-        assert_eq!(parse_broker("mqtt://[::1]:18830").expect("ok"), ("::1".into(), 18830));
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1883").expect("ok"),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker("mqtt://broker").expect("ok"),
+            ("broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker("mqtt://[::1]:18830").expect("ok"),
+            ("::1".into(), 18830)
+        );
         assert!(parse_broker("mqtts://h:8883").is_err());
         assert!(parse_broker("http://h").is_err());
         assert!(parse_broker("mqtt://h:notaport").is_err());
@@ -168,20 +187,39 @@ mod tests {
     #[test]
     fn pull_and_cleanup_flags() {
         let c = config(args(&[])).expect("defaults are valid");
-        assert_eq!((c.pull_retry_base, c.pull_retry_max), (Duration::from_secs(1), Duration::from_secs(60)));
+        assert_eq!(
+            (c.pull_retry_base, c.pull_retry_max),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
         assert_eq!(c.min_free_disk_bytes, 256 * 1024 * 1024);
         assert!(c.image_cleanup);
         assert_eq!((c.image_cleanup_max_per_pass, c.keep_unused_images), (5, 0));
         let c = config(args(&[
-            "--pull-retry-base-ms", "200", "--pull-retry-max-ms", "2000", "--min-free-disk-mb", "100000000",
-            "--no-image-cleanup", "--keep-unused-images", "3",
+            "--pull-retry-base-ms",
+            "200",
+            "--pull-retry-max-ms",
+            "2000",
+            "--min-free-disk-mb",
+            "100000000",
+            "--no-image-cleanup",
+            "--keep-unused-images",
+            "3",
         ]))
         .expect("valid");
-        assert_eq!((c.pull_retry_base, c.pull_retry_max), (Duration::from_millis(200), Duration::from_secs(2)));
+        assert_eq!(
+            (c.pull_retry_base, c.pull_retry_max),
+            (Duration::from_millis(200), Duration::from_secs(2))
+        );
         assert_eq!(c.min_free_disk_bytes, 100_000_000 * 1024 * 1024);
         assert!(!c.image_cleanup);
         assert_eq!(c.keep_unused_images, 3);
         assert!(config(args(&["--pull-retry-base-ms", "0"])).is_err());
-        assert!(config(args(&["--pull-retry-base-ms", "5000", "--pull-retry-max-ms", "1000"])).is_err());
+        assert!(config(args(&[
+            "--pull-retry-base-ms",
+            "5000",
+            "--pull-retry-max-ms",
+            "1000"
+        ]))
+        .is_err());
     }
 }

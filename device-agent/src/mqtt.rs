@@ -72,7 +72,14 @@ impl Publisher {
     pub fn send<T: Message>(&self, msg: &T) -> Result<(), MqttError> {
         let kind = T::KIND;
         let topic = self.topics.device(&self.device, kind);
-        self.client.try_publish(topic, qos(kind.qos()), kind.retained(), drover_shared::encode(msg)).map_err(MqttError::Queue)
+        self.client
+            .try_publish(
+                topic,
+                qos(kind.qos()),
+                kind.retained(),
+                drover_shared::encode(msg),
+            )
+            .map_err(MqttError::Queue)
     }
 
     /// For periodic samples: while offline they would only be stale by the
@@ -104,9 +111,14 @@ impl Publisher {
     pub(crate) async fn goodbye(&self, at_ms: u64, grace: Duration) {
         let kind = TopicKind::Status;
         let topic = self.topics.device(&self.device, kind);
-        let payload = drover_shared::encode(&Status { online: false, at_ms });
+        let payload = drover_shared::encode(&Status {
+            online: false,
+            at_ms,
+        });
         let send = async {
-            self.client.publish(topic, qos(kind.qos()), kind.retained(), payload).await?;
+            self.client
+                .publish(topic, qos(kind.qos()), kind.retained(), payload)
+                .await?;
             self.client.disconnect().await
         };
         match tokio::time::timeout(grace, send).await {
@@ -118,13 +130,23 @@ impl Publisher {
 }
 
 /// Builds the client and its event loop. Nothing touches the network yet.
-pub fn client(config: &AgentConfig, device: &DeviceId) -> (Publisher, EventLoop, watch::Sender<bool>) {
-    let mut opts = MqttOptions::new(device.as_str(), config.broker_host.clone(), config.broker_port);
+pub fn client(
+    config: &AgentConfig,
+    device: &DeviceId,
+) -> (Publisher, EventLoop, watch::Sender<bool>) {
+    let mut opts = MqttOptions::new(
+        device.as_str(),
+        config.broker_host.clone(),
+        config.broker_port,
+    );
     opts.set_keep_alive(config.keep_alive);
     // A persistent session: requests queued during an outage survive it.
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
-    let will = drover_shared::encode(&Status { online: false, at_ms: 0 });
+    let will = drover_shared::encode(&Status {
+        online: false,
+        at_ms: 0,
+    });
     opts.set_last_will(LastWill::new(
         config.topics.device(device, TopicKind::Status),
         will,
@@ -138,7 +160,12 @@ pub fn client(config: &AgentConfig, device: &DeviceId) -> (Publisher, EventLoop,
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let (online_tx, online_rx) = watch::channel(false);
-    let publisher = Publisher { client, topics: config.topics.clone(), device: device.clone(), online: online_rx };
+    let publisher = Publisher {
+        client,
+        topics: config.topics.clone(),
+        device: device.clone(),
+        online: online_rx,
+    };
     (publisher, eventloop, online_tx)
 }
 
@@ -167,7 +194,9 @@ pub async fn drive(
                     Some((d, TopicKind::Desired)) if d == device => {
                         drover_shared::decode::<Desired>(&p.payload).map(MqttEvent::Desired)
                     }
-                    Some((d, TopicKind::Cmd)) if d == device => drover_shared::decode::<Command>(&p.payload).map(MqttEvent::Command),
+                    Some((d, TopicKind::Cmd)) if d == device => {
+                        drover_shared::decode::<Command>(&p.payload).map(MqttEvent::Command)
+                    }
                     _ => {
                         debug!(topic = %p.topic, "ignoring message on unexpected topic");
                         continue;

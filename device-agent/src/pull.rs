@@ -89,7 +89,12 @@ pub fn containing_mount(path: &Path, mounts: &[PathBuf]) -> Option<usize> {
 const MIB: u64 = 1024 * 1024;
 
 /// `None` when there is room to pull; else the error text the app shows.
-pub fn disk_shortfall(image: &str, root: &Path, free_bytes: u64, min_free_bytes: u64) -> Option<String> {
+pub fn disk_shortfall(
+    image: &str,
+    root: &Path,
+    free_bytes: u64,
+    min_free_bytes: u64,
+) -> Option<String> {
     (free_bytes < min_free_bytes).then(|| {
         format!(
             "not enough free disk for pulling {image}: {} MiB free on {}, {} MiB required",
@@ -140,13 +145,25 @@ mod tests {
 
     #[test]
     fn the_longest_mount_prefix_wins() {
-        let mounts: Vec<PathBuf> = ["/", "/var", "/var/lib/docker", "/var/library"].iter().map(PathBuf::from).collect();
-        let m = |p: &str| containing_mount(Path::new(p), &mounts).map(|i| mounts[i].to_str().unwrap_or_default().to_string());
+        let mounts: Vec<PathBuf> = ["/", "/var", "/var/lib/docker", "/var/library"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let m = |p: &str| {
+            containing_mount(Path::new(p), &mounts)
+                .map(|i| mounts[i].to_str().unwrap_or_default().to_string())
+        };
         assert_eq!(m("/var/lib/docker").as_deref(), Some("/var/lib/docker"));
-        assert_eq!(m("/var/lib/docker/overlay2").as_deref(), Some("/var/lib/docker"));
+        assert_eq!(
+            m("/var/lib/docker/overlay2").as_deref(),
+            Some("/var/lib/docker")
+        );
         assert_eq!(m("/var/lib").as_deref(), Some("/var"));
         assert_eq!(m("/home").as_deref(), Some("/"));
-        assert_eq!(containing_mount(Path::new("/x"), &[PathBuf::from("/y")]), None);
+        assert_eq!(
+            containing_mount(Path::new("/x"), &[PathBuf::from("/y")]),
+            None
+        );
     }
 
     #[test]

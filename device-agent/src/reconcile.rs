@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{
-    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RestartPolicy, RunState,
+    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RestartPolicy,
+    RunState,
 };
 use drover_shared::payload::{DeviceEvent, EventKind, Progress};
 use drover_shared::{DeviceId, Name};
@@ -28,7 +29,9 @@ use crate::backoff::Backoff;
 use crate::images::{self, ImageLedger, PulledImage};
 use crate::now_ms;
 use crate::pull::{self, PullErrorClass};
-use crate::runtime::{container_name, labels_for, ManagedContainer, PullProgress, Runtime, RuntimeError};
+use crate::runtime::{
+    container_name, labels_for, ManagedContainer, PullProgress, Runtime, RuntimeError,
+};
 
 /// Pull progress is sent at most this often per pass (≤ 2/s).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -38,12 +41,31 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// One runtime action. Steps that act on an existing container carry its id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    Pull { app: Name, container: Name, image: String },
-    Create { app: Name, spec: ContainerSpec },
+    Pull {
+        app: Name,
+        container: Name,
+        image: String,
+    },
+    Create {
+        app: Name,
+        spec: ContainerSpec,
+    },
     /// `id: None` starts the container created earlier in the same pass.
-    Start { app: Name, container: Name, id: Option<String> },
-    Stop { app: Name, container: Name, id: String },
-    Remove { app: Name, container: Name, id: String },
+    Start {
+        app: Name,
+        container: Name,
+        id: Option<String>,
+    },
+    Stop {
+        app: Name,
+        container: Name,
+        id: String,
+    },
+    Remove {
+        app: Name,
+        container: Name,
+        id: String,
+    },
 }
 
 impl Step {
@@ -113,8 +135,13 @@ pub struct LeftExited {
 
 impl LeftExited {
     pub fn detail(&self) -> String {
-        let code = self.exit_code.map_or_else(|| "an unknown code".to_string(), |c| format!("code {c}"));
-        format!("container exited with {code}; restart policy {} leaves it exited", self.policy.docker_name())
+        let code = self
+            .exit_code
+            .map_or_else(|| "an unknown code".to_string(), |c| format!("code {c}"));
+        format!(
+            "container exited with {code}; restart policy {} leaves it exited",
+            self.policy.docker_name()
+        )
     }
 }
 
@@ -164,9 +191,17 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
 
     let retire = |c: &ManagedContainer, teardown: &mut Vec<Step>| {
         if c.is_running() {
-            teardown.push(Step::Stop { app: c.app.clone(), container: c.container.clone(), id: c.id.clone() });
+            teardown.push(Step::Stop {
+                app: c.app.clone(),
+                container: c.container.clone(),
+                id: c.id.clone(),
+            });
         }
-        teardown.push(Step::Remove { app: c.app.clone(), container: c.container.clone(), id: c.id.clone() });
+        teardown.push(Step::Remove {
+            app: c.app.clone(),
+            container: c.container.clone(),
+            id: c.id.clone(),
+        });
     };
 
     for app in &desired.apps {
@@ -175,9 +210,13 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
             let hash = spec.fingerprint();
             let is_settled = settled
                 .get(&(app_name.clone(), spec.name.clone()))
-                .is_some_and(|(h, run, started)| *h == hash && *run == app.run && *started == app.started_at);
-            let candidates: Vec<&ManagedContainer> =
-                actual.iter().filter(|c| &c.app == app_name && c.container == spec.name).collect();
+                .is_some_and(|(h, run, started)| {
+                    *h == hash && *run == app.run && *started == app.started_at
+                });
+            let candidates: Vec<&ManagedContainer> = actual
+                .iter()
+                .filter(|c| &c.app == app_name && c.container == spec.name)
+                .collect();
             // Keep one container with the current spec, preferring a running one.
             let keep = candidates
                 .iter()
@@ -190,20 +229,39 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                 }
                 claimed.insert(c.id.as_str());
             }
-            let repair = |drift| Repair { app: app_name.clone(), container: spec.name.clone(), drift };
+            let repair = |drift| Repair {
+                app: app_name.clone(),
+                container: spec.name.clone(),
+                drift,
+            };
             match (keep, app.run) {
                 (None, run) => {
-                    pulls.push(Step::Pull { app: app_name.clone(), container: spec.name.clone(), image: spec.image.clone() });
-                    creates.push(Step::Create { app: app_name.clone(), spec: spec.clone() });
+                    pulls.push(Step::Pull {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        image: spec.image.clone(),
+                    });
+                    creates.push(Step::Create {
+                        app: app_name.clone(),
+                        spec: spec.clone(),
+                    });
                     if run == RunState::Running {
-                        starts.push(Step::Start { app: app_name.clone(), container: spec.name.clone(), id: None });
+                        starts.push(Step::Start {
+                            app: app_name.clone(),
+                            container: spec.name.clone(),
+                            id: None,
+                        });
                     }
                     if candidates.is_empty() && is_settled {
                         repairs.push(repair(Drift::Removed));
                     }
                 }
                 (Some(k), RunState::Running) => {
-                    let start = Step::Start { app: app_name.clone(), container: spec.name.clone(), id: Some(k.id.clone()) };
+                    let start = Step::Start {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: Some(k.id.clone()),
+                    };
                     match k.state.as_str() {
                         // Running, Docker's own restart under way, paused on
                         // purpose, or on its way out: not drift.
@@ -225,7 +283,11 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                     }
                 }
                 (Some(k), RunState::Stopped) if k.is_running() => {
-                    teardown.push(Step::Stop { app: app_name.clone(), container: spec.name.clone(), id: k.id.clone() });
+                    teardown.push(Step::Stop {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: k.id.clone(),
+                    });
                 }
                 _ => {}
             }
@@ -235,7 +297,16 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
     for c in actual.iter().filter(|c| !claimed.contains(c.id.as_str())) {
         retire(c, &mut teardown);
     }
-    Plan { steps: pulls.into_iter().chain(teardown).chain(creates).chain(starts).collect(), repairs, left_exited }
+    Plan {
+        steps: pulls
+            .into_iter()
+            .chain(teardown)
+            .chain(creates)
+            .chain(starts)
+            .collect(),
+        repairs,
+        left_exited,
+    }
 }
 
 /// Sets the phase of apps whose containers their restart policy left
@@ -243,17 +314,26 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
 /// code, `stopped` for a clean exit when nothing else of the app runs.
 pub fn mark_left_exited(apps: &mut [AppStatus], left: &[LeftExited]) {
     for l in left {
-        let Some(a) = apps.iter_mut().find(|a| a.name == l.app) else { continue };
+        let Some(a) = apps.iter_mut().find(|a| a.name == l.app) else {
+            continue;
+        };
         if a.phase == AppPhase::Failed {
             continue;
         }
         if l.exit_code == Some(0) {
-            if a.containers.iter().all(|c| c.state != "running" && c.state != "restarting") {
+            if a.containers
+                .iter()
+                .all(|c| c.state != "running" && c.state != "restarting")
+            {
                 a.phase = AppPhase::Stopped;
             }
         } else {
             a.phase = AppPhase::Failed;
-            a.error = Some(format!("container {} {}", l.container, l.detail().trim_start_matches("container ")));
+            a.error = Some(format!(
+                "container {} {}",
+                l.container,
+                l.detail().trim_start_matches("container ")
+            ));
         }
     }
 }
@@ -296,10 +376,17 @@ pub struct PassReport {
 #[derive(Debug)]
 pub enum ReconcileEvent {
     /// `detail`: the last error while retrying, else empty.
-    Progress { generation: u64, progress: Progress, detail: String },
+    Progress {
+        generation: u64,
+        progress: Progress,
+        detail: String,
+    },
     /// Work has started or is waiting to retry; apps being pulled or
     /// retrying are shown as such.
-    Interim { generation: u64, apps: Vec<AppStatus> },
+    Interim {
+        generation: u64,
+        apps: Vec<AppStatus>,
+    },
     /// The pass finished (converged or failed for good) for this generation.
     Done(PassReport),
     /// Something the agent did or saw on its own, for the `event` topic.
@@ -349,7 +436,9 @@ pub fn observe(
                 .collect();
             let error = errors.get(&app.spec.name).cloned();
             let all_running = containers.iter().all(|c| c.state == "running");
-            let none_running = containers.iter().all(|c| c.state != "running" && c.state != "restarting");
+            let none_running = containers
+                .iter()
+                .all(|c| c.state != "running" && c.state != "restarting");
             let phase = if error.is_some() {
                 AppPhase::Failed
             } else if pulling.contains(&app.spec.name) {
@@ -361,16 +450,29 @@ pub fn observe(
                     _ => AppPhase::Starting,
                 }
             };
-            AppStatus { name: app.spec.name.clone(), phase, error, attempts: 0, next_retry_at_ms: None, containers }
+            AppStatus {
+                name: app.spec.name.clone(),
+                phase,
+                error,
+                attempts: 0,
+                next_retry_at_ms: None,
+                containers,
+            }
         })
         .collect();
     // An app that should be gone but could not be removed is still news.
     for (name, error) in errors.iter().filter(|(n, _)| desired.app(n).is_none()) {
-        apps.push(AppStatus { name: name.clone(), phase: AppPhase::Failed, error: Some(error.clone()), attempts: 0, next_retry_at_ms: None, containers: vec![] });
+        apps.push(AppStatus {
+            name: name.clone(),
+            phase: AppPhase::Failed,
+            error: Some(error.clone()),
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+        });
     }
     apps
 }
-
 
 /// How the reconciler pulls and cleans up.
 #[derive(Debug, Clone)]
@@ -464,7 +566,10 @@ impl<R: Runtime> Reconciler<R> {
             }
             for app in &stored.apps {
                 for spec in &app.spec.containers {
-                    m.settled.insert((app.spec.name.clone(), spec.name.clone()), (spec.fingerprint(), app.run, app.started_at));
+                    m.settled.insert(
+                        (app.spec.name.clone(), spec.name.clone()),
+                        (spec.fingerprint(), app.run, app.started_at),
+                    );
                 }
             }
         }
@@ -474,7 +579,9 @@ impl<R: Runtime> Reconciler<R> {
     fn mem(&self) -> std::sync::MutexGuard<'_, Memory> {
         // A panic while holding it cannot leave it inconsistent in a way that
         // matters: every pass re-reads the runtime.
-        self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs passes until `desired` closes: on every new desired state, on
@@ -498,7 +605,10 @@ impl<R: Runtime> Reconciler<R> {
                         retry_at = report.retry_at;
                         let converged = report.failure.is_none() && report.retry_at.is_none();
                         let ev = match report.retry_at {
-                            Some(_) => ReconcileEvent::Interim { generation: report.generation, apps: report.apps },
+                            Some(_) => ReconcileEvent::Interim {
+                                generation: report.generation,
+                                apps: report.apps,
+                            },
                             None => ReconcileEvent::Done(report),
                         };
                         if self.events.send(ev).await.is_err() {
@@ -508,8 +618,13 @@ impl<R: Runtime> Reconciler<R> {
                             self.cleanup_images(&state).await;
                         }
                     }
-                    Ok(None) => debug!(generation = state.generation, "pass superseded by a newer desired state"),
-                    Err(e) => warn!(generation = state.generation, error = %e, "reconcile pass could not run; retrying later"),
+                    Ok(None) => debug!(
+                        generation = state.generation,
+                        "pass superseded by a newer desired state"
+                    ),
+                    Err(e) => {
+                        warn!(generation = state.generation, error = %e, "reconcile pass could not run; retrying later")
+                    }
                 }
             }
             let retry = async {
@@ -549,14 +664,23 @@ impl<R: Runtime> Reconciler<R> {
         }
         let actual = self.runtime.list_managed().await?;
         let settled = self.mem().settled.clone();
-        let Plan { steps, repairs, left_exited } = plan_with(desired, &actual, &settled);
+        let Plan {
+            steps,
+            repairs,
+            left_exited,
+        } = plan_with(desired, &actual, &settled);
         self.report_exits(&left_exited).await;
         if steps.is_empty() {
             let mut apps = observe(desired, &actual, &BTreeMap::new(), &HashSet::new());
             mark_left_exited(&mut apps, &left_exited);
             self.settle(desired, &HashSet::new());
             self.finish(generation, &[]).await;
-            return Ok(Some(PassReport { generation, apps, failure: None, retry_at: None }));
+            return Ok(Some(PassReport {
+                generation,
+                apps,
+                failure: None,
+                retry_at: None,
+            }));
         }
         info!(generation, steps = steps.len(), "reconciling");
 
@@ -579,7 +703,10 @@ impl<R: Runtime> Reconciler<R> {
         if self.mem().finished != generation {
             let mut interim = observe(desired, &actual, &BTreeMap::new(), &pulling);
             mark_retrying(&mut interim, &retrying);
-            let _ = self.events.try_send(ReconcileEvent::Interim { generation, apps: interim });
+            let _ = self.events.try_send(ReconcileEvent::Interim {
+                generation,
+                apps: interim,
+            });
         }
 
         let mut errors: BTreeMap<Name, String> = BTreeMap::new();
@@ -597,28 +724,42 @@ impl<R: Runtime> Reconciler<R> {
             }
             if let Step::Pull { image, .. } = &step {
                 // Waiting for a retry: neither an attempt nor a failure.
-                let waiting = self.mem().retries.get(image).filter(|r| r.next_at > Instant::now()).cloned();
+                let waiting = self
+                    .mem()
+                    .retries
+                    .get(image)
+                    .filter(|r| r.next_at > Instant::now())
+                    .cloned();
                 if let (Some(r), true) = (waiting, pulling.contains(app)) {
                     retrying.insert(key.0.clone(), r);
                     failed.insert(key);
                     continue;
                 }
             }
-            self.progress(generation, Progress {
-                step: step.word().to_string(),
-                container: container.clone(),
-                current_bytes: None,
-                total_bytes: None,
-            });
-            let result = self.execute(generation, &step, &pulling, &mut created).await;
+            self.progress(
+                generation,
+                Progress {
+                    step: step.word().to_string(),
+                    container: container.clone(),
+                    current_bytes: None,
+                    total_bytes: None,
+                },
+            );
+            let result = self
+                .execute(generation, &step, &pulling, &mut created)
+                .await;
             match (result, &step) {
                 (Ok(()), Step::Pull { image, .. }) => {
                     self.mem().retries.remove(image);
                 }
                 (Ok(()), _) => {}
                 (Err(e), _) if e.is_unreachable() => return Err(e),
-                (Err(e), Step::Pull { image, .. }) if e.pull_class() == PullErrorClass::Transient => {
-                    let r = self.retry_later(generation, &key, image, e.to_string()).await;
+                (Err(e), Step::Pull { image, .. })
+                    if e.pull_class() == PullErrorClass::Transient =>
+                {
+                    let r = self
+                        .retry_later(generation, &key, image, e.to_string())
+                        .await;
                     retrying.insert(key.0.clone(), r);
                     failed.insert(key);
                 }
@@ -636,28 +777,51 @@ impl<R: Runtime> Reconciler<R> {
         mark_retrying(&mut apps, &retrying);
         let failure = errors.values().next().cloned();
         self.settle(desired, &failed);
-        let done: Vec<&Repair> =
-            repairs.iter().filter(|r| !failed.contains(&(r.app.clone(), r.container.clone()))).collect();
+        let done: Vec<&Repair> = repairs
+            .iter()
+            .filter(|r| !failed.contains(&(r.app.clone(), r.container.clone())))
+            .collect();
         if let Some(at) = retrying.values().map(|r| r.next_at).min() {
             self.publish_repairs(&done).await;
-            return Ok(Some(PassReport { generation, apps, failure, retry_at: Some(at) }));
+            return Ok(Some(PassReport {
+                generation,
+                apps,
+                failure,
+                retry_at: Some(at),
+            }));
         }
         self.finish(generation, &done).await;
-        Ok(Some(PassReport { generation, apps, failure, retry_at: None }))
+        Ok(Some(PassReport {
+            generation,
+            apps,
+            failure,
+            retry_at: None,
+        }))
     }
 
     /// Records a pull failure that may pass and schedules the next attempt;
     /// tells the agent core (ack progress) and the orchestrator (event).
-    async fn retry_later(&self, generation: u64, key: &(Name, Name), image: &str, error: String) -> Retry {
+    async fn retry_later(
+        &self,
+        generation: u64,
+        key: &(Name, Name),
+        image: &str,
+        error: String,
+    ) -> Retry {
         let r = {
             let mut m = self.mem();
-            let attempts = m.retries.get(image).map_or(0, |r| r.attempts).saturating_add(1);
+            let attempts = m
+                .retries
+                .get(image)
+                .map_or(0, |r| r.attempts)
+                .saturating_add(1);
             let delay = self.options.pull_backoff.delay(attempts);
             let r = Retry {
                 attempts,
                 error,
                 next_at: Instant::now() + delay,
-                next_at_ms: now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+                next_at_ms: now_ms()
+                    .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
             };
             m.retries.insert(image.to_string(), r.clone());
             r
@@ -666,7 +830,12 @@ impl<R: Runtime> Reconciler<R> {
         warn!(app = %key.0, container = %key.1, %image, attempts = r.attempts, retry_in_ms = wait.as_millis() as u64, error = %r.error, "pull failed; will retry");
         let _ = self.events.try_send(ReconcileEvent::Progress {
             generation,
-            progress: Progress { step: "retrying".to_string(), container: key.1.clone(), current_bytes: None, total_bytes: None },
+            progress: Progress {
+                step: "retrying".to_string(),
+                container: key.1.clone(),
+                current_bytes: None,
+                total_bytes: None,
+            },
             detail: r.error.clone(),
         });
         let detail = format!(
@@ -675,7 +844,8 @@ impl<R: Runtime> Reconciler<R> {
             r.error,
             wait.as_secs_f64()
         );
-        self.publish(EventKind::PullRetrying, Some(&key.0), Some(&key.1), detail).await;
+        self.publish(EventKind::PullRetrying, Some(&key.0), Some(&key.1), detail)
+            .await;
         r
     }
 
@@ -707,11 +877,18 @@ impl<R: Runtime> Reconciler<R> {
             let what = if repairs.is_empty() {
                 "all containers were already as desired".to_string()
             } else {
-                repairs.iter().map(|r| format!("{}/{}: {}", r.app, r.container, r.drift.detail())).collect::<Vec<_>>().join(", ")
+                repairs
+                    .iter()
+                    .map(|r| format!("{}/{}: {}", r.app, r.container, r.drift.detail()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
-            let detail = format!("restored apps from the local desired state, generation {generation}: {what}");
+            let detail = format!(
+                "restored apps from the local desired state, generation {generation}: {what}"
+            );
             info!(generation, "{detail}");
-            self.publish(EventKind::RestoredFromLocalState, None, None, detail).await;
+            self.publish(EventKind::RestoredFromLocalState, None, None, detail)
+                .await;
         }
         self.publish_repairs(repairs).await;
     }
@@ -719,7 +896,13 @@ impl<R: Runtime> Reconciler<R> {
     async fn publish_repairs(&self, repairs: &[&Repair]) {
         for r in repairs {
             info!(app = %r.app, container = %r.container, "drift repaired: {}", r.drift.detail());
-            self.publish(EventKind::DriftRepaired, Some(&r.app), Some(&r.container), r.drift.detail()).await;
+            self.publish(
+                EventKind::DriftRepaired,
+                Some(&r.app),
+                Some(&r.container),
+                r.drift.detail(),
+            )
+            .await;
         }
     }
 
@@ -727,17 +910,38 @@ impl<R: Runtime> Reconciler<R> {
     async fn report_exits(&self, left: &[LeftExited]) {
         let fresh: Vec<&LeftExited> = {
             let mut m = self.mem();
-            m.reported_exits.retain(|id, _| left.iter().any(|l| &l.id == id));
-            left.iter().filter(|l| m.reported_exits.insert(l.id.clone(), l.exit_code) != Some(l.exit_code)).collect()
+            m.reported_exits
+                .retain(|id, _| left.iter().any(|l| &l.id == id));
+            left.iter()
+                .filter(|l| m.reported_exits.insert(l.id.clone(), l.exit_code) != Some(l.exit_code))
+                .collect()
         };
         for l in fresh {
             info!(app = %l.app, container = %l.container, "{}", l.detail());
-            self.publish(EventKind::ContainerExited, Some(&l.app), Some(&l.container), l.detail()).await;
+            self.publish(
+                EventKind::ContainerExited,
+                Some(&l.app),
+                Some(&l.container),
+                l.detail(),
+            )
+            .await;
         }
     }
 
-    async fn publish(&self, kind: EventKind, app: Option<&Name>, container: Option<&Name>, detail: String) {
-        let ev = DeviceEvent { at_ms: now_ms(), kind, app: app.cloned(), container: container.cloned(), detail };
+    async fn publish(
+        &self,
+        kind: EventKind,
+        app: Option<&Name>,
+        container: Option<&Name>,
+        detail: String,
+    ) {
+        let ev = DeviceEvent {
+            at_ms: now_ms(),
+            kind,
+            app: app.cloned(),
+            container: container.cloned(),
+            detail,
+        };
         let _ = self.events.send(ReconcileEvent::Event(ev)).await;
     }
 
@@ -749,7 +953,11 @@ impl<R: Runtime> Reconciler<R> {
         created: &mut BTreeMap<(Name, Name), String>,
     ) -> Result<(), RuntimeError> {
         match step {
-            Step::Pull { app, container, image } => {
+            Step::Pull {
+                app,
+                container,
+                image,
+            } => {
                 if !pulling.contains(app) {
                     return Ok(());
                 }
@@ -799,16 +1007,29 @@ impl<R: Runtime> Reconciler<R> {
 
     /// Pulls one image unless present, after checking free disk, and
     /// records it in the ledger as pulled by this agent.
-    async fn pull(&self, generation: u64, container: &Name, image: &str) -> Result<(), RuntimeError> {
-        let image_ref =
-            ImageRef::parse(image).map_err(|e| RuntimeError::Docker(format!("invalid image reference {image:?}: {e}")))?;
+    async fn pull(
+        &self,
+        generation: u64,
+        container: &Name,
+        image: &str,
+    ) -> Result<(), RuntimeError> {
+        let image_ref = ImageRef::parse(image)
+            .map_err(|e| RuntimeError::Docker(format!("invalid image reference {image:?}: {e}")))?;
         if self.runtime.image_present(&image_ref).await? {
             return Ok(());
         }
         match self.runtime.free_disk().await {
             Ok(Some(disk)) => {
-                if let Some(text) = pull::disk_shortfall(image, &disk.root, disk.free_bytes, self.options.min_free_disk_bytes) {
-                    return Err(RuntimeError::Pull { status: None, message: text });
+                if let Some(text) = pull::disk_shortfall(
+                    image,
+                    &disk.root,
+                    disk.free_bytes,
+                    self.options.min_free_disk_bytes,
+                ) {
+                    return Err(RuntimeError::Pull {
+                        status: None,
+                        message: text,
+                    });
                 }
             }
             Ok(None) => debug!("free disk unknown; pulling unchecked"),
@@ -828,14 +1049,24 @@ impl<R: Runtime> Reconciler<R> {
                     current_bytes: Some(p.current),
                     total_bytes: Some(p.total),
                 };
-                let _ = events.try_send(ReconcileEvent::Progress { generation, progress, detail: String::new() });
+                let _ = events.try_send(ReconcileEvent::Progress {
+                    generation,
+                    progress,
+                    detail: String::new(),
+                });
             }
         };
         self.runtime.pull(&image_ref, &mut on_progress).await?;
         let now = now_ms();
         let snapshot = {
             let mut ledger = self.ledger.lock().await;
-            ledger.images.insert(image.to_string(), PulledImage { pulled_at_ms: now, last_used_ms: now });
+            ledger.images.insert(
+                image.to_string(),
+                PulledImage {
+                    pulled_at_ms: now,
+                    last_used_ms: now,
+                },
+            );
             ledger.snapshot()
         };
         save_ledger(snapshot).await;
@@ -846,13 +1077,21 @@ impl<R: Runtime> Reconciler<R> {
     /// desired app references and no container uses, within the limits.
     /// Failures are logged and skipped; cleanup never fails a pass.
     pub async fn cleanup_images(&self, desired: &DesiredState) {
-        let wanted: HashSet<String> =
-            desired.apps.iter().flat_map(|a| a.spec.containers.iter().map(|c| c.image.clone())).collect();
+        let wanted: HashSet<String> = desired
+            .apps
+            .iter()
+            .flat_map(|a| a.spec.containers.iter().map(|c| c.image.clone()))
+            .collect();
         let mut ledger = self.ledger.lock().await;
         let mut dirty = false;
         // Last use: refreshed whenever the set of referenced pulled images
         // changes, which also stamps images at the moment they fall out of use.
-        let referenced: BTreeSet<String> = ledger.images.keys().filter(|r| wanted.contains(*r)).cloned().collect();
+        let referenced: BTreeSet<String> = ledger
+            .images
+            .keys()
+            .filter(|r| wanted.contains(*r))
+            .cloned()
+            .collect();
         let previous = std::mem::replace(&mut self.mem().referenced, referenced.clone());
         if referenced != previous {
             let now = now_ms();
@@ -863,7 +1102,12 @@ impl<R: Runtime> Reconciler<R> {
                 }
             }
         }
-        let candidates: Vec<String> = ledger.images.keys().filter(|r| !wanted.contains(*r)).cloned().collect();
+        let candidates: Vec<String> = ledger
+            .images
+            .keys()
+            .filter(|r| !wanted.contains(*r))
+            .cloned()
+            .collect();
         if self.options.image_cleanup && !candidates.is_empty() {
             match self.runtime.images_in_use().await {
                 Ok(used) => {
@@ -899,9 +1143,12 @@ impl<R: Runtime> Reconciler<R> {
                                 ledger.images.remove(&r);
                                 dirty = true;
                                 let detail = format!("removed image {r}: pulled by this agent, no desired app or container uses it");
-                                self.publish(EventKind::ImageRemoved, None, None, detail).await;
+                                self.publish(EventKind::ImageRemoved, None, None, detail)
+                                    .await;
                             }
-                            Err(e) => warn!(image = %r, error = %e, "could not remove unused image; skipping"),
+                            Err(e) => {
+                                warn!(image = %r, error = %e, "could not remove unused image; skipping")
+                            }
                         }
                     }
                 }
@@ -916,16 +1163,24 @@ impl<R: Runtime> Reconciler<R> {
     }
 
     fn progress(&self, generation: u64, progress: Progress) {
-        let _ = self.events.try_send(ReconcileEvent::Progress { generation, progress, detail: String::new() });
+        let _ = self.events.try_send(ReconcileEvent::Progress {
+            generation,
+            progress,
+            detail: String::new(),
+        });
     }
 }
 
 /// Writes the ledger off the executor; a failure costs only cleanup.
 async fn save_ledger(snapshot: Option<(std::path::PathBuf, Vec<u8>)>) {
-    let Some((path, bytes)) = snapshot else { return };
+    let Some((path, bytes)) = snapshot else {
+        return;
+    };
     match tokio::task::spawn_blocking(move || images::write_snapshot(&path, &bytes)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, cause = ?std::error::Error::source(&e), "could not save the image ledger"),
+        Ok(Err(e)) => {
+            warn!(error = %e, cause = ?std::error::Error::source(&e), "could not save the image ledger")
+        }
         Err(e) => warn!(error = %e, "saving the image ledger panicked"),
     }
 }

@@ -9,15 +9,19 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListImagesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use drover_shared::model::{
-    ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED,
-    LABEL_SPEC_HASH,
+    ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION,
+    LABEL_MANAGED, LABEL_SPEC_HASH,
 };
 use drover_shared::{DeviceId, Name};
 use futures_util::StreamExt;
@@ -39,7 +43,10 @@ pub enum RuntimeError {
     /// A pull failed; the daemon's HTTP status when the pull was refused up
     /// front, `None` when the error came inside the progress stream.
     #[error("{message}")]
-    Pull { status: Option<u16>, message: String },
+    Pull {
+        status: Option<u16>,
+        message: String,
+    },
 }
 
 impl RuntimeError {
@@ -69,9 +76,10 @@ fn docker_error(e: bollard::errors::Error) -> RuntimeError {
     match e {
         E::DockerResponseServerError { message, .. } => RuntimeError::Docker(message),
         E::DockerStreamError { error } => RuntimeError::Docker(error),
-        E::HyperResponseError { .. } | E::IOError { .. } | E::RequestTimeoutError | E::SocketNotFoundError(_) => {
-            RuntimeError::Unreachable(e.to_string())
-        }
+        E::HyperResponseError { .. }
+        | E::IOError { .. }
+        | E::RequestTimeoutError
+        | E::SocketNotFoundError(_) => RuntimeError::Unreachable(e.to_string()),
         other => RuntimeError::Docker(other.to_string()),
     }
 }
@@ -113,7 +121,10 @@ impl ManagedContainer {
             app: Name::new(labels.get(LABEL_APP)?.as_str()).ok()?,
             container: Name::new(labels.get(LABEL_CONTAINER)?.as_str()).ok()?,
             spec_hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
-            generation: labels.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+            generation: labels
+                .get(LABEL_GENERATION)
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
             image: image.to_string(),
             state: state.to_string(),
             exit_code,
@@ -132,7 +143,12 @@ pub fn container_name(device: &DeviceId, app: &Name, container: &Name) -> String
 
 /// The labels that make a container ours and let a later pass compare it
 /// with the spec without keeping any other record.
-pub fn labels_for(device: &DeviceId, app: &Name, spec: &ContainerSpec, generation: u64) -> HashMap<String, String> {
+pub fn labels_for(
+    device: &DeviceId,
+    app: &Name,
+    spec: &ContainerSpec,
+    generation: u64,
+) -> HashMap<String, String> {
     HashMap::from([
         (LABEL_MANAGED.to_string(), "true".to_string()),
         (LABEL_DEVICE.to_string(), device.to_string()),
@@ -153,8 +169,13 @@ pub struct PullProgress {
 /// What the reconciler needs from a container runtime.
 pub trait Runtime: Send + Sync + 'static {
     /// This device's managed containers, including stopped ones.
-    fn list_managed(&self) -> impl Future<Output = Result<Vec<ManagedContainer>, RuntimeError>> + Send;
-    fn image_present(&self, image: &ImageRef) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    fn list_managed(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ManagedContainer>, RuntimeError>> + Send;
+    fn image_present(
+        &self,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
     fn pull(
         &self,
         image: &ImageRef,
@@ -182,7 +203,10 @@ pub trait Runtime: Send + Sync + 'static {
         async { Ok(HashSet::new()) }
     }
     /// The image id of a reference; `None` when the image is not present.
-    fn image_id(&self, _image: &str) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send {
+    fn image_id(
+        &self,
+        _image: &str,
+    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send {
         async { Ok(None) }
     }
     /// Removes one image reference without force: Docker refuses when a
@@ -203,7 +227,10 @@ pub struct DockerRuntime {
 
 impl DockerRuntime {
     pub fn new(device: DeviceId) -> Self {
-        DockerRuntime { device, docker: Arc::new(Mutex::new(None)) }
+        DockerRuntime {
+            device,
+            docker: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// The connected client. Negotiation is mandatory: bollard speaks a newer
@@ -213,8 +240,12 @@ impl DockerRuntime {
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());
         }
-        let d = Docker::connect_with_local_defaults().map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
-        let d = d.negotiate_version().await.map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        let d = Docker::connect_with_local_defaults()
+            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        let d = d
+            .negotiate_version()
+            .await
+            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
         *slot = Some(d.clone());
         Ok(d)
     }
@@ -248,9 +279,17 @@ impl DockerRuntime {
     /// `repo:tag` of every tagged image.
     pub async fn images(&self) -> Result<Vec<String>, RuntimeError> {
         let d = self.client().await?;
-        let list = self.check(d.list_images(Some(ListImagesOptionsBuilder::new().build())).await).await?;
-        let mut tags: Vec<String> =
-            list.into_iter().flat_map(|i| i.repo_tags).filter(|t| t != "<none>:<none>").collect();
+        let list = self
+            .check(
+                d.list_images(Some(ListImagesOptionsBuilder::new().build()))
+                    .await,
+            )
+            .await?;
+        let mut tags: Vec<String> = list
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t != "<none>:<none>")
+            .collect();
         tags.sort();
         tags.dedup();
         Ok(tags)
@@ -280,15 +319,25 @@ fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Contain
         };
         let key = format!("{}/{proto}", p.container);
         exposed.push(key.clone());
-        bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(PortBinding {
-            host_ip: p.host_ip.clone(),
-            host_port: Some(p.host.to_string()),
-        });
+        bindings
+            .entry(key)
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: p.host_ip.clone(),
+                host_port: Some(p.host.to_string()),
+            });
     }
     let binds: Vec<String> = spec
         .volumes
         .iter()
-        .map(|v| if v.read_only { format!("{}:{}:ro", v.source, v.target) } else { format!("{}:{}", v.source, v.target) })
+        .map(|v| {
+            if v.read_only {
+                format!("{}:{}:ro", v.source, v.target)
+            } else {
+                format!("{}:{}", v.source, v.target)
+            }
+        })
         .collect();
     let restart = match spec.restart {
         drover_shared::model::RestartPolicy::No => RestartPolicyNameEnum::NO,
@@ -299,14 +348,20 @@ fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Contain
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: spec.command.clone(),
-        env: (!spec.env.is_empty()).then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: (!spec.env.is_empty())
+            .then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         labels: Some(labels),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
         host_config: Some(HostConfig {
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             binds: (!binds.is_empty()).then_some(binds),
-            restart_policy: Some(RestartPolicy { name: Some(restart), maximum_retry_count: None }),
-            memory: spec.memory_mb.map(|mb| i64::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
+            restart_policy: Some(RestartPolicy {
+                name: Some(restart),
+                maximum_retry_count: None,
+            }),
+            memory: spec
+                .memory_mb
+                .map(|mb| i64::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
             ..Default::default()
         }),
@@ -321,9 +376,15 @@ impl Runtime for DockerRuntime {
         // filter is an optimisation, `from_labels` is the rule.
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DEVICE}={}", self.device)],
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_DEVICE}={}", self.device),
+            ],
         )]);
-        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
         let list = self.check(d.list_containers(Some(opts)).await).await?;
         Ok(list
             .into_iter()
@@ -347,31 +408,52 @@ impl Runtime for DockerRuntime {
         let d = self.client().await?;
         match d.inspect_image(&image.to_string()).await {
             Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
             Err(e) => self.check(Err(e)).await,
         }
     }
 
-    async fn pull(&self, image: &ImageRef, progress: &mut (dyn FnMut(PullProgress) + Send)) -> Result<(), RuntimeError> {
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<(), RuntimeError> {
         let d = self.client().await?;
         // Always an explicit tag: an empty tag would pull every tag.
-        let opts = CreateImageOptionsBuilder::new().from_image(&image.repository).tag(image.pull_tag()).build();
+        let opts = CreateImageOptionsBuilder::new()
+            .from_image(&image.repository)
+            .tag(image.pull_tag())
+            .build();
         let mut stream = d.create_image(Some(opts), None, None);
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
         while let Some(item) = stream.next().await {
             let info = match item {
                 // Refused up front: the status tells what kind of refusal.
-                Err(bollard::errors::Error::DockerResponseServerError { status_code, message }) => {
-                    return Err(RuntimeError::Pull { status: Some(status_code), message });
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code,
+                    message,
+                }) => {
+                    return Err(RuntimeError::Pull {
+                        status: Some(status_code),
+                        message,
+                    });
                 }
                 Err(bollard::errors::Error::DockerStreamError { error }) => {
-                    return Err(RuntimeError::Pull { status: None, message: error });
+                    return Err(RuntimeError::Pull {
+                        status: None,
+                        message: error,
+                    });
                 }
                 other => self.check(other).await?,
             };
             // Errors also arrive mid-stream, after a 200 response.
             if let Some(err) = info.error_detail.and_then(|e| e.message) {
-                return Err(RuntimeError::Pull { status: None, message: err });
+                return Err(RuntimeError::Pull {
+                    status: None,
+                    message: err,
+                });
             }
             if let (Some(id), Some(p)) = (info.id, info.progress_detail) {
                 let current = p.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
@@ -379,18 +461,33 @@ impl Runtime for DockerRuntime {
                 let entry = layers.entry(id).or_default();
                 if total > 0 {
                     *entry = (current.min(total), total);
-                    let (c, t) = layers.values().fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
-                    progress(PullProgress { current: c, total: t });
+                    let (c, t) = layers
+                        .values()
+                        .fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
+                    progress(PullProgress {
+                        current: c,
+                        total: t,
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    async fn create(&self, name: &str, spec: &ContainerSpec, labels: HashMap<String, String>) -> Result<String, RuntimeError> {
+    async fn create(
+        &self,
+        name: &str,
+        spec: &ContainerSpec,
+        labels: HashMap<String, String>,
+    ) -> Result<String, RuntimeError> {
         let d = self.client().await?;
         let opts = CreateContainerOptionsBuilder::new().name(name).build();
-        let r = self.check(d.create_container(Some(opts), create_body(spec, labels)).await).await?;
+        let r = self
+            .check(
+                d.create_container(Some(opts), create_body(spec, labels))
+                    .await,
+            )
+            .await?;
         Ok(r.id)
     }
 
@@ -398,7 +495,9 @@ impl Runtime for DockerRuntime {
         let d = self.client().await?;
         match d.start_container(id, None).await {
             // 304: already running, which is what we wanted.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
             r => self.check(r).await,
         }
     }
@@ -408,7 +507,9 @@ impl Runtime for DockerRuntime {
         let opts = StopContainerOptionsBuilder::new().t(STOP_TIMEOUT_S).build();
         match d.stop_container(id, Some(opts)).await {
             // 304: already stopped.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
             r => self.check(r).await,
         }
     }
@@ -418,15 +519,22 @@ impl Runtime for DockerRuntime {
         let opts = RemoveContainerOptionsBuilder::new().force(true).build();
         match d.remove_container(id, Some(opts)).await {
             // 404: already gone.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
             r => self.check(r).await,
         }
     }
 
     async fn free_disk(&self) -> Result<Option<DiskSpace>, RuntimeError> {
-        let Some(root) = self.root_dir().await? else { return Ok(None) };
+        let Some(root) = self.root_dir().await? else {
+            return Ok(None);
+        };
         let at = root.clone();
-        let free = tokio::task::spawn_blocking(move || free_bytes_at(&at)).await.ok().flatten();
+        let free = tokio::task::spawn_blocking(move || free_bytes_at(&at))
+            .await
+            .ok()
+            .flatten();
         Ok(free.map(|free_bytes| DiskSpace { root, free_bytes }))
     }
 
@@ -434,21 +542,30 @@ impl Runtime for DockerRuntime {
         let d = self.client().await?;
         let opts = ListContainersOptionsBuilder::new().all(true).build();
         let list = self.check(d.list_containers(Some(opts)).await).await?;
-        Ok(list.into_iter().flat_map(|c| [c.image, c.image_id]).flatten().collect())
+        Ok(list
+            .into_iter()
+            .flat_map(|c| [c.image, c.image_id])
+            .flatten()
+            .collect())
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
         let d = self.client().await?;
         match d.inspect_image(image).await {
             Ok(i) => Ok(i.id),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
             Err(e) => self.check(Err(e)).await,
         }
     }
 
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         let d = self.client().await?;
-        let opts = RemoveImageOptionsBuilder::new().force(false).noprune(false).build();
+        let opts = RemoveImageOptionsBuilder::new()
+            .force(false)
+            .noprune(false)
+            .build();
         let r = d.remove_image(image, Some(opts), None).await.map(|_| ());
         self.check(r).await
     }
@@ -459,14 +576,21 @@ impl DockerRuntime {
     async fn root_dir(&self) -> Result<Option<PathBuf>, RuntimeError> {
         let d = self.client().await?;
         let info = self.check(d.info().await).await?;
-        Ok(info.docker_root_dir.filter(|r| !r.is_empty()).map(PathBuf::from))
+        Ok(info
+            .docker_root_dir
+            .filter(|r| !r.is_empty())
+            .map(PathBuf::from))
     }
 }
 
 /// Free bytes on the mount that holds `path`. Blocking (reads the mount table).
 fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
     let disks = sysinfo::Disks::new_with_refreshed_list();
-    let mounts: Vec<PathBuf> = disks.list().iter().map(|d| d.mount_point().to_path_buf()).collect();
+    let mounts: Vec<PathBuf> = disks
+        .list()
+        .iter()
+        .map(|d| d.mount_point().to_path_buf())
+        .collect();
     let i = crate::pull::containing_mount(path, &mounts)?;
     Some(disks.list()[i].available_space())
 }
@@ -477,7 +601,10 @@ mod tests {
 
     #[test]
     fn exit_codes_come_from_the_status_text() {
-        assert_eq!(exit_code_from_status("Exited (137) 2 minutes ago"), Some(137));
+        assert_eq!(
+            exit_code_from_status("Exited (137) 2 minutes ago"),
+            Some(137)
+        );
         assert_eq!(exit_code_from_status("Up 3 seconds"), None);
     }
 
@@ -497,16 +624,29 @@ mod tests {
         };
         let app = Name::new("web").expect("valid");
         let ours = labels_for(&me, &app, &spec, 3);
-        let got = ManagedContainer::from_labels(&me, "id1", &ours, "x:1", "running", None).expect("ours");
-        assert_eq!((got.generation, got.spec_hash.as_str()), (3, spec.fingerprint().as_str()));
+        let got =
+            ManagedContainer::from_labels(&me, "id1", &ours, "x:1", "running", None).expect("ours");
+        assert_eq!(
+            (got.generation, got.spec_hash.as_str()),
+            (3, spec.fingerprint().as_str())
+        );
 
         let other = DeviceId::new("other").expect("valid");
         let theirs = labels_for(&other, &app, &spec, 3);
-        assert_eq!(ManagedContainer::from_labels(&me, "id2", &theirs, "x:1", "running", None), None);
+        assert_eq!(
+            ManagedContainer::from_labels(&me, "id2", &theirs, "x:1", "running", None),
+            None
+        );
 
         let mut unmanaged = ours.clone();
         unmanaged.remove(LABEL_MANAGED);
-        assert_eq!(ManagedContainer::from_labels(&me, "id3", &unmanaged, "x:1", "running", None), None);
-        assert_eq!(ManagedContainer::from_labels(&me, "id4", &HashMap::new(), "x:1", "running", None), None);
+        assert_eq!(
+            ManagedContainer::from_labels(&me, "id3", &unmanaged, "x:1", "running", None),
+            None
+        );
+        assert_eq!(
+            ManagedContainer::from_labels(&me, "id4", &HashMap::new(), "x:1", "running", None),
+            None
+        );
     }
 }

@@ -18,11 +18,20 @@ const APPLIED_FILE: &str = "applied-generation";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot decode {path}")]
-    Decode { path: PathBuf, source: drover_shared::DecodeError },
+    Decode {
+        path: PathBuf,
+        source: drover_shared::DecodeError,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -32,7 +41,9 @@ pub struct DesiredStore {
 
 impl DesiredStore {
     pub fn new(state_dir: &Path) -> Self {
-        DesiredStore { path: state_dir.join(FILE_NAME) }
+        DesiredStore {
+            path: state_dir.join(FILE_NAME),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -44,17 +55,27 @@ impl DesiredStore {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Read { path: self.path.clone(), source }),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
         };
         let desired: Desired =
-            drover_shared::decode(&bytes).map_err(|source| StoreError::Decode { path: self.path.clone(), source })?;
+            drover_shared::decode(&bytes).map_err(|source| StoreError::Decode {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(Some(desired.state))
     }
 
     /// Writes a temporary file and renames it over the old one, so a power
     /// cut leaves either the old or the new state, never half of one.
     pub fn save(&self, state: &DesiredState) -> Result<(), StoreError> {
-        let bytes = drover_shared::encode(&Desired { state: state.clone() });
+        let bytes = drover_shared::encode(&Desired {
+            state: state.clone(),
+        });
         write_atomically(&self.path, &bytes)
     }
 
@@ -65,7 +86,11 @@ impl DesiredStore {
     /// The generation last applied; `None` when never recorded or unreadable
     /// (then nothing counts as settled, which only costs an extra pass).
     pub fn load_applied(&self) -> Option<u64> {
-        std::fs::read_to_string(self.applied_path()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.applied_path())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn save_applied(&self, generation: u64) -> Result<(), StoreError> {
@@ -84,7 +109,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|source| StoreError::Write { path: path.to_path_buf(), source })
+    write().map_err(|source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -145,7 +173,11 @@ mod tests {
         store.save_applied(7).expect("saves");
         assert_eq!(store.load_applied(), Some(7));
         std::fs::write(dir.path().join(APPLIED_FILE), b"junk").expect("write");
-        assert_eq!(store.load_applied(), None, "unreadable means nothing settled");
+        assert_eq!(
+            store.load_applied(),
+            None,
+            "unreadable means nothing settled"
+        );
     }
 
     #[test]
@@ -160,6 +192,9 @@ mod tests {
     fn an_unwritable_location_is_a_write_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = DesiredStore::new(&dir.path().join("missing-subdir"));
-        assert!(matches!(store.save(&state(1)), Err(StoreError::Write { .. })));
+        assert!(matches!(
+            store.save(&state(1)),
+            Err(StoreError::Write { .. })
+        ));
     }
 }

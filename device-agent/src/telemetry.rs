@@ -11,8 +11,8 @@ use sysinfo::System;
 use tracing::debug;
 
 use crate::mqtt::Publisher;
-use crate::runtime::{DockerRuntime, ManagedContainer, Runtime};
 use crate::now_ms;
+use crate::runtime::{DockerRuntime, ManagedContainer, Runtime};
 
 /// Publishes a sample every `interval` while connected.
 pub async fn run(runtime: DockerRuntime, publisher: Publisher, interval: Duration) {
@@ -36,7 +36,11 @@ pub async fn run(runtime: DockerRuntime, publisher: Publisher, interval: Duratio
         };
         sys = next;
         let containers = container_metrics(&runtime).await;
-        publisher.send_sample(&Telemetry { at_ms: now_ms(), host, containers });
+        publisher.send_sample(&Telemetry {
+            at_ms: now_ms(),
+            host,
+            containers,
+        });
     }
 }
 
@@ -59,15 +63,23 @@ fn host_metrics(sys: &mut System) -> HostMetrics {
 }
 
 async fn container_metrics(runtime: &DockerRuntime) -> Vec<ContainerMetrics> {
-    let Ok(list) = runtime.list_managed().await else { return Vec::new() };
-    let Ok(docker) = runtime.client().await else { return Vec::new() };
-    let running: Vec<ManagedContainer> = list.into_iter().filter(|c| c.state == "running").collect();
+    let Ok(list) = runtime.list_managed().await else {
+        return Vec::new();
+    };
+    let Ok(docker) = runtime.client().await else {
+        return Vec::new();
+    };
+    let running: Vec<ManagedContainer> =
+        list.into_iter().filter(|c| c.state == "running").collect();
     let samples = futures_util::future::join_all(running.iter().map(|c| {
         let docker = docker.clone();
         async move {
             // stream=false, one_shot=false: the daemon takes two samples, so
             // precpu_stats is filled and CPU% can be computed.
-            let opts = StatsOptionsBuilder::new().stream(false).one_shot(false).build();
+            let opts = StatsOptionsBuilder::new()
+                .stream(false)
+                .one_shot(false)
+                .build();
             docker.stats(&c.id, Some(opts)).next().await
         }
     }))
@@ -98,7 +110,10 @@ fn metrics_from(c: &ManagedContainer, s: &ContainerStatsResponse) -> ContainerMe
             // inactive_file, v1 as total_inactive_file.
             let stats = m.stats.as_ref();
             let cache = stats
-                .and_then(|st| st.get("inactive_file").or_else(|| st.get("total_inactive_file")))
+                .and_then(|st| {
+                    st.get("inactive_file")
+                        .or_else(|| st.get("total_inactive_file"))
+                })
                 .copied()
                 .unwrap_or(0);
             usage.saturating_sub(cache)
@@ -109,15 +124,30 @@ fn metrics_from(c: &ManagedContainer, s: &ContainerStatsResponse) -> ContainerMe
 
 /// Percent of one core, as `docker stats` computes it.
 fn cpu_percent(s: &ContainerStatsResponse) -> f32 {
-    let (Some(cpu), Some(pre)) = (s.cpu_stats.as_ref(), s.precpu_stats.as_ref()) else { return 0.0 };
-    let total = |c: &bollard::models::ContainerCpuStats| c.cpu_usage.as_ref().and_then(|u| u.total_usage).unwrap_or(0);
+    let (Some(cpu), Some(pre)) = (s.cpu_stats.as_ref(), s.precpu_stats.as_ref()) else {
+        return 0.0;
+    };
+    let total = |c: &bollard::models::ContainerCpuStats| {
+        c.cpu_usage
+            .as_ref()
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0)
+    };
     let cpu_delta = total(cpu).saturating_sub(total(pre)) as f64;
-    let system_delta = cpu.system_cpu_usage.unwrap_or(0).saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+    let system_delta = cpu
+        .system_cpu_usage
+        .unwrap_or(0)
+        .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
     let online = cpu
         .online_cpus
         .map(f64::from)
         .filter(|n| *n > 0.0)
-        .or_else(|| cpu.cpu_usage.as_ref().and_then(|u| u.percpu_usage.as_ref()).map(|p| p.len() as f64))
+        .or_else(|| {
+            cpu.cpu_usage
+                .as_ref()
+                .and_then(|u| u.percpu_usage.as_ref())
+                .map(|p| p.len() as f64)
+        })
         .unwrap_or(1.0);
     if system_delta > 0.0 && cpu_delta > 0.0 {
         (cpu_delta / system_delta * online * 100.0) as f32
@@ -133,7 +163,10 @@ mod tests {
 
     fn cpu(total: u64, system: u64) -> ContainerCpuStats {
         ContainerCpuStats {
-            cpu_usage: Some(ContainerCpuUsage { total_usage: Some(total), ..Default::default() }),
+            cpu_usage: Some(ContainerCpuUsage {
+                total_usage: Some(total),
+                ..Default::default()
+            }),
             system_cpu_usage: Some(system),
             online_cpus: Some(4),
             ..Default::default()
@@ -142,10 +175,18 @@ mod tests {
 
     #[test]
     fn cpu_percent_matches_docker_stats() {
-        let s = ContainerStatsResponse { cpu_stats: Some(cpu(300, 2000)), precpu_stats: Some(cpu(100, 1000)), ..Default::default() };
+        let s = ContainerStatsResponse {
+            cpu_stats: Some(cpu(300, 2000)),
+            precpu_stats: Some(cpu(100, 1000)),
+            ..Default::default()
+        };
         // 200 of 1000 system ticks on 4 cpus: 80% of one core.
         assert!((cpu_percent(&s) - 80.0).abs() < 1e-3);
-        let first = ContainerStatsResponse { cpu_stats: Some(cpu(300, 2000)), precpu_stats: None, ..Default::default() };
+        let first = ContainerStatsResponse {
+            cpu_stats: Some(cpu(300, 2000)),
+            precpu_stats: None,
+            ..Default::default()
+        };
         assert_eq!(cpu_percent(&first), 0.0);
     }
 }

@@ -11,9 +11,16 @@ pub enum ApiError {
     #[error("request to {url} failed: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("{url} answered {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("cannot decode the answer of {url}: {source}")]
-    Decode { url: String, source: serde_json::Error },
+    Decode {
+        url: String,
+        source: serde_json::Error,
+    },
 }
 
 /// An operation as `GET /api/v1/operations` shows it.
@@ -57,7 +64,10 @@ impl Api {
             .pool_max_idle_per_host(256)
             .build()
             .unwrap_or_default();
-        Api { base: base.into().trim_end_matches('/').to_string(), http }
+        Api {
+            base: base.into().trim_end_matches('/').to_string(),
+            http,
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -65,11 +75,21 @@ impl Api {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder, url: &str) -> Result<String, ApiError> {
-        let resp = req.send().await.map_err(|source| ApiError::Http { url: url.to_string(), source })?;
+        let resp = req.send().await.map_err(|source| ApiError::Http {
+            url: url.to_string(),
+            source,
+        })?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|source| ApiError::Http { url: url.to_string(), source })?;
+        let body = resp.text().await.map_err(|source| ApiError::Http {
+            url: url.to_string(),
+            source,
+        })?;
         if !status.is_success() {
-            return Err(ApiError::Status { url: url.to_string(), status: status.as_u16(), body });
+            return Err(ApiError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body,
+            });
         }
         Ok(body)
     }
@@ -80,7 +100,11 @@ impl Api {
         serde_json::from_str(&body).map_err(|source| ApiError::Decode { url, source })
     }
 
-    async fn post_json<T: serde::de::DeserializeOwned>(&self, path: &str, body: serde_json::Value) -> Result<T, ApiError> {
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, ApiError> {
         let url = format!("{}{path}", self.base);
         let text = self.call(self.http.post(&url).json(&body), &url).await?;
         serde_json::from_str(&text).map_err(|source| ApiError::Decode { url, source })
@@ -88,21 +112,37 @@ impl Api {
 
     pub async fn healthy(&self) -> bool {
         let url = format!("{}/healthz", self.base);
-        self.call(self.http.get(&url).timeout(Duration::from_secs(2)), &url).await.is_ok()
+        self.call(self.http.get(&url).timeout(Duration::from_secs(2)), &url)
+            .await
+            .is_ok()
     }
 
     /// Creates an app with one container.
-    pub async fn create_app(&self, name: &str, image: &str, command: Option<Vec<String>>) -> Result<(), ApiError> {
+    pub async fn create_app(
+        &self,
+        name: &str,
+        image: &str,
+        command: Option<Vec<String>>,
+    ) -> Result<(), ApiError> {
         let mut container = serde_json::json!({ "name": "main", "image": image });
         if let Some(c) = command {
             container["command"] = serde_json::json!(c);
         }
-        let _: serde_json::Value = self.post_json("/api/v1/apps", serde_json::json!({ "name": name, "containers": [container] })).await?;
+        let _: serde_json::Value = self
+            .post_json(
+                "/api/v1/apps",
+                serde_json::json!({ "name": name, "containers": [container] }),
+            )
+            .await?;
         Ok(())
     }
 
     pub async fn deploy(&self, device: &str, app: &str) -> Result<OpView, ApiError> {
-        self.post_json(&format!("/api/v1/devices/{device}/apps"), serde_json::json!({ "app": app })).await
+        self.post_json(
+            &format!("/api/v1/devices/{device}/apps"),
+            serde_json::json!({ "app": app }),
+        )
+        .await
     }
 
     /// `verb` is `start` or `stop`.
@@ -124,7 +164,11 @@ impl Api {
 
     /// Newest first; the API caps `limit` at 10 000.
     pub async fn operations(&self, limit: usize) -> Result<Vec<OpView>, ApiError> {
-        self.get_json(&format!("/api/v1/operations?limit={}", limit.clamp(1, 10_000))).await
+        self.get_json(&format!(
+            "/api/v1/operations?limit={}",
+            limit.clamp(1, 10_000)
+        ))
+        .await
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>, ApiError> {

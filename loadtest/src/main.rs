@@ -15,7 +15,11 @@ use drover_loadtest::target::{BrokerKind, TargetConfig};
 use drover_shared::topic::Topics;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-loadtest", version, about = "Load-test a Drover orchestrator with simulated device agents (real MQTT, real protocol, SIMULATED container runtime)")]
+#[command(
+    name = "drover-loadtest",
+    version,
+    about = "Load-test a Drover orchestrator with simulated device agents (real MQTT, real protocol, SIMULATED container runtime)"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -92,7 +96,11 @@ enum Scenario {
     /// Connect agents in steps until something breaks.
     Ramp {
         /// Cumulative agent counts, e.g. 1000,5000,10000,20000.
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,15000,20000,30000")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,5000,10000,15000,20000,30000"
+        )]
         steps: Vec<usize>,
         /// Seconds each step may take before it counts as broken.
         #[arg(long, default_value_t = 300)]
@@ -172,7 +180,10 @@ impl Scenario {
 
 fn common(a: &CommonArgs) -> Result<Common> {
     if !(0.0..=1.0).contains(&a.failure_rate) {
-        bail!("--failure-rate must be between 0 and 1, got {}", a.failure_rate);
+        bail!(
+            "--failure-rate must be between 0 and 1, got {}",
+            a.failure_rate
+        );
     }
     if a.heartbeat_secs == 0 || a.telemetry_secs == 0 {
         bail!("--heartbeat-secs and --telemetry-secs must be at least 1");
@@ -180,7 +191,8 @@ fn common(a: &CommonArgs) -> Result<Common> {
     if a.ramp_per_sec.is_nan() || a.ramp_per_sec <= 0.0 {
         bail!("--ramp-per-sec must be greater than 0");
     }
-    let topics = Topics::new(a.topic_root.clone()).with_context(|| format!("--topic-root {:?}", a.topic_root))?;
+    let topics = Topics::new(a.topic_root.clone())
+        .with_context(|| format!("--topic-root {:?}", a.topic_root))?;
     let external = match (&a.api, a.mqtt_port) {
         (Some(url), Some(port)) => Some((url.clone(), port)),
         _ => None,
@@ -191,7 +203,8 @@ fn common(a: &CommonArgs) -> Result<Common> {
             a.orchestrator_bin.display()
         );
     }
-    std::fs::create_dir_all(&a.work_dir).with_context(|| format!("--work-dir {}", a.work_dir.display()))?;
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("--work-dir {}", a.work_dir.display()))?;
     Ok(Common {
         target: TargetConfig {
             orchestrator_bin: a.orchestrator_bin.clone(),
@@ -219,7 +232,13 @@ fn common(a: &CommonArgs) -> Result<Common> {
 /// The command line as typed, quoted where a word needs it.
 fn command_line() -> String {
     std::env::args()
-        .map(|a| if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') { format!("'{}'", a.replace('\'', "'\\''")) } else { a })
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -235,37 +254,94 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let machine = Machine::read();
     let tables = match &cli.scenario {
-        Scenario::Ramp { steps, step_timeout_secs } => {
+        Scenario::Ramp {
+            steps,
+            step_timeout_secs,
+        } => {
             if steps.is_empty() {
                 bail!("--steps needs at least one agent count");
             }
             scenario::ramp(&c, steps, Duration::from_secs(*step_timeout_secs)).await?
         }
-        Scenario::Steady { agents, duration_secs, broker } => {
-            scenario::steady(&c, *agents, Duration::from_secs(*duration_secs), broker).await?
+        Scenario::Steady {
+            agents,
+            duration_secs,
+            broker,
+        } => scenario::steady(&c, *agents, Duration::from_secs(*duration_secs), broker).await?,
+        Scenario::Rollout {
+            agents,
+            concurrency,
+            timeout_secs,
+            broker,
+        } => {
+            scenario::rollout(
+                &c,
+                *agents,
+                *concurrency,
+                Duration::from_secs(*timeout_secs),
+                broker,
+            )
+            .await?
         }
-        Scenario::Rollout { agents, concurrency, timeout_secs, broker } => {
-            scenario::rollout(&c, *agents, *concurrency, Duration::from_secs(*timeout_secs), broker).await?
-        }
-        Scenario::Rtt { probes, rounds, under_load, poll_ms } => {
+        Scenario::Rtt {
+            probes,
+            rounds,
+            under_load,
+            poll_ms,
+        } => {
             if *probes == 0 {
                 bail!("--probes must be at least 1");
             }
-            scenario::rtt(&c, *probes, *rounds, *under_load, Duration::from_millis(*poll_ms)).await?
+            scenario::rtt(
+                &c,
+                *probes,
+                *rounds,
+                *under_load,
+                Duration::from_millis(*poll_ms),
+            )
+            .await?
         }
-        Scenario::Storm { agents, down_secs, timeout_secs } => {
-            scenario::storm(&c, *agents, Duration::from_secs(*down_secs), Duration::from_secs(*timeout_secs)).await?
+        Scenario::Storm {
+            agents,
+            down_secs,
+            timeout_secs,
+        } => {
+            scenario::storm(
+                &c,
+                *agents,
+                Duration::from_secs(*down_secs),
+                Duration::from_secs(*timeout_secs),
+            )
+            .await?
         }
-        Scenario::AgentFootprint { agent_bin, image, idle_secs } => {
-            let a = FootprintArgs { agent_bin: agent_bin.clone(), image: image.clone(), idle: Duration::from_secs(*idle_secs) };
+        Scenario::AgentFootprint {
+            agent_bin,
+            image,
+            idle_secs,
+        } => {
+            let a = FootprintArgs {
+                agent_bin: agent_bin.clone(),
+                image: image.clone(),
+                idle: Duration::from_secs(*idle_secs),
+            };
             scenario::agent_footprint(&c, &a).await?
         }
     };
-    let run = Run { scenario: cli.scenario.name().into(), command_line: command_line(), label: cli.common.label.clone(), machine, tables };
+    let run = Run {
+        scenario: cli.scenario.name().into(),
+        command_line: command_line(),
+        label: cli.common.label.clone(),
+        machine,
+        tables,
+    };
     println!("{}", run.markdown());
     if cli.common.record {
-        run.append_to(&cli.common.results).with_context(|| "recording the result")?;
-        eprintln!("drover-loadtest: appended to {}", cli.common.results.display());
+        run.append_to(&cli.common.results)
+            .with_context(|| "recording the result")?;
+        eprintln!(
+            "drover-loadtest: appended to {}",
+            cli.common.results.display()
+        );
     }
     Ok(())
 }
@@ -281,7 +357,10 @@ fn main() -> std::process::ExitCode {
         .init();
     // One worker per core: the tool shares the machine with the process it
     // measures, which every recorded result states (see the README).
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drover-loadtest: cannot start the runtime: {e}");

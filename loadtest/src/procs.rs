@@ -13,11 +13,21 @@ use tracing::{info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("cannot open log file {path}: {source}")]
-    Log { path: String, source: std::io::Error },
+    Log {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read /proc/{pid}/{file}: {source}")]
-    Read { pid: u32, file: &'static str, source: std::io::Error },
+    Read {
+        pid: u32,
+        file: &'static str,
+        source: std::io::Error,
+    },
     #[error("unexpected format of /proc/{pid}/{file}")]
     Format { pid: u32, file: &'static str },
     #[error("cannot raise the open-file limit: {0}")]
@@ -38,16 +48,39 @@ pub struct Sample {
 
 /// Reads /proc/<pid>/status and /proc/<pid>/stat.
 pub fn sample(pid: u32) -> Result<Sample, ProcError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|source| ProcError::Read { pid, file: "status", source })?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|source| {
+        ProcError::Read {
+            pid,
+            file: "status",
+            source,
+        }
+    })?;
     let kb = |key: &str| -> Option<u64> {
-        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).and_then(|n| n.parse().ok())
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
     };
-    let rss_bytes = kb("VmRSS:").ok_or(ProcError::Format { pid, file: "status" })? * 1024;
+    let rss_bytes = kb("VmRSS:").ok_or(ProcError::Format {
+        pid,
+        file: "status",
+    })? * 1024;
     let peak_rss_bytes = kb("VmHWM:").unwrap_or(0) * 1024;
     let threads = kb("Threads:").unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| ProcError::Read { pid, file: "stat", source })?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| ProcError::Read {
+            pid,
+            file: "stat",
+            source,
+        })?;
     let cpu_ticks = parse_stat_cpu(&stat).ok_or(ProcError::Format { pid, file: "stat" })?;
-    Ok(Sample { rss_bytes, peak_rss_bytes, cpu_ticks, threads })
+    Ok(Sample {
+        rss_bytes,
+        peak_rss_bytes,
+        cpu_ticks,
+        threads,
+    })
 }
 
 /// utime (field 14) + stime (field 15). The command name (field 2) is in
@@ -78,7 +111,9 @@ pub fn cpu_percent(a: &Sample, b: &Sample, wall: Duration) -> f64 {
 
 /// Open file descriptors of a process (counts /proc/<pid>/fd).
 pub fn open_fds(pid: u32) -> Option<usize> {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(Iterator::count)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(Iterator::count)
 }
 
 /// The open-file limit (soft, hard) of this process.
@@ -98,9 +133,18 @@ pub fn raise_nofile(want: u64) -> Result<u64, ProcError> {
     if soft >= want {
         return Ok(soft);
     }
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(hard);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
     let target = want.min(nr_open.max(hard));
-    let raised = rustix::process::setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: Some(target.max(hard)) });
+    let raised = rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: Some(target.max(hard)),
+        },
+    );
     match raised {
         Ok(()) => {
             info!(from = soft, to = target, "raised the open-file limit");
@@ -108,8 +152,14 @@ pub fn raise_nofile(want: u64) -> Result<u64, ProcError> {
         }
         Err(e) if hard > soft => {
             warn!(error = %e, want, hard, "cannot raise the hard open-file limit; using the hard limit");
-            rustix::process::setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) })
-                .map_err(|e| ProcError::Rlimit(e.into()))?;
+            rustix::process::setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(hard),
+                    maximum: Some(hard),
+                },
+            )
+            .map_err(|e| ProcError::Rlimit(e.into()))?;
             Ok(hard)
         }
         // Not allowed to go higher (no CAP_SYS_RESOURCE, e.g. in a
@@ -131,13 +181,24 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Proc, ProcError> {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Proc, ProcError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| ProcError::Log { path: log.display().to_string(), source })?;
-        let err = file.try_clone().map_err(|source| ProcError::Log { path: log.display().to_string(), source })?;
+            .map_err(|source| ProcError::Log {
+                path: log.display().to_string(),
+                source,
+            })?;
+        let err = file.try_clone().map_err(|source| ProcError::Log {
+            path: log.display().to_string(),
+            source,
+        })?;
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -145,10 +206,18 @@ impl Proc {
             .stderr(Stdio::from(err))
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| ProcError::Spawn { program: program.display().to_string(), source })?;
+            .map_err(|source| ProcError::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
         let pid = child.id().unwrap_or(0);
         info!(name, pid, program = %program.display(), "started");
-        Ok(Proc { name: name.to_string(), child, pid, log: log.to_path_buf() })
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            pid,
+            log: log.to_path_buf(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -178,7 +247,10 @@ impl Proc {
         if let Some(pid) = i32::try_from(self.pid).ok().and_then(Pid::from_raw) {
             let _ = rustix::process::kill_process(pid, Signal::TERM);
         }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             warn!(name = %self.name, "did not stop after SIGTERM; killing");
             self.kill().await;
         }
@@ -209,7 +281,13 @@ pub struct Series {
 impl Series {
     pub fn new(first: Sample) -> Series {
         let now = Instant::now();
-        Series { first, last: first, max_rss: first.rss_bytes, started: now, ended: now }
+        Series {
+            first,
+            last: first,
+            max_rss: first.rss_bytes,
+            started: now,
+            ended: now,
+        }
     }
 
     pub fn push(&mut self, s: Sample) {

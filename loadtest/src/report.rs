@@ -8,7 +8,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("cannot append to {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// One table of results with free-text notes under it.
@@ -22,7 +25,11 @@ pub struct Table {
 
 impl Table {
     pub fn new(title: impl Into<String>, headers: &[&str]) -> Table {
-        Table { title: title.into(), headers: headers.iter().map(|h| (*h).to_string()).collect(), ..Table::default() }
+        Table {
+            title: title.into(),
+            headers: headers.iter().map(|h| (*h).to_string()).collect(),
+            ..Table::default()
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -37,10 +44,22 @@ impl Table {
         let mut out = String::new();
         let _ = writeln!(out, "#### {}\n", self.title);
         let esc = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-        let _ = writeln!(out, "| {} |", self.headers.iter().map(|h| esc(h)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} |",
+            self.headers
+                .iter()
+                .map(|h| esc(h))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         let _ = writeln!(out, "|{}", "---|".repeat(self.headers.len()));
         for r in &self.rows {
-            let _ = writeln!(out, "| {} |", r.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
+            let _ = writeln!(
+                out,
+                "| {} |",
+                r.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | ")
+            );
         }
         if !self.notes.is_empty() {
             out.push('\n');
@@ -70,16 +89,24 @@ impl Machine {
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or_else(|| "unknown".into(), |kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0));
+            .map_or_else(
+                || "unknown".into(),
+                |kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0),
+            );
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".into());
         Machine {
             nproc: std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get),
             mem_total,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_string()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".into(), |s| s.trim().to_string()),
             cpu_model,
             commit: git_commit(),
             load: std::fs::read_to_string("/proc/loadavg")
@@ -108,7 +135,8 @@ pub fn git_commit() -> String {
     };
     match run(&["rev-parse", "--short", "HEAD"]) {
         Some(c) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{c}-dirty")
             } else {
@@ -121,7 +149,9 @@ pub fn git_commit() -> String {
 
 /// Today's UTC date as YYYY-MM-DD.
 pub fn today() -> String {
-    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400);
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
     format!("{y:04}-{m:02}-{d:02}")
 }
@@ -168,9 +198,17 @@ impl Run {
     }
 
     pub fn append_to(&self, path: &Path) -> Result<(), ReportError> {
-        let err = |source| ReportError::Write { path: path.display().to_string(), source };
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
-        f.write_all(format!("\n{}", self.markdown()).as_bytes()).map_err(err)
+        let err = |source| ReportError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        f.write_all(format!("\n{}", self.markdown()).as_bytes())
+            .map_err(err)
     }
 }
 
@@ -226,6 +264,9 @@ mod tests {
         let mut t = Table::new("x", &["a", "b"]);
         t.row(vec!["1".into(), "p|q".into()]);
         t.note("n");
-        assert_eq!(t.markdown(), "#### x\n\n| a | b |\n|---|---|\n| 1 | p\\|q |\n\n- n\n");
+        assert_eq!(
+            t.markdown(),
+            "#### x\n\n| a | b |\n|---|---|\n| 1 | p\\|q |\n\n- n\n"
+        );
     }
 }

@@ -31,7 +31,11 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { pull: Duration::from_millis(200), start: Duration::from_millis(50), failure_rate: 0.0 }
+        RuntimeConfig {
+            pull: Duration::from_millis(200),
+            start: Duration::from_millis(50),
+            failure_rate: 0.0,
+        }
     }
 }
 
@@ -51,11 +55,29 @@ pub struct SimContainer {
 /// pulls first, then teardown, then creates and starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SimStep {
-    Pull { container: Name, image: String },
-    Stop { app: Name, container: Name },
-    Remove { app: Name, container: Name },
-    CreateStart { app: Name, container: Name, image: String, spec_hash: String, run: bool },
-    Start { app: Name, container: Name },
+    Pull {
+        container: Name,
+        image: String,
+    },
+    Stop {
+        app: Name,
+        container: Name,
+    },
+    Remove {
+        app: Name,
+        container: Name,
+    },
+    CreateStart {
+        app: Name,
+        container: Name,
+        image: String,
+        spec_hash: String,
+        run: bool,
+    },
+    Start {
+        app: Name,
+        container: Name,
+    },
 }
 
 /// The steps that take `actual` to `desired`; empty when converged.
@@ -67,24 +89,45 @@ pub fn plan(desired: &DesiredState, actual: &[SimContainer], images: &[String]) 
         let run = app.run == RunState::Running;
         for spec in &app.spec.containers {
             let hash = spec.fingerprint();
-            let found = actual.iter().find(|c| c.app == app.spec.name && c.name == spec.name);
+            let found = actual
+                .iter()
+                .find(|c| c.app == app.spec.name && c.name == spec.name);
             match found {
                 Some(c) if c.spec_hash == hash => {
                     if run && !c.running {
-                        creates.push(SimStep::Start { app: c.app.clone(), container: c.name.clone() });
+                        creates.push(SimStep::Start {
+                            app: c.app.clone(),
+                            container: c.name.clone(),
+                        });
                     } else if !run && c.running {
-                        teardown.push(SimStep::Stop { app: c.app.clone(), container: c.name.clone() });
+                        teardown.push(SimStep::Stop {
+                            app: c.app.clone(),
+                            container: c.name.clone(),
+                        });
                     }
                 }
                 other => {
                     if let Some(c) = other {
                         if c.running {
-                            teardown.push(SimStep::Stop { app: c.app.clone(), container: c.name.clone() });
+                            teardown.push(SimStep::Stop {
+                                app: c.app.clone(),
+                                container: c.name.clone(),
+                            });
                         }
-                        teardown.push(SimStep::Remove { app: c.app.clone(), container: c.name.clone() });
+                        teardown.push(SimStep::Remove {
+                            app: c.app.clone(),
+                            container: c.name.clone(),
+                        });
                     }
-                    if !images.contains(&spec.image) && !pulls.iter().any(|p| matches!(p, SimStep::Pull { image, .. } if image == &spec.image)) {
-                        pulls.push(SimStep::Pull { container: spec.name.clone(), image: spec.image.clone() });
+                    if !images.contains(&spec.image)
+                        && !pulls.iter().any(
+                            |p| matches!(p, SimStep::Pull { image, .. } if image == &spec.image),
+                        )
+                    {
+                        pulls.push(SimStep::Pull {
+                            container: spec.name.clone(),
+                            image: spec.image.clone(),
+                        });
                     }
                     creates.push(SimStep::CreateStart {
                         app: app.spec.name.clone(),
@@ -98,12 +141,20 @@ pub fn plan(desired: &DesiredState, actual: &[SimContainer], images: &[String]) 
         }
     }
     for c in actual {
-        let wanted = desired.app(&c.app).is_some_and(|a| a.spec.containers.iter().any(|s| s.name == c.name));
+        let wanted = desired
+            .app(&c.app)
+            .is_some_and(|a| a.spec.containers.iter().any(|s| s.name == c.name));
         if !wanted {
             if c.running {
-                teardown.push(SimStep::Stop { app: c.app.clone(), container: c.name.clone() });
+                teardown.push(SimStep::Stop {
+                    app: c.app.clone(),
+                    container: c.name.clone(),
+                });
             }
-            teardown.push(SimStep::Remove { app: c.app.clone(), container: c.name.clone() });
+            teardown.push(SimStep::Remove {
+                app: c.app.clone(),
+                container: c.name.clone(),
+            });
         }
     }
     pulls.into_iter().chain(teardown).chain(creates).collect()
@@ -125,7 +176,12 @@ pub struct PassOutcome {
 }
 
 fn progress(step: &str, container: &Name) -> Progress {
-    Progress { step: step.to_string(), container: container.clone(), current_bytes: None, total_bytes: None }
+    Progress {
+        step: step.to_string(),
+        container: container.clone(),
+        current_bytes: None,
+        total_bytes: None,
+    }
 }
 
 /// Sleeps through the steps. A failed pull stops the pass before anything
@@ -142,17 +198,28 @@ pub async fn execute(
             SimStep::Pull { container, image } => {
                 sink.progress(progress("pulling", &container));
                 tokio::time::sleep(cfg.pull).await;
-                if cfg.failure_rate > 0.0 && rand::rng().random_bool(cfg.failure_rate.clamp(0.0, 1.0)) {
+                if cfg.failure_rate > 0.0
+                    && rand::rng().random_bool(cfg.failure_rate.clamp(0.0, 1.0))
+                {
                     // `observe` puts the failure on the app(s) that use this container name.
-                    let text = format!("simulated runtime: pull of {image} failed: simulated registry error");
-                    return PassOutcome { containers, images, failure: Some((container, text)) };
+                    let text = format!(
+                        "simulated runtime: pull of {image} failed: simulated registry error"
+                    );
+                    return PassOutcome {
+                        containers,
+                        images,
+                        failure: Some((container, text)),
+                    };
                 }
                 images.push(image);
             }
             SimStep::Stop { app, container } => {
                 sink.progress(progress("stopping", &container));
                 tokio::time::sleep(cfg.start).await;
-                if let Some(c) = containers.iter_mut().find(|c| c.app == app && c.name == container) {
+                if let Some(c) = containers
+                    .iter_mut()
+                    .find(|c| c.app == app && c.name == container)
+                {
                     c.running = false;
                 }
             }
@@ -160,30 +227,54 @@ pub async fn execute(
                 sink.progress(progress("removing", &container));
                 containers.retain(|c| !(c.app == app && c.name == container));
             }
-            SimStep::CreateStart { app, container, image, spec_hash, run } => {
+            SimStep::CreateStart {
+                app,
+                container,
+                image,
+                spec_hash,
+                run,
+            } => {
                 sink.progress(progress("creating", &container));
                 if run {
                     sink.progress(progress("starting", &container));
                     tokio::time::sleep(cfg.start).await;
                 }
                 let id = format!("{:016x}", rand::rng().random::<u64>());
-                containers.push(SimContainer { app, name: container, image, spec_hash, running: run, id });
+                containers.push(SimContainer {
+                    app,
+                    name: container,
+                    image,
+                    spec_hash,
+                    running: run,
+                    id,
+                });
             }
             SimStep::Start { app, container } => {
                 sink.progress(progress("starting", &container));
                 tokio::time::sleep(cfg.start).await;
-                if let Some(c) = containers.iter_mut().find(|c| c.app == app && c.name == container) {
+                if let Some(c) = containers
+                    .iter_mut()
+                    .find(|c| c.app == app && c.name == container)
+                {
                     c.running = true;
                 }
             }
         }
     }
-    PassOutcome { containers, images, failure: None }
+    PassOutcome {
+        containers,
+        images,
+        failure: None,
+    }
 }
 
 /// The per-app status a state report shows, from the desired state and the
 /// simulated containers (same shape as the real agent's `observe`).
-pub fn observe(desired: &DesiredState, containers: &[SimContainer], failure: Option<&(Name, String)>) -> Vec<AppStatus> {
+pub fn observe(
+    desired: &DesiredState,
+    containers: &[SimContainer],
+    failure: Option<&(Name, String)>,
+) -> Vec<AppStatus> {
     desired
         .apps
         .iter()
@@ -192,23 +283,28 @@ pub fn observe(desired: &DesiredState, containers: &[SimContainer], failure: Opt
                 .spec
                 .containers
                 .iter()
-                .map(|spec| match containers.iter().find(|c| c.app == app.spec.name && c.name == spec.name) {
-                    Some(c) => ContainerStatus {
-                        name: spec.name.clone(),
-                        image: c.image.clone(),
-                        container_id: Some(c.id.clone()),
-                        state: if c.running { "running" } else { "exited" }.to_string(),
-                        exit_code: if c.running { None } else { Some(0) },
-                        error: None,
-                    },
-                    None => ContainerStatus {
-                        name: spec.name.clone(),
-                        image: spec.image.clone(),
-                        container_id: None,
-                        state: "absent".to_string(),
-                        exit_code: None,
-                        error: None,
-                    },
+                .map(|spec| {
+                    match containers
+                        .iter()
+                        .find(|c| c.app == app.spec.name && c.name == spec.name)
+                    {
+                        Some(c) => ContainerStatus {
+                            name: spec.name.clone(),
+                            image: c.image.clone(),
+                            container_id: Some(c.id.clone()),
+                            state: if c.running { "running" } else { "exited" }.to_string(),
+                            exit_code: if c.running { None } else { Some(0) },
+                            error: None,
+                        },
+                        None => ContainerStatus {
+                            name: spec.name.clone(),
+                            image: spec.image.clone(),
+                            container_id: None,
+                            state: "absent".to_string(),
+                            exit_code: None,
+                            error: None,
+                        },
+                    }
                 })
                 .collect();
             let error = failure
@@ -222,7 +318,14 @@ pub fn observe(desired: &DesiredState, containers: &[SimContainer], failure: Opt
                 (None, RunState::Stopped) if none_running => AppPhase::Stopped,
                 _ => AppPhase::Starting,
             };
-            AppStatus { name: app.spec.name.clone(), phase, error, attempts: 0, next_retry_at_ms: None, containers: statuses }
+            AppStatus {
+                name: app.spec.name.clone(),
+                phase,
+                error,
+                attempts: 0,
+                next_retry_at_ms: None,
+                containers: statuses,
+            }
         })
         .collect()
 }
@@ -237,10 +340,20 @@ mod tests {
     }
 
     fn desired(gen: u64, run: RunState, image: &str) -> DesiredState {
-        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({"name": "main", "image": image})).expect("spec");
+        let spec: ContainerSpec =
+            serde_json::from_value(serde_json::json!({"name": "main", "image": image}))
+                .expect("spec");
         DesiredState {
             generation: gen,
-            apps: vec![DesiredApp { spec: AppSpec { name: name("web"), containers: vec![spec], labels: Default::default() }, run, started_at: 1 }],
+            apps: vec![DesiredApp {
+                spec: AppSpec {
+                    name: name("web"),
+                    containers: vec![spec],
+                    labels: Default::default(),
+                },
+                run,
+                started_at: 1,
+            }],
         }
     }
 
@@ -261,22 +374,54 @@ mod tests {
         let out = execute(cfg, steps, Vec::new(), Vec::new(), &mut sink).await;
         assert_eq!(sink.0, ["pulling", "creating", "starting"]);
         assert!(out.failure.is_none());
-        assert_eq!(observe(&d, &out.containers, None)[0].phase, AppPhase::Running);
-        assert!(plan(&d, &out.containers, &out.images).is_empty(), "converged");
+        assert_eq!(
+            observe(&d, &out.containers, None)[0].phase,
+            AppPhase::Running
+        );
+        assert!(
+            plan(&d, &out.containers, &out.images).is_empty(),
+            "converged"
+        );
 
         let stopped = desired(2, RunState::Stopped, "r/a:1");
-        assert_eq!(plan(&stopped, &out.containers, &out.images), vec![SimStep::Stop { app: name("web"), container: name("main") }]);
-        let empty = DesiredState { generation: 3, apps: vec![] };
-        assert_eq!(plan(&empty, &out.containers, &out.images).len(), 2, "stop and remove");
+        assert_eq!(
+            plan(&stopped, &out.containers, &out.images),
+            vec![SimStep::Stop {
+                app: name("web"),
+                container: name("main")
+            }]
+        );
+        let empty = DesiredState {
+            generation: 3,
+            apps: vec![],
+        };
+        assert_eq!(
+            plan(&empty, &out.containers, &out.images).len(),
+            2,
+            "stop and remove"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_pull_is_reported_on_its_app() {
-        let cfg = RuntimeConfig { failure_rate: 1.0, ..RuntimeConfig::default() };
+        let cfg = RuntimeConfig {
+            failure_rate: 1.0,
+            ..RuntimeConfig::default()
+        };
         let d = desired(1, RunState::Running, "r/a:1");
-        let out = execute(cfg, plan(&d, &[], &[]), Vec::new(), Vec::new(), &mut Steps(Vec::new())).await;
+        let out = execute(
+            cfg,
+            plan(&d, &[], &[]),
+            Vec::new(),
+            Vec::new(),
+            &mut Steps(Vec::new()),
+        )
+        .await;
         let apps = observe(&d, &out.containers, out.failure.as_ref());
         assert_eq!(apps[0].phase, AppPhase::Failed);
-        assert!(apps[0].error.as_deref().is_some_and(|e| e.contains("simulated")));
+        assert!(apps[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("simulated")));
     }
 }

@@ -90,9 +90,14 @@ impl Common {
 /// Raises the open-file limit for `agents` connections in this process;
 /// the orchestrator and Mosquitto started from here inherit it.
 pub fn prepare_fds(agents: usize) -> Result<String, ScenarioError> {
-    let want = u64::try_from(agents).unwrap_or(u64::MAX).saturating_mul(2).saturating_add(4096);
+    let want = u64::try_from(agents)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(4096);
     let got = procs::raise_nofile(want)?;
-    let note = format!("open-file limit (tool, inherited by orchestrator and broker): {got} for {agents} agents");
+    let note = format!(
+        "open-file limit (tool, inherited by orchestrator and broker): {got} for {agents} agents"
+    );
     if got < u64::try_from(agents).unwrap_or(u64::MAX) + 256 {
         warn!("{note}: too low, connections will fail with EMFILE");
     }
@@ -106,7 +111,13 @@ fn online_from_metrics(m: &HashMap<String, f64>) -> usize {
 /// Polls `/metrics` until at least `n` devices are online. `Err` says why
 /// not: timeout (with counts and the agents' connection errors) or the
 /// orchestrator exiting.
-async fn wait_online(t: &mut Target, fleet: &Fleet, n: usize, timeout: Duration, started: Instant) -> Result<Duration, String> {
+async fn wait_online(
+    t: &mut Target,
+    fleet: &Fleet,
+    n: usize,
+    timeout: Duration,
+    started: Instant,
+) -> Result<Duration, String> {
     let deadline = started + timeout;
     let mut last = 0;
     loop {
@@ -124,7 +135,13 @@ async fn wait_online(t: &mut Target, fleet: &Fleet, n: usize, timeout: Duration,
         }
         if Instant::now() > deadline {
             let s = fleet.stats().snapshot();
-            let errors: Vec<String> = fleet.stats().errors().into_iter().take(3).map(|(e, k)| format!("{k}× {e}")).collect();
+            let errors: Vec<String> = fleet
+                .stats()
+                .errors()
+                .into_iter()
+                .take(3)
+                .map(|(e, k)| format!("{k}× {e}"))
+                .collect();
             return Err(format!(
                 "after {} s: {last}/{n} online in the API, {} agents connected on the simulated side, {} connect errors{}",
                 timeout.as_secs(),
@@ -143,7 +160,11 @@ fn self_rss() -> u64 {
 
 // ----- ramp --------------------------------------------------------------------
 
-pub async fn ramp(c: &Common, steps: &[usize], step_timeout: Duration) -> Result<Vec<Table>, ScenarioError> {
+pub async fn ramp(
+    c: &Common,
+    steps: &[usize],
+    step_timeout: Duration,
+) -> Result<Vec<Table>, ScenarioError> {
     let max = steps.iter().copied().max().unwrap_or(0);
     let fd_note = prepare_fds(max)?;
     let mut t = Target::start(c.target.clone()).await?;
@@ -153,12 +174,26 @@ pub async fn ramp(c: &Common, steps: &[usize], step_timeout: Duration) -> Result
     let base_self = self_rss();
     let mut table = Table::new(
         "ramp: connect until something breaks",
-        &["agents", "ramp time", "all online in API after", "orch RSS", "orch RSS / device", "orch CPU during step", "orch threads", "tool RSS / agent", "connect errors", "result"],
+        &[
+            "agents",
+            "ramp time",
+            "all online in API after",
+            "orch RSS",
+            "orch RSS / device",
+            "orch CPU during step",
+            "orch threads",
+            "tool RSS / agent",
+            "connect errors",
+            "result",
+        ],
     );
     table.note(c.setup_note(&t));
     table.note(fd_note);
     if let Some(b) = base {
-        table.note(format!("orchestrator RSS before any agent: {}", mib(b.rss_bytes)));
+        table.note(format!(
+            "orchestrator RSS before any agent: {}",
+            mib(b.rss_bytes)
+        ));
     }
     let mut prev = 0usize;
     for &step in steps {
@@ -225,11 +260,27 @@ struct SteadyResult {
     broker_rss: Option<u64>,
 }
 
-pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerKind]) -> Result<Vec<Table>, ScenarioError> {
+pub async fn steady(
+    c: &Common,
+    n: usize,
+    duration: Duration,
+    brokers: &[BrokerKind],
+) -> Result<Vec<Table>, ScenarioError> {
     let fd_note = prepare_fds(n)?;
     let mut table = Table::new(
         format!("steady: {n} agents for {} s", duration.as_secs()),
-        &["broker", "msgs/s sent by agents", "msgs/s received by orch (/metrics)", "orch CPU", "broker CPU", "orch RSS start → end", "orch RSS / device", "broker RSS", "dropped", "disconnects"],
+        &[
+            "broker",
+            "msgs/s sent by agents",
+            "msgs/s received by orch (/metrics)",
+            "orch CPU",
+            "broker CPU",
+            "orch RSS start → end",
+            "orch RSS / device",
+            "broker RSS",
+            "dropped",
+            "disconnects",
+        ],
     );
     table.note(fd_note);
     let mut results = Vec::new();
@@ -242,7 +293,10 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
         let started = Instant::now();
         fleet.grow_to(n, c.ramp_per_sec).await?;
         if let Err(why) = wait_online(&mut t, &fleet, n, Duration::from_secs(600), started).await {
-            table.row(vec![b.as_str().into(), format!("BROKE while connecting: {why}")]);
+            table.row(vec![
+                b.as_str().into(),
+                format!("BROKE while connecting: {why}"),
+            ]);
             fleet.shutdown(Duration::from_secs(5)).await;
             t.stop(c.keep).await;
             continue;
@@ -257,7 +311,14 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
         let t0 = Instant::now();
         let mut broke = None;
         while t0.elapsed() < duration {
-            tokio::time::sleep(Duration::from_secs(5).min(duration.saturating_sub(t0.elapsed()).max(Duration::from_millis(10)))).await;
+            tokio::time::sleep(
+                Duration::from_secs(5).min(
+                    duration
+                        .saturating_sub(t0.elapsed())
+                        .max(Duration::from_millis(10)),
+                ),
+            )
+            .await;
             if let Some(why) = t.orch_exit() {
                 broke = Some(why);
                 break;
@@ -272,7 +333,8 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
         let wall = t0.elapsed().as_secs_f64();
         let sim1 = fleet.stats().snapshot();
         let m1 = t.api.metrics().await.unwrap_or_default();
-        let recv = |m: &HashMap<String, f64>| m.get("drover_mqtt_received_total").copied().unwrap_or(0.0);
+        let recv =
+            |m: &HashMap<String, f64>| m.get("drover_mqtt_received_total").copied().unwrap_or(0.0);
         let r = SteadyResult {
             broker: b,
             sim_rate: (sim1.published - sim0.published) as f64 / wall,
@@ -281,7 +343,9 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
             broker_cpu: mosq.as_ref().map(Series::cpu_percent),
             rss_start: orch.as_ref().map(|o| o.first.rss_bytes),
             rss_end: orch.as_ref().map(|o| o.last.rss_bytes),
-            rss_per_device: base.zip(orch.as_ref()).map(|(b, o)| o.last.rss_bytes.saturating_sub(b.rss_bytes) as f64 / n as f64),
+            rss_per_device: base
+                .zip(orch.as_ref())
+                .map(|(b, o)| o.last.rss_bytes.saturating_sub(b.rss_bytes) as f64 / n as f64),
             broker_rss: mosq.as_ref().map(|m| m.last.rss_bytes),
         };
         table.row(vec![
@@ -289,9 +353,15 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
             format!("{:.0}", r.sim_rate),
             format!("{:.0}", r.orch_rate),
             r.orch_cpu.map_or("—".into(), |v| format!("{v:.0} %")),
-            r.broker_cpu.map_or("(in orch)".into(), |v| format!("{v:.0} %")),
+            r.broker_cpu
+                .map_or("(in orch)".into(), |v| format!("{v:.0} %")),
             match (r.rss_start, r.rss_end) {
-                (Some(a), Some(b)) => format!("{} → {} ({:+.1} MiB)", mib(a), mib(b), (b as f64 - a as f64) / 1048576.0),
+                (Some(a), Some(b)) => format!(
+                    "{} → {} ({:+.1} MiB)",
+                    mib(a),
+                    mib(b),
+                    (b as f64 - a as f64) / 1048576.0
+                ),
                 _ => "—".into(),
             },
             r.rss_per_device.map_or("—".into(), kib),
@@ -312,13 +382,31 @@ pub async fn steady(c: &Common, n: usize, duration: Duration, brokers: &[BrokerK
         results.iter().find(|r| r.broker == BrokerKind::Embedded),
         results.iter().find(|r| r.broker == BrokerKind::Mosquitto),
     ) {
-        let mut ratio = Table::new("steady: mosquitto ÷ embedded (same run)", &["measure", "embedded", "mosquitto (orch + broker)", "ratio"]);
+        let mut ratio = Table::new(
+            "steady: mosquitto ÷ embedded (same run)",
+            &["measure", "embedded", "mosquitto (orch + broker)", "ratio"],
+        );
         let (e_cpu, e_rss) = (e.orch_cpu.unwrap_or(0.0), e.rss_end.unwrap_or(0));
         let mosq_cpu = m.orch_cpu.unwrap_or(0.0) + m.broker_cpu.unwrap_or(0.0);
         let mosq_rss = m.rss_end.unwrap_or(0) + m.broker_rss.unwrap_or(0);
-        ratio.row(vec!["msgs/s received by orch".into(), format!("{:.0}", e.orch_rate), format!("{:.0}", m.orch_rate), format!("{:.2}", m.orch_rate / e.orch_rate.max(1e-9))]);
-        ratio.row(vec!["server-side CPU".into(), format!("{e_cpu:.0} %"), format!("{mosq_cpu:.0} %"), format!("{:.2}", mosq_cpu / e_cpu.max(1e-9))]);
-        ratio.row(vec!["server-side RSS".into(), mib(e_rss), mib(mosq_rss), format!("{:.2}", mosq_rss as f64 / (e_rss as f64).max(1.0))]);
+        ratio.row(vec![
+            "msgs/s received by orch".into(),
+            format!("{:.0}", e.orch_rate),
+            format!("{:.0}", m.orch_rate),
+            format!("{:.2}", m.orch_rate / e.orch_rate.max(1e-9)),
+        ]);
+        ratio.row(vec![
+            "server-side CPU".into(),
+            format!("{e_cpu:.0} %"),
+            format!("{mosq_cpu:.0} %"),
+            format!("{:.2}", mosq_cpu / e_cpu.max(1e-9)),
+        ]);
+        ratio.row(vec![
+            "server-side RSS".into(),
+            mib(e_rss),
+            mib(mosq_rss),
+            format!("{:.2}", mosq_rss as f64 / (e_rss as f64).max(1.0)),
+        ]);
         tables.push(ratio);
     }
     Ok(tables)
@@ -348,7 +436,13 @@ pub fn unique_app() -> String {
 
 /// Deploys `app` to every device (one REST call each, at most `concurrency`
 /// at once) and follows the operations until all are final or `timeout`.
-pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: usize, timeout: Duration) -> RolloutResult {
+pub async fn run_rollout(
+    api: &Api,
+    devices: &[String],
+    app: &str,
+    concurrency: usize,
+    timeout: Duration,
+) -> RolloutResult {
     let n = devices.len();
     let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let t0 = Instant::now();
@@ -361,7 +455,9 @@ pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: 
             let sem = Arc::new(Semaphore::new(concurrency.max(1)));
             let mut tasks = Vec::with_capacity(devices.len());
             for d in devices {
-                let Ok(permit) = sem.clone().acquire_owned().await else { break };
+                let Ok(permit) = sem.clone().acquire_owned().await else {
+                    break;
+                };
                 let api = api.clone();
                 let ids = ids.clone();
                 let app = app.clone();
@@ -372,7 +468,9 @@ pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: 
                     let lat = s.elapsed().as_secs_f64();
                     match r {
                         Ok(op) => {
-                            ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(op.id);
+                            ids.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(op.id);
                             Ok(lat)
                         }
                         Err(e) => Err(e.to_string()),
@@ -422,16 +520,22 @@ pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: 
             }
         }
         let pending: Vec<String> = {
-            let ids = ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ids = ids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             res.issued = ids.len();
-            ids.iter().filter(|i| !finals.contains_key(*i)).cloned().collect()
+            ids.iter()
+                .filter(|i| !finals.contains_key(*i))
+                .cloned()
+                .collect()
         };
         if n <= 10_000 {
             // One request: the newest operations cover the whole rollout.
             if let Ok(ops) = api.operations(n).await {
                 for op in ops.into_iter().filter(|o| o.app == app && o.is_final()) {
                     if op.status == "failed" && res.failure_samples.len() < 3 {
-                        res.failure_samples.push(format!("{}: {}", op.device, op.detail));
+                        res.failure_samples
+                            .push(format!("{}: {}", op.device, op.detail));
                     }
                     finals.insert(op.id, op.status);
                 }
@@ -440,7 +544,9 @@ pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: 
             let sem = Arc::new(Semaphore::new(64));
             let mut tasks = Vec::new();
             for id in pending {
-                let Ok(permit) = sem.clone().acquire_owned().await else { break };
+                let Ok(permit) = sem.clone().acquire_owned().await else {
+                    break;
+                };
                 let api = api.clone();
                 tasks.push(tokio::spawn(async move {
                     let r = api.operation(&id).await;
@@ -487,18 +593,43 @@ pub async fn run_rollout(api: &Api, devices: &[String], app: &str, concurrency: 
 async fn converged(api: &Api, ids: &[String]) -> Result<usize, ApiError> {
     let devices = api.devices().await?;
     let want: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-    Ok(devices.iter().filter(|d| want.contains(d.id.as_str()) && d.desired_generation > 0 && d.applied_generation == d.desired_generation).count())
+    Ok(devices
+        .iter()
+        .filter(|d| {
+            want.contains(d.id.as_str())
+                && d.desired_generation > 0
+                && d.applied_generation == d.desired_generation
+        })
+        .count())
 }
 
 fn opt_secs(d: Option<Duration>) -> String {
     d.map_or("—".into(), |d| secs(d.as_secs_f64()))
 }
 
-pub async fn rollout(c: &Common, n: usize, concurrency: usize, timeout: Duration, brokers: &[BrokerKind]) -> Result<Vec<Table>, ScenarioError> {
+pub async fn rollout(
+    c: &Common,
+    n: usize,
+    concurrency: usize,
+    timeout: Duration,
+    brokers: &[BrokerKind],
+) -> Result<Vec<Table>, ScenarioError> {
     let fd_note = prepare_fds(n)?;
     let mut table = Table::new(
         format!("rollout: one app to {n} agents"),
-        &["broker", "REST issue time", "REST req/s", "REST p50 / p99", "50 % succeeded", "99 %", "100 %", "succeeded / failed / other / open", "applied == desired", "orch CPU", "orch peak RSS"],
+        &[
+            "broker",
+            "REST issue time",
+            "REST req/s",
+            "REST p50 / p99",
+            "50 % succeeded",
+            "99 %",
+            "100 %",
+            "succeeded / failed / other / open",
+            "applied == desired",
+            "orch CPU",
+            "orch peak RSS",
+        ],
     );
     table.note(fd_note);
     table.note(format!("one POST /api/v1/devices/{{id}}/apps per device, {concurrency} in flight; times from the first request; operations polled every 0.5 s"));
@@ -511,36 +642,59 @@ pub async fn rollout(c: &Common, n: usize, concurrency: usize, timeout: Duration
         let started = Instant::now();
         fleet.grow_to(n, c.ramp_per_sec).await?;
         if let Err(why) = wait_online(&mut t, &fleet, n, Duration::from_secs(600), started).await {
-            table.row(vec![b.as_str().into(), format!("BROKE while connecting: {why}")]);
+            table.row(vec![
+                b.as_str().into(),
+                format!("BROKE while connecting: {why}"),
+            ]);
             fleet.shutdown(Duration::from_secs(5)).await;
             t.stop(c.keep).await;
             continue;
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
         let app = unique_app();
-        t.api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None).await?;
+        t.api
+            .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+            .await?;
         let ids: Vec<String> = fleet.devices().iter().map(ToString::to_string).collect();
         let o0 = t.orch_sample();
         let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
         let r = run_rollout(&t.api, &ids, &app, concurrency, timeout).await;
         let series = sampler.stop().await;
-        let conv = converged(&t.api, &ids).await.map_or_else(|e| e.to_string(), |k| format!("{k}/{n}"));
+        let conv = converged(&t.api, &ids)
+            .await
+            .map_or_else(|e| e.to_string(), |k| format!("{k}/{n}"));
         let p = |q| percentile(&r.rest_latencies, q).map_or("—".into(), ms);
         table.row(vec![
             b.as_str().into(),
             secs(r.issue_time.as_secs_f64()),
-            format!("{:.0}", r.issued as f64 / r.issue_time.as_secs_f64().max(1e-9)),
+            format!(
+                "{:.0}",
+                r.issued as f64 / r.issue_time.as_secs_f64().max(1e-9)
+            ),
             format!("{} / {}", p(50.0), p(99.0)),
             opt_secs(r.t50),
             opt_secs(r.t99),
             opt_secs(r.t100),
-            format!("{} / {} / {} / {}", r.succeeded, r.failed, r.other_final, r.open),
+            format!(
+                "{} / {} / {} / {}",
+                r.succeeded, r.failed, r.other_final, r.open
+            ),
             conv,
-            series.as_ref().map_or("—".into(), |s| format!("{:.0} %", s.cpu_percent())),
-            series.as_ref().map_or_else(|| o0.map_or("—".into(), |s| mib(s.rss_bytes)), |s| mib(s.max_rss)),
+            series
+                .as_ref()
+                .map_or("—".into(), |s| format!("{:.0} %", s.cpu_percent())),
+            series.as_ref().map_or_else(
+                || o0.map_or("—".into(), |s| mib(s.rss_bytes)),
+                |s| mib(s.max_rss),
+            ),
         ]);
         if !r.issue_errors.is_empty() {
-            table.note(format!("{}: {} REST errors, first: {}", b.as_str(), r.issue_errors.len(), r.issue_errors[0]));
+            table.note(format!(
+                "{}: {} REST errors, first: {}",
+                b.as_str(),
+                r.issue_errors.len(),
+                r.issue_errors[0]
+            ));
         }
         for f in &r.failure_samples {
             table.note(format!("{}: failed operation: {f}", b.as_str()));
@@ -551,8 +705,14 @@ pub async fn rollout(c: &Common, n: usize, concurrency: usize, timeout: Duration
         fleet.shutdown(Duration::from_secs(10)).await;
         t.stop(c.keep).await;
     }
-    if let (Some(e), Some(m)) = (rows.iter().find(|r| r.0 == BrokerKind::Embedded), rows.iter().find(|r| r.0 == BrokerKind::Mosquitto)) {
-        table.note(format!("time to 100 %: mosquitto ÷ embedded = {:.2}", m.1 / e.1.max(1e-9)));
+    if let (Some(e), Some(m)) = (
+        rows.iter().find(|r| r.0 == BrokerKind::Embedded),
+        rows.iter().find(|r| r.0 == BrokerKind::Mosquitto),
+    ) {
+        table.note(format!(
+            "time to 100 %: mosquitto ÷ embedded = {:.2}",
+            m.1 / e.1.max(1e-9)
+        ));
     }
     Ok(vec![table])
 }
@@ -594,7 +754,13 @@ impl OrchSampler {
 
 /// Stop/start round trips on each probe device; returns (accepted, succeeded)
 /// latencies in seconds.
-async fn rtt_rounds(api: &Api, probes: &[String], app: &str, rounds: usize, poll: Duration) -> (Vec<f64>, Vec<f64>, Vec<String>) {
+async fn rtt_rounds(
+    api: &Api,
+    probes: &[String],
+    app: &str,
+    rounds: usize,
+    poll: Duration,
+) -> (Vec<f64>, Vec<f64>, Vec<String>) {
     let mut tasks = Vec::new();
     for d in probes {
         let api = api.clone();
@@ -650,12 +816,26 @@ async fn rtt_rounds(api: &Api, probes: &[String], app: &str, rounds: usize, poll
     (acc, done, errors)
 }
 
-pub async fn rtt(c: &Common, probes: usize, rounds: usize, under_load: usize, poll: Duration) -> Result<Vec<Table>, ScenarioError> {
+pub async fn rtt(
+    c: &Common,
+    probes: usize,
+    rounds: usize,
+    under_load: usize,
+    poll: Duration,
+) -> Result<Vec<Table>, ScenarioError> {
     let fd_note = prepare_fds(probes + under_load)?;
     let mut t = Target::start(c.target.clone()).await?;
     let mut table = Table::new(
         "rtt: request → operation succeeded (stop/start alternating)",
-        &["phase", "agents connected", "round trips", "accepted p50 / p99", "succeeded p50 / p99", "succeeded max", "errors"],
+        &[
+            "phase",
+            "agents connected",
+            "round trips",
+            "accepted p50 / p99",
+            "succeeded p50 / p99",
+            "succeeded max",
+            "errors",
+        ],
     );
     table.note(c.setup_note(&t));
     table.note(fd_note);
@@ -667,24 +847,52 @@ pub async fn rtt(c: &Common, probes: usize, rounds: usize, under_load: usize, po
     let mut probe_fleet = Fleet::new(c.sim(&t), "probe")?;
     let started = Instant::now();
     probe_fleet.grow_to(probes, c.ramp_per_sec).await?;
-    wait_online(&mut t, &probe_fleet, probes, Duration::from_secs(120), started).await.map_err(ScenarioError::Failed)?;
+    wait_online(
+        &mut t,
+        &probe_fleet,
+        probes,
+        Duration::from_secs(120),
+        started,
+    )
+    .await
+    .map_err(ScenarioError::Failed)?;
     let app = unique_app();
-    t.api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None).await?;
-    let ids: Vec<String> = probe_fleet.devices().iter().map(ToString::to_string).collect();
+    t.api
+        .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+        .await?;
+    let ids: Vec<String> = probe_fleet
+        .devices()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let r = run_rollout(&t.api, &ids, &app, probes, Duration::from_secs(120)).await;
     if r.succeeded != probes {
-        return Err(ScenarioError::Failed(format!("deploying to the probes: {} of {probes} succeeded", r.succeeded)));
+        return Err(ScenarioError::Failed(format!(
+            "deploying to the probes: {} of {probes} succeeded",
+            r.succeeded
+        )));
     }
     let mut phases = vec![("idle".to_string(), 0usize)];
     if under_load > 0 {
-        phases.push((format!("under load ({under_load} agents, steady)"), under_load));
+        phases.push((
+            format!("under load ({under_load} agents, steady)"),
+            under_load,
+        ));
     }
     let mut load_fleet = Fleet::new(c.sim(&t), "sim")?;
     for (phase, load) in phases {
         if load > 0 {
             let started = Instant::now();
             load_fleet.grow_to(load, c.ramp_per_sec).await?;
-            if let Err(why) = wait_online(&mut t, &load_fleet, load + probes, Duration::from_secs(600), started).await {
+            if let Err(why) = wait_online(
+                &mut t,
+                &load_fleet,
+                load + probes,
+                Duration::from_secs(600),
+                started,
+            )
+            .await
+            {
                 table.row(vec![phase, format!("BROKE while connecting: {why}")]);
                 break;
             }
@@ -694,7 +902,8 @@ pub async fn rtt(c: &Common, probes: usize, rounds: usize, under_load: usize, po
         let p = |v: &[f64], q| percentile(v, q).map_or("—".into(), ms);
         table.row(vec![
             phase,
-            (probe_fleet.stats().snapshot().connected + load_fleet.stats().snapshot().connected).to_string(),
+            (probe_fleet.stats().snapshot().connected + load_fleet.stats().snapshot().connected)
+                .to_string(),
             done.len().to_string(),
             format!("{} / {}", p(&acc, 50.0), p(&acc, 99.0)),
             format!("{} / {}", p(&done, 50.0), p(&done, 99.0)),
@@ -713,15 +922,32 @@ pub async fn rtt(c: &Common, probes: usize, rounds: usize, under_load: usize, po
 
 // ----- storm --------------------------------------------------------------------------
 
-pub async fn storm(c: &Common, n: usize, down: Duration, timeout: Duration) -> Result<Vec<Table>, ScenarioError> {
+pub async fn storm(
+    c: &Common,
+    n: usize,
+    down: Duration,
+    timeout: Duration,
+) -> Result<Vec<Table>, ScenarioError> {
     let fd_note = prepare_fds(n)?;
     let mut t = Target::start(c.target.clone()).await?;
     if t.orch.is_none() {
         return Err(ScenarioError::Failed("storm kills and restarts the orchestrator, so it must be started by the tool (no --api)".into()));
     }
     let mut table = Table::new(
-        format!("storm: SIGKILL the orchestrator under {n} agents, restart after {} s", down.as_secs()),
-        &["agents", "all online after restart", "all reconciled after restart", "online / reconciled at end", "agent reconnects", "agent connect errors", "orch RSS after", "result"],
+        format!(
+            "storm: SIGKILL the orchestrator under {n} agents, restart after {} s",
+            down.as_secs()
+        ),
+        &[
+            "agents",
+            "all online after restart",
+            "all reconciled after restart",
+            "online / reconciled at end",
+            "agent reconnects",
+            "agent connect errors",
+            "orch RSS after",
+            "result",
+        ],
     );
     table.note(c.setup_note(&t));
     table.note(fd_note);
@@ -729,18 +955,30 @@ pub async fn storm(c: &Common, n: usize, down: Duration, timeout: Duration) -> R
     let mut fleet = Fleet::new(c.sim(&t), "sim")?;
     let started = Instant::now();
     fleet.grow_to(n, c.ramp_per_sec).await?;
-    wait_online(&mut t, &fleet, n, Duration::from_secs(600), started).await.map_err(ScenarioError::Failed)?;
+    wait_online(&mut t, &fleet, n, Duration::from_secs(600), started)
+        .await
+        .map_err(ScenarioError::Failed)?;
     let app = unique_app();
-    t.api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None).await?;
+    t.api
+        .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+        .await?;
     let ids: Vec<String> = fleet.devices().iter().map(ToString::to_string).collect();
     let r = run_rollout(&t.api, &ids, &app, 32, Duration::from_secs(600)).await;
-    table.note(format!("before the kill: app deployed to all, {} of {n} operations succeeded", r.succeeded));
+    table.note(format!(
+        "before the kill: app deployed to all, {} of {n} operations succeeded",
+        r.succeeded
+    ));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let s0 = fleet.stats().snapshot();
     t.kill_orchestrator().await;
     info!("orchestrator killed");
     tokio::time::sleep(down).await;
-    let restart_ms = u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0);
+    let restart_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis()),
+    )
+    .unwrap_or(0);
     let restarted = Instant::now();
     t.restart_orchestrator().await?;
     let (mut t_online, mut t_rec) = (None, None);
@@ -755,7 +993,12 @@ pub async fn storm(c: &Common, n: usize, down: Duration, timeout: Duration) -> R
             online = devs.iter().filter(|d| d.online).count();
             rec = devs
                 .iter()
-                .filter(|d| d.online && d.desired_generation > 0 && d.applied_generation == d.desired_generation && d.last_seen_ms >= restart_ms)
+                .filter(|d| {
+                    d.online
+                        && d.desired_generation > 0
+                        && d.applied_generation == d.desired_generation
+                        && d.last_seen_ms >= restart_ms
+                })
                 .count();
         }
         if t_online.is_none() && online >= n {
@@ -800,7 +1043,12 @@ pub struct FootprintArgs {
 
 pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>, ScenarioError> {
     let size = std::fs::metadata(&a.agent_bin)
-        .map_err(|e| ScenarioError::Failed(format!("{}: {e}; build it with `cargo build --release -p drover-agent`", a.agent_bin.display())))?
+        .map_err(|e| {
+            ScenarioError::Failed(format!(
+                "{}: {e}; build it with `cargo build --release -p drover-agent`",
+                a.agent_bin.display()
+            ))
+        })?
         .len();
     let t = Target::start(c.target.clone()).await?;
     let device = format!("fp-{}", crate::unique_suffix());
@@ -815,18 +1063,37 @@ pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>
     ];
     let log = t.data_dir().join("agent.log");
     let mut agent = Proc::spawn("drover-agent", &a.agent_bin, &args, &log)?;
-    let mut table = Table::new("agent-footprint: real drover-agent (release) on the real Docker daemon", &["measure", "value"]);
-    table.note(format!("agent: `{} {}`; orchestrator: `{}`", a.agent_bin.display(), args.join(" "), t.orch_command()));
+    let mut table = Table::new(
+        "agent-footprint: real drover-agent (release) on the real Docker daemon",
+        &["measure", "value"],
+    );
+    table.note(format!(
+        "agent: `{} {}`; orchestrator: `{}`",
+        a.agent_bin.display(),
+        args.join(" "),
+        t.orch_command()
+    ));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = agent.exited() {
-            return Err(ScenarioError::Failed(format!("drover-agent exited ({s}):\n{}", agent.log_tail(15))));
+            return Err(ScenarioError::Failed(format!(
+                "drover-agent exited ({s}):\n{}",
+                agent.log_tail(15)
+            )));
         }
-        if t.api.devices().await.map(|d| d.iter().any(|x| x.id == device && x.online)).unwrap_or(false) {
+        if t.api
+            .devices()
+            .await
+            .map(|d| d.iter().any(|x| x.id == device && x.online))
+            .unwrap_or(false)
+        {
             break;
         }
         if Instant::now() > deadline {
-            return Err(ScenarioError::Failed(format!("agent not online after 60 s:\n{}", agent.log_tail(15))));
+            return Err(ScenarioError::Failed(format!(
+                "agent not online after 60 s:\n{}",
+                agent.log_tail(15)
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -846,12 +1113,20 @@ pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>
         .map(|o| o.status.success())
         .unwrap_or(false);
     table.note(if cached {
-        format!("`{}` was already on the Docker host: the deploy is a cached one (no layer download)", a.image)
+        format!(
+            "`{}` was already on the Docker host: the deploy is a cached one (no layer download)",
+            a.image
+        )
     } else {
-        format!("`{}` was not on the Docker host: the deploy includes a real pull from the registry", a.image)
+        format!(
+            "`{}` was not on the Docker host: the deploy includes a real pull from the registry",
+            a.image
+        )
     });
     let app = unique_app();
-    t.api.create_app(&app, &a.image, Some(vec!["sleep".into(), "3600".into()])).await?;
+    t.api
+        .create_app(&app, &a.image, Some(vec!["sleep".into(), "3600".into()]))
+        .await?;
     let op = t.api.deploy(&device, &app).await?;
     let mut deploy = Series::new(agent.sample()?);
     let d0 = Instant::now();
@@ -860,7 +1135,11 @@ pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>
         deploy.push(agent.sample()?);
         let o = t.api.operation(&op.id).await?;
         if o.is_final() {
-            break if o.detail.is_empty() { o.status } else { format!("{}: {}", o.status, o.detail) };
+            break if o.detail.is_empty() {
+                o.status
+            } else {
+                format!("{}: {}", o.status, o.detail)
+            };
         }
         if d0.elapsed() > Duration::from_secs(300) {
             break "not final after 300 s".to_string();
@@ -875,20 +1154,56 @@ pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>
         tokio::time::sleep(Duration::from_secs(1)).await;
         running.push(agent.sample()?);
     }
-    table.row(vec!["binary size (stripped release)".into(), format!("{} ({size} bytes)", mib(size))]);
-    table.row(vec![format!("RSS idle, no apps ({} s)", a.idle.as_secs()), format!("{} – {}", mib(idle.first.rss_bytes), mib(idle.max_rss))]);
-    table.row(vec!["CPU idle, no apps".into(), format!("{:.2} % of one core", idle.cpu_percent())]);
-    table.row(vec![format!("deploy of `{}`", a.image), format!("{status} in {}", secs(deploy_time.as_secs_f64()))]);
-    table.row(vec!["RSS peak during the deploy".into(), mib(deploy.max_rss)]);
-    table.row(vec!["CPU during the deploy".into(), format!("{:.1} % of one core", deploy.cpu_percent())]);
-    table.row(vec!["RSS with one app running".into(), format!("{} – {}", mib(running.first.rss_bytes), mib(running.max_rss))]);
-    table.row(vec!["CPU with one app running".into(), format!("{:.2} % of one core", running.cpu_percent())]);
-    table.row(vec!["peak RSS over the run (VmHWM)".into(), mib(running.last.peak_rss_bytes)]);
+    table.row(vec![
+        "binary size (stripped release)".into(),
+        format!("{} ({size} bytes)", mib(size)),
+    ]);
+    table.row(vec![
+        format!("RSS idle, no apps ({} s)", a.idle.as_secs()),
+        format!("{} – {}", mib(idle.first.rss_bytes), mib(idle.max_rss)),
+    ]);
+    table.row(vec![
+        "CPU idle, no apps".into(),
+        format!("{:.2} % of one core", idle.cpu_percent()),
+    ]);
+    table.row(vec![
+        format!("deploy of `{}`", a.image),
+        format!("{status} in {}", secs(deploy_time.as_secs_f64())),
+    ]);
+    table.row(vec![
+        "RSS peak during the deploy".into(),
+        mib(deploy.max_rss),
+    ]);
+    table.row(vec![
+        "CPU during the deploy".into(),
+        format!("{:.1} % of one core", deploy.cpu_percent()),
+    ]);
+    table.row(vec![
+        "RSS with one app running".into(),
+        format!(
+            "{} – {}",
+            mib(running.first.rss_bytes),
+            mib(running.max_rss)
+        ),
+    ]);
+    table.row(vec![
+        "CPU with one app running".into(),
+        format!("{:.2} % of one core", running.cpu_percent()),
+    ]);
+    table.row(vec![
+        "peak RSS over the run (VmHWM)".into(),
+        mib(running.last.peak_rss_bytes),
+    ]);
     // Clean up the container before the agent goes.
     if let Ok(rm) = t.api.remove(&device, &app).await {
         let d = Instant::now();
         while d.elapsed() < Duration::from_secs(60) {
-            if t.api.operation(&rm.id).await.map(|o| o.is_final()).unwrap_or(true) {
+            if t.api
+                .operation(&rm.id)
+                .await
+                .map(|o| o.is_final())
+                .unwrap_or(true)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

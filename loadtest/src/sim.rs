@@ -23,13 +23,15 @@ use drover_agent::desired::{AckOut, Intake};
 use drover_shared::codec::{Message, MAX_PAYLOAD_BYTES};
 use drover_shared::model::{DesiredState, ObservedState};
 use drover_shared::payload::{
-    Ack, AckPhase, Action, Command, ContainerMetrics, Desired, Heartbeat, Hello, HostMetrics, Progress, StateReport,
-    Status, Telemetry,
+    Ack, AckPhase, Action, Command, ContainerMetrics, Desired, Heartbeat, Hello, HostMetrics,
+    Progress, StateReport, Status, Telemetry,
 };
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{DeviceId, IdError};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info_span, Instrument};
@@ -140,7 +142,10 @@ impl Stats {
 
     fn error(&self, text: String) {
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
-        let mut map = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.len() < MAX_ERROR_KINDS || map.contains_key(&text) {
             *map.entry(text).or_default() += 1;
         }
@@ -148,7 +153,10 @@ impl Stats {
 
     /// Connection errors seen, by text, most frequent first.
     pub fn errors(&self) -> Vec<(String, u64)> {
-        let map = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self
+            .errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<(String, u64)> = map.iter().map(|(k, n)| (k.clone(), *n)).collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
@@ -216,7 +224,13 @@ impl Fleet {
             tokio::time::sleep_until(at).await;
             let device = device_id(&self.prefix, i + 1)?;
             let host = self.cfg.hosts[i % self.cfg.hosts.len()].clone();
-            self.tasks.extend(spawn_agent(self.cfg.clone(), device.clone(), host, self.stats.clone(), self.stop.subscribe()));
+            self.tasks.extend(spawn_agent(
+                self.cfg.clone(),
+                device.clone(),
+                host,
+                self.stats.clone(),
+                self.stop.subscribe(),
+            ));
             self.devices.push(device);
         }
         Ok(())
@@ -227,7 +241,8 @@ impl Fleet {
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
         let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline && self.tasks.iter().any(|t| !t.is_finished()) {
+        while tokio::time::Instant::now() < deadline && self.tasks.iter().any(|t| !t.is_finished())
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for t in self.tasks {
@@ -243,8 +258,14 @@ enum Input {
     Disconnected,
     Desired(Desired),
     Command(Command),
-    Progress { generation: u64, progress: Progress },
-    Done { generation: u64, outcome: PassOutcome },
+    Progress {
+        generation: u64,
+        progress: Progress,
+    },
+    Done {
+        generation: u64,
+        outcome: PassOutcome,
+    },
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -275,7 +296,10 @@ fn spawn_agent(
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
     opts.set_last_will(LastWill::new(
         cfg.topics.device(&device, TopicKind::Status),
-        drover_shared::encode(&Status { online: false, at_ms: 0 }),
+        drover_shared::encode(&Status {
+            online: false,
+            at_ms: 0,
+        }),
         qos(TopicKind::Status),
         TopicKind::Status.retained(),
     ));
@@ -289,7 +313,16 @@ fn spawn_agent(
     eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let span = info_span!("sim", device = %device);
-    let driver = tokio::spawn(drive(eventloop, cfg.topics.clone(), device.clone(), tx.clone(), stats.clone()).instrument(span.clone()));
+    let driver = tokio::spawn(
+        drive(
+            eventloop,
+            cfg.topics.clone(),
+            device.clone(),
+            tx.clone(),
+            stats.clone(),
+        )
+        .instrument(span.clone()),
+    );
     let agent = Agent {
         cfg,
         device,
@@ -311,7 +344,13 @@ fn spawn_agent(
 }
 
 /// Polls the event loop; the same backoff policy as the real agent.
-async fn drive(mut eventloop: EventLoop, topics: Topics, device: DeviceId, tx: mpsc::Sender<Input>, stats: Arc<Stats>) {
+async fn drive(
+    mut eventloop: EventLoop,
+    topics: Topics,
+    device: DeviceId,
+    tx: mpsc::Sender<Input>,
+    stats: Arc<Stats>,
+) {
     let mut backoff = BACKOFF_START;
     let mut connected = false;
     loop {
@@ -328,8 +367,12 @@ async fn drive(mut eventloop: EventLoop, topics: Topics, device: DeviceId, tx: m
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 let input = match topics.parse(&p.topic) {
-                    Some((d, TopicKind::Desired)) if d == device => drover_shared::decode::<Desired>(&p.payload).map(Input::Desired),
-                    Some((d, TopicKind::Cmd)) if d == device => drover_shared::decode::<Command>(&p.payload).map(Input::Command),
+                    Some((d, TopicKind::Desired)) if d == device => {
+                        drover_shared::decode::<Desired>(&p.payload).map(Input::Desired)
+                    }
+                    Some((d, TopicKind::Cmd)) if d == device => {
+                        drover_shared::decode::<Command>(&p.payload).map(Input::Command)
+                    }
                     _ => continue,
                 };
                 match input {
@@ -396,7 +439,10 @@ struct InboxSink {
 
 impl PassSink for InboxSink {
     fn progress(&mut self, progress: Progress) {
-        let _ = self.tx.try_send(Input::Progress { generation: self.generation, progress });
+        let _ = self.tx.try_send(Input::Progress {
+            generation: self.generation,
+            progress,
+        });
     }
 }
 
@@ -404,9 +450,11 @@ impl Agent {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut stop: watch::Receiver<bool>) {
         let start = tokio::time::Instant::now();
         let jitter = |period: Duration| period.mul_f64(rand::rng().random::<f64>());
-        let mut heartbeat = tokio::time::interval_at(start + jitter(self.cfg.heartbeat), self.cfg.heartbeat);
+        let mut heartbeat =
+            tokio::time::interval_at(start + jitter(self.cfg.heartbeat), self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut telemetry = tokio::time::interval_at(start + jitter(self.cfg.telemetry), self.cfg.telemetry);
+        let mut telemetry =
+            tokio::time::interval_at(start + jitter(self.cfg.telemetry), self.cfg.telemetry);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -431,11 +479,17 @@ impl Agent {
             Input::Connected => {
                 self.online = true;
                 for kind in TopicKind::TO_DEVICE {
-                    if let Err(e) = self.client.try_subscribe(self.cfg.topics.device(&self.device, kind), qos(kind)) {
+                    if let Err(e) = self
+                        .client
+                        .try_subscribe(self.cfg.topics.device(&self.device, kind), qos(kind))
+                    {
                         debug!(error = %e, "subscribe not queued");
                     }
                 }
-                self.send(&Status { online: true, at_ms: now_ms() });
+                self.send(&Status {
+                    online: true,
+                    at_ms: now_ms(),
+                });
                 self.send(&self.hello());
                 self.published = None;
                 self.publish_state();
@@ -448,27 +502,53 @@ impl Agent {
                 match c.action {
                     Action::Apply { desired, .. } => self.offer(desired, Some(&c.id)),
                     Action::Resync => {
-                        self.ack(&AckOut { command_id: c.id.clone(), phase: AckPhase::Received, detail: String::new() });
+                        self.ack(&AckOut {
+                            command_id: c.id.clone(),
+                            phase: AckPhase::Received,
+                            detail: String::new(),
+                        });
                         self.published = None;
                         self.send(&self.hello());
                         self.publish_state();
                         self.heartbeat();
-                        self.ack(&AckOut { command_id: c.id, phase: AckPhase::Succeeded, detail: String::new() });
+                        self.ack(&AckOut {
+                            command_id: c.id,
+                            phase: AckPhase::Succeeded,
+                            detail: String::new(),
+                        });
                     }
                 }
             }
-            Input::Progress { generation, progress } => {
-                let ids: Vec<String> = self.intake.pending_for(generation).map(str::to_string).collect();
+            Input::Progress {
+                generation,
+                progress,
+            } => {
+                let ids: Vec<String> = self
+                    .intake
+                    .pending_for(generation)
+                    .map(str::to_string)
+                    .collect();
                 for id in ids {
-                    self.send(&Ack { command_id: id, at_ms: now_ms(), phase: AckPhase::Progress, detail: String::new(), progress: Some(progress.clone()) });
+                    self.send(&Ack {
+                        command_id: id,
+                        at_ms: now_ms(),
+                        phase: AckPhase::Progress,
+                        detail: String::new(),
+                        progress: Some(progress.clone()),
+                    });
                 }
             }
-            Input::Done { generation, outcome } => {
+            Input::Done {
+                generation,
+                outcome,
+            } => {
                 if generation != self.intake.held_generation() {
                     return;
                 }
                 self.pass = None;
-                let Some(held) = self.intake.held() else { return };
+                let Some(held) = self.intake.held() else {
+                    return;
+                };
                 let apps = runtime::observe(held, &outcome.containers, outcome.failure.as_ref());
                 let failure = outcome.failure.map(|(_, text)| text);
                 self.containers = outcome.containers;
@@ -493,7 +573,9 @@ impl Agent {
         if !offer.adopted {
             return;
         }
-        let Some(held) = self.intake.held().cloned() else { return };
+        let Some(held) = self.intake.held().cloned() else {
+            return;
+        };
         self.observed.desired_generation = held.generation;
         self.publish_state();
         if let Some(p) = self.pass.take() {
@@ -507,9 +589,17 @@ impl Agent {
         let generation = held.generation;
         self.pass = Some(tokio::spawn(
             async move {
-                let mut sink = InboxSink { generation, tx: tx.clone() };
+                let mut sink = InboxSink {
+                    generation,
+                    tx: tx.clone(),
+                };
                 let outcome = runtime::execute(cfg, steps, containers, images, &mut sink).await;
-                let _ = tx.send(Input::Done { generation, outcome }).await;
+                let _ = tx
+                    .send(Input::Done {
+                        generation,
+                        outcome,
+                    })
+                    .await;
             }
             .in_current_span(),
         ));
@@ -537,7 +627,10 @@ impl Agent {
         if self.published.as_ref() == Some(&self.observed) {
             return;
         }
-        self.send(&StateReport { at_ms: now_ms(), observed: self.observed.clone() });
+        self.send(&StateReport {
+            at_ms: now_ms(),
+            observed: self.observed.clone(),
+        });
         self.published = Some(self.observed.clone());
     }
 
@@ -603,14 +696,25 @@ impl Agent {
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        self.send(&Ack { command_id: a.command_id.clone(), at_ms: now_ms(), phase: a.phase, detail: a.detail.clone(), progress: None });
+        self.send(&Ack {
+            command_id: a.command_id.clone(),
+            at_ms: now_ms(),
+            phase: a.phase,
+            detail: a.detail.clone(),
+            progress: None,
+        });
     }
 
     /// Queues a publish without waiting; `false` if the queue was full.
     fn send<T: Message>(&self, msg: &T) -> bool {
         let kind = T::KIND;
         let topic = self.cfg.topics.device(&self.device, kind);
-        match self.client.try_publish(topic, qos(kind), kind.retained(), drover_shared::encode(msg)) {
+        match self.client.try_publish(
+            topic,
+            qos(kind),
+            kind.retained(),
+            drover_shared::encode(msg),
+        ) {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                 true
@@ -630,7 +734,10 @@ mod tests {
     #[test]
     fn device_ids_are_valid_and_sortable() {
         assert_eq!(device_id("sim", 1).expect("valid").as_str(), "sim-00001");
-        assert_eq!(device_id("sim", 123_456).expect("valid").as_str(), "sim-123456");
+        assert_eq!(
+            device_id("sim", 123_456).expect("valid").as_str(),
+            "sim-123456"
+        );
         assert!(device_id("bad/prefix", 1).is_err());
     }
 }

@@ -16,13 +16,24 @@ pub enum TargetError {
     #[error(transparent)]
     Proc(#[from] ProcError),
     #[error("cannot prepare {path}: {source}")]
-    Dir { path: String, source: std::io::Error },
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no free port on 127.0.0.1: {0}")]
     Port(std::io::Error),
     #[error("{what} did not come up within {secs} s; last log lines:\n{log}")]
-    NotReady { what: String, secs: u64, log: String },
+    NotReady {
+        what: String,
+        secs: u64,
+        log: String,
+    },
     #[error("{what} exited during startup ({status}); last log lines:\n{log}")]
-    Exited { what: String, status: String, log: String },
+    Exited {
+        what: String,
+        status: String,
+        log: String,
+    },
 }
 
 /// Which broker the orchestrator and the simulated agents use.
@@ -108,8 +119,15 @@ impl Target {
                 cfg,
             });
         }
-        let data_dir = cfg.work_dir.join(format!("run-{}-{}", std::process::id(), crate::unique_suffix()));
-        std::fs::create_dir_all(&data_dir).map_err(|source| TargetError::Dir { path: data_dir.display().to_string(), source })?;
+        let data_dir = cfg.work_dir.join(format!(
+            "run-{}-{}",
+            std::process::id(),
+            crate::unique_suffix()
+        ));
+        std::fs::create_dir_all(&data_dir).map_err(|source| TargetError::Dir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
         let mqtt_port = free_port()?;
         let api_port = free_port()?;
         let mosquitto = match cfg.broker {
@@ -117,9 +135,18 @@ impl Target {
             BrokerKind::Mosquitto => {
                 let conf = data_dir.join("mosquitto.conf");
                 let log = data_dir.join("mosquitto.log");
-                std::fs::write(&conf, mosquitto_conf(mqtt_port, &hosts, &log))
-                    .map_err(|source| TargetError::Dir { path: conf.display().to_string(), source })?;
-                let mut p = Proc::spawn("mosquitto", &cfg.mosquitto_bin, &["-c".into(), conf.display().to_string()], &data_dir.join("mosquitto.out"))?;
+                std::fs::write(&conf, mosquitto_conf(mqtt_port, &hosts, &log)).map_err(
+                    |source| TargetError::Dir {
+                        path: conf.display().to_string(),
+                        source,
+                    },
+                )?;
+                let mut p = Proc::spawn(
+                    "mosquitto",
+                    &cfg.mosquitto_bin,
+                    &["-c".into(), conf.display().to_string()],
+                    &data_dir.join("mosquitto.out"),
+                )?;
                 wait_port(&mut p, mqtt_port, Duration::from_secs(15)).await?;
                 Some(p)
             }
@@ -152,8 +179,14 @@ impl Target {
             // All of 127.0.0.0/8 reaches a listener on 0.0.0.0; the embedded
             // broker takes one listen address, so this is how agents can be
             // spread over several loopback destinations.
-            BrokerKind::Embedded => a.extend(["--mqtt-listen".into(), format!("0.0.0.0:{}", self.mqtt_port)]),
-            BrokerKind::Mosquitto => a.extend(["--broker".into(), format!("mqtt://127.0.0.1:{}", self.mqtt_port)]),
+            BrokerKind::Embedded => a.extend([
+                "--mqtt-listen".into(),
+                format!("0.0.0.0:{}", self.mqtt_port),
+            ]),
+            BrokerKind::Mosquitto => a.extend([
+                "--broker".into(),
+                format!("mqtt://127.0.0.1:{}", self.mqtt_port),
+            ]),
         }
         a
     }
@@ -163,29 +196,53 @@ impl Target {
         if self.cfg.external.is_some() {
             return format!("(external orchestrator at {})", self.api.base());
         }
-        format!("{} {}", self.cfg.orchestrator_bin.display(), self.orch_args().join(" "))
+        format!(
+            "{} {}",
+            self.cfg.orchestrator_bin.display(),
+            self.orch_args().join(" ")
+        )
     }
 
     async fn start_orchestrator(&mut self) -> Result<(), TargetError> {
-        let log = self.data_dir.join(format!("orchestrator-{}.log", self.restarts));
-        let mut p = Proc::spawn("drover", &self.cfg.orchestrator_bin, &self.orch_args(), &log)?;
+        let log = self
+            .data_dir
+            .join(format!("orchestrator-{}.log", self.restarts));
+        let mut p = Proc::spawn(
+            "drover",
+            &self.cfg.orchestrator_bin,
+            &self.orch_args(),
+            &log,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = p.exited() {
-                return Err(TargetError::Exited { what: "drover serve".into(), status: status.to_string(), log: p.log_tail(20) });
+                return Err(TargetError::Exited {
+                    what: "drover serve".into(),
+                    status: status.to_string(),
+                    log: p.log_tail(20),
+                });
             }
             if self.api.healthy().await {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(TargetError::NotReady { what: "drover serve".into(), secs: 60, log: p.log_tail(20) });
+                return Err(TargetError::NotReady {
+                    what: "drover serve".into(),
+                    secs: 60,
+                    log: p.log_tail(20),
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if self.broker == BrokerKind::Embedded {
             wait_port(&mut p, self.mqtt_port, Duration::from_secs(30)).await?;
         }
-        info!(api = self.api.base(), mqtt_port = self.mqtt_port, broker = self.broker.as_str(), "orchestrator ready");
+        info!(
+            api = self.api.base(),
+            mqtt_port = self.mqtt_port,
+            broker = self.broker.as_str(),
+            "orchestrator ready"
+        );
         self.orch = Some(p);
         Ok(())
     }
@@ -214,7 +271,12 @@ impl Target {
     /// Why the orchestrator is gone, if it is.
     pub fn orch_exit(&mut self) -> Option<String> {
         let p = self.orch.as_mut()?;
-        p.exited().map(|s| format!("drover serve exited ({s}); last log lines:\n{}", p.log_tail(15)))
+        p.exited().map(|s| {
+            format!(
+                "drover serve exited ({s}); last log lines:\n{}",
+                p.log_tail(15)
+            )
+        })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -242,13 +304,24 @@ async fn wait_port(p: &mut Proc, port: u16, timeout: Duration) -> Result<(), Tar
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = p.exited() {
-            return Err(TargetError::Exited { what: p.name.clone(), status: status.to_string(), log: p.log_tail(20) });
+            return Err(TargetError::Exited {
+                what: p.name.clone(),
+                status: status.to_string(),
+                log: p.log_tail(20),
+            });
         }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(TargetError::NotReady { what: format!("{} MQTT port {port}", p.name), secs: timeout.as_secs(), log: p.log_tail(20) });
+            return Err(TargetError::NotReady {
+                what: format!("{} MQTT port {port}", p.name),
+                secs: timeout.as_secs(),
+                log: p.log_tail(20),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -262,6 +335,10 @@ mod tests {
     fn mosquitto_config_has_one_listener_per_address() {
         let c = mosquitto_conf(1884, &loopback_hosts(2), Path::new("/tmp/m.log"));
         assert!(c.contains("listener 1884 127.0.0.1\n") && c.contains("listener 1884 127.0.0.2\n"));
-        assert!(c.contains("max_packet_size 300000") && c.contains("persistence false") && c.contains("allow_anonymous true"));
+        assert!(
+            c.contains("max_packet_size 300000")
+                && c.contains("persistence false")
+                && c.contains("allow_anonymous true")
+        );
     }
 }

@@ -38,7 +38,9 @@ async fn three_hundred_simulated_agents_take_a_rollout() {
     let mut cfg = ServerConfig::new(data.path().to_path_buf());
     cfg.api_listen = "127.0.0.1:0".parse().expect("addr");
     // Port 0: the server picks a free port for the embedded broker.
-    cfg.broker = BrokerMode::Embedded { listen: "127.0.0.1:0".parse().expect("addr") };
+    cfg.broker = BrokerMode::Embedded {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+    };
     cfg.client_id = format!("orch-smoke-{}", std::process::id());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let orch = server::start(cfg, async move {
@@ -58,28 +60,45 @@ async fn three_hundred_simulated_agents_take_a_rollout() {
         telemetry: Duration::from_secs(10),
         keep_alive: Duration::from_secs(10),
         tcp_nodelay: false,
-        runtime: RuntimeConfig { pull: Duration::from_millis(20), start: Duration::from_millis(5), failure_rate: 0.0 },
+        runtime: RuntimeConfig {
+            pull: Duration::from_millis(20),
+            start: Duration::from_millis(5),
+            failure_rate: 0.0,
+        },
     };
     let mut fleet = Fleet::new(sim, "smoke").expect("fleet");
     fleet.grow_to(AGENTS, 1000.0).await.expect("agents start");
     let ids: Vec<String> = fleet.devices().iter().map(ToString::to_string).collect();
     assert_eq!(ids.len(), AGENTS);
 
-    wait_until(Duration::from_secs(120), "every agent online in the API", || {
-        let api = api.clone();
-        let ids = ids.clone();
-        async move {
-            let devices = api.devices().await.ok()?;
-            let online = devices.iter().filter(|d| d.online && ids.contains(&d.id)).count();
-            (online < AGENTS).then(|| format!("{online}/{AGENTS} online"))
-        }
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "every agent online in the API",
+        || {
+            let api = api.clone();
+            let ids = ids.clone();
+            async move {
+                let devices = api.devices().await.ok()?;
+                let online = devices
+                    .iter()
+                    .filter(|d| d.online && ids.contains(&d.id))
+                    .count();
+                (online < AGENTS).then(|| format!("{online}/{AGENTS} online"))
+            }
+        },
+    )
     .await;
 
     let app = unique_app();
-    api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None).await.expect("app created");
+    api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+        .await
+        .expect("app created");
     let r = run_rollout(&api, &ids, &app, 16, Duration::from_secs(120)).await;
-    assert!(r.issue_errors.is_empty(), "REST errors: {:?}", r.issue_errors);
+    assert!(
+        r.issue_errors.is_empty(),
+        "REST errors: {:?}",
+        r.issue_errors
+    );
     assert_eq!(r.issued, AGENTS, "one operation per device");
     assert_eq!(
         (r.succeeded, r.failed, r.other_final, r.open),
@@ -88,26 +107,38 @@ async fn three_hundred_simulated_agents_take_a_rollout() {
         r.failure_samples
     );
 
-    wait_until(Duration::from_secs(60), "every device reporting applied == desired", || {
-        let api = api.clone();
-        let ids = ids.clone();
-        async move {
-            let devices = api.devices().await.ok()?;
-            let behind: Vec<String> = devices
-                .iter()
-                .filter(|d| ids.contains(&d.id))
-                .filter(|d| d.desired_generation == 0 || d.applied_generation != d.desired_generation)
-                .map(|d| format!("{} {}/{}", d.id, d.applied_generation, d.desired_generation))
-                .take(5)
-                .collect();
-            (!behind.is_empty()).then(|| format!("behind: {behind:?}"))
-        }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "every device reporting applied == desired",
+        || {
+            let api = api.clone();
+            let ids = ids.clone();
+            async move {
+                let devices = api.devices().await.ok()?;
+                let behind: Vec<String> = devices
+                    .iter()
+                    .filter(|d| ids.contains(&d.id))
+                    .filter(|d| {
+                        d.desired_generation == 0 || d.applied_generation != d.desired_generation
+                    })
+                    .map(|d| format!("{} {}/{}", d.id, d.applied_generation, d.desired_generation))
+                    .take(5)
+                    .collect();
+                (!behind.is_empty()).then(|| format!("behind: {behind:?}"))
+            }
+        },
+    )
     .await;
 
     let stats = fleet.stats().snapshot();
-    assert!(stats.acks_succeeded >= AGENTS as u64, "each agent acked its command succeeded");
-    assert_eq!(stats.malformed, 0, "the orchestrator's payloads decode with the shared codec");
+    assert!(
+        stats.acks_succeeded >= AGENTS as u64,
+        "each agent acked its command succeeded"
+    );
+    assert_eq!(
+        stats.malformed, 0,
+        "the orchestrator's payloads decode with the shared codec"
+    );
 
     fleet.shutdown(Duration::from_secs(5)).await;
     let _ = stop_tx.send(());

@@ -40,10 +40,18 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), field: None }
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
     }
     fn field(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), field: Some(field.into()) }
+        ApiError {
+            status,
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
     fn not_found(what: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, what)
@@ -53,7 +61,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorDetail { status: self.status.as_u16(), message: self.message, field: self.field },
+            error: ErrorDetail {
+                status: self.status.as_u16(),
+                message: self.message,
+                field: self.field,
+            },
         };
         (self.status, Json(body)).into_response()
     }
@@ -65,16 +77,25 @@ impl From<ServiceError> for ApiError {
             ServiceError::Fleet(f) => {
                 let msg = f.to_string();
                 match f {
-                    FleetError::UnknownDevice(_) => ApiError::field(StatusCode::NOT_FOUND, "device", msg),
+                    FleetError::UnknownDevice(_) => {
+                        ApiError::field(StatusCode::NOT_FOUND, "device", msg)
+                    }
                     FleetError::UnknownApp(_) => ApiError::field(StatusCode::NOT_FOUND, "app", msg),
                     FleetError::AppExists(_) => ApiError::field(StatusCode::CONFLICT, "name", msg),
-                    FleetError::NotDeployed { .. } => ApiError::field(StatusCode::CONFLICT, "app", msg),
-                    FleetError::AppInUse { .. } => ApiError::field(StatusCode::CONFLICT, "app", msg),
+                    FleetError::NotDeployed { .. } => {
+                        ApiError::field(StatusCode::CONFLICT, "app", msg)
+                    }
+                    FleetError::AppInUse { .. } => {
+                        ApiError::field(StatusCode::CONFLICT, "app", msg)
+                    }
                 }
             }
             ServiceError::Store(s) => {
                 tracing::error!(error = %s, "store failure");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the change could not be stored; nothing was changed")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the change could not be stored; nothing was changed",
+                )
             }
         }
     }
@@ -86,7 +107,10 @@ type ApiResult<T> = Result<T, ApiError>;
 /// (`containers[0].image`) instead of axum's generic rejection text.
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "request body is empty; expected a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "request body is empty; expected a JSON object",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -95,9 +119,11 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
         let msg = inner.to_string();
         // serde reports a missing or unknown field at its parent's path;
         // name the field itself.
-        let named = ["missing field `", "unknown field `"]
-            .iter()
-            .find_map(|p| msg.split_once(p).and_then(|(_, rest)| rest.split_once('`')).map(|(f, _)| f.to_string()));
+        let named = ["missing field `", "unknown field `"].iter().find_map(|p| {
+            msg.split_once(p)
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(f, _)| f.to_string())
+        });
         let field = match (path.as_str(), named) {
             (".", Some(f)) => f,
             (p, Some(f)) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
@@ -121,11 +147,23 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 }
 
 fn device_id(raw: &str) -> ApiResult<DeviceId> {
-    DeviceId::new(raw).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "device", format!("invalid device id {raw:?}: {e}")))
+    DeviceId::new(raw).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "device",
+            format!("invalid device id {raw:?}: {e}"),
+        )
+    })
 }
 
 fn name(field: &str, raw: &str) -> ApiResult<Name> {
-    Name::new(raw).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, field, format!("invalid {field} name {raw:?}: {e}")))
+    Name::new(raw).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            field,
+            format!("invalid {field} name {raw:?}: {e}"),
+        )
+    })
 }
 
 pub fn router(service: Arc<Service>) -> Router {
@@ -135,30 +173,52 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/apps", post(deploy))
-        .route("/api/v1/devices/{id}/apps/{app}", axum::routing::delete(remove))
+        .route(
+            "/api/v1/devices/{id}/apps/{app}",
+            axum::routing::delete(remove),
+        )
         .route("/api/v1/devices/{id}/apps/{app}/start", post(start))
         .route("/api/v1/devices/{id}/apps/{app}/stop", post(stop))
         .route("/api/v1/devices/{id}/logs", get(logs))
         .route("/api/v1/devices/{id}/events", get(events))
         .route("/api/v1/apps", get(list_apps).post(create_app))
-        .route("/api/v1/apps/{name}", get(show_app).put(update_app).delete(delete_app))
+        .route(
+            "/api/v1/apps/{name}",
+            get(show_app).put(update_app).delete(delete_app),
+        )
         .route("/api/v1/operations", get(list_operations))
         .route("/api/v1/operations/{id}", get(show_operation))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations") })
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations",
+            )
+        })
         .with_state(service)
 }
 
 async fn metrics(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], s.metrics_text().await)
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics_text().await,
+    )
 }
 
 async fn list_devices(State(s): State<Arc<Service>>) -> impl IntoResponse {
     Json(s.devices().await)
 }
 
-async fn show_device(State(s): State<Arc<Service>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn show_device(
+    State(s): State<Arc<Service>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
-    let view = s.device(&id).await.ok_or_else(|| ApiError::field(StatusCode::NOT_FOUND, "device", format!("device {id} is not known")))?;
+    let view = s.device(&id).await.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "device",
+            format!("device {id} is not known"),
+        )
+    })?;
     Ok(Json(view))
 }
 
@@ -168,7 +228,11 @@ struct DeployBody {
     app: Name,
 }
 
-async fn deploy(State(s): State<Arc<Service>>, Path(id): Path<String>, body: Bytes) -> ApiResult<impl IntoResponse> {
+async fn deploy(
+    State(s): State<Arc<Service>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     let body: DeployBody = parse_body(&body)?;
     let op = s.request(&id, Op::Deploy, &body.app).await?;
@@ -182,15 +246,24 @@ async fn change(s: Arc<Service>, id: String, app: String, op: Op) -> ApiResult<i
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
-async fn start(State(s): State<Arc<Service>>, Path((id, app)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn start(
+    State(s): State<Arc<Service>>,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     change(s, id, app, Op::Start).await
 }
 
-async fn stop(State(s): State<Arc<Service>>, Path((id, app)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn stop(
+    State(s): State<Arc<Service>>,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     change(s, id, app, Op::Stop).await
 }
 
-async fn remove(State(s): State<Arc<Service>>, Path((id, app)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn remove(
+    State(s): State<Arc<Service>>,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     change(s, id, app, Op::Remove).await
 }
 
@@ -201,17 +274,41 @@ struct LogQuery {
     tail: Option<String>,
 }
 
-async fn logs(State(s): State<Arc<Service>>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> ApiResult<impl IntoResponse> {
+async fn logs(
+    State(s): State<Arc<Service>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
-    let app = name("app", q.app.as_deref().ok_or_else(|| ApiError::field(StatusCode::BAD_REQUEST, "app", "query parameter `app` is required"))?)?;
-    let container = q.container.as_deref().map(|c| name("container", c)).transpose()?;
+    let app = name(
+        "app",
+        q.app.as_deref().ok_or_else(|| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "app",
+                "query parameter `app` is required",
+            )
+        })?,
+    )?;
+    let container = q
+        .container
+        .as_deref()
+        .map(|c| name("container", c))
+        .transpose()?;
     let tail = match q.tail.as_deref() {
         None => 100,
         Some(t) => t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::field(StatusCode::BAD_REQUEST, "tail", format!("`tail` must be a positive whole number, got {t:?}"))
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "tail",
+                format!("`tail` must be a positive whole number, got {t:?}"),
+            )
         })?,
     };
-    let lines = s.logs(&id, &app, container.as_ref(), tail).await.map_err(ServiceError::from)?;
+    let lines = s
+        .logs(&id, &app, container.as_ref(), tail)
+        .await
+        .map_err(ServiceError::from)?;
     Ok(Json(lines))
 }
 
@@ -220,18 +317,32 @@ struct EventsQuery {
     limit: Option<String>,
 }
 
-async fn events(State(s): State<Arc<Service>>, Path(id): Path<String>, Query(q): Query<EventsQuery>) -> ApiResult<impl IntoResponse> {
+async fn events(
+    State(s): State<Arc<Service>>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     let limit = parse_limit(q.limit.as_deref())?;
-    Ok(Json(s.events(&id, limit).await.map_err(ServiceError::from)?))
+    Ok(Json(
+        s.events(&id, limit).await.map_err(ServiceError::from)?,
+    ))
 }
 
 fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
     match raw {
         None => Ok(100),
-        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| {
-            ApiError::field(StatusCode::BAD_REQUEST, "limit", format!("`limit` must be between 1 and 10000, got {l:?}"))
-        }),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "limit",
+                    format!("`limit` must be between 1 and 10000, got {l:?}"),
+                )
+            }),
     }
 }
 
@@ -241,33 +352,55 @@ async fn list_apps(State(s): State<Arc<Service>>) -> impl IntoResponse {
 
 async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<impl IntoResponse> {
     let mut spec: AppSpec = parse_body(&body)?;
-    spec.validate().map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
+    spec.validate()
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
     let rec = s.create_app(spec).await?;
     Ok((StatusCode::CREATED, Json(rec)))
 }
 
 /// Replaces an app's spec. Devices pick it up when it is deployed again.
-async fn update_app(State(s): State<Arc<Service>>, Path(n): Path<String>, body: Bytes) -> ApiResult<impl IntoResponse> {
+async fn update_app(
+    State(s): State<Arc<Service>>,
+    Path(n): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
     let n = name("app", &n)?;
     let mut spec: AppSpec = parse_body(&body)?;
     if spec.name != n {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
             "name",
-            format!("body names app {:?} but the path names {:?}", spec.name.as_str(), n.as_str()),
+            format!(
+                "body names app {:?} but the path names {:?}",
+                spec.name.as_str(),
+                n.as_str()
+            ),
         ));
     }
-    spec.validate().map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
+    spec.validate()
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
     Ok(Json(s.update_app(spec).await?))
 }
 
-async fn show_app(State(s): State<Arc<Service>>, Path(n): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn show_app(
+    State(s): State<Arc<Service>>,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let n = name("app", &n)?;
-    let rec = s.app(&n).await.ok_or_else(|| ApiError::field(StatusCode::NOT_FOUND, "app", format!("app {n} does not exist")))?;
+    let rec = s.app(&n).await.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "app",
+            format!("app {n} does not exist"),
+        )
+    })?;
     Ok(Json(rec))
 }
 
-async fn delete_app(State(s): State<Arc<Service>>, Path(n): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn delete_app(
+    State(s): State<Arc<Service>>,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let n = name("app", &n)?;
     s.delete_app(&n).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -279,13 +412,25 @@ struct OpsQuery {
     limit: Option<String>,
 }
 
-async fn list_operations(State(s): State<Arc<Service>>, Query(q): Query<OpsQuery>) -> ApiResult<impl IntoResponse> {
+async fn list_operations(
+    State(s): State<Arc<Service>>,
+    Query(q): Query<OpsQuery>,
+) -> ApiResult<impl IntoResponse> {
     let device = q.device.as_deref().map(device_id).transpose()?;
     let limit = parse_limit(q.limit.as_deref())?;
     Ok(Json(s.operations(device.as_ref(), limit).await))
 }
 
-async fn show_operation(State(s): State<Arc<Service>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
-    let op = s.operation(&id).await.ok_or_else(|| ApiError::field(StatusCode::NOT_FOUND, "operation", format!("operation {id:?} does not exist")))?;
+async fn show_operation(
+    State(s): State<Arc<Service>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let op = s.operation(&id).await.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "operation",
+            format!("operation {id:?} does not exist"),
+        )
+    })?;
     Ok(Json(op))
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use drover_shared::model::{AppSpec, ContainerSpec, PortMapping, Protocol, RestartPolicy, VolumeBind};
+use drover_shared::model::{
+    AppSpec, ContainerSpec, PortMapping, Protocol, RestartPolicy, VolumeBind,
+};
 use drover_shared::Name;
 use serde_json::Value;
 
@@ -168,12 +170,17 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// or https:// URL, got {base:?}");
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         Ok(Client { base, http, output })
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
-        let resp = req.send().await.with_context(|| format!("cannot reach the Drover API at {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Drover API at {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -189,18 +196,25 @@ impl Client {
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     async fn delete(&self, path: &str) -> Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 
-    fn print<T: serde::de::DeserializeOwned>(&self, v: &Value, table: impl FnOnce(T) -> String) -> Result<()> {
+    fn print<T: serde::de::DeserializeOwned>(
+        &self,
+        v: &Value,
+        table: impl FnOnce(T) -> String,
+    ) -> Result<()> {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
             Output::Table => print!("{}", table(serde_json::from_value(v.clone())?)),
@@ -212,7 +226,10 @@ impl Client {
         let cmd = match cmd {
             ClientCmd::Devices { cmd } => Resolved::Devices(cmd.unwrap_or(DevicesCmd::List)),
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
-            ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List { device: None, limit: 20 })),
+            ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List {
+                device: None,
+                limit: 20,
+            })),
             ClientCmd::Deploy(t) => Resolved::Deploy(t),
             ClientCmd::Start(t) => Resolved::Start(t),
             ClientCmd::Stop(t) => Resolved::Stop(t),
@@ -234,7 +251,9 @@ impl Client {
             }
             Resolved::Apps(AppsCmd::Show { name }) => {
                 let v = self.get(&format!("/api/v1/apps/{name}")).await?;
-                self.print(&v, |a: AppRecord| serde_json::to_string_pretty(&a.spec).unwrap_or_default() + "\n")
+                self.print(&v, |a: AppRecord| {
+                    serde_json::to_string_pretty(&a.spec).unwrap_or_default() + "\n"
+                })
             }
             Resolved::Apps(AppsCmd::Create(c)) => {
                 let body = app_body(*c)?;
@@ -244,8 +263,19 @@ impl Client {
             Resolved::Apps(AppsCmd::Update(c)) => {
                 let body = app_body(*c)?;
                 let name = body["name"].as_str().unwrap_or_default().to_string();
-                let v = self.send(self.http.put(format!("{}/api/v1/apps/{name}", self.base)).json(&body)).await?;
-                self.print(&v, |a: AppRecord| format!("updated app {}; deploy it again to roll it out\n", a.spec.name))
+                let v = self
+                    .send(
+                        self.http
+                            .put(format!("{}/api/v1/apps/{name}", self.base))
+                            .json(&body),
+                    )
+                    .await?;
+                self.print(&v, |a: AppRecord| {
+                    format!(
+                        "updated app {}; deploy it again to roll it out\n",
+                        a.spec.name
+                    )
+                })
             }
             Resolved::Apps(AppsCmd::Delete { name }) => {
                 self.delete(&format!("/api/v1/apps/{name}")).await?;
@@ -256,19 +286,33 @@ impl Client {
             }
             Resolved::Deploy(t) => {
                 let body = serde_json::json!({ "app": t.app });
-                let v = self.post(&format!("/api/v1/devices/{}/apps", t.device), &body).await?;
+                let v = self
+                    .post(&format!("/api/v1/devices/{}/apps", t.device), &body)
+                    .await?;
                 self.follow(v, &t).await
             }
             Resolved::Start(t) => {
-                let v = self.post(&format!("/api/v1/devices/{}/apps/{}/start", t.device, t.app), &Value::Null).await?;
+                let v = self
+                    .post(
+                        &format!("/api/v1/devices/{}/apps/{}/start", t.device, t.app),
+                        &Value::Null,
+                    )
+                    .await?;
                 self.follow(v, &t).await
             }
             Resolved::Stop(t) => {
-                let v = self.post(&format!("/api/v1/devices/{}/apps/{}/stop", t.device, t.app), &Value::Null).await?;
+                let v = self
+                    .post(
+                        &format!("/api/v1/devices/{}/apps/{}/stop", t.device, t.app),
+                        &Value::Null,
+                    )
+                    .await?;
                 self.follow(v, &t).await
             }
             Resolved::Remove(t) => {
-                let v = self.delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app)).await?;
+                let v = self
+                    .delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app))
+                    .await?;
                 self.follow(v, &t).await
             }
             Resolved::Ops(OpsCmd::List { device, limit }) => {
@@ -284,7 +328,10 @@ impl Client {
                 self.print(&v, |o: Operation| ops_table(vec![o]))
             }
             Resolved::Logs(l) => {
-                let mut path = format!("/api/v1/devices/{}/logs?app={}&tail={}", l.device, l.app, l.tail);
+                let mut path = format!(
+                    "/api/v1/devices/{}/logs?app={}&tail={}",
+                    l.device, l.app, l.tail
+                );
                 if let Some(c) = &l.container {
                     path.push_str(&format!("&container={c}"));
                 }
@@ -305,7 +352,12 @@ impl Client {
             let mut last = String::new();
             while !op.status.is_final() {
                 if Instant::now() > deadline {
-                    bail!("operation {} still {:?} after {}s", op.id, op.status, t.timeout);
+                    bail!(
+                        "operation {} still {:?} after {}s",
+                        op.id,
+                        op.status,
+                        t.timeout
+                    );
                 }
                 if self.output == Output::Table {
                     let line = progress_line(&op);
@@ -315,7 +367,9 @@ impl Client {
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                op = serde_json::from_value(self.get(&format!("/api/v1/operations/{}", op.id)).await?)?;
+                op = serde_json::from_value(
+                    self.get(&format!("/api/v1/operations/{}", op.id)).await?,
+                )?;
             }
         }
         match self.output {
@@ -323,17 +377,28 @@ impl Client {
             Output::Table => print!("{}", ops_table(vec![op.clone()])),
         }
         if op.status == OpStatus::Failed {
-            bail!("{} of {} on {} failed: {}", op.op.as_str(), op.app, op.device, op.detail);
+            bail!(
+                "{} of {} on {} failed: {}",
+                op.op.as_str(),
+                op.app,
+                op.device,
+                op.detail
+            );
         }
         Ok(())
     }
 }
 
 fn progress_line(op: &Operation) -> String {
-    let status = serde_json::to_value(op.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let status = serde_json::to_value(op.status)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
     match &op.progress {
         Some(p) => match (p.current_bytes, p.total_bytes) {
-            (Some(c), Some(t)) if t > 0 => format!("{status}: {} {} {}%", p.step, p.container, c * 100 / t),
+            (Some(c), Some(t)) if t > 0 => {
+                format!("{status}: {} {} {}%", p.step, p.container, c * 100 / t)
+            }
             _ => format!("{status}: {} {}", p.step, p.container),
         },
         None => status,
@@ -349,11 +414,17 @@ fn app_body(c: CreateApp) -> Result<Value> {
         };
         return serde_json::from_str(&text).with_context(|| format!("{f} is not valid JSON"));
     }
-    let name = c.name.ok_or_else(|| anyhow!("an app name is required (or -f FILE)"))?;
-    let image = c.image.ok_or_else(|| anyhow!("--image is required (or -f FILE)"))?;
+    let name = c
+        .name
+        .ok_or_else(|| anyhow!("an app name is required (or -f FILE)"))?;
+    let image = c
+        .image
+        .ok_or_else(|| anyhow!("--image is required (or -f FILE)"))?;
     let mut env = BTreeMap::new();
     for e in c.env {
-        let (k, v) = e.split_once('=').ok_or_else(|| anyhow!("--env {e:?} is not KEY=VALUE"))?;
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {e:?} is not KEY=VALUE"))?;
         env.insert(k.to_string(), v.to_string());
     }
     let ports = c
@@ -366,10 +437,16 @@ fn app_body(c: CreateApp) -> Result<Value> {
                 Some((_, other)) => bail!("--port {p:?}: protocol {other:?} is not tcp or udp"),
                 None => (p.as_str(), Protocol::Tcp),
             };
-            let (h, ct) = spec.split_once(':').ok_or_else(|| anyhow!("--port {p:?} is not HOST:CONTAINER"))?;
+            let (h, ct) = spec
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--port {p:?} is not HOST:CONTAINER"))?;
             Ok(PortMapping {
-                host: h.parse().with_context(|| format!("--port {p:?}: bad host port"))?,
-                container: ct.parse().with_context(|| format!("--port {p:?}: bad container port"))?,
+                host: h
+                    .parse()
+                    .with_context(|| format!("--port {p:?}: bad host port"))?,
+                container: ct
+                    .parse()
+                    .with_context(|| format!("--port {p:?}: bad container port"))?,
                 protocol: proto,
                 host_ip: None,
             })
@@ -381,18 +458,32 @@ fn app_body(c: CreateApp) -> Result<Value> {
         .map(|v| {
             let parts: Vec<&str> = v.split(':').collect();
             match parts.as_slice() {
-                [s, t] => Ok(VolumeBind { source: s.to_string(), target: t.to_string(), read_only: false }),
-                [s, t, "ro"] => Ok(VolumeBind { source: s.to_string(), target: t.to_string(), read_only: true }),
+                [s, t] => Ok(VolumeBind {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: false,
+                }),
+                [s, t, "ro"] => Ok(VolumeBind {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: true,
+                }),
                 _ => bail!("--volume {v:?} is not SOURCE:TARGET[:ro]"),
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let restart: RestartPolicy = serde_json::from_value(Value::String(c.restart.clone()))
-        .map_err(|_| anyhow!("--restart {:?} is not one of no, unless-stopped, always, on-failure", c.restart))?;
+    let restart: RestartPolicy =
+        serde_json::from_value(Value::String(c.restart.clone())).map_err(|_| {
+            anyhow!(
+                "--restart {:?} is not one of no, unless-stopped, always, on-failure",
+                c.restart
+            )
+        })?;
     let spec = AppSpec {
         name: Name::new(&name).map_err(|e| anyhow!("app name {name:?}: {e}"))?,
         containers: vec![ContainerSpec {
-            name: Name::new(&c.container).map_err(|e| anyhow!("--container {:?}: {e}", c.container))?,
+            name: Name::new(&c.container)
+                .map_err(|e| anyhow!("--container {:?}: {e}", c.container))?,
             image,
             command: c.cmd,
             env,
@@ -428,7 +519,12 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        let mut s = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ");
+        let mut s = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ");
         s.truncate(s.trim_end().len());
         s + "\n"
     };
@@ -446,7 +542,11 @@ fn devices_table(devices: Vec<DeviceView>) -> String {
             let inv = d.inventory.unwrap_or_default();
             vec![
                 d.id.to_string(),
-                if d.online { "online".into() } else { "offline".into() },
+                if d.online {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
                 ago(d.last_seen_ms),
                 inv.hostname,
                 inv.arch,
@@ -455,16 +555,50 @@ fn devices_table(devices: Vec<DeviceView>) -> String {
             ]
         })
         .collect();
-    table(&["DEVICE", "STATUS", "LAST SEEN", "HOSTNAME", "ARCH", "GEN (APPLIED/DESIRED)", "APPS"], rows)
+    table(
+        &[
+            "DEVICE",
+            "STATUS",
+            "LAST SEEN",
+            "HOSTNAME",
+            "ARCH",
+            "GEN (APPLIED/DESIRED)",
+            "APPS",
+        ],
+        rows,
+    )
 }
 
 fn device_detail(d: DeviceView) -> String {
     let mut out = String::new();
     let inv = d.inventory.clone().unwrap_or_default();
-    out += &format!("device:      {}\nstatus:      {} (last seen {})\n", d.id, if d.online { "online" } else { "offline" }, ago(d.last_seen_ms));
-    out += &format!("hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\n", inv.hostname, inv.os, inv.kernel, inv.arch, inv.cpus, inv.memory_bytes / (1 << 20));
-    out += &format!("docker:      {}{}\nagent:       {}\n", inv.docker_version, inv.docker_error.map(|e| format!(" ({e})")).unwrap_or_default(), inv.agent_version);
-    out += &format!("generation:  applied {} of desired {}\n", d.applied_generation, d.desired_generation);
+    out += &format!(
+        "device:      {}\nstatus:      {} (last seen {})\n",
+        d.id,
+        if d.online { "online" } else { "offline" },
+        ago(d.last_seen_ms)
+    );
+    out += &format!(
+        "hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\n",
+        inv.hostname,
+        inv.os,
+        inv.kernel,
+        inv.arch,
+        inv.cpus,
+        inv.memory_bytes / (1 << 20)
+    );
+    out += &format!(
+        "docker:      {}{}\nagent:       {}\n",
+        inv.docker_version,
+        inv.docker_error
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default(),
+        inv.agent_version
+    );
+    out += &format!(
+        "generation:  applied {} of desired {}\n",
+        d.applied_generation, d.desired_generation
+    );
     if let Some(t) = &d.telemetry {
         out += &format!(
             "telemetry:   cpu {:.1}%  mem {}/{} MiB  load {:.2}\n",
@@ -488,7 +622,10 @@ fn device_detail(d: DeviceView) -> String {
         }
     }
     out += "\n";
-    out += &table(&["APP", "PHASE", "CONTAINER", "STATE", "IMAGE", "ERROR"], rows);
+    out += &table(
+        &["APP", "PHASE", "CONTAINER", "STATE", "IMAGE", "ERROR"],
+        rows,
+    );
     out
 }
 
@@ -497,7 +634,11 @@ fn apps_table(apps: Vec<AppRecord>) -> String {
         .into_iter()
         .map(|a| {
             let images: Vec<String> = a.spec.containers.iter().map(|c| c.image.clone()).collect();
-            vec![a.spec.name.to_string(), a.spec.containers.len().to_string(), images.join(",")]
+            vec![
+                a.spec.name.to_string(),
+                a.spec.containers.len().to_string(),
+                images.join(","),
+            ]
         })
         .collect();
     table(&["APP", "CONTAINERS", "IMAGES"], rows)
@@ -513,10 +654,24 @@ fn ops_table(ops: Vec<Operation>) -> String {
                 o.app.to_string(),
                 o.device.to_string(),
                 o.generation.to_string(),
-                serde_json::to_value(o.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                serde_json::to_value(o.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
                 o.detail.clone(),
             ]
         })
         .collect();
-    table(&["OPERATION", "OP", "APP", "DEVICE", "GEN", "STATUS", "DETAIL"], rows)
+    table(
+        &[
+            "OPERATION",
+            "OP",
+            "APP",
+            "DEVICE",
+            "GEN",
+            "STATUS",
+            "DETAIL",
+        ],
+        rows,
+    )
 }

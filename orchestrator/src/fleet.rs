@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
 use drover_shared::payload::{
-    Ack, AckPhase, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status, Telemetry,
+    Ack, AckPhase, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status,
+    Telemetry,
 };
 use drover_shared::{DeviceId, Name};
 
@@ -90,7 +91,15 @@ impl Fleet {
                 .into_iter()
                 .map(|mut r| {
                     r.online = false;
-                    (r.id.clone(), Device { record: r, heartbeat: None, telemetry: None, events: VecDeque::new() })
+                    (
+                        r.id.clone(),
+                        Device {
+                            record: r,
+                            heartbeat: None,
+                            telemetry: None,
+                            events: VecDeque::new(),
+                        },
+                    )
                 })
                 .collect(),
             apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
@@ -107,7 +116,12 @@ impl Fleet {
         let known = self.devices.contains_key(id);
         // Only a hello (or a status) makes a device known; other messages from
         // a device we have never heard of are dropped until it says hello.
-        if !known && !matches!(msg, DeviceMessage::Hello(_) | DeviceMessage::Status(Status { online: true, .. })) {
+        if !known
+            && !matches!(
+                msg,
+                DeviceMessage::Hello(_) | DeviceMessage::Status(Status { online: true, .. })
+            )
+        {
             return fx;
         }
         let dev = self.devices.entry(id.clone()).or_insert_with(|| Device {
@@ -149,9 +163,17 @@ impl Fleet {
                     dev.record.online = true;
                     persist = true;
                 }
-                let behind = h.applied_generation < self.desired.get(id).map_or(0, |d| d.generation);
-                let was_behind = dev.heartbeat.as_ref().is_some_and(|p| p.applied_generation == h.applied_generation);
-                let reported = dev.record.observed.as_ref().map_or(0, |o| o.applied_generation);
+                let behind =
+                    h.applied_generation < self.desired.get(id).map_or(0, |d| d.generation);
+                let was_behind = dev
+                    .heartbeat
+                    .as_ref()
+                    .is_some_and(|p| p.applied_generation == h.applied_generation);
+                let reported = dev
+                    .record
+                    .observed
+                    .as_ref()
+                    .map_or(0, |o| o.applied_generation);
                 fx.resync = h.applied_generation > reported;
                 dev.heartbeat = Some(h);
                 // Behind on two heartbeats in a row with no progress: resend.
@@ -173,7 +195,10 @@ impl Fleet {
             }
             DeviceMessage::Logs(batch) => {
                 dev.record.last_seen_ms = now;
-                let buf = self.logs.entry((id.clone(), batch.app, batch.container)).or_default();
+                let buf = self
+                    .logs
+                    .entry((id.clone(), batch.app, batch.container))
+                    .or_default();
                 for line in batch.lines {
                     if buf.len() == LOG_LINES_PER_CONTAINER {
                         buf.pop_front();
@@ -190,9 +215,15 @@ impl Fleet {
             }
             DeviceMessage::Ack(ack) => {
                 dev.record.last_seen_ms = now;
-                let ours = self.operations.get(&ack.command_id).is_some_and(|o| &o.device == id);
+                let ours = self
+                    .operations
+                    .get(&ack.command_id)
+                    .is_some_and(|o| &o.device == id);
                 if ours {
-                    if let Some(op) = self.operations.update(&ack.command_id, |op| apply_ack(op, &ack, now)) {
+                    if let Some(op) = self
+                        .operations
+                        .update(&ack.command_id, |op| apply_ack(op, &ack, now))
+                    {
                         fx.writes.push(Write::Operation(op));
                     }
                 }
@@ -210,22 +241,37 @@ impl Fleet {
     /// applied, every open operation at or below it is final, with the
     /// outcome read from what actually runs, whether or not its ack arrived.
     fn settle_operations(&mut self, id: &DeviceId, applied: u64, now: u64, fx: &mut Effects) {
-        let observed = self.devices.get(id).and_then(|d| d.record.observed.as_ref());
+        let observed = self
+            .devices
+            .get(id)
+            .and_then(|d| d.record.observed.as_ref());
         for op_id in self.operations.open_up_to(id, applied) {
-            let Some(op) = self.operations.get(&op_id) else { continue };
+            let Some(op) = self.operations.get(&op_id) else {
+                continue;
+            };
             let app = observed.and_then(|o| o.apps.iter().find(|a| a.name == op.app));
             // A newer applied operation on the same app overtook this one,
             // whatever runs now.
             let latest = self.operations.latest_generation(id, &op.app);
             let overtaken = latest > op.generation && latest <= applied;
             let (status, detail) = match (op.op, app) {
-                _ if overtaken => (OpStatus::Superseded, "a later operation on the same app was applied first".into()),
-                (_, Some(a)) if a.phase == AppPhase::Failed => {
-                    (OpStatus::Failed, a.error.clone().unwrap_or_else(|| "failed".into()))
-                }
+                _ if overtaken => (
+                    OpStatus::Superseded,
+                    "a later operation on the same app was applied first".into(),
+                ),
+                (_, Some(a)) if a.phase == AppPhase::Failed => (
+                    OpStatus::Failed,
+                    a.error.clone().unwrap_or_else(|| "failed".into()),
+                ),
                 (Op::Remove, None) => (OpStatus::Succeeded, String::new()),
-                (Op::Remove, Some(_)) => (OpStatus::Superseded, "app deployed again by a later operation".into()),
-                (_, None) => (OpStatus::Superseded, "app removed by a later operation".into()),
+                (Op::Remove, Some(_)) => (
+                    OpStatus::Superseded,
+                    "app deployed again by a later operation".into(),
+                ),
+                (_, None) => (
+                    OpStatus::Superseded,
+                    "app removed by a later operation".into(),
+                ),
                 (_, Some(_)) => (OpStatus::Succeeded, String::new()),
             };
             let updated = self.operations.update(&op_id, |op| {
@@ -243,19 +289,38 @@ impl Fleet {
     // ----- operator requests -----------------------------------------------
 
     /// Checks a new app; the caller persists the write, then [`Fleet::put_app`].
-    pub fn create_app(&self, spec: AppSpec, now: u64) -> Result<(AppRecord, Vec<Write>), FleetError> {
+    pub fn create_app(
+        &self,
+        spec: AppSpec,
+        now: u64,
+    ) -> Result<(AppRecord, Vec<Write>), FleetError> {
         if self.apps.contains_key(&spec.name) {
             return Err(FleetError::AppExists(spec.name));
         }
-        let rec = AppRecord { spec, created_at_ms: now, updated_at_ms: now };
+        let rec = AppRecord {
+            spec,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
     /// Checks a replacement spec for an existing app. Devices keep running
     /// the old spec until the app is deployed to them again.
-    pub fn update_app(&self, spec: AppSpec, now: u64) -> Result<(AppRecord, Vec<Write>), FleetError> {
-        let old = self.apps.get(&spec.name).ok_or_else(|| FleetError::UnknownApp(spec.name.clone()))?;
-        let rec = AppRecord { spec, created_at_ms: old.created_at_ms, updated_at_ms: now };
+    pub fn update_app(
+        &self,
+        spec: AppSpec,
+        now: u64,
+    ) -> Result<(AppRecord, Vec<Write>), FleetError> {
+        let old = self
+            .apps
+            .get(&spec.name)
+            .ok_or_else(|| FleetError::UnknownApp(spec.name.clone()))?;
+        let rec = AppRecord {
+            spec,
+            created_at_ms: old.created_at_ms,
+            updated_at_ms: now,
+        };
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
@@ -275,7 +340,10 @@ impl Fleet {
             .map(|(id, _)| id.clone())
             .collect();
         if !devices.is_empty() {
-            return Err(FleetError::AppInUse { app: name.clone(), devices });
+            return Err(FleetError::AppInUse {
+                app: name.clone(),
+                devices,
+            });
         }
         Ok(vec![Write::DeleteApp(name.to_string())])
     }
@@ -305,14 +373,28 @@ impl Fleet {
         let pos = next.apps.iter().position(|a| &a.spec.name == app);
         match (op, pos) {
             (Op::Deploy, _) => {
-                let spec = self.apps.get(app).ok_or_else(|| FleetError::UnknownApp(app.clone()))?.spec.clone();
-                let entry = DesiredApp { spec, run: RunState::Running, started_at: generation };
+                let spec = self
+                    .apps
+                    .get(app)
+                    .ok_or_else(|| FleetError::UnknownApp(app.clone()))?
+                    .spec
+                    .clone();
+                let entry = DesiredApp {
+                    spec,
+                    run: RunState::Running,
+                    started_at: generation,
+                };
                 match pos {
                     Some(i) => next.apps[i] = entry,
                     None => next.apps.push(entry),
                 }
             }
-            (_, None) => return Err(FleetError::NotDeployed { device: device.clone(), app: app.clone() }),
+            (_, None) => {
+                return Err(FleetError::NotDeployed {
+                    device: device.clone(),
+                    app: app.clone(),
+                })
+            }
             (Op::Start, Some(i)) => {
                 next.apps[i].run = RunState::Running;
                 next.apps[i].started_at = generation;
@@ -335,7 +417,10 @@ impl Fleet {
             updated_at_ms: now,
         };
         let writes = vec![
-            Write::Desired(DesiredRecord { device: device.clone(), state: next.clone() }),
+            Write::Desired(DesiredRecord {
+                device: device.clone(),
+                state: next.clone(),
+            }),
             Write::Operation(operation.clone()),
         ];
         Ok((next, operation, writes))
@@ -376,7 +461,11 @@ impl Fleet {
             first_seen_ms: d.record.first_seen_ms,
             last_seen_ms: d.record.last_seen_ms,
             desired_generation: desired.as_ref().map_or(0, |s| s.generation),
-            applied_generation: d.record.observed.as_ref().map_or(0, |o| o.applied_generation),
+            applied_generation: d
+                .record
+                .observed
+                .as_ref()
+                .map_or(0, |o| o.applied_generation),
             inventory: d.record.inventory.clone(),
             desired,
             observed: d.record.observed.clone(),
@@ -388,11 +477,17 @@ impl Fleet {
 
     /// (known, online), without building views.
     pub fn device_counts(&self) -> (usize, usize) {
-        (self.devices.len(), self.devices.values().filter(|d| d.record.online).count())
+        (
+            self.devices.len(),
+            self.devices.values().filter(|d| d.record.online).count(),
+        )
     }
 
     pub fn device_views(&self) -> Vec<DeviceView> {
-        self.devices.keys().filter_map(|id| self.device_view(id)).collect()
+        self.devices
+            .keys()
+            .filter_map(|id| self.device_view(id))
+            .collect()
     }
 
     pub fn apps(&self) -> Vec<AppRecord> {
@@ -423,12 +518,27 @@ impl Fleet {
 
     /// A device's events, newest first.
     pub fn events(&self, device: &DeviceId, limit: usize) -> Option<Vec<DeviceEvent>> {
-        Some(self.devices.get(device)?.events.iter().rev().take(limit).cloned().collect())
+        Some(
+            self.devices
+                .get(device)?
+                .events
+                .iter()
+                .rev()
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
     }
 
     /// The last `tail` lines of one container, oldest first. `container`
     /// may be omitted when the app has exactly one container with logs.
-    pub fn logs(&self, device: &DeviceId, app: &Name, container: Option<&Name>, tail: usize) -> Vec<LogLine> {
+    pub fn logs(
+        &self,
+        device: &DeviceId,
+        app: &Name,
+        container: Option<&Name>,
+        tail: usize,
+    ) -> Vec<LogLine> {
         let mut lines: Vec<LogLine> = self
             .logs
             .iter()
@@ -509,7 +619,13 @@ mod tests {
     }
 
     impl Fleet {
-        fn req(&mut self, op: Op, app: &str, op_id: &str, now: u64) -> Result<(DesiredState, Operation), FleetError> {
+        fn req(
+            &mut self,
+            op: Op,
+            app: &str,
+            op_id: &str,
+            now: u64,
+        ) -> Result<(DesiredState, Operation), FleetError> {
             let (d, o, _) = self.request(&id("pi"), op, &name(app), op_id.into(), now)?;
             self.commit_request(d.clone(), o.clone());
             Ok((d, o))
@@ -519,7 +635,11 @@ mod tests {
     fn report(applied: u64, apps: Vec<AppStatus>) -> DeviceMessage {
         DeviceMessage::State(StateReport {
             at_ms: 0,
-            observed: ObservedState { applied_generation: applied, desired_generation: applied, apps },
+            observed: ObservedState {
+                applied_generation: applied,
+                desired_generation: applied,
+                apps,
+            },
         })
     }
 
@@ -531,7 +651,11 @@ mod tests {
         let (d3, _) = f.req(Op::Remove, "web", "c", 4).expect("remove");
         assert_eq!((d1.generation, d2.generation, d3.generation), (1, 2, 3));
         assert_eq!(d2.apps[0].run, RunState::Stopped);
-        assert_eq!((d1.apps[0].started_at, d2.apps[0].started_at), (1, 1), "a stop keeps the last start");
+        assert_eq!(
+            (d1.apps[0].started_at, d2.apps[0].started_at),
+            (1, 1),
+            "a stop keeps the last start"
+        );
         assert!(d3.apps.is_empty());
     }
 
@@ -539,7 +663,8 @@ mod tests {
     fn requests_name_what_is_missing() {
         let mut f = fleet_with_device();
         assert_eq!(
-            f.request(&id("ghost"), Op::Deploy, &name("web"), "a".into(), 1).err(),
+            f.request(&id("ghost"), Op::Deploy, &name("web"), "a".into(), 1)
+                .err(),
             Some(FleetError::UnknownDevice(id("ghost")))
         );
         assert_eq!(
@@ -557,28 +682,54 @@ mod tests {
         let mut f = fleet_with_device();
         let (_, op) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
         let ack = |phase, detail: &str| {
-            DeviceMessage::Ack(Ack { command_id: op.id.clone(), at_ms: 0, phase, detail: detail.into(), progress: None })
+            DeviceMessage::Ack(Ack {
+                command_id: op.id.clone(),
+                at_ms: 0,
+                phase,
+                detail: detail.into(),
+                progress: None,
+            })
         };
         f.on_device_message(&id("pi"), ack(AckPhase::Failed, "manifest unknown"), 3);
         f.on_device_message(&id("pi"), ack(AckPhase::Progress, ""), 4);
         let got = f.operation(&op.id).expect("op");
-        assert_eq!((got.status, got.detail.as_str()), (OpStatus::Failed, "manifest unknown"));
+        assert_eq!(
+            (got.status, got.detail.as_str()),
+            (OpStatus::Failed, "manifest unknown")
+        );
     }
 
     #[test]
     fn a_superseded_ack_leaves_the_outcome_to_the_state_report() {
         let mut f = fleet_with_device();
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
-        let superseded = Ack { command_id: a.id.clone(), at_ms: 0, phase: AckPhase::Superseded, detail: String::new(), progress: None };
+        let superseded = Ack {
+            command_id: a.id.clone(),
+            at_ms: 0,
+            phase: AckPhase::Superseded,
+            detail: String::new(),
+            progress: None,
+        };
         f.on_device_message(&id("pi"), DeviceMessage::Ack(superseded), 3);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::InProgress);
         // Generation 2 (a later change to another app) applied; web runs.
         let (rec, _) = f.create_app(spec("db"), 3).expect("create");
         f.put_app(rec);
         f.req(Op::Deploy, "db", "b", 4).expect("deploy db");
-        let running = AppStatus { name: name("web"), phase: AppPhase::Running, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        let running = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Running,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+        };
         f.on_device_message(&id("pi"), report(2, vec![running]), 5);
-        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded, "its effect holds");
+        assert_eq!(
+            f.operation(&a.id).expect("a").status,
+            OpStatus::Succeeded,
+            "its effect holds"
+        );
     }
 
     #[test]
@@ -586,12 +737,23 @@ mod tests {
         let mut f = fleet_with_device();
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
         let (_, b) = f.req(Op::Stop, "web", "b", 3).expect("stop");
-        let running = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        let running = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Stopped,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+        };
         let fx = f.on_device_message(&id("pi"), report(1, vec![running.clone()]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
         assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Pending);
         assert!(fx.republish, "device is behind generation 2");
-        let failed = AppStatus { phase: AppPhase::Failed, error: Some("boom".into()), ..running };
+        let failed = AppStatus {
+            phase: AppPhase::Failed,
+            error: Some("boom".into()),
+            ..running
+        };
         f.on_device_message(&id("pi"), report(2, vec![failed]), 5);
         let b = f.operation(&b.id).expect("b");
         assert_eq!((b.status, b.detail.as_str()), (OpStatus::Failed, "boom"));
@@ -603,7 +765,14 @@ mod tests {
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
         let (_, b) = f.req(Op::Stop, "web", "b", 3).expect("stop");
         // The device was offline for both and applied generation 2 directly.
-        let stopped = AppStatus { name: name("web"), phase: AppPhase::Stopped, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        let stopped = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Stopped,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+        };
         f.on_device_message(&id("pi"), report(2, vec![stopped]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Superseded);
         assert_eq!(f.operation(&b.id).expect("b").status, OpStatus::Succeeded);
@@ -613,13 +782,34 @@ mod tests {
     fn a_heartbeat_ahead_of_the_last_state_report_asks_for_a_resync() {
         let mut f = fleet_with_device();
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
-        let hb = |g| DeviceMessage::Heartbeat(Heartbeat { at_ms: 0, seq: 1, uptime_s: 1, applied_generation: g });
-        assert!(!f.on_device_message(&id("pi"), hb(0), 3).resync, "nothing applied, nothing lost");
+        let hb = |g| {
+            DeviceMessage::Heartbeat(Heartbeat {
+                at_ms: 0,
+                seq: 1,
+                uptime_s: 1,
+                applied_generation: g,
+            })
+        };
+        assert!(
+            !f.on_device_message(&id("pi"), hb(0), 3).resync,
+            "nothing applied, nothing lost"
+        );
         // The state report for generation 1 was dropped; the heartbeat says 1.
         let fx = f.on_device_message(&id("pi"), hb(1), 4);
         assert!(fx.resync);
-        assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Pending, "not settled from a heartbeat alone");
-        let running = AppStatus { name: name("web"), phase: AppPhase::Running, error: None, attempts: 0, next_retry_at_ms: None, containers: vec![] };
+        assert_eq!(
+            f.operation(&a.id).expect("a").status,
+            OpStatus::Pending,
+            "not settled from a heartbeat alone"
+        );
+        let running = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Running,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+        };
         f.on_device_message(&id("pi"), report(1, vec![running]), 5);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
         assert!(!f.on_device_message(&id("pi"), hb(1), 6).resync);
@@ -636,7 +826,11 @@ mod tests {
     #[test]
     fn logs_are_bounded_per_container() {
         let mut f = fleet_with_device();
-        let line = |i: u64| LogLine { at_ms: i, stream: drover_shared::payload::LogStream::Stdout, line: i.to_string() };
+        let line = |i: u64| LogLine {
+            at_ms: i,
+            stream: drover_shared::payload::LogStream::Stdout,
+            line: i.to_string(),
+        };
         let batch = LogBatch {
             app: name("web"),
             container: name("main"),
@@ -647,16 +841,26 @@ mod tests {
         let all = f.logs(&id("pi"), &name("web"), None, usize::MAX);
         assert_eq!(all.len(), LOG_LINES_PER_CONTAINER);
         assert_eq!(all[0].line, "5");
-        assert_eq!(f.logs(&id("pi"), &name("web"), Some(&name("main")), 2).len(), 2);
+        assert_eq!(
+            f.logs(&id("pi"), &name("web"), Some(&name("main")), 2)
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn an_app_in_use_cannot_be_deleted() {
         let mut f = fleet_with_device();
         f.req(Op::Deploy, "web", "a", 2).expect("deploy");
-        assert!(matches!(f.delete_app(&name("web")), Err(FleetError::AppInUse { .. })));
+        assert!(matches!(
+            f.delete_app(&name("web")),
+            Err(FleetError::AppInUse { .. })
+        ));
         f.req(Op::Remove, "web", "b", 3).expect("remove");
         assert!(f.delete_app(&name("web")).is_ok());
-        assert!(f.app(&name("web")).is_some(), "checking a deletion does not delete");
+        assert!(
+            f.app(&name("web")).is_some(),
+            "checking a deletion does not delete"
+        );
     }
 }

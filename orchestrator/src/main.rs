@@ -15,10 +15,19 @@ use drover_shared::DeviceId;
 use tracing::info;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "Orchestrate fleets of Docker devices over MQTT")]
+#[command(
+    name = "drover",
+    version,
+    about = "Orchestrate fleets of Docker devices over MQTT"
+)]
 struct Cli {
     /// Base URL of the Drover REST API (client commands).
-    #[arg(long, global = true, env = "DROVER_API", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
     api: String,
     /// Output format of client commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
@@ -70,7 +79,11 @@ fn parse_broker_url(url: &str) -> Result<(String, u16)> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().with_context(|| format!("--broker {url:?}: bad port {p:?}"))?),
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .with_context(|| format!("--broker {url:?}: bad port {p:?}"))?,
+        ),
         None => (rest, 1883),
     };
     if host.is_empty() {
@@ -83,13 +96,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -101,19 +115,27 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: Serve) -> Result<()> {
-    let topics = Topics::new(args.topic_root.clone()).with_context(|| format!("--topic-root {:?}", args.topic_root))?;
+    let topics = Topics::new(args.topic_root.clone())
+        .with_context(|| format!("--topic-root {:?}", args.topic_root))?;
     let agent_id = args
         .agent_device_id
         .as_deref()
         .map(DeviceId::new)
         .transpose()
-        .with_context(|| format!("--agent-device-id {:?}", args.agent_device_id.as_deref().unwrap_or_default()))?;
+        .with_context(|| {
+            format!(
+                "--agent-device-id {:?}",
+                args.agent_device_id.as_deref().unwrap_or_default()
+            )
+        })?;
     let broker = match &args.broker {
         Some(url) => {
             let (host, port) = parse_broker_url(url)?;
             BrokerMode::External { host, port }
         }
-        None => BrokerMode::Embedded { listen: args.mqtt_listen },
+        None => BrokerMode::Embedded {
+            listen: args.mqtt_listen,
+        },
     };
     let mut config = ServerConfig::new(args.data_dir);
     config.api_listen = args.api_listen;
@@ -129,10 +151,17 @@ async fn serve(args: Serve) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let orch = server::start(config, wait(rx.clone())).await?;
-    println!("drover: REST API on http://{}  MQTT on {}:{}", orch.api_addr, orch.mqtt_addr.0, orch.mqtt_addr.1);
+    println!(
+        "drover: REST API on http://{}  MQTT on {}:{}",
+        orch.api_addr, orch.mqtt_addr.0, orch.mqtt_addr.1
+    );
 
     let agent = if args.local_agent {
-        let mut cfg = drover_agent::AgentConfig::new(orch.mqtt_addr.0.clone(), orch.mqtt_addr.1, args.agent_state_dir);
+        let mut cfg = drover_agent::AgentConfig::new(
+            orch.mqtt_addr.0.clone(),
+            orch.mqtt_addr.1,
+            args.agent_state_dir,
+        );
         cfg.device_id = agent_id;
         cfg.topics = topics;
         Some(tokio::spawn(drover_agent::run(cfg, wait(rx.clone()))))
@@ -157,8 +186,9 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                        tracing_subscriber::EnvFilter::new("info,rumqttd=warn")
+                    }),
                 )
                 .init();
             serve(args).await

@@ -17,13 +17,33 @@ impl Metrics {
     pub fn render(&self, devices_total: usize, devices_online: usize) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         };
-        counter("drover_mqtt_received_total", "MQTT publishes received on device topics.", &self.mqtt_received);
+        counter(
+            "drover_mqtt_received_total",
+            "MQTT publishes received on device topics.",
+            &self.mqtt_received,
+        );
         counter("drover_mqtt_rejected_total", "Device publishes rejected as malformed, oversized, of another protocol version or on an unknown topic.", &self.mqtt_rejected);
-        counter("drover_mqtt_published_total", "MQTT publishes sent to devices.", &self.mqtt_published);
-        counter("drover_mqtt_publish_failed_total", "MQTT publishes that could not be queued.", &self.mqtt_publish_failed);
-        counter("drover_store_write_failed_total", "redb write transactions that failed.", &self.store_write_failed);
+        counter(
+            "drover_mqtt_published_total",
+            "MQTT publishes sent to devices.",
+            &self.mqtt_published,
+        );
+        counter(
+            "drover_mqtt_publish_failed_total",
+            "MQTT publishes that could not be queued.",
+            &self.mqtt_publish_failed,
+        );
+        counter(
+            "drover_store_write_failed_total",
+            "redb write transactions that failed.",
+            &self.store_write_failed,
+        );
         let _ = writeln!(out, "# HELP drover_devices Known devices.\n# TYPE drover_devices gauge\ndrover_devices {devices_total}");
         let _ = writeln!(out, "# HELP drover_devices_online Devices whose agent is connected.\n# TYPE drover_devices_online gauge\ndrover_devices_online {devices_online}");
         out

@@ -23,7 +23,10 @@ use crate::metrics::Metrics;
 pub enum Event {
     /// (Re)connected to the broker; subscriptions are in place.
     Connected,
-    Device { id: DeviceId, msg: Box<DeviceMessage> },
+    Device {
+        id: DeviceId,
+        msg: Box<DeviceMessage>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +48,10 @@ pub fn qos(kind: TopicKind) -> QoS {
 
 /// Decodes a publish on a device topic. `Ok(None)` for topics the
 /// orchestrator itself publishes (it may see its own retained messages).
-pub fn decode_device_message(kind: TopicKind, payload: &[u8]) -> Result<Option<DeviceMessage>, DecodeError> {
+pub fn decode_device_message(
+    kind: TopicKind,
+    payload: &[u8],
+) -> Result<Option<DeviceMessage>, DecodeError> {
     Ok(Some(match kind {
         TopicKind::Hello => DeviceMessage::Hello(decode(payload)?),
         TopicKind::Status => DeviceMessage::Status(decode(payload)?),
@@ -97,7 +103,10 @@ pub async fn drive(
                 backoff.reset();
                 info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "connected to broker");
                 for kind in TopicKind::FROM_DEVICE {
-                    if let Err(e) = client.subscribe(cfg.topics.all_devices(kind), QoS::AtLeastOnce).await {
+                    if let Err(e) = client
+                        .subscribe(cfg.topics.all_devices(kind), QoS::AtLeastOnce)
+                        .await
+                    {
                         warn!(error = %e, "subscribe failed");
                     }
                 }
@@ -114,7 +123,14 @@ pub async fn drive(
                 };
                 match decode_device_message(kind, &p.payload) {
                     Ok(Some(msg)) => {
-                        if events.send(Event::Device { id, msg: Box::new(msg) }).await.is_err() {
+                        if events
+                            .send(Event::Device {
+                                id,
+                                msg: Box::new(msg),
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }

@@ -68,7 +68,10 @@ impl OpBook {
         if op.status.is_final() {
             self.finished.push_back(op.id.clone());
         } else {
-            self.open.entry(op.device.clone()).or_default().insert((op.generation, op.id.clone()));
+            self.open
+                .entry(op.device.clone())
+                .or_default()
+                .insert((op.generation, op.id.clone()));
         }
         self.by_id.insert(op.id.clone(), op);
         self.evict();
@@ -76,7 +79,9 @@ impl OpBook {
 
     fn evict(&mut self) {
         while self.finished.len() > self.max_finished {
-            let Some(id) = self.finished.pop_front() else { break };
+            let Some(id) = self.finished.pop_front() else {
+                break;
+            };
             if self.by_id.get(&id).is_some_and(|o| o.status.is_final()) {
                 self.by_id.remove(&id);
             }
@@ -90,7 +95,11 @@ impl OpBook {
 
     /// Applies `f` to an open operation; if that made it final, it moves to
     /// the finished list. Returns the updated operation when `f` changed it.
-    pub fn update(&mut self, id: &str, f: impl FnOnce(&mut Operation) -> bool) -> Option<Operation> {
+    pub fn update(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut Operation) -> bool,
+    ) -> Option<Operation> {
         let op = self.by_id.get_mut(id)?;
         if op.status.is_final() || !f(op) {
             return None;
@@ -110,19 +119,34 @@ impl OpBook {
     pub fn open_up_to(&self, device: &DeviceId, generation: u64) -> Vec<String> {
         self.open
             .get(device)
-            .map(|s| s.range(..=(generation, String::from("\u{10ffff}"))).map(|(_, id)| id.clone()).collect())
+            .map(|s| {
+                s.range(..=(generation, String::from("\u{10ffff}")))
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The newest generation any operation gave this app on this device.
     pub fn latest_generation(&self, device: &DeviceId, app: &Name) -> u64 {
-        self.latest.get(&(device.clone(), app.clone())).copied().unwrap_or(0)
+        self.latest
+            .get(&(device.clone(), app.clone()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Newest first, from what is in memory.
     pub fn list(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
-        let mut ops: Vec<&Operation> = self.by_id.values().filter(|o| device.is_none_or(|d| &o.device == d)).collect();
-        ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.generation.cmp(&a.generation)));
+        let mut ops: Vec<&Operation> = self
+            .by_id
+            .values()
+            .filter(|o| device.is_none_or(|d| &o.device == d))
+            .collect();
+        ops.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then(b.generation.cmp(&a.generation))
+        });
         ops.into_iter().take(limit).cloned().collect()
     }
 
@@ -167,7 +191,13 @@ mod tests {
         assert!(b.get("open").is_some());
         assert!(b.get("f2").is_none(), "oldest finished evicted");
         assert!(b.get("f9").is_some());
-        assert_eq!(b.latest_generation(&DeviceId::new("pi").expect("id"), &Name::new("web").expect("n")), 9);
+        assert_eq!(
+            b.latest_generation(
+                &DeviceId::new("pi").expect("id"),
+                &Name::new("web").expect("n")
+            ),
+            9
+        );
     }
 
     #[test]
@@ -184,6 +214,9 @@ mod tests {
         });
         assert!(changed.is_some());
         assert_eq!(b.open_up_to(&pi, 3), vec!["b".to_string(), "c".to_string()]);
-        assert!(b.update("a", |_| true).is_none(), "final operations do not change");
+        assert!(
+            b.update("a", |_| true).is_none(),
+            "final operations do not change"
+        );
     }
 }

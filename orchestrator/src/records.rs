@@ -68,7 +68,10 @@ pub enum OpStatus {
 
 impl OpStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, OpStatus::Succeeded | OpStatus::Failed | OpStatus::Superseded)
+        matches!(
+            self,
+            OpStatus::Succeeded | OpStatus::Failed | OpStatus::Superseded
+        )
     }
 }
 

@@ -42,7 +42,9 @@ impl ServerConfig {
         ServerConfig {
             data_dir,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            broker: BrokerMode::Embedded { listen: SocketAddr::from(([0, 0, 0, 0], 1883)) },
+            broker: BrokerMode::Embedded {
+                listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            },
             topics: Topics::default(),
             client_id: "drover-orchestrator".into(),
         }
@@ -52,13 +54,19 @@ impl ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("cannot listen for the REST API on {addr}: {source}")]
-    ApiBind { addr: SocketAddr, source: std::io::Error },
+    ApiBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("REST API server failed: {0}")]
     Api(std::io::Error),
 }
@@ -75,15 +83,22 @@ pub struct Orchestrator {
 impl Orchestrator {
     /// Waits until the orchestrator has shut down.
     pub async fn wait(self) -> Result<(), ServeError> {
-        self.task.await.unwrap_or_else(|e| Err(ServeError::Api(std::io::Error::other(e))))
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(ServeError::Api(std::io::Error::other(e))))
     }
 }
 
 /// Binds everything and starts serving. Any bad setting or taken port is an
 /// error here, before anything is served.
-pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Orchestrator, ServeError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| ServeError::DataDir { path: config.data_dir.display().to_string(), source })?;
+pub async fn start(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Orchestrator, ServeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
     let db_path = config.data_dir.join("drover.redb");
     let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
         .await
@@ -111,15 +126,25 @@ pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Se
             if listen.port() == 0 {
                 // rumqttd binds inside its own accept loop and cannot report
                 // the port it got, so pick a free one here.
-                let probe = std::net::TcpListener::bind(listen)
-                    .map_err(|source| BrokerError::Bind { addr: listen, source })?;
-                listen = probe.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?;
+                let probe =
+                    std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+                        addr: listen,
+                        source,
+                    })?;
+                listen = probe.local_addr().map_err(|source| BrokerError::Bind {
+                    addr: listen,
+                    source,
+                })?;
             }
             let broker = Broker::start(BrokerConfig::new(listen))?;
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
             })));
-            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            let host = if listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                listen.ip().to_string()
+            };
             (host, listen.port())
         }
         BrokerMode::External { host, port } => (host.clone(), *port),
@@ -127,8 +152,16 @@ pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Se
 
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
-        .map_err(|source| ServeError::ApiBind { addr: config.api_listen, source })?;
-    let api_addr = listener.local_addr().map_err(|source| ServeError::ApiBind { addr: config.api_listen, source })?;
+        .map_err(|source| ServeError::ApiBind {
+            addr: config.api_listen,
+            source,
+        })?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::ApiBind {
+            addr: config.api_listen,
+            source,
+        })?;
 
     let metrics = Arc::new(Metrics::default());
     let link = LinkConfig {
@@ -139,18 +172,34 @@ pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Se
         topics: config.topics.clone(),
     };
     let (client, eventloop) = mqtt::connect(&link);
-    let service = Arc::new(Service::new(store, client.clone(), config.topics.clone(), metrics.clone())?);
+    let service = Arc::new(Service::new(
+        store,
+        client.clone(),
+        config.topics.clone(),
+        metrics.clone(),
+    )?);
     let (events_tx, events_rx) = mpsc::channel(10_000);
-    let link_task = tokio::spawn(mqtt::drive(client.clone(), eventloop, link, events_tx, metrics));
+    let link_task = tokio::spawn(mqtt::drive(
+        client.clone(),
+        eventloop,
+        link,
+        events_tx,
+        metrics,
+    ));
     let service_task = tokio::spawn(service.clone().run(events_rx));
 
     info!(api = %api_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::api::router(service);
     let stop_api = stopped();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(stop_api).await;
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(stop_api)
+            .await;
         // Let queued publishes reach the broker before the link goes away.
-        if tokio::time::timeout(Duration::from_secs(5), client.disconnect()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), client.disconnect())
+            .await
+            .is_err()
+        {
             warn!("MQTT disconnect timed out");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -163,5 +212,9 @@ pub async fn start(config: ServerConfig, shutdown: impl Future<Output = ()> + Se
         info!("drover orchestrator stopped");
         served.map_err(ServeError::Api)
     });
-    Ok(Orchestrator { api_addr, mqtt_addr, task })
+    Ok(Orchestrator {
+        api_addr,
+        mqtt_addr,
+        task,
+    })
 }

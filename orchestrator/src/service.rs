@@ -21,7 +21,9 @@ use crate::records::{AppRecord, DeviceView, Operation};
 use crate::store::{Store, StoreError, Write};
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,10 @@ async fn store_writer(store: Store, mut jobs: mpsc::Receiver<WriteJob>, metrics:
                 Err(_) => break,
             }
         }
-        let writes: Vec<Write> = batch.iter().flat_map(|j| j.writes.iter().cloned()).collect();
+        let writes: Vec<Write> = batch
+            .iter()
+            .flat_map(|j| j.writes.iter().cloned())
+            .collect();
         let store = store.clone();
         let res = tokio::task::spawn_blocking(move || store.write(&writes))
             .await
@@ -82,11 +87,28 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(store: Store, mqtt: AsyncClient, topics: Topics, metrics: Arc<Metrics>) -> Result<Service, StoreError> {
-        let fleet = Fleet::load(store.devices()?, store.apps()?, store.desired()?, store.operations()?);
+    pub fn new(
+        store: Store,
+        mqtt: AsyncClient,
+        topics: Topics,
+        metrics: Arc<Metrics>,
+    ) -> Result<Service, StoreError> {
+        let fleet = Fleet::load(
+            store.devices()?,
+            store.apps()?,
+            store.desired()?,
+            store.operations()?,
+        );
         let (writer, jobs) = mpsc::channel(10_000);
         tokio::spawn(store_writer(store.clone(), jobs, metrics.clone()));
-        Ok(Service { fleet: Mutex::new(fleet), store, writer, mqtt, topics, metrics })
+        Ok(Service {
+            fleet: Mutex::new(fleet),
+            store,
+            writer,
+            mqtt,
+            topics,
+            metrics,
+        })
     }
 
     /// Stores writes and waits until they are durable.
@@ -96,10 +118,15 @@ impl Service {
         }
         let (done, outcome) = oneshot::channel();
         self.writer
-            .send(WriteJob { writes, done: Some(done) })
+            .send(WriteJob {
+                writes,
+                done: Some(done),
+            })
             .await
             .map_err(|_| StoreError::Db("the store writer has stopped".into()))?;
-        outcome.await.unwrap_or_else(|_| Err(StoreError::Db("the store writer has stopped".into())))
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Db("the store writer has stopped".into())))
     }
 
     /// Queues writes of device observations without waiting: they are the
@@ -109,20 +136,30 @@ impl Service {
         if writes.is_empty() {
             return;
         }
-        if self.writer.send(WriteJob { writes, done: None }).await.is_err() {
+        if self
+            .writer
+            .send(WriteJob { writes, done: None })
+            .await
+            .is_err()
+        {
             warn!("the store writer has stopped; device report not stored");
         }
     }
 
     fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = self.topics.device(device, kind);
-        match self.mqtt.try_publish(topic, qos(kind), kind.retained(), payload) {
+        match self
+            .mqtt
+            .try_publish(topic, qos(kind), kind.retained(), payload)
+        {
             Ok(()) => {
                 self.metrics.mqtt_published.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(e) => {
-                self.metrics.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .mqtt_publish_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(device = %device, %kind, error = %e, "publish not queued; the device will get it on resync");
                 false
             }
@@ -130,7 +167,13 @@ impl Service {
     }
 
     fn publish_desired(&self, device: &DeviceId, state: &DesiredState) -> bool {
-        self.publish(device, TopicKind::Desired, encode(&Desired { state: state.clone() }))
+        self.publish(
+            device,
+            TopicKind::Desired,
+            encode(&Desired {
+                state: state.clone(),
+            }),
+        )
     }
 
     /// The service loop: applies every event from the MQTT link in order.
@@ -156,7 +199,11 @@ impl Service {
         }
         drop(fleet);
         if fx.resync {
-            let cmd = Command { id: uuid::Uuid::new_v4().to_string(), issued_at_ms: now_ms(), action: Action::Resync };
+            let cmd = Command {
+                id: uuid::Uuid::new_v4().to_string(),
+                issued_at_ms: now_ms(),
+                action: Action::Resync,
+            };
             self.publish(&id, TopicKind::Cmd, encode(&cmd));
         }
         self.record(fx.writes).await;
@@ -222,7 +269,12 @@ impl Service {
 
     /// Deploy, start, stop or remove: stored first, then published. Returns
     /// at once with the operation to follow.
-    pub async fn request(&self, device: &DeviceId, op: Op, app: &Name) -> Result<Operation, ServiceError> {
+    pub async fn request(
+        &self,
+        device: &DeviceId,
+        op: Op,
+        app: &Name,
+    ) -> Result<Operation, ServiceError> {
         let mut fleet = self.fleet.lock().await;
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
@@ -235,9 +287,25 @@ impl Service {
         // reads. The command carries the same state plus the id to ack.
         // Outside the fleet lock, waiting for room in the MQTT queue: a burst
         // of requests slows down instead of dropping publishes.
-        let cmd = Command { id: id.clone(), issued_at_ms: now, action: Action::Apply { op, app: app.clone(), desired: desired.clone() } };
-        let sent = self.publish_waiting(device, TopicKind::Desired, encode(&Desired { state: desired })).await
-            && self.publish_waiting(device, TopicKind::Cmd, encode(&cmd)).await;
+        let cmd = Command {
+            id: id.clone(),
+            issued_at_ms: now,
+            action: Action::Apply {
+                op,
+                app: app.clone(),
+                desired: desired.clone(),
+            },
+        };
+        let sent = self
+            .publish_waiting(
+                device,
+                TopicKind::Desired,
+                encode(&Desired { state: desired }),
+            )
+            .await
+            && self
+                .publish_waiting(device, TopicKind::Cmd, encode(&cmd))
+                .await;
         if sent {
             let w = self.fleet.lock().await.mark_sent(&id, now_ms());
             if let Some(w) = w {
@@ -253,19 +321,25 @@ impl Service {
     /// queue; on time-out the device gets its state on the next resync.
     async fn publish_waiting(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = self.topics.device(device, kind);
-        let publish = self.mqtt.publish(topic, qos(kind), kind.retained(), payload);
+        let publish = self
+            .mqtt
+            .publish(topic, qos(kind), kind.retained(), payload);
         match tokio::time::timeout(std::time::Duration::from_secs(5), publish).await {
             Ok(Ok(())) => {
                 self.metrics.mqtt_published.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Ok(Err(e)) => {
-                self.metrics.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .mqtt_publish_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(device = %device, %kind, error = %e, "publish failed; the device will get it on resync");
                 false
             }
             Err(_) => {
-                self.metrics.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .mqtt_publish_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(device = %device, %kind, "MQTT queue full for 5 s; the device will get it on resync");
                 false
             }
@@ -308,8 +382,16 @@ impl Service {
         Ok(fleet.logs(device, app, container, tail))
     }
 
-    pub async fn events(&self, device: &DeviceId, limit: usize) -> Result<Vec<drover_shared::payload::DeviceEvent>, FleetError> {
-        self.fleet.lock().await.events(device, limit).ok_or_else(|| FleetError::UnknownDevice(device.clone()))
+    pub async fn events(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<drover_shared::payload::DeviceEvent>, FleetError> {
+        self.fleet
+            .lock()
+            .await
+            .events(device, limit)
+            .ok_or_else(|| FleetError::UnknownDevice(device.clone()))
     }
 
     pub async fn metrics_text(&self) -> String {

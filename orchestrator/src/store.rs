@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{AppRecord, DeviceRecord, DesiredRecord, Operation};
+use crate::records::{AppRecord, DesiredRecord, DeviceRecord, Operation};
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -25,11 +25,18 @@ const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operation
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open database {path}: {source}")]
-    Open { path: String, source: redb::DatabaseError },
+    Open {
+        path: String,
+        source: redb::DatabaseError,
+    },
     #[error("database error: {0}")]
     Db(String),
     #[error("corrupt record in table {table} under key {key:?}: {source}")]
-    Corrupt { table: &'static str, key: String, source: serde_json::Error },
+    Corrupt {
+        table: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 macro_rules! db_err {
@@ -39,7 +46,12 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// A write to apply atomically with others in one transaction.
 #[derive(Debug, Clone)]
@@ -64,8 +76,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         // Create every table up front so reads never see a missing table.
         let tx = db.begin_write()?;
         for t in [DEVICES, APPS, DESIRED, OPERATIONS] {
@@ -82,19 +96,23 @@ impl Store {
             for w in writes {
                 match w {
                     Write::Device(d) => {
-                        tx.open_table(DEVICES)?.insert(d.id.as_str(), encode(d).as_slice())?;
+                        tx.open_table(DEVICES)?
+                            .insert(d.id.as_str(), encode(d).as_slice())?;
                     }
                     Write::App(a) => {
-                        tx.open_table(APPS)?.insert(a.spec.name.as_str(), encode(a).as_slice())?;
+                        tx.open_table(APPS)?
+                            .insert(a.spec.name.as_str(), encode(a).as_slice())?;
                     }
                     Write::DeleteApp(name) => {
                         tx.open_table(APPS)?.remove(name.as_str())?;
                     }
                     Write::Desired(d) => {
-                        tx.open_table(DESIRED)?.insert(d.device.as_str(), encode(d).as_slice())?;
+                        tx.open_table(DESIRED)?
+                            .insert(d.device.as_str(), encode(d).as_slice())?;
                     }
                     Write::Operation(o) => {
-                        tx.open_table(OPERATIONS)?.insert(o.id.as_str(), encode(o).as_slice())?;
+                        tx.open_table(OPERATIONS)?
+                            .insert(o.id.as_str(), encode(o).as_slice())?;
                     }
                 }
             }
@@ -127,10 +145,16 @@ impl Store {
     pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(OPERATIONS)?;
-        let Some(v) = table.get(id)? else { return Ok(None) };
+        let Some(v) = table.get(id)? else {
+            return Ok(None);
+        };
         serde_json::from_slice(v.value())
             .map(Some)
-            .map_err(|source| StoreError::Corrupt { table: "operations", key: id.to_string(), source })
+            .map_err(|source| StoreError::Corrupt {
+                table: "operations",
+                key: id.to_string(),
+                source,
+            })
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
@@ -169,20 +193,32 @@ mod tests {
         {
             let s = Store::open(&path).expect("open");
             s.write(&[
-                Write::App(AppRecord { spec: spec.clone(), created_at_ms: 1, updated_at_ms: 1 }),
+                Write::App(AppRecord {
+                    spec: spec.clone(),
+                    created_at_ms: 1,
+                    updated_at_ms: 1,
+                }),
                 Write::Desired(DesiredRecord {
                     device: dev.clone(),
                     state: DesiredState {
                         generation: 3,
-                        apps: vec![DesiredApp { spec: spec.clone(), run: RunState::Running, started_at: 3 }],
+                        apps: vec![DesiredApp {
+                            spec: spec.clone(),
+                            run: RunState::Running,
+                            started_at: 3,
+                        }],
                     },
                 }),
             ])
             .expect("write");
-            s.write(&[Write::DeleteApp("nope".into())]).expect("deleting a missing key is fine");
+            s.write(&[Write::DeleteApp("nope".into())])
+                .expect("deleting a missing key is fine");
         }
         let s = Store::open(&path).expect("reopen");
-        assert_eq!(s.apps().expect("apps")[0].spec.name, Name::new("web").expect("n"));
+        assert_eq!(
+            s.apps().expect("apps")[0].spec.name,
+            Name::new("web").expect("n")
+        );
         let d = s.desired().expect("desired");
         assert_eq!((d[0].device.clone(), d[0].state.generation), (dev, 3));
     }

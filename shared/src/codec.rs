@@ -52,7 +52,13 @@ pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     // Writing into a Vec cannot fail, and every payload type serialises
     // without error (no maps with non-string keys, no untagged floats).
-    if let Err(e) = ciborium::into_writer(&EnvelopeRef { v: PROTOCOL_VERSION, m: msg }, &mut out) {
+    if let Err(e) = ciborium::into_writer(
+        &EnvelopeRef {
+            v: PROTOCOL_VERSION,
+            m: msg,
+        },
+        &mut out,
+    ) {
         unreachable!("CBOR encoding into memory failed: {e}");
     }
     out
@@ -61,12 +67,21 @@ pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
 /// Decodes a message, checking size, protocol version and shape.
 pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() > MAX_PAYLOAD_BYTES {
-        return Err(DecodeError::TooLarge { size: bytes.len(), max: MAX_PAYLOAD_BYTES });
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max: MAX_PAYLOAD_BYTES,
+        });
     }
-    let malformed = |e: String| DecodeError::Malformed { kind: T::KIND, reason: e };
+    let malformed = |e: String| DecodeError::Malformed {
+        kind: T::KIND,
+        reason: e,
+    };
     let probe: VersionOnly = ciborium::from_reader(bytes).map_err(|e| malformed(e.to_string()))?;
     if probe.v != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion { got: probe.v, supported: PROTOCOL_VERSION });
+        return Err(DecodeError::UnsupportedVersion {
+            got: probe.v,
+            supported: PROTOCOL_VERSION,
+        });
     }
     let env: Envelope<T> = ciborium::from_reader(bytes).map_err(|e| malformed(e.to_string()))?;
     Ok(env.m)
@@ -101,8 +116,17 @@ mod tests {
                 image: "127.0.0.1:5000/hello:1".into(),
                 command: Some(vec!["/bin/sh".into(), "-c".into(), "sleep 1".into()]),
                 env: [("A".to_string(), "1".to_string())].into(),
-                ports: vec![PortMapping { host: 8080, container: 80, protocol: Protocol::Tcp, host_ip: None }],
-                volumes: vec![VolumeBind { source: "data".into(), target: "/data".into(), read_only: false }],
+                ports: vec![PortMapping {
+                    host: 8080,
+                    container: 80,
+                    protocol: Protocol::Tcp,
+                    host_ip: None,
+                }],
+                volumes: vec![VolumeBind {
+                    source: "data".into(),
+                    target: "/data".into(),
+                    read_only: false,
+                }],
                 restart: RestartPolicy::Always,
                 memory_mb: Some(64),
                 cpus: Some(0.5),
@@ -118,23 +142,51 @@ mod tests {
 
     #[test]
     fn every_payload_round_trips() {
-        let desired = DesiredState { generation: 7, apps: vec![DesiredApp { spec: app(), run: RunState::Running, started_at: 7 }] };
+        let desired = DesiredState {
+            generation: 7,
+            apps: vec![DesiredApp {
+                spec: app(),
+                run: RunState::Running,
+                started_at: 7,
+            }],
+        };
         round_trip(Command {
             id: "c1".into(),
             issued_at_ms: 1,
-            action: Action::Apply { op: Op::Deploy, app: name("web"), desired: desired.clone() },
+            action: Action::Apply {
+                op: Op::Deploy,
+                app: name("web"),
+                desired: desired.clone(),
+            },
         });
-        round_trip(Command { id: "c2".into(), issued_at_ms: 2, action: Action::Resync });
+        round_trip(Command {
+            id: "c2".into(),
+            issued_at_ms: 2,
+            action: Action::Resync,
+        });
         round_trip(Desired { state: desired });
         round_trip(Ack {
             command_id: "c1".into(),
             at_ms: 3,
             phase: AckPhase::Progress,
             detail: "pulling".into(),
-            progress: Some(Progress { step: "pulling".into(), container: name("main"), current_bytes: Some(1), total_bytes: Some(2) }),
+            progress: Some(Progress {
+                step: "pulling".into(),
+                container: name("main"),
+                current_bytes: Some(1),
+                total_bytes: Some(2),
+            }),
         });
-        round_trip(Status { online: true, at_ms: 4 });
-        round_trip(Heartbeat { at_ms: 5, seq: 1, uptime_s: 9, applied_generation: 7 });
+        round_trip(Status {
+            online: true,
+            at_ms: 4,
+        });
+        round_trip(Heartbeat {
+            at_ms: 5,
+            seq: 1,
+            uptime_s: 9,
+            applied_generation: 7,
+        });
         round_trip(StateReport {
             at_ms: 6,
             observed: ObservedState {
@@ -159,13 +211,27 @@ mod tests {
         });
         round_trip(Telemetry {
             at_ms: 7,
-            host: HostMetrics { cpu_percent: 12.5, memory_total_bytes: 10, ..Default::default() },
-            containers: vec![ContainerMetrics { app: name("web"), container: name("main"), cpu_percent: 1.5, memory_bytes: 3, memory_limit_bytes: Some(4) }],
+            host: HostMetrics {
+                cpu_percent: 12.5,
+                memory_total_bytes: 10,
+                ..Default::default()
+            },
+            containers: vec![ContainerMetrics {
+                app: name("web"),
+                container: name("main"),
+                cpu_percent: 1.5,
+                memory_bytes: 3,
+                memory_limit_bytes: Some(4),
+            }],
         });
         round_trip(LogBatch {
             app: name("web"),
             container: name("main"),
-            lines: vec![LogLine { at_ms: 8, stream: LogStream::Stderr, line: "boom".into() }],
+            lines: vec![LogLine {
+                at_ms: 8,
+                stream: LogStream::Stderr,
+                line: "boom".into(),
+            }],
             dropped: 2,
         });
         round_trip(DeviceEvent {
@@ -175,32 +241,68 @@ mod tests {
             container: Some(name("main")),
             detail: "container was removed by hand; recreated".into(),
         });
-        round_trip(Hello { agent_version: "0.1.0".into(), images: vec!["a:1".into()], ..Default::default() });
+        round_trip(Hello {
+            agent_version: "0.1.0".into(),
+            images: vec!["a:1".into()],
+            ..Default::default()
+        });
     }
 
     #[test]
     fn other_versions_are_rejected() {
-        let bytes = encode_with_version(2, &Status { online: true, at_ms: 1 });
+        let bytes = encode_with_version(
+            2,
+            &Status {
+                online: true,
+                at_ms: 1,
+            },
+        );
         assert_eq!(
             decode::<Status>(&bytes),
-            Err(DecodeError::UnsupportedVersion { got: 2, supported: PROTOCOL_VERSION })
+            Err(DecodeError::UnsupportedVersion {
+                got: 2,
+                supported: PROTOCOL_VERSION
+            })
         );
     }
 
     #[test]
     fn garbage_truncated_and_wrong_type_are_malformed() {
-        assert!(matches!(decode::<Status>(b"not cbor at all"), Err(DecodeError::Malformed { .. })));
-        let bytes = encode(&Heartbeat { at_ms: 5, seq: 1, uptime_s: 9, applied_generation: 7 });
-        assert!(matches!(decode::<Heartbeat>(&bytes[..bytes.len() - 3]), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            decode::<Status>(b"not cbor at all"),
+            Err(DecodeError::Malformed { .. })
+        ));
+        let bytes = encode(&Heartbeat {
+            at_ms: 5,
+            seq: 1,
+            uptime_s: 9,
+            applied_generation: 7,
+        });
+        assert!(matches!(
+            decode::<Heartbeat>(&bytes[..bytes.len() - 3]),
+            Err(DecodeError::Malformed { .. })
+        ));
         // A heartbeat is not a command.
-        assert!(matches!(decode::<Command>(&bytes), Err(DecodeError::Malformed { kind: TopicKind::Cmd, .. })));
-        assert!(matches!(decode::<Status>(&[]), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            decode::<Command>(&bytes),
+            Err(DecodeError::Malformed {
+                kind: TopicKind::Cmd,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode::<Status>(&[]),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 
     #[test]
     fn oversized_is_rejected_before_parsing() {
         let big = vec![0u8; MAX_PAYLOAD_BYTES + 1];
-        assert!(matches!(decode::<Status>(&big), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            decode::<Status>(&big),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -211,7 +313,17 @@ mod tests {
             container: &'a str,
             lines: Vec<LogLine>,
         }
-        let bytes = encode_with_version(PROTOCOL_VERSION, &BadLogs { app: "a/b", container: "c", lines: vec![] });
-        assert!(matches!(decode::<LogBatch>(&bytes), Err(DecodeError::Malformed { .. })));
+        let bytes = encode_with_version(
+            PROTOCOL_VERSION,
+            &BadLogs {
+                app: "a/b",
+                container: "c",
+                lines: vec![],
+            },
+        );
+        assert!(matches!(
+            decode::<LogBatch>(&bytes),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 }

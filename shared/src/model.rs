@@ -119,7 +119,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -129,43 +132,67 @@ impl AppSpec {
     /// without tag or digest to `:latest`.
     pub fn validate(&mut self) -> Result<(), FieldError> {
         if self.containers.is_empty() {
-            return Err(FieldError::new("containers", "an app needs at least one container"));
+            return Err(FieldError::new(
+                "containers",
+                "an app needs at least one container",
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, c) in self.containers.iter_mut().enumerate() {
             let at = |f: &str| format!("containers[{i}].{f}");
             if !seen.insert(c.name.clone()) {
-                return Err(FieldError::new(at("name"), format!("duplicate container name {:?}", c.name.as_str())));
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("duplicate container name {:?}", c.name.as_str()),
+                ));
             }
             let image = ImageRef::parse(&c.image).map_err(|m| FieldError::new(at("image"), m))?;
             c.image = image.to_string();
             if let Some(cmd) = &c.command {
                 if cmd.is_empty() {
-                    return Err(FieldError::new(at("command"), "must not be an empty list; omit it to use the image's command"));
+                    return Err(FieldError::new(
+                        at("command"),
+                        "must not be an empty list; omit it to use the image's command",
+                    ));
                 }
             }
             for k in c.env.keys() {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
-                    return Err(FieldError::new(at("env"), format!("invalid variable name {k:?}")));
+                    return Err(FieldError::new(
+                        at("env"),
+                        format!("invalid variable name {k:?}"),
+                    ));
                 }
             }
             for (j, p) in c.ports.iter().enumerate() {
                 if p.host == 0 || p.container == 0 {
-                    return Err(FieldError::new(format!("containers[{i}].ports[{j}]"), "ports must be between 1 and 65535"));
+                    return Err(FieldError::new(
+                        format!("containers[{i}].ports[{j}]"),
+                        "ports must be between 1 and 65535",
+                    ));
                 }
                 if let Some(ip) = &p.host_ip {
                     if ip.parse::<std::net::IpAddr>().is_err() {
-                        return Err(FieldError::new(format!("containers[{i}].ports[{j}].host_ip"), format!("{ip:?} is not an IP address")));
+                        return Err(FieldError::new(
+                            format!("containers[{i}].ports[{j}].host_ip"),
+                            format!("{ip:?} is not an IP address"),
+                        ));
                     }
                 }
             }
             for (j, v) in c.volumes.iter().enumerate() {
                 let f = |x: &str| format!("containers[{i}].volumes[{j}].{x}");
                 if v.source.is_empty() || v.source.contains(':') {
-                    return Err(FieldError::new(f("source"), "must be a host path or a volume name, without ':'"));
+                    return Err(FieldError::new(
+                        f("source"),
+                        "must be a host path or a volume name, without ':'",
+                    ));
                 }
                 if !v.target.starts_with('/') || v.target.contains(':') {
-                    return Err(FieldError::new(f("target"), "must be an absolute path inside the container, without ':'"));
+                    return Err(FieldError::new(
+                        f("target"),
+                        "must be an absolute path inside the container, without ':'",
+                    ));
                 }
             }
             if c.memory_mb == Some(0) {
@@ -173,7 +200,10 @@ impl AppSpec {
             }
             if let Some(cpus) = c.cpus {
                 if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
-                    return Err(FieldError::new(at("cpus"), "must be a number of cores greater than 0"));
+                    return Err(FieldError::new(
+                        at("cpus"),
+                        "must be a number of cores greater than 0",
+                    ));
                 }
             }
         }
@@ -221,7 +251,9 @@ impl ImageRef {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let ok = d.split_once(':').is_some_and(|(alg, hex)| !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()));
+                let ok = d.split_once(':').is_some_and(|(alg, hex)| {
+                    !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())
+                });
                 if !ok {
                     return Err(format!("digest {d:?} is not of the form algorithm:hex"));
                 }
@@ -234,27 +266,48 @@ impl ImageRef {
             Some(i) => {
                 let i = last_slash + i;
                 let tag = &rest[i + 1..];
-                if tag.is_empty() || tag.len() > 128 || !tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+                if tag.is_empty()
+                    || tag.len() > 128
+                    || !tag
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                {
                     return Err(format!("tag {tag:?} is not a valid tag"));
                 }
                 (&rest[..i], Some(tag.to_string()))
             }
             None => (rest, None),
         };
-        if repository.is_empty() || repository.starts_with('/') || repository.ends_with('/') || repository.contains("//") {
+        if repository.is_empty()
+            || repository.starts_with('/')
+            || repository.ends_with('/')
+            || repository.contains("//")
+        {
             return Err(format!("repository {repository:?} is not valid"));
         }
-        let path_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | ':');
+        let path_ok = |c: char| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | ':')
+        };
         // The first component may be a registry host with upper case and a port.
         let path = match repository.split_once('/') {
             Some((host, p)) if host.contains('.') || host.contains(':') || host == "localhost" => p,
             _ => repository,
         };
         if let Some(c) = path.chars().find(|c| !path_ok(*c)) {
-            return Err(format!("repository {repository:?} contains {c:?} (repository names are lower case)"));
+            return Err(format!(
+                "repository {repository:?} contains {c:?} (repository names are lower case)"
+            ));
         }
-        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
-        let image = ImageRef { repository: repository.to_string(), tag, digest };
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
+        let image = ImageRef {
+            repository: repository.to_string(),
+            tag,
+            digest,
+        };
         // The limit holds for the normal form too: `AppSpec::validate` stores
         // it and the agent parses it again before pulling, so a reference
         // that only fits without `:latest` must be refused here, not there.
@@ -266,7 +319,10 @@ impl ImageRef {
 
     /// What to pass as the `tag` of a pull: the digest when pinned, else the tag.
     pub fn pull_tag(&self) -> &str {
-        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
     }
 }
 
@@ -399,7 +455,10 @@ mod tests {
     #[test]
     fn image_references_parse() {
         let r = ImageRef::parse("localhost:5000/a/b:1.2").expect("ok");
-        assert_eq!((r.repository.as_str(), r.tag.as_deref()), ("localhost:5000/a/b", Some("1.2")));
+        assert_eq!(
+            (r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000/a/b", Some("1.2"))
+        );
         let d = ImageRef::parse("busybox@sha256:abcdef").expect("ok");
         assert_eq!(d.pull_tag(), "sha256:abcdef");
         assert!(ImageRef::parse("Busybox:1").is_err());
@@ -412,10 +471,16 @@ mod tests {
     fn validation_names_the_field() {
         let mut s = spec("busybox:1");
         s.containers[0].memory_mb = Some(0);
-        assert_eq!(s.validate().expect_err("invalid").field, "containers[0].memory_mb");
+        assert_eq!(
+            s.validate().expect_err("invalid").field,
+            "containers[0].memory_mb"
+        );
         let mut s = spec("busybox:1");
         s.containers.push(s.containers[0].clone());
-        assert_eq!(s.validate().expect_err("invalid").field, "containers[1].name");
+        assert_eq!(
+            s.validate().expect_err("invalid").field,
+            "containers[1].name"
+        );
         let mut s = spec("busybox:1");
         s.containers.clear();
         assert_eq!(s.validate().expect_err("invalid").field, "containers");
@@ -435,7 +500,10 @@ mod tests {
         // passed validation and became 517 characters with `:latest`, which
         // the agent's own ImageRef::parse then refused on every reconcile.
         let mut s = spec(&"a".repeat(510));
-        assert_eq!(s.validate().expect_err("too long once normalised").field, "containers[0].image");
+        assert_eq!(
+            s.validate().expect_err("too long once normalised").field,
+            "containers[0].image"
+        );
         let longest = "a".repeat(512 - ":latest".len());
         let mut s = spec(&longest);
         s.validate().expect("fits with :latest");

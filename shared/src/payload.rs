@@ -131,7 +131,11 @@ pub struct Command {
 pub enum Action {
     /// Deploy, start, stop or remove: carried as the resulting desired
     /// state, so the device converges on state, not on a sequence of verbs.
-    Apply { op: Op, app: Name, desired: DesiredState },
+    Apply {
+        op: Op,
+        app: Name,
+        desired: DesiredState,
+    },
     /// Re-send hello, state and heartbeat now.
     Resync,
 }
@@ -184,7 +188,10 @@ pub enum AckPhase {
 
 impl AckPhase {
     pub fn is_final(self) -> bool {
-        matches!(self, AckPhase::Succeeded | AckPhase::Failed | AckPhase::Superseded)
+        matches!(
+            self,
+            AckPhase::Succeeded | AckPhase::Failed | AckPhase::Superseded
+        )
     }
 }
 

@@ -93,7 +93,11 @@ impl TopicKind {
     pub fn retained(self) -> bool {
         matches!(
             self,
-            TopicKind::Desired | TopicKind::Status | TopicKind::Heartbeat | TopicKind::State | TopicKind::Hello
+            TopicKind::Desired
+                | TopicKind::Status
+                | TopicKind::Heartbeat
+                | TopicKind::State
+                | TopicKind::Hello
         )
     }
 
@@ -133,7 +137,9 @@ pub struct Topics {
 
 impl Default for Topics {
     fn default() -> Self {
-        Topics { root: DEFAULT_ROOT.to_string() }
+        Topics {
+            root: DEFAULT_ROOT.to_string(),
+        }
     }
 }
 
@@ -161,7 +167,10 @@ impl Topics {
 
     /// The topic of one kind for one device.
     pub fn device(&self, device: &DeviceId, kind: TopicKind) -> String {
-        format!("{}/{VERSION_SEGMENT}/{DEVICE_SEGMENT}/{device}/{kind}", self.root)
+        format!(
+            "{}/{VERSION_SEGMENT}/{DEVICE_SEGMENT}/{device}/{kind}",
+            self.root
+        )
     }
 
     /// A filter matching one kind of topic for every device.

@@ -38,8 +38,15 @@ pub fn init_tracing() {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    format!("{prefix}-{}-{:x}-{}", std::process::id(), t % 0xff_ffff, N.fetch_add(1, Ordering::Relaxed))
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!(
+        "{prefix}-{}-{:x}-{}",
+        std::process::id(),
+        t % 0xff_ffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `f` until it returns `Some`, or panics naming what never happened.
@@ -53,7 +60,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -63,7 +73,10 @@ where
 fn target_dir() -> PathBuf {
     // <target>/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary, built (or rebuilt if stale) once per test
@@ -73,7 +86,15 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "drover", "-p", "drover-agent", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "drover",
+            "-p",
+            "drover-agent",
+            "--bins",
+        ]);
         if target_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -81,7 +102,11 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "building drover and drover-agent failed");
     });
     let p = target_dir().join(name);
-    assert!(p.exists(), "{} is missing; run `cargo build --workspace --bins`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing; run `cargo build --workspace --bins`",
+        p.display()
+    );
     p
 }
 
@@ -103,13 +128,24 @@ pub async fn fresh_image(tag: &str) -> String {
     let http = reqwest::Client::new();
     let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
     let resp = http
-        .get(format!("http://{REGISTRY}/v2/{BASE_REPO}/manifests/{BASE_TAG}"))
+        .get(format!(
+            "http://{REGISTRY}/v2/{BASE_REPO}/manifests/{BASE_TAG}"
+        ))
         .header("Accept", accept)
         .send()
         .await
         .expect("the registry at 127.0.0.1:5000 is not reachable; run `bash scripts/test-env.sh`");
-    assert!(resp.status().is_success(), "test image missing from the registry ({}); run `bash scripts/test-env.sh`", resp.status());
-    let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(
+        resp.status().is_success(),
+        "test image missing from the registry ({}); run `bash scripts/test-env.sh`",
+        resp.status()
+    );
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let body = resp.bytes().await.expect("manifest body");
     let put = http
         .put(format!("http://{REGISTRY}/v2/{BASE_REPO}/manifests/{tag}"))
@@ -118,7 +154,11 @@ pub async fn fresh_image(tag: &str) -> String {
         .send()
         .await
         .expect("put manifest");
-    assert!(put.status().is_success(), "tagging test image failed: {}", put.status());
+    assert!(
+        put.status().is_success(),
+        "tagging test image failed: {}",
+        put.status()
+    );
     format!("{REGISTRY}/{BASE_REPO}:{tag}")
 }
 
@@ -137,7 +177,10 @@ pub struct Orch {
 impl Orch {
     /// With the embedded broker on a free port.
     pub async fn start() -> Orch {
-        Orch::start_with(BrokerMode::Embedded { listen: "127.0.0.1:0".parse().expect("addr") }).await
+        Orch::start_with(BrokerMode::Embedded {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+        })
+        .await
     }
 
     pub async fn start_with(broker: BrokerMode) -> Orch {
@@ -158,7 +201,14 @@ impl Orch {
         let done = tokio::spawn(async move {
             let _ = orch.wait().await;
         });
-        Orch { api, mqtt_host, mqtt_port, stop: Some(tx), done: Some(done), data }
+        Orch {
+            api,
+            mqtt_host,
+            mqtt_port,
+            stop: Some(tx),
+            done: Some(done),
+            data,
+        }
     }
 
     pub fn broker_url(&self) -> String {
@@ -184,36 +234,61 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: String) -> Api {
-        Api { base, http: reqwest::Client::new() }
+        Api {
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
         let resp = req.send().await.expect("API reachable");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
-    }
-
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
-    }
-
-    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
-        self.send(self.http.post(format!("{}{path}", self.base)).header("content-type", "application/json").body(body))
+        self.send(self.http.get(format!("{}{path}", self.base)))
             .await
     }
 
-    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.http.request(method, format!("{}{path}", self.base)).json(body)).await
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        self.send(
+            self.http
+                .request(method, format!("{}{path}", self.base))
+                .json(body),
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 
     /// Creates a one-container app and asserts it was accepted.
@@ -243,7 +318,12 @@ impl Api {
 
 /// Reads one counter from the orchestrator's `/metrics`.
 pub async fn metric(api: &Api, name: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", api.base)).await.expect("metrics").text().await.expect("body");
+    let text = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
         .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
@@ -252,7 +332,11 @@ pub async fn metric(api: &Api, name: &str) -> u64 {
 // ----- outside brokers and clients -------------------------------------------
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A real Mosquitto broker (Debian's) on a free loopback port.
@@ -277,10 +361,17 @@ impl Mosquitto {
             .spawn()
             .expect("mosquitto is not installed; run `bash scripts/test-env.sh`");
         wait_for(Duration::from_secs(10), "mosquitto listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
         })
         .await;
-        Mosquitto { port, child, _dir: dir }
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
     }
 }
 
@@ -297,12 +388,30 @@ pub async fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], retain: bool)
     let file = dir.path().join("payload");
     std::fs::write(&file, payload).expect("write payload");
     let mut cmd = tokio::process::Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic]).arg("-f").arg(&file);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+    ])
+    .arg("-f")
+    .arg(&file);
     if retain {
         cmd.arg("-r");
     }
-    let out = cmd.output().await.expect("mosquitto_pub is not installed; run `bash scripts/test-env.sh`");
-    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .await
+        .expect("mosquitto_pub is not installed; run `bash scripts/test-env.sh`");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ----- agents ----------------------------------------------------------------
@@ -327,7 +436,12 @@ impl Agent {
     pub fn spawn_with(broker_url: &str, id: &str, extra_args: &[&str]) -> Agent {
         let state_dir = tempfile::tempdir().expect("tempdir");
         let extra_args = extra_args.iter().map(|a| (*a).to_string()).collect();
-        let mut a = Agent { id: id.to_string(), child: None, state_dir, extra_args };
+        let mut a = Agent {
+            id: id.to_string(),
+            child: None,
+            state_dir,
+            extra_args,
+        };
         a.start(broker_url);
         a
     }
@@ -337,9 +451,21 @@ impl Agent {
             .args(["--broker", broker_url, "--device-id", &self.id])
             .arg("--state-dir")
             .arg(self.state_dir.path())
-            .args(["--keep-alive-secs", "2", "--heartbeat-secs", "1", "--telemetry-secs", "1", "--reconcile-secs", "5"])
+            .args([
+                "--keep-alive-secs",
+                "2",
+                "--heartbeat-secs",
+                "1",
+                "--telemetry-secs",
+                "1",
+                "--reconcile-secs",
+                "5",
+            ])
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -371,7 +497,11 @@ impl Drop for Agent {
 
 /// Removes a local image tag if present (cleanup; errors ignored).
 pub fn untag(image: &str) {
-    let _ = std::process::Command::new("docker").args(["rmi", image]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 // ----- fault injection ---------------------------------------------------------
@@ -395,7 +525,13 @@ impl OrchProc {
         let data = tempfile::tempdir().expect("tempdir");
         let (api_port, mqtt_port) = (free_port(), free_port());
         let api = Api::new(format!("http://127.0.0.1:{api_port}"));
-        let mut o = OrchProc { api, api_port, mqtt_port, data, child: None };
+        let mut o = OrchProc {
+            api,
+            api_port,
+            mqtt_port,
+            data,
+            child: None,
+        };
         o.launch().await;
         o
     }
@@ -413,7 +549,10 @@ impl OrchProc {
 
     /// Starts it again on the same ports and data dir (after [`OrchProc::kill`]).
     pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "restart an orchestrator that is still running");
+        assert!(
+            self.child.is_none(),
+            "restart an orchestrator that is still running"
+        );
         self.launch().await;
     }
 
@@ -424,7 +563,10 @@ impl OrchProc {
             .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
             .arg("--data-dir")
             .arg(self.data.path())
-            .env("RUST_LOG", std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -433,7 +575,10 @@ impl OrchProc {
         let http = reqwest::Client::new();
         loop {
             if let Some(status) = child.try_wait().expect("drover status") {
-                panic!("drover serve exited during start-up ({status}); is port {} or {} taken?", self.api_port, self.mqtt_port);
+                panic!(
+                    "drover serve exited during start-up ({status}); is port {} or {} taken?",
+                    self.api_port, self.mqtt_port
+                );
             }
             let ok = http
                 .get(format!("{}/healthz", self.api.base))
@@ -444,7 +589,10 @@ impl OrchProc {
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "drover serve not healthy after 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "drover serve not healthy after 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.child = Some(child);
@@ -469,12 +617,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(upstream: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 let mut rx = cut_rx.clone();
                 if *rx.borrow_and_update() {
                     // Partitioned: the connection closes at once.
@@ -482,7 +634,10 @@ impl Proxy {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut up) => {}
                         // Cut, or the proxy was dropped: both sockets close here.
@@ -518,8 +673,17 @@ impl Drop for Proxy {
 
 /// Runs the docker CLI and returns its stdout; panics with stderr on failure.
 pub async fn docker_cli(args: &[&str]) -> String {
-    let out = tokio::process::Command::new("docker").args(args).output().await.expect("run docker");
-    assert!(out.status.success(), "docker {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new("docker")
+        .args(args)
+        .output()
+        .await
+        .expect("run docker");
+    assert!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -560,7 +724,11 @@ impl PrivateRegistry {
             storage.display()
         );
         std::fs::write(dir.path().join("registry.yml"), config).expect("write registry.yml");
-        let mut r = PrivateRegistry { port, dir, child: None };
+        let mut r = PrivateRegistry {
+            port,
+            dir,
+            child: None,
+        };
         r.run().await;
         r
     }
@@ -580,9 +748,17 @@ impl PrivateRegistry {
             .expect("docker-registry is not installed; run `bash scripts/test-env.sh`");
         self.child = Some(child);
         let url = format!("http://{}/v2/", self.addr());
-        wait_for(Duration::from_secs(15), "private registry serving", || async {
-            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-        })
+        wait_for(
+            Duration::from_secs(15),
+            "private registry serving",
+            || async {
+                reqwest::get(&url)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            },
+        )
         .await;
     }
 
@@ -593,15 +769,25 @@ impl PrivateRegistry {
             let _ = c.wait();
         }
         let port = self.port;
-        wait_for(Duration::from_secs(10), "private registry port closed", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err().then_some(())
-        })
+        wait_for(
+            Duration::from_secs(10),
+            "private registry port closed",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+                    .then_some(())
+            },
+        )
         .await;
     }
 
     /// Starts it again on the same port and storage.
     pub async fn start_again(&mut self) {
-        assert!(self.child.is_none(), "the private registry is already running");
+        assert!(
+            self.child.is_none(),
+            "the private registry is already running"
+        );
         self.run().await;
     }
 
@@ -627,7 +813,12 @@ impl PrivateRegistry {
         std::fs::write(&blob, random_bytes(mb << 20)).expect("write blob");
         let builder = unique("drover-build");
         docker_cli(&["create", "--name", &builder, &base]).await;
-        docker_cli(&["cp", &blob.display().to_string(), &format!("{builder}:/blob")]).await;
+        docker_cli(&[
+            "cp",
+            &blob.display().to_string(),
+            &format!("{builder}:/blob"),
+        ])
+        .await;
         docker_cli(&["commit", &builder, &image]).await;
         docker_cli(&["rm", "-f", &builder]).await;
         docker_cli(&["push", "-q", &image]).await;
@@ -676,24 +867,44 @@ pub struct SeenContainer {
 /// Every container labelled for `device`, read from the Docker API.
 pub async fn device_containers(docker: &Docker, device: &str) -> Vec<SeenContainer> {
     use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
-    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("io.drover.device={device}")])]);
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![format!("io.drover.device={device}")],
+    )]);
     let list = docker
-        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .expect("list containers");
     let mut seen = Vec::new();
     for c in list {
         let Some(id) = c.id else { continue };
         // A container removed between list and inspect is simply not there.
-        let Ok(i) = docker.inspect_container(&id, None::<InspectContainerOptions>).await else { continue };
+        let Ok(i) = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+        else {
+            continue;
+        };
         let config = i.config.unwrap_or_default();
         let labels = config.labels.unwrap_or_default();
         let state = i.state.unwrap_or_default();
         seen.push(SeenContainer {
             id,
-            name: i.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            name: i
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
             app: labels.get("io.drover.app").cloned().unwrap_or_default(),
-            container: labels.get("io.drover.container").cloned().unwrap_or_default(),
+            container: labels
+                .get("io.drover.container")
+                .cloned()
+                .unwrap_or_default(),
             image: config.image.unwrap_or_default(),
             running: state.running.unwrap_or(false),
             started_at: state.started_at.unwrap_or_default(),
@@ -706,37 +917,63 @@ pub async fn device_containers(docker: &Docker, device: &str) -> Vec<SeenContain
 /// state for `device` says, and the device reports that generation as
 /// applied; otherwise what differs.
 pub async fn converged(api: &Api, docker: &Docker, device: &str) -> Result<(), String> {
-    let view = api.device(device).await.ok_or_else(|| format!("device {device} unknown"))?;
+    let view = api
+        .device(device)
+        .await
+        .ok_or_else(|| format!("device {device} unknown"))?;
     let desired = &view["desired"];
     let generation = desired["generation"].as_u64().unwrap_or(0);
     let applied = view["applied_generation"].as_u64().unwrap_or(0);
     if applied != generation {
-        return Err(format!("device applied generation {applied}, desired is {generation}"));
+        return Err(format!(
+            "device applied generation {applied}, desired is {generation}"
+        ));
     }
     let seen = device_containers(docker, device).await;
     let mut problems = Vec::new();
     let mut expected = std::collections::HashSet::new();
-    for app in desired["apps"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for app in desired["apps"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let app_name = app["spec"]["name"].as_str().unwrap_or_default();
         let should_run = app["run"] == "running";
-        for spec in app["spec"]["containers"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for spec in app["spec"]["containers"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             let cname = spec["name"].as_str().unwrap_or_default();
             let image = spec["image"].as_str().unwrap_or_default();
             let name = format!("drover-{device}-{app_name}-{cname}");
             expected.insert(name.clone());
-            let found: Vec<&SeenContainer> = seen.iter().filter(|c| c.app == app_name && c.container == cname).collect();
+            let found: Vec<&SeenContainer> = seen
+                .iter()
+                .filter(|c| c.app == app_name && c.container == cname)
+                .collect();
             match found.as_slice() {
                 [] => problems.push(format!("{name}: missing")),
                 [c] => {
                     if c.name != name {
-                        problems.push(format!("{app_name}/{cname}: named {}, expected {name}", c.name));
+                        problems.push(format!(
+                            "{app_name}/{cname}: named {}, expected {name}",
+                            c.name
+                        ));
                     }
                     if c.running != should_run {
-                        problems.push(format!("{name}: running={}, desired run={}", c.running, app["run"]));
+                        problems.push(format!(
+                            "{name}: running={}, desired run={}",
+                            c.running, app["run"]
+                        ));
                     }
-                    let tagged = image.rsplit('/').next().is_some_and(|last| last.contains(':') || last.contains('@'));
+                    let tagged = image
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|last| last.contains(':') || last.contains('@'));
                     // An untagged reference means `:latest`.
-                    let same = c.image == image || (!tagged && c.image == format!("{image}:latest"));
+                    let same =
+                        c.image == image || (!tagged && c.image == format!("{image}:latest"));
                     if !same {
                         problems.push(format!("{name}: image {}, desired {image}", c.image));
                     }
@@ -746,7 +983,10 @@ pub async fn converged(api: &Api, docker: &Docker, device: &str) -> Result<(), S
         }
     }
     for c in seen.iter().filter(|c| !expected.contains(&c.name)) {
-        problems.push(format!("{}: managed for {device} but not desired (app {}, container {})", c.name, c.app, c.container));
+        problems.push(format!(
+            "{}: managed for {device} but not desired (app {}, container {})",
+            c.name, c.app, c.container
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -757,24 +997,39 @@ pub async fn converged(api: &Api, docker: &Docker, device: &str) -> Result<(), S
 
 /// Polls [`converged`] until it holds; returns how long that took, or
 /// panics with the last difference seen.
-pub async fn wait_converged(api: &Api, docker: &Docker, device: &str, timeout: Duration) -> Duration {
+pub async fn wait_converged(
+    api: &Api,
+    docker: &Docker,
+    device: &str,
+    timeout: Duration,
+) -> Duration {
     let start = Instant::now();
     loop {
-        let Err(last) = converged(api, docker, device).await else { return start.elapsed() };
-        assert!(start.elapsed() < timeout, "device {device} not converged after {timeout:?}: {last}");
+        let Err(last) = converged(api, docker, device).await else {
+            return start.elapsed();
+        };
+        assert!(
+            start.elapsed() < timeout,
+            "device {device} not converged after {timeout:?}: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Every operation of `device`, newest first.
 pub async fn operations(api: &Api, device: &str) -> Vec<Value> {
-    let (s, v) = api.get(&format!("/api/v1/operations?device={device}&limit=10000")).await;
+    let (s, v) = api
+        .get(&format!("/api/v1/operations?device={device}&limit=10000"))
+        .await;
     assert_eq!(s, 200, "list operations: {v}");
     v.as_array().cloned().unwrap_or_default()
 }
 
 fn is_final(op: &Value) -> bool {
-    matches!(op["status"].as_str(), Some("succeeded" | "failed" | "superseded"))
+    matches!(
+        op["status"].as_str(),
+        Some("succeeded" | "failed" | "superseded")
+    )
 }
 
 /// Polls until every operation of `device` is final (succeeded, failed or
@@ -787,7 +1042,10 @@ pub async fn wait_all_ops_final(api: &Api, device: &str, timeout: Duration) -> V
         if open.is_empty() {
             return ops;
         }
-        assert!(start.elapsed() < timeout, "operations of {device} still open after {timeout:?}: {open:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "operations of {device} still open after {timeout:?}: {open:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -795,11 +1053,24 @@ pub async fn wait_all_ops_final(api: &Api, device: &str, timeout: Duration) -> V
 /// Removes every container labelled for `device` (cleanup for tests whose
 /// agent is gone or never existed as an [`Agent`]).
 pub fn remove_device_containers(device: &str) {
-    let out = std::process::Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=io.drover.device={device}")]).output();
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.drover.device={device}"),
+        ])
+        .output();
     if let Ok(out) = out {
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
         if !ids.is_empty() {
-            let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
         }
     }
 }

@@ -9,26 +9,62 @@ async fn malformed_bodies_name_the_field() {
     let api = &orch.api;
 
     let cases = [
-        (json!({"containers": [{"name": "main", "image": "busybox:1"}]}), "name"),
-        (json!({"name": "web", "containers": [{"name": "main"}]}), "containers[0].image"),
-        (json!({"name": "web", "containers": [{"name": "main", "image": "Bad Image"}]}), "containers[0].image"),
-        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "memory_mb": "lots"}]}), "containers[0].memory_mb"),
-        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "ports": [{"host": 0, "container": 80}]}]}), "containers[0].ports[0]"),
-        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "restart": "sometimes"}]}), "containers[0].restart"),
-        (json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "imagee": "x"}]}), "containers[0].imagee"),
-        (json!({"name": "we/b", "containers": [{"name": "main", "image": "busybox:1"}]}), "name"),
+        (
+            json!({"containers": [{"name": "main", "image": "busybox:1"}]}),
+            "name",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main"}]}),
+            "containers[0].image",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main", "image": "Bad Image"}]}),
+            "containers[0].image",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "memory_mb": "lots"}]}),
+            "containers[0].memory_mb",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "ports": [{"host": 0, "container": 80}]}]}),
+            "containers[0].ports[0]",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "restart": "sometimes"}]}),
+            "containers[0].restart",
+        ),
+        (
+            json!({"name": "web", "containers": [{"name": "main", "image": "busybox:1", "imagee": "x"}]}),
+            "containers[0].imagee",
+        ),
+        (
+            json!({"name": "we/b", "containers": [{"name": "main", "image": "busybox:1"}]}),
+            "name",
+        ),
         (json!({"name": "web", "containers": []}), "containers"),
     ];
     for (body, field) in cases {
         let (s, v) = api.post("/api/v1/apps", &body).await;
         assert_eq!(s, 400, "{body} -> {v}");
         assert_eq!(v["error"]["field"], json!(field), "{body} -> {v}");
-        assert!(v["error"]["message"].as_str().unwrap_or_default().contains(field), "message names the field: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field),
+            "message names the field: {v}"
+        );
     }
 
     let (s, v) = api.post_raw("/api/v1/apps", "{\"name\": ").await;
     assert_eq!(s, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("not valid JSON"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not valid JSON"),
+        "{v}"
+    );
     let (s, _) = api.post_raw("/api/v1/apps", "").await;
     assert_eq!(s, 400);
 
@@ -38,10 +74,23 @@ async fn malformed_bodies_name_the_field() {
 
     // A good app, then a duplicate.
     api.create_app("web", "busybox:1").await;
-    let (s, v) = api.post("/api/v1/apps", &json!({"name": "web", "containers": [{"name": "main", "image": "busybox:2"}]})).await;
-    assert_eq!((s, v["error"]["field"].clone()), (409, json!("name")), "{v}");
+    let (s, v) = api
+        .post(
+            "/api/v1/apps",
+            &json!({"name": "web", "containers": [{"name": "main", "image": "busybox:2"}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (409, json!("name")),
+        "{v}"
+    );
     let (_, v) = api.get("/api/v1/apps/web").await;
-    assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:1"), "duplicate did not overwrite");
+    assert_eq!(
+        v["spec"]["containers"][0]["image"],
+        json!("busybox:1"),
+        "duplicate did not overwrite"
+    );
     orch.stop().await;
 }
 
@@ -52,10 +101,22 @@ async fn unknown_things_are_404() {
     api.create_app("web", "busybox:1").await;
 
     let (s, v) = api.get("/api/v1/devices/ghost").await;
-    assert_eq!((s, v["error"]["field"].clone()), (404, json!("device")), "{v}");
-    let (s, v) = api.post("/api/v1/devices/ghost/apps", &json!({"app": "web"})).await;
-    assert_eq!((s, v["error"]["field"].clone()), (404, json!("device")), "{v}");
-    let (s, _) = api.post("/api/v1/devices/ghost/apps/web/stop", &json!(null)).await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (404, json!("device")),
+        "{v}"
+    );
+    let (s, v) = api
+        .post("/api/v1/devices/ghost/apps", &json!({"app": "web"}))
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (404, json!("device")),
+        "{v}"
+    );
+    let (s, _) = api
+        .post("/api/v1/devices/ghost/apps/web/stop", &json!(null))
+        .await;
     assert_eq!(s, 404);
     let (s, _) = api.delete("/api/v1/devices/ghost/apps/web").await;
     assert_eq!(s, 404);
@@ -66,9 +127,17 @@ async fn unknown_things_are_404() {
     let (s, _) = api.get("/api/v1/operations/nope").await;
     assert_eq!(s, 404);
     let (s, v) = api.get("/api/v1/devices/bad%2Bid").await;
-    assert_eq!((s, v["error"]["field"].clone()), (400, json!("device")), "{v}");
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (400, json!("device")),
+        "{v}"
+    );
     let (s, v) = api.get("/api/v1/operations?limit=0").await;
-    assert_eq!((s, v["error"]["field"].clone()), (400, json!("limit")), "{v}");
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (400, json!("limit")),
+        "{v}"
+    );
     let (s, _) = api.get("/api/v1/nothing-here").await;
     assert_eq!(s, 404);
     orch.stop().await;
@@ -80,21 +149,41 @@ async fn apps_can_be_replaced_but_not_renamed() {
     let api = &orch.api;
     api.create_app("web", "busybox:1").await;
     let v2 = json!({"name": "web", "containers": [{"name": "main", "image": "busybox:2", "env": {"A": "1"}}]});
-    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/web", &v2).await;
+    let (s, v) = api
+        .send_json(reqwest::Method::PUT, "/api/v1/apps/web", &v2)
+        .await;
     assert_eq!(s, 200, "{v}");
     let (_, v) = api.get("/api/v1/apps/web").await;
     assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:2"));
     assert!(v["updated_at_ms"].as_u64() >= v["created_at_ms"].as_u64());
 
-    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/other", &v2).await;
-    assert_eq!((s, v["error"]["field"].clone()), (400, json!("name")), "{v}");
+    let (s, v) = api
+        .send_json(reqwest::Method::PUT, "/api/v1/apps/other", &v2)
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (400, json!("name")),
+        "{v}"
+    );
     let other = json!({"name": "other", "containers": [{"name": "main", "image": "busybox:2"}]});
-    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/other", &other).await;
+    let (s, v) = api
+        .send_json(reqwest::Method::PUT, "/api/v1/apps/other", &other)
+        .await;
     assert_eq!((s, v["error"]["field"].clone()), (404, json!("app")), "{v}");
     let bad = json!({"name": "web", "containers": [{"name": "main", "image": ""}]});
-    let (s, v) = api.send_json(reqwest::Method::PUT, "/api/v1/apps/web", &bad).await;
-    assert_eq!((s, v["error"]["field"].clone()), (400, json!("containers[0].image")), "{v}");
+    let (s, v) = api
+        .send_json(reqwest::Method::PUT, "/api/v1/apps/web", &bad)
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (400, json!("containers[0].image")),
+        "{v}"
+    );
     let (_, v) = api.get("/api/v1/apps/web").await;
-    assert_eq!(v["spec"]["containers"][0]["image"], json!("busybox:2"), "a rejected update changes nothing");
+    assert_eq!(
+        v["spec"]["containers"][0]["image"],
+        json!("busybox:2"),
+        "a rejected update changes nothing"
+    );
     orch.stop().await;
 }

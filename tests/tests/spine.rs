@@ -11,16 +11,28 @@ use serde_json::json;
 const OP_TIMEOUT: Duration = Duration::from_secs(90);
 
 async fn container_running(docker: &bollard::Docker, name: &str) -> Option<bool> {
-    match docker.inspect_container(name, None::<InspectContainerOptions>).await {
+    match docker
+        .inspect_container(name, None::<InspectContainerOptions>)
+        .await
+    {
         Ok(c) => Some(c.state.and_then(|s| s.running).unwrap_or(false)),
         Err(_) => None,
     }
 }
 
 async fn online_device(api: &Api, id: &str) -> serde_json::Value {
-    wait_for(Duration::from_secs(30), &format!("device {id} online with inventory"), || async {
-        api.device(id).await.filter(|d| d["online"] == json!(true) && d["inventory"]["docker_version"].as_str().is_some_and(|v| !v.is_empty()))
-    })
+    wait_for(
+        Duration::from_secs(30),
+        &format!("device {id} online with inventory"),
+        || async {
+            api.device(id).await.filter(|d| {
+                d["online"] == json!(true)
+                    && d["inventory"]["docker_version"]
+                        .as_str()
+                        .is_some_and(|v| !v.is_empty())
+            })
+        },
+    )
     .await
 }
 
@@ -37,70 +49,163 @@ async fn deploy_stop_start_remove_on_real_docker() {
     assert_eq!(inv["arch"], json!(std::env::consts::ARCH));
     assert!(inv["cpus"].as_u64().unwrap_or(0) >= 1, "{inv}");
     assert!(inv["memory_bytes"].as_u64().unwrap_or(0) > 0, "{inv}");
-    assert!(!inv["hostname"].as_str().unwrap_or_default().is_empty(), "{inv}");
-    assert!(!inv["kernel"].as_str().unwrap_or_default().is_empty(), "{inv}");
+    assert!(
+        !inv["hostname"].as_str().unwrap_or_default().is_empty(),
+        "{inv}"
+    );
+    assert!(
+        !inv["kernel"].as_str().unwrap_or_default().is_empty(),
+        "{inv}"
+    );
 
     // Heartbeat and host telemetry arrive.
-    wait_for(Duration::from_secs(20), "heartbeat and telemetry", || async {
-        let d = api.device(&agent.id).await?;
-        (d["heartbeat"]["seq"].as_u64().is_some() && d["telemetry"]["host"]["memory_total_bytes"].as_u64().unwrap_or(0) > 0)
+    wait_for(
+        Duration::from_secs(20),
+        "heartbeat and telemetry",
+        || async {
+            let d = api.device(&agent.id).await?;
+            (d["heartbeat"]["seq"].as_u64().is_some()
+                && d["telemetry"]["host"]["memory_total_bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0)
             .then_some(())
-    })
+        },
+    )
     .await;
 
     // A tag that exists only in the registry: the agent has to pull it.
     let tag = unique("t");
     let image = fresh_image(&tag).await;
-    assert!(docker.inspect_image(&image).await.is_err(), "image must not be local before the deploy");
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "image must not be local before the deploy"
+    );
     let app = unique("app");
     api.create_app(&app, &image).await;
 
-    let (s, op) = api.post(&format!("/api/v1/devices/{}/apps", agent.id), &json!({"app": app})).await;
+    let (s, op) = api
+        .post(
+            &format!("/api/v1/devices/{}/apps", agent.id),
+            &json!({"app": app}),
+        )
+        .await;
     assert_eq!(s, 202, "{op}");
-    assert!(op["id"].as_str().is_some(), "deploy returns an operation id: {op}");
+    assert!(
+        op["id"].as_str().is_some(),
+        "deploy returns an operation id: {op}"
+    );
     let done = api.wait_op(&op, OP_TIMEOUT).await;
     assert_eq!(done["status"], json!("succeeded"), "{done}");
 
     let name = agent.container_name(&app, "main");
-    assert_eq!(container_running(&docker, &name).await, Some(true), "container {name} runs");
-    docker.inspect_image(&image).await.expect("the agent pulled the image from the registry");
-    let c = docker.inspect_container(&name, None::<InspectContainerOptions>).await.expect("inspect");
+    assert_eq!(
+        container_running(&docker, &name).await,
+        Some(true),
+        "container {name} runs"
+    );
+    docker
+        .inspect_image(&image)
+        .await
+        .expect("the agent pulled the image from the registry");
+    let c = docker
+        .inspect_container(&name, None::<InspectContainerOptions>)
+        .await
+        .expect("inspect");
     let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
-    assert_eq!(labels.get("io.drover.managed").map(String::as_str), Some("true"));
+    assert_eq!(
+        labels.get("io.drover.managed").map(String::as_str),
+        Some("true")
+    );
     assert_eq!(labels.get("io.drover.device"), Some(&agent.id));
 
     // Observed state and per-container telemetry and logs reach the orchestrator.
-    wait_for(Duration::from_secs(30), "observed running app, container telemetry and logs", || async {
-        let d = api.device(&agent.id).await?;
-        let running = d["observed"]["apps"].as_array()?.iter().any(|a| a["name"] == json!(app) && a["phase"] == json!("running"));
-        let metrics = d["telemetry"]["containers"].as_array()?.iter().any(|c| c["app"] == json!(app));
-        let (_, logs) = api.get(&format!("/api/v1/devices/{}/logs?app={app}", agent.id)).await;
-        let ticks = logs.as_array()?.iter().any(|l| l["line"].as_str().unwrap_or_default().contains("tick"));
-        (running && metrics && ticks).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "observed running app, container telemetry and logs",
+        || async {
+            let d = api.device(&agent.id).await?;
+            let running = d["observed"]["apps"]
+                .as_array()?
+                .iter()
+                .any(|a| a["name"] == json!(app) && a["phase"] == json!("running"));
+            let metrics = d["telemetry"]["containers"]
+                .as_array()?
+                .iter()
+                .any(|c| c["app"] == json!(app));
+            let (_, logs) = api
+                .get(&format!("/api/v1/devices/{}/logs?app={app}", agent.id))
+                .await;
+            let ticks = logs
+                .as_array()?
+                .iter()
+                .any(|l| l["line"].as_str().unwrap_or_default().contains("tick"));
+            (running && metrics && ticks).then_some(())
+        },
+    )
     .await;
 
     // Stop: the container stays but does not run.
-    let (s, op) = api.post(&format!("/api/v1/devices/{}/apps/{app}/stop", agent.id), &json!(null)).await;
+    let (s, op) = api
+        .post(
+            &format!("/api/v1/devices/{}/apps/{app}/stop", agent.id),
+            &json!(null),
+        )
+        .await;
     assert_eq!(s, 202, "{op}");
-    assert_eq!(api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"));
-    assert_eq!(container_running(&docker, &name).await, Some(false), "stopped container {name}");
+    assert_eq!(
+        api.wait_op(&op, OP_TIMEOUT).await["status"],
+        json!("succeeded")
+    );
+    assert_eq!(
+        container_running(&docker, &name).await,
+        Some(false),
+        "stopped container {name}"
+    );
 
     // Start again.
-    let (s, op) = api.post(&format!("/api/v1/devices/{}/apps/{app}/start", agent.id), &json!(null)).await;
+    let (s, op) = api
+        .post(
+            &format!("/api/v1/devices/{}/apps/{app}/start", agent.id),
+            &json!(null),
+        )
+        .await;
     assert_eq!(s, 202, "{op}");
-    assert_eq!(api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"));
-    assert_eq!(container_running(&docker, &name).await, Some(true), "restarted container {name}");
+    assert_eq!(
+        api.wait_op(&op, OP_TIMEOUT).await["status"],
+        json!("succeeded")
+    );
+    assert_eq!(
+        container_running(&docker, &name).await,
+        Some(true),
+        "restarted container {name}"
+    );
 
     // Remove: the container is gone.
-    let (s, op) = api.delete(&format!("/api/v1/devices/{}/apps/{app}", agent.id)).await;
+    let (s, op) = api
+        .delete(&format!("/api/v1/devices/{}/apps/{app}", agent.id))
+        .await;
     assert_eq!(s, 202, "{op}");
-    assert_eq!(api.wait_op(&op, OP_TIMEOUT).await["status"], json!("succeeded"));
-    assert_eq!(container_running(&docker, &name).await, None, "container {name} removed");
+    assert_eq!(
+        api.wait_op(&op, OP_TIMEOUT).await["status"],
+        json!("succeeded")
+    );
+    assert_eq!(
+        container_running(&docker, &name).await,
+        None,
+        "container {name} removed"
+    );
 
     // Generations: four changes, all applied.
     let d = api.device(&agent.id).await.expect("device");
-    assert_eq!((d["desired_generation"].as_u64(), d["applied_generation"].as_u64()), (Some(4), Some(4)), "{d}");
+    assert_eq!(
+        (
+            d["desired_generation"].as_u64(),
+            d["applied_generation"].as_u64()
+        ),
+        (Some(4), Some(4)),
+        "{d}"
+    );
 
     let (s, _) = api.delete(&format!("/api/v1/apps/{app}")).await;
     assert_eq!(s, 204);
@@ -117,9 +222,16 @@ async fn killed_agent_goes_offline_through_last_will() {
     let killed = std::time::Instant::now();
     // Keep-alive is 2 s; a killed process closes its socket at once, and the
     // broker publishes the Last Will. Allow 1.5 x keep-alive plus slack.
-    wait_for(Duration::from_secs(6), "device offline after SIGKILL", || async {
-        orch.api.device(&agent.id).await.filter(|d| d["online"] == json!(false))
-    })
+    wait_for(
+        Duration::from_secs(6),
+        "device offline after SIGKILL",
+        || async {
+            orch.api
+                .device(&agent.id)
+                .await
+                .filter(|d| d["online"] == json!(false))
+        },
+    )
     .await;
     eprintln!("offline {:?} after SIGKILL", killed.elapsed());
 
@@ -138,23 +250,49 @@ async fn missing_image_fails_with_the_registry_error() {
     let api = &orch.api;
 
     for (app, image) in [
-        (unique("notag"), format!("{REGISTRY}/{BASE_REPO}:no-such-tag")),
-        (unique("norepo"), format!("{REGISTRY}/drover/no-such-image:1")),
+        (
+            unique("notag"),
+            format!("{REGISTRY}/{BASE_REPO}:no-such-tag"),
+        ),
+        (
+            unique("norepo"),
+            format!("{REGISTRY}/drover/no-such-image:1"),
+        ),
     ] {
         api.create_app(&app, &image).await;
-        let (s, op) = api.post(&format!("/api/v1/devices/{}/apps", agent.id), &json!({"app": app})).await;
+        let (s, op) = api
+            .post(
+                &format!("/api/v1/devices/{}/apps", agent.id),
+                &json!({"app": app}),
+            )
+            .await;
         assert_eq!(s, 202, "{op}");
         let done = api.wait_op(&op, OP_TIMEOUT).await;
         assert_eq!(done["status"], json!("failed"), "{done}");
         let detail = done["detail"].as_str().unwrap_or_default().to_lowercase();
-        assert!(detail.contains("manifest unknown") || detail.contains("not found"), "registry's error text expected: {detail}");
+        assert!(
+            detail.contains("manifest unknown") || detail.contains("not found"),
+            "registry's error text expected: {detail}"
+        );
 
         // The failure is also visible in the device's observed state.
         let d = api.device(&agent.id).await.expect("device");
-        let a = d["observed"]["apps"].as_array().expect("apps").iter().find(|a| a["name"] == json!(app)).cloned().expect("app status");
+        let a = d["observed"]["apps"]
+            .as_array()
+            .expect("apps")
+            .iter()
+            .find(|a| a["name"] == json!(app))
+            .cloned()
+            .expect("app status");
         assert_eq!(a["phase"], json!("failed"), "{a}");
         assert!(!a["error"].as_str().unwrap_or_default().is_empty(), "{a}");
-        assert!(docker.inspect_container(&agent.container_name(&app, "main"), None::<InspectContainerOptions>).await.is_err());
+        assert!(docker
+            .inspect_container(
+                &agent.container_name(&app, "main"),
+                None::<InspectContainerOptions>
+            )
+            .await
+            .is_err());
     }
     orch.stop().await;
 }

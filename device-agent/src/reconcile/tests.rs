@@ -30,7 +30,15 @@ fn spec(container: &str, image: &str) -> ContainerSpec {
 }
 
 fn app(name_: &str, run: RunState, containers: Vec<ContainerSpec>) -> DesiredApp {
-    DesiredApp { spec: AppSpec { name: name(name_), containers, labels: Default::default() }, run, started_at: 1 }
+    DesiredApp {
+        spec: AppSpec {
+            name: name(name_),
+            containers,
+            labels: Default::default(),
+        },
+        run,
+        started_at: 1,
+    }
 }
 
 fn desired(generation: u64, apps: Vec<DesiredApp>) -> DesiredState {
@@ -57,16 +65,34 @@ fn new_app_is_pulled_created_and_started() {
     assert_eq!(
         plan(&d, &[]),
         vec![
-            Step::Pull { app: name("web"), container: name("main"), image: "reg/web:1".into() },
-            Step::Create { app: name("web"), spec: main },
-            Step::Start { app: name("web"), container: name("main"), id: None },
+            Step::Pull {
+                app: name("web"),
+                container: name("main"),
+                image: "reg/web:1".into()
+            },
+            Step::Create {
+                app: name("web"),
+                spec: main
+            },
+            Step::Start {
+                app: name("web"),
+                container: name("main"),
+                id: None
+            },
         ]
     );
 }
 
 #[test]
 fn new_app_desired_stopped_is_created_but_not_started() {
-    let d = desired(1, vec![app("web", RunState::Stopped, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Stopped,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let p = plan(&d, &[]);
     assert_eq!(p.len(), 2);
     assert!(!p.iter().any(|s| matches!(s, Step::Start { .. })));
@@ -76,12 +102,19 @@ fn new_app_desired_stopped_is_created_but_not_started() {
 fn converged_state_plans_nothing() {
     let main = spec("main", "reg/web:1");
     let side = spec("side", "reg/side:2");
-    let d = desired(3, vec![
-        app("web", RunState::Running, vec![main.clone(), side.clone()]),
-        app("batch", RunState::Stopped, vec![spec("job", "reg/job:1")]),
-    ]);
+    let d = desired(
+        3,
+        vec![
+            app("web", RunState::Running, vec![main.clone(), side.clone()]),
+            app("batch", RunState::Stopped, vec![spec("job", "reg/job:1")]),
+        ],
+    );
     let job = spec("job", "reg/job:1");
-    let a = vec![actual("1", "web", &main, "running"), actual("2", "web", &side, "running"), actual("3", "batch", &job, "exited")];
+    let a = vec![
+        actual("1", "web", &main, "running"),
+        actual("2", "web", &side, "running"),
+        actual("3", "batch", &job, "exited"),
+    ];
     assert_eq!(plan(&d, &a), vec![]);
 }
 
@@ -91,7 +124,11 @@ fn stopped_app_is_stopped() {
     let d = desired(2, vec![app("web", RunState::Stopped, vec![main.clone()])]);
     assert_eq!(
         plan(&d, &[actual("c1", "web", &main, "running")]),
-        vec![Step::Stop { app: name("web"), container: name("main"), id: "c1".into() }]
+        vec![Step::Stop {
+            app: name("web"),
+            container: name("main"),
+            id: "c1".into()
+        }]
     );
 }
 
@@ -102,14 +139,26 @@ fn removed_app_is_stopped_and_removed() {
     assert_eq!(
         plan(&d, &[actual("c1", "web", &main, "running")]),
         vec![
-            Step::Stop { app: name("web"), container: name("main"), id: "c1".into() },
-            Step::Remove { app: name("web"), container: name("main"), id: "c1".into() },
+            Step::Stop {
+                app: name("web"),
+                container: name("main"),
+                id: "c1".into()
+            },
+            Step::Remove {
+                app: name("web"),
+                container: name("main"),
+                id: "c1".into()
+            },
         ]
     );
     // Already stopped: removal only.
     assert_eq!(
         plan(&d, &[actual("c1", "web", &main, "exited")]),
-        vec![Step::Remove { app: name("web"), container: name("main"), id: "c1".into() }]
+        vec![Step::Remove {
+            app: name("web"),
+            container: name("main"),
+            id: "c1".into()
+        }]
     );
 }
 
@@ -118,8 +167,21 @@ fn container_dropped_from_an_app_is_removed() {
     let main = spec("main", "reg/web:1");
     let old = spec("old", "reg/old:1");
     let d = desired(2, vec![app("web", RunState::Running, vec![main.clone()])]);
-    let p = plan(&d, &[actual("c1", "web", &main, "running"), actual("c2", "web", &old, "exited")]);
-    assert_eq!(p, vec![Step::Remove { app: name("web"), container: name("old"), id: "c2".into() }]);
+    let p = plan(
+        &d,
+        &[
+            actual("c1", "web", &main, "running"),
+            actual("c2", "web", &old, "exited"),
+        ],
+    );
+    assert_eq!(
+        p,
+        vec![Step::Remove {
+            app: name("web"),
+            container: name("old"),
+            id: "c2".into()
+        }]
+    );
 }
 
 #[test]
@@ -130,11 +192,30 @@ fn changed_spec_is_pulled_first_then_replaced() {
     assert_eq!(
         plan(&d, &[actual("old", "web", &v1, "running")]),
         vec![
-            Step::Pull { app: name("web"), container: name("main"), image: "reg/web:2".into() },
-            Step::Stop { app: name("web"), container: name("main"), id: "old".into() },
-            Step::Remove { app: name("web"), container: name("main"), id: "old".into() },
-            Step::Create { app: name("web"), spec: v2 },
-            Step::Start { app: name("web"), container: name("main"), id: None },
+            Step::Pull {
+                app: name("web"),
+                container: name("main"),
+                image: "reg/web:2".into()
+            },
+            Step::Stop {
+                app: name("web"),
+                container: name("main"),
+                id: "old".into()
+            },
+            Step::Remove {
+                app: name("web"),
+                container: name("main"),
+                id: "old".into()
+            },
+            Step::Create {
+                app: name("web"),
+                spec: v2
+            },
+            Step::Start {
+                app: name("web"),
+                container: name("main"),
+                id: None
+            },
         ]
     );
 }
@@ -146,7 +227,11 @@ fn env_change_also_recreates() {
     v2.env.insert("MODE".into(), "fast".into());
     let d = desired(2, vec![app("web", RunState::Running, vec![v2])]);
     let p = plan(&d, &[actual("old", "web", &v1, "running")]);
-    assert!(p.contains(&Step::Remove { app: name("web"), container: name("main"), id: "old".into() }));
+    assert!(p.contains(&Step::Remove {
+        app: name("web"),
+        container: name("main"),
+        id: "old".into()
+    }));
 }
 
 #[test]
@@ -156,7 +241,11 @@ fn exited_container_desired_running_is_started() {
     for state in ["exited", "created"] {
         assert_eq!(
             plan(&d, &[actual("c1", "web", &main, state)]),
-            vec![Step::Start { app: name("web"), container: name("main"), id: Some("c1".into()) }],
+            vec![Step::Start {
+                app: name("web"),
+                container: name("main"),
+                id: Some("c1".into())
+            }],
             "{state}"
         );
     }
@@ -166,8 +255,21 @@ fn exited_container_desired_running_is_started() {
 fn duplicates_are_removed_keeping_a_running_one() {
     let main = spec("main", "reg/web:1");
     let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
-    let p = plan(&d, &[actual("a", "web", &main, "exited"), actual("b", "web", &main, "running")]);
-    assert_eq!(p, vec![Step::Remove { app: name("web"), container: name("main"), id: "a".into() }]);
+    let p = plan(
+        &d,
+        &[
+            actual("a", "web", &main, "exited"),
+            actual("b", "web", &main, "running"),
+        ],
+    );
+    assert_eq!(
+        p,
+        vec![Step::Remove {
+            app: name("web"),
+            container: name("main"),
+            id: "a".into()
+        }]
+    );
 }
 
 #[test]
@@ -190,13 +292,21 @@ fn unmanaged_and_foreign_containers_never_reach_the_plan() {
 #[test]
 fn observe_reports_phases_and_absent_containers() {
     let main = spec("main", "reg/web:1");
-    let d = desired(1, vec![
-        app("web", RunState::Running, vec![main.clone()]),
-        app("gone", RunState::Running, vec![spec("x", "reg/x:1")]),
-        app("idle", RunState::Stopped, vec![spec("y", "reg/y:1")]),
-    ]);
+    let d = desired(
+        1,
+        vec![
+            app("web", RunState::Running, vec![main.clone()]),
+            app("gone", RunState::Running, vec![spec("x", "reg/x:1")]),
+            app("idle", RunState::Stopped, vec![spec("y", "reg/y:1")]),
+        ],
+    );
     let errors = BTreeMap::from([(name("gone"), "manifest unknown".to_string())]);
-    let apps = observe(&d, &[actual("c1", "web", &main, "running")], &errors, &HashSet::new());
+    let apps = observe(
+        &d,
+        &[actual("c1", "web", &main, "running")],
+        &errors,
+        &HashSet::new(),
+    );
     assert_eq!(apps[0].phase, AppPhase::Running);
     assert_eq!(apps[0].containers[0].container_id.as_deref(), Some("c1"));
     assert_eq!(apps[1].phase, AppPhase::Failed);
@@ -236,7 +346,10 @@ impl FakeRuntime {
     }
     fn set_state(&self, id: &str, state: &str) -> Result<(), RuntimeError> {
         let mut cs = self.containers.lock().expect("lock");
-        let c = cs.iter_mut().find(|c| c.0 == id).ok_or_else(|| RuntimeError::Docker(format!("No such container: {id}")))?;
+        let c = cs
+            .iter_mut()
+            .find(|c| c.0 == id)
+            .ok_or_else(|| RuntimeError::Docker(format!("No such container: {id}")))?;
         c.2 = state.into();
         Ok(())
     }
@@ -257,24 +370,45 @@ impl Runtime for FakeRuntime {
             .collect())
     }
     async fn image_present(&self, image: &ImageRef) -> Result<bool, RuntimeError> {
-        Ok(self.images.lock().expect("lock").contains(&image.to_string()))
+        Ok(self
+            .images
+            .lock()
+            .expect("lock")
+            .contains(&image.to_string()))
     }
-    async fn pull(&self, image: &ImageRef, progress: &mut (dyn FnMut(PullProgress) + Send)) -> Result<(), RuntimeError> {
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<(), RuntimeError> {
         self.log(format!("pull {image}"));
         if let Some(e) = self.pull_error.lock().expect("lock").clone() {
             return Err(e);
         }
         if !self.pullable.contains(&image.to_string()) {
-            return Err(RuntimeError::Docker(format!("manifest for {image} not found: manifest unknown")));
+            return Err(RuntimeError::Docker(format!(
+                "manifest for {image} not found: manifest unknown"
+            )));
         }
-        progress(PullProgress { current: 5, total: 10 });
+        progress(PullProgress {
+            current: 5,
+            total: 10,
+        });
         self.images.lock().expect("lock").push(image.to_string());
         Ok(())
     }
-    async fn create(&self, name: &str, _spec: &ContainerSpec, labels: HashMap<String, String>) -> Result<String, RuntimeError> {
+    async fn create(
+        &self,
+        name: &str,
+        _spec: &ContainerSpec,
+        labels: HashMap<String, String>,
+    ) -> Result<String, RuntimeError> {
         self.log(format!("create {name}"));
         let id = format!("id-{name}");
-        self.containers.lock().expect("lock").push((id.clone(), labels, "created".into()));
+        self.containers
+            .lock()
+            .expect("lock")
+            .push((id.clone(), labels, "created".into()));
         Ok(id)
     }
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -291,13 +425,21 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
     async fn free_disk(&self) -> Result<Option<crate::runtime::DiskSpace>, RuntimeError> {
-        Ok(self.free_disk.map(|free_bytes| crate::runtime::DiskSpace { root: "/var/lib/docker".into(), free_bytes }))
+        Ok(self.free_disk.map(|free_bytes| crate::runtime::DiskSpace {
+            root: "/var/lib/docker".into(),
+            free_bytes,
+        }))
     }
     async fn images_in_use(&self) -> Result<HashSet<String>, RuntimeError> {
         Ok(self.in_use.lock().expect("lock").clone())
     }
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
-        Ok(self.images.lock().expect("lock").contains(&image.to_string()).then(|| format!("sha256:{image}")))
+        Ok(self
+            .images
+            .lock()
+            .expect("lock")
+            .contains(&image.to_string())
+            .then(|| format!("sha256:{image}")))
     }
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         self.log(format!("rmi {image}"));
@@ -308,21 +450,39 @@ impl Runtime for FakeRuntime {
 
 fn reconciler(rt: Arc<FakeRuntime>) -> (Reconciler<FakeRuntime>, mpsc::Receiver<ReconcileEvent>) {
     let (tx, rx) = mpsc::channel(64);
-    (Reconciler::new(rt, DeviceId::new("dev1").expect("valid"), tx), rx)
+    (
+        Reconciler::new(rt, DeviceId::new("dev1").expect("valid"), tx),
+        rx,
+    )
 }
 
 #[tokio::test]
 async fn a_pass_converges_and_a_second_pass_does_nothing() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, mut events) = reconciler(Arc::clone(&rt));
-    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
-    let report = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let report = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert_eq!(report.failure, None);
     assert_eq!(report.apps[0].phase, AppPhase::Running);
     assert_eq!(
         *rt.log.lock().expect("lock"),
-        vec!["pull reg/web:1", "create drover-dev1-web-main", "start id-drover-dev1-web-main"]
+        vec![
+            "pull reg/web:1",
+            "create drover-dev1-web-main",
+            "start id-drover-dev1-web-main"
+        ]
     );
     let mut saw_pull_progress = false;
     while let Ok(ev) = events.try_recv() {
@@ -333,22 +493,47 @@ async fn a_pass_converges_and_a_second_pass_does_nothing() {
     assert!(saw_pull_progress);
 
     rt.log.lock().expect("lock").clear();
-    let again = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let again = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert_eq!(again.apps, report.apps);
-    assert!(rt.log.lock().expect("lock").is_empty(), "nothing done twice");
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "nothing done twice"
+    );
 }
 
 #[tokio::test]
 async fn a_failed_pull_is_a_definitive_failure_with_the_registry_text() {
     let rt = Arc::new(FakeRuntime::new(&[]));
     let (r, _events) = reconciler(Arc::clone(&rt));
-    let d = desired(4, vec![app("web", RunState::Running, vec![spec("main", "reg/web:nope")])]);
+    let d = desired(
+        4,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:nope")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
-    let report = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let report = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert_eq!(report.generation, 4);
-    assert_eq!(report.failure.as_deref(), Some("manifest for reg/web:nope not found: manifest unknown"));
+    assert_eq!(
+        report.failure.as_deref(),
+        Some("manifest for reg/web:nope not found: manifest unknown")
+    );
     assert_eq!(report.apps[0].phase, AppPhase::Failed);
-    assert_eq!(*rt.log.lock().expect("lock"), vec!["pull reg/web:nope"], "nothing created after a failed pull");
+    assert_eq!(
+        *rt.log.lock().expect("lock"),
+        vec!["pull reg/web:nope"],
+        "nothing created after a failed pull"
+    );
 }
 
 #[tokio::test]
@@ -356,10 +541,28 @@ async fn a_failed_pull_keeps_the_old_version_running() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, _events) = reconciler(Arc::clone(&rt));
     let (_tx, newer) = watch::channel(None);
-    let v1 = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let v1 = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     r.pass(&v1, &newer).await.expect("runs");
-    let v2 = desired(2, vec![app("web", RunState::Running, vec![spec("main", "reg/web:2")])]);
-    let report = r.pass(&v2, &newer).await.expect("runs").expect("not superseded");
+    let v2 = desired(
+        2,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:2")],
+        )],
+    );
+    let report = r
+        .pass(&v2, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert!(report.failure.is_some());
     assert_eq!(report.apps[0].containers[0].state, "running");
 }
@@ -368,7 +571,14 @@ async fn a_failed_pull_keeps_the_old_version_running() {
 async fn a_newer_desired_state_aborts_the_pass() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, _events) = reconciler(Arc::clone(&rt));
-    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (tx, newer) = watch::channel(None);
     tx.send_replace(Some(Arc::new(desired(2, vec![]))));
     assert_eq!(r.pass(&d, &newer).await.expect("runs"), None);
@@ -382,13 +592,23 @@ fn with_policy(mut s: ContainerSpec, policy: RestartPolicy) -> ContainerSpec {
 }
 
 fn exited(id: &str, app: &str, s: &ContainerSpec, code: Option<i64>) -> ManagedContainer {
-    ManagedContainer { exit_code: code, ..actual(id, app, s, "exited") }
+    ManagedContainer {
+        exit_code: code,
+        ..actual(id, app, s, "exited")
+    }
 }
 
 fn settled_as(d: &DesiredState) -> Settled {
     d.apps
         .iter()
-        .flat_map(|a| a.spec.containers.iter().map(move |c| ((a.spec.name.clone(), c.name.clone()), (c.fingerprint(), a.run, a.started_at))))
+        .flat_map(|a| {
+            a.spec.containers.iter().map(move |c| {
+                (
+                    (a.spec.name.clone(), c.name.clone()),
+                    (c.fingerprint(), a.run, a.started_at),
+                )
+            })
+        })
         .collect()
 }
 
@@ -408,7 +628,11 @@ fn restart_policy_matrix() {
         (No, Some(137), false),
         (No, None, false),
     ] {
-        assert_eq!(restarts_after_exit(policy, code), restart, "{policy:?} {code:?}");
+        assert_eq!(
+            restarts_after_exit(policy, code),
+            restart,
+            "{policy:?} {code:?}"
+        );
     }
 }
 
@@ -425,8 +649,23 @@ fn exited_settled_container_follows_its_restart_policy() {
         let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
         let p = plan_with(&d, &[exited("c1", "web", &main, code)], &settled_as(&d));
         if started {
-            assert_eq!(p.steps, vec![Step::Start { app: name("web"), container: name("main"), id: Some("c1".into()) }], "{policy:?}");
-            assert_eq!(p.repairs, vec![Repair { app: name("web"), container: name("main"), drift: Drift::Exited { code } }]);
+            assert_eq!(
+                p.steps,
+                vec![Step::Start {
+                    app: name("web"),
+                    container: name("main"),
+                    id: Some("c1".into())
+                }],
+                "{policy:?}"
+            );
+            assert_eq!(
+                p.repairs,
+                vec![Repair {
+                    app: name("web"),
+                    container: name("main"),
+                    drift: Drift::Exited { code }
+                }]
+            );
             assert!(p.left_exited.is_empty());
         } else {
             assert_eq!(p.steps, vec![], "{policy:?} {code:?}");
@@ -441,9 +680,19 @@ fn exited_container_not_yet_settled_is_started_whatever_the_policy() {
     // A start command (stopped -> running) or a deploy still under way: intent wins.
     let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::No);
     let d = desired(2, vec![app("web", RunState::Running, vec![main.clone()])]);
-    let stopped_before = settled_as(&desired(1, vec![app("web", RunState::Stopped, vec![main.clone()])]));
+    let stopped_before = settled_as(&desired(
+        1,
+        vec![app("web", RunState::Stopped, vec![main.clone()])],
+    ));
     let p = plan_with(&d, &[exited("c1", "web", &main, Some(0))], &stopped_before);
-    assert_eq!(p.steps, vec![Step::Start { app: name("web"), container: name("main"), id: Some("c1".into()) }]);
+    assert_eq!(
+        p.steps,
+        vec![Step::Start {
+            app: name("web"),
+            container: name("main"),
+            id: Some("c1".into())
+        }]
+    );
     assert!(p.repairs.is_empty(), "a start command is not drift");
 }
 
@@ -453,9 +702,25 @@ fn removed_container_is_recreated_and_reported_as_drift() {
         let main = with_policy(spec("main", "reg/web:1"), RestartPolicy::No);
         let d = desired(1, vec![app("web", run, vec![main.clone()])]);
         let p = plan_with(&d, &[], &settled_as(&d));
-        assert!(p.steps.contains(&Step::Create { app: name("web"), spec: main.clone() }), "{run:?}");
-        assert_eq!(p.steps.iter().any(|s| matches!(s, Step::Start { .. })), run == RunState::Running);
-        assert_eq!(p.repairs, vec![Repair { app: name("web"), container: name("main"), drift: Drift::Removed }]);
+        assert!(
+            p.steps.contains(&Step::Create {
+                app: name("web"),
+                spec: main.clone()
+            }),
+            "{run:?}"
+        );
+        assert_eq!(
+            p.steps.iter().any(|s| matches!(s, Step::Start { .. })),
+            run == RunState::Running
+        );
+        assert_eq!(
+            p.repairs,
+            vec![Repair {
+                app: name("web"),
+                container: name("main"),
+                drift: Drift::Removed
+            }]
+        );
         assert_eq!(Drift::Removed.detail(), "container was removed; recreated");
     }
     // The first deploy creates too, but that is no repair.
@@ -476,9 +741,21 @@ fn docker_restarting_paused_or_removing_is_not_drift() {
 
 #[test]
 fn drift_details_name_what_was_found() {
-    assert_eq!(Drift::Exited { code: Some(137) }.detail(), "container exited with code 137; started");
-    let l = LeftExited { app: name("web"), container: name("main"), id: "c1".into(), exit_code: Some(137), policy: RestartPolicy::No };
-    assert_eq!(l.detail(), "container exited with code 137; restart policy no leaves it exited");
+    assert_eq!(
+        Drift::Exited { code: Some(137) }.detail(),
+        "container exited with code 137; started"
+    );
+    let l = LeftExited {
+        app: name("web"),
+        container: name("main"),
+        id: "c1".into(),
+        exit_code: Some(137),
+        policy: RestartPolicy::No,
+    };
+    assert_eq!(
+        l.detail(),
+        "container exited with code 137; restart policy no leaves it exited"
+    );
 }
 
 #[tokio::test]
@@ -489,18 +766,34 @@ async fn a_left_exited_container_is_reported_once_and_shown_failed() {
     let d = desired(1, vec![app("web", RunState::Running, vec![main])]);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs").expect("done");
-    rt.set_state("id-drover-dev1-web-main", "exited").expect("exists");
-    rt.exit_codes.lock().expect("lock").insert("id-drover-dev1-web-main".into(), 137);
+    rt.set_state("id-drover-dev1-web-main", "exited")
+        .expect("exists");
+    rt.exit_codes
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), 137);
     rt.log.lock().expect("lock").clear();
     let report = r.pass(&d, &newer).await.expect("runs").expect("done");
-    assert!(rt.log.lock().expect("lock").is_empty(), "restart policy no: left exited");
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "restart policy no: left exited"
+    );
     assert_eq!(report.apps[0].phase, AppPhase::Failed);
-    assert_eq!(report.apps[0].error.as_deref(), Some("container main exited with code 137; restart policy no leaves it exited"));
+    assert_eq!(
+        report.apps[0].error.as_deref(),
+        Some("container main exited with code 137; restart policy no leaves it exited")
+    );
     assert_eq!(report.failure, None, "no command failed");
     r.pass(&d, &newer).await.expect("runs");
-    let exits: Vec<DeviceEvent> = drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::ContainerExited).collect();
+    let exits: Vec<DeviceEvent> = drain_events(&mut events)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::ContainerExited)
+        .collect();
     assert_eq!(exits.len(), 1, "reported once: {exits:?}");
-    assert_eq!(exits[0].detail, "container exited with code 137; restart policy no leaves it exited");
+    assert_eq!(
+        exits[0].detail,
+        "container exited with code 137; restart policy no leaves it exited"
+    );
 
     // An explicit start (a newer `started_at`) overrides the policy, in
     // the desired state itself, whichever message brought it.
@@ -508,7 +801,10 @@ async fn a_left_exited_container_is_reported_once_and_shown_failed() {
     d.generation += 1;
     d.apps[0].started_at = d.generation;
     let report = r.pass(&d, &newer).await.expect("runs").expect("done");
-    assert_eq!(*rt.log.lock().expect("lock"), vec!["start id-drover-dev1-web-main"]);
+    assert_eq!(
+        *rt.log.lock().expect("lock"),
+        vec!["start id-drover-dev1-web-main"]
+    );
     assert_eq!(report.apps[0].phase, AppPhase::Running);
 }
 
@@ -516,7 +812,14 @@ async fn a_left_exited_container_is_reported_once_and_shown_failed() {
 async fn removed_and_stopped_containers_are_repaired_with_events() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, mut events) = reconciler(Arc::clone(&rt));
-    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     assert!(drain_events(&mut events).is_empty(), "a deploy is no drift");
@@ -525,14 +828,27 @@ async fn removed_and_stopped_containers_are_repaired_with_events() {
     rt.log.lock().expect("lock").clear();
     let report = r.pass(&d, &newer).await.expect("runs").expect("done");
     assert_eq!(report.apps[0].phase, AppPhase::Running);
-    assert_eq!(*rt.log.lock().expect("lock"), vec!["create drover-dev1-web-main", "start id-drover-dev1-web-main"]);
+    assert_eq!(
+        *rt.log.lock().expect("lock"),
+        vec![
+            "create drover-dev1-web-main",
+            "start id-drover-dev1-web-main"
+        ]
+    );
     let ev = drain_events(&mut events);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].kind, ev[0].detail.as_str()), (EventKind::DriftRepaired, "container was removed; recreated"));
+    assert_eq!(
+        (ev[0].kind, ev[0].detail.as_str()),
+        (EventKind::DriftRepaired, "container was removed; recreated")
+    );
     assert_eq!(ev[0].container, Some(name("main")));
 
-    rt.set_state("id-drover-dev1-web-main", "exited").expect("exists");
-    rt.exit_codes.lock().expect("lock").insert("id-drover-dev1-web-main".into(), 143);
+    rt.set_state("id-drover-dev1-web-main", "exited")
+        .expect("exists");
+    rt.exit_codes
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), 143);
     r.pass(&d, &newer).await.expect("runs");
     let ev = drain_events(&mut events);
     assert_eq!(ev[0].detail, "container exited with code 143; started");
@@ -552,16 +868,35 @@ fn drain_events(rx: &mut mpsc::Receiver<ReconcileEvent>) -> Vec<DeviceEvent> {
 async fn restoring_reports_restored_from_local_state_once() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, mut events) = reconciler(Arc::clone(&rt));
-    let d = desired(7, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        7,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let r = r.restoring(&d, true);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     r.pass(&d, &newer).await.expect("runs");
-    let restored: Vec<DeviceEvent> =
-        drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::RestoredFromLocalState).collect();
+    let restored: Vec<DeviceEvent> = drain_events(&mut events)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::RestoredFromLocalState)
+        .collect();
     assert_eq!(restored.len(), 1);
-    assert!(restored[0].detail.contains("generation 7"), "{}", restored[0].detail);
-    assert!(restored[0].detail.contains("web/main: container was removed; recreated"), "{}", restored[0].detail);
+    assert!(
+        restored[0].detail.contains("generation 7"),
+        "{}",
+        restored[0].detail
+    );
+    assert!(
+        restored[0]
+            .detail
+            .contains("web/main: container was removed; recreated"),
+        "{}",
+        restored[0].detail
+    );
 }
 
 #[tokio::test]
@@ -569,15 +904,36 @@ async fn restoring_a_generation_never_applied_reports_no_drift() {
     // The agent was killed mid-deploy: the container was never created.
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let (r, mut events) = reconciler(Arc::clone(&rt));
-    let d = desired(7, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        7,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let r = r.restoring(&d, false);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     let events = drain_events(&mut events);
-    assert!(!events.iter().any(|e| e.kind == EventKind::DriftRepaired), "{events:?}");
-    let restored: Vec<&DeviceEvent> = events.iter().filter(|e| e.kind == EventKind::RestoredFromLocalState).collect();
-    assert_eq!(restored.len(), 1, "still restored from local state: {events:?}");
-    assert!(!restored[0].detail.contains("was removed"), "{}", restored[0].detail);
+    assert!(
+        !events.iter().any(|e| e.kind == EventKind::DriftRepaired),
+        "{events:?}"
+    );
+    let restored: Vec<&DeviceEvent> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::RestoredFromLocalState)
+        .collect();
+    assert_eq!(
+        restored.len(),
+        1,
+        "still restored from local state: {events:?}"
+    );
+    assert!(
+        !restored[0].detail.contains("was removed"),
+        "{}",
+        restored[0].detail
+    );
 }
 
 // ----- pull retries, disk, cleanup --------------------------------------------
@@ -593,40 +949,72 @@ fn fast_retries() -> ReconcileOptions {
 async fn a_transient_pull_error_retries_instead_of_failing() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
     let refused = r#"Get "http://reg/v2/": dial tcp 127.0.0.1:5999: connect: connection refused"#;
-    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull { status: Some(500), message: refused.into() });
+    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull {
+        status: Some(500),
+        message: refused.into(),
+    });
     let (r, mut events) = reconciler(Arc::clone(&rt));
     let r = r.with_options(fast_retries());
-    let d = desired(3, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        3,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
 
-    let first = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let first = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert!(first.retry_at.is_some(), "not done: waiting to retry");
     assert_eq!(first.failure, None);
     assert_eq!(first.apps[0].phase, AppPhase::Retrying);
-    assert_eq!(first.apps[0].error.as_deref(), Some(refused), "the last error, verbatim");
+    assert_eq!(
+        first.apps[0].error.as_deref(),
+        Some(refused),
+        "the last error, verbatim"
+    );
     assert_eq!(first.apps[0].attempts, 1);
     assert!(first.apps[0].next_retry_at_ms.is_some());
     let mut acks = Vec::new();
     let mut retry_events = Vec::new();
     while let Ok(ev) = events.try_recv() {
         match ev {
-            ReconcileEvent::Progress { progress, detail, .. } if progress.step == "retrying" => acks.push(detail),
+            ReconcileEvent::Progress {
+                progress, detail, ..
+            } if progress.step == "retrying" => acks.push(detail),
             ReconcileEvent::Event(e) if e.kind == EventKind::PullRetrying => retry_events.push(e),
             _ => {}
         }
     }
     assert_eq!(acks, vec![refused.to_string()]);
     assert_eq!(retry_events.len(), 1);
-    assert!(retry_events[0].detail.contains("attempt 1"), "{}", retry_events[0].detail);
+    assert!(
+        retry_events[0].detail.contains("attempt 1"),
+        "{}",
+        retry_events[0].detail
+    );
 
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let second = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let second = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert_eq!(second.apps[0].attempts, 2);
 
     // The registry is back: the same generation converges.
     *rt.pull_error.lock().expect("lock") = None;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let done = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let done = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert_eq!((done.retry_at, done.failure.as_deref()), (None, None));
     assert_eq!(done.apps[0].phase, AppPhase::Running);
     assert_eq!(done.apps[0].attempts, 0);
@@ -635,37 +1023,86 @@ async fn a_transient_pull_error_retries_instead_of_failing() {
 #[tokio::test]
 async fn a_pull_not_yet_due_is_not_attempted() {
     let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
-    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull { status: Some(503), message: "service unavailable".into() });
+    *rt.pull_error.lock().expect("lock") = Some(RuntimeError::Pull {
+        status: Some(503),
+        message: "service unavailable".into(),
+    });
     let (r, _events) = reconciler(Arc::clone(&rt));
     let r = r.with_options(ReconcileOptions {
         pull_backoff: Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600)),
         ..ReconcileOptions::default()
     });
-    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     // The next attempt is up to an hour away (a draw below a millisecond
     // has odds of one in millions).
-    let again = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
-    let pulls = rt.log.lock().expect("lock").iter().filter(|l| l.starts_with("pull")).count();
+    let again = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
+    let pulls = rt
+        .log
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.starts_with("pull"))
+        .count();
     assert_eq!(pulls, 1, "waiting, not attempting");
     assert_eq!(again.apps[0].phase, AppPhase::Retrying);
     // A newer generation starts over at once.
-    let d2 = desired(2, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d2 = desired(
+        2,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let before = rt.log.lock().expect("lock").len();
-    let fresh = r.pass(&d2, &newer).await.expect("runs").expect("not superseded");
-    assert_eq!(rt.log.lock().expect("lock").len(), before + 1, "pulled at once for the new generation");
+    let fresh = r
+        .pass(&d2, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
+    assert_eq!(
+        rt.log.lock().expect("lock").len(),
+        before + 1,
+        "pulled at once for the new generation"
+    );
     assert_eq!(fresh.apps[0].attempts, 1);
 }
 
 #[tokio::test]
 async fn not_enough_disk_is_retried_with_a_clear_error() {
-    let rt = Arc::new(FakeRuntime { free_disk: Some(120 * 1024 * 1024), ..FakeRuntime::new(&["reg/web:1"]) });
+    let rt = Arc::new(FakeRuntime {
+        free_disk: Some(120 * 1024 * 1024),
+        ..FakeRuntime::new(&["reg/web:1"])
+    });
     let (r, _events) = reconciler(Arc::clone(&rt));
     let r = r.with_options(fast_retries());
-    let d = desired(1, vec![app("web", RunState::Running, vec![spec("main", "reg/web:1")])]);
+    let d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
     let (_tx, newer) = watch::channel(None);
-    let report = r.pass(&d, &newer).await.expect("runs").expect("not superseded");
+    let report = r
+        .pass(&d, &newer)
+        .await
+        .expect("runs")
+        .expect("not superseded");
     assert!(rt.log.lock().expect("lock").is_empty(), "no pull started");
     assert_eq!(report.apps[0].phase, AppPhase::Retrying);
     assert_eq!(
@@ -680,22 +1117,56 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
     rt.images.lock().expect("lock").push("preloaded:1".into());
     let (r, mut events) = reconciler(Arc::clone(&rt));
     let (_tx, newer) = watch::channel(None);
-    let v1 = desired(1, vec![
-        app("web", RunState::Running, vec![spec("main", "reg/web:1")]),
-        app("side", RunState::Running, vec![spec("main", "reg/side:1")]),
-    ]);
+    let v1 = desired(
+        1,
+        vec![
+            app("web", RunState::Running, vec![spec("main", "reg/web:1")]),
+            app("side", RunState::Running, vec![spec("main", "reg/side:1")]),
+        ],
+    );
     r.pass(&v1, &newer).await.expect("runs");
     r.cleanup_images(&v1).await;
-    assert!(!rt.log.lock().expect("lock").iter().any(|l| l.starts_with("rmi")), "everything is still desired");
+    assert!(
+        !rt.log
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.starts_with("rmi")),
+        "everything is still desired"
+    );
 
     // web moves to :2 and side goes; side's image is still used by some container.
-    rt.in_use.lock().expect("lock").insert("sha256:reg/side:1".into());
-    let v2 = desired(2, vec![app("web", RunState::Running, vec![spec("main", "reg/web:2")])]);
+    rt.in_use
+        .lock()
+        .expect("lock")
+        .insert("sha256:reg/side:1".into());
+    let v2 = desired(
+        2,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:2")],
+        )],
+    );
     r.pass(&v2, &newer).await.expect("runs");
     r.cleanup_images(&v2).await;
-    let rmi: Vec<String> = rt.log.lock().expect("lock").iter().filter(|l| l.starts_with("rmi")).cloned().collect();
-    assert_eq!(rmi, vec!["rmi reg/web:1"], "never in use, never desired, never not ours");
-    let removed: Vec<DeviceEvent> = drain_events(&mut events).into_iter().filter(|e| e.kind == EventKind::ImageRemoved).collect();
+    let rmi: Vec<String> = rt
+        .log
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.starts_with("rmi"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        rmi,
+        vec!["rmi reg/web:1"],
+        "never in use, never desired, never not ours"
+    );
+    let removed: Vec<DeviceEvent> = drain_events(&mut events)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::ImageRemoved)
+        .collect();
     assert_eq!(removed.len(), 1);
     assert!(removed[0].detail.contains("reg/web:1"));
 }

@@ -6,7 +6,7 @@
 //! always gets its acks, so a retried command is answered, not dropped.
 
 use drover_shared::model::DesiredState;
-use drover_shared::payload::AckPhase;
+use drover_shared::payload::{Ack, AckPhase, Progress};
 
 /// An ack to send: command id, phase, detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +70,25 @@ impl Intake {
             .iter()
             .filter(move |(_, g)| *g == generation)
             .map(|(id, _)| id.as_str())
+    }
+
+    /// A progress ack for every command waiting on `generation`.
+    pub fn progress_acks(
+        &self,
+        generation: u64,
+        progress: &Progress,
+        detail: &str,
+        at_ms: u64,
+    ) -> Vec<Ack> {
+        self.pending_for(generation)
+            .map(|id| Ack {
+                command_id: id.to_string(),
+                at_ms,
+                phase: AckPhase::Progress,
+                detail: detail.to_string(),
+                progress: Some(progress.clone()),
+            })
+            .collect()
     }
 
     /// A desired state arrived, on the `desired` topic (`command: None`) or

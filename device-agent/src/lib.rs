@@ -314,19 +314,10 @@ impl Core {
                 progress,
                 detail,
             } => {
-                let ids: Vec<String> = self
+                for ack in self
                     .intake
-                    .pending_for(generation)
-                    .map(str::to_string)
-                    .collect();
-                for id in ids {
-                    let ack = Ack {
-                        command_id: id,
-                        at_ms: now_ms(),
-                        phase: AckPhase::Progress,
-                        detail: detail.clone(),
-                        progress: Some(progress.clone()),
-                    };
+                    .progress_acks(generation, &progress, &detail, now_ms())
+                {
                     self.send(&ack);
                 }
             }

@@ -523,19 +523,11 @@ impl Agent {
                 generation,
                 progress,
             } => {
-                let ids: Vec<String> = self
+                for ack in self
                     .intake
-                    .pending_for(generation)
-                    .map(str::to_string)
-                    .collect();
-                for id in ids {
-                    self.send(&Ack {
-                        command_id: id,
-                        at_ms: now_ms(),
-                        phase: AckPhase::Progress,
-                        detail: String::new(),
-                        progress: Some(progress.clone()),
-                    });
+                    .progress_acks(generation, &progress, "", now_ms())
+                {
+                    self.send(&ack);
                 }
             }
             Input::Done {

@@ -8,13 +8,44 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acl;
+pub mod guard;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use rumqttd::protocol::v4::V4;
+use drover_shared::topic::Topics;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
-use tracing::{error, info};
+use tracing::{error, info, warn};
+
+pub use acl::Principal;
+pub use guard::{Authority, Connections, GuardStats};
+use guard::{Guard, Shared};
+
+/// Who may connect.
+#[derive(Clone)]
+pub enum Access {
+    /// Every client is let in with every right. For development and load
+    /// tests only.
+    Open,
+    /// Credentials are checked against the authority on every CONNECT and
+    /// every publish and subscribe against the client's principal.
+    Guarded(Arc<dyn Authority>),
+}
+
+struct OpenAuthority;
+
+impl Authority for OpenAuthority {
+    fn authenticate(&self, _: &str, _: &str, _: &str) -> bool {
+        true
+    }
+    fn principal(&self, _: &str, _: Option<&str>) -> Option<Principal> {
+        Some(Principal::Owner)
+    }
+}
 
 /// Limits of the embedded broker. Every field is deliberate:
 #[derive(Debug, Clone)]
@@ -44,11 +75,14 @@ pub struct BrokerConfig {
     pub max_segment_count: usize,
     /// Time a new TCP connection has to send CONNECT.
     pub connection_timeout_ms: u16,
+    /// The topic tree the authorization rules apply to.
+    pub topics: Topics,
 }
 
 impl BrokerConfig {
     pub fn new(listen: SocketAddr) -> Self {
         BrokerConfig {
+            topics: Topics::default(),
             listen,
             max_connections: 20_000,
             max_payload_size: drover_payload_limit(),
@@ -80,13 +114,15 @@ pub enum BrokerError {
 /// A started broker. Dropping it does not stop it; await [`Broker::run`].
 pub struct Broker {
     config: BrokerConfig,
-    server: Server<V4>,
+    server: Server<Guard>,
+    stats: Arc<GuardStats>,
+    connections: Arc<Connections>,
 }
 
 impl Broker {
     /// Validates the settings, checks the listen address can be bound, and
     /// starts the router thread. Nothing is listening until [`Broker::run`].
-    pub fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+    pub fn start(config: BrokerConfig, access: Access) -> Result<Broker, BrokerError> {
         if config.max_connections == 0 {
             return Err(BrokerError::Config(
                 "max_connections must be at least 1".into(),
@@ -118,7 +154,7 @@ impl Broker {
         // The router runs on its own OS thread for the life of the process:
         // rumqttd offers no way to stop it.
         let router_tx = Router::new(0, router_config).spawn();
-        let settings = ServerSettings {
+        let mut settings = ServerSettings {
             name: "drover-v4".into(),
             listen: config.listen,
             tls: None,
@@ -132,8 +168,50 @@ impl Broker {
                 dynamic_filters: true,
             },
         };
-        let server = Server::new(settings, router_tx, V4);
-        Ok(Broker { config, server })
+        let stats = Arc::new(GuardStats::default());
+        let authority: Arc<dyn Authority> = match access {
+            Access::Open => {
+                warn!("broker authentication is off: every client may do anything");
+                Arc::new(OpenAuthority)
+            }
+            Access::Guarded(authority) => {
+                let hook_authority = authority.clone();
+                let hook_stats = stats.clone();
+                settings.set_auth_handler(move |client_id: String, user: String, pass: String| {
+                    let ok = hook_authority.authenticate(&client_id, &user, &pass);
+                    if !ok {
+                        hook_stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(client_id, username = user, "MQTT credentials refused");
+                    }
+                    std::future::ready(ok)
+                });
+                authority
+            }
+        };
+        let connections = Arc::new(Connections::default());
+        let guard = Guard::new(Arc::new(Shared {
+            authority,
+            topics: config.topics.clone(),
+            stats: stats.clone(),
+            connections: connections.clone(),
+        }));
+        let server = Server::new(settings, router_tx, guard);
+        Ok(Broker {
+            config,
+            server,
+            stats,
+            connections,
+        })
+    }
+
+    /// Authorization and authentication counters.
+    pub fn stats(&self) -> Arc<GuardStats> {
+        self.stats.clone()
+    }
+
+    /// The identified open connections, to close one from outside.
+    pub fn connections(&self) -> Arc<Connections> {
+        self.connections.clone()
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

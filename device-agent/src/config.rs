@@ -70,12 +70,15 @@ pub struct AgentConfig {
     pub image_cleanup_max_per_pass: usize,
     /// Unused pulled images to keep anyway, most recently used first.
     pub keep_unused_images: usize,
+    /// Presented once when the state directory holds no credential.
+    pub enroll_token: Option<drover_shared::payload::Secret>,
 }
 
 impl AgentConfig {
     pub fn new(broker_host: impl Into<String>, broker_port: u16, state_dir: PathBuf) -> Self {
         AgentConfig {
             device_id: None,
+            enroll_token: None,
             broker_host: broker_host.into(),
             broker_port,
             topics: Topics::default(),

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod config;
 pub mod desired;
 pub mod docker_events;
+pub mod enroll;
 pub mod images;
 pub mod inventory;
 pub mod logs;
@@ -48,7 +49,28 @@ const GOODBYE_GRACE: Duration = Duration::from_secs(3);
 pub enum AgentError {
     #[error("invalid agent setup")]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Credential(#[from] enroll::CredentialError),
+    #[error(transparent)]
+    Enroll(#[from] enroll::EnrollError),
 }
+
+/// The device id and stored credential an agent with this configuration
+/// would use. Creates the state directory (and a device id) if needed.
+#[derive(Debug)]
+pub struct Identity {
+    pub device: DeviceId,
+    pub credential: Option<enroll::Credential>,
+}
+
+pub fn identity_for(config: &AgentConfig) -> Result<Identity, AgentError> {
+    config::prepare_state_dir(&config.state_dir)?;
+    let device = config::resolve_device_id(config.device_id.as_ref(), &config.state_dir)?;
+    let credential = enroll::load(&config.state_dir, &device)?;
+    Ok(Identity { device, credential })
+}
+
+pub use enroll::save as save_credential;
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -63,16 +85,35 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    config::prepare_state_dir(&config.state_dir)?;
-    let device = config::resolve_device_id(config.device_id.as_ref(), &config.state_dir)?;
+    let Identity {
+        device,
+        mut credential,
+    } = identity_for(&config)?;
     let span = info_span!("device", device = %device);
-    run_device(config, device, shutdown).instrument(span).await;
+    if credential.is_none() {
+        if let Some(token) = &config.enroll_token {
+            let enrolling = enroll::enroll(&config, &device, token).instrument(span.clone());
+            tokio::pin!(shutdown);
+            tokio::select! {
+                res = enrolling => credential = Some(res?),
+                () = &mut shutdown => return Ok(()),
+            }
+            run_device(config, device, credential, shutdown)
+                .instrument(span)
+                .await;
+            return Ok(());
+        }
+    }
+    run_device(config, device, credential, shutdown)
+        .instrument(span)
+        .await;
     Ok(())
 }
 
 async fn run_device(
     config: AgentConfig,
     device: DeviceId,
+    credential: Option<enroll::Credential>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
@@ -118,7 +159,7 @@ async fn run_device(
     // one pending poke already means "pass soon".
     let (trigger_tx, trigger_rx) = mpsc::channel(1);
 
-    let (publisher, eventloop, online_tx) = mqtt::client(&config, &device);
+    let (publisher, eventloop, online_tx) = mqtt::client(&config, &device, credential.as_ref());
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
     let here = tracing::Span::current();
     let mqtt_task = tokio::spawn(

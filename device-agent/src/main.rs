@@ -51,6 +51,12 @@ struct Args {
     /// Unused pulled images to keep anyway, most recently used first.
     #[arg(long, env = "DROVER_KEEP_UNUSED_IMAGES", default_value_t = 0)]
     keep_unused_images: usize,
+    /// A file holding an enrollment token, used once when the state
+    /// directory has no credential yet. The token may also come from the
+    /// environment variable DROVER_ENROLL_TOKEN; never from the command line,
+    /// where every user of the machine could read it.
+    #[arg(long, env = "DROVER_ENROLL_TOKEN_FILE")]
+    enroll_token_file: Option<std::path::PathBuf>,
 }
 
 /// Accepts `mqtt://host[:port]` only; TLS and websockets are not built in.
@@ -110,6 +116,24 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     c.image_cleanup = !args.no_image_cleanup;
     c.image_cleanup_max_per_pass = args.image_cleanup_max_per_pass;
     c.keep_unused_images = args.keep_unused_images;
+    c.enroll_token = match (
+        &args.enroll_token_file,
+        std::env::var("DROVER_ENROLL_TOKEN"),
+    ) {
+        (Some(path), _) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("--enroll-token-file {}", path.display()))?;
+            let t = t.trim();
+            if t.is_empty() {
+                bail!("--enroll-token-file {} is empty", path.display());
+            }
+            Some(drover_shared::payload::Secret::new(t))
+        }
+        (None, Ok(t)) if !t.trim().is_empty() => {
+            Some(drover_shared::payload::Secret::new(t.trim()))
+        }
+        _ => None,
+    };
     Ok(c)
 }
 

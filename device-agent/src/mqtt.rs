@@ -15,9 +15,10 @@ use drover_shared::DeviceId;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
+use crate::enroll::Credential;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -99,6 +100,10 @@ impl Publisher {
 
     pub(crate) fn subscribe_own(&self) -> Result<(), MqttError> {
         for kind in TopicKind::TO_DEVICE {
+            if kind == TopicKind::Enrolled {
+                // Only while enrolling, with another session.
+                continue;
+            }
             self.client
                 .try_subscribe(self.topics.device(&self.device, kind), qos(kind.qos()))
                 .map_err(MqttError::Queue)?;
@@ -129,20 +134,33 @@ impl Publisher {
     }
 }
 
-/// Builds the client and its event loop. Nothing touches the network yet.
-pub fn client(
-    config: &AgentConfig,
-    device: &DeviceId,
-) -> (Publisher, EventLoop, watch::Sender<bool>) {
+/// Where and how to reach the broker, for both the enrollment exchange and
+/// the device's own session.
+pub(crate) fn options(config: &AgentConfig, device: &DeviceId) -> MqttOptions {
     let mut opts = MqttOptions::new(
         device.as_str(),
         config.broker_host.clone(),
         config.broker_port,
     );
     opts.set_keep_alive(config.keep_alive);
+    opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
+    opts
+}
+
+/// Builds the client and its event loop. Nothing touches the network yet.
+/// Without a credential the agent connects anonymously (a broker without
+/// authentication, e.g. a development Mosquitto).
+pub fn client(
+    config: &AgentConfig,
+    device: &DeviceId,
+    credential: Option<&Credential>,
+) -> (Publisher, EventLoop, watch::Sender<bool>) {
+    let mut opts = options(config, device);
     // A persistent session: requests queued during an outage survive it.
     opts.set_clean_session(false);
-    opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
+    if let Some(c) = credential {
+        opts.set_credentials(c.device.as_str(), c.password.expose());
+    }
     let will = drover_shared::encode(&Status {
         online: false,
         at_ms: 0,
@@ -222,6 +240,17 @@ pub async fn drive(
                 let was_online = online.send_replace(false);
                 if was_online {
                     let _ = events.try_send(MqttEvent::Disconnected);
+                }
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::NotAuthorized
+                            | rumqttc::ConnectReturnCode::BadUserNamePassword
+                    )
+                ) {
+                    // Retrying cannot help until someone acts, so wait long.
+                    backoff = BACKOFF_MAX;
+                    error!("the broker refused this device's credential (revoked, or never enrolled?); the agent keeps the apps running and retries");
                 }
                 let delay = jitter(backoff);
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");

@@ -55,6 +55,8 @@ pub struct DeviceSummary {
 pub struct Api {
     base: String,
     http: reqwest::Client,
+    /// Bearer token for every request.
+    token: Option<String>,
 }
 
 impl Api {
@@ -67,7 +69,12 @@ impl Api {
         Api {
             base: base.into().trim_end_matches('/').to_string(),
             http,
+            token: std::env::var("DROVER_TOKEN").ok(),
         }
+    }
+
+    pub fn set_token(&mut self, token: String) {
+        self.token = Some(token);
     }
 
     pub fn base(&self) -> &str {
@@ -75,6 +82,10 @@ impl Api {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder, url: &str) -> Result<String, ApiError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
         let resp = req.send().await.map_err(|source| ApiError::Http {
             url: url.to_string(),
             source,

@@ -179,9 +179,12 @@ impl Target {
             // All of 127.0.0.0/8 reaches a listener on 0.0.0.0; the embedded
             // broker takes one listen address, so this is how agents can be
             // spread over several loopback destinations.
+            // The simulated agents do not enroll: the load test measures
+            // the broker and control plane, with the broker open.
             BrokerKind::Embedded => a.extend([
                 "--mqtt-listen".into(),
                 format!("0.0.0.0:{}", self.mqtt_port),
+                "--insecure-open-broker".into(),
             ]),
             BrokerKind::Mosquitto => a.extend([
                 "--broker".into(),
@@ -233,6 +236,11 @@ impl Target {
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Ok(t) =
+            std::fs::read_to_string(self.data_dir.join("orchestrator").join("admin.token"))
+        {
+            self.api.set_token(t.trim().to_string());
         }
         if self.broker == BrokerKind::Embedded {
             wait_port(&mut p, self.mqtt_port, Duration::from_secs(30)).await?;

@@ -42,13 +42,18 @@ async fn three_hundred_simulated_agents_take_a_rollout() {
         listen: "127.0.0.1:0".parse().expect("addr"),
     };
     cfg.client_id = format!("orch-smoke-{}", std::process::id());
+    // Simulated agents do not enroll; the load test runs the broker open.
+    cfg.mqtt_auth = false;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let orch = server::start(cfg, async move {
         let _ = stop_rx.await;
     })
     .await
     .expect("orchestrator starts");
-    let api = Api::new(format!("http://{}", orch.api_addr));
+    let mut api = Api::new(format!("http://{}", orch.api_addr));
+    let token = std::fs::read_to_string(orch.admin_token_file.as_ref().expect("admin token"))
+        .expect("admin token file");
+    api.set_token(token.trim().to_string());
     let (host, port) = orch.mqtt_addr.clone();
     let done = tokio::spawn(orch.wait());
 

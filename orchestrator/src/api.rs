@@ -39,14 +39,25 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn store(s: crate::store::StoreError) -> Self {
+        tracing::error!(error = %s, "store failure");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the change could not be stored; nothing was changed",
+        )
+    }
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
             field: None,
         }
     }
-    fn field(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(
+        status: StatusCode,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -90,22 +101,16 @@ impl From<ServiceError> for ApiError {
                     }
                 }
             }
-            ServiceError::Store(s) => {
-                tracing::error!(error = %s, "store failure");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the change could not be stored; nothing was changed",
-                )
-            }
+            ServiceError::Store(s) => ApiError::store(s),
         }
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body and, on failure, names the field by its path
 /// (`containers[0].image`) instead of axum's generic rejection text.
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -146,7 +151,7 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     })
 }
 
-fn device_id(raw: &str) -> ApiResult<DeviceId> {
+pub(crate) fn device_id(raw: &str) -> ApiResult<DeviceId> {
     DeviceId::new(raw).map_err(|e| {
         ApiError::field(
             StatusCode::BAD_REQUEST,
@@ -156,7 +161,7 @@ fn device_id(raw: &str) -> ApiResult<DeviceId> {
     })
 }
 
-fn name(field: &str, raw: &str) -> ApiResult<Name> {
+pub(crate) fn name(field: &str, raw: &str) -> ApiResult<Name> {
     Name::new(raw).map_err(|e| {
         ApiError::field(
             StatusCode::BAD_REQUEST,
@@ -188,9 +193,15 @@ pub fn router(service: Arc<Service>) -> Router {
         )
         .route("/api/v1/operations", get(list_operations))
         .route("/api/v1/operations/{id}", get(show_operation))
+        .merge(crate::security_api::routes())
+        // A route layer, so the check knows which route matched.
+        .route_layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            crate::access::enforce,
+        ))
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations",
+                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
             )
         })
         .with_state(service)
@@ -329,7 +340,7 @@ async fn events(
     ))
 }
 
-fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
+pub(crate) fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
     match raw {
         None => Ok(100),
         Some(l) => l

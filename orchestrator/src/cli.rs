@@ -28,6 +28,9 @@ pub enum DevicesCmd {
     List,
     /// Show one device: inventory, desired and observed state, telemetry.
     Show { id: String },
+    /// Revoke a device's credential: it is disconnected and cannot
+    /// reconnect until re-enrolled with a token made for it.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +147,23 @@ pub enum ClientCmd {
     },
     /// Recent log lines of an app's containers on a device.
     Logs(LogsArgs),
+    /// Tokens agents present once to enroll.
+    EnrollTokens {
+        #[command(subcommand)]
+        cmd: crate::cli_security::EnrollTokensCmd,
+    },
+    /// REST API tokens and their roles.
+    Tokens {
+        #[command(subcommand)]
+        cmd: crate::cli_security::TokensCmd,
+    },
+    /// Broker identities for automation (Node-RED, scripts, …).
+    MqttUsers {
+        #[command(subcommand)]
+        cmd: crate::cli_security::MqttUsersCmd,
+    },
+    /// Who changed what, when, and how it ended (admin).
+    Audit(crate::cli_security::AuditArgs),
 }
 
 /// A client command with the default subcommands filled in.
@@ -159,24 +179,33 @@ enum Resolved {
 }
 
 pub struct Client {
-    base: String,
-    http: reqwest::Client,
-    output: Output,
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) output: Output,
 }
 
 impl Client {
-    pub fn new(base: &str, output: Output) -> Result<Client> {
+    /// `token` goes into every request as `Authorization: Bearer`.
+    pub fn new(base: &str, output: Output, token: Option<&str>) -> Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// or https:// URL, got {base:?}");
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+                .context("the API token contains characters not allowed in a header")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()?;
         Ok(Client { base, http, output })
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
         let resp = req
             .send()
             .await
@@ -195,22 +224,22 @@ impl Client {
         Ok(serde_json::from_str(&text)?)
     }
 
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(format!("{}{path}", self.base)))
             .await
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
 
-    async fn delete(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
     }
 
-    fn print<T: serde::de::DeserializeOwned>(
+    pub(crate) fn print<T: serde::de::DeserializeOwned>(
         &self,
         v: &Value,
         table: impl FnOnce(T) -> String,
@@ -235,6 +264,10 @@ impl Client {
             ClientCmd::Stop(t) => Resolved::Stop(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
+            ClientCmd::EnrollTokens { cmd } => return self.enroll_tokens(cmd).await,
+            ClientCmd::Tokens { cmd } => return self.tokens(cmd).await,
+            ClientCmd::MqttUsers { cmd } => return self.mqtt_users(cmd).await,
+            ClientCmd::Audit(a) => return self.audit(a).await,
         };
         match cmd {
             Resolved::Devices(DevicesCmd::List) => {
@@ -245,6 +278,7 @@ impl Client {
                 let v = self.get(&format!("/api/v1/devices/{id}")).await?;
                 self.print(&v, device_detail)
             }
+            Resolved::Devices(DevicesCmd::Revoke { id }) => self.revoke(&id).await,
             Resolved::Apps(AppsCmd::List) => {
                 let v = self.get("/api/v1/apps").await?;
                 self.print(&v, apps_table)
@@ -498,7 +532,7 @@ fn app_body(c: CreateApp) -> Result<Value> {
     Ok(serde_json::to_value(spec)?)
 }
 
-fn ago(ms: u64) -> String {
+pub(crate) fn ago(ms: u64) -> String {
     let now = crate::service::now_ms();
     if ms == 0 {
         return "never".into();
@@ -511,7 +545,7 @@ fn ago(ms: u64) -> String {
     }
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {

@@ -472,6 +472,7 @@ impl Fleet {
             heartbeat: d.heartbeat.clone(),
             telemetry: d.telemetry.clone(),
             recent_events: d.events.iter().rev().take(20).cloned().collect(),
+            credential: None,
         })
     }
 

@@ -3,14 +3,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod backoff;
 pub mod cli;
+pub mod cli_security;
 pub mod fleet;
+pub mod identity;
 pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod records;
+pub mod secret;
+pub mod security_api;
 pub mod server;
 pub mod service;
 pub mod store;

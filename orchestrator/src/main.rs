@@ -32,6 +32,11 @@ struct Cli {
     /// Output format of client commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// File holding the API token. Default: the token in DROVER_TOKEN, else
+    /// the admin token a local `drover serve` wrote to
+    /// .drover/orchestrator/admin.token, if that file exists.
+    #[arg(long, global = true, env = "DROVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +75,15 @@ struct Serve {
     /// Device id of the local agent (default: generated once and kept).
     #[arg(long)]
     agent_device_id: Option<String>,
+    /// Let every MQTT client into the embedded broker with every right. For
+    /// development and load tests only: no device identity, no topic
+    /// isolation.
+    #[arg(long)]
+    insecure_open_broker: bool,
+    /// Username for an external broker (`--broker`); the password comes
+    /// from DROVER_BROKER_PASSWORD, never from the command line.
+    #[arg(long, env = "DROVER_BROKER_USERNAME", requires = "broker")]
+    broker_username: Option<String>,
 }
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
@@ -137,7 +151,17 @@ async fn serve(args: Serve) -> Result<()> {
             listen: args.mqtt_listen,
         },
     };
+    let broker_credentials = match &args.broker_username {
+        Some(u) => Some((
+            u.clone(),
+            std::env::var("DROVER_BROKER_PASSWORD")
+                .context("--broker-username needs the password in DROVER_BROKER_PASSWORD")?,
+        )),
+        None => None,
+    };
     let mut config = ServerConfig::new(args.data_dir);
+    config.mqtt_auth = !args.insecure_open_broker;
+    config.broker_credentials = broker_credentials;
     config.api_listen = args.api_listen;
     config.broker = broker;
     config.topics = topics.clone();
@@ -155,6 +179,12 @@ async fn serve(args: Serve) -> Result<()> {
         "drover: REST API on http://{}  MQTT on {}:{}",
         orch.api_addr, orch.mqtt_addr.0, orch.mqtt_addr.1
     );
+    if let Some(path) = &orch.admin_token_file {
+        println!(
+            "drover: the first admin API token is in {} (the CLI reads it from there)",
+            path.display()
+        );
+    }
 
     let agent = if args.local_agent {
         let mut cfg = drover_agent::AgentConfig::new(
@@ -164,6 +194,23 @@ async fn serve(args: Serve) -> Result<()> {
         );
         cfg.device_id = agent_id;
         cfg.topics = topics;
+        // The agent in this process needs no enrollment: the orchestrator
+        // issues its credential directly, unless it already has one.
+        let identity = drover_agent::identity_for(&cfg).context("local agent")?;
+        if args.broker.is_none()
+            && !args.insecure_open_broker
+            && (identity.credential.is_none()
+                || orch.identities.credential_state(&identity.device)
+                    != drover::identity::CredentialState::Active)
+        {
+            let password = orch
+                .identities
+                .issue_local(&identity.device)
+                .await
+                .context("issuing the local agent's credential")?;
+            drover_agent::save_credential(&cfg.state_dir, &identity.device, &password)
+                .context("storing the local agent's credential")?;
+        }
         Some(tokio::spawn(drover_agent::run(cfg, wait(rx.clone()))))
     } else {
         None
@@ -177,6 +224,26 @@ async fn serve(args: Serve) -> Result<()> {
         }
     }
     res.map_err(Into::into)
+}
+
+/// The token for CLI requests: --token-file, else DROVER_TOKEN, else the
+/// default admin token file when it exists, else none (the API answers 401).
+fn api_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(f) = file {
+        let t =
+            std::fs::read_to_string(f).with_context(|| format!("--token-file {}", f.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    if let Ok(t) = std::env::var("DROVER_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_string()));
+        }
+    }
+    let default =
+        std::path::Path::new(".drover/orchestrator").join(drover::access::ADMIN_TOKEN_FILE);
+    Ok(std::fs::read_to_string(default)
+        .ok()
+        .map(|t| t.trim().to_string()))
 }
 
 #[tokio::main]
@@ -193,7 +260,9 @@ async fn main() -> std::process::ExitCode {
                 .init();
             serve(args).await
         }
-        Command::Client(cmd) => match Client::new(&cli.api, cli.output) {
+        Command::Client(cmd) => match api_token(cli.token_file.as_deref())
+            .and_then(|t| Client::new(&cli.api, cli.output, t.as_deref()))
+        {
             Ok(c) => c.run(cmd).await,
             Err(e) => Err(e),
         },

@@ -11,6 +11,13 @@ pub struct Metrics {
     pub mqtt_published: AtomicU64,
     pub mqtt_publish_failed: AtomicU64,
     pub store_write_failed: AtomicU64,
+    /// REST requests refused with 401 or 403.
+    pub api_denied: AtomicU64,
+    pub enrollments_accepted: AtomicU64,
+    pub enrollments_refused: AtomicU64,
+    /// The embedded broker's authorization counters; unset with an
+    /// external broker.
+    pub broker: std::sync::OnceLock<std::sync::Arc<drover_broker::GuardStats>>,
 }
 
 impl Metrics {
@@ -44,6 +51,33 @@ impl Metrics {
             "redb write transactions that failed.",
             &self.store_write_failed,
         );
+        counter(
+            "drover_api_denied_total",
+            "REST requests refused for a missing or invalid token (401) or a too-weak role (403).",
+            &self.api_denied,
+        );
+        counter(
+            "drover_enrollments_accepted_total",
+            "Devices that enrolled with a token.",
+            &self.enrollments_accepted,
+        );
+        counter(
+            "drover_enrollments_refused_total",
+            "Enrollment requests refused.",
+            &self.enrollments_refused,
+        );
+        if let Some(b) = self.broker.get() {
+            counter(
+                "drover_broker_acl_violations_total",
+                "Broker clients disconnected for publishing or subscribing outside their permissions.",
+                &b.acl_violations,
+            );
+            counter(
+                "drover_broker_auth_failures_total",
+                "Broker CONNECTs refused for unknown, wrong or revoked credentials.",
+                &b.auth_failures,
+            );
+        }
         let _ = writeln!(out, "# HELP drover_devices Known devices.\n# TYPE drover_devices gauge\ndrover_devices {devices_total}");
         let _ = writeln!(out, "# HELP drover_devices_online Devices whose agent is connected.\n# TYPE drover_devices_online gauge\ndrover_devices_online {devices_online}");
         out

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_shared::codec::{decode, DecodeError, MAX_PAYLOAD_BYTES};
+use drover_shared::payload::EnrollRequest;
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
@@ -27,6 +28,11 @@ pub enum Event {
         id: DeviceId,
         msg: Box<DeviceMessage>,
     },
+    /// A device without a credential presents an enrollment token.
+    Enroll {
+        id: DeviceId,
+        request: EnrollRequest,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +42,8 @@ pub struct LinkConfig {
     pub client_id: String,
     pub keep_alive: Duration,
     pub topics: Topics,
+    /// Username and password, when the broker wants them.
+    pub credentials: Option<(String, String)>,
 }
 
 pub fn qos(kind: TopicKind) -> QoS {
@@ -61,7 +69,9 @@ pub fn decode_device_message(
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
-        TopicKind::Cmd | TopicKind::Desired => return Ok(None),
+        // Enrollment is not a fleet matter: see `drive`.
+        TopicKind::Enroll => return Ok(None),
+        TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled => return Ok(None),
     }))
 }
 
@@ -73,6 +83,9 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
     opts.set_inflight(100);
+    if let Some((user, pass)) = &cfg.credentials {
+        opts.set_credentials(user.clone(), pass.clone());
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 16_384);
     eventloop.set_network_options(nodelay());
     (client, eventloop)
@@ -121,6 +134,20 @@ pub async fn drive(
                     debug!(topic = %p.topic, "ignoring publish on a foreign topic");
                     continue;
                 };
+                if kind == TopicKind::Enroll {
+                    match decode::<EnrollRequest>(&p.payload) {
+                        Ok(request) => {
+                            if events.send(Event::Enroll { id, request }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                            warn!(device = %id, error = %e, "rejected enrollment request");
+                        }
+                    }
+                    continue;
+                }
                 match decode_device_message(kind, &p.payload) {
                     Ok(Some(msg)) => {
                         if events

@@ -97,4 +97,78 @@ pub struct DeviceView {
     /// The device's latest events, newest first.
     #[serde(default)]
     pub recent_events: Vec<DeviceEvent>,
+    /// Its broker credential: none, active or revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<crate::identity::CredentialState>,
+}
+
+/// A device's broker credential. Only the digest of the password is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub device: DeviceId,
+    pub password_digest: String,
+    pub issued_at_ms: u64,
+    /// How it was issued: the enrollment token's id, or "local-agent".
+    pub issued_via: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// An enrollment token. The token itself is shown once, at creation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub secret_digest: String,
+    pub created_at_ms: u64,
+    pub created_by: String,
+    pub expires_at_ms: u64,
+    /// Enrollments this token may still make.
+    pub uses_left: u32,
+    /// When set, only this device id may enroll with it, and it may
+    /// replace that device's existing credential (re-enrollment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+}
+
+/// An automation identity for the broker, with explicit permissions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutomationRecord {
+    pub name: Name,
+    pub password_digest: String,
+    pub subscribe: Vec<String>,
+    pub publish: Vec<String>,
+    pub created_at_ms: u64,
+    pub created_by: String,
+}
+
+/// A REST API token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: Name,
+    pub role: crate::access::Role,
+    pub secret_digest: String,
+    pub created_at_ms: u64,
+    pub created_by: String,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: u64,
+    /// The API token's name, `device:<id>` for MQTT enrollment, or
+    /// `anonymous` when no valid credential was presented.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::access::Role>,
+    /// e.g. `POST /api/v1/devices/pi-1/apps` or `mqtt enroll`.
+    pub action: String,
+    /// `ok`, `denied` (401/403) or `failed`.
+    pub outcome: String,
+    /// HTTP status for API calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }

@@ -7,12 +7,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_broker::{Broker, BrokerConfig, BrokerError};
+use drover_broker::{Access as BrokerAccess, Broker, BrokerConfig, BrokerError};
+use drover_shared::identity::ORCHESTRATOR_USERNAME;
 use drover_shared::topic::Topics;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::access::AccessError;
+use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::mqtt::{self, LinkConfig};
 use crate::service::Service;
@@ -35,6 +38,11 @@ pub struct ServerConfig {
     pub topics: Topics,
     /// MQTT client id of the orchestrator; stable so its session persists.
     pub client_id: String,
+    /// Whether the embedded broker checks credentials and permissions.
+    /// Off only for development and load tests.
+    pub mqtt_auth: bool,
+    /// Username and password for an external broker.
+    pub broker_credentials: Option<(String, String)>,
 }
 
 impl ServerConfig {
@@ -47,6 +55,8 @@ impl ServerConfig {
             },
             topics: Topics::default(),
             client_id: "drover-orchestrator".into(),
+            mqtt_auth: true,
+            broker_credentials: None,
         }
     }
 }
@@ -69,6 +79,8 @@ pub enum ServeError {
     },
     #[error("REST API server failed: {0}")]
     Api(std::io::Error),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// A running orchestrator.
@@ -77,6 +89,12 @@ pub struct Orchestrator {
     pub api_addr: SocketAddr,
     /// Where MQTT clients (agents) should connect.
     pub mqtt_addr: (String, u16),
+    /// Device credentials and enrollment, e.g. to issue the in-process
+    /// agent its credential.
+    pub identities: Arc<Identities>,
+    /// Where the first admin API token was written, when this start
+    /// created it.
+    pub admin_token_file: Option<PathBuf>,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -103,6 +121,8 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
+    let identities = Arc::new(Identities::load(store.clone(), config.topics.clone())?);
+    let metrics = Arc::new(Metrics::default());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -136,7 +156,16 @@ pub async fn start(
                     source,
                 })?;
             }
-            let broker = Broker::start(BrokerConfig::new(listen))?;
+            let mut broker_config = BrokerConfig::new(listen);
+            broker_config.topics = config.topics.clone();
+            let access = if config.mqtt_auth {
+                BrokerAccess::Guarded(identities.clone())
+            } else {
+                BrokerAccess::Open
+            };
+            let broker = Broker::start(broker_config, access)?;
+            identities.attach_connections(broker.connections());
+            let _ = metrics.broker.set(broker.stats());
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
             })));
@@ -163,8 +192,15 @@ pub async fn start(
             source,
         })?;
 
-    let metrics = Arc::new(Metrics::default());
+    let credentials = match &config.broker {
+        BrokerMode::Embedded { .. } => Some((
+            ORCHESTRATOR_USERNAME.to_string(),
+            identities.orchestrator_secret().to_string(),
+        )),
+        BrokerMode::External { .. } => config.broker_credentials.clone(),
+    };
     let link = LinkConfig {
+        credentials,
         host: mqtt_addr.0.clone(),
         port: mqtt_addr.1,
         client_id: config.client_id.clone(),
@@ -177,7 +213,9 @@ pub async fn start(
         client.clone(),
         config.topics.clone(),
         metrics.clone(),
+        identities.clone(),
     )?);
+    let admin_token_file = service.access.bootstrap_admin(&config.data_dir).await?;
     let (events_tx, events_rx) = mpsc::channel(10_000);
     let link_task = tokio::spawn(mqtt::drive(
         client.clone(),
@@ -215,6 +253,8 @@ pub async fn start(
     Ok(Orchestrator {
         api_addr,
         mqtt_addr,
+        identities,
+        admin_token_file,
         task,
     })
 }

@@ -7,14 +7,18 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use drover_shared::model::{AppSpec, DesiredState};
-use drover_shared::payload::{Action, Command, Desired, Op};
+use drover_shared::payload::{
+    Action, Command, Desired, EnrollOutcome, EnrollRequest, Enrolled, Op, Secret,
+};
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{encode, DeviceId, Name};
 use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::access::Access;
 use crate::fleet::{Fleet, FleetError};
+use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::mqtt::{qos, Event};
 use crate::records::{AppRecord, DeviceView, Operation};
@@ -84,6 +88,8 @@ pub struct Service {
     mqtt: AsyncClient,
     topics: Topics,
     pub metrics: Arc<Metrics>,
+    pub identities: Arc<Identities>,
+    pub access: Arc<Access>,
 }
 
 impl Service {
@@ -92,7 +98,9 @@ impl Service {
         mqtt: AsyncClient,
         topics: Topics,
         metrics: Arc<Metrics>,
+        identities: Arc<Identities>,
     ) -> Result<Service, StoreError> {
+        let access = Arc::new(Access::load(store.clone())?);
         let fleet = Fleet::load(
             store.devices()?,
             store.apps()?,
@@ -108,6 +116,8 @@ impl Service {
             mqtt,
             topics,
             metrics,
+            identities,
+            access,
         })
     }
 
@@ -185,8 +195,64 @@ impl Service {
                     let span = info_span!("device", device = %id);
                     self.on_device_message(id, *msg).instrument(span).await;
                 }
+                Event::Enroll { id, request } => {
+                    // Stores a credential (an fsync): off the loop.
+                    let span = info_span!("enroll", device = %id);
+                    tokio::spawn(self.clone().on_enroll(id, request).instrument(span));
+                }
             }
         }
+    }
+
+    /// Answers an enrollment request on the device's `enrolled` topic,
+    /// which only that device may read. The password is in that message and
+    /// nowhere else.
+    async fn on_enroll(self: Arc<Self>, id: DeviceId, request: EnrollRequest) {
+        let outcome = match self.identities.enroll(&id, request.token.expose()).await {
+            Ok(password) => {
+                self.metrics
+                    .enrollments_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                info!("device enrolled");
+                self.access
+                    .audit(
+                        &format!("device:{id}"),
+                        None,
+                        "mqtt enroll".into(),
+                        "ok",
+                        None,
+                        String::new(),
+                    )
+                    .await;
+                EnrollOutcome::Accepted {
+                    password: Secret::new(password),
+                }
+            }
+            Err(refusal) => {
+                self.metrics
+                    .enrollments_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(reason = %refusal, "enrollment refused");
+                self.access
+                    .audit(
+                        &format!("device:{id}"),
+                        None,
+                        "mqtt enroll".into(),
+                        "denied",
+                        None,
+                        refusal.to_string(),
+                    )
+                    .await;
+                EnrollOutcome::Refused {
+                    reason: refusal.to_string(),
+                }
+            }
+        };
+        let answer = Enrolled {
+            request_id: request.request_id,
+            outcome,
+        };
+        self.publish(&id, TopicKind::Enrolled, encode(&answer));
     }
 
     async fn on_device_message(&self, id: DeviceId, msg: crate::fleet::DeviceMessage) {
@@ -225,11 +291,17 @@ impl Service {
     // ----- API ---------------------------------------------------------------
 
     pub async fn devices(&self) -> Vec<DeviceView> {
-        self.fleet.lock().await.device_views()
+        let mut views = self.fleet.lock().await.device_views();
+        for v in &mut views {
+            v.credential = Some(self.identities.credential_state(&v.id));
+        }
+        views
     }
 
     pub async fn device(&self, id: &DeviceId) -> Option<DeviceView> {
-        self.fleet.lock().await.device_view(id)
+        let mut view = self.fleet.lock().await.device_view(id)?;
+        view.credential = Some(self.identities.credential_state(id));
+        Some(view)
     }
 
     pub async fn apps(&self) -> Vec<AppRecord> {

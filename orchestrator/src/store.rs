@@ -11,7 +11,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{AppRecord, DesiredRecord, DeviceRecord, Operation};
+use crate::records::{
+    ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
+    DeviceRecord, EnrollTokenRecord, Operation,
+};
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -21,6 +24,16 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 /// Every command issued, with its outcome, by operation id.
 const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+/// Device broker credentials (password digests), by device id.
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// Enrollment tokens (secret digests), by token id.
+const ENROLL_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("enroll_tokens");
+/// Automation broker identities, by name.
+const AUTOMATION: TableDefinition<&str, &[u8]> = TableDefinition::new("automation");
+/// REST API tokens (secret digests), by token id.
+const API_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
+/// The audit log, by sequence number.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +74,18 @@ pub enum Write {
     DeleteApp(String),
     Desired(DesiredRecord),
     Operation(Operation),
+    Credential(CredentialRecord),
+    EnrollToken(EnrollTokenRecord),
+    DeleteEnrollToken(String),
+    Automation(AutomationRecord),
+    DeleteAutomation(String),
+    ApiToken(ApiTokenRecord),
+    DeleteApiToken(String),
+    /// Appends an audit record and drops the ones at or below `prune_to`.
+    Audit {
+        record: AuditRecord,
+        prune_to: Option<u64>,
+    },
 }
 
 #[derive(Clone)]
@@ -82,9 +107,19 @@ impl Store {
         })?;
         // Create every table up front so reads never see a missing table.
         let tx = db.begin_write()?;
-        for t in [DEVICES, APPS, DESIRED, OPERATIONS] {
+        for t in [
+            DEVICES,
+            APPS,
+            DESIRED,
+            OPERATIONS,
+            CREDENTIALS,
+            ENROLL_TOKENS,
+            AUTOMATION,
+            API_TOKENS,
+        ] {
             tx.open_table(t)?;
         }
+        tx.open_table(AUDIT)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db) })
     }
@@ -113,6 +148,38 @@ impl Store {
                     Write::Operation(o) => {
                         tx.open_table(OPERATIONS)?
                             .insert(o.id.as_str(), encode(o).as_slice())?;
+                    }
+                    Write::Credential(c) => {
+                        tx.open_table(CREDENTIALS)?
+                            .insert(c.device.as_str(), encode(c).as_slice())?;
+                    }
+                    Write::EnrollToken(t) => {
+                        tx.open_table(ENROLL_TOKENS)?
+                            .insert(t.id.as_str(), encode(t).as_slice())?;
+                    }
+                    Write::DeleteEnrollToken(id) => {
+                        tx.open_table(ENROLL_TOKENS)?.remove(id.as_str())?;
+                    }
+                    Write::Automation(a) => {
+                        tx.open_table(AUTOMATION)?
+                            .insert(a.name.as_str(), encode(a).as_slice())?;
+                    }
+                    Write::DeleteAutomation(name) => {
+                        tx.open_table(AUTOMATION)?.remove(name.as_str())?;
+                    }
+                    Write::ApiToken(t) => {
+                        tx.open_table(API_TOKENS)?
+                            .insert(t.id.as_str(), encode(t).as_slice())?;
+                    }
+                    Write::DeleteApiToken(id) => {
+                        tx.open_table(API_TOKENS)?.remove(id.as_str())?;
+                    }
+                    Write::Audit { record, prune_to } => {
+                        let mut t = tx.open_table(AUDIT)?;
+                        t.insert(record.seq, encode(record).as_slice())?;
+                        if let Some(upto) = prune_to {
+                            t.retain_in::<u64, _>(..=*upto, |_, _| false)?;
+                        }
                     }
                 }
             }
@@ -171,6 +238,57 @@ impl Store {
 
     pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
         self.load_all(OPERATIONS, "operations")
+    }
+
+    pub fn credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.load_all(CREDENTIALS, "credentials")
+    }
+
+    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>, StoreError> {
+        self.load_all(ENROLL_TOKENS, "enroll_tokens")
+    }
+
+    pub fn automation(&self) -> Result<Vec<AutomationRecord>, StoreError> {
+        self.load_all(AUTOMATION, "automation")
+    }
+
+    pub fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        self.load_all(API_TOKENS, "api_tokens")
+    }
+
+    /// The newest audit records first, at most `limit`, that `keep` accepts.
+    pub fn audit(
+        &self,
+        limit: usize,
+        keep: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            let (k, v) = row?;
+            let rec: AuditRecord =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                    table: "audit",
+                    key: k.value().to_string(),
+                    source,
+                })?;
+            if keep(&rec) {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest audit sequence number written so far (0 when empty).
+    pub fn last_audit_seq(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(AUDIT)?;
+        let last = table.last()?.map_or(0, |(k, _)| k.value());
+        Ok(last)
     }
 }
 

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod filter;
+pub mod identity;
 pub mod ids;
 pub mod model;
 pub mod payload;

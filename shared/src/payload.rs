@@ -242,7 +242,58 @@ macro_rules! message {
     };
 }
 
+/// A secret string (token, password). Its `Debug` never shows the value, so
+/// a secret inside any payload cannot reach a log through `{:?}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// `enroll`: a device without a credential presents an enrollment token,
+/// once. It connects as [`crate::identity::ENROLL_USERNAME`] with the token
+/// as password, so the broker lets it only publish here and read its own
+/// `enrolled` topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// Correlates the answer with this request.
+    pub request_id: String,
+    pub token: Secret,
+}
+
+/// `enrolled`: the answer to an [`EnrollRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub request_id: String,
+    pub outcome: EnrollOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum EnrollOutcome {
+    /// The device's MQTT password; its username and client id are its id.
+    Accepted { password: Secret },
+    /// Why not, for the agent's log; the token is never echoed.
+    Refused { reason: String },
+}
+
 message! {
+    EnrollRequest => Enroll,
+    Enrolled => Enrolled,
     Hello => Hello,
     Status => Status,
     Heartbeat => Heartbeat,

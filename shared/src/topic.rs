@@ -39,10 +39,16 @@ pub enum TopicKind {
     /// device → orchestrator: something happened that nobody asked for
     /// (drift repaired, image cleaned up, pull retried).
     Event,
+    /// device → orchestrator: an enrollment token presented once, to get
+    /// the device's own credential.
+    Enroll,
+    /// orchestrator → device: the answer to `enroll`, carrying the
+    /// credential. Readable only by that device.
+    Enrolled,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 10] = [
+    pub const ALL: [TopicKind; 12] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -53,10 +59,12 @@ impl TopicKind {
         TopicKind::Logs,
         TopicKind::Hello,
         TopicKind::Event,
+        TopicKind::Enroll,
+        TopicKind::Enrolled,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
-    pub const FROM_DEVICE: [TopicKind; 8] = [
+    pub const FROM_DEVICE: [TopicKind; 9] = [
         TopicKind::Ack,
         TopicKind::Status,
         TopicKind::Heartbeat,
@@ -65,10 +73,19 @@ impl TopicKind {
         TopicKind::Logs,
         TopicKind::Hello,
         TopicKind::Event,
+        TopicKind::Enroll,
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
-    pub const TO_DEVICE: [TopicKind; 2] = [TopicKind::Cmd, TopicKind::Desired];
+    pub const TO_DEVICE: [TopicKind; 3] = [TopicKind::Cmd, TopicKind::Desired, TopicKind::Enrolled];
+
+    /// Topics that carry secrets or what a device is told to run (which
+    /// may hold app secrets in its environment): only the device itself
+    /// and the orchestrator may ever read them, whatever permissions an
+    /// automation identity is given.
+    pub fn confidential(self) -> bool {
+        TopicKind::TO_DEVICE.contains(&self) || self == TopicKind::Enroll
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,6 +99,8 @@ impl TopicKind {
             TopicKind::Logs => "logs",
             TopicKind::Hello => "hello",
             TopicKind::Event => "event",
+            TopicKind::Enroll => "enroll",
+            TopicKind::Enrolled => "enrolled",
         }
     }
 
@@ -176,6 +195,11 @@ impl Topics {
     /// A filter matching one kind of topic for every device.
     pub fn all_devices(&self, kind: TopicKind) -> String {
         format!("{}/{VERSION_SEGMENT}/{DEVICE_SEGMENT}/+/{kind}", self.root)
+    }
+
+    /// A filter matching every topic under this root.
+    pub fn everything(&self) -> String {
+        format!("{}/#", self.root)
     }
 
     /// Splits a topic into device and kind; `None` for anything that is not

@@ -184,20 +184,47 @@ impl Orch {
     }
 
     pub async fn start_with(broker: BrokerMode) -> Orch {
+        Orch::start_configured(broker, true).await
+    }
+
+    /// With the embedded broker letting every client do anything
+    /// (`--insecure-open-broker`), for tests about payloads, not access.
+    pub async fn start_open() -> Orch {
+        Orch::start_configured(
+            BrokerMode::Embedded {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+            },
+            false,
+        )
+        .await
+    }
+
+    async fn start_configured(broker: BrokerMode, mqtt_auth: bool) -> Orch {
         init_tracing();
         let data = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(data.path().to_path_buf());
         cfg.api_listen = "127.0.0.1:0".parse().expect("addr");
+        let embedded = matches!(broker, BrokerMode::Embedded { .. });
         cfg.broker = broker;
         cfg.client_id = unique("orch");
+        cfg.mqtt_auth = mqtt_auth;
         let (tx, rx) = oneshot::channel::<()>();
         let orch = server::start(cfg, async move {
             let _ = rx.await;
         })
         .await
         .expect("orchestrator starts");
-        let api = Api::new(format!("http://{}", orch.api_addr));
+        let token = std::fs::read_to_string(
+            orch.admin_token_file
+                .as_ref()
+                .expect("a new data dir gets an admin token"),
+        )
+        .expect("admin token file");
+        let api = Api::new(format!("http://{}", orch.api_addr)).with_token(Some(token.trim()));
         let (mqtt_host, mqtt_port) = orch.mqtt_addr.clone();
+        if embedded && mqtt_auth {
+            register_enroller(&format!("mqtt://{mqtt_host}:{mqtt_port}"), &api);
+        }
         let done = tokio::spawn(async move {
             let _ = orch.wait().await;
         });
@@ -225,11 +252,13 @@ impl Orch {
     }
 }
 
-/// A small JSON client for the REST API.
+/// A small JSON client for the REST API, sending its bearer token (if any)
+/// with every request.
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     http: reqwest::Client,
+    pub token: Option<String>,
 }
 
 impl Api {
@@ -237,10 +266,49 @@ impl Api {
         Api {
             base,
             http: reqwest::Client::new(),
+            token: None,
         }
     }
 
+    /// The same API with another token (`None`: no Authorization header).
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// Creates an API token with this role (as this API's caller) and
+    /// returns a client using it.
+    pub async fn as_role(&self, name: &str, role: &str) -> Api {
+        let (s, v) = self
+            .post(
+                "/api/v1/tokens",
+                &serde_json::json!({"name": name, "role": role}),
+            )
+            .await;
+        assert_eq!(s, 201, "create {role} token: {v}");
+        self.with_token(v["token"].as_str())
+    }
+
+    /// An enrollment token only `device` can use, once.
+    pub async fn enroll_token(&self, device: &str) -> String {
+        let (s, v) = self
+            .post(
+                "/api/v1/enrollment-tokens",
+                &serde_json::json!({"ttl_secs": 600, "uses": 1, "device_id": device}),
+            )
+            .await;
+        assert_eq!(s, 201, "create enrollment token: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
         let resp = req.send().await.expect("API reachable");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
@@ -327,6 +395,40 @@ pub async fn metric(api: &Api, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
         .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+/// Runs the `drover` CLI against `api` with its token (DROVER_TOKEN), from
+/// a directory without a default admin token file. Returns (success,
+/// stdout, stderr).
+pub async fn drover_cli(api: &Api, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(binary("drover"));
+    cmd.arg("--api").arg(&api.base).args(args);
+    cmd.current_dir(std::env::temp_dir())
+        .env_remove("DROVER_TOKEN");
+    if let Some(t) = &api.token {
+        cmd.env("DROVER_TOKEN", t);
+    }
+    let out = cmd.output().await.expect("run drover");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ----- enrollment ------------------------------------------------------------
+
+fn enrollers() -> &'static std::sync::Mutex<std::collections::HashMap<String, Api>> {
+    static E: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Api>>> = OnceLock::new();
+    E.get_or_init(Default::default)
+}
+
+/// Agents started against `broker_url` enroll through this API.
+pub fn register_enroller(broker_url: &str, api: &Api) {
+    enrollers()
+        .lock()
+        .expect("lock")
+        .insert(broker_url.to_string(), api.clone());
 }
 
 // ----- outside brokers and clients -------------------------------------------
@@ -447,7 +549,26 @@ impl Agent {
     }
 
     pub fn start(&mut self, broker_url: &str) {
-        let child = tokio::process::Command::new(binary("drover-agent"))
+        let mut cmd = tokio::process::Command::new(binary("drover-agent"));
+        // A broker that checks credentials: enroll the first time, with a
+        // token made for this device id (the credential is kept in the state
+        // directory for restarts).
+        if !self.state_dir.path().join("credential").exists() {
+            if let Some(api) = enrollers().lock().expect("lock").get(broker_url).cloned() {
+                let id = self.id.clone();
+                let token = std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(api.enroll_token(&id))
+                })
+                .join()
+                .expect("enrollment token");
+                cmd.env("DROVER_ENROLL_TOKEN", token);
+            }
+        }
+        let child = cmd
             .args(["--broker", broker_url, "--device-id", &self.id])
             .arg("--state-dir")
             .arg(self.state_dir.path())
@@ -533,6 +654,10 @@ impl OrchProc {
             child: None,
         };
         o.launch().await;
+        let token = std::fs::read_to_string(o.data.path().join("admin.token"))
+            .expect("drover serve wrote its admin token");
+        o.api = o.api.with_token(Some(token.trim()));
+        register_enroller(&o.broker_url(), &o.api);
         o
     }
 
@@ -646,11 +771,22 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, cut, task }
+        let proxy = Proxy { port, cut, task };
+        proxy.enroll_like(&format!("mqtt://127.0.0.1:{upstream}"));
+        proxy
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Agents connecting through the proxy enroll with the orchestrator
+    /// whose broker is behind it.
+    pub fn enroll_like(&self, broker_url: &str) {
+        let found = enrollers().lock().expect("lock").get(broker_url).cloned();
+        if let Some(api) = found {
+            register_enroller(&self.url(), &api);
+        }
     }
 
     /// Closes every live connection; new ones are closed at once until [`Proxy::heal`].

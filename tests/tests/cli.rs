@@ -7,18 +7,7 @@ use drover_tests::*;
 use serde_json::{json, Value};
 
 async fn drover(api: &Api, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(binary("drover"))
-        .arg("--api")
-        .arg(&api.base)
-        .args(args)
-        .output()
-        .await
-        .expect("run drover");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    drover_cli(api, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,11 @@ pub struct Network<P> {
 }
 
 impl<P: Protocol> Network<P> {
+    /// [drover patch] See `Protocol::kick_signal`.
+    pub fn kick_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.protocol.kick_signal()
+    }
+
     pub fn new(
         socket: Box<dyn N>,
         max_incoming_size: usize,

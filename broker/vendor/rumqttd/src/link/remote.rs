@@ -127,6 +127,8 @@ impl<P: Protocol> RemoteLink<P> {
 
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
+        // [drover patch] See `Protocol::kick_signal`.
+        let mut kick = self.network.kick_signal();
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
@@ -164,8 +166,29 @@ impl<P: Protocol> RemoteLink<P> {
                         self.link_rx.wake().await?;
                     }
                 }
+                // [drover patch] See `Protocol::kick_signal`.
+                _ = kicked(&mut kick) => {
+                    return Err(Error::Io(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "connection closed by the broker's owner",
+                    )));
+                }
             }
         }
+    }
+}
+
+/// [drover patch] Resolves once the kick flag is set; never without one.
+async fn kicked(kick: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match kick {
+        Some(rx) => {
+            if rx.wait_for(|k| *k).await.is_err() {
+                // The owner dropped the sender without kicking: nothing
+                // will ever kick this connection.
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -195,7 +218,17 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    // [drover patch] Tell a refused client why (CONNACK "not authorized")
+    // instead of only closing the socket, so it can report a clear error
+    // rather than retrying as if the network had failed.
+    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::NotAuthorized,
+        };
+        let _ = network.write(Packet::ConnAck(ack, None)).await;
+        return Err(e);
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.

@@ -748,4 +748,12 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+
+    /// [drover patch] A wrapping protocol that tracks who is connected can
+    /// end its own connection from outside (a revoked credential): the
+    /// link closes as soon as the returned flag turns `true`. Called once,
+    /// after CONNECT has been read.
+    fn kick_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }

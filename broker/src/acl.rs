@@ -1,0 +1,275 @@
+//! Who may publish and subscribe where: pure rules, no I/O.
+//!
+//! rumqttd has no authorization of its own; [`crate::guard::Guard`] asks
+//! these rules about every PUBLISH, SUBSCRIBE and Last Will it sees.
+
+use drover_shared::filter;
+use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::DeviceId;
+
+/// An authenticated broker client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Everything: the orchestrator's own connection, and every client when
+    /// broker authentication is switched off.
+    Owner,
+    /// An enrolled device: its own device topics only.
+    Device(DeviceId),
+    /// A device presenting an enrollment token: its `enroll` and
+    /// `enrolled` topics only.
+    Enrolling(DeviceId),
+    /// An automation client with explicit permissions, always minus the
+    /// confidential device topics and minus publishing as a device.
+    Automation {
+        name: String,
+        subscribe: Vec<String>,
+        publish: Vec<String>,
+    },
+}
+
+impl Principal {
+    pub fn may_publish(&self, topics: &Topics, topic: &str) -> bool {
+        match self {
+            Principal::Owner => true,
+            Principal::Device(id) => matches!(
+                topics.parse(topic),
+                Some((d, k)) if &d == id && TopicKind::FROM_DEVICE.contains(&k) && k != TopicKind::Enroll
+            ),
+            Principal::Enrolling(id) => {
+                matches!(topics.parse(topic), Some((d, TopicKind::Enroll)) if &d == id)
+            }
+            Principal::Automation { publish, .. } => {
+                // Nobody but a device speaks for a device, and nobody but
+                // the orchestrator tells one what to do.
+                !filter::matches(&device_space(topics), topic)
+                    && publish.iter().any(|f| filter::matches(f, topic))
+            }
+        }
+    }
+
+    pub fn may_subscribe(&self, topics: &Topics, requested: &str) -> bool {
+        if !filter::valid_filter(requested) {
+            return false;
+        }
+        match self {
+            Principal::Owner => true,
+            // Exact topics only: no wildcard can reach another device.
+            Principal::Device(id) => matches!(
+                topics.parse(requested),
+                Some((d, k)) if &d == id && TopicKind::TO_DEVICE.contains(&k)
+            ),
+            Principal::Enrolling(id) => {
+                matches!(topics.parse(requested), Some((d, TopicKind::Enrolled)) if &d == id)
+            }
+            Principal::Automation { subscribe, .. } => {
+                subscribe.iter().any(|f| filter::covers(f, requested))
+                    && !confidential_filters(topics)
+                        .iter()
+                        .any(|c| filter::intersects(c, requested))
+            }
+        }
+    }
+
+    /// The Last Will is a publish made on the client's behalf later: the
+    /// same rule applies, and a device may only will its own status.
+    pub fn may_will(&self, topics: &Topics, topic: &str) -> bool {
+        match self {
+            Principal::Device(id) => {
+                matches!(topics.parse(topic), Some((d, TopicKind::Status)) if &d == id)
+            }
+            Principal::Enrolling(_) => false,
+            other => other.may_publish(topics, topic),
+        }
+    }
+}
+
+fn device_space(topics: &Topics) -> String {
+    format!("{}/v1/dev/#", topics.root())
+}
+
+fn confidential_filters(topics: &Topics) -> Vec<String> {
+    TopicKind::ALL
+        .into_iter()
+        .filter(|k| k.confidential())
+        .map(|k| topics.all_devices(k))
+        .collect()
+}
+
+/// Checks automation permission filters when they are granted, so a typo
+/// is an error at creation rather than a silent refusal later.
+pub fn validate_grants(
+    topics: &Topics,
+    subscribe: &[String],
+    publish: &[String],
+) -> Result<(), String> {
+    for (field, list) in [("subscribe", subscribe), ("publish", publish)] {
+        for (i, f) in list.iter().enumerate() {
+            if !filter::valid_filter(f) {
+                return Err(format!(
+                    "{field}[{i}]: {f:?} is not a valid MQTT topic filter"
+                ));
+            }
+        }
+    }
+    for (i, f) in publish.iter().enumerate() {
+        if filter::intersects(&device_space(topics), f) {
+            return Err(format!(
+                "publish[{i}]: {f:?} reaches device topics ({}), which only devices and the orchestrator may publish on",
+                device_space(topics)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What an automation identity may read unless told otherwise: everything
+/// devices report about themselves, nothing they are told.
+pub fn default_automation_subscribe(topics: &Topics) -> Vec<String> {
+    [
+        TopicKind::Status,
+        TopicKind::Heartbeat,
+        TopicKind::State,
+        TopicKind::Telemetry,
+        TopicKind::Hello,
+        TopicKind::Event,
+    ]
+    .into_iter()
+    .map(|k| topics.all_devices(k))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Topics {
+        Topics::default()
+    }
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn a_device_publishes_only_on_its_own_device_topics() {
+        let a = Principal::Device(id("a"));
+        let topics = t();
+        for k in TopicKind::FROM_DEVICE {
+            let own = topics.device(&id("a"), k);
+            assert_eq!(
+                a.may_publish(&topics, &own),
+                k != TopicKind::Enroll,
+                "{own}"
+            );
+            assert!(!a.may_publish(&topics, &topics.device(&id("b"), k)), "{k}");
+        }
+        for k in TopicKind::TO_DEVICE {
+            assert!(!a.may_publish(&topics, &topics.device(&id("a"), k)), "{k}");
+        }
+        assert!(!a.may_publish(&topics, "drover/v1/other"));
+        assert!(!a.may_publish(&topics, "elsewhere"));
+    }
+
+    #[test]
+    fn a_device_subscribes_only_to_its_own_inbound_topics() {
+        let a = Principal::Device(id("a"));
+        let topics = t();
+        for k in TopicKind::TO_DEVICE {
+            assert!(a.may_subscribe(&topics, &topics.device(&id("a"), k)));
+            assert!(!a.may_subscribe(&topics, &topics.device(&id("b"), k)));
+        }
+        for f in [
+            "#",
+            "drover/#",
+            "drover/v1/dev/+/cmd",
+            "drover/v1/dev/a/+",
+            "drover/v1/dev/a/#",
+            "drover/v1/dev/a/status",
+            "drover/v1/dev/b/telemetry",
+        ] {
+            assert!(!a.may_subscribe(&topics, f), "{f}");
+        }
+    }
+
+    #[test]
+    fn a_device_may_only_will_its_own_status() {
+        let a = Principal::Device(id("a"));
+        let topics = t();
+        assert!(a.may_will(&topics, &topics.device(&id("a"), TopicKind::Status)));
+        assert!(!a.may_will(&topics, &topics.device(&id("b"), TopicKind::Status)));
+        assert!(!a.may_will(&topics, &topics.device(&id("a"), TopicKind::State)));
+    }
+
+    #[test]
+    fn enrolling_is_limited_to_the_enrollment_exchange() {
+        let e = Principal::Enrolling(id("a"));
+        let topics = t();
+        assert!(e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Enroll)));
+        assert!(!e.may_publish(&topics, &topics.device(&id("b"), TopicKind::Enroll)));
+        assert!(!e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Status)));
+        assert!(e.may_subscribe(&topics, &topics.device(&id("a"), TopicKind::Enrolled)));
+        assert!(!e.may_subscribe(&topics, &topics.device(&id("b"), TopicKind::Enrolled)));
+        assert!(!e.may_subscribe(&topics, &topics.device(&id("a"), TopicKind::Cmd)));
+        assert!(!e.may_will(&topics, &topics.device(&id("a"), TopicKind::Status)));
+    }
+
+    #[test]
+    fn automation_never_reads_confidential_topics_even_with_hash() {
+        let topics = t();
+        let auto = Principal::Automation {
+            name: "n".into(),
+            subscribe: vec!["#".into()],
+            publish: vec!["#".into()],
+        };
+        assert!(auto.may_subscribe(&topics, "drover/v1/dev/+/telemetry"));
+        assert!(auto.may_subscribe(&topics, "drover/v1/dev/a/status"));
+        for f in [
+            "#",
+            "drover/#",
+            "drover/v1/dev/+/+",
+            "drover/v1/dev/a/cmd",
+            "drover/v1/dev/+/desired",
+            "drover/v1/dev/a/enrolled",
+        ] {
+            assert!(!auto.may_subscribe(&topics, f), "{f}");
+        }
+        // Never as a device, never a command.
+        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/status"));
+        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/cmd"));
+        assert!(auto.may_publish(&topics, "home/lights"));
+    }
+
+    #[test]
+    fn automation_gets_what_it_was_granted_and_no_more() {
+        let topics = t();
+        let auto = Principal::Automation {
+            name: "n".into(),
+            subscribe: default_automation_subscribe(&topics),
+            publish: vec![],
+        };
+        assert!(auto.may_subscribe(&topics, "drover/v1/dev/+/telemetry"));
+        assert!(auto.may_subscribe(&topics, "drover/v1/dev/x/heartbeat"));
+        assert!(!auto.may_subscribe(&topics, "drover/v1/dev/x/logs"));
+        assert!(!auto.may_subscribe(&topics, "drover/v1/dev/#"));
+        assert!(!auto.may_publish(&topics, "anything"));
+    }
+
+    #[test]
+    fn grants_are_validated() {
+        let topics = t();
+        assert!(validate_grants(&topics, &["a/#".into()], &["b/c".into()]).is_ok());
+        assert!(
+            matches!(validate_grants(&topics, &["a/#/b".into()], &[]), Err(e) if e.contains("subscribe[0]"))
+        );
+        assert!(
+            matches!(validate_grants(&topics, &[], &["#".into()]), Err(e) if e.contains("publish[0]"))
+        );
+        assert!(validate_grants(&topics, &[], &["drover/v1/dev/x/cmd".into()]).is_err());
+    }
+
+    #[test]
+    fn owner_may_do_anything() {
+        let topics = t();
+        assert!(Principal::Owner.may_subscribe(&topics, "#"));
+        assert!(Principal::Owner.may_publish(&topics, "drover/v1/dev/a/cmd"));
+    }
+}

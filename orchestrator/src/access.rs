@@ -1,0 +1,519 @@
+//! Who may use the REST API, and the record of what they did.
+//!
+//! Every request to `/api/…` carries `Authorization: Bearer <token>`. A
+//! token has a role; each route needs one ([`required_role`]): viewers read,
+//! operators also deploy, start, stop, remove and enroll, admins do
+//! everything (define apps, revoke devices, manage tokens and identities,
+//! read the audit log). Only token digests are stored.
+//!
+//! Every mutating request and every refused request is appended to the
+//! audit log (redb, newest [`AUDIT_KEEP`] kept): who, what, when, outcome.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use drover_shared::Name;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::records::{ApiTokenRecord, AuditRecord};
+use crate::secret;
+use crate::service::{now_ms, Service};
+use crate::store::{Store, StoreError, Write};
+
+/// Prefix of API tokens: `at.<id>.<secret>`.
+pub const API_TOKEN_PREFIX: &str = "at";
+/// Audit records kept; older ones are dropped as new ones arrive.
+pub const AUDIT_KEEP: u64 = 100_000;
+/// The file `serve` writes the first admin token to, in its data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The authenticated caller of a request, for handlers that record who.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The role a request needs, by method and route pattern. Anything not
+/// named here that changes something needs admin.
+pub fn required_role(method: &Method, route: &str) -> Role {
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    match (read, route) {
+        (true, "/api/v1/audit" | "/api/v1/tokens" | "/api/v1/mqtt-users") => Role::Admin,
+        (true, "/api/v1/enrollment-tokens") => Role::Operator,
+        (true, _) => Role::Viewer,
+        (false, "/api/v1/devices/{id}/apps")
+        | (false, "/api/v1/devices/{id}/apps/{app}")
+        | (false, "/api/v1/devices/{id}/apps/{app}/start")
+        | (false, "/api/v1/devices/{id}/apps/{app}/stop")
+        | (false, "/api/v1/enrollment-tokens")
+        | (false, "/api/v1/enrollment-tokens/{id}") => Role::Operator,
+        (false, _) => Role::Admin,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write {path}: {source}")]
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Access {
+    store: Store,
+    tokens: RwLock<HashMap<String, ApiTokenRecord>>,
+    changes: tokio::sync::Mutex<()>,
+    /// Audit appends are serialised so sequence numbers stay in order.
+    audit_lock: tokio::sync::Mutex<()>,
+    audit_seq: AtomicU64,
+}
+
+impl Access {
+    pub fn load(store: Store) -> Result<Access, StoreError> {
+        let tokens = store
+            .api_tokens()?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        let seq = store.last_audit_seq()?;
+        Ok(Access {
+            store,
+            tokens: RwLock::new(tokens),
+            changes: tokio::sync::Mutex::new(()),
+            audit_lock: tokio::sync::Mutex::new(()),
+            audit_seq: AtomicU64::new(seq),
+        })
+    }
+
+    async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.write(&writes))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Db(format!("store task failed: {e}"))))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, ApiTokenRecord>> {
+        self.tokens.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On a store with no admin token, creates one and writes it to
+    /// `<data_dir>/admin.token` (mode 0600). Returns the file's path when
+    /// it did. The token never goes to the log.
+    pub async fn bootstrap_admin(&self, data_dir: &Path) -> Result<Option<PathBuf>, AccessError> {
+        if self.read().values().any(|t| t.role == Role::Admin) {
+            return Ok(None);
+        }
+        let name = Name::new("admin").map_err(|e| AccessError::Invalid(e.to_string()))?;
+        let (_, token) = self.create_token("bootstrap", name, Role::Admin).await?;
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        write_private(&path, format!("{token}\n").as_bytes()).map_err(|source| {
+            AccessError::TokenFile {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        info!(path = %path.display(), "created the first admin API token");
+        Ok(Some(path))
+    }
+
+    /// A new token; the returned string is its only copy.
+    pub async fn create_token(
+        &self,
+        created_by: &str,
+        name: Name,
+        role: Role,
+    ) -> Result<(ApiTokenRecord, String), AccessError> {
+        let _g = self.changes.lock().await;
+        let id = secret::short_id();
+        let s = secret::generate();
+        let rec = ApiTokenRecord {
+            id: id.clone(),
+            name,
+            role,
+            secret_digest: secret::digest(&s),
+            created_at_ms: now_ms(),
+            created_by: created_by.to_string(),
+        };
+        self.persist(vec![Write::ApiToken(rec.clone())]).await?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), rec.clone());
+        Ok((rec, secret::join_token(API_TOKEN_PREFIX, &id, &s)))
+    }
+
+    pub fn tokens(&self) -> Vec<ApiTokenRecord> {
+        let mut v: Vec<_> = self.read().values().cloned().collect();
+        v.sort_by_key(|t| t.created_at_ms);
+        v
+    }
+
+    /// Revokes a token. The last admin token cannot be revoked, so the
+    /// API can never lock everyone out.
+    pub async fn delete_token(&self, id: &str) -> Result<bool, AccessError> {
+        let _g = self.changes.lock().await;
+        let Some(rec) = self.read().get(id).cloned() else {
+            return Ok(false);
+        };
+        if rec.role == Role::Admin
+            && self
+                .read()
+                .values()
+                .filter(|t| t.role == Role::Admin)
+                .count()
+                == 1
+        {
+            return Err(AccessError::Invalid(
+                "this is the last admin token; create another admin token first".into(),
+            ));
+        }
+        self.persist(vec![Write::DeleteApiToken(id.to_string())])
+            .await?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(true)
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+        let (id, s) = secret::split_token(token, API_TOKEN_PREFIX)?;
+        let tokens = self.read();
+        let rec = tokens.get(id)?;
+        secret::verify(s, &rec.secret_digest).then(|| Caller {
+            name: rec.name.as_str().to_string(),
+            role: rec.role,
+        })
+    }
+
+    /// Appends to the audit log. A failure to store is logged and counted
+    /// by the store writer's caller; the request itself has already run.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        role: Option<Role>,
+        action: String,
+        outcome: &str,
+        status: Option<u16>,
+        detail: String,
+    ) {
+        let _g = self.audit_lock.lock().await;
+        let seq = self.audit_seq.load(Ordering::Relaxed) + 1;
+        let record = AuditRecord {
+            seq,
+            at_ms: now_ms(),
+            actor: actor.to_string(),
+            role,
+            action,
+            outcome: outcome.to_string(),
+            status,
+            detail,
+        };
+        let prune_to = seq.checked_sub(AUDIT_KEEP).filter(|p| *p > 0);
+        match self.persist(vec![Write::Audit { record, prune_to }]).await {
+            Ok(()) => self.audit_seq.store(seq, Ordering::Relaxed),
+            Err(e) => warn!(error = %e, "audit record could not be stored"),
+        }
+    }
+
+    /// Newest first.
+    pub async fn audit_log(
+        &self,
+        limit: usize,
+        actor: Option<String>,
+        outcome: Option<String>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.audit(limit, |r| {
+                actor.as_deref().is_none_or(|a| r.actor == a)
+                    && outcome.as_deref().is_none_or(|o| r.outcome == o)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Db(format!("store task failed: {e}"))))
+    }
+}
+
+/// Writes a file only its owner can read, replacing any previous one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn refusal(status: StatusCode, message: String) -> Response {
+    let body = crate::api::ErrorBody {
+        error: crate::api::ErrorDetail {
+            status: status.as_u16(),
+            message,
+            field: None,
+        },
+    };
+    let mut resp = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+/// The API's access check and audit trail, as a route layer (so the
+/// matched route pattern is known).
+pub async fn enforce(State(s): State<Arc<Service>>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| path.clone(), |m| m.as_str().to_string());
+    if matches!(route.as_str(), "/healthz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let needed = required_role(&method, &route);
+    let token = bearer(req.headers()).map(str::to_string);
+    let caller = token.as_deref().and_then(|t| s.access.authenticate(t));
+    let (resp, actor, role) = match caller {
+        None => {
+            let (actor, msg) = match token {
+                None => (
+                    "anonymous",
+                    "this endpoint needs an API token: send `Authorization: Bearer <token>`",
+                ),
+                Some(_) => (
+                    "invalid-token",
+                    "the API token is not valid (unknown, revoked or malformed)",
+                ),
+            };
+            (
+                refusal(StatusCode::UNAUTHORIZED, msg.into()),
+                actor.to_string(),
+                None,
+            )
+        }
+        Some(c) if c.role < needed => (
+            refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{method} {route} needs the {needed} role; token {:?} has the {} role",
+                    c.name, c.role
+                ),
+            ),
+            c.name,
+            Some(c.role),
+        ),
+        Some(c) => {
+            req.extensions_mut().insert(c.clone());
+            (next.run(req).await, c.name, Some(c.role))
+        }
+    };
+    let status = resp.status();
+    let denied = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating || denied {
+        let outcome = if denied {
+            "denied"
+        } else if status.is_success() {
+            "ok"
+        } else {
+            "failed"
+        };
+        if denied {
+            s.metrics.api_denied.fetch_add(1, Ordering::Relaxed);
+        }
+        s.access
+            .audit(
+                &actor,
+                role,
+                format!("{method} {path}"),
+                outcome,
+                Some(status.as_u16()),
+                String::new(),
+            )
+            .await;
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_per_route() {
+        let g = Method::GET;
+        let p = Method::POST;
+        let d = Method::DELETE;
+        assert_eq!(required_role(&g, "/api/v1/devices"), Role::Viewer);
+        assert_eq!(required_role(&g, "/api/v1/audit"), Role::Admin);
+        assert_eq!(
+            required_role(&p, "/api/v1/devices/{id}/apps"),
+            Role::Operator
+        );
+        assert_eq!(
+            required_role(&d, "/api/v1/devices/{id}/apps/{app}"),
+            Role::Operator
+        );
+        assert_eq!(
+            required_role(&p, "/api/v1/enrollment-tokens"),
+            Role::Operator
+        );
+        assert_eq!(required_role(&p, "/api/v1/apps"), Role::Admin);
+        assert_eq!(
+            required_role(&p, "/api/v1/devices/{id}/revoke"),
+            Role::Admin
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/api/v1/anything-new"),
+            Role::Admin
+        );
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    #[tokio::test]
+    async fn tokens_authenticate_by_role_and_the_last_admin_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("d.redb")).expect("store");
+        let access = Access::load(store.clone()).expect("load");
+        let path = access
+            .bootstrap_admin(dir.path())
+            .await
+            .expect("bootstrap")
+            .expect("created");
+        let admin = std::fs::read_to_string(&path).expect("token file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let c = access
+            .authenticate(admin.trim())
+            .expect("admin authenticates");
+        assert_eq!(c.role, Role::Admin);
+        assert!(access
+            .bootstrap_admin(dir.path())
+            .await
+            .expect("again")
+            .is_none());
+        let (rec, viewer) = access
+            .create_token("admin", Name::new("v").expect("n"), Role::Viewer)
+            .await
+            .expect("viewer");
+        assert_eq!(
+            access.authenticate(&viewer).map(|c| c.role),
+            Some(Role::Viewer)
+        );
+        assert!(access
+            .authenticate(&viewer.replace("at.", "at.x"))
+            .is_none());
+        assert!(access.authenticate("").is_none());
+        assert!(access.delete_token(&rec.id).await.expect("deleted"));
+        assert!(access.authenticate(&viewer).is_none());
+        let admin_id = access.tokens()[0].id.clone();
+        assert!(
+            access.delete_token(&admin_id).await.is_err(),
+            "last admin stays"
+        );
+        // The token digests survive a restart; the tokens themselves are
+        // nowhere in the store.
+        drop(access);
+        let access = Access::load(store).expect("reload");
+        assert!(access.authenticate(admin.trim()).is_some());
+    }
+
+    #[tokio::test]
+    async fn audit_log_is_newest_first_and_filterable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("d.redb")).expect("store");
+        let access = Access::load(store).expect("load");
+        access
+            .audit(
+                "a",
+                Some(Role::Admin),
+                "POST /x".into(),
+                "ok",
+                Some(200),
+                String::new(),
+            )
+            .await;
+        access
+            .audit(
+                "anonymous",
+                None,
+                "POST /y".into(),
+                "denied",
+                Some(401),
+                String::new(),
+            )
+            .await;
+        let all = access.audit_log(10, None, None).await.expect("log");
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].action, "POST /y");
+        assert!(all[0].seq > all[1].seq);
+        let denied = access
+            .audit_log(10, None, Some("denied".into()))
+            .await
+            .expect("log");
+        assert_eq!(denied.len(), 1);
+        assert_eq!(denied[0].actor, "anonymous");
+    }
+}

@@ -122,6 +122,9 @@ impl Connections {
 }
 
 pub(crate) struct Shared {
+    /// Whether CONNECT must carry credentials (rumqttd refuses one without
+    /// before asking the hook, so it is counted here).
+    pub(crate) require_login: bool,
     pub(crate) authority: Arc<dyn Authority>,
     pub(crate) topics: Topics,
     pub(crate) stats: Arc<GuardStats>,
@@ -130,9 +133,13 @@ pub(crate) struct Shared {
 
 struct Conn {
     client_id: String,
+    username: Option<String>,
     principal: Option<Principal>,
-    serial: u64,
-    kick: watch::Receiver<bool>,
+    /// Set once the connection is registered, which happens only after
+    /// authentication succeeded (rumqttd asks for the kick signal when it
+    /// starts the link): a refused CONNECT with a live client's id must not
+    /// take that client's place in the registry.
+    serial: std::sync::OnceLock<u64>,
 }
 
 /// See the module documentation. Cloning gives a fresh, unconnected guard.
@@ -169,19 +176,22 @@ impl Guard {
         match packet {
             Packet::Connect(connect, _, will, _, login) => {
                 let username = login.as_ref().map(|l| l.username.as_str());
+                if login.is_none() && self.shared.require_login {
+                    self.shared
+                        .stats
+                        .auth_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(client_id = %connect.client_id, "MQTT CONNECT without credentials refused");
+                }
                 let principal = self
                     .shared
                     .authority
                     .principal(&connect.client_id, username);
-                let (serial, kick) = self
-                    .shared
-                    .connections
-                    .register(&connect.client_id, username);
                 self.conn = Some(Conn {
                     client_id: connect.client_id.clone(),
+                    username: username.map(str::to_string),
                     principal,
-                    serial,
-                    kick,
+                    serial: std::sync::OnceLock::new(),
                 });
                 // An unknown principal is not refused here: the
                 // authentication hook refuses it next, with a CONNACK.
@@ -227,7 +237,9 @@ impl Clone for Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(c) = &self.conn {
-            self.shared.connections.unregister(&c.client_id, c.serial);
+            if let Some(serial) = c.serial.get() {
+                self.shared.connections.unregister(&c.client_id, *serial);
+            }
         }
     }
 }
@@ -248,6 +260,12 @@ impl Protocol for Guard {
     }
 
     fn kick_signal(&self) -> Option<watch::Receiver<bool>> {
-        self.conn.as_ref().map(|c| c.kick.clone())
+        let c = self.conn.as_ref()?;
+        let (serial, kick) = self
+            .shared
+            .connections
+            .register(&c.client_id, c.username.as_deref());
+        let _ = c.serial.set(serial);
+        Some(kick)
     }
 }

@@ -169,6 +169,7 @@ impl Broker {
             },
         };
         let stats = Arc::new(GuardStats::default());
+        let require_login = matches!(access, Access::Guarded(_));
         let authority: Arc<dyn Authority> = match access {
             Access::Open => {
                 warn!("broker authentication is off: every client may do anything");
@@ -190,6 +191,7 @@ impl Broker {
         };
         let connections = Arc::new(Connections::default());
         let guard = Guard::new(Arc::new(Shared {
+            require_login,
             authority,
             topics: config.topics.clone(),
             stats: stats.clone(),

@@ -61,7 +61,7 @@ pub fn decode_device_message(
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
-        TopicKind::Cmd | TopicKind::Desired => return Ok(None),
+        TopicKind::Cmd | TopicKind::Desired | TopicKind::Secrets => return Ok(None),
     }))
 }
 

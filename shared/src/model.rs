@@ -317,6 +317,18 @@ impl ImageRef {
         Ok(image)
     }
 
+    /// The registry the image is pulled from, Docker's way: the first path
+    /// component when it looks like a host (has a `.` or a `:`, or is
+    /// `localhost`), else Docker Hub, `docker.io`. Lower case.
+    pub fn registry_host(&self) -> String {
+        match self.repository.split_once('/') {
+            Some((host, _)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+                host.to_ascii_lowercase()
+            }
+            _ => "docker.io".to_string(),
+        }
+    }
+
     /// What to pass as the `tag` of a pull: the digest when pinned, else the tag.
     pub fn pull_tag(&self) -> &str {
         self.digest

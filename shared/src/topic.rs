@@ -39,10 +39,13 @@ pub enum TopicKind {
     /// device → orchestrator: something happened that nobody asked for
     /// (drift repaired, image cleaned up, pull retried).
     Event,
+    /// orchestrator → device, retained: registry credentials for the images
+    /// in this device's desired state, and nothing else.
+    Secrets,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 10] = [
+    pub const ALL: [TopicKind; 11] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -53,6 +56,7 @@ impl TopicKind {
         TopicKind::Logs,
         TopicKind::Hello,
         TopicKind::Event,
+        TopicKind::Secrets,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
@@ -68,7 +72,7 @@ impl TopicKind {
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
-    pub const TO_DEVICE: [TopicKind; 2] = [TopicKind::Cmd, TopicKind::Desired];
+    pub const TO_DEVICE: [TopicKind; 3] = [TopicKind::Cmd, TopicKind::Desired, TopicKind::Secrets];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,6 +86,7 @@ impl TopicKind {
             TopicKind::Logs => "logs",
             TopicKind::Hello => "hello",
             TopicKind::Event => "event",
+            TopicKind::Secrets => "secrets",
         }
     }
 
@@ -94,6 +99,7 @@ impl TopicKind {
         matches!(
             self,
             TopicKind::Desired
+                | TopicKind::Secrets
                 | TopicKind::Status
                 | TopicKind::Heartbeat
                 | TopicKind::State

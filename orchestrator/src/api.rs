@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::FleetError;
+use crate::records::AppView;
 use crate::service::{Service, ServiceError};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -347,7 +348,13 @@ fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
 }
 
 async fn list_apps(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    Json(s.apps().await)
+    Json(
+        s.apps()
+            .await
+            .into_iter()
+            .map(AppView::from)
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<impl IntoResponse> {
@@ -355,7 +362,7 @@ async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<imp
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
     let rec = s.create_app(spec).await?;
-    Ok((StatusCode::CREATED, Json(rec)))
+    Ok((StatusCode::CREATED, Json(AppView::from(rec))))
 }
 
 /// Replaces an app's spec. Devices pick it up when it is deployed again.
@@ -379,7 +386,7 @@ async fn update_app(
     }
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
-    Ok(Json(s.update_app(spec).await?))
+    Ok(Json(AppView::from(s.update_app(spec).await?)))
 }
 
 async fn show_app(
@@ -394,7 +401,7 @@ async fn show_app(
             format!("app {n} does not exist"),
         )
     })?;
-    Ok(Json(rec))
+    Ok(Json(AppView::from(rec)))
 }
 
 async fn delete_app(

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use drover_shared::model::{
-    AppSpec, ContainerSpec, PortMapping, Protocol, RestartPolicy, VolumeBind,
+    AppSpec, ContainerSpec, DeviceMapping, HostMount, NetworkMode, PortMapping, Protocol,
+    RestartPolicy, VolumeBind,
 };
 use drover_shared::Name;
 use serde_json::Value;
 
 use crate::api::ErrorBody;
-use crate::records::{AppRecord, DeviceView, OpStatus, Operation};
+use crate::records::{AppView, DeviceView, OpStatus, Operation};
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
@@ -66,9 +67,24 @@ pub struct CreateApp {
     /// Port mapping HOST:CONTAINER[/udp] (repeatable).
     #[arg(long = "port", short = 'p')]
     pub ports: Vec<String>,
-    /// Volume SOURCE:TARGET[:ro] (repeatable).
+    /// Named volume NAME:TARGET[:ro] (repeatable); host paths go in --mount.
     #[arg(long = "volume", short = 'v')]
     pub volumes: Vec<String>,
+    /// Host path bind mount SOURCE:TARGET[:ro] (repeatable).
+    #[arg(long = "mount")]
+    pub mounts: Vec<String>,
+    /// Host device HOST[:CONTAINER[:PERMISSIONS]], e.g. /dev/ttyUSB0 (repeatable).
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// Linux capability to add, e.g. NET_ADMIN (repeatable).
+    #[arg(long = "cap-add")]
+    pub cap_add: Vec<String>,
+    /// Network: bridge (default), host or none.
+    #[arg(long, default_value = "bridge")]
+    pub network: String,
+    /// Run the container privileged (every capability, every host device).
+    #[arg(long)]
+    pub privileged: bool,
     /// Restart policy: no, unless-stopped, always, on-failure.
     #[arg(long, default_value = "unless-stopped")]
     pub restart: String,
@@ -251,14 +267,24 @@ impl Client {
             }
             Resolved::Apps(AppsCmd::Show { name }) => {
                 let v = self.get(&format!("/api/v1/apps/{name}")).await?;
-                self.print(&v, |a: AppRecord| {
-                    serde_json::to_string_pretty(&a.spec).unwrap_or_default() + "\n"
+                self.print(&v, |a: AppView| {
+                    format!(
+                        "privileges:  {}\n{}\n",
+                        privileges_text(&a.privileges),
+                        serde_json::to_string_pretty(&a.record.spec).unwrap_or_default()
+                    )
                 })
             }
             Resolved::Apps(AppsCmd::Create(c)) => {
                 let body = app_body(*c)?;
                 let v = self.post("/api/v1/apps", &body).await?;
-                self.print(&v, |a: AppRecord| format!("created app {}\n", a.spec.name))
+                self.print(&v, |a: AppView| {
+                    format!(
+                        "created app {} (privileges: {})\n",
+                        a.record.spec.name,
+                        privileges_text(&a.privileges)
+                    )
+                })
             }
             Resolved::Apps(AppsCmd::Update(c)) => {
                 let body = app_body(*c)?;
@@ -270,10 +296,11 @@ impl Client {
                             .json(&body),
                     )
                     .await?;
-                self.print(&v, |a: AppRecord| {
+                self.print(&v, |a: AppView| {
                     format!(
-                        "updated app {}; deploy it again to roll it out\n",
-                        a.spec.name
+                        "updated app {} (privileges: {}); deploy it again to roll it out\n",
+                        a.record.spec.name,
+                        privileges_text(&a.privileges)
                     )
                 })
             }
@@ -472,6 +499,46 @@ fn app_body(c: CreateApp) -> Result<Value> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
+    let host_mounts = c
+        .mounts
+        .iter()
+        .map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            match parts.as_slice() {
+                [s, t] => Ok(HostMount {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: false,
+                }),
+                [s, t, "ro"] => Ok(HostMount {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: true,
+                }),
+                _ => bail!("--mount {m:?} is not SOURCE:TARGET[:ro]"),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let devices = c
+        .devices
+        .iter()
+        .map(|d| {
+            let parts: Vec<&str> = d.split(':').collect();
+            let (host, container, permissions) = match parts.as_slice() {
+                [h] => (h, None, None),
+                [h, c] => (h, Some(c.to_string()), None),
+                [h, c, p] => (h, Some(c.to_string()), Some(p.to_string())),
+                _ => bail!("--device {d:?} is not HOST[:CONTAINER[:PERMISSIONS]]"),
+            };
+            Ok(DeviceMapping {
+                host: host.to_string(),
+                container,
+                permissions,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let network_mode: NetworkMode = serde_json::from_value(Value::String(c.network.clone()))
+        .map_err(|_| anyhow!("--network {:?} is not one of bridge, host, none", c.network))?;
     let restart: RestartPolicy =
         serde_json::from_value(Value::String(c.restart.clone())).map_err(|_| {
             anyhow!(
@@ -492,10 +559,23 @@ fn app_body(c: CreateApp) -> Result<Value> {
             restart,
             memory_mb: c.memory_mb,
             cpus: c.cpus,
+            privileged: c.privileged,
+            network_mode,
+            cap_add: c.cap_add,
+            devices,
+            host_mounts,
         }],
         labels: BTreeMap::new(),
     };
     Ok(serde_json::to_value(spec)?)
+}
+
+fn privileges_text(p: &[String]) -> String {
+    if p.is_empty() {
+        "none (unprivileged)".to_string()
+    } else {
+        p.join(", ")
+    }
 }
 
 fn ago(ms: u64) -> String {
@@ -608,6 +688,9 @@ fn device_detail(d: DeviceView) -> String {
             t.host.load_1
         );
     }
+    for (app, p) in &d.privileges {
+        out += &format!("privileges:  {app}: {}\n", privileges_text(p));
+    }
     let mut rows = Vec::new();
     for a in d.observed.map(|o| o.apps).unwrap_or_default() {
         for c in a.containers {
@@ -629,19 +712,21 @@ fn device_detail(d: DeviceView) -> String {
     out
 }
 
-fn apps_table(apps: Vec<AppRecord>) -> String {
+fn apps_table(apps: Vec<AppView>) -> String {
     let rows = apps
         .into_iter()
         .map(|a| {
-            let images: Vec<String> = a.spec.containers.iter().map(|c| c.image.clone()).collect();
+            let spec = &a.record.spec;
+            let images: Vec<String> = spec.containers.iter().map(|c| c.image.clone()).collect();
             vec![
-                a.spec.name.to_string(),
-                a.spec.containers.len().to_string(),
+                spec.name.to_string(),
+                spec.containers.len().to_string(),
                 images.join(","),
+                privileges_text(&a.privileges),
             ]
         })
         .collect();
-    table(&["APP", "CONTAINERS", "IMAGES"], rows)
+    table(&["APP", "CONTAINERS", "IMAGES", "PRIVILEGES"], rows)
 }
 
 fn ops_table(ops: Vec<Operation>) -> String {

@@ -26,6 +26,11 @@ fn spec(container: &str, image: &str) -> ContainerSpec {
         restart: Default::default(),
         memory_mb: None,
         cpus: None,
+        privileged: false,
+        network_mode: Default::default(),
+        cap_add: vec![],
+        devices: vec![],
+        host_mounts: vec![],
     }
 }
 

@@ -15,6 +15,10 @@ use serde_json::Value;
 
 use crate::api::ErrorBody;
 use crate::records::{AppView, DeviceView, OpStatus, Operation};
+use crate::registries::RegistryView;
+
+/// Where `registries set` takes the password from when not from stdin.
+const PASSWORD_ENV: &str = "DROVER_REGISTRY_PASSWORD";
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
@@ -134,6 +138,27 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RegistriesCmd {
+    /// Registries with stored credentials (passwords are never shown).
+    List,
+    /// One registry's stored username.
+    Show { host: String },
+    /// Store credentials for a registry host, e.g. 127.0.0.1:5001. The
+    /// password comes from standard input (--password-stdin) or from
+    /// DROVER_REGISTRY_PASSWORD, never from the command line.
+    Set {
+        host: String,
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password from standard input (one line).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a registry's credentials.
+    Delete { host: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClientCmd {
     /// Devices and their state (default: list).
     Devices {
@@ -160,6 +185,11 @@ pub enum ClientCmd {
     },
     /// Recent log lines of an app's containers on a device.
     Logs(LogsArgs),
+    /// Private registry credentials (default: list).
+    Registries {
+        #[command(subcommand)]
+        cmd: Option<RegistriesCmd>,
+    },
 }
 
 /// A client command with the default subcommands filled in.
@@ -172,6 +202,7 @@ enum Resolved {
     Stop(Target),
     Remove(Target),
     Logs(LogsArgs),
+    Registries(RegistriesCmd),
 }
 
 pub struct Client {
@@ -251,6 +282,9 @@ impl Client {
             ClientCmd::Stop(t) => Resolved::Stop(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
+            ClientCmd::Registries { cmd } => {
+                Resolved::Registries(cmd.unwrap_or(RegistriesCmd::List))
+            }
         };
         match cmd {
             Resolved::Devices(DevicesCmd::List) => {
@@ -366,6 +400,45 @@ impl Client {
                 self.print(&v, |lines: Vec<drover_shared::payload::LogLine>| {
                     lines.into_iter().map(|l| l.line + "\n").collect()
                 })
+            }
+            Resolved::Registries(cmd) => self.registries(cmd).await,
+        }
+    }
+
+    async fn registries(&self, cmd: RegistriesCmd) -> Result<()> {
+        match cmd {
+            RegistriesCmd::List => {
+                let v = self.get("/api/v1/registries").await?;
+                self.print(&v, registries_table)
+            }
+            RegistriesCmd::Show { host } => {
+                let v = self.get(&format!("/api/v1/registries/{host}")).await?;
+                self.print(&v, |r: RegistryView| registries_table(vec![r]))
+            }
+            RegistriesCmd::Set {
+                host,
+                username,
+                password_stdin,
+            } => {
+                let password = read_password(password_stdin)?;
+                let body = serde_json::json!({ "username": username, "password": password });
+                let v = self
+                    .send(
+                        self.http
+                            .put(format!("{}/api/v1/registries/{host}", self.base))
+                            .json(&body),
+                    )
+                    .await?;
+                self.print(&v, |r: RegistryView| {
+                    format!("stored credentials for {} (user {})\n", r.host, r.username)
+                })
+            }
+            RegistriesCmd::Delete { host } => {
+                self.delete(&format!("/api/v1/registries/{host}")).await?;
+                if self.output == Output::Table {
+                    println!("deleted credentials for {host}");
+                }
+                Ok(())
             }
         }
     }
@@ -570,12 +643,55 @@ fn app_body(c: CreateApp) -> Result<Value> {
     Ok(serde_json::to_value(spec)?)
 }
 
+/// The password for `registries set`: one line of standard input, or the
+/// environment. Never an argument, so it stays out of shell history and
+/// of other users' `ps`.
+fn read_password(from_stdin: bool) -> Result<String> {
+    let password = if from_stdin {
+        let mut text = std::io::read_to_string(std::io::stdin())
+            .context("cannot read the password from standard input")?;
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
+        }
+        text
+    } else {
+        match std::env::var(PASSWORD_ENV) {
+            Ok(p) => p,
+            Err(_) => bail!(
+                "no password: pass --password-stdin and write it to standard input, or set {PASSWORD_ENV}"
+            ),
+        }
+    };
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    Ok(password)
+}
+
 fn privileges_text(p: &[String]) -> String {
     if p.is_empty() {
         "none (unprivileged)".to_string()
     } else {
         p.join(", ")
     }
+}
+
+fn registries_table(regs: Vec<RegistryView>) -> String {
+    let rows = regs
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.host,
+                r.username,
+                if r.password_set { "set" } else { "not set" }.to_string(),
+                ago(r.updated_at_ms),
+            ]
+        })
+        .collect();
+    table(&["REGISTRY", "USERNAME", "PASSWORD", "UPDATED"], rows)
 }
 
 fn ago(ms: u64) -> String {

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod records;
+pub mod registries;
 pub mod server;
 pub mod service;
 pub mod store;

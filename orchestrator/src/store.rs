@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::records::{AppRecord, DesiredRecord, DeviceRecord, Operation};
+use crate::registries::RegistryRecord;
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -21,6 +22,9 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 /// Every command issued, with its outcome, by operation id.
 const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+/// Private registry credentials by registry host. The only table with
+/// passwords; nothing derived from it is stored elsewhere.
+const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registries");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +65,8 @@ pub enum Write {
     DeleteApp(String),
     Desired(DesiredRecord),
     Operation(Operation),
+    Registry(RegistryRecord),
+    DeleteRegistry(String),
 }
 
 #[derive(Clone)]
@@ -82,7 +88,7 @@ impl Store {
         })?;
         // Create every table up front so reads never see a missing table.
         let tx = db.begin_write()?;
-        for t in [DEVICES, APPS, DESIRED, OPERATIONS] {
+        for t in [DEVICES, APPS, DESIRED, OPERATIONS, REGISTRIES] {
             tx.open_table(t)?;
         }
         tx.commit()?;
@@ -113,6 +119,13 @@ impl Store {
                     Write::Operation(o) => {
                         tx.open_table(OPERATIONS)?
                             .insert(o.id.as_str(), encode(o).as_slice())?;
+                    }
+                    Write::Registry(r) => {
+                        tx.open_table(REGISTRIES)?
+                            .insert(r.credential.host.as_str(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteRegistry(host) => {
+                        tx.open_table(REGISTRIES)?.remove(host.as_str())?;
                     }
                 }
             }
@@ -172,6 +185,10 @@ impl Store {
     pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
         self.load_all(OPERATIONS, "operations")
     }
+
+    pub fn registries(&self) -> Result<Vec<RegistryRecord>, StoreError> {
+        self.load_all(REGISTRIES, "registries")
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +238,41 @@ mod tests {
         );
         let d = s.desired().expect("desired");
         assert_eq!((d[0].device.clone(), d[0].state.generation), (dev, 3));
+    }
+
+    #[test]
+    fn registry_credentials_are_stored_and_deleted() {
+        use crate::registries::RegistryRecord;
+        use drover_shared::payload::RegistryCredential;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.redb");
+        let rec = |host: &str| RegistryRecord {
+            credential: RegistryCredential {
+                host: host.into(),
+                username: "robot".into(),
+                password: "pw".into(),
+            },
+            updated_at_ms: 1,
+        };
+        {
+            let s = Store::open(&path).expect("open");
+            s.write(&[
+                Write::Registry(rec("a.example:5000")),
+                Write::Registry(rec("b.example")),
+            ])
+            .expect("write");
+            s.write(&[Write::DeleteRegistry("a.example:5000".into())])
+                .expect("delete");
+        }
+        let s = Store::open(&path).expect("reopen");
+        let all = s.registries().expect("registries");
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (
+                all[0].credential.host.as_str(),
+                all[0].credential.password.as_str()
+            ),
+            ("b.example", "pw")
+        );
     }
 }

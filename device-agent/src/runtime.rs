@@ -23,6 +23,7 @@ use drover_shared::model::{
     ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION,
     LABEL_MANAGED, LABEL_SPEC_HASH,
 };
+use drover_shared::payload::RegistryCredential;
 use drover_shared::{DeviceId, Name};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -178,9 +179,12 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         image: &ImageRef,
     ) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Pulls with `auth` when given: the credentials for the image's own
+    /// registry, never another's.
     fn pull(
         &self,
         image: &ImageRef,
+        auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Creates the container and returns its id.
@@ -454,6 +458,7 @@ impl Runtime for DockerRuntime {
     async fn pull(
         &self,
         image: &ImageRef,
+        auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<(), RuntimeError> {
         let d = self.client().await?;
@@ -462,7 +467,8 @@ impl Runtime for DockerRuntime {
             .from_image(&image.repository)
             .tag(image.pull_tag())
             .build();
-        let mut stream = d.create_image(Some(opts), None, None);
+        let credentials = auth.map(crate::secrets::docker_credentials);
+        let mut stream = d.create_image(Some(opts), None, credentials);
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
         while let Some(item) = stream.next().await {
             let info = match item {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares everything the test suite needs on this machine: Debian packages,
 # a reachable Docker daemon, a local v2 registry on 127.0.0.1:5000 and a tiny
-# busybox test image in it. Safe to run any number of times: every step checks
+# busybox test image in it, and a second registry on 127.0.0.1:5001 that
+# serves the same storage behind htpasswd authentication. Safe to run any number of times: every step checks
 # first and does nothing when its goal already holds, so a ready machine costs
 # well under a second.
 #
@@ -21,6 +22,17 @@ readonly DOCKERD_LOG="/var/log/dockerd-drover.log"
 readonly IMAGE_REPO="drover/busybox"
 readonly IMAGE_TAG="2"
 readonly IMAGE="${REGISTRY_ADDR}/${IMAGE_REPO}:${IMAGE_TAG}"
+# The private registry: same storage root, so the test image is there
+# without a push, but every request needs a user and password. The test
+# credentials are fixed; they must match AUTH_REGISTRY_USER and
+# AUTH_REGISTRY_PASSWORD in tests/src/lib.rs.
+readonly AUTH_REGISTRY_ADDR="127.0.0.1:5001"
+readonly AUTH_REGISTRY_URL="http://${AUTH_REGISTRY_ADDR}"
+readonly AUTH_REGISTRY_CONFIG="/etc/drover/registry-auth.yml"
+readonly AUTH_REGISTRY_HTPASSWD="/etc/drover/registry-auth.htpasswd"
+readonly AUTH_REGISTRY_LOG="/var/log/docker-registry-drover-auth.log"
+readonly AUTH_USER="drover-test"
+readonly AUTH_PASSWORD="drover-registry-pw-7f3c91e2"
 readonly WAIT_SECONDS=30
 
 # The image build's scratch directory, removed however the script ends.
@@ -74,7 +86,7 @@ ensure_packages() {
     # /usr/local/bin, ...); only install Debian's when there is none.
     command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     local pkg
-    for pkg in docker-registry mosquitto mosquitto-clients busybox-static curl iproute2; do
+    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2; do
         package_installed "$pkg" || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then
@@ -257,12 +269,93 @@ ensure_image() {
     log "image: pushed ${IMAGE}"
 }
 
+auth_registry_code() {
+    curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" "${AUTH_REGISTRY_URL}/v2/" 2>/dev/null || true
+}
+
+# Up means: 401 without credentials and 200 with the test ones.
+auth_registry_up() {
+    [[ "$(auth_registry_code)" == "401" ]] &&
+        [[ "$(auth_registry_code -u "${AUTH_USER}:${AUTH_PASSWORD}")" == "200" ]]
+}
+
+write_auth_registry_files() {
+    local want
+    want=$(
+        cat <<EOF
+# Written by scripts/test-env.sh: the Drover private test registry. It
+# shares its storage with the registry on ${REGISTRY_ADDR}, read-mostly.
+version: 0.1
+log:
+  level: info
+  fields:
+    service: drover-registry-auth
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: ${REGISTRY_DATA}
+http:
+  addr: ${AUTH_REGISTRY_ADDR}
+  headers:
+    X-Content-Type-Options: [nosniff]
+auth:
+  htpasswd:
+    realm: drover-test
+    path: ${AUTH_REGISTRY_HTPASSWD}
+EOF
+    )
+    mkdir -p "$(dirname "$AUTH_REGISTRY_CONFIG")"
+    if [[ ! -f "$AUTH_REGISTRY_CONFIG" || "$(cat "$AUTH_REGISTRY_CONFIG")" != "$want" ]]; then
+        printf '%s\n' "$want" >"$AUTH_REGISTRY_CONFIG"
+        log "auth registry: wrote ${AUTH_REGISTRY_CONFIG}"
+    fi
+    # bcrypt, the only hash the registry's htpasswd support accepts.
+    if ! htpasswd -vb "$AUTH_REGISTRY_HTPASSWD" "$AUTH_USER" "$AUTH_PASSWORD" >/dev/null 2>&1; then
+        htpasswd -Bbn "$AUTH_USER" "$AUTH_PASSWORD" >"$AUTH_REGISTRY_HTPASSWD" ||
+            die "htpasswd failed; install apache2-utils"
+        log "auth registry: wrote ${AUTH_REGISTRY_HTPASSWD}"
+    fi
+    chmod 0640 "$AUTH_REGISTRY_HTPASSWD"
+    if getent group docker-registry >/dev/null 2>&1; then
+        chgrp docker-registry "$AUTH_REGISTRY_HTPASSWD"
+    fi
+}
+
+ensure_auth_registry() {
+    if auth_registry_up; then
+        log "auth registry: already serving ${AUTH_REGISTRY_URL}/v2/ (401 without credentials, 200 with)"
+        return 0
+    fi
+    is_root || die "no authenticating registry at ${AUTH_REGISTRY_URL} and not root to start one"
+    command -v htpasswd >/dev/null 2>&1 || die "htpasswd not found; install apache2-utils"
+    local code
+    code=$(auth_registry_code)
+    if [[ "$code" != "000" ]]; then
+        die "${AUTH_REGISTRY_ADDR} answers ${code} but not as the test registry; stop whatever holds the port"
+    fi
+    write_auth_registry_files
+    local run_as=()
+    if getent passwd docker-registry >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1; then
+        run_as=(setpriv --reuid=docker-registry --regid=docker-registry --init-groups --)
+    fi
+    log "auth registry: starting docker-registry on ${AUTH_REGISTRY_ADDR} (storage shared with ${REGISTRY_ADDR}, log: ${AUTH_REGISTRY_LOG})"
+    setsid nohup "${run_as[@]}" docker-registry serve "$AUTH_REGISTRY_CONFIG" >>"$AUTH_REGISTRY_LOG" 2>&1 </dev/null &
+    WATCH_PID=$!
+    if ! wait_for auth_registry_up; then
+        tail -n 3 "$AUTH_REGISTRY_LOG" >&2 || true
+        die "auth registry not answering 401/200 on ${AUTH_REGISTRY_URL}/v2/; see ${AUTH_REGISTRY_LOG}"
+    fi
+    WATCH_PID=""
+}
+
 main() {
     ensure_packages
     ensure_docker
     ensure_registry
     ensure_image
-    log "ready (registry ${REGISTRY_ADDR}, image ${IMAGE})"
+    ensure_auth_registry
+    log "ready (registry ${REGISTRY_ADDR}, image ${IMAGE}; with auth: ${AUTH_REGISTRY_ADDR})"
 }
 
 main "$@"

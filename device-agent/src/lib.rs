@@ -21,6 +21,7 @@ pub mod mqtt;
 pub mod pull;
 pub mod reconcile;
 pub mod runtime;
+pub mod secrets;
 pub mod store;
 pub mod telemetry;
 
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{DesiredState, ObservedState};
-use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, StateReport, Status};
+use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, Secrets, StateReport, Status};
 use drover_shared::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -40,6 +41,7 @@ use crate::desired::{AckOut, Intake};
 use crate::mqtt::{MqttEvent, Publisher};
 use crate::reconcile::{ReconcileEvent, Reconciler};
 use crate::runtime::DockerRuntime;
+use crate::secrets::SecretsStore;
 use crate::store::DesiredStore;
 
 /// How long shutdown waits for the offline status and DISCONNECT to go out.
@@ -128,6 +130,17 @@ async fn run_device(
     if let Some(s) = &stored {
         info!(generation = s.generation, "resuming stored desired state");
     }
+    // Registry credentials kept from the last run, so private images can
+    // be pulled again before the broker is reachable.
+    let secrets_store = SecretsStore::new(&config.state_dir);
+    let secrets = secrets_store.load().unwrap_or_else(|e| {
+        error!(error = %e, cause = ?std::error::Error::source(&e), "ignoring unreadable stored registry credentials");
+        Secrets::default()
+    });
+    if !secrets.registries.is_empty() {
+        info!(registries = ?secrets.hosts(), "loaded stored registry credentials");
+    }
+    let (secrets_tx, secrets_rx) = watch::channel(Arc::new(secrets));
     let intake = Intake::new(stored.clone());
     let runtime = DockerRuntime::new(device.clone());
     let ledger = match crate::images::ImageLedger::load(&config.state_dir) {
@@ -139,7 +152,8 @@ async fn run_device(
     };
     let mut reconciler = Reconciler::new(Arc::new(runtime.clone()), device.clone(), rec_tx)
         .with_options(config.reconcile_options())
-        .with_ledger(ledger);
+        .with_ledger(ledger)
+        .with_secrets(secrets_rx);
     if let Some(s) = &stored {
         // Only a generation that was fully applied before the restart has
         // containers that may be treated as settled; one cut short is simply
@@ -196,6 +210,8 @@ async fn run_device(
         store,
         intake,
         desired_tx,
+        secrets_store,
+        secrets_tx,
         started: Instant::now(),
         seq: 0,
         observed: ObservedState::default(),
@@ -226,6 +242,9 @@ struct Core {
     store: DesiredStore,
     intake: Intake,
     desired_tx: watch::Sender<Option<Arc<DesiredState>>>,
+    secrets_store: SecretsStore,
+    /// The registry credentials held; the reconciler pulls with them.
+    secrets_tx: watch::Sender<Arc<Secrets>>,
     started: Instant,
     seq: u64,
     observed: ObservedState,
@@ -275,6 +294,7 @@ impl Core {
                 debug!("offline; queueing state changes for the next connection")
             }
             MqttEvent::Desired(d) => self.offer(d.state, None).await,
+            MqttEvent::Secrets(s) => self.take_secrets(s).await,
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
@@ -346,6 +366,29 @@ impl Core {
         self.desired_tx.send_replace(Some(Arc::new(held)));
         self.observed.desired_generation = generation;
         self.publish_state();
+    }
+
+    /// Keeps a newer set of registry credentials: on disk first (so a
+    /// reboot keeps them), then for the reconciler. Only hosts are logged.
+    async fn take_secrets(&mut self, incoming: Secrets) {
+        if !secrets::replaces(&self.secrets_tx.borrow(), &incoming) {
+            debug!(
+                issued_at_ms = incoming.issued_at_ms,
+                "registry credentials unchanged or older; ignored"
+            );
+            return;
+        }
+        let store = self.secrets_store.clone();
+        let to_save = incoming.clone();
+        match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist registry credentials")
+            }
+            Err(e) => error!(error = %e, "persisting registry credentials panicked"),
+        }
+        info!(registries = ?incoming.hosts(), "registry credentials updated");
+        self.secrets_tx.send_replace(Arc::new(incoming));
     }
 
     fn on_reconcile(&mut self, ev: ReconcileEvent) {

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use drover_shared::codec::{Message, MAX_PAYLOAD_BYTES};
-use drover_shared::payload::{Command, Desired, Status};
+use drover_shared::payload::{Command, Desired, Secrets, Status};
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
 use rand::Rng;
@@ -40,6 +40,8 @@ pub enum MqttEvent {
     Disconnected,
     Desired(Desired),
     Command(Command),
+    /// Registry credentials; `Debug` leaves the passwords out.
+    Secrets(Secrets),
 }
 
 fn qos(level: u8) -> QoS {
@@ -214,6 +216,9 @@ pub async fn drive(
                     }
                     Some((d, TopicKind::Cmd)) if d == device => {
                         drover_shared::decode::<Command>(&p.payload).map(MqttEvent::Command)
+                    }
+                    Some((d, TopicKind::Secrets)) if d == device => {
+                        drover_shared::decode::<Secrets>(&p.payload).map(MqttEvent::Secrets)
                     }
                     _ => {
                         debug!(topic = %p.topic, "ignoring message on unexpected topic");

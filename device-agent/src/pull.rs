@@ -4,6 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use drover_shared::model::ImageRef;
+use drover_shared::payload::RegistryCredential;
+
+use crate::runtime::RuntimeError;
+
 /// Whether retrying a failed pull can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PullErrorClass {
@@ -14,13 +19,21 @@ pub enum PullErrorClass {
     Definitive,
 }
 
+/// Text that means the registry wants credentials it did not get, or did
+/// not accept the ones it got. Checked before anything else: credentials can
+/// arrive (or be corrected) at any time on the `secrets` topic, so these
+/// pulls are retried, and a new set of credentials retries them at once.
+const UNAUTHORIZED_TEXT: &[&str] = &[
+    "unauthorized",
+    "authentication required",
+    "no basic auth credentials",
+];
+
 /// Text that means the registry answered and said no. Checked first: the
 /// daemon wraps some of these in a 500.
 const DEFINITIVE_TEXT: &[&str] = &[
     "manifest unknown",
     "not found",
-    "unauthorized",
-    "authentication required",
     "denied",
     "invalid reference format",
     "repository name must",
@@ -57,12 +70,15 @@ const TRANSIENT_TEXT: &[&str] = &[
 /// and by its text otherwise. Unknown errors without a status are
 /// definitive, which keeps a bad spec from retrying forever.
 pub fn classify(status: Option<u16>, message: &str) -> PullErrorClass {
+    if is_unauthorized(status, message) {
+        return PullErrorClass::Transient;
+    }
     let text = message.to_lowercase();
     if DEFINITIVE_TEXT.iter().any(|t| text.contains(t)) {
         return PullErrorClass::Definitive;
     }
     match status {
-        Some(400 | 401 | 403 | 404) => return PullErrorClass::Definitive,
+        Some(400 | 403 | 404) => return PullErrorClass::Definitive,
         Some(408 | 429) => return PullErrorClass::Transient,
         Some(s) if s >= 500 => return PullErrorClass::Transient,
         _ => {}
@@ -72,6 +88,40 @@ pub fn classify(status: Option<u16>, message: &str) -> PullErrorClass {
     } else {
         PullErrorClass::Definitive
     }
+}
+
+/// Whether a pull failed because the registry wants (other) credentials.
+pub fn is_unauthorized(status: Option<u16>, message: &str) -> bool {
+    let text = message.to_lowercase();
+    status == Some(401) || UNAUTHORIZED_TEXT.iter().any(|t| text.contains(t))
+}
+
+/// Rewrites an authentication failure so that it says `unauthorized`, which
+/// registry it was and whether the device had credentials for it (Docker's
+/// own text varies: "no basic auth credentials", "authentication
+/// required"). Never includes the password. Other errors pass unchanged.
+pub fn explain_unauthorized(
+    e: RuntimeError,
+    image: &ImageRef,
+    auth: Option<&RegistryCredential>,
+) -> RuntimeError {
+    let RuntimeError::Pull { status, message } = e else {
+        return e;
+    };
+    if !is_unauthorized(status, &message) {
+        return RuntimeError::Pull { status, message };
+    }
+    let host = image.registry_host();
+    let message = match auth {
+        None => format!(
+            "unauthorized: registry {host} requires credentials and this device has none for it ({message})"
+        ),
+        Some(c) => format!(
+            "unauthorized: registry {host} refused the credentials of user {} ({message})",
+            c.username
+        ),
+    };
+    RuntimeError::Pull { status, message }
 }
 
 /// The mount point that holds `path`: the longest mount point that is a
@@ -116,9 +166,7 @@ mod tests {
             (Some(404), "manifest for 127.0.0.1:5000/drover/busybox:nope not found: manifest unknown: manifest unknown"),
             (Some(500), "manifest for x:1 not found: manifest unknown"),
             (Some(404), "pull access denied for x, repository does not exist or may require 'docker login'"),
-            (Some(401), "something"),
             (Some(400), "invalid reference format"),
-            (None, "unauthorized: authentication required"),
             (None, "invalid reference format: repository name must be lowercase"),
             (None, "some error nobody has seen before"),
         ] {
@@ -141,6 +189,57 @@ mod tests {
         ] {
             assert_eq!(classify(status, text), Transient, "{status:?} {text}");
         }
+    }
+
+    #[test]
+    fn authentication_failures_are_retried_until_credentials_arrive() {
+        for (status, text) in [
+            (Some(401), "something"),
+            (None, "unauthorized: authentication required"),
+            (
+                Some(500),
+                r#"Head "http://127.0.0.1:5001/v2/drover/busybox/manifests/2": no basic auth credentials"#,
+            ),
+        ] {
+            assert!(is_unauthorized(status, text), "{status:?} {text}");
+            assert_eq!(classify(status, text), Transient, "{status:?} {text}");
+        }
+        assert!(!is_unauthorized(Some(404), "manifest unknown"));
+    }
+
+    #[test]
+    fn unauthorized_errors_say_so_without_the_password() {
+        let image = ImageRef::parse("127.0.0.1:5001/drover/busybox:2").expect("valid");
+        let e = || {
+            RuntimeError::Pull {
+            status: Some(500),
+            message: "Head \"http://127.0.0.1:5001/v2/drover/busybox/manifests/2\": no basic auth credentials".into(),
+        }
+        };
+        let none = explain_unauthorized(e(), &image, None).to_string();
+        assert!(
+            none.starts_with("unauthorized: registry 127.0.0.1:5001 requires credentials"),
+            "{none}"
+        );
+        let cred = RegistryCredential {
+            host: "127.0.0.1:5001".into(),
+            username: "robot".into(),
+            password: "s3cr3t-pw".into(),
+        };
+        let wrong = explain_unauthorized(e(), &image, Some(&cred)).to_string();
+        assert!(
+            wrong.contains("unauthorized") && wrong.contains("robot"),
+            "{wrong}"
+        );
+        assert!(!wrong.contains("s3cr3t"), "{wrong}");
+        let other = RuntimeError::Pull {
+            status: Some(404),
+            message: "manifest unknown".into(),
+        };
+        assert_eq!(
+            explain_unauthorized(other, &image, None).to_string(),
+            "manifest unknown"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use drover_shared::model::{
     AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RestartPolicy,
     RunState,
 };
-use drover_shared::payload::{DeviceEvent, EventKind, Progress};
+use drover_shared::payload::{DeviceEvent, EventKind, Progress, RegistryCredential, Secrets};
 use drover_shared::{DeviceId, Name};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -39,6 +39,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// One runtime action. Steps that act on an existing container carry its id.
+// `Create` carries a whole spec; a plan has a handful of steps, so boxing it
+// would only make the planner's code and tests noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Pull {
@@ -526,6 +529,9 @@ pub struct Reconciler<R> {
     options: ReconcileOptions,
     memory: std::sync::Mutex<Memory>,
     ledger: tokio::sync::Mutex<ImageLedger>,
+    /// Registry credentials from the orchestrator; a change makes waiting
+    /// pull retries due at once (an unauthorized pull may pass now).
+    secrets: Option<watch::Receiver<Arc<Secrets>>>,
 }
 
 impl<R: Runtime> Reconciler<R> {
@@ -538,6 +544,29 @@ impl<R: Runtime> Reconciler<R> {
             options: ReconcileOptions::default(),
             memory: std::sync::Mutex::new(Memory::default()),
             ledger: tokio::sync::Mutex::new(ImageLedger::in_memory()),
+            secrets: None,
+        }
+    }
+
+    /// Pulls from private registries with these credentials.
+    pub fn with_secrets(mut self, secrets: watch::Receiver<Arc<Secrets>>) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// The credentials for an image's registry, if the agent holds any.
+    fn credentials(&self, image: &ImageRef) -> Option<RegistryCredential> {
+        let secrets = self.secrets.as_ref()?.borrow();
+        crate::secrets::credentials_for(&secrets, image).cloned()
+    }
+
+    /// Makes every waiting pull retry due now, keeping its attempt count.
+    fn retry_pulls_now(&self) {
+        let now = Instant::now();
+        let at_ms = now_ms();
+        for r in self.mem().retries.values_mut() {
+            r.next_at = now;
+            r.next_at_ms = at_ms;
         }
     }
 
@@ -593,6 +622,7 @@ impl<R: Runtime> Reconciler<R> {
         interval: Duration,
         mut triggers: mpsc::Receiver<()>,
     ) {
+        let mut secrets = self.secrets.clone();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -633,8 +663,23 @@ impl<R: Runtime> Reconciler<R> {
                     None => std::future::pending().await,
                 }
             };
+            let secrets_changed = async {
+                match secrets.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },
+                ok = secrets_changed => {
+                    if ok {
+                        debug!("registry credentials changed; retrying waiting pulls now");
+                        self.retry_pulls_now();
+                    } else {
+                        // The agent core is gone: keep going on the last set.
+                        secrets = None;
+                    }
+                }
                 _ = tick.tick() => {}
                 Some(()) = triggers.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
@@ -1056,7 +1101,11 @@ impl<R: Runtime> Reconciler<R> {
                 });
             }
         };
-        self.runtime.pull(&image_ref, &mut on_progress).await?;
+        let auth = self.credentials(&image_ref);
+        self.runtime
+            .pull(&image_ref, auth.as_ref(), &mut on_progress)
+            .await
+            .map_err(|e| pull::explain_unauthorized(e, &image_ref, auth.as_ref()))?;
         let now = now_ms();
         let snapshot = {
             let mut ledger = self.ledger.lock().await;

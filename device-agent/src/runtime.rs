@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, HostConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -23,6 +23,7 @@ use drover_shared::model::{
     ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION,
     LABEL_MANAGED, LABEL_SPEC_HASH,
 };
+use drover_shared::payload::RegistryCredential;
 use drover_shared::{DeviceId, Name};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -31,6 +32,8 @@ use crate::pull::PullErrorClass;
 
 /// Seconds Docker waits after SIGTERM before it kills a container.
 const STOP_TIMEOUT_S: i32 = 10;
+/// Set on every container that is not privileged.
+const NO_NEW_PRIVILEGES: &str = "no-new-privileges:true";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
@@ -176,9 +179,12 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         image: &ImageRef,
     ) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Pulls with `auth` when given: the credentials for the image's own
+    /// registry, never another's.
     fn pull(
         &self,
         image: &ImageRef,
+        auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Creates the container and returns its id.
@@ -309,7 +315,13 @@ fn exit_code_from_status(status: &str) -> Option<i64> {
     rest.split_once(')')?.0.parse().ok()
 }
 
-fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> ContainerCreateBody {
+/// Docker's create request for a spec. Refuses a host path in `volumes`:
+/// the orchestrator validates specs, but a desired state can also come from
+/// any MQTT client, and a host mount must never slip in unannounced.
+fn create_body(
+    spec: &ContainerSpec,
+    labels: HashMap<String, String>,
+) -> Result<ContainerCreateBody, RuntimeError> {
     let mut exposed = Vec::new();
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     for p in &spec.ports {
@@ -328,15 +340,36 @@ fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Contain
                 host_port: Some(p.host.to_string()),
             });
     }
+    if let Some(v) = spec.volumes.iter().find(|v| v.source.starts_with('/')) {
+        return Err(RuntimeError::Docker(format!(
+            "volume source {:?} is a host path; host paths must be listed in host_mounts",
+            v.source
+        )));
+    }
+    let bind = |source: &str, target: &str, read_only: bool| {
+        if read_only {
+            format!("{source}:{target}:ro")
+        } else {
+            format!("{source}:{target}")
+        }
+    };
     let binds: Vec<String> = spec
         .volumes
         .iter()
-        .map(|v| {
-            if v.read_only {
-                format!("{}:{}:ro", v.source, v.target)
-            } else {
-                format!("{}:{}", v.source, v.target)
-            }
+        .map(|v| bind(&v.source, &v.target, v.read_only))
+        .chain(
+            spec.host_mounts
+                .iter()
+                .map(|m| bind(&m.source, &m.target, m.read_only)),
+        )
+        .collect();
+    let devices: Vec<DeviceMapping> = spec
+        .devices
+        .iter()
+        .map(|d| DeviceMapping {
+            path_on_host: Some(d.host.clone()),
+            path_in_container: Some(d.container.clone().unwrap_or_else(|| d.host.clone())),
+            cgroup_permissions: Some(d.permissions.clone().unwrap_or_else(|| "rwm".into())),
         })
         .collect();
     let restart = match spec.restart {
@@ -345,7 +378,7 @@ fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Contain
         drover_shared::model::RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
         drover_shared::model::RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
     };
-    ContainerCreateBody {
+    Ok(ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: spec.command.clone(),
         env: (!spec.env.is_empty())
@@ -363,10 +396,17 @@ fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Contain
                 .memory_mb
                 .map(|mb| i64::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+            privileged: Some(spec.privileged),
+            network_mode: Some(spec.network_mode.docker_name().to_string()),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            devices: (!devices.is_empty()).then_some(devices),
+            // A privileged container has every capability anyway; for all
+            // others, setuid binaries cannot gain more than the process has.
+            security_opt: (!spec.privileged).then(|| vec![NO_NEW_PRIVILEGES.to_string()]),
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 impl Runtime for DockerRuntime {
@@ -418,6 +458,7 @@ impl Runtime for DockerRuntime {
     async fn pull(
         &self,
         image: &ImageRef,
+        auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<(), RuntimeError> {
         let d = self.client().await?;
@@ -426,7 +467,8 @@ impl Runtime for DockerRuntime {
             .from_image(&image.repository)
             .tag(image.pull_tag())
             .build();
-        let mut stream = d.create_image(Some(opts), None, None);
+        let credentials = auth.map(crate::secrets::docker_credentials);
+        let mut stream = d.create_image(Some(opts), None, credentials);
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
         while let Some(item) = stream.next().await {
             let info = match item {
@@ -484,7 +526,7 @@ impl Runtime for DockerRuntime {
         let opts = CreateContainerOptionsBuilder::new().name(name).build();
         let r = self
             .check(
-                d.create_container(Some(opts), create_body(spec, labels))
+                d.create_container(Some(opts), create_body(spec, labels)?)
                     .await,
             )
             .await?;
@@ -608,6 +650,95 @@ mod tests {
         assert_eq!(exit_code_from_status("Up 3 seconds"), None);
     }
 
+    fn plain(image: &str) -> ContainerSpec {
+        ContainerSpec {
+            name: Name::new("main").expect("valid"),
+            image: image.into(),
+            command: None,
+            env: Default::default(),
+            ports: vec![],
+            volumes: vec![],
+            restart: Default::default(),
+            memory_mb: None,
+            cpus: None,
+            privileged: false,
+            network_mode: Default::default(),
+            cap_add: vec![],
+            devices: vec![],
+            host_mounts: vec![],
+        }
+    }
+
+    #[test]
+    fn a_default_spec_is_created_unprivileged() {
+        let body = create_body(&plain("x:1"), HashMap::new()).expect("body");
+        let hc = body.host_config.expect("host config");
+        assert_eq!(hc.privileged, Some(false));
+        assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
+        assert_eq!(hc.security_opt, Some(vec![NO_NEW_PRIVILEGES.to_string()]));
+        assert_eq!((hc.binds, hc.cap_add, hc.devices), (None, None, None));
+    }
+
+    #[test]
+    fn privileges_asked_for_map_onto_the_host_config() {
+        use drover_shared::model::{DeviceMapping as Dev, HostMount, NetworkMode, VolumeBind};
+        let mut spec = plain("x:1");
+        spec.privileged = true;
+        spec.network_mode = NetworkMode::Host;
+        spec.cap_add = vec!["NET_ADMIN".into()];
+        spec.devices = vec![Dev {
+            host: "/dev/ttyUSB0".into(),
+            container: None,
+            permissions: Some("rw".into()),
+        }];
+        spec.volumes = vec![VolumeBind {
+            source: "cache".into(),
+            target: "/cache".into(),
+            read_only: false,
+        }];
+        spec.host_mounts = vec![HostMount {
+            source: "/srv/data".into(),
+            target: "/data".into(),
+            read_only: true,
+        }];
+        let hc = create_body(&spec, HashMap::new())
+            .expect("body")
+            .host_config
+            .expect("host config");
+        assert_eq!(hc.privileged, Some(true));
+        assert_eq!(hc.network_mode.as_deref(), Some("host"));
+        assert_eq!(hc.security_opt, None);
+        assert_eq!(hc.cap_add, Some(vec!["NET_ADMIN".to_string()]));
+        assert_eq!(
+            hc.binds,
+            Some(vec![
+                "cache:/cache".to_string(),
+                "/srv/data:/data:ro".to_string()
+            ])
+        );
+        let d = &hc.devices.expect("devices")[0];
+        assert_eq!(
+            (
+                d.path_on_host.as_deref(),
+                d.path_in_container.as_deref(),
+                d.cgroup_permissions.as_deref()
+            ),
+            (Some("/dev/ttyUSB0"), Some("/dev/ttyUSB0"), Some("rw"))
+        );
+    }
+
+    #[test]
+    fn a_host_path_smuggled_into_volumes_is_refused() {
+        let mut spec = plain("x:1");
+        spec.volumes = vec![drover_shared::model::VolumeBind {
+            source: "/etc".into(),
+            target: "/host-etc".into(),
+            read_only: false,
+        }];
+        let e = create_body(&spec, HashMap::new()).expect_err("refused");
+        assert!(e.to_string().contains("host_mounts"), "{e}");
+    }
+
     #[test]
     fn only_own_managed_containers_are_read() {
         let me = DeviceId::new("me").expect("valid");
@@ -621,6 +752,11 @@ mod tests {
             restart: Default::default(),
             memory_mb: None,
             cpus: None,
+            privileged: false,
+            network_mode: Default::default(),
+            cap_add: vec![],
+            devices: vec![],
+            host_mounts: vec![],
         };
         let app = Name::new("web").expect("valid");
         let ours = labels_for(&me, &app, &spec, 3);

@@ -38,6 +38,11 @@ fn app(image: &str) -> AppSpec {
             restart: RestartPolicy::OnFailure,
             memory_mb: Some(64),
             cpus: Some(0.5),
+            privileged: false,
+            network_mode: Default::default(),
+            cap_add: vec![],
+            devices: vec![],
+            host_mounts: vec![],
         }],
         labels: [("tier".to_string(), "edge".to_string())].into(),
     }
@@ -61,6 +66,11 @@ fn desired() -> DesiredState {
                         restart: RestartPolicy::default(),
                         memory_mb: None,
                         cpus: None,
+                        privileged: false,
+                        network_mode: Default::default(),
+                        cap_add: vec![],
+                        devices: vec![],
+                        host_mounts: vec![],
                     }],
                     labels: BTreeMap::new(),
                 },
@@ -184,7 +194,7 @@ fn main() {
     write("app_spec", "spec-full", &full);
     write("app_spec", "spec-minimal", br#"{"name":"web","containers":[{"name":"main","image":"busybox"}]}"#);
     write("app_spec", "spec-digest", br#"{"name":"db","containers":[{"name":"pg","image":"postgres@sha256:abcdef0123","restart":"always","ports":[{"host":5432,"container":5432}]}]}"#);
-    write("app_spec", "spec-two", br#"{"name":"a","containers":[{"name":"x","image":"localhost:5000/a/b","cpus":1e-3,"memory_mb":1},{"name":"y","image":"a.b/C/d:t","volumes":[{"source":"/srv","target":"/srv"}]}],"labels":{"k":"v"}}"#);
+    write("app_spec", "spec-two", br#"{"name":"a","containers":[{"name":"x","image":"localhost:5000/a/b","cpus":1e-3,"memory_mb":1},{"name":"y","image":"a.b/C/d:t","host_mounts":[{"source":"/srv","target":"/srv"}]}],"labels":{"k":"v"}}"#);
     for (label, image) in [
         ("image-plain", "busybox"),
         ("image-tag", "busybox:1.36"),

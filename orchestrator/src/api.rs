@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::FleetError;
+use crate::records::AppView;
+use crate::registries::{self, CredentialsBody};
 use crate::service::{Service, ServiceError};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -193,6 +195,11 @@ pub fn router(service: Arc<Service>) -> Router {
         )
         .route("/api/v1/operations", get(list_operations))
         .route("/api/v1/operations/{id}", get(show_operation))
+        .route("/api/v1/registries", get(list_registries))
+        .route(
+            "/api/v1/registries/{host}",
+            get(show_registry).put(put_registry).delete(delete_registry),
+        )
         .merge(crate::security_api::routes())
         // A route layer, so the check knows which route matched.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -201,7 +208,7 @@ pub fn router(service: Arc<Service>) -> Router {
         ))
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
+                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
             )
         })
         .with_state(service)
@@ -358,7 +365,13 @@ pub(crate) fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
 }
 
 async fn list_apps(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    Json(s.apps().await)
+    Json(
+        s.apps()
+            .await
+            .into_iter()
+            .map(AppView::from)
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<impl IntoResponse> {
@@ -366,7 +379,7 @@ async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<imp
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
     let rec = s.create_app(spec).await?;
-    Ok((StatusCode::CREATED, Json(rec)))
+    Ok((StatusCode::CREATED, Json(AppView::from(rec))))
 }
 
 /// Replaces an app's spec. Devices pick it up when it is deployed again.
@@ -390,7 +403,7 @@ async fn update_app(
     }
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
-    Ok(Json(s.update_app(spec).await?))
+    Ok(Json(AppView::from(s.update_app(spec).await?)))
 }
 
 async fn show_app(
@@ -405,7 +418,7 @@ async fn show_app(
             format!("app {n} does not exist"),
         )
     })?;
-    Ok(Json(rec))
+    Ok(Json(AppView::from(rec)))
 }
 
 async fn delete_app(
@@ -444,4 +457,84 @@ async fn show_operation(
         )
     })?;
     Ok(Json(op))
+}
+
+// ----- registry credentials ---------------------------------------------------
+//
+// Responses show the host, the username and `password_set`, never the
+// password; the request body is not echoed back in errors either.
+
+fn registry_host(raw: &str) -> ApiResult<String> {
+    registries::validate_host(raw)
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))
+}
+
+async fn list_registries(State(s): State<Arc<Service>>) -> impl IntoResponse {
+    Json(s.registries().await)
+}
+
+async fn show_registry(
+    State(s): State<Arc<Service>>,
+    Path(host): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let host = registry_host(&host)?;
+    let view = s.registry(&host).await.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "host",
+            format!("no credentials stored for registry {host}"),
+        )
+    })?;
+    Ok(Json(view))
+}
+
+async fn put_registry(
+    State(s): State<Arc<Service>>,
+    Path(host): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let host = registry_host(&host)?;
+    // Parse errors name the field but never quote the value: it may be
+    // the password.
+    let body: CredentialsBody = parse_body(&body).map_err(|e| {
+        let field = e.field.clone();
+        let message = match &field {
+            Some(f) => format!(
+                "invalid field `{f}`: expected {{\"username\": string, \"password\": string}}"
+            ),
+            None => "invalid request body: expected {\"username\": string, \"password\": string}"
+                .to_string(),
+        };
+        ApiError {
+            status: e.status,
+            message,
+            field,
+        }
+    })?;
+    registries::validate_credentials(&body)
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))?;
+    let view = s
+        .set_registry(drover_shared::payload::RegistryCredential {
+            host,
+            username: body.username,
+            password: body.password,
+        })
+        .await?;
+    Ok(Json(view))
+}
+
+async fn delete_registry(
+    State(s): State<Arc<Service>>,
+    Path(host): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let host = registry_host(&host)?;
+    if s.delete_registry(&host).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::field(
+            StatusCode::NOT_FOUND,
+            "host",
+            format!("no credentials stored for registry {host}"),
+        ))
+    }
 }

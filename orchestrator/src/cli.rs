@@ -7,13 +7,18 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use drover_shared::model::{
-    AppSpec, ContainerSpec, PortMapping, Protocol, RestartPolicy, VolumeBind,
+    AppSpec, ContainerSpec, DeviceMapping, HostMount, NetworkMode, PortMapping, Protocol,
+    RestartPolicy, VolumeBind,
 };
 use drover_shared::Name;
 use serde_json::Value;
 
 use crate::api::ErrorBody;
-use crate::records::{AppRecord, DeviceView, OpStatus, Operation};
+use crate::records::{AppView, DeviceView, OpStatus, Operation};
+use crate::registries::RegistryView;
+
+/// Where `registries set` takes the password from when not from stdin.
+const PASSWORD_ENV: &str = "DROVER_REGISTRY_PASSWORD";
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
@@ -69,9 +74,24 @@ pub struct CreateApp {
     /// Port mapping HOST:CONTAINER[/udp] (repeatable).
     #[arg(long = "port", short = 'p')]
     pub ports: Vec<String>,
-    /// Volume SOURCE:TARGET[:ro] (repeatable).
+    /// Named volume NAME:TARGET[:ro] (repeatable); host paths go in --mount.
     #[arg(long = "volume", short = 'v')]
     pub volumes: Vec<String>,
+    /// Host path bind mount SOURCE:TARGET[:ro] (repeatable).
+    #[arg(long = "mount")]
+    pub mounts: Vec<String>,
+    /// Host device HOST[:CONTAINER[:PERMISSIONS]], e.g. /dev/ttyUSB0 (repeatable).
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// Linux capability to add, e.g. NET_ADMIN (repeatable).
+    #[arg(long = "cap-add")]
+    pub cap_add: Vec<String>,
+    /// Network: bridge (default), host or none.
+    #[arg(long, default_value = "bridge")]
+    pub network: String,
+    /// Run the container privileged (every capability, every host device).
+    #[arg(long)]
+    pub privileged: bool,
     /// Restart policy: no, unless-stopped, always, on-failure.
     #[arg(long, default_value = "unless-stopped")]
     pub restart: String,
@@ -121,6 +141,27 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RegistriesCmd {
+    /// Registries with stored credentials (passwords are never shown).
+    List,
+    /// One registry's stored username.
+    Show { host: String },
+    /// Store credentials for a registry host, e.g. 127.0.0.1:5001. The
+    /// password comes from standard input (--password-stdin) or from
+    /// DROVER_REGISTRY_PASSWORD, never from the command line.
+    Set {
+        host: String,
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password from standard input (one line).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a registry's credentials.
+    Delete { host: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClientCmd {
     /// Devices and their state (default: list).
     Devices {
@@ -164,6 +205,11 @@ pub enum ClientCmd {
     },
     /// Who changed what, when, and how it ended (admin).
     Audit(crate::cli_security::AuditArgs),
+    /// Private registry credentials (default: list).
+    Registries {
+        #[command(subcommand)]
+        cmd: Option<RegistriesCmd>,
+    },
 }
 
 /// A client command with the default subcommands filled in.
@@ -176,6 +222,7 @@ enum Resolved {
     Stop(Target),
     Remove(Target),
     Logs(LogsArgs),
+    Registries(RegistriesCmd),
 }
 
 pub struct Client {
@@ -264,6 +311,9 @@ impl Client {
             ClientCmd::Stop(t) => Resolved::Stop(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
+            ClientCmd::Registries { cmd } => {
+                Resolved::Registries(cmd.unwrap_or(RegistriesCmd::List))
+            }
             ClientCmd::EnrollTokens { cmd } => return self.enroll_tokens(cmd).await,
             ClientCmd::Tokens { cmd } => return self.tokens(cmd).await,
             ClientCmd::MqttUsers { cmd } => return self.mqtt_users(cmd).await,
@@ -285,14 +335,24 @@ impl Client {
             }
             Resolved::Apps(AppsCmd::Show { name }) => {
                 let v = self.get(&format!("/api/v1/apps/{name}")).await?;
-                self.print(&v, |a: AppRecord| {
-                    serde_json::to_string_pretty(&a.spec).unwrap_or_default() + "\n"
+                self.print(&v, |a: AppView| {
+                    format!(
+                        "privileges:  {}\n{}\n",
+                        privileges_text(&a.privileges),
+                        serde_json::to_string_pretty(&a.record.spec).unwrap_or_default()
+                    )
                 })
             }
             Resolved::Apps(AppsCmd::Create(c)) => {
                 let body = app_body(*c)?;
                 let v = self.post("/api/v1/apps", &body).await?;
-                self.print(&v, |a: AppRecord| format!("created app {}\n", a.spec.name))
+                self.print(&v, |a: AppView| {
+                    format!(
+                        "created app {} (privileges: {})\n",
+                        a.record.spec.name,
+                        privileges_text(&a.privileges)
+                    )
+                })
             }
             Resolved::Apps(AppsCmd::Update(c)) => {
                 let body = app_body(*c)?;
@@ -304,10 +364,11 @@ impl Client {
                             .json(&body),
                     )
                     .await?;
-                self.print(&v, |a: AppRecord| {
+                self.print(&v, |a: AppView| {
                     format!(
-                        "updated app {}; deploy it again to roll it out\n",
-                        a.spec.name
+                        "updated app {} (privileges: {}); deploy it again to roll it out\n",
+                        a.record.spec.name,
+                        privileges_text(&a.privileges)
                     )
                 })
             }
@@ -373,6 +434,45 @@ impl Client {
                 self.print(&v, |lines: Vec<drover_shared::payload::LogLine>| {
                     lines.into_iter().map(|l| l.line + "\n").collect()
                 })
+            }
+            Resolved::Registries(cmd) => self.registries(cmd).await,
+        }
+    }
+
+    async fn registries(&self, cmd: RegistriesCmd) -> Result<()> {
+        match cmd {
+            RegistriesCmd::List => {
+                let v = self.get("/api/v1/registries").await?;
+                self.print(&v, registries_table)
+            }
+            RegistriesCmd::Show { host } => {
+                let v = self.get(&format!("/api/v1/registries/{host}")).await?;
+                self.print(&v, |r: RegistryView| registries_table(vec![r]))
+            }
+            RegistriesCmd::Set {
+                host,
+                username,
+                password_stdin,
+            } => {
+                let password = read_password(password_stdin)?;
+                let body = serde_json::json!({ "username": username, "password": password });
+                let v = self
+                    .send(
+                        self.http
+                            .put(format!("{}/api/v1/registries/{host}", self.base))
+                            .json(&body),
+                    )
+                    .await?;
+                self.print(&v, |r: RegistryView| {
+                    format!("stored credentials for {} (user {})\n", r.host, r.username)
+                })
+            }
+            RegistriesCmd::Delete { host } => {
+                self.delete(&format!("/api/v1/registries/{host}")).await?;
+                if self.output == Output::Table {
+                    println!("deleted credentials for {host}");
+                }
+                Ok(())
             }
         }
     }
@@ -506,6 +606,46 @@ fn app_body(c: CreateApp) -> Result<Value> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
+    let host_mounts = c
+        .mounts
+        .iter()
+        .map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            match parts.as_slice() {
+                [s, t] => Ok(HostMount {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: false,
+                }),
+                [s, t, "ro"] => Ok(HostMount {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    read_only: true,
+                }),
+                _ => bail!("--mount {m:?} is not SOURCE:TARGET[:ro]"),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let devices = c
+        .devices
+        .iter()
+        .map(|d| {
+            let parts: Vec<&str> = d.split(':').collect();
+            let (host, container, permissions) = match parts.as_slice() {
+                [h] => (h, None, None),
+                [h, c] => (h, Some(c.to_string()), None),
+                [h, c, p] => (h, Some(c.to_string()), Some(p.to_string())),
+                _ => bail!("--device {d:?} is not HOST[:CONTAINER[:PERMISSIONS]]"),
+            };
+            Ok(DeviceMapping {
+                host: host.to_string(),
+                container,
+                permissions,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let network_mode: NetworkMode = serde_json::from_value(Value::String(c.network.clone()))
+        .map_err(|_| anyhow!("--network {:?} is not one of bridge, host, none", c.network))?;
     let restart: RestartPolicy =
         serde_json::from_value(Value::String(c.restart.clone())).map_err(|_| {
             anyhow!(
@@ -526,10 +666,66 @@ fn app_body(c: CreateApp) -> Result<Value> {
             restart,
             memory_mb: c.memory_mb,
             cpus: c.cpus,
+            privileged: c.privileged,
+            network_mode,
+            cap_add: c.cap_add,
+            devices,
+            host_mounts,
         }],
         labels: BTreeMap::new(),
     };
     Ok(serde_json::to_value(spec)?)
+}
+
+/// The password for `registries set`: one line of standard input, or the
+/// environment. Never an argument, so it stays out of shell history and
+/// of other users' `ps`.
+fn read_password(from_stdin: bool) -> Result<String> {
+    let password = if from_stdin {
+        let mut text = std::io::read_to_string(std::io::stdin())
+            .context("cannot read the password from standard input")?;
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
+        }
+        text
+    } else {
+        match std::env::var(PASSWORD_ENV) {
+            Ok(p) => p,
+            Err(_) => bail!(
+                "no password: pass --password-stdin and write it to standard input, or set {PASSWORD_ENV}"
+            ),
+        }
+    };
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    Ok(password)
+}
+
+fn privileges_text(p: &[String]) -> String {
+    if p.is_empty() {
+        "none (unprivileged)".to_string()
+    } else {
+        p.join(", ")
+    }
+}
+
+fn registries_table(regs: Vec<RegistryView>) -> String {
+    let rows = regs
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.host,
+                r.username,
+                if r.password_set { "set" } else { "not set" }.to_string(),
+                ago(r.updated_at_ms),
+            ]
+        })
+        .collect();
+    table(&["REGISTRY", "USERNAME", "PASSWORD", "UPDATED"], rows)
 }
 
 pub(crate) fn ago(ms: u64) -> String {
@@ -642,6 +838,9 @@ fn device_detail(d: DeviceView) -> String {
             t.host.load_1
         );
     }
+    for (app, p) in &d.privileges {
+        out += &format!("privileges:  {app}: {}\n", privileges_text(p));
+    }
     let mut rows = Vec::new();
     for a in d.observed.map(|o| o.apps).unwrap_or_default() {
         for c in a.containers {
@@ -663,19 +862,21 @@ fn device_detail(d: DeviceView) -> String {
     out
 }
 
-fn apps_table(apps: Vec<AppRecord>) -> String {
+fn apps_table(apps: Vec<AppView>) -> String {
     let rows = apps
         .into_iter()
         .map(|a| {
-            let images: Vec<String> = a.spec.containers.iter().map(|c| c.image.clone()).collect();
+            let spec = &a.record.spec;
+            let images: Vec<String> = spec.containers.iter().map(|c| c.image.clone()).collect();
             vec![
-                a.spec.name.to_string(),
-                a.spec.containers.len().to_string(),
+                spec.name.to_string(),
+                spec.containers.len().to_string(),
                 images.join(","),
+                privileges_text(&a.privileges),
             ]
         })
         .collect();
-    table(&["APP", "CONTAINERS", "IMAGES"], rows)
+    table(&["APP", "CONTAINERS", "IMAGES", "PRIVILEGES"], rows)
 }
 
 fn ops_table(ops: Vec<Operation>) -> String {

@@ -473,6 +473,16 @@ impl Fleet {
             telemetry: d.telemetry.clone(),
             recent_events: d.events.iter().rev().take(20).cloned().collect(),
             credential: None,
+            privileges: self
+                .desired
+                .get(id)
+                .map(|s| {
+                    s.apps
+                        .iter()
+                        .map(|a| (a.spec.name.to_string(), a.spec.privileges()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 

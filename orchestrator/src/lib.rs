@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod records;
+pub mod registries;
 pub mod secret;
 pub mod security_api;
 pub mod server;

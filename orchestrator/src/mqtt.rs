@@ -71,7 +71,9 @@ pub fn decode_device_message(
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
         // Enrollment is not a fleet matter: see `drive`.
         TopicKind::Enroll => return Ok(None),
-        TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled => return Ok(None),
+        TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled | TopicKind::Secrets => {
+            return Ok(None)
+        }
     }))
 }
 

@@ -25,6 +25,26 @@ pub struct AppRecord {
     pub updated_at_ms: u64,
 }
 
+/// An app as the API shows it: the stored record and what the app may do
+/// to the devices it runs on ([`AppSpec::privileges`]; empty when it is
+/// unprivileged).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppView {
+    #[serde(flatten)]
+    pub record: AppRecord,
+    #[serde(default)]
+    pub privileges: Vec<String>,
+}
+
+impl From<AppRecord> for AppView {
+    fn from(record: AppRecord) -> Self {
+        AppView {
+            privileges: record.spec.privileges(),
+            record,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DesiredRecord {
     pub device: DeviceId,
@@ -97,6 +117,10 @@ pub struct DeviceView {
     /// The device's latest events, newest first.
     #[serde(default)]
     pub recent_events: Vec<DeviceEvent>,
+    /// What each app in the desired state may do to the device, by app
+    /// name ([`AppSpec::privileges`]; empty lists for unprivileged apps).
+    #[serde(default)]
+    pub privileges: std::collections::BTreeMap<String, Vec<String>>,
     /// Its broker credential: none, active or revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<crate::identity::CredentialState>,

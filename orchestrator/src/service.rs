@@ -8,13 +8,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use drover_shared::model::{AppSpec, DesiredState};
 use drover_shared::payload::{
-    Action, Command, Desired, EnrollOutcome, EnrollRequest, Enrolled, Op, Secret,
+    Action, Command, Desired, EnrollOutcome, EnrollRequest, Enrolled, Op, RegistryCredential,
+    Secret,
 };
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{encode, DeviceId, Name};
 use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::access::Access;
 use crate::fleet::{Fleet, FleetError};
@@ -22,6 +23,7 @@ use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::mqtt::{qos, Event};
 use crate::records::{AppRecord, DeviceView, Operation};
+use crate::registries::{RegistryRecord, RegistryView, SecretsBook};
 use crate::store::{Store, StoreError, Write};
 
 pub fn now_ms() -> u64 {
@@ -83,6 +85,10 @@ async fn store_writer(store: Store, mut jobs: mpsc::Receiver<WriteJob>, metrics:
 
 pub struct Service {
     fleet: Mutex<Fleet>,
+    /// Registry credentials. Lock order: `secrets` before `fleet`, never
+    /// the other way round; it is held across publishing, so the sets a
+    /// device is sent go out in the order they were computed.
+    secrets: Mutex<SecretsBook>,
     store: Store,
     writer: mpsc::Sender<WriteJob>,
     mqtt: AsyncClient,
@@ -107,10 +113,12 @@ impl Service {
             store.desired()?,
             store.operations()?,
         );
+        let secrets = SecretsBook::load(store.registries()?);
         let (writer, jobs) = mpsc::channel(10_000);
         tokio::spawn(store_writer(store.clone(), jobs, metrics.clone()));
         Ok(Service {
             fleet: Mutex::new(fleet),
+            secrets: Mutex::new(secrets),
             store,
             writer,
             mqtt,
@@ -258,12 +266,14 @@ impl Service {
     async fn on_device_message(&self, id: DeviceId, msg: crate::fleet::DeviceMessage) {
         let mut fleet = self.fleet.lock().await;
         let fx = fleet.on_device_message(&id, msg, now_ms());
-        if fx.republish {
-            if let Some(state) = fleet.desired(&id) {
-                self.publish_desired(&id, state);
-            }
-        }
+        let republish = fx.republish.then(|| fleet.desired(&id).cloned()).flatten();
         drop(fleet);
+        if let Some(state) = republish {
+            // Credentials first, so a device never pulls without them.
+            self.sync_secrets(Some(std::slice::from_ref(&id)), true, false)
+                .await;
+            self.publish_desired(&id, &state);
+        }
         if fx.resync {
             let cmd = Command {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -279,6 +289,7 @@ impl Service {
     /// published again, retained: an embedded broker restarted with the
     /// orchestrator has lost all retained messages.
     async fn republish_all(&self) {
+        self.sync_secrets(None, true, false).await;
         let fleet = self.fleet.lock().await;
         let mut n = 0;
         for (id, state) in fleet.all_desired() {
@@ -286,6 +297,54 @@ impl Service {
             n += 1;
         }
         info!(devices = n, "republished desired states");
+    }
+
+    /// Publishes to each device (all with a desired state, or `devices`)
+    /// the registry credentials its desired state needs, when that set
+    /// changed since it was last sent, or always with `force`. `wait`: wait
+    /// for room in the MQTT queue (API requests) rather than give up at once
+    /// (the service loop, which must not block on the link it feeds).
+    async fn sync_secrets(&self, devices: Option<&[DeviceId]>, force: bool, wait: bool) {
+        let mut book = self.secrets.lock().await;
+        let now = now_ms();
+        let due: Vec<(DeviceId, drover_shared::payload::Secrets)> = {
+            let fleet = self.fleet.lock().await;
+            let mut due = Vec::new();
+            let mut offer = |id: &DeviceId, state: &DesiredState| {
+                if let Some(s) = book.next_for(id, state, force, now) {
+                    due.push((id.clone(), s));
+                }
+            };
+            match devices {
+                Some(ids) => {
+                    for id in ids {
+                        if let Some(state) = fleet.desired(id) {
+                            offer(id, state);
+                        }
+                    }
+                }
+                None => {
+                    for (id, state) in fleet.all_desired() {
+                        offer(id, state);
+                    }
+                }
+            }
+            due
+        };
+        for (id, secrets) in due {
+            let hosts = secrets.hosts().join(",");
+            let payload = encode(&secrets);
+            let sent = if wait {
+                self.publish_waiting(&id, TopicKind::Secrets, payload).await
+            } else {
+                self.publish(&id, TopicKind::Secrets, payload)
+            };
+            if sent {
+                debug!(device = %id, registries = %hosts, "registry credentials published");
+            } else {
+                book.unsend(&id);
+            }
+        }
     }
 
     // ----- API ---------------------------------------------------------------
@@ -355,6 +414,9 @@ impl Service {
         fleet.commit_request(desired.clone(), operation.clone());
         drop(fleet);
         info!(device = %device, app = %app, op = op.as_str(), generation = desired.generation, operation = %id, "desired state changed");
+        // The credentials the new desired state needs go out before it does.
+        self.sync_secrets(Some(std::slice::from_ref(device)), false, true)
+            .await;
         // Retained desired state first: it is what a reconnecting device
         // reads. The command carries the same state plus the id to ack.
         // Outside the fleet lock, waiting for room in the MQTT queue: a burst
@@ -416,6 +478,54 @@ impl Service {
                 false
             }
         }
+    }
+
+    // ----- registry credentials -------------------------------------------
+
+    pub async fn registries(&self) -> Vec<RegistryView> {
+        self.secrets.lock().await.views()
+    }
+
+    pub async fn registry(&self, host: &str) -> Option<RegistryView> {
+        self.secrets.lock().await.view(host)
+    }
+
+    /// Stores credentials for a (validated) registry host, then sends them
+    /// to the devices whose desired apps pull from it.
+    pub async fn set_registry(
+        &self,
+        credential: RegistryCredential,
+    ) -> Result<RegistryView, ServiceError> {
+        let rec = RegistryRecord {
+            credential,
+            updated_at_ms: now_ms(),
+        };
+        let view = RegistryView::from(&rec);
+        {
+            let mut book = self.secrets.lock().await;
+            self.persist(vec![Write::Registry(rec.clone())]).await?;
+            book.put(rec);
+        }
+        info!(host = %view.host, username = %view.username, "registry credentials stored");
+        self.sync_secrets(None, false, true).await;
+        Ok(view)
+    }
+
+    /// Deletes a registry's credentials; devices that had them get a set
+    /// without them. `false` when there were none.
+    pub async fn delete_registry(&self, host: &str) -> Result<bool, ServiceError> {
+        {
+            let mut book = self.secrets.lock().await;
+            if book.view(host).is_none() {
+                return Ok(false);
+            }
+            self.persist(vec![Write::DeleteRegistry(host.to_string())])
+                .await?;
+            book.remove(host);
+        }
+        info!(%host, "registry credentials deleted");
+        self.sync_secrets(None, false, true).await;
+        Ok(true)
     }
 
     /// From memory, or from redb for an old finished operation that was

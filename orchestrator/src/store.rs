@@ -15,6 +15,7 @@ use crate::records::{
     ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
     DeviceRecord, EnrollTokenRecord, Operation,
 };
+use crate::registries::RegistryRecord;
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -34,6 +35,9 @@ const AUTOMATION: TableDefinition<&str, &[u8]> = TableDefinition::new("automatio
 const API_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 /// The audit log, by sequence number.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Private registry credentials by registry host. The only table with
+/// passwords; nothing derived from it is stored elsewhere.
+const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registries");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -86,6 +90,8 @@ pub enum Write {
         record: AuditRecord,
         prune_to: Option<u64>,
     },
+    Registry(RegistryRecord),
+    DeleteRegistry(String),
 }
 
 #[derive(Clone)]
@@ -116,6 +122,7 @@ impl Store {
             ENROLL_TOKENS,
             AUTOMATION,
             API_TOKENS,
+            REGISTRIES,
         ] {
             tx.open_table(t)?;
         }
@@ -180,6 +187,13 @@ impl Store {
                         if let Some(upto) = prune_to {
                             t.retain_in::<u64, _>(..=*upto, |_, _| false)?;
                         }
+                    }
+                    Write::Registry(r) => {
+                        tx.open_table(REGISTRIES)?
+                            .insert(r.credential.host.as_str(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteRegistry(host) => {
+                        tx.open_table(REGISTRIES)?.remove(host.as_str())?;
                     }
                 }
             }
@@ -290,6 +304,10 @@ impl Store {
         let last = table.last()?.map_or(0, |(k, _)| k.value());
         Ok(last)
     }
+
+    pub fn registries(&self) -> Result<Vec<RegistryRecord>, StoreError> {
+        self.load_all(REGISTRIES, "registries")
+    }
 }
 
 #[cfg(test)]
@@ -339,5 +357,41 @@ mod tests {
         );
         let d = s.desired().expect("desired");
         assert_eq!((d[0].device.clone(), d[0].state.generation), (dev, 3));
+    }
+
+    #[test]
+    fn registry_credentials_are_stored_and_deleted() {
+        use crate::registries::RegistryRecord;
+        use drover_shared::payload::RegistryCredential;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.redb");
+        let rec = |host: &str| RegistryRecord {
+            credential: RegistryCredential {
+                host: host.into(),
+                username: "robot".into(),
+                password: "pw".into(),
+            },
+            updated_at_ms: 1,
+        };
+        {
+            let s = Store::open(&path).expect("open");
+            s.write(&[
+                Write::Registry(rec("a.example:5000")),
+                Write::Registry(rec("b.example")),
+            ])
+            .expect("write");
+            s.write(&[Write::DeleteRegistry("a.example:5000".into())])
+                .expect("delete");
+        }
+        let s = Store::open(&path).expect("reopen");
+        let all = s.registries().expect("registries");
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (
+                all[0].credential.host.as_str(),
+                all[0].credential.password.as_str()
+            ),
+            ("b.example", "pw")
+        );
     }
 }

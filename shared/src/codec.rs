@@ -130,6 +130,11 @@ mod tests {
                 restart: RestartPolicy::Always,
                 memory_mb: Some(64),
                 cpus: Some(0.5),
+                privileged: false,
+                network_mode: Default::default(),
+                cap_add: vec![],
+                devices: vec![],
+                host_mounts: vec![],
             }],
             labels: Default::default(),
         }

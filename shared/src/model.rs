@@ -44,6 +44,7 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Named Docker volumes only; host paths go in `host_mounts`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeBind>,
     #[serde(default)]
@@ -53,7 +54,125 @@ pub struct ContainerSpec {
     /// CPU limit in cores (0.5 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    // What the container may do to its host. Everything below is off by
+    // default and spelled out when on; `AppSpec::privileges` lists it. The
+    // defaults are skipped when serialising, so a spec that asks for none of
+    // it keeps the fingerprint it had before these fields existed.
+    /// Docker's `--privileged`: every capability and every host device.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub privileged: bool,
+    #[serde(default, skip_serializing_if = "NetworkMode::is_default")]
+    pub network_mode: NetworkMode,
+    /// Linux capabilities added to Docker's default set, e.g. `NET_ADMIN`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Host devices made available inside the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceMapping>,
+    /// Host directories or files bind-mounted into the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_mounts: Vec<HostMount>,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The container's network: Docker's default bridge, the host's own
+/// network stack, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Bridge,
+    Host,
+    None,
+}
+
+impl NetworkMode {
+    fn is_default(&self) -> bool {
+        *self == NetworkMode::Bridge
+    }
+
+    pub fn docker_name(self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+        }
+    }
+}
+
+/// A host device given to the container (`docker run --device`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMapping {
+    /// Absolute path of the device on the host, e.g. `/dev/ttyUSB0`.
+    pub host: String,
+    /// Path inside the container; the host path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// cgroup permissions, some of `r`, `w` and `m`; `rwm` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+}
+
+/// A host path bind-mounted into the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostMount {
+    /// Absolute path on the host.
+    pub source: String,
+    /// Absolute path inside the container.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Linux capabilities `cap_add` accepts (capabilities(7), without `CAP_`).
+pub const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,7 +200,7 @@ fn default_protocol() -> Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeBind {
-    /// A host path (starting with `/`) or a named Docker volume.
+    /// A named Docker volume; never a host path (see [`HostMount`]).
     pub source: String,
     pub target: String,
     #[serde(default)]
@@ -182,18 +301,65 @@ impl AppSpec {
             }
             for (j, v) in c.volumes.iter().enumerate() {
                 let f = |x: &str| format!("containers[{i}].volumes[{j}].{x}");
-                if v.source.is_empty() || v.source.contains(':') {
+                if v.source.starts_with('/') {
                     return Err(FieldError::new(
                         f("source"),
-                        "must be a host path or a volume name, without ':'",
+                        format!(
+                            "{:?} is a host path; volumes take named volumes only, put host paths in host_mounts",
+                            v.source
+                        ),
                     ));
                 }
-                if !v.target.starts_with('/') || v.target.contains(':') {
+                if !is_volume_name(&v.source) {
                     return Err(FieldError::new(
-                        f("target"),
-                        "must be an absolute path inside the container, without ':'",
+                        f("source"),
+                        "must be a volume name: letters, digits, '_', '.' or '-', starting with a letter or digit",
                     ));
                 }
+                check_container_path(&v.target).map_err(|m| FieldError::new(f("target"), m))?;
+            }
+            for (j, m) in c.host_mounts.iter().enumerate() {
+                let f = |x: &str| format!("containers[{i}].host_mounts[{j}].{x}");
+                check_host_path(&m.source).map_err(|e| FieldError::new(f("source"), e))?;
+                check_container_path(&m.target).map_err(|e| FieldError::new(f("target"), e))?;
+            }
+            for (j, d) in c.devices.iter().enumerate() {
+                let f = |x: &str| format!("containers[{i}].devices[{j}].{x}");
+                check_host_path(&d.host).map_err(|e| FieldError::new(f("host"), e))?;
+                if let Some(t) = &d.container {
+                    check_container_path(t).map_err(|e| FieldError::new(f("container"), e))?;
+                }
+                if let Some(p) = &d.permissions {
+                    let mut seen = std::collections::BTreeSet::new();
+                    if p.is_empty() || !p.chars().all(|ch| "rwm".contains(ch) && seen.insert(ch)) {
+                        return Err(FieldError::new(
+                            f("permissions"),
+                            format!("{p:?} is not some of r, w and m (e.g. \"rw\")"),
+                        ));
+                    }
+                }
+            }
+            for (j, cap) in c.cap_add.iter().enumerate() {
+                if !CAPABILITIES.contains(&cap.as_str()) {
+                    let hint = match cap.to_ascii_uppercase().trim_start_matches("CAP_") {
+                        u if CAPABILITIES.contains(&u) => format!("; write it as {u:?}"),
+                        "ALL" => "; ask for privileged instead".to_string(),
+                        _ => String::new(),
+                    };
+                    return Err(FieldError::new(
+                        format!("containers[{i}].cap_add[{j}]"),
+                        format!("{cap:?} is not a Linux capability name{hint}"),
+                    ));
+                }
+            }
+            if c.network_mode != NetworkMode::Bridge && !c.ports.is_empty() {
+                return Err(FieldError::new(
+                    at("ports"),
+                    format!(
+                        "ports cannot be published with network_mode {}",
+                        c.network_mode.docker_name()
+                    ),
+                ));
             }
             if c.memory_mb == Some(0) {
                 return Err(FieldError::new(at("memory_mb"), "must be greater than 0"));
@@ -209,6 +375,62 @@ impl AppSpec {
         }
         Ok(())
     }
+
+    /// What the app may do to the device it runs on, beyond an ordinary
+    /// unprivileged container: `privileged`, `host-network`,
+    /// `host-mount:<path>`, `device:<path>`, `cap:<NAME>`. Empty when the
+    /// app is unprivileged. Each entry appears once, in container order.
+    pub fn privileges(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut add = |p: String| {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        };
+        for c in &self.containers {
+            if c.privileged {
+                add("privileged".into());
+            }
+            if c.network_mode == NetworkMode::Host {
+                add("host-network".into());
+            }
+            for m in &c.host_mounts {
+                add(format!("host-mount:{}", m.source));
+            }
+            for d in &c.devices {
+                add(format!("device:{}", d.host));
+            }
+            for cap in &c.cap_add {
+                add(format!("cap:{cap}"));
+            }
+        }
+        out
+    }
+}
+
+/// Docker's rule for volume names.
+fn is_volume_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && s.len() <= 255
+}
+
+fn check_container_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.contains(':') || p.contains('\0') {
+        return Err("must be an absolute path inside the container, without ':'".into());
+    }
+    Ok(())
+}
+
+fn check_host_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.contains(':') || p.contains('\0') {
+        return Err("must be an absolute host path, without ':'".into());
+    }
+    if p.split('/').any(|part| part == "..") {
+        return Err("must not contain '..'".into());
+    }
+    Ok(())
 }
 
 impl ContainerSpec {
@@ -315,6 +537,18 @@ impl ImageRef {
             return Err("is longer than 512 characters once `:latest` is added".into());
         }
         Ok(image)
+    }
+
+    /// The registry the image is pulled from, Docker's way: the first path
+    /// component when it looks like a host (has a `.` or a `:`, or is
+    /// `localhost`), else Docker Hub, `docker.io`. Lower case.
+    pub fn registry_host(&self) -> String {
+        match self.repository.split_once('/') {
+            Some((host, _)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+                host.to_ascii_lowercase()
+            }
+            _ => "docker.io".to_string(),
+        }
     }
 
     /// What to pass as the `tag` of a pull: the digest when pinned, else the tag.
@@ -512,6 +746,223 @@ mod tests {
         assert_eq!(r.to_string(), s.containers[0].image);
         // Explicit tags and digests were already bounded by the raw length.
         assert!(ImageRef::parse(&format!("{}:1", "a".repeat(510))).is_ok());
+    }
+
+    #[test]
+    fn registry_hosts_follow_docker() {
+        let host = |s: &str| ImageRef::parse(s).expect("valid").registry_host();
+        assert_eq!(host("127.0.0.1:5001/drover/busybox:2"), "127.0.0.1:5001");
+        assert_eq!(
+            host("Registry.Example.com/a/b@sha256:ab"),
+            "registry.example.com"
+        );
+        assert_eq!(host("localhost/a:1"), "localhost");
+        assert_eq!(host("busybox:1"), "docker.io");
+        assert_eq!(host("library/busybox"), "docker.io");
+    }
+
+    fn with(f: impl FnOnce(&mut ContainerSpec)) -> AppSpec {
+        let mut s = spec("busybox:1");
+        f(&mut s.containers[0]);
+        s
+    }
+
+    fn invalid_field(mut s: AppSpec) -> (String, String) {
+        let e = s.validate().expect_err("invalid");
+        (e.field, e.message)
+    }
+
+    #[test]
+    fn specs_are_unprivileged_unless_they_ask() {
+        let s: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "containers": [{"name": "main", "image": "busybox:1",
+                            "volumes": [{"source": "data", "target": "/data"}]}]
+        }))
+        .expect("valid json");
+        let c = &s.containers[0];
+        assert!(!c.privileged);
+        assert_eq!(c.network_mode, NetworkMode::Bridge);
+        assert!(c.cap_add.is_empty() && c.devices.is_empty() && c.host_mounts.is_empty());
+        assert!(s.privileges().is_empty(), "{:?}", s.privileges());
+        let mut s = s;
+        s.validate().expect("a named volume is fine");
+    }
+
+    #[test]
+    fn privileges_list_everything_asked_for_once() {
+        let mut s: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "tool",
+            "containers": [
+                {"name": "a", "image": "busybox:1", "privileged": true, "network_mode": "host",
+                 "host_mounts": [{"source": "/data", "target": "/data"}],
+                 "devices": [{"host": "/dev/ttyUSB0"}],
+                 "cap_add": ["NET_ADMIN"]},
+                {"name": "b", "image": "busybox:1", "network_mode": "none",
+                 "host_mounts": [{"source": "/data", "target": "/other", "read_only": true}],
+                 "cap_add": ["SYS_TIME"]}
+            ]
+        }))
+        .expect("valid json");
+        s.validate().expect("valid");
+        assert_eq!(
+            s.privileges(),
+            [
+                "privileged",
+                "host-network",
+                "host-mount:/data",
+                "device:/dev/ttyUSB0",
+                "cap:NET_ADMIN",
+                "cap:SYS_TIME"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_host_path_in_volumes_points_to_host_mounts() {
+        let (field, msg) = invalid_field(with(|c| {
+            c.volumes.push(VolumeBind {
+                source: "/var/data".into(),
+                target: "/data".into(),
+                read_only: false,
+            })
+        }));
+        assert_eq!(field, "containers[0].volumes[0].source");
+        assert!(msg.contains("host_mounts"), "{msg}");
+        for bad in ["./data", "", "a:b", "-x"] {
+            let (field, _) = invalid_field(with(|c| {
+                c.volumes.push(VolumeBind {
+                    source: bad.into(),
+                    target: "/data".into(),
+                    read_only: false,
+                })
+            }));
+            assert_eq!(field, "containers[0].volumes[0].source", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn privilege_fields_are_validated_by_name() {
+        let mount = |source: &str, target: &str| HostMount {
+            source: source.into(),
+            target: target.into(),
+            read_only: false,
+        };
+        let cases: Vec<(AppSpec, &str)> = vec![
+            (
+                with(|c| c.host_mounts.push(mount("data", "/data"))),
+                "containers[0].host_mounts[0].source",
+            ),
+            (
+                with(|c| c.host_mounts.push(mount("/srv/../etc", "/data"))),
+                "containers[0].host_mounts[0].source",
+            ),
+            (
+                with(|c| c.host_mounts.push(mount("/srv", "data"))),
+                "containers[0].host_mounts[0].target",
+            ),
+            (
+                with(|c| c.cap_add.push("net_admin".into())),
+                "containers[0].cap_add[0]",
+            ),
+            (
+                with(|c| c.cap_add.push("ALL".into())),
+                "containers[0].cap_add[0]",
+            ),
+            (
+                with(|c| {
+                    c.devices.push(DeviceMapping {
+                        host: "ttyUSB0".into(),
+                        container: None,
+                        permissions: None,
+                    })
+                }),
+                "containers[0].devices[0].host",
+            ),
+            (
+                with(|c| {
+                    c.devices.push(DeviceMapping {
+                        host: "/dev/ttyUSB0".into(),
+                        container: None,
+                        permissions: Some("rx".into()),
+                    })
+                }),
+                "containers[0].devices[0].permissions",
+            ),
+            (
+                with(|c| {
+                    c.network_mode = NetworkMode::Host;
+                    c.ports.push(PortMapping {
+                        host: 80,
+                        container: 80,
+                        protocol: Protocol::Tcp,
+                        host_ip: None,
+                    });
+                }),
+                "containers[0].ports",
+            ),
+        ];
+        for (s, want) in cases {
+            let (field, msg) = invalid_field(s);
+            assert_eq!(field, want, "{msg}");
+        }
+        let (_, msg) = invalid_field(with(|c| c.cap_add.push("cap_net_admin".into())));
+        assert!(msg.contains("\"NET_ADMIN\""), "{msg}");
+        let r: Result<AppSpec, _> = serde_json::from_value(serde_json::json!({
+            "name": "web", "containers": [{"name": "main", "image": "busybox:1", "network_mode": "macvlan"}]
+        }));
+        assert!(r.is_err(), "unknown network modes are rejected");
+    }
+
+    #[test]
+    fn privilege_fields_are_in_the_fingerprint_and_defaults_keep_it() {
+        let base = spec("busybox:1").containers[0].clone();
+        // The fingerprint of a plain spec from before these fields existed.
+        #[derive(Serialize)]
+        struct Before {
+            name: &'static str,
+            image: &'static str,
+            restart: &'static str,
+        }
+        let mut bytes = Vec::new();
+        ciborium::into_writer(
+            &Before {
+                name: "main",
+                image: "busybox:1",
+                restart: "unless-stopped",
+            },
+            &mut bytes,
+        )
+        .expect("encode");
+        let mut cbor_of_old = Vec::new();
+        ciborium::into_writer(&base, &mut cbor_of_old).expect("encode");
+        assert_eq!(bytes, cbor_of_old, "defaults are not serialised");
+        type Change = Box<dyn Fn(&mut ContainerSpec)>;
+        let changes: Vec<Change> = vec![
+            Box::new(|c| c.privileged = true),
+            Box::new(|c| c.network_mode = NetworkMode::Host),
+            Box::new(|c| c.network_mode = NetworkMode::None),
+            Box::new(|c| c.cap_add.push("NET_ADMIN".into())),
+            Box::new(|c| {
+                c.devices.push(DeviceMapping {
+                    host: "/dev/null".into(),
+                    container: None,
+                    permissions: None,
+                })
+            }),
+            Box::new(|c| {
+                c.host_mounts.push(HostMount {
+                    source: "/srv".into(),
+                    target: "/srv".into(),
+                    read_only: true,
+                })
+            }),
+        ];
+        for change in changes {
+            let mut c = base.clone();
+            change(&mut c);
+            assert_ne!(c.fingerprint(), base.fingerprint(), "{c:?}");
+        }
     }
 
     #[test]

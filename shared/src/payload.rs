@@ -116,6 +116,51 @@ pub struct Desired {
     pub state: DesiredState,
 }
 
+/// `secrets`: retained; the credentials for exactly the registries this
+/// device's desired apps pull from. An empty list clears them. Never in the
+/// desired state, never logged: `Debug` leaves the passwords out.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Secrets {
+    /// When the orchestrator issued this set; a device keeps the newest it
+    /// has seen, so a late redelivery of an older set cannot replace it.
+    pub issued_at_ms: u64,
+    #[serde(default)]
+    pub registries: Vec<RegistryCredential>,
+}
+
+impl Secrets {
+    /// The credentials for one registry host (compared case-insensitively).
+    pub fn for_host(&self, host: &str) -> Option<&RegistryCredential> {
+        self.registries
+            .iter()
+            .find(|r| r.host.eq_ignore_ascii_case(host))
+    }
+
+    /// The hosts it holds credentials for, for logs.
+    pub fn hosts(&self) -> Vec<&str> {
+        self.registries.iter().map(|r| r.host.as_str()).collect()
+    }
+}
+
+/// A username and password for one registry host (`host[:port]`, as in
+/// image references).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredential {
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// `cmd`: a request with an id. Applying the same command twice, or a
 /// command whose generation is older than what the device holds, changes
 /// nothing.
@@ -304,4 +349,36 @@ message! {
     Command => Cmd,
     Ack => Ack,
     DeviceEvent => Event,
+    Secrets => Secrets,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        let s = Secrets {
+            issued_at_ms: 1,
+            registries: vec![RegistryCredential {
+                host: "127.0.0.1:5001".into(),
+                username: "robot".into(),
+                password: "hunter2-very-secret".into(),
+            }],
+        };
+        for text in [format!("{s:?}"), format!("{s:#?}")] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(
+                text.contains("robot") && text.contains("<redacted>"),
+                "{text}"
+            );
+        }
+        let back: Secrets = crate::decode(&crate::encode(&s)).expect("round trip");
+        assert_eq!(back, s);
+        assert_eq!(
+            back.for_host("127.0.0.1:5001").map(|c| c.password.as_str()),
+            Some("hunter2-very-secret")
+        );
+        assert!(back.for_host("127.0.0.1:5000").is_none());
+    }
 }

@@ -45,10 +45,13 @@ pub enum TopicKind {
     /// orchestrator → device: the answer to `enroll`, carrying the
     /// credential. Readable only by that device.
     Enrolled,
+    /// orchestrator → device, retained: registry credentials for the images
+    /// in this device's desired state, and nothing else.
+    Secrets,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 12] = [
+    pub const ALL: [TopicKind; 13] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -61,6 +64,7 @@ impl TopicKind {
         TopicKind::Event,
         TopicKind::Enroll,
         TopicKind::Enrolled,
+        TopicKind::Secrets,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
@@ -77,7 +81,12 @@ impl TopicKind {
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
-    pub const TO_DEVICE: [TopicKind; 3] = [TopicKind::Cmd, TopicKind::Desired, TopicKind::Enrolled];
+    pub const TO_DEVICE: [TopicKind; 4] = [
+        TopicKind::Cmd,
+        TopicKind::Desired,
+        TopicKind::Enrolled,
+        TopicKind::Secrets,
+    ];
 
     /// Topics that carry secrets or what a device is told to run (which
     /// may hold app secrets in its environment): only the device itself
@@ -101,6 +110,7 @@ impl TopicKind {
             TopicKind::Event => "event",
             TopicKind::Enroll => "enroll",
             TopicKind::Enrolled => "enrolled",
+            TopicKind::Secrets => "secrets",
         }
     }
 
@@ -113,6 +123,7 @@ impl TopicKind {
         matches!(
             self,
             TopicKind::Desired
+                | TopicKind::Secrets
                 | TopicKind::Status
                 | TopicKind::Heartbeat
                 | TopicKind::State

@@ -23,6 +23,11 @@ pub const REGISTRY: &str = "127.0.0.1:5000";
 /// Pushed by `scripts/test-env.sh`.
 pub const BASE_REPO: &str = "drover/busybox";
 pub const BASE_TAG: &str = "2";
+/// The same storage as [`REGISTRY`] behind htpasswd authentication, started
+/// by `scripts/test-env.sh` with exactly these credentials.
+pub const AUTH_REGISTRY: &str = "127.0.0.1:5001";
+pub const AUTH_REGISTRY_USER: &str = "drover-test";
+pub const AUTH_REGISTRY_PASSWORD: &str = "drover-registry-pw-7f3c91e2";
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -397,25 +402,6 @@ pub async fn metric(api: &Api, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
 }
 
-/// Runs the `drover` CLI against `api` with its token (DROVER_TOKEN), from
-/// a directory without a default admin token file. Returns (success,
-/// stdout, stderr).
-pub async fn drover_cli(api: &Api, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = tokio::process::Command::new(binary("drover"));
-    cmd.arg("--api").arg(&api.base).args(args);
-    cmd.current_dir(std::env::temp_dir())
-        .env_remove("DROVER_TOKEN");
-    if let Some(t) = &api.token {
-        cmd.env("DROVER_TOKEN", t);
-    }
-    let out = cmd.output().await.expect("run drover");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 // ----- enrollment ------------------------------------------------------------
 
 fn enrollers() -> &'static std::sync::Mutex<std::collections::HashMap<String, Api>> {
@@ -526,6 +512,9 @@ pub struct Agent {
     pub state_dir: tempfile::TempDir,
     /// Flags added after the harness's defaults on every (re)start.
     extra_args: Vec<String>,
+    /// With [`Agent::spawn_logged`]: stdout and stderr go to this file
+    /// (outside the state directory) with this `RUST_LOG` filter.
+    log: Option<(tempfile::TempDir, String)>,
 }
 
 impl Agent {
@@ -543,9 +532,30 @@ impl Agent {
             child: None,
             state_dir,
             extra_args,
+            log: None,
         };
         a.start(broker_url);
         a
+    }
+
+    /// Like [`Agent::spawn`], with everything the process prints captured
+    /// (read it with [`Agent::log_text`]) at the `RUST_LOG` level `filter`.
+    pub fn spawn_logged(broker_url: &str, id: &str, filter: &str) -> Agent {
+        let mut a = Agent {
+            id: id.to_string(),
+            child: None,
+            state_dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: Vec::new(),
+            log: Some((tempfile::tempdir().expect("tempdir"), filter.to_string())),
+        };
+        a.start(broker_url);
+        a
+    }
+
+    /// Everything the agent printed so far (with [`Agent::spawn_logged`]).
+    pub fn log_text(&self) -> String {
+        let (dir, _) = self.log.as_ref().expect("spawned with spawn_logged");
+        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
     }
 
     pub fn start(&mut self, broker_url: &str) {
@@ -568,6 +578,19 @@ impl Agent {
                 cmd.env("DROVER_ENROLL_TOKEN", token);
             }
         }
+        let filter = match &self.log {
+            Some((dir, filter)) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("agent.log"))
+                    .expect("agent log file");
+                let err = file.try_clone().expect("agent log file");
+                cmd.stdout(file).stderr(err);
+                filter.clone()
+            }
+            None => std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        };
         let child = cmd
             .args(["--broker", broker_url, "--device-id", &self.id])
             .arg("--state-dir")
@@ -583,10 +606,7 @@ impl Agent {
                 "5",
             ])
             .args(&self.extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -625,6 +645,35 @@ pub fn untag(image: &str) {
         .status();
 }
 
+/// Runs the `drover` CLI against `api` with its token (DROVER_TOKEN) and
+/// `stdin` as its standard input, from a directory without a default admin
+/// token file; returns (success, stdout, stderr).
+pub async fn drover_cli(api: &Api, args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(binary("drover"));
+    cmd.arg("--api").arg(&api.base).args(args);
+    cmd.current_dir(std::env::temp_dir())
+        .env_remove("DROVER_TOKEN");
+    if let Some(t) = &api.token {
+        cmd.env("DROVER_TOKEN", t);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run drover");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    drop(input);
+    let out = child.wait_with_output().await.expect("drover output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 // ----- fault injection ---------------------------------------------------------
 //
 // Parts a test can break on purpose: an orchestrator process to SIGKILL and
@@ -639,10 +688,25 @@ pub struct OrchProc {
     pub mqtt_port: u16,
     pub data: tempfile::TempDir,
     child: Option<tokio::process::Child>,
+    /// With [`OrchProc::start_logged`]: where its output goes, and the
+    /// `RUST_LOG` filter.
+    log: Option<(tempfile::TempDir, String)>,
 }
 
 impl OrchProc {
     pub async fn start() -> OrchProc {
+        OrchProc::start_inner(None).await
+    }
+
+    /// Like [`OrchProc::start`], with everything the process prints
+    /// captured (read it with [`OrchProc::log_text`]) at the `RUST_LOG`
+    /// level `filter`.
+    pub async fn start_logged(filter: &str) -> OrchProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        OrchProc::start_inner(Some((dir, filter.to_string()))).await
+    }
+
+    async fn start_inner(log: Option<(tempfile::TempDir, String)>) -> OrchProc {
         let data = tempfile::tempdir().expect("tempdir");
         let (api_port, mqtt_port) = (free_port(), free_port());
         let api = Api::new(format!("http://127.0.0.1:{api_port}"));
@@ -652,6 +716,7 @@ impl OrchProc {
             mqtt_port,
             data,
             child: None,
+            log,
         };
         o.launch().await;
         let token = std::fs::read_to_string(o.data.path().join("admin.token"))
@@ -659,6 +724,12 @@ impl OrchProc {
         o.api = o.api.with_token(Some(token.trim()));
         register_enroller(&o.broker_url(), &o.api);
         o
+    }
+
+    /// Everything the orchestrator printed so far (with [`OrchProc::start_logged`]).
+    pub fn log_text(&self) -> String {
+        let (dir, _) = self.log.as_ref().expect("started with start_logged");
+        std::fs::read_to_string(dir.path().join("drover.log")).unwrap_or_default()
     }
 
     pub fn broker_url(&self) -> String {
@@ -682,16 +753,27 @@ impl OrchProc {
     }
 
     async fn launch(&mut self) {
-        let mut child = tokio::process::Command::new(binary("drover"))
+        let mut cmd = tokio::process::Command::new(binary("drover"));
+        let filter = match &self.log {
+            Some((dir, filter)) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("drover.log"))
+                    .expect("drover log file");
+                let err = file.try_clone().expect("drover log file");
+                cmd.stdout(file).stderr(err);
+                filter.clone()
+            }
+            None => std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        };
+        let mut child = cmd
             .arg("serve")
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
             .arg("--data-dir")
             .arg(self.data.path())
-            .env(
-                "RUST_LOG",
-                std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

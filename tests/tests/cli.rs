@@ -7,7 +7,7 @@ use drover_tests::*;
 use serde_json::{json, Value};
 
 async fn drover(api: &Api, args: &[&str]) -> (bool, String, String) {
-    drover_cli(api, args).await
+    drover_cli(api, args, b"").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,6 +186,7 @@ async fn a_device_cannot_touch_another_devices_topics() {
     }
     for filter in [
         topics.device(&b_id, TopicKind::Cmd),
+        topics.device(&b_id, TopicKind::Secrets),
         topics.device(&b_id, TopicKind::Telemetry),
         topics.all_devices(TopicKind::Cmd),
         topics.everything(),
@@ -200,7 +201,7 @@ async fn a_device_cannot_touch_another_devices_topics() {
     }
     let after_violations = metric(&orch.api, "drover_broker_acl_violations_total").await;
     assert!(
-        after_violations >= violations + 9,
+        after_violations >= violations + 10,
         "each refused publish/subscribe is counted: {violations} -> {after_violations}"
     );
 
@@ -566,10 +567,10 @@ async fn rest_needs_a_token_and_the_right_role_and_audits_attempts() {
     assert_eq!(admin.get("/api/v1/audit?outcome=maybe").await.0, 400);
 
     // The CLI says why.
-    let (ok, _, err) = drover_cli(&viewer, &["deploy", "audited", "-d", "pi"]).await;
+    let (ok, _, err) = drover_cli(&viewer, &["deploy", "audited", "-d", "pi"], b"").await;
     assert!(!ok);
     assert!(err.contains("needs the operator role"), "{err}");
-    let (ok, _, err) = drover_cli(&anonymous, &["devices"]).await;
+    let (ok, _, err) = drover_cli(&anonymous, &["devices"], b"").await;
     assert!(!ok && err.contains("API token"), "{err}");
 
     // Tokens are shown once; listing shows no secret; a revoked token stops
@@ -616,6 +617,7 @@ async fn automation_identities_read_reports_but_never_commands() {
     let (ok, out, err) = drover_cli(
         &orch.api,
         &["-o", "json", "mqtt-users", "create", "nodered"],
+        b"",
     )
     .await;
     assert!(ok, "{err}");

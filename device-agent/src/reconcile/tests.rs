@@ -26,6 +26,11 @@ fn spec(container: &str, image: &str) -> ContainerSpec {
         restart: Default::default(),
         memory_mb: None,
         cpus: None,
+        privileged: false,
+        network_mode: Default::default(),
+        cap_add: vec![],
+        devices: vec![],
+        host_mounts: vec![],
     }
 }
 
@@ -331,6 +336,8 @@ struct FakeRuntime {
     exit_codes: Mutex<HashMap<String, i64>>,
     free_disk: Option<u64>,
     in_use: Mutex<HashSet<String>>,
+    /// A registry host whose pulls need the password "right".
+    requires_auth: Mutex<Option<String>>,
 }
 
 impl FakeRuntime {
@@ -379,9 +386,23 @@ impl Runtime for FakeRuntime {
     async fn pull(
         &self,
         image: &ImageRef,
+        auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<(), RuntimeError> {
-        self.log(format!("pull {image}"));
+        match auth {
+            Some(a) => self.log(format!("pull {image} as {}@{}", a.username, a.host)),
+            None => self.log(format!("pull {image}")),
+        }
+        if let Some(host) = self.requires_auth.lock().expect("lock").as_deref() {
+            if image.registry_host() == host && auth.is_none_or(|a| a.password != "right") {
+                return Err(RuntimeError::Pull {
+                    status: Some(500),
+                    message: format!(
+                        "Head \"http://{host}/v2/x/manifests/1\": no basic auth credentials"
+                    ),
+                });
+            }
+        }
         if let Some(e) = self.pull_error.lock().expect("lock").clone() {
             return Err(e);
         }
@@ -1169,4 +1190,96 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
         .collect();
     assert_eq!(removed.len(), 1);
     assert!(removed[0].detail.contains("reg/web:1"));
+}
+
+// ----- private registries ----------------------------------------------------
+
+#[tokio::test]
+async fn an_unauthorized_pull_retries_at_once_when_credentials_arrive() {
+    let private = "reg.example:5001/web:1";
+    let public = "reg/side:1";
+    let rt = Arc::new(FakeRuntime::new(&[private, public]));
+    *rt.requires_auth.lock().expect("lock") = Some("reg.example:5001".into());
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let (secrets_tx, secrets_rx) = watch::channel(Arc::new(Secrets::default()));
+    // Retries an hour apart: only new credentials can make the next one soon.
+    let r = r
+        .with_options(ReconcileOptions {
+            pull_backoff: Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600)),
+            ..ReconcileOptions::default()
+        })
+        .with_secrets(secrets_rx);
+    let d = desired(
+        1,
+        vec![
+            app("web", RunState::Running, vec![spec("main", private)]),
+            app("side", RunState::Running, vec![spec("main", public)]),
+        ],
+    );
+    let (desired_tx, desired_rx) = watch::channel(Some(Arc::new(d)));
+    let (_trigger_tx, trigger_rx) = mpsc::channel(1);
+    let task = tokio::spawn(r.run(desired_rx, Duration::from_secs(3600), trigger_rx));
+
+    let next_apps = |events: &mut mpsc::Receiver<ReconcileEvent>| {
+        let mut apps = None;
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                ReconcileEvent::Interim { apps: a, .. } => apps = Some((a, false)),
+                ReconcileEvent::Done(rep) => apps = Some((rep.apps, true)),
+                _ => {}
+            }
+        }
+        apps
+    };
+    let mut seen = None;
+    for _ in 0..200 {
+        if let Some((apps, false)) = next_apps(&mut events) {
+            if apps.iter().any(|a| a.phase == AppPhase::Retrying) {
+                seen = Some(apps);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let apps = seen.expect("the private app retries");
+    let web = apps.iter().find(|a| a.name == name("web")).expect("web");
+    let error = web.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("unauthorized: registry reg.example:5001"),
+        "{error}"
+    );
+
+    let cred = |password: &str, at: u64| Secrets {
+        issued_at_ms: at,
+        registries: vec![RegistryCredential {
+            host: "reg.example:5001".into(),
+            username: "robot".into(),
+            password: password.into(),
+        }],
+    };
+    secrets_tx.send_replace(Arc::new(cred("right", 1)));
+    let mut done = None;
+    for _ in 0..200 {
+        if let Some((apps, true)) = next_apps(&mut events) {
+            done = Some(apps);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let apps = done.expect("converges long before the hour-long backoff");
+    assert!(
+        apps.iter().all(|a| a.phase == AppPhase::Running),
+        "{apps:?}"
+    );
+    let log = rt.log.lock().expect("lock").clone();
+    assert!(
+        log.contains(&format!("pull {private} as robot@reg.example:5001")),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&format!("pull {public}")),
+        "the other registry's image is pulled without credentials: {log:?}"
+    );
+    drop(desired_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }

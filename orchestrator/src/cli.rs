@@ -808,6 +808,14 @@ fn device_detail(d: DeviceView) -> String {
         if d.online { "online" } else { "offline" },
         ago(d.last_seen_ms)
     );
+    if let Some(c) = d.credential {
+        let c = match c {
+            crate::identity::CredentialState::None => "none (not enrolled)",
+            crate::identity::CredentialState::Active => "active",
+            crate::identity::CredentialState::Revoked => "revoked",
+        };
+        out += &format!("credential:  {c}\n");
+    }
     out += &format!(
         "hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\n",
         inv.hostname,

@@ -289,13 +289,16 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The bearer token; `Some("")` for an Authorization header that is present
+/// but not a readable bearer token (so it is reported as invalid, not missing).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let h = headers.get(header::AUTHORIZATION)?;
+    Some(
+        h.to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map_or("", str::trim),
+    )
 }
 
 fn refusal(status: StatusCode, message: String) -> Response {

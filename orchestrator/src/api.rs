@@ -119,6 +119,14 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "request body is empty; expected a JSON object",
         ));
     }
+    // serde accepts a JSON array for a struct (fields by position): every
+    // body here is an object, so anything else is refused by name.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -49,8 +49,8 @@ impl From<IdentityError> for ApiError {
                 let field = m.split(':').next().unwrap_or_default().to_string();
                 ApiError::field(StatusCode::BAD_REQUEST, field, m)
             }
-            IdentityError::Exists(m) => {
-                ApiError::field(StatusCode::CONFLICT, "name", format!("{m} already exists"))
+            e @ IdentityError::Exists(_) => {
+                ApiError::field(StatusCode::CONFLICT, "name", e.to_string())
             }
             IdentityError::Store(s) => ApiError::store(s),
         }

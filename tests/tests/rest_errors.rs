@@ -67,6 +67,22 @@ async fn malformed_bodies_name_the_field() {
     );
     let (s, _) = api.post_raw("/api/v1/apps", "").await;
     assert_eq!(s, 400);
+    // serde would read an array positionally into a struct: refused.
+    for path in [
+        "/api/v1/apps",
+        "/api/v1/enrollment-tokens",
+        "/api/v1/tokens",
+    ] {
+        let (s, v) = api.post_raw(path, "[1, 2]").await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("JSON object"),
+            "{v}"
+        );
+    }
 
     // Nothing was created by any of that.
     let (_, apps) = api.get("/api/v1/apps").await;

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +17,8 @@ use std::net::SocketAddr;
 use rumqttd::protocol::v4::V4;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tracing::{error, info};
+
+pub use tls::{TlsError, TlsListenerConfig};
 
 /// Limits of the embedded broker. Every field is deliberate:
 #[derive(Debug, Clone)]
@@ -42,8 +46,11 @@ pub struct BrokerConfig {
     /// as the source of truth (desired state is retained and generations
     /// are compared).
     pub max_segment_count: usize,
-    /// Time a new TCP connection has to send CONNECT.
+    /// Time a new TCP connection has to send CONNECT; on the TLS listener
+    /// also the time it has to finish the TLS handshake.
     pub connection_timeout_ms: u16,
+    /// An MQTT-over-TLS listener besides the plain one (see [`tls`]).
+    pub tls: Option<TlsListenerConfig>,
 }
 
 impl BrokerConfig {
@@ -57,6 +64,7 @@ impl BrokerConfig {
             max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 4,
             connection_timeout_ms: 5_000,
+            tls: None,
         }
     }
 }
@@ -75,12 +83,29 @@ pub enum BrokerError {
     },
     #[error("invalid broker setting: {0}")]
     Config(String),
+    #[error("MQTTS listener: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The protocol value for one MQTTS connection. `common_name` is the
+/// subject CN of the client certificate the TLS handshake verified (`None`
+/// without mutual TLS): the hook for binding a certificate to a client id.
+fn protocol_for(_common_name: Option<String>) -> V4 {
+    V4
+}
+
+/// The MQTTS listener, bound and loaded in [`Broker::start`].
+struct TlsListener {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 /// A started broker. Dropping it does not stop it; await [`Broker::run`].
 pub struct Broker {
     config: BrokerConfig,
     server: Server<V4>,
+    tls: Option<TlsListener>,
 }
 
 impl Broker {
@@ -98,6 +123,14 @@ impl Broker {
                 config.max_segment_size, config.max_payload_size
             )));
         }
+        // Certificates first: a bad file is an error before any port is bound.
+        let tls_config = match &config.tls {
+            Some(t) => Some((
+                t,
+                tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &[])?,
+            )),
+            None => None,
+        };
         // rumqttd binds inside its accept loop and cannot report a failure
         // to bind except by logging; probe first so a taken port is a clear,
         // early error.
@@ -105,6 +138,25 @@ impl Broker {
             addr: config.listen,
             source,
         })?;
+        // Our own listener is bound here and kept, so port 0 reports the
+        // port it really got.
+        let tls = match tls_config {
+            Some((t, server_config)) => {
+                let bind_err = |source| BrokerError::Bind {
+                    addr: t.listen,
+                    source,
+                };
+                let listener = std::net::TcpListener::bind(t.listen).map_err(bind_err)?;
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                let addr = listener.local_addr().map_err(bind_err)?;
+                Some(TlsListener {
+                    listener,
+                    addr,
+                    acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                })
+            }
+            None => None,
+        };
 
         let router_config = RouterConfig {
             max_connections: config.max_connections,
@@ -133,11 +185,20 @@ impl Broker {
             },
         };
         let server = Server::new(settings, router_tx, V4);
-        Ok(Broker { config, server })
+        Ok(Broker {
+            config,
+            server,
+            tls,
+        })
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
         self.config.listen
+    }
+
+    /// Where the MQTTS listener is bound, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.addr)
     }
 
     /// Accepts MQTT connections until `shutdown` resolves. Connections
@@ -145,12 +206,37 @@ impl Broker {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let addr = self.config.listen;
         info!(%addr, "embedded MQTT broker listening");
+        let tls_loop = self.tls.take().map(|t| {
+            let server = self.server.clone();
+            let timeout =
+                std::time::Duration::from_millis(u64::from(self.config.connection_timeout_ms));
+            async move {
+                match tokio::net::TcpListener::from_std(t.listener) {
+                    Ok(listener) => {
+                        info!(addr = %t.addr, "embedded MQTTS listener listening");
+                        tls::serve(listener, t.acceptor, server, protocol_for, timeout).await;
+                    }
+                    Err(e) => {
+                        // The plain listener keeps serving.
+                        error!(addr = %t.addr, error = %e, "MQTTS listener failed");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        });
+        let tls_loop = async move {
+            match tls_loop {
+                Some(l) => l.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             res = self.server.start(LinkType::Remote) => {
                 if let Err(e) = res {
                     error!(%addr, error = %e, "embedded MQTT broker stopped");
                 }
             }
+            () = tls_loop => {}
             () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
         }
     }

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -143,6 +143,11 @@ pub fn client(
     // A persistent session: requests queued during an outage survive it.
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
+    if let Some(tls) = &config.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     let will = drover_shared::encode(&Status {
         online: false,
         at_ms: 0,

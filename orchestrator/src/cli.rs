@@ -165,12 +165,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, output: Output) -> Result<Client> {
+    /// `ca`: a PEM file of CA certificates to trust for an https:// API.
+    pub fn new(base: &str, output: Output, ca: Option<&std::path::Path>) -> Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// or https:// URL, got {base:?}");
         }
-        let http = reqwest::Client::builder()
+        let http = crate::tls::http_client(ca)?
             .timeout(Duration::from_secs(30))
             .build()?;
         Ok(Client { base, http, output })

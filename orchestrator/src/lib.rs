@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod certs;
 pub mod cli;
 pub mod fleet;
 pub mod metrics;
@@ -14,3 +15,4 @@ pub mod records;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

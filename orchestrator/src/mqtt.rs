@@ -36,6 +36,8 @@ pub struct LinkConfig {
     pub client_id: String,
     pub keep_alive: Duration,
     pub topics: Topics,
+    /// MQTT over TLS with this client config (an external mqtts:// broker).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub fn qos(kind: TopicKind) -> QoS {
@@ -73,6 +75,11 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     opts.set_clean_session(false);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
     opts.set_inflight(100);
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 16_384);
     eventloop.set_network_options(nodelay());
     (client, eventloop)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_broker::{Broker, BrokerConfig, BrokerError};
+use drover_broker::{Broker, BrokerConfig, BrokerError, TlsListenerConfig};
 use drover_shared::topic::Topics;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::{self, LinkConfig};
 use crate::service::Service;
 use crate::store::{Store, StoreError};
+use crate::tls::{ApiListener, ApiTls};
 
 /// Which broker the orchestrator and its devices use.
 #[derive(Debug, Clone)]
@@ -35,6 +36,13 @@ pub struct ServerConfig {
     pub topics: Topics,
     /// MQTT client id of the orchestrator; stable so its session persists.
     pub client_id: String,
+    /// An MQTT-over-TLS listener on the embedded broker, besides the plain
+    /// one (which the orchestrator's own client uses).
+    pub mqtts: Option<TlsListenerConfig>,
+    /// Serve the REST API over HTTPS instead of HTTP.
+    pub api_tls: Option<ApiTls>,
+    /// TLS client config for an external mqtts:// broker.
+    pub broker_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ServerConfig {
@@ -47,6 +55,9 @@ impl ServerConfig {
             },
             topics: Topics::default(),
             client_id: "drover-orchestrator".into(),
+            mqtts: None,
+            api_tls: None,
+            broker_tls: None,
         }
     }
 }
@@ -69,6 +80,8 @@ pub enum ServeError {
     },
     #[error("REST API server failed: {0}")]
     Api(std::io::Error),
+    #[error("REST API TLS: {0}")]
+    ApiTls(drover_broker::TlsError),
 }
 
 /// A running orchestrator.
@@ -77,10 +90,20 @@ pub struct Orchestrator {
     pub api_addr: SocketAddr,
     /// Where MQTT clients (agents) should connect.
     pub mqtt_addr: (String, u16),
+    /// Where the embedded broker's MQTTS listener is bound, if configured.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// Whether the REST API is served over HTTPS.
+    pub api_https: bool,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl Orchestrator {
+    /// Base URL of the REST API.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_https { "https" } else { "http" };
+        format!("{scheme}://{}", self.api_addr)
+    }
+
     /// Waits until the orchestrator has shut down.
     pub async fn wait(self) -> Result<(), ServeError> {
         self.task
@@ -95,6 +118,14 @@ pub async fn start(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Orchestrator, ServeError> {
+    // Certificate files are checked before anything is bound (the MQTTS
+    // ones by `Broker::start`, before its ports).
+    let api_tls = config
+        .api_tls
+        .as_ref()
+        .map(ApiTls::server_config)
+        .transpose()
+        .map_err(ServeError::ApiTls)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -120,6 +151,7 @@ pub async fn start(
     // (and any in-process agent) has disconnected cleanly.
     let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut broker_task = None;
+    let mut mqtts_addr = None;
     let mqtt_addr = match &config.broker {
         BrokerMode::Embedded { listen } => {
             let mut listen = *listen;
@@ -136,7 +168,10 @@ pub async fn start(
                     source,
                 })?;
             }
-            let broker = Broker::start(BrokerConfig::new(listen))?;
+            let mut broker_config = BrokerConfig::new(listen);
+            broker_config.tls = config.mqtts.clone();
+            let broker = Broker::start(broker_config)?;
+            mqtts_addr = broker.tls_addr();
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
             })));
@@ -162,6 +197,8 @@ pub async fn start(
             addr: config.api_listen,
             source,
         })?;
+    let api_https = api_tls.is_some();
+    let listener = ApiListener::new(listener, api_tls);
 
     let metrics = Arc::new(Metrics::default());
     let link = LinkConfig {
@@ -170,6 +207,10 @@ pub async fn start(
         client_id: config.client_id.clone(),
         keep_alive: Duration::from_secs(15),
         topics: config.topics.clone(),
+        tls: match config.broker {
+            BrokerMode::External { .. } => config.broker_tls.clone(),
+            BrokerMode::Embedded { .. } => None,
+        },
     };
     let (client, eventloop) = mqtt::connect(&link);
     let service = Arc::new(Service::new(
@@ -188,13 +229,11 @@ pub async fn start(
     ));
     let service_task = tokio::spawn(service.clone().run(events_rx));
 
-    info!(api = %api_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
+    info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::api::router(service);
     let stop_api = stopped();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop_api)
-            .await;
+        let served = listener.serve(app, stop_api).await;
         // Let queued publishes reach the broker before the link goes away.
         if tokio::time::timeout(Duration::from_secs(5), client.disconnect())
             .await
@@ -215,6 +254,8 @@ pub async fn start(
     Ok(Orchestrator {
         api_addr,
         mqtt_addr,
+        mqtts_addr,
+        api_https,
         task,
     })
 }

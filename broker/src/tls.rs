@@ -370,6 +370,132 @@ mod tests {
         assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
     }
 
+    /// A rumqttd server on its own router, as `Broker::start` builds it.
+    fn rumqttd_server() -> Server<rumqttd::protocol::v4::V4> {
+        let config = crate::BrokerConfig::new("127.0.0.1:0".parse().expect("addr"));
+        let router_tx = rumqttd::Router::new(
+            0,
+            rumqttd::RouterConfig {
+                max_connections: 10,
+                max_outgoing_packet_count: 100,
+                max_segment_size: config.max_segment_size,
+                max_segment_count: 2,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        )
+        .spawn();
+        let settings = rumqttd::ServerSettings {
+            name: "test".into(),
+            listen: config.listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 5_000,
+                max_payload_size: config.max_payload_size,
+                max_inflight_count: 10,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        Server::new(settings, router_tx, rumqttd::protocol::v4::V4)
+    }
+
+    async fn tls_client(
+        f: &Files,
+        addr: SocketAddr,
+        with_cert: bool,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let roots = load_roots("ca", &f.path("ca.pem")).expect("roots");
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots);
+        let config = if with_cert {
+            builder
+                .with_client_auth_cert(
+                    load_certs("client", &f.path("client.pem")).expect("cert"),
+                    load_key(&f.path("client-key.pem")).expect("key"),
+                )
+                .expect("client auth")
+        } else {
+            builder.with_no_client_auth()
+        };
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+    }
+
+    /// The accept loop hands the verified client certificate's CN to the
+    /// protocol closure, and a client that never handshakes neither blocks
+    /// other clients nor stays connected past the handshake timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn protocol_closure_gets_the_verified_common_name() {
+        use tokio::io::AsyncReadExt;
+
+        let f = files();
+        let config = server_config(
+            &f.path("server.pem"),
+            &f.path("server-key.pem"),
+            Some(&f.path("ca.pem")),
+            &[],
+        )
+        .expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, mut names) = tokio::sync::mpsc::unbounded_channel();
+        // Long enough that a loop stalled by the silent client below would
+        // miss the one-second deadline for the good client.
+        let handshake_timeout = Duration::from_secs(2);
+        let accept_loop = tokio::spawn(serve(
+            listener,
+            TlsAcceptor::from(config),
+            rumqttd_server(),
+            move |cn| {
+                let _ = tx.send(cn);
+                rumqttd::protocol::v4::V4
+            },
+            handshake_timeout,
+        ));
+
+        // Opens a socket and says nothing.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+
+        let (tls, cn) = tokio::time::timeout(Duration::from_secs(1), async {
+            let tls = tls_client(&f, addr, true).await.expect("handshake");
+            (tls, names.recv().await)
+        })
+        .await
+        .expect("handshake and closure done while a silent client is connected");
+        assert_eq!(cn, Some(Some("dev-1".to_string())));
+
+        // Without a certificate the handshake fails and nothing reaches
+        // the closure (TLS 1.3 clients learn it on their first read).
+        if let Ok(mut rejected) = tls_client(&f, addr, false).await {
+            let mut buf = [0u8; 1];
+            assert!(!matches!(rejected.read(&mut buf).await, Ok(1..)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            names.try_recv().is_err(),
+            "a client without certificate got through"
+        );
+
+        // The silent socket is closed once the handshake timeout passes.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("silent client disconnected after the handshake timeout");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        drop(tls);
+        accept_loop.abort();
+    }
+
     #[test]
     fn common_name_of_a_client_certificate() {
         let f = files();

@@ -169,6 +169,8 @@ pub struct Orch {
     pub api: Api,
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// The embedded broker's MQTTS listener, when configured.
+    pub mqtts_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     pub data: tempfile::TempDir,
@@ -184,12 +186,21 @@ impl Orch {
     }
 
     pub async fn start_with(broker: BrokerMode) -> Orch {
+        Orch::start_config(|cfg| cfg.broker = broker).await
+    }
+
+    /// With the embedded broker on a free port, after `configure` has
+    /// changed the settings (e.g. to add an MQTTS listener).
+    pub async fn start_config(configure: impl FnOnce(&mut ServerConfig)) -> Orch {
         init_tracing();
         let data = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(data.path().to_path_buf());
         cfg.api_listen = "127.0.0.1:0".parse().expect("addr");
-        cfg.broker = broker;
+        cfg.broker = BrokerMode::Embedded {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+        };
         cfg.client_id = unique("orch");
+        configure(&mut cfg);
         let (tx, rx) = oneshot::channel::<()>();
         let orch = server::start(cfg, async move {
             let _ = rx.await;
@@ -198,6 +209,7 @@ impl Orch {
         .expect("orchestrator starts");
         let api = Api::new(format!("http://{}", orch.api_addr));
         let (mqtt_host, mqtt_port) = orch.mqtt_addr.clone();
+        let mqtts_addr = orch.mqtts_addr;
         let done = tokio::spawn(async move {
             let _ = orch.wait().await;
         });
@@ -205,6 +217,7 @@ impl Orch {
             api,
             mqtt_host,
             mqtt_port,
+            mqtts_addr,
             stop: Some(tx),
             done: Some(done),
             data,
@@ -238,6 +251,15 @@ impl Api {
             base,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// For an https:// API whose certificate `ca` (PEM) signed.
+    pub fn with_ca(base: String, ca: &std::path::Path) -> Api {
+        let http = drover::tls::http_client(Some(ca))
+            .expect("CA certificate")
+            .build()
+            .expect("http client");
+        Api { base, http }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
@@ -518,19 +540,32 @@ pub struct OrchProc {
     pub mqtt_port: u16,
     pub data: tempfile::TempDir,
     child: Option<tokio::process::Child>,
+    /// Flags added to `drover serve` on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl OrchProc {
     pub async fn start() -> OrchProc {
+        OrchProc::start_with(&[], None).await
+    }
+
+    /// With extra `drover serve` flags, kept for restarts. With `https_ca`
+    /// the API is reached over HTTPS trusting that CA (pass the matching
+    /// `--api-tls-cert`/`--api-tls-key` in `extra_args`).
+    pub async fn start_with(extra_args: &[&str], https_ca: Option<&std::path::Path>) -> OrchProc {
         let data = tempfile::tempdir().expect("tempdir");
         let (api_port, mqtt_port) = (free_port(), free_port());
-        let api = Api::new(format!("http://127.0.0.1:{api_port}"));
+        let api = match https_ca {
+            Some(ca) => Api::with_ca(format!("https://127.0.0.1:{api_port}"), ca),
+            None => Api::new(format!("http://127.0.0.1:{api_port}")),
+        };
         let mut o = OrchProc {
             api,
             api_port,
             mqtt_port,
             data,
             child: None,
+            extra_args: extra_args.iter().map(|a| (*a).to_string()).collect(),
         };
         o.launch().await;
         o
@@ -563,6 +598,7 @@ impl OrchProc {
             .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
             .arg("--data-dir")
             .arg(self.data.path())
+            .args(&self.extra_args)
             .env(
                 "RUST_LOG",
                 std::env::var("ORCH_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
@@ -572,7 +608,7 @@ impl OrchProc {
             .spawn()
             .expect("spawn drover serve");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let http = reqwest::Client::new();
+        let http = self.api.http.clone();
         loop {
             if let Some(status) = child.try_wait().expect("drover status") {
                 panic!(

@@ -370,10 +370,15 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start() -> Mosquitto {
+        Mosquitto::start_with("").await
+    }
+
+    /// With extra lines for its one listener, e.g. `certfile ...` for TLS.
+    pub async fn start_with(listener_conf: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 300000\n"))
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{listener_conf}\nallow_anonymous true\npersistence false\nmax_packet_size 300000\n"))
             .expect("write mosquitto.conf");
         let child = std::process::Command::new("mosquitto")
             .arg("-c")

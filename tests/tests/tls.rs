@@ -492,3 +492,84 @@ async fn bad_tls_settings_stop_serve_before_it_listens() {
         assert!(!stdout.contains("REST API on"), "{args:?} served: {stdout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_and_agent_use_an_external_mqtts_broker() {
+    let docker = docker().await;
+    let pki = Pki::new().await;
+    // Mosquitto (OpenSSL) as the external broker, requiring client
+    // certificates. `drover certs` makes keys and directories readable by
+    // their owner only; started as root, Mosquitto would switch to its own
+    // user and could not read them (as any other user, `user` is ignored).
+    let mosquitto = Mosquitto::start_with(&format!(
+        "user root\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        pki.s("ca/ca.pem"),
+        pki.s("server/server.pem"),
+        pki.s("server/server-key.pem"),
+    ))
+    .await;
+    let orch_certs = pki.client("ca", "drover-orchestrator").await;
+    let broker_tls = drover_agent::tls::client_config(&drover_agent::tls::ClientTlsFiles {
+        ca: pki.path("ca/ca.pem"),
+        identity: Some((
+            pki.path(&format!("{orch_certs}/client.pem")),
+            pki.path(&format!("{orch_certs}/client-key.pem")),
+        )),
+    })
+    .expect("orchestrator's client TLS");
+    let orch = Orch::start_config(|c| {
+        c.broker = drover::server::BrokerMode::External {
+            host: "127.0.0.1".into(),
+            port: mosquitto.port,
+        };
+        c.broker_tls = Some(broker_tls);
+    })
+    .await;
+    let api = &orch.api;
+
+    let id = unique("tls-ext");
+    let certs = pki.client("ca", &id).await;
+    let (ca, cert, key) = (
+        pki.s("ca/ca.pem"),
+        pki.s(&format!("{certs}/client.pem")),
+        pki.s(&format!("{certs}/client-key.pem")),
+    );
+    let url = format!("mqtts://127.0.0.1:{}", mosquitto.port);
+    let agent = Agent::spawn_with(
+        &url,
+        &id,
+        &["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the agent online through Mosquitto over TLS",
+        || async {
+            api.device(&agent.id)
+                .await
+                .filter(|d| d["online"] == json!(true))
+        },
+    )
+    .await;
+
+    let image = fresh_image(&unique("tls-ext")).await;
+    let app = unique("tlsext");
+    api.create_app(&app, &image).await;
+    let (status, op) = api
+        .post(
+            &format!("/api/v1/devices/{}/apps", agent.id),
+            &json!({ "app": app }),
+        )
+        .await;
+    assert_eq!(status, 202, "deploy: {op}");
+    let op = api.wait_op(&op, Duration::from_secs(90)).await;
+    assert_eq!(op["status"], json!("succeeded"), "{op}");
+    wait_converged(api, &docker, &agent.id, Duration::from_secs(60)).await;
+
+    // The broker really is TLS-only with client certificates.
+    let topic = format!("tls-test/{}", unique("ext"));
+    mosquitto_pub_tls(mosquitto.port, &pki.tls_args("ca", None), &topic, "x")
+        .await
+        .expect_err("Mosquitto requires a client certificate");
+    drop(agent);
+    orch.stop().await;
+}

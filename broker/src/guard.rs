@@ -146,6 +146,8 @@ struct Conn {
 pub struct Guard {
     inner: V4,
     shared: Arc<Shared>,
+    /// The verified client certificate's subject CN (mutual TLS only).
+    peer_cn: Option<String>,
     conn: Option<Conn>,
 }
 
@@ -154,8 +156,19 @@ impl Guard {
         Guard {
             inner: V4,
             shared,
+            peer_cn: None,
             conn: None,
         }
+    }
+
+    /// A fresh guard for a connection whose client certificate (mutual
+    /// TLS) has this subject CN. A device or enrolling device must then
+    /// connect with that CN as its id: the certificate is bound to the MQTT
+    /// identity, so one device's certificate cannot carry another's login.
+    pub(crate) fn for_peer(&self, common_name: Option<String>) -> Guard {
+        let mut g = self.clone();
+        g.peer_cn = common_name;
+        g
     }
 
     fn refuse(&self, what: &str, topic: &str) -> ProtocolError {
@@ -193,6 +206,15 @@ impl Guard {
                     principal,
                     serial: std::sync::OnceLock::new(),
                 });
+                if let Some(cn) = &self.peer_cn {
+                    let bound = match self.principal() {
+                        Some(Principal::Device(id) | Principal::Enrolling(id)) => id.as_str() == cn,
+                        _ => true,
+                    };
+                    if !bound {
+                        return Err(self.refuse("client certificate of another identity", cn));
+                    }
+                }
                 // An unknown principal is not refused here: the
                 // authentication hook refuses it next, with a CONNACK.
                 if let (Some(will), Some(p)) = (will, self.principal()) {

@@ -10,6 +10,7 @@
 
 pub mod acl;
 pub mod guard;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -47,6 +48,8 @@ impl Authority for OpenAuthority {
     }
 }
 
+pub use tls::{TlsError, TlsListenerConfig};
+
 /// Limits of the embedded broker. Every field is deliberate:
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -73,10 +76,13 @@ pub struct BrokerConfig {
     /// as the source of truth (desired state is retained and generations
     /// are compared).
     pub max_segment_count: usize,
-    /// Time a new TCP connection has to send CONNECT.
+    /// Time a new TCP connection has to send CONNECT; on the TLS listener
+    /// also the time it has to finish the TLS handshake.
     pub connection_timeout_ms: u16,
     /// The topic tree the authorization rules apply to.
     pub topics: Topics,
+    /// An MQTT-over-TLS listener besides the plain one (see [`tls`]).
+    pub tls: Option<TlsListenerConfig>,
 }
 
 impl BrokerConfig {
@@ -91,6 +97,7 @@ impl BrokerConfig {
             max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 4,
             connection_timeout_ms: 5_000,
+            tls: None,
         }
     }
 }
@@ -109,14 +116,26 @@ pub enum BrokerError {
     },
     #[error("invalid broker setting: {0}")]
     Config(String),
+    #[error("MQTTS listener: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The MQTTS listener, bound and loaded in [`Broker::start`].
+struct TlsListener {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 /// A started broker. Dropping it does not stop it; await [`Broker::run`].
 pub struct Broker {
     config: BrokerConfig,
     server: Server<Guard>,
+    /// The unconnected guard; each connection gets a clone.
+    guard: Guard,
     stats: Arc<GuardStats>,
     connections: Arc<Connections>,
+    tls: Option<TlsListener>,
 }
 
 impl Broker {
@@ -134,6 +153,14 @@ impl Broker {
                 config.max_segment_size, config.max_payload_size
             )));
         }
+        // Certificates first: a bad file is an error before any port is bound.
+        let tls_config = match &config.tls {
+            Some(t) => Some((
+                t,
+                tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &[])?,
+            )),
+            None => None,
+        };
         // rumqttd binds inside its accept loop and cannot report a failure
         // to bind except by logging; probe first so a taken port is a clear,
         // early error.
@@ -141,6 +168,25 @@ impl Broker {
             addr: config.listen,
             source,
         })?;
+        // Our own listener is bound here and kept, so port 0 reports the
+        // port it really got.
+        let tls = match tls_config {
+            Some((t, server_config)) => {
+                let bind_err = |source| BrokerError::Bind {
+                    addr: t.listen,
+                    source,
+                };
+                let listener = std::net::TcpListener::bind(t.listen).map_err(bind_err)?;
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                let addr = listener.local_addr().map_err(bind_err)?;
+                Some(TlsListener {
+                    listener,
+                    addr,
+                    acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                })
+            }
+            None => None,
+        };
 
         let router_config = RouterConfig {
             max_connections: config.max_connections,
@@ -197,12 +243,14 @@ impl Broker {
             stats: stats.clone(),
             connections: connections.clone(),
         }));
-        let server = Server::new(settings, router_tx, guard);
+        let server = Server::new(settings, router_tx, guard.clone());
         Ok(Broker {
             config,
             server,
+            guard,
             stats,
             connections,
+            tls,
         })
     }
 
@@ -220,17 +268,51 @@ impl Broker {
         self.config.listen
     }
 
+    /// Where the MQTTS listener is bound, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.addr)
+    }
+
     /// Accepts MQTT connections until `shutdown` resolves. Connections
     /// already open are owned by rumqttd's tasks and end with the runtime.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let addr = self.config.listen;
         info!(%addr, "embedded MQTT broker listening");
+        let tls_loop = self.tls.take().map(|t| {
+            let server = self.server.clone();
+            // Each MQTTS connection's guard knows the verified client
+            // certificate's CN, to bind it to the device's identity.
+            let guard = self.guard.clone();
+            let protocol_for = move |common_name: Option<String>| guard.for_peer(common_name);
+            let timeout =
+                std::time::Duration::from_millis(u64::from(self.config.connection_timeout_ms));
+            async move {
+                match tokio::net::TcpListener::from_std(t.listener) {
+                    Ok(listener) => {
+                        info!(addr = %t.addr, "embedded MQTTS listener listening");
+                        tls::serve(listener, t.acceptor, server, protocol_for, timeout).await;
+                    }
+                    Err(e) => {
+                        // The plain listener keeps serving.
+                        error!(addr = %t.addr, error = %e, "MQTTS listener failed");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        });
+        let tls_loop = async move {
+            match tls_loop {
+                Some(l) => l.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             res = self.server.start(LinkType::Remote) => {
                 if let Err(e) = res {
                     error!(%addr, error = %e, "embedded MQTT broker stopped");
                 }
             }
+            () = tls_loop => {}
             () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
         }
     }

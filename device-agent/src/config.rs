@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub device_id: Option<DeviceId>,
     pub broker_host: String,
     pub broker_port: u16,
+    /// MQTT over TLS with this client config (see [`crate::tls`]); plain
+    /// MQTT when `None`.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub topics: Topics,
     pub state_dir: PathBuf,
     pub keep_alive: Duration,
@@ -81,6 +84,7 @@ impl AgentConfig {
             enroll_token: None,
             broker_host: broker_host.into(),
             broker_port,
+            tls: None,
             topics: Topics::default(),
             state_dir,
             keep_alive: Duration::from_secs(10),

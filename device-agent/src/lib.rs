@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use drover_agent::tls::{BrokerUrl, ClientTlsFiles};
 use drover_agent::AgentConfig;
 use drover_shared::topic::Topics;
 use drover_shared::DeviceId;
@@ -15,9 +16,18 @@ use drover_shared::DeviceId;
 #[derive(Debug, Parser)]
 #[command(name = "drover-agent", version, about = "The Drover device agent")]
 struct Args {
-    /// Broker address, mqtt://HOST:PORT.
+    /// Broker address, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, 8883 by default).
     #[arg(long, env = "DROVER_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// CA certificates (PEM) that sign the broker's certificate; required with mqtts://.
+    #[arg(long, env = "DROVER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This device's client certificate (PEM), for a broker that requires one.
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// This device's id; generated and stored in the state directory when absent.
     #[arg(long, env = "DROVER_DEVICE_ID")]
     device_id: Option<String>,
@@ -59,25 +69,24 @@ struct Args {
     enroll_token_file: Option<std::path::PathBuf>,
 }
 
-/// Accepts `mqtt://host[:port]` only; TLS and websockets are not built in.
-fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let Some(rest) = url.strip_prefix("mqtt://") else {
-        bail!("--broker {url:?}: only mqtt://HOST:PORT is supported");
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') => (
-            h,
-            p.parse::<u16>()
-                .with_context(|| format!("--broker {url:?}: invalid port {p:?}"))?,
-        ),
-        _ => (rest, 1883),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains('/') {
-        bail!("--broker {url:?}: missing or invalid host");
+/// The TLS client config for `url`: mqtts:// needs a CA file; the TLS flags
+/// make no sense with plain mqtt://.
+fn tls_config(
+    url: &BrokerUrl,
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    if !url.tls {
+        if ca.is_some() || identity.is_some() {
+            bail!("--tls-ca, --tls-cert and --tls-key need an mqtts:// --broker");
+        }
+        return Ok(None);
     }
-    Ok((host.to_string(), port))
+    let Some(ca) = ca else {
+        bail!("--broker mqtts://... needs --tls-ca FILE (the CA that signed the broker's certificate)");
+    };
+    let files = ClientTlsFiles { ca, identity };
+    Ok(Some(drover_agent::tls::client_config(&files)?))
 }
 
 fn secs(name: &str, s: u64) -> anyhow::Result<Duration> {
@@ -88,8 +97,11 @@ fn secs(name: &str, s: u64) -> anyhow::Result<Duration> {
 }
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
-    let (host, port) = parse_broker(&args.broker)?;
-    let mut c = AgentConfig::new(host, port, args.state_dir);
+    let url = BrokerUrl::parse(&args.broker).context("--broker")?;
+    let identity = args.tls_cert.zip(args.tls_key);
+    let tls = tls_config(&url, args.tls_ca, identity)?;
+    let mut c = AgentConfig::new(url.host, url.port, args.state_dir);
+    c.tls = tls;
     c.device_id = args
         .device_id
         .map(|d| DeviceId::new(d.clone()).with_context(|| format!("--device-id {d:?} is invalid")))
@@ -158,6 +170,8 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // The only provider compiled in; installed so nothing can pick another.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -185,23 +199,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker("mqtt://127.0.0.1:1883").expect("ok"),
-            ("127.0.0.1".into(), 1883)
+    fn tls_flags_must_match_the_scheme() {
+        let err = config(args(&["--broker", "mqtts://h:8883"])).expect_err("no CA");
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
+        let err = config(args(&["--tls-ca", "ca.pem"])).expect_err("plain mqtt");
+        assert!(err.to_string().contains("mqtts://"), "{err}");
+        let err = config(args(&[
+            "--broker",
+            "mqtts://h",
+            "--tls-ca",
+            "/nonexistent/ca.pem",
+        ]))
+        .expect_err("missing file");
+        assert!(
+            format!("{err:#}").contains("/nonexistent/ca.pem"),
+            "{err:#}"
         );
-        assert_eq!(
-            parse_broker("mqtt://broker").expect("ok"),
-            ("broker".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker("mqtt://[::1]:18830").expect("ok"),
-            ("::1".into(), 18830)
-        );
-        assert!(parse_broker("mqtts://h:8883").is_err());
-        assert!(parse_broker("http://h").is_err());
-        assert!(parse_broker("mqtt://h:notaport").is_err());
-        assert!(parse_broker("mqtt://:1883").is_err());
+        assert!(Args::try_parse_from(["drover-agent", "--tls-cert", "c.pem"]).is_err());
+        assert!(config(args(&["--broker", "ftp://h"])).is_err());
     }
 
     fn args(extra: &[&str]) -> Args {

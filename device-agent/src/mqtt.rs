@@ -146,6 +146,11 @@ pub(crate) fn options(config: &AgentConfig, device: &DeviceId) -> MqttOptions {
     );
     opts.set_keep_alive(config.keep_alive);
     opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096);
+    if let Some(tls) = &config.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts
 }
 

@@ -232,8 +232,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// `token` goes into every request as `Authorization: Bearer`.
-    pub fn new(base: &str, output: Output, token: Option<&str>) -> Result<Client> {
+    /// `token` goes into every request as `Authorization: Bearer`; `ca`: a
+    /// PEM file of CA certificates to trust for an https:// API.
+    pub fn new(
+        base: &str,
+        output: Output,
+        token: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// or https:// URL, got {base:?}");
@@ -245,7 +251,7 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let http = crate::tls::http_client(ca)?
             .timeout(Duration::from_secs(30))
             .default_headers(headers)
             .build()?;

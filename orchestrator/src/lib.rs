@@ -6,6 +6,7 @@
 pub mod access;
 pub mod api;
 pub mod backoff;
+pub mod certs;
 pub mod cli;
 pub mod cli_security;
 pub mod fleet;
@@ -20,3 +21,4 @@ pub mod security_api;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

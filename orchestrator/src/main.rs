@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use drover::certs::CertsCmd;
 use drover::cli::{Client, ClientCmd, Output};
 use drover::server::{self, BrokerMode, ServerConfig};
+use drover::tls::ServeTlsArgs;
+use drover_agent::tls::BrokerUrl;
 use drover_shared::topic::Topics;
 use drover_shared::DeviceId;
 use tracing::info;
@@ -29,6 +32,9 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     api: String,
+    /// CA certificate (PEM) to trust for an https:// API (client commands).
+    #[arg(long, global = true, env = "DROVER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Output format of client commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -44,7 +50,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the orchestrator with its embedded broker and database.
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// Create a CA and the server and device certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
     #[command(flatten)]
     Client(ClientCmd),
 }
@@ -60,7 +71,7 @@ struct Serve {
     /// Address of the embedded MQTT broker.
     #[arg(long, env = "DROVER_MQTT_LISTEN", default_value = "0.0.0.0:1883")]
     mqtt_listen: SocketAddr,
-    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    /// Use this external broker (mqtt://HOST:PORT or mqtts://HOST:PORT) instead of the embedded one.
     #[arg(long, env = "DROVER_BROKER")]
     broker: Option<String>,
     /// Root of the MQTT topic tree.
@@ -84,26 +95,8 @@ struct Serve {
     /// from DROVER_BROKER_PASSWORD, never from the command line.
     #[arg(long, env = "DROVER_BROKER_USERNAME", requires = "broker")]
     broker_username: Option<String>,
-}
-
-/// Parses `mqtt://host:port` (port defaults to 1883).
-fn parse_broker_url(url: &str) -> Result<(String, u16)> {
-    let Some(rest) = url.strip_prefix("mqtt://") else {
-        bail!("--broker must be an mqtt://HOST:PORT URL, got {url:?}");
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .with_context(|| format!("--broker {url:?}: bad port {p:?}"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        bail!("--broker {url:?}: missing host");
-    }
-    Ok((host.to_string(), port))
+    #[command(flatten)]
+    tls: ServeTlsArgs,
 }
 
 async fn shutdown_signal() {
@@ -142,11 +135,18 @@ async fn serve(args: Serve) -> Result<()> {
                 args.agent_device_id.as_deref().unwrap_or_default()
             )
         })?;
-    let broker = match &args.broker {
-        Some(url) => {
-            let (host, port) = parse_broker_url(url)?;
-            BrokerMode::External { host, port }
-        }
+    let broker_url = args
+        .broker
+        .as_deref()
+        .map(BrokerUrl::parse)
+        .transpose()
+        .context("--broker")?;
+    let tls = args.tls.resolve(broker_url.as_ref())?;
+    let broker = match broker_url {
+        Some(url) => BrokerMode::External {
+            host: url.host,
+            port: url.port,
+        },
         None => BrokerMode::Embedded {
             listen: args.mqtt_listen,
         },
@@ -165,6 +165,9 @@ async fn serve(args: Serve) -> Result<()> {
     config.api_listen = args.api_listen;
     config.broker = broker;
     config.topics = topics.clone();
+    config.mqtts = tls.mqtts;
+    config.api_tls = tls.api;
+    config.broker_tls = tls.broker_client;
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -175,9 +178,15 @@ async fn serve(args: Serve) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let orch = server::start(config, wait(rx.clone())).await?;
+    let mqtts = orch
+        .mqtts_addr
+        .map(|a| format!("  MQTTS on {a}"))
+        .unwrap_or_default();
     println!(
-        "drover: REST API on http://{}  MQTT on {}:{}",
-        orch.api_addr, orch.mqtt_addr.0, orch.mqtt_addr.1
+        "drover: REST API on {}  MQTT on {}:{}{mqtts}",
+        orch.api_url(),
+        orch.mqtt_addr.0,
+        orch.mqtt_addr.1
     );
     if let Some(path) = &orch.admin_token_file {
         println!(
@@ -249,6 +258,8 @@ fn api_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The only provider compiled in; installed so nothing can pick another.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let res = match cli.command {
         Command::Serve(args) => {
             tracing_subscriber::fmt()
@@ -258,10 +269,17 @@ async fn main() -> std::process::ExitCode {
                     }),
                 )
                 .init();
-            serve(args).await
+            serve(*args).await
         }
+        Command::Certs { cmd } => drover::certs::run(&cmd)
+            .map(|written| {
+                for w in written {
+                    println!("wrote {}: {}", w.path.display(), w.what);
+                }
+            })
+            .map_err(Into::into),
         Command::Client(cmd) => match api_token(cli.token_file.as_deref())
-            .and_then(|t| Client::new(&cli.api, cli.output, t.as_deref()))
+            .and_then(|t| Client::new(&cli.api, cli.output, t.as_deref(), cli.ca_cert.as_deref()))
         {
             Ok(c) => c.run(cmd).await,
             Err(e) => Err(e),

@@ -44,6 +44,8 @@ pub struct LinkConfig {
     pub topics: Topics,
     /// Username and password, when the broker wants them.
     pub credentials: Option<(String, String)>,
+    /// MQTT over TLS with this client config (an external mqtts:// broker).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub fn qos(kind: TopicKind) -> QoS {
@@ -87,6 +89,11 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     opts.set_inflight(100);
     if let Some((user, pass)) = &cfg.credentials {
         opts.set_credentials(user.clone(), pass.clone());
+    }
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 16_384);
     eventloop.set_network_options(nodelay());

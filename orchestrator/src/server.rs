@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_broker::{Access as BrokerAccess, Broker, BrokerConfig, BrokerError};
+use drover_broker::{Access as BrokerAccess, Broker, BrokerConfig, BrokerError, TlsListenerConfig};
 use drover_shared::identity::ORCHESTRATOR_USERNAME;
 use drover_shared::topic::Topics;
 use tokio::sync::{mpsc, watch};
@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::{self, LinkConfig};
 use crate::service::Service;
 use crate::store::{Store, StoreError};
+use crate::tls::{ApiListener, ApiTls};
 
 /// Which broker the orchestrator and its devices use.
 #[derive(Debug, Clone)]
@@ -43,6 +44,13 @@ pub struct ServerConfig {
     pub mqtt_auth: bool,
     /// Username and password for an external broker.
     pub broker_credentials: Option<(String, String)>,
+    /// An MQTT-over-TLS listener on the embedded broker, besides the plain
+    /// one (which the orchestrator's own client uses).
+    pub mqtts: Option<TlsListenerConfig>,
+    /// Serve the REST API over HTTPS instead of HTTP.
+    pub api_tls: Option<ApiTls>,
+    /// TLS client config for an external mqtts:// broker.
+    pub broker_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ServerConfig {
@@ -57,6 +65,9 @@ impl ServerConfig {
             client_id: "drover-orchestrator".into(),
             mqtt_auth: true,
             broker_credentials: None,
+            mqtts: None,
+            api_tls: None,
+            broker_tls: None,
         }
     }
 }
@@ -81,6 +92,8 @@ pub enum ServeError {
     Api(std::io::Error),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error("REST API TLS: {0}")]
+    ApiTls(drover_broker::TlsError),
 }
 
 /// A running orchestrator.
@@ -95,10 +108,20 @@ pub struct Orchestrator {
     /// Where the first admin API token was written, when this start
     /// created it.
     pub admin_token_file: Option<PathBuf>,
+    /// Where the embedded broker's MQTTS listener is bound, if configured.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// Whether the REST API is served over HTTPS.
+    pub api_https: bool,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl Orchestrator {
+    /// Base URL of the REST API.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_https { "https" } else { "http" };
+        format!("{scheme}://{}", self.api_addr)
+    }
+
     /// Waits until the orchestrator has shut down.
     pub async fn wait(self) -> Result<(), ServeError> {
         self.task
@@ -113,6 +136,14 @@ pub async fn start(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Orchestrator, ServeError> {
+    // Certificate files are checked before anything is bound (the MQTTS
+    // ones by `Broker::start`, before its ports).
+    let api_tls = config
+        .api_tls
+        .as_ref()
+        .map(ApiTls::server_config)
+        .transpose()
+        .map_err(ServeError::ApiTls)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -140,6 +171,7 @@ pub async fn start(
     // (and any in-process agent) has disconnected cleanly.
     let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut broker_task = None;
+    let mut mqtts_addr = None;
     let mqtt_addr = match &config.broker {
         BrokerMode::Embedded { listen } => {
             let mut listen = *listen;
@@ -158,6 +190,7 @@ pub async fn start(
             }
             let mut broker_config = BrokerConfig::new(listen);
             broker_config.topics = config.topics.clone();
+            broker_config.tls = config.mqtts.clone();
             let access = if config.mqtt_auth {
                 BrokerAccess::Guarded(identities.clone())
             } else {
@@ -166,6 +199,7 @@ pub async fn start(
             let broker = Broker::start(broker_config, access)?;
             identities.attach_connections(broker.connections());
             let _ = metrics.broker.set(broker.stats());
+            mqtts_addr = broker.tls_addr();
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
             })));
@@ -191,6 +225,8 @@ pub async fn start(
             addr: config.api_listen,
             source,
         })?;
+    let api_https = api_tls.is_some();
+    let listener = ApiListener::new(listener, api_tls);
 
     let credentials = match &config.broker {
         BrokerMode::Embedded { .. } => Some((
@@ -206,6 +242,10 @@ pub async fn start(
         client_id: config.client_id.clone(),
         keep_alive: Duration::from_secs(15),
         topics: config.topics.clone(),
+        tls: match config.broker {
+            BrokerMode::External { .. } => config.broker_tls.clone(),
+            BrokerMode::Embedded { .. } => None,
+        },
     };
     let (client, eventloop) = mqtt::connect(&link);
     let service = Arc::new(Service::new(
@@ -226,13 +266,11 @@ pub async fn start(
     ));
     let service_task = tokio::spawn(service.clone().run(events_rx));
 
-    info!(api = %api_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
+    info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::api::router(service);
     let stop_api = stopped();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop_api)
-            .await;
+        let served = listener.serve(app, stop_api).await;
         // Let queued publishes reach the broker before the link goes away.
         if tokio::time::timeout(Duration::from_secs(5), client.disconnect())
             .await
@@ -255,6 +293,8 @@ pub async fn start(
         mqtt_addr,
         identities,
         admin_token_file,
+        mqtts_addr,
+        api_https,
         task,
     })
 }

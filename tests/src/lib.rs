@@ -174,6 +174,8 @@ pub struct Orch {
     pub api: Api,
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// The embedded broker's MQTTS listener, when configured.
+    pub mqtts_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     pub data: tempfile::TempDir,
@@ -189,30 +191,29 @@ impl Orch {
     }
 
     pub async fn start_with(broker: BrokerMode) -> Orch {
-        Orch::start_configured(broker, true).await
+        Orch::start_config(|cfg| cfg.broker = broker).await
     }
 
     /// With the embedded broker letting every client do anything
     /// (`--insecure-open-broker`), for tests about payloads, not access.
     pub async fn start_open() -> Orch {
-        Orch::start_configured(
-            BrokerMode::Embedded {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-            },
-            false,
-        )
-        .await
+        Orch::start_config(|cfg| cfg.mqtt_auth = false).await
     }
 
-    async fn start_configured(broker: BrokerMode, mqtt_auth: bool) -> Orch {
+    /// With the embedded broker on a free port, after `configure` has
+    /// changed the settings (e.g. to add an MQTTS listener).
+    pub async fn start_config(configure: impl FnOnce(&mut ServerConfig)) -> Orch {
         init_tracing();
         let data = tempfile::tempdir().expect("tempdir");
         let mut cfg = ServerConfig::new(data.path().to_path_buf());
         cfg.api_listen = "127.0.0.1:0".parse().expect("addr");
-        let embedded = matches!(broker, BrokerMode::Embedded { .. });
-        cfg.broker = broker;
+        cfg.broker = BrokerMode::Embedded {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+        };
         cfg.client_id = unique("orch");
-        cfg.mqtt_auth = mqtt_auth;
+        configure(&mut cfg);
+        let embedded = matches!(cfg.broker, BrokerMode::Embedded { .. });
+        let mqtt_auth = cfg.mqtt_auth;
         let (tx, rx) = oneshot::channel::<()>();
         let orch = server::start(cfg, async move {
             let _ = rx.await;
@@ -230,6 +231,7 @@ impl Orch {
         if embedded && mqtt_auth {
             register_enroller(&format!("mqtt://{mqtt_host}:{mqtt_port}"), &api);
         }
+        let mqtts_addr = orch.mqtts_addr;
         let done = tokio::spawn(async move {
             let _ = orch.wait().await;
         });
@@ -237,6 +239,7 @@ impl Orch {
             api,
             mqtt_host,
             mqtt_port,
+            mqtts_addr,
             stop: Some(tx),
             done: Some(done),
             data,
@@ -307,6 +310,19 @@ impl Api {
             .await;
         assert_eq!(s, 201, "create enrollment token: {v}");
         v["token"].as_str().expect("token").to_string()
+    }
+
+    /// For an https:// API whose certificate `ca` (PEM) signed.
+    pub fn with_ca(base: String, ca: &std::path::Path) -> Api {
+        let http = drover::tls::http_client(Some(ca))
+            .expect("CA certificate")
+            .build()
+            .expect("http client");
+        Api {
+            base,
+            http,
+            token: None,
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
@@ -436,10 +452,15 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start() -> Mosquitto {
+        Mosquitto::start_with("").await
+    }
+
+    /// With extra lines for its one listener, e.g. `certfile ...` for TLS.
+    pub async fn start_with(listener_conf: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 300000\n"))
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{listener_conf}\nallow_anonymous true\npersistence false\nmax_packet_size 300000\n"))
             .expect("write mosquitto.conf");
         let child = std::process::Command::new("mosquitto")
             .arg("-c")
@@ -691,11 +712,13 @@ pub struct OrchProc {
     /// With [`OrchProc::start_logged`]: where its output goes, and the
     /// `RUST_LOG` filter.
     log: Option<(tempfile::TempDir, String)>,
+    /// Flags added to `drover serve` on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl OrchProc {
     pub async fn start() -> OrchProc {
-        OrchProc::start_inner(None).await
+        OrchProc::start_full(&[], None, None).await
     }
 
     /// Like [`OrchProc::start`], with everything the process prints
@@ -703,13 +726,27 @@ impl OrchProc {
     /// level `filter`.
     pub async fn start_logged(filter: &str) -> OrchProc {
         let dir = tempfile::tempdir().expect("tempdir");
-        OrchProc::start_inner(Some((dir, filter.to_string()))).await
+        OrchProc::start_full(&[], None, Some((dir, filter.to_string()))).await
     }
 
-    async fn start_inner(log: Option<(tempfile::TempDir, String)>) -> OrchProc {
+    /// With extra `drover serve` flags, kept for restarts. With `https_ca`
+    /// the API is reached over HTTPS trusting that CA (pass the matching
+    /// `--api-tls-cert`/`--api-tls-key` in `extra_args`).
+    pub async fn start_with(extra_args: &[&str], https_ca: Option<&std::path::Path>) -> OrchProc {
+        OrchProc::start_full(extra_args, https_ca, None).await
+    }
+
+    async fn start_full(
+        extra_args: &[&str],
+        https_ca: Option<&std::path::Path>,
+        log: Option<(tempfile::TempDir, String)>,
+    ) -> OrchProc {
         let data = tempfile::tempdir().expect("tempdir");
         let (api_port, mqtt_port) = (free_port(), free_port());
-        let api = Api::new(format!("http://127.0.0.1:{api_port}"));
+        let api = match https_ca {
+            Some(ca) => Api::with_ca(format!("https://127.0.0.1:{api_port}"), ca),
+            None => Api::new(format!("http://127.0.0.1:{api_port}")),
+        };
         let mut o = OrchProc {
             api,
             api_port,
@@ -717,6 +754,7 @@ impl OrchProc {
             data,
             child: None,
             log,
+            extra_args: extra_args.iter().map(|a| (*a).to_string()).collect(),
         };
         o.launch().await;
         let token = std::fs::read_to_string(o.data.path().join("admin.token"))
@@ -773,13 +811,14 @@ impl OrchProc {
             .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
             .arg("--data-dir")
             .arg(self.data.path())
+            .args(&self.extra_args)
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn drover serve");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let http = reqwest::Client::new();
+        let http = self.api.http.clone();
         loop {
             if let Some(status) = child.try_wait().expect("drover status") {
                 panic!(

@@ -351,7 +351,54 @@ pub struct Server<P> {
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 }
 
+// [drover patch] A clone shares the router and the Last Will bookkeeping, so
+// connections handed in through `serve_stream` on a clone (Drover's own TLS
+// listener) and those accepted by `start` behave as one server.
+impl<P: Clone> Clone for Server<P> {
+    fn clone(&self) -> Self {
+        Server {
+            config: self.config.clone(),
+            router_tx: self.router_tx.clone(),
+            protocol: self.protocol.clone(),
+            awaiting_will_handler: self.awaiting_will_handler.clone(),
+        }
+    }
+}
+
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
+    /// [drover patch] Serves one connection the caller has already accepted
+    /// (and, e.g., TLS-handshaken on its own task), exactly like a
+    /// connection accepted by [`Server::start`] with `LinkType::Remote`:
+    /// CONNECT within `connection_timeout_ms`, then the remote link until
+    /// it ends. `protocol` is used for this connection only, so a caller can
+    /// give each connection its own value (e.g. one that knows the client
+    /// certificate's name). rumqttd's own TLS performs the handshake inline
+    /// in the accept loop, where one slow client stalls every accept.
+    pub fn serve_stream<S>(
+        &self,
+        stream: S,
+        protocol: P,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let config = Arc::new(self.config.connections.clone());
+        remote(
+            config,
+            None,
+            self.router_tx.clone(),
+            Box::new(stream),
+            protocol,
+            self.awaiting_will_handler.clone(),
+        )
+        .instrument(tracing::error_span!(
+            "remote_link",
+            tenant_id = field::Empty,
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        ))
+    }
+
     pub fn new(
         config: ServerSettings,
         router_tx: Sender<(ConnectionId, Event)>,

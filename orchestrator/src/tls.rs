@@ -1,0 +1,370 @@
+//! The REST API over HTTPS, and the trust settings of HTTP clients (CLI).
+//!
+//! [`HttpsListener`] is an `axum::serve` listener fed by our own accept
+//! loop: accept, then a task per connection that does the TLS handshake
+//! (tokio-rustls, ring) under a timeout and passes the finished stream on.
+//! axum keeps doing what it does for plain TCP, graceful shutdown included,
+//! and a client that never finishes its handshake holds up nobody else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn, Instrument};
+
+/// Time a new connection has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; beyond that the kernel backlog waits.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Where the REST API's certificate and key are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTls {
+    /// PEM: the server certificate, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM: its private key.
+    pub key: PathBuf,
+}
+
+impl ApiTls {
+    /// Loads and checks the files (HTTP/1.1 over ALPN, no client certificates).
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, drover_broker::tls::TlsError> {
+        drover_broker::tls::server_config(&self.cert, &self.key, None, &[b"http/1.1"])
+    }
+}
+
+/// The REST API's listener: plain HTTP, or HTTPS.
+pub enum ApiListener {
+    Http(TcpListener),
+    Https(HttpsListener),
+}
+
+impl ApiListener {
+    /// HTTPS when `tls` is given. Starts the TLS accept loop right away.
+    pub fn new(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        match tls {
+            Some(config) => ApiListener::Https(HttpsListener::new(listener, config)),
+            None => ApiListener::Http(listener),
+        }
+    }
+
+    /// Serves `app` until `shutdown` resolves and open requests have drained.
+    pub async fn serve(
+        self,
+        app: axum::Router,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        match self {
+            ApiListener::Http(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+            ApiListener::Https(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+        }
+    }
+}
+
+/// Accepted, handshaken HTTPS connections for `axum::serve`. Dropping it
+/// (axum does on shutdown) stops the accept loop and closes the socket.
+pub struct HttpsListener {
+    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local_addr: Option<SocketAddr>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpsListener {
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
+        let local_addr = listener.local_addr().ok();
+        let (tx, handshaken) = mpsc::channel(64);
+        let accept_task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx));
+        HttpsListener {
+            handshaken,
+            local_addr,
+            accept_task,
+        }
+    }
+}
+
+impl Drop for HttpsListener {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot accept HTTPS connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(
+            async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        drop(permit);
+                        // Fails only when the server is shutting down.
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => debug!("TLS handshake timed out"),
+                }
+            }
+            .instrument(tracing::debug_span!("https_connection", %peer)),
+        );
+    }
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (it only does when aborted): nothing
+            // more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.local_addr
+            .ok_or_else(|| std::io::Error::other("the HTTPS listener's address is unknown"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaCertError {
+    #[error("cannot read CA certificate {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("CA certificate file {path} is not usable: {source}")]
+    Parse {
+        path: PathBuf,
+        source: reqwest::Error,
+    },
+    #[error("CA certificate file {path} holds no PEM certificate")]
+    Empty { path: PathBuf },
+}
+
+/// An HTTP client builder that trusts the CA certificates in `ca` (PEM)
+/// for https:// URLs. No built-in roots are compiled in, so without `ca`
+/// an https:// server is not trusted.
+pub fn http_client(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, CaCertError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).map_err(|source| CaCertError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| CaCertError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(CaCertError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+/// `drover serve`'s TLS flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeTlsArgs {
+    /// Also accept MQTT over TLS on this address (e.g. 0.0.0.0:8883); needs --tls-cert and --tls-key.
+    #[arg(long, env = "DROVER_MQTTS_LISTEN")]
+    pub mqtts_listen: Option<std::net::SocketAddr>,
+    /// Certificate (PEM) of the MQTTS listener.
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the MQTTS listener.
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require MQTTS clients to present a certificate issued by this CA (PEM): mutual TLS.
+    #[arg(long, env = "DROVER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve the REST API over HTTPS with this certificate (PEM).
+    #[arg(long, env = "DROVER_API_TLS_CERT", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the REST API's certificate.
+    #[arg(long, env = "DROVER_API_TLS_KEY", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed an external mqtts:// --broker's certificate.
+    #[arg(long, env = "DROVER_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an external broker that requires one.
+    #[arg(long, env = "DROVER_BROKER_CERT", requires = "broker_key")]
+    pub broker_cert: Option<PathBuf>,
+    /// Private key (PEM) of --broker-cert.
+    #[arg(long, env = "DROVER_BROKER_KEY", requires = "broker_cert")]
+    pub broker_key: Option<PathBuf>,
+}
+
+/// What the TLS flags configure.
+#[derive(Debug, Default)]
+pub struct ServeTls {
+    pub mqtts: Option<drover_broker::TlsListenerConfig>,
+    pub api: Option<ApiTls>,
+    pub broker_client: Option<Arc<rustls::ClientConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsArgsError {
+    #[error("--mqtts-listen needs --tls-cert and --tls-key")]
+    MqttsWithoutCert,
+    #[error(
+        "--tls-cert, --tls-key and --tls-client-ca configure --mqtts-listen, which is not set"
+    )]
+    CertWithoutMqtts,
+    #[error("--mqtts-listen is a listener of the embedded broker; with --broker, configure TLS on that broker")]
+    MqttsWithExternalBroker,
+    #[error(
+        "--broker mqtts://... needs --broker-ca FILE (the CA that signed the broker's certificate)"
+    )]
+    BrokerWithoutCa,
+    #[error("--broker-ca, --broker-cert and --broker-key need an mqtts:// --broker")]
+    BrokerTlsWithoutMqtts,
+    #[error("--broker TLS: {0}")]
+    BrokerClient(#[from] drover_agent::tls::TlsError),
+}
+
+impl ServeTlsArgs {
+    /// Checks the combination and loads the external broker's client
+    /// config (the listeners' files are loaded by `server::start`, before
+    /// it binds anything). `broker` is the parsed `--broker`, if any.
+    pub fn resolve(
+        self,
+        broker: Option<&drover_agent::tls::BrokerUrl>,
+    ) -> Result<ServeTls, TlsArgsError> {
+        let mqtts = match (self.mqtts_listen, self.tls_cert.zip(self.tls_key)) {
+            (Some(_), _) if broker.is_some() => return Err(TlsArgsError::MqttsWithExternalBroker),
+            (Some(listen), Some((cert, key))) => Some(drover_broker::TlsListenerConfig {
+                listen,
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            (Some(_), None) => return Err(TlsArgsError::MqttsWithoutCert),
+            (None, identity) if identity.is_some() || self.tls_client_ca.is_some() => {
+                return Err(TlsArgsError::CertWithoutMqtts)
+            }
+            (None, _) => None,
+        };
+        let api = self
+            .api_tls_cert
+            .zip(self.api_tls_key)
+            .map(|(cert, key)| ApiTls { cert, key });
+        let identity = self.broker_cert.zip(self.broker_key);
+        let broker_client = match broker {
+            Some(url) if url.tls => {
+                let ca = self.broker_ca.ok_or(TlsArgsError::BrokerWithoutCa)?;
+                let files = drover_agent::tls::ClientTlsFiles { ca, identity };
+                Some(drover_agent::tls::client_config(&files)?)
+            }
+            _ if self.broker_ca.is_some() || identity.is_some() => {
+                return Err(TlsArgsError::BrokerTlsWithoutMqtts)
+            }
+            _ => None,
+        };
+        Ok(ServeTls {
+            mqtts,
+            api,
+            broker_client,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        tls: ServeTlsArgs,
+    }
+
+    fn resolve(args: &[&str], broker: Option<&str>) -> Result<ServeTls, TlsArgsError> {
+        let flags = Flags::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .expect("flags parse");
+        let url = broker.map(|b| drover_agent::tls::BrokerUrl::parse(b).expect("url"));
+        flags.tls.resolve(url.as_ref())
+    }
+
+    #[test]
+    fn flag_combinations() {
+        let none = resolve(&[], None).expect("no TLS");
+        assert!(none.mqtts.is_none() && none.api.is_none() && none.broker_client.is_none());
+
+        let cert = ["--tls-cert", "s.pem", "--tls-key", "k.pem"];
+        let mqtts = [&["--mqtts-listen", "127.0.0.1:0"][..], &cert[..]].concat();
+        let t = resolve(&mqtts, None).expect("mqtts");
+        let l = t.mqtts.expect("listener");
+        assert_eq!((l.cert, l.client_ca), (PathBuf::from("s.pem"), None));
+
+        assert!(matches!(
+            resolve(&["--mqtts-listen", "127.0.0.1:0"], None),
+            Err(TlsArgsError::MqttsWithoutCert)
+        ));
+        assert!(matches!(
+            resolve(&cert, None),
+            Err(TlsArgsError::CertWithoutMqtts)
+        ));
+        assert!(matches!(
+            resolve(&["--tls-client-ca", "ca.pem"], None),
+            Err(TlsArgsError::CertWithoutMqtts)
+        ));
+        assert!(matches!(
+            resolve(&mqtts, Some("mqtt://h")),
+            Err(TlsArgsError::MqttsWithExternalBroker)
+        ));
+        assert!(matches!(
+            resolve(&[], Some("mqtts://h")),
+            Err(TlsArgsError::BrokerWithoutCa)
+        ));
+        assert!(matches!(
+            resolve(&["--broker-ca", "ca.pem"], Some("mqtt://h")),
+            Err(TlsArgsError::BrokerTlsWithoutMqtts)
+        ));
+        assert!(matches!(
+            resolve(&["--broker-ca", "/nonexistent/ca.pem"], Some("mqtts://h")),
+            Err(TlsArgsError::BrokerClient(_))
+        ));
+        let api = resolve(&["--api-tls-cert", "a.pem", "--api-tls-key", "b.pem"], None)
+            .expect("api")
+            .api
+            .expect("api tls");
+        assert_eq!(api.key, PathBuf::from("b.pem"));
+        // A certificate without its key is refused by clap itself.
+        assert!(Flags::try_parse_from(["serve", "--api-tls-cert", "a.pem"]).is_err());
+        assert!(Flags::try_parse_from(["serve", "--tls-key", "k.pem"]).is_err());
+        assert!(Flags::try_parse_from(["serve", "--broker-cert", "c.pem"]).is_err());
+    }
+}

@@ -8,7 +8,6 @@
 //! read only its `enrolled` topic — sends the token, and waits for the
 //! answer.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -101,22 +100,7 @@ pub fn save(state_dir: &Path, device: &DeviceId, password: &str) -> Result<(), C
         password: Secret::new(password),
     };
     let bytes = serde_json::to_vec(&cred).unwrap_or_default();
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let _ = std::fs::remove_file(&tmp);
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|source| CredentialError::Write {
+    crate::store::write_file(&path, &bytes, Some(0o600)).map_err(|source| CredentialError::Write {
         path: path.clone(),
         source,
     })

@@ -6,8 +6,6 @@
 //! Passwords never reach a log: [`Secrets`] and [`RegistryCredential`]
 //! print `<redacted>` for them, and only hosts are logged here.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bollard::auth::DockerCredentials;
@@ -76,29 +74,11 @@ impl SecretsStore {
     /// no moment can another user read either.
     pub fn save(&self, secrets: &Secrets) -> Result<(), SecretsError> {
         let bytes = drover_shared::encode(secrets);
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let write = || -> std::io::Result<()> {
-            // A leftover from a crash may have other permissions; `mode`
-            // only applies to a file that is created.
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        crate::store::write_file(&self.path, &bytes, Some(FILE_MODE)).map_err(|source| {
+            SecretsError::Write {
+                path: self.path.clone(),
+                source,
             }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(&tmp)?;
-            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|source| SecretsError::Write {
-            path: self.path.clone(),
-            source,
         })
     }
 }
@@ -130,6 +110,7 @@ pub fn docker_credentials(c: &RegistryCredential) -> DockerCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn set(at: u64, host: &str, password: &str) -> Secrets {
         Secrets {

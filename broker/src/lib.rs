@@ -37,7 +37,7 @@ pub enum Access {
     Guarded(Arc<dyn Authority>),
 }
 
-struct OpenAuthority;
+pub(crate) struct OpenAuthority;
 
 impl Authority for OpenAuthority {
     fn authenticate(&self, _: &str, _: &str, _: &str) -> bool {

@@ -276,6 +276,9 @@ pub struct Series {
     pub max_rss: u64,
     pub started: Instant,
     pub ended: Instant,
+    /// RSS at the first sample of each whole minute since the start
+    /// (index 0 is the start): whether memory levels off or keeps growing.
+    pub rss_by_minute: Vec<u64>,
 }
 
 impl Series {
@@ -287,6 +290,7 @@ impl Series {
             max_rss: first.rss_bytes,
             started: now,
             ended: now,
+            rss_by_minute: vec![first.rss_bytes],
         }
     }
 
@@ -294,6 +298,17 @@ impl Series {
         self.last = s;
         self.max_rss = self.max_rss.max(s.rss_bytes);
         self.ended = Instant::now();
+        let minute = (self.ended - self.started).as_secs() / 60;
+        if minute as usize >= self.rss_by_minute.len() {
+            self.rss_by_minute.push(s.rss_bytes);
+        }
+    }
+
+    /// RSS change over the second half of the series, in bytes: near zero
+    /// once memory has levelled off. `None` for under two minutes.
+    pub fn second_half_growth(&self) -> Option<i64> {
+        let m = &self.rss_by_minute;
+        (m.len() >= 3).then(|| m[m.len() - 1] as i64 - m[(m.len() - 1) / 2] as i64)
     }
 
     pub fn cpu_percent(&self) -> f64 {
@@ -304,6 +319,24 @@ impl Series {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn second_half_growth_compares_the_last_minute_with_the_middle_one() {
+        let at = |rss_bytes| Sample {
+            rss_bytes,
+            peak_rss_bytes: rss_bytes,
+            cpu_ticks: 0,
+            threads: 1,
+        };
+        let mut s = Series::new(at(100));
+        assert_eq!(s.second_half_growth(), None, "one sample");
+        s.rss_by_minute = vec![100, 130];
+        assert_eq!(s.second_half_growth(), None, "under two minutes");
+        s.rss_by_minute = vec![100, 150, 160, 170, 155];
+        assert_eq!(s.second_half_growth(), Some(155 - 160));
+        s.rss_by_minute = vec![100, 110, 140];
+        assert_eq!(s.second_half_growth(), Some(30));
+    }
 
     #[test]
     fn stat_cpu_fields_are_found_after_the_command_name() {

@@ -276,6 +276,7 @@ pub async fn steady(
             "orch CPU",
             "broker CPU",
             "orch RSS start → end",
+            "RSS change, 2nd half",
             "orch RSS / device",
             "broker RSS",
             "dropped",
@@ -364,11 +365,28 @@ pub async fn steady(
                 ),
                 _ => "—".into(),
             },
+            orch.as_ref()
+                .and_then(Series::second_half_growth)
+                .map_or("—".into(), |g| {
+                    format!("{:+.1} MiB", g as f64 / 1048576.0)
+                }),
             r.rss_per_device.map_or("—".into(), kib),
             r.broker_rss.map_or("(in orch)".into(), mib),
             (sim1.dropped - sim0.dropped).to_string(),
             (sim1.disconnects - sim0.disconnects).to_string(),
         ]);
+        if let Some(o) = orch.as_ref().filter(|o| o.rss_by_minute.len() > 1) {
+            let series: Vec<String> = o
+                .rss_by_minute
+                .iter()
+                .map(|&b| format!("{:.0}", b as f64 / 1048576.0))
+                .collect();
+            table.note(format!(
+                "{}: orchestrator RSS at each minute of the run, MiB: {}",
+                b.as_str(),
+                series.join(", ")
+            ));
+        }
         if let Some(why) = broke {
             table.note(format!("{}: BROKE during the run: {why}", b.as_str()));
         }

@@ -336,7 +336,8 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // [drover patch] Grows on demand (was 100 entries up front).
+            cache: VecDeque::new(),
         }
     }
 

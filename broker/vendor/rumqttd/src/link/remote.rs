@@ -120,7 +120,9 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // [drover patch] Grows on demand (was 100 entries, ~50 KB, per
+            // connection up front).
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }

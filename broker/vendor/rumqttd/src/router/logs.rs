@@ -428,9 +428,13 @@ pub struct AckLog {
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
+        // [drover patch] Both grow on demand. Reserving 100 entries each
+        // (~37 KB per connection) up front cost the most of any per-client
+        // buffer, and the ring sweep of `committed` made all of it resident
+        // over a device's first hundred QoS 1 publishes.
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

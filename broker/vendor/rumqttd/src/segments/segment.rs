@@ -27,16 +27,19 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    // [drover patch] Segments grow as they fill instead of reserving 1024
+    // entries (~240 KB) up front: every subscribed filter has a log, and a
+    // device's own `cmd`/`desired` filters hold a handful of messages.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }

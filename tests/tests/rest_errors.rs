@@ -56,15 +56,35 @@ async fn malformed_bodies_name_the_field() {
         );
     }
 
-    let (s, v) = api.post_raw("/api/v1/apps", "{\"name\": ").await;
-    assert_eq!(s, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not valid JSON"),
-        "{v}"
-    );
+    for raw in ["{\"name\": ", "{bad", "{\"name\": \"web\",}"] {
+        let (s, v) = api.post_raw("/api/v1/apps", raw).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not valid JSON"),
+            "{v}"
+        );
+        // A syntax error is at a position, not in a field.
+        assert!(v["error"].get("field").is_none(), "{raw}: {v}");
+    }
+    // Query strings: bad values and malformed ones are JSON errors naming
+    // the parameter too.
+    for (path, field) in [
+        ("/api/v1/audit?limit=0", "limit"),
+        ("/api/v1/audit?limit=1&limit=2", "limit"),
+        ("/api/v1/operations?limit=x", "limit"),
+        ("/api/v1/operations?device=a&device=b", "device"),
+        ("/api/v1/audit?outcome=maybe", "outcome"),
+    ] {
+        let (s, v) = api.get(path).await;
+        assert_eq!(
+            (s, v["error"]["field"].clone()),
+            (400, json!(field)),
+            "{path}: {v}"
+        );
+    }
     let (s, _) = api.post_raw("/api/v1/apps", "").await;
     assert_eq!(s, 400);
     // serde would read an array positionally into a struct: refused.

@@ -715,6 +715,38 @@ async fn rest_needs_a_token_and_the_right_role_and_audits_attempts() {
         (400, json!("role")),
         "{v}"
     );
+    // A token's name is its "who" in the audit log: one name, one token,
+    // and none that reads like a request without a token.
+    for (name, status) in [("watcher", 409), ("anonymous", 400), ("invalid-token", 400)] {
+        let (s, v) = admin
+            .post("/api/v1/tokens", &json!({"name": name, "role": "admin"}))
+            .await;
+        assert_eq!(
+            (s, v["error"]["field"].clone()),
+            (status, json!("name")),
+            "{name}: {v}"
+        );
+    }
+    // The scheme is case-insensitive; anything but a bearer token is not one.
+    let token = viewer.token.clone().expect("viewer token");
+    let http = reqwest::Client::new();
+    for (header, status) in [
+        (format!("bearer {token}"), 200),
+        (format!("BEARER  {token} "), 200),
+        (format!("Basic {token}"), 401),
+        (token.clone(), 401),
+        ("Bearer".to_string(), 401),
+    ] {
+        let got = http
+            .get(format!("{}/api/v1/devices", admin.base))
+            .header("authorization", &header)
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16();
+        assert_eq!(got, status, "Authorization: {header:?}");
+    }
 
     // The audit log records who tried what and how it ended.
     let (s, log) = admin.get("/api/v1/audit?limit=100").await;
@@ -738,6 +770,42 @@ async fn rest_needs_a_token_and_the_right_role_and_audits_attempts() {
     );
     assert!(has("deployer", "POST /api/v1/apps", "denied", 403), "{log}");
     assert!(has("admin", "POST /api/v1/apps", "ok", 201), "{log}");
+    // What was done, beyond method and path: the app deployed, the role
+    // granted, why a request was refused.
+    let detail_of = |actor: &str, action: &str, outcome: &str| {
+        entries
+            .iter()
+            .find(|e| {
+                e["actor"] == json!(actor)
+                    && e["action"] == json!(action)
+                    && e["outcome"] == json!(outcome)
+            })
+            .and_then(|e| e["detail"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        detail_of("deployer", "POST /api/v1/devices/pi/apps", "failed").contains("not known"),
+        "{log}"
+    );
+    assert!(
+        detail_of("watcher", "POST /api/v1/devices/pi/apps", "denied")
+            .contains("needs the operator role"),
+        "{log}"
+    );
+    assert!(
+        detail_of("admin", "POST /api/v1/tokens", "ok").contains("role operator"),
+        "{log}"
+    );
+    assert_eq!(
+        detail_of("admin", "POST /api/v1/apps", "ok"),
+        "unprivileged",
+        "{log}"
+    );
+    assert!(
+        !log.to_string().contains(token.as_str()),
+        "a token in the audit log"
+    );
     assert!(entries.iter().all(|e| e["at_ms"].as_u64().unwrap_or(0) > 0));
     let (_, denied) = admin.get("/api/v1/audit?outcome=denied").await;
     assert!(denied
@@ -1096,6 +1164,19 @@ async fn an_automation_client_cannot_take_over_a_devices_session() {
     assert_eq!(
         orch.api.wait_op(&op, Duration::from_secs(120)).await["status"],
         json!("succeeded")
+    );
+    // The audit log says which app was deployed, not only where.
+    let (_, log) = orch.api.get("/api/v1/audit?actor=admin&outcome=ok").await;
+    let deploy = format!("POST /api/v1/devices/{}/apps", b.id);
+    assert!(
+        log.as_array()
+            .expect("audit")
+            .iter()
+            .any(|e| e["action"] == json!(deploy)
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&format!("app {app}")))),
+        "{log}"
     );
     assert!(
         watcher.child.try_wait().expect("mosquitto_sub").is_none(),

@@ -257,8 +257,52 @@ pub fn router(service: Arc<Service>) -> Router {
                 "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
             )
         })
+        .layer(axum::middleware::map_response(json_client_errors))
         .with_state(service)
 }
+
+/// axum's own rejections (a body over the limit, a method the route does
+/// not take, a path that is not UTF-8) are plain text or empty: every 4xx
+/// of this API is its JSON error, saying what was wrong.
+async fn json_client_errors(method: axum::http::Method, resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if json || !status.is_client_error() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body is larger than the API's limit of {} bytes",
+            MAX_BODY_BYTES
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("this endpoint does not take {method}; the Allow header lists what it takes")
+        }
+        _ if !text.is_empty() => text,
+        _ => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let error = ApiError::new(status, message).into_response();
+    let (error_parts, body) = error.into_parts();
+    parts.headers.extend(error_parts.headers);
+    parts.extensions.extend(error_parts.extensions);
+    Response::from_parts(parts, body)
+}
+
+/// axum's default body limit, which every JSON body here is far below.
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 async fn metrics(State(s): State<Arc<Service>>) -> impl IntoResponse {
     (

@@ -180,6 +180,56 @@ async fn unknown_things_are_404() {
 }
 
 #[tokio::test]
+async fn what_axum_rejects_is_a_json_error_too() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    // Over the body limit, a method the route does not take, a path that
+    // is not UTF-8: the API's JSON error, saying so.
+    let huge = format!(
+        "{{\"name\": \"{}\", \"containers\": []}}",
+        "a".repeat(3 << 20)
+    );
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::POST,
+            "/api/v1/apps",
+            &serde_json::from_str(&huge).expect("json"),
+        )
+        .await;
+    assert_eq!(s, 413, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limit"),
+        "{v}"
+    );
+    let (s, v) = api
+        .send_json(reqwest::Method::PATCH, "/api/v1/apps", &json!({}))
+        .await;
+    assert_eq!(s, 405, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PATCH"),
+        "{v}"
+    );
+    let (s, v) = api.get("/api/v1/devices/%FF").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("UTF-8"),
+        "{v}"
+    );
+    // Nothing was created.
+    assert_eq!(api.get("/api/v1/apps").await.1, json!([]));
+    orch.stop().await;
+}
+
+#[tokio::test]
 async fn apps_can_be_replaced_but_not_renamed() {
     let orch = Orch::start().await;
     let api = &orch.api;

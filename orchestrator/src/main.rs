@@ -288,8 +288,23 @@ async fn main() -> std::process::ExitCode {
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("drover: error: {e:#}");
+            eprintln!("drover: error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. `{:#}` would print a cause twice
+/// where a message already ends with it (`cannot read F: {source}`), so a
+/// cause is added only when the text so far does not end with it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.ends_with(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }

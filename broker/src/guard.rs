@@ -146,6 +146,10 @@ struct Conn {
     session_id: String,
     username: Option<String>,
     principal: Option<Principal>,
+    /// Whether this (enrolling) connection has asked for its credential:
+    /// one request per connection, so a connection whose token is used up
+    /// cannot keep the orchestrator writing refusals to its audit log.
+    enroll_requested: bool,
     /// Set once the connection is registered, which happens only after
     /// authentication succeeded (rumqttd asks for the kick signal when it
     /// starts the link): a refused CONNECT with a live client's id must not
@@ -229,6 +233,7 @@ impl Guard {
                     client_id,
                     username: username.map(str::to_string),
                     principal,
+                    enroll_requested: false,
                     serial: std::sync::OnceLock::new(),
                 });
                 if let Some(cn) = &self.peer_cn {
@@ -253,7 +258,18 @@ impl Guard {
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
                 match self.principal() {
-                    Some(p) if p.may_publish(topics, &topic, publish.retain) => Ok(()),
+                    Some(Principal::Enrolling(_))
+                        if self.conn.as_ref().is_some_and(|c| c.enroll_requested) =>
+                    {
+                        Err(self.refuse("second enrollment request", &topic))
+                    }
+                    Some(p) if p.may_publish(topics, &topic, publish.retain) => {
+                        if let Some(c) = self.conn.as_mut() {
+                            c.enroll_requested |=
+                                matches!(c.principal, Some(Principal::Enrolling(_)));
+                        }
+                        Ok(())
+                    }
                     _ => Err(self.refuse("publish", &topic)),
                 }
             }
@@ -351,6 +367,7 @@ mod tests {
         fn principal(&self, client_id: &str, username: Option<&str>) -> Option<Principal> {
             match username? {
                 "$orchestrator" => Some(Principal::Owner),
+                "$enroll" => DeviceId::new(client_id).ok().map(Principal::Enrolling),
                 "$auto:auto" => Some(Principal::Automation {
                     name: "auto".into(),
                     subscribe: vec!["#".into()],
@@ -410,6 +427,23 @@ mod tests {
             g.principal(),
             Some(&Principal::Device(DeviceId::new("a").expect("id")))
         );
+    }
+
+    fn publish(topic: &str) -> BytesMut {
+        let mut buf = BytesMut::new();
+        // `Publish::new` is QoS 0, which needs no packet id.
+        let p = rumqttd::protocol::Publish::new(topic.to_string(), "x".to_string(), false);
+        V4.write(Packet::Publish(p, None), &mut buf)
+            .expect("encode publish");
+        buf
+    }
+
+    #[test]
+    fn an_enrolling_client_asks_once_per_connection() {
+        let (mut g, _) = guard(Arc::default());
+        assert!(read(&mut g, connect("new-1", "$enroll")).is_ok());
+        assert!(read(&mut g, publish("drover/v1/dev/new-1/enroll")).is_ok());
+        assert!(read(&mut g, publish("drover/v1/dev/new-1/enroll")).is_err());
     }
 
     #[test]

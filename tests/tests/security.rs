@@ -465,13 +465,31 @@ async fn unknown_wrong_and_revoked_credentials_are_refused() {
     );
     assert!(metric(&orch.api, "drover_broker_auth_failures_total").await >= failures + 4);
 
+    // An operator's enrollment token made for B cannot take B's identity
+    // while B's credential is active: that takes an admin's revocation.
+    let operator = orch.api.as_role("o", "operator").await;
+    let pinned = operator.enroll_token(&b.id).await;
+    let takeover = Login {
+        user: "$enroll",
+        pass: &pinned,
+        client_id: &b.id,
+    };
+    let (code, err) = publish_as(orch.mqtt_port, Some(&takeover), topic, b"x").await;
+    assert!(
+        code != 0 && err.contains("not authorised"),
+        "a pinned token for an active device: {err}"
+    );
+    online(&orch.api, &b.id).await;
+
     // A viewer or operator may not revoke; an admin may, and the device is
     // disconnected at once and stays out.
     let viewer = orch.api.as_role("v", "viewer").await;
-    let (s, _) = viewer
-        .post(&format!("/api/v1/devices/{}/revoke", b.id), &Value::Null)
-        .await;
-    assert_eq!(s, 403);
+    for weak in [&viewer, &operator] {
+        let (s, _) = weak
+            .post(&format!("/api/v1/devices/{}/revoke", b.id), &Value::Null)
+            .await;
+        assert_eq!(s, 403);
+    }
     let (s, v) = orch
         .api
         .post(&format!("/api/v1/devices/{}/revoke", b.id), &Value::Null)
@@ -1184,4 +1202,43 @@ async fn an_automation_client_cannot_take_over_a_devices_session() {
     );
     drop(watcher);
     orch.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_local_agent_stays_out_after_a_restart() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("local");
+    let state_dir = state.path().to_str().expect("utf-8 path").to_string();
+    let mut orch = OrchProc::start_with(
+        &[
+            "--local-agent",
+            "--agent-state-dir",
+            &state_dir,
+            "--agent-device-id",
+            &id,
+        ],
+        None,
+    )
+    .await;
+    online(&orch.api, &id).await;
+    let (s, v) = orch
+        .api
+        .post(&format!("/api/v1/devices/{id}/revoke"), &Value::Null)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // `serve --local-agent` issues its own agent a credential when it has
+    // none: a restart must not undo the revocation that way.
+    orch.kill().await;
+    orch.restart().await;
+    wait_for(
+        Duration::from_secs(30),
+        "the local agent's login refused",
+        || async {
+            (metric(&orch.api, "drover_broker_auth_failures_total").await > 0).then_some(())
+        },
+    )
+    .await;
+    let d = orch.api.device(&id).await.expect("device known");
+    assert_eq!(d["credential"], json!("revoked"), "{d}");
+    assert_eq!(d["online"], json!(false), "{d}");
 }

@@ -290,6 +290,21 @@ impl Access {
     }
 }
 
+/// Creates `dir` (and missing parents) readable by its owner only. The data
+/// directory holds the redb file, with registry passwords in clear, and
+/// the admin token: the process's umask would usually leave them readable
+/// by every local user. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
 /// Writes a file only its owner can read, replacing any previous one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -520,6 +535,18 @@ mod tests {
         drop(access);
         let access = Access::load(store).expect("reload");
         assert!(access.authenticate(admin.trim()).is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("a/b");
+        create_private_dir(&data).expect("created");
+        let mode = std::fs::metadata(&data).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "data dir mode {mode:o}");
+        create_private_dir(&data).expect("an existing one is fine");
     }
 
     #[tokio::test]

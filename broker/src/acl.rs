@@ -28,15 +28,24 @@ pub enum Principal {
 }
 
 impl Principal {
-    pub fn may_publish(&self, topics: &Topics, topic: &str) -> bool {
+    /// Whether this principal may publish on `topic`, retained or not.
+    ///
+    /// A device may retain only on the kinds the protocol retains (a
+    /// retained `ack` or `enroll` would be handed to the orchestrator again
+    /// on every reconnect), and an enrolling device never retains (its
+    /// token would stay in the broker).
+    pub fn may_publish(&self, topics: &Topics, topic: &str, retain: bool) -> bool {
         match self {
             Principal::Owner => true,
             Principal::Device(id) => matches!(
                 topics.parse(topic),
-                Some((d, k)) if &d == id && TopicKind::FROM_DEVICE.contains(&k) && k != TopicKind::Enroll
+                Some((d, k)) if &d == id
+                    && TopicKind::FROM_DEVICE.contains(&k)
+                    && k != TopicKind::Enroll
+                    && (!retain || k.retained())
             ),
             Principal::Enrolling(id) => {
-                matches!(topics.parse(topic), Some((d, TopicKind::Enroll)) if &d == id)
+                !retain && matches!(topics.parse(topic), Some((d, TopicKind::Enroll)) if &d == id)
             }
             Principal::Automation { publish, .. } => {
                 // Nobody but a device speaks for a device, and nobody but
@@ -48,7 +57,22 @@ impl Principal {
     }
 
     pub fn may_subscribe(&self, topics: &Topics, requested: &str) -> bool {
-        if !filter::valid_filter(requested) {
+        if matches!(self, Principal::Owner) {
+            return true;
+        }
+        // A shared subscription (`$share/<group>/<filter>`) delivers what
+        // `<filter>` matches: rumqttd strips the prefix, so the rules apply
+        // to the filter inside it. Devices get exact topics only, never a
+        // shared one. Any other `$` filter (`$SYS/…`) is not Drover's to
+        // grant.
+        let requested = match (self, requested.strip_prefix("$share/")) {
+            (Principal::Automation { .. }, Some(rest)) => match rest.split_once('/') {
+                Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => inner,
+                _ => return false,
+            },
+            _ => requested,
+        };
+        if !filter::valid_filter(requested) || requested.starts_with('$') {
             return false;
         }
         match self {
@@ -56,7 +80,7 @@ impl Principal {
             // Exact topics only: no wildcard can reach another device.
             Principal::Device(id) => matches!(
                 topics.parse(requested),
-                Some((d, k)) if &d == id && TopicKind::TO_DEVICE.contains(&k)
+                Some((d, k)) if &d == id && DEVICE_READS.contains(&k)
             ),
             Principal::Enrolling(id) => {
                 matches!(topics.parse(requested), Some((d, TopicKind::Enrolled)) if &d == id)
@@ -78,10 +102,38 @@ impl Principal {
                 matches!(topics.parse(topic), Some((d, TopicKind::Status)) if &d == id)
             }
             Principal::Enrolling(_) => false,
-            other => other.may_publish(topics, topic),
+            other => other.may_publish(topics, topic, true),
+        }
+    }
+
+    /// The client id rumqttd keys this client's session by. rumqttd lets a
+    /// new connection take over the session of any live or persisted one
+    /// with the same client id — its subscriptions included — so every
+    /// identity that may pick its client id freely gets its own namespace,
+    /// which no device id (no `:` in it) and no other identity can reach:
+    /// an automation client calling itself `pi-01` must not inherit
+    /// device `pi-01`'s `cmd`, `desired` and `secrets` subscriptions, and a
+    /// device enrolled as `drover-orchestrator` must not inherit the
+    /// orchestrator's. `None` keeps the client id: a device's (and an
+    /// enrolling device's) client id already is its identity, and an
+    /// empty one is left to rumqttd (which refuses it for a persistent
+    /// session and assigns a random one otherwise).
+    pub fn session_id(&self, client_id: &str) -> Option<String> {
+        if client_id.is_empty() {
+            return None;
+        }
+        match self {
+            Principal::Device(_) | Principal::Enrolling(_) => None,
+            Principal::Owner => Some(format!("owner:{client_id}")),
+            Principal::Automation { name, .. } => Some(format!("auto:{name}:{client_id}")),
         }
     }
 }
+
+/// What a device may subscribe to on its own topics: what it is told to
+/// run and the credentials for it (its `enrolled` answer is read under the
+/// `$enroll` identity, not as the device).
+const DEVICE_READS: [TopicKind; 3] = [TopicKind::Cmd, TopicKind::Desired, TopicKind::Secrets];
 
 fn device_space(topics: &Topics) -> String {
     format!("{}/v1/dev/#", topics.root())
@@ -156,17 +208,23 @@ mod tests {
         for k in TopicKind::FROM_DEVICE {
             let own = topics.device(&id("a"), k);
             assert_eq!(
-                a.may_publish(&topics, &own),
+                a.may_publish(&topics, &own, false),
                 k != TopicKind::Enroll,
                 "{own}"
             );
-            assert!(!a.may_publish(&topics, &topics.device(&id("b"), k)), "{k}");
+            assert!(
+                !a.may_publish(&topics, &topics.device(&id("b"), k), false),
+                "{k}"
+            );
         }
         for k in TopicKind::TO_DEVICE {
-            assert!(!a.may_publish(&topics, &topics.device(&id("a"), k)), "{k}");
+            assert!(
+                !a.may_publish(&topics, &topics.device(&id("a"), k), false),
+                "{k}"
+            );
         }
-        assert!(!a.may_publish(&topics, "drover/v1/other"));
-        assert!(!a.may_publish(&topics, "elsewhere"));
+        assert!(!a.may_publish(&topics, "drover/v1/other", false));
+        assert!(!a.may_publish(&topics, "elsewhere", false));
     }
 
     #[test]
@@ -174,7 +232,11 @@ mod tests {
         let a = Principal::Device(id("a"));
         let topics = t();
         for k in TopicKind::TO_DEVICE {
-            assert!(a.may_subscribe(&topics, &topics.device(&id("a"), k)));
+            assert_eq!(
+                a.may_subscribe(&topics, &topics.device(&id("a"), k)),
+                k != TopicKind::Enrolled,
+                "{k}"
+            );
             assert!(!a.may_subscribe(&topics, &topics.device(&id("b"), k)));
         }
         for f in [
@@ -185,8 +247,25 @@ mod tests {
             "drover/v1/dev/a/#",
             "drover/v1/dev/a/status",
             "drover/v1/dev/b/telemetry",
+            "$share/g/drover/v1/dev/b/cmd",
+            "$share/g/drover/v1/dev/a/cmd",
+            "$SYS/#",
         ] {
             assert!(!a.may_subscribe(&topics, f), "{f}");
+        }
+    }
+
+    #[test]
+    fn a_device_retains_only_what_the_protocol_retains() {
+        let a = Principal::Device(id("a"));
+        let topics = t();
+        for k in TopicKind::FROM_DEVICE {
+            let own = topics.device(&id("a"), k);
+            assert_eq!(
+                a.may_publish(&topics, &own, true),
+                k.retained() && k != TopicKind::Enroll,
+                "{own}"
+            );
         }
     }
 
@@ -203,13 +282,17 @@ mod tests {
     fn enrolling_is_limited_to_the_enrollment_exchange() {
         let e = Principal::Enrolling(id("a"));
         let topics = t();
-        assert!(e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Enroll)));
-        assert!(!e.may_publish(&topics, &topics.device(&id("b"), TopicKind::Enroll)));
-        assert!(!e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Status)));
+        assert!(e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Enroll), false));
+        assert!(!e.may_publish(&topics, &topics.device(&id("b"), TopicKind::Enroll), false));
+        assert!(!e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Status), false));
         assert!(e.may_subscribe(&topics, &topics.device(&id("a"), TopicKind::Enrolled)));
         assert!(!e.may_subscribe(&topics, &topics.device(&id("b"), TopicKind::Enrolled)));
         assert!(!e.may_subscribe(&topics, &topics.device(&id("a"), TopicKind::Cmd)));
         assert!(!e.may_will(&topics, &topics.device(&id("a"), TopicKind::Status)));
+        assert!(
+            !e.may_publish(&topics, &topics.device(&id("a"), TopicKind::Enroll), true),
+            "a retained enroll would keep the token in the broker"
+        );
     }
 
     #[test]
@@ -229,13 +312,22 @@ mod tests {
             "drover/v1/dev/a/cmd",
             "drover/v1/dev/+/desired",
             "drover/v1/dev/a/enrolled",
+            // rumqttd strips `$share/<group>/` and subscribes to the rest.
+            "$share/g/drover/v1/dev/+/secrets",
+            "$share/g/drover/v1/dev/a/cmd",
+            "$share/g/#",
+            "$share//drover/v1/dev/+/telemetry",
+            "$share/g",
+            "$share/+/drover/v1/dev/+/telemetry",
+            "$SYS/#",
         ] {
             assert!(!auto.may_subscribe(&topics, f), "{f}");
         }
+        assert!(auto.may_subscribe(&topics, "$share/g/drover/v1/dev/+/telemetry"));
         // Never as a device, never a command.
-        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/status"));
-        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/cmd"));
-        assert!(auto.may_publish(&topics, "home/lights"));
+        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/status", false));
+        assert!(!auto.may_publish(&topics, "drover/v1/dev/a/cmd", false));
+        assert!(auto.may_publish(&topics, "home/lights", false));
     }
 
     #[test]
@@ -250,7 +342,7 @@ mod tests {
         assert!(auto.may_subscribe(&topics, "drover/v1/dev/x/heartbeat"));
         assert!(!auto.may_subscribe(&topics, "drover/v1/dev/x/logs"));
         assert!(!auto.may_subscribe(&topics, "drover/v1/dev/#"));
-        assert!(!auto.may_publish(&topics, "anything"));
+        assert!(!auto.may_publish(&topics, "anything", false));
     }
 
     #[test]
@@ -267,9 +359,31 @@ mod tests {
     }
 
     #[test]
+    fn only_devices_keep_their_client_id_as_session() {
+        let auto = |n: &str| Principal::Automation {
+            name: n.into(),
+            subscribe: vec![],
+            publish: vec![],
+        };
+        assert_eq!(Principal::Device(id("pi")).session_id("pi"), None);
+        assert_eq!(Principal::Enrolling(id("pi")).session_id("pi"), None);
+        let taken = [
+            auto("nodered").session_id("pi"),
+            auto("other").session_id("pi"),
+            Principal::Owner.session_id("pi"),
+        ];
+        for s in &taken {
+            let s = s.as_deref().expect("namespaced");
+            assert!(DeviceId::new(s).is_err(), "{s} could be a device id");
+        }
+        assert_ne!(taken[0], taken[1], "identities do not share sessions");
+        assert_eq!(auto("nodered").session_id(""), None);
+    }
+
+    #[test]
     fn owner_may_do_anything() {
         let topics = t();
         assert!(Principal::Owner.may_subscribe(&topics, "#"));
-        assert!(Principal::Owner.may_publish(&topics, "drover/v1/dev/a/cmd"));
+        assert!(Principal::Owner.may_publish(&topics, "drover/v1/dev/a/cmd", false));
     }
 }

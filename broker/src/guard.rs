@@ -113,6 +113,14 @@ impl Connections {
         (serial, rx)
     }
 
+    /// Closes the connection registered as `serial`, if it still is.
+    fn kick_serial(&self, client_id: &str, serial: u64) {
+        let map = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = map.get(client_id).filter(|r| r.serial == serial) {
+            r.kick.send_replace(true);
+        }
+    }
+
     fn unregister(&self, client_id: &str, serial: u64) {
         let mut map = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(client_id).is_some_and(|r| r.serial == serial) {
@@ -132,9 +140,16 @@ pub(crate) struct Shared {
 }
 
 struct Conn {
+    /// The client id as the client sent it (for logs and the authority).
     client_id: String,
+    /// The client id rumqttd knows the session by ([`Principal::session_id`]).
+    session_id: String,
     username: Option<String>,
     principal: Option<Principal>,
+    /// Whether this (enrolling) connection has asked for its credential:
+    /// one request per connection, so a connection whose token is used up
+    /// cannot keep the orchestrator writing refusals to its audit log.
+    enroll_requested: bool,
     /// Set once the connection is registered, which happens only after
     /// authentication succeeded (rumqttd asks for the kick signal when it
     /// starts the link): a refused CONNECT with a live client's id must not
@@ -184,9 +199,13 @@ impl Guard {
         ProtocolError::InvalidProtocol
     }
 
-    fn check(&mut self, packet: &Packet) -> Result<(), ProtocolError> {
+    fn check(&mut self, packet: &mut Packet) -> Result<(), ProtocolError> {
         let topics = &self.shared.topics;
         match packet {
+            // MQTT 3.1.1 §3.1: a second CONNECT is a protocol violation.
+            // It must never get here: rumqttd checks credentials only on
+            // the first, so a second one could name another identity.
+            Packet::Connect(..) if self.conn.is_some() => Err(self.refuse("second connect", "")),
             Packet::Connect(connect, _, will, _, login) => {
                 let username = login.as_ref().map(|l| l.username.as_str());
                 if login.is_none() && self.shared.require_login {
@@ -200,10 +219,21 @@ impl Guard {
                     .shared
                     .authority
                     .principal(&connect.client_id, username);
+                let client_id = connect.client_id.clone();
+                // Only a guarded broker has identities to keep apart.
+                let session_id = principal
+                    .as_ref()
+                    .filter(|_| self.shared.require_login)
+                    .and_then(|p| p.session_id(&client_id));
+                if let Some(session_id) = &session_id {
+                    connect.client_id.clone_from(session_id);
+                }
                 self.conn = Some(Conn {
-                    client_id: connect.client_id.clone(),
+                    session_id: session_id.unwrap_or_else(|| client_id.clone()),
+                    client_id,
                     username: username.map(str::to_string),
                     principal,
+                    enroll_requested: false,
                     serial: std::sync::OnceLock::new(),
                 });
                 if let Some(cn) = &self.peer_cn {
@@ -228,7 +258,18 @@ impl Guard {
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
                 match self.principal() {
-                    Some(p) if p.may_publish(topics, &topic) => Ok(()),
+                    Some(Principal::Enrolling(_))
+                        if self.conn.as_ref().is_some_and(|c| c.enroll_requested) =>
+                    {
+                        Err(self.refuse("second enrollment request", &topic))
+                    }
+                    Some(p) if p.may_publish(topics, &topic, publish.retain) => {
+                        if let Some(c) = self.conn.as_mut() {
+                            c.enroll_requested |=
+                                matches!(c.principal, Some(Principal::Enrolling(_)));
+                        }
+                        Ok(())
+                    }
                     _ => Err(self.refuse("publish", &topic)),
                 }
             }
@@ -260,7 +301,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(c) = &self.conn {
             if let Some(serial) = c.serial.get() {
-                self.shared.connections.unregister(&c.client_id, *serial);
+                self.shared.connections.unregister(&c.session_id, *serial);
             }
         }
     }
@@ -301,7 +342,7 @@ impl Protocol for Guard {
         max_size: usize,
     ) -> Result<Packet, ProtocolError> {
         let mut packet = self.inner.read_mut(stream, max_size)?;
-        self.check(&packet)?;
+        self.check(&mut packet)?;
         unpin(&mut packet);
         Ok(packet)
     }
@@ -315,8 +356,22 @@ impl Protocol for Guard {
         let (serial, kick) = self
             .shared
             .connections
-            .register(&c.client_id, c.username.as_deref());
+            .register(&c.session_id, c.username.as_deref());
         let _ = c.serial.set(serial);
+        // A revocation between the authentication hook and this
+        // registration found nothing to close; it is visible now, so ask
+        // again and close at once if the identity is gone or changed.
+        let now = self
+            .shared
+            .authority
+            .principal(&c.client_id, c.username.as_deref());
+        if now != c.principal {
+            warn!(
+                client_id = %c.client_id,
+                "identity revoked or changed while connecting; disconnecting client"
+            );
+            self.shared.connections.kick_serial(&c.session_id, serial);
+        }
         Some(kick)
     }
 }
@@ -324,7 +379,136 @@ impl Protocol for Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttd::protocol::{Connect, LastWill, QoS};
+    use rumqttd::protocol::{LastWill, QoS};
+    use drover_shared::DeviceId;
+    use rumqttd::protocol::{Connect, Login};
+
+    /// Devices `a` and `b` and the automation identity `auto`, whatever
+    /// the password; `revoked` makes `a` unknown from then on.
+    #[derive(Default)]
+    struct Fake {
+        revoked: std::sync::atomic::AtomicBool,
+    }
+
+    impl Authority for Fake {
+        fn authenticate(&self, _: &str, _: &str, _: &str) -> bool {
+            true
+        }
+        fn principal(&self, client_id: &str, username: Option<&str>) -> Option<Principal> {
+            match username? {
+                "$orchestrator" => Some(Principal::Owner),
+                "$enroll" => DeviceId::new(client_id).ok().map(Principal::Enrolling),
+                "$auto:auto" => Some(Principal::Automation {
+                    name: "auto".into(),
+                    subscribe: vec!["#".into()],
+                    publish: vec![],
+                }),
+                "a" if self.revoked.load(Ordering::Relaxed) => None,
+                u if u == client_id => DeviceId::new(u).ok().map(Principal::Device),
+                _ => None,
+            }
+        }
+    }
+
+    fn guard(authority: Arc<Fake>) -> (Guard, Arc<Shared>) {
+        let shared = Arc::new(Shared {
+            require_login: true,
+            authority,
+            topics: Topics::default(),
+            stats: Arc::new(GuardStats::default()),
+            connections: Arc::new(Connections::default()),
+        });
+        (Guard::new(shared.clone()), shared)
+    }
+
+    fn connect(client_id: &str, username: &str) -> BytesMut {
+        let mut buf = BytesMut::new();
+        let packet = Packet::Connect(
+            Connect {
+                keep_alive: 10,
+                client_id: client_id.into(),
+                clean_session: false,
+            },
+            None,
+            None,
+            None,
+            Some(Login {
+                username: username.into(),
+                password: "pw".into(),
+            }),
+        );
+        V4.write(packet, &mut buf).expect("encode connect");
+        buf
+    }
+
+    fn read(g: &mut Guard, mut bytes: BytesMut) -> Result<Packet, ProtocolError> {
+        g.read_mut(&mut bytes, 1 << 20)
+    }
+
+    #[test]
+    fn a_second_connect_cannot_change_who_the_client_is() {
+        let (mut g, shared) = guard(Arc::default());
+        assert!(read(&mut g, connect("a", "a")).is_ok());
+        // Credentials are checked on the first CONNECT only, so a second
+        // one naming the orchestrator would otherwise make `a` the owner.
+        assert!(read(&mut g, connect("a", "$orchestrator")).is_err());
+        assert_eq!(shared.stats.acl_violations.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            g.principal(),
+            Some(&Principal::Device(DeviceId::new("a").expect("id")))
+        );
+    }
+
+    fn publish(topic: &str) -> BytesMut {
+        let mut buf = BytesMut::new();
+        // `Publish::new` is QoS 0, which needs no packet id.
+        let p = rumqttd::protocol::Publish::new(topic.to_string(), "x".to_string(), false);
+        V4.write(Packet::Publish(p, None), &mut buf)
+            .expect("encode publish");
+        buf
+    }
+
+    #[test]
+    fn an_enrolling_client_asks_once_per_connection() {
+        let (mut g, _) = guard(Arc::default());
+        assert!(read(&mut g, connect("new-1", "$enroll")).is_ok());
+        assert!(read(&mut g, publish("drover/v1/dev/new-1/enroll")).is_ok());
+        assert!(read(&mut g, publish("drover/v1/dev/new-1/enroll")).is_err());
+    }
+
+    #[test]
+    fn clients_that_choose_their_client_id_get_their_own_sessions() {
+        let (mut g, _) = guard(Arc::default());
+        let Ok(Packet::Connect(c, ..)) = read(&mut g, connect("b", "$auto:auto")) else {
+            panic!("connect refused");
+        };
+        assert_ne!(
+            c.client_id, "b",
+            "an automation client took device b's session"
+        );
+        let (mut g, _) = guard(Arc::default());
+        let Ok(Packet::Connect(c, ..)) = read(&mut g, connect("b", "b")) else {
+            panic!("connect refused");
+        };
+        assert_eq!(c.client_id, "b", "a device keeps its id as its session");
+    }
+
+    #[test]
+    fn a_revocation_while_connecting_closes_the_connection() {
+        let fake = Arc::new(Fake::default());
+        let (mut g, _) = guard(fake.clone());
+        assert!(read(&mut g, connect("a", "a")).is_ok());
+        // Revoked after the authentication hook said yes, before the link
+        // registered for the kick signal: nothing was there to close.
+        fake.revoked.store(true, Ordering::Relaxed);
+        let kick = g.kick_signal().expect("kick signal");
+        assert!(*kick.borrow(), "a revoked device stays connected");
+
+        let (mut g, _) = guard(Arc::default());
+        assert!(read(&mut g, connect("b", "b")).is_ok());
+        assert!(!*g.kick_signal().expect("kick signal").borrow());
+    }
+
 
     fn open_guard() -> Guard {
         Guard::new(Arc::new(Shared {

@@ -114,10 +114,19 @@ impl AgentConfig {
 /// Creates the state directory and proves it is writable, so a broken disk is
 /// a clear start-up error instead of a silent loss of the desired state later.
 pub(crate) fn prepare_state_dir(dir: &Path) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(dir).map_err(|source| ConfigError::CreateStateDir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    // Owner-only when new: it holds the credential and registry secrets.
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+        .map_err(|source| ConfigError::CreateStateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok")
         .and_then(|()| std::fs::remove_file(&probe))
@@ -191,6 +200,21 @@ pub(crate) fn generate_device_id(hostname: &str) -> DeviceId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_state_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("var/lib/drover-agent");
+        prepare_state_dir(&state).expect("created");
+        let mode = std::fs::metadata(&state)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "state dir mode {mode:o}");
+        prepare_state_dir(&state).expect("an existing one is fine");
+    }
 
     #[test]
     fn generated_ids_are_valid_and_sanitised() {

@@ -191,7 +191,7 @@ async fn attempt(
                     ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
                 )) => {
                     return Err(Attempt::Refused(
-                        "the broker refused the enrollment token (unknown, expired, used up, or not for this device)".into(),
+                        "the broker refused the enrollment token (unknown, expired, used up, not for this device, or the device is enrolled and not revoked)".into(),
                     ))
                 }
                 Err(e) => return Err(Attempt::Retry(e.to_string())),

@@ -187,11 +187,25 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the cause chain on one line, without a backtrace.
-            eprintln!("drover-agent: {e:#}");
+            eprintln!("drover-agent: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. `{:#}` would print a cause twice
+/// where a message already ends with it (`cannot read F: {source}`), so a
+/// cause is added only when the text so far does not end with it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.ends_with(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -260,5 +274,20 @@ mod tests {
             "1000"
         ]))
         .is_err());
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read f: {source}")]
+        struct Read {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::from(Read {
+            source: std::io::Error::other("gone"),
+        });
+        assert_eq!(error_chain(&e), "cannot read f: gone");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&e), "outer: inner");
     }
 }

@@ -83,10 +83,22 @@ pub fn required_role(method: &Method, route: &str) -> Role {
     }
 }
 
+/// What the audit log calls requests without a valid token; no token may
+/// be named so, or its actions would read as a stranger's.
+pub const ANONYMOUS_ACTOR: &str = "anonymous";
+pub const INVALID_TOKEN_ACTOR: &str = "invalid-token";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error("{0}")]
     Invalid(String),
+    /// Token names are the audit log's "who": each names one token.
+    #[error("an API token named {0} already exists; the audit log tells tokens apart by name")]
+    NameTaken(String),
+    #[error(
+        "{0:?} is what the audit log calls requests without a valid token; choose another name"
+    )]
+    NameReserved(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write {path}: {source}")]
@@ -160,7 +172,13 @@ impl Access {
         name: Name,
         role: Role,
     ) -> Result<(ApiTokenRecord, String), AccessError> {
+        if [ANONYMOUS_ACTOR, INVALID_TOKEN_ACTOR].contains(&name.as_str()) {
+            return Err(AccessError::NameReserved(name.as_str().to_string()));
+        }
         let _g = self.changes.lock().await;
+        if self.read().values().any(|t| t.name == name) {
+            return Err(AccessError::NameTaken(name.as_str().to_string()));
+        }
         let id = secret::short_id();
         let s = secret::generate();
         let rec = ApiTokenRecord {
@@ -272,6 +290,21 @@ impl Access {
     }
 }
 
+/// Creates `dir` (and missing parents) readable by its owner only. The data
+/// directory holds the redb file, with registry passwords in clear, and
+/// the admin token: the process's umask would usually leave them readable
+/// by every local user. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
 /// Writes a file only its owner can read, replacing any previous one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -293,11 +326,13 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// but not a readable bearer token (so it is reported as invalid, not missing).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let h = headers.get(header::AUTHORIZATION)?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     Some(
         h.to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map_or("", str::trim),
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim()),
     )
 }
 
@@ -309,7 +344,8 @@ fn refusal(status: StatusCode, message: String) -> Response {
             field: None,
         },
     };
-    let mut resp = (status, axum::Json(body)).into_response();
+    let detail = AuditDetail(body.error.message.clone());
+    let mut resp = (status, axum::Extension(detail), axum::Json(body)).into_response();
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -318,6 +354,12 @@ fn refusal(status: StatusCode, message: String) -> Response {
     }
     resp
 }
+
+/// What a response adds to its request's audit record: the part of "what"
+/// that the method and path do not say (the app deployed, the role
+/// granted), or why the request failed. Never a secret.
+#[derive(Debug, Clone)]
+pub struct AuditDetail(pub String);
 
 /// The API's access check and audit trail, as a route layer (so the
 /// matched route pattern is known).
@@ -338,11 +380,11 @@ pub async fn enforce(State(s): State<Arc<Service>>, mut req: Request, next: Next
         None => {
             let (actor, msg) = match token {
                 None => (
-                    "anonymous",
+                    ANONYMOUS_ACTOR,
                     "this endpoint needs an API token: send `Authorization: Bearer <token>`",
                 ),
                 Some(_) => (
-                    "invalid-token",
+                    INVALID_TOKEN_ACTOR,
                     "the API token is not valid (unknown, revoked or malformed)",
                 ),
             };
@@ -382,6 +424,11 @@ pub async fn enforce(State(s): State<Arc<Service>>, mut req: Request, next: Next
         if denied {
             s.metrics.api_denied.fetch_add(1, Ordering::Relaxed);
         }
+        let detail = resp
+            .extensions()
+            .get::<AuditDetail>()
+            .map(|d| d.0.clone())
+            .unwrap_or_default();
         s.access
             .audit(
                 &actor,
@@ -389,7 +436,7 @@ pub async fn enforce(State(s): State<Arc<Service>>, mut req: Request, next: Next
                 format!("{method} {path}"),
                 outcome,
                 Some(status.as_u16()),
-                String::new(),
+                detail,
             )
             .await;
     }
@@ -469,6 +516,13 @@ mod tests {
             .authenticate(&viewer.replace("at.", "at.x"))
             .is_none());
         assert!(access.authenticate("").is_none());
+        for (taken, err) in [("v", "already exists"), ("anonymous", "audit log calls")] {
+            let e = access
+                .create_token("admin", Name::new(taken).expect("n"), Role::Admin)
+                .await
+                .expect_err("name refused");
+            assert!(e.to_string().contains(err), "{e}");
+        }
         assert!(access.delete_token(&rec.id).await.expect("deleted"));
         assert!(access.authenticate(&viewer).is_none());
         let admin_id = access.tokens()[0].id.clone();
@@ -481,6 +535,18 @@ mod tests {
         drop(access);
         let access = Access::load(store).expect("reload");
         assert!(access.authenticate(admin.trim()).is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("a/b");
+        create_private_dir(&data).expect("created");
+        let mode = std::fs::metadata(&data).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "data dir mode {mode:o}");
+        create_private_dir(&data).expect("an existing one is fine");
     }
 
     #[tokio::test]

@@ -8,13 +8,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use drover_shared::model::AppSpec;
 use drover_shared::payload::Op;
 use drover_shared::{DeviceId, Name};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::access::AuditDetail;
 use crate::fleet::FleetError;
 use crate::records::AppView;
 use crate::registries::{self, CredentialsBody};
@@ -73,6 +74,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The audit log says why a change failed. Messages never quote a
+        // password (see `put_registry`).
+        let detail = AuditDetail(self.message.clone());
         let body = ErrorBody {
             error: ErrorDetail {
                 status: self.status.as_u16(),
@@ -80,8 +84,13 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        (self.status, Json(body)).into_response()
+        (self.status, Extension(detail), Json(body)).into_response()
     }
+}
+
+/// An audit detail naming what a request changed.
+pub(crate) fn audited(detail: impl Into<String>) -> Extension<AuditDetail> {
+    Extension(AuditDetail(detail.into()))
 }
 
 impl From<ServiceError> for ApiError {
@@ -146,7 +155,11 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             (".", None) => String::new(),
             (p, None) => p.to_string(),
         };
-        let message = if inner.is_syntax() || inner.is_eof() {
+        let syntax = inner.is_syntax() || inner.is_eof();
+        // A syntax error has no field, only a position (serde_path_to_error
+        // reports the key it could not read as `?`).
+        let field = if syntax { String::new() } else { field };
+        let message = if syntax {
             format!("request body is not valid JSON: {msg}")
         } else if field.is_empty() {
             format!("invalid request body: {msg}")
@@ -159,6 +172,31 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             ApiError::field(StatusCode::BAD_REQUEST, field, message)
         }
     })
+}
+
+/// `axum::extract::Query` whose rejection is the API's JSON error, naming
+/// the parameter where serde does (`duplicate field `limit``).
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::try_from_uri(&parts.uri) {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => {
+                let text = e.body_text();
+                let message = format!("invalid query string: {text}");
+                Err(match text.split('`').nth(1) {
+                    Some(field) => ApiError::field(StatusCode::BAD_REQUEST, field, message),
+                    None => ApiError::new(StatusCode::BAD_REQUEST, message),
+                })
+            }
+        }
+    }
 }
 
 pub(crate) fn device_id(raw: &str) -> ApiResult<DeviceId> {
@@ -219,8 +257,52 @@ pub fn router(service: Arc<Service>) -> Router {
                 "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
             )
         })
+        .layer(axum::middleware::map_response(json_client_errors))
         .with_state(service)
 }
+
+/// axum's own rejections (a body over the limit, a method the route does
+/// not take, a path that is not UTF-8) are plain text or empty: every 4xx
+/// of this API is its JSON error, saying what was wrong.
+async fn json_client_errors(method: axum::http::Method, resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if json || !status.is_client_error() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body is larger than the API's limit of {} bytes",
+            MAX_BODY_BYTES
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("this endpoint does not take {method}; the Allow header lists what it takes")
+        }
+        _ if !text.is_empty() => text,
+        _ => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let error = ApiError::new(status, message).into_response();
+    let (error_parts, body) = error.into_parts();
+    parts.headers.extend(error_parts.headers);
+    parts.extensions.extend(error_parts.extensions);
+    Response::from_parts(parts, body)
+}
+
+/// axum's default body limit, which every JSON body here is far below.
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 async fn metrics(State(s): State<Arc<Service>>) -> impl IntoResponse {
     (
@@ -262,14 +344,22 @@ async fn deploy(
     let id = device_id(&id)?;
     let body: DeployBody = parse_body(&body)?;
     let op = s.request(&id, Op::Deploy, &body.app).await?;
-    Ok((StatusCode::ACCEPTED, Json(op)))
+    Ok((
+        StatusCode::ACCEPTED,
+        audited(format!("app {}, operation {}", body.app, op.id)),
+        Json(op),
+    ))
 }
 
 async fn change(s: Arc<Service>, id: String, app: String, op: Op) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     let app = name("app", &app)?;
     let op = s.request(&id, op, &app).await?;
-    Ok((StatusCode::ACCEPTED, Json(op)))
+    Ok((
+        StatusCode::ACCEPTED,
+        audited(format!("operation {}", op.id)),
+        Json(op),
+    ))
 }
 
 async fn start(
@@ -303,7 +393,7 @@ struct LogQuery {
 async fn logs(
     State(s): State<Arc<Service>>,
     Path(id): Path<String>,
-    Query(q): Query<LogQuery>,
+    ApiQuery(q): ApiQuery<LogQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     let app = name(
@@ -346,7 +436,7 @@ struct EventsQuery {
 async fn events(
     State(s): State<Arc<Service>>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     let limit = parse_limit(q.limit.as_deref())?;
@@ -386,8 +476,13 @@ async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<imp
     let mut spec: AppSpec = parse_body(&body)?;
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
+    let detail = app_detail(&spec);
     let rec = s.create_app(spec).await?;
-    Ok((StatusCode::CREATED, Json(AppView::from(rec))))
+    Ok((
+        StatusCode::CREATED,
+        audited(detail),
+        Json(AppView::from(rec)),
+    ))
 }
 
 /// Replaces an app's spec. Devices pick it up when it is deployed again.
@@ -411,7 +506,22 @@ async fn update_app(
     }
     spec.validate()
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
-    Ok(Json(AppView::from(s.update_app(spec).await?)))
+    let detail = app_detail(&spec);
+    Ok((
+        audited(detail),
+        Json(AppView::from(s.update_app(spec).await?)),
+    ))
+}
+
+/// Which privileges an app definition grants: the audit log shows who
+/// decided that.
+fn app_detail(spec: &AppSpec) -> String {
+    let p = spec.privileges();
+    if p.is_empty() {
+        "unprivileged".into()
+    } else {
+        format!("privileges: {}", p.join(", "))
+    }
 }
 
 async fn show_app(
@@ -446,7 +556,7 @@ struct OpsQuery {
 
 async fn list_operations(
     State(s): State<Arc<Service>>,
-    Query(q): Query<OpsQuery>,
+    ApiQuery(q): ApiQuery<OpsQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let device = q.device.as_deref().map(device_id).transpose()?;
     let limit = parse_limit(q.limit.as_deref())?;
@@ -521,6 +631,7 @@ async fn put_registry(
     })?;
     registries::validate_credentials(&body)
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))?;
+    let detail = format!("user {}", body.username);
     let view = s
         .set_registry(drover_shared::payload::RegistryCredential {
             host,
@@ -528,7 +639,7 @@ async fn put_registry(
             password: body.password,
         })
         .await?;
-    Ok(Json(view))
+    Ok((audited(detail), Json(view)))
 }
 
 async fn delete_registry(

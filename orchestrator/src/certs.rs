@@ -112,8 +112,8 @@ pub enum CertsError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("a server certificate needs at least one --name or --ip")]
     NoNames,
-    #[error("invalid DNS name {name:?}: {source}")]
-    BadName { name: String, source: rcgen::Error },
+    #[error("invalid DNS name {name:?}: {why}")]
+    BadName { name: String, why: &'static str },
     #[error("invalid device id {id:?}: {source}")]
     BadDeviceId {
         id: String,
@@ -227,13 +227,15 @@ pub fn create_server(
     let cn = names.first().cloned().unwrap_or_else(|| ips[0].to_string());
     let (mut params, until) = leaf_params(&cn, days)?;
     for name in names {
+        let bad = |why| CertsError::BadName {
+            name: name.clone(),
+            why,
+        };
+        check_dns_name(name).map_err(bad)?;
         let dns = name
             .clone()
             .try_into()
-            .map_err(|source| CertsError::BadName {
-                name: name.clone(),
-                source,
-            })?;
+            .map_err(|_| bad("not an IA5 string"))?;
         params.subject_alt_names.push(SanType::DnsName(dns));
     }
     params
@@ -322,6 +324,31 @@ fn ca_public_key(pem: &str) -> Option<Vec<u8>> {
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// A host name as TLS clients match it (RFC 1123 labels, a `*.` wildcard
+/// for the leftmost one): rcgen takes any ASCII, and a certificate for
+/// `bad name!` would simply never match.
+fn check_dns_name(name: &str) -> Result<(), &'static str> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Err("an IP address; give it with --ip");
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    if host.is_empty() || name.len() > 253 {
+        return Err("must be 1 to 253 characters");
+    }
+    for label in host.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated label must be 1 to 63 characters");
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err("may only contain letters, digits, '-' and '.' (and a leading '*.')");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label must not start or end with '-'");
+        }
+    }
+    Ok(())
 }
 
 fn check_free(files: &[PathBuf], force: bool) -> Result<(), CertsError> {
@@ -544,6 +571,26 @@ mod tests {
             create_server(&ca, &[], &[], 30, &out, false),
             Err(CertsError::NoNames)
         ));
+        for name in [
+            "bad name!",
+            "a..b",
+            "-a.example",
+            "x_y.example",
+            "192.0.2.1",
+            "*.",
+        ] {
+            assert!(
+                matches!(
+                    create_server(&ca, &[name.to_string()], &[], 30, &out, false),
+                    Err(CertsError::BadName { .. })
+                ),
+                "{name}"
+            );
+        }
+        assert!(!out.join(SERVER_CERT).exists());
+        for name in ["localhost", "drover.example", "*.fleet.example", "pi-01"] {
+            assert!(check_dns_name(name).is_ok(), "{name}");
+        }
         assert!(matches!(
             create_client(&ca, "dev-1", 0, &out, false),
             Err(CertsError::Days)

@@ -55,6 +55,8 @@ pub enum EnrollRefusal {
     OtherDevice,
     #[error("device is already enrolled; re-enrolling needs a token created for this device")]
     AlreadyEnrolled,
+    #[error("device is enrolled and its credential is active; an admin must revoke it before it can be re-enrolled")]
+    StillActive,
     #[error("enrollment could not be stored")]
     Store,
 }
@@ -218,7 +220,18 @@ impl Identities {
         }
         match &rec.device {
             Some(d) if d != device => return Err(EnrollRefusal::OtherDevice),
-            Some(_) => {}
+            // Re-enrolling replaces the credential. A working one only an
+            // admin's revocation may end: enrolling is an operator's right,
+            // and must not take a device's identity away from it.
+            Some(_) => {
+                if state
+                    .devices
+                    .get(device)
+                    .is_some_and(|c| c.revoked_at_ms.is_none())
+                {
+                    return Err(EnrollRefusal::StillActive);
+                }
+            }
             // A token for anyone must not take over an enrolled device's id.
             None => {
                 // Nor bring back a revoked one: that takes a token made
@@ -459,6 +472,20 @@ mod tests {
     async fn revocation_refuses_and_only_a_pinned_token_re_enrolls() {
         let (_d, ids) = ids();
         let pw = ids.issue_local(&dev("pi")).await.expect("issued");
+        let (_, early) = ids
+            .create_enroll_token("a", 60, 1, Some(dev("pi")))
+            .await
+            .expect("t");
+        assert_eq!(
+            ids.enroll(&dev("pi"), &early).await,
+            Err(EnrollRefusal::StillActive),
+            "a pinned token took an active device's identity"
+        );
+        assert!(!ids.authenticate("pi", ENROLL_USERNAME, &early));
+        assert!(
+            ids.authenticate("pi", "pi", &pw),
+            "the device keeps its credential"
+        );
         assert!(ids.revoke(&dev("pi")).await.expect("revoked"));
         assert!(!ids.authenticate("pi", "pi", &pw));
         assert_eq!(ids.principal("pi", Some("pi")), None);

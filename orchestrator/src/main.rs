@@ -206,11 +206,17 @@ async fn serve(args: Serve) -> Result<()> {
         // The agent in this process needs no enrollment: the orchestrator
         // issues its credential directly, unless it already has one.
         let identity = drover_agent::identity_for(&cfg).context("local agent")?;
-        if args.broker.is_none()
-            && !args.insecure_open_broker
-            && (identity.credential.is_none()
-                || orch.identities.credential_state(&identity.device)
-                    != drover::identity::CredentialState::Active)
+        let state = orch.identities.credential_state(&identity.device);
+        let guarded = args.broker.is_none() && !args.insecure_open_broker;
+        if guarded && state == drover::identity::CredentialState::Revoked {
+            // A revoked device stays out, this one included: a restart
+            // must not quietly undo an admin's revocation.
+            tracing::warn!(
+                device = %identity.device,
+                "the local agent's device is revoked and stays disconnected; give the local agent another --agent-device-id, or re-enroll this one with drover-agent and a token made for it"
+            );
+        } else if guarded
+            && (identity.credential.is_none() || state != drover::identity::CredentialState::Active)
         {
             let password = orch
                 .identities
@@ -288,8 +294,23 @@ async fn main() -> std::process::ExitCode {
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("drover: error: {e:#}");
+            eprintln!("drover: error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. `{:#}` would print a cause twice
+/// where a message already ends with it (`cannot read F: {source}`), so a
+/// cause is added only when the text so far does not end with it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.ends_with(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }

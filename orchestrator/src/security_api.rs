@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
@@ -16,7 +16,9 @@ use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{AccessError, Caller, Role};
-use crate::api::{device_id, name, parse_body, parse_limit, ApiError, ApiResult};
+use crate::api::{
+    audited, device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult,
+};
 use crate::identity::IdentityError;
 use crate::records::{ApiTokenRecord, AutomationRecord, EnrollTokenRecord};
 use crate::service::Service;
@@ -61,6 +63,12 @@ impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::Invalid(m) => ApiError::new(StatusCode::CONFLICT, m),
+            e @ AccessError::NameTaken(_) => {
+                ApiError::field(StatusCode::CONFLICT, "name", e.to_string())
+            }
+            e @ AccessError::NameReserved(_) => {
+                ApiError::field(StatusCode::BAD_REQUEST, "name", e.to_string())
+            }
             AccessError::Store(s) => ApiError::store(s),
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
@@ -132,9 +140,19 @@ async fn create_enroll_token(
         .identities
         .create_enroll_token(&caller.name, req.ttl_secs, req.uses, req.device_id)
         .await?;
+    let detail = format!(
+        "enrollment token {}, {} use(s), expires at {} ms{}",
+        rec.id,
+        rec.uses_left,
+        rec.expires_at_ms,
+        rec.device
+            .as_ref()
+            .map(|d| format!(", only for device {d}"))
+            .unwrap_or_default()
+    );
     let mut view = EnrollTokenView::from(rec);
     view.token = Some(token);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((StatusCode::CREATED, audited(detail), Json(view)))
 }
 
 async fn list_enroll_tokens(State(s): State<Arc<Service>>) -> impl IntoResponse {
@@ -221,9 +239,13 @@ async fn create_token(
         .access
         .create_token(&caller.name, req.name, req.role)
         .await?;
+    let detail = format!(
+        "API token {} named {} with role {}",
+        rec.id, rec.name, rec.role
+    );
     let mut view = ApiTokenView::from(rec);
     view.token = Some(token);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((StatusCode::CREATED, audited(detail), Json(view)))
 }
 
 async fn list_tokens(State(s): State<Arc<Service>>) -> impl IntoResponse {
@@ -298,9 +320,10 @@ async fn create_automation(
         .identities
         .create_automation(&caller.name, req.name, req.subscribe, req.publish)
         .await?;
+    let detail = format!("subscribe {:?}, publish {:?}", rec.subscribe, rec.publish);
     let mut view = AutomationView::from(rec);
     view.password = Some(password);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((StatusCode::CREATED, audited(detail), Json(view)))
 }
 
 async fn list_automation(State(s): State<Arc<Service>>) -> impl IntoResponse {
@@ -338,7 +361,7 @@ struct AuditQuery {
 
 async fn audit(
     State(s): State<Arc<Service>>,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let limit = parse_limit(q.limit.as_deref())?;
     if let Some(o) = q.outcome.as_deref() {

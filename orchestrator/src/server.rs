@@ -144,7 +144,7 @@ pub async fn start(
         .map(ApiTls::server_config)
         .transpose()
         .map_err(ServeError::ApiTls)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+    crate::access::create_private_dir(&config.data_dir).map_err(|source| ServeError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;

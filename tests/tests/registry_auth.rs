@@ -214,6 +214,8 @@ async fn private_registry_pull_needs_credentials_and_they_leak_nowhere() {
         format!("/api/v1/devices/{dev}/logs?app={app}"),
         "/api/v1/registries".to_string(),
         format!("/api/v1/registries/{AUTH_REGISTRY}"),
+        // Every change, including the PUT that carried the password.
+        "/api/v1/audit?limit=10000".to_string(),
     ] {
         let (s, v) = api.get(&path).await;
         assert_eq!(s, 200, "GET {path}: {v}");
@@ -237,6 +239,7 @@ async fn private_registry_pull_needs_credentials_and_they_leak_nowhere() {
         vec!["logs", &app, "--device", &dev],
         vec!["registries"],
         vec!["registries", "show", AUTH_REGISTRY],
+        vec!["audit", "--limit", "10000"],
     ] {
         for json_out in [false, true] {
             let mut full = args.clone();
@@ -292,6 +295,23 @@ async fn private_registry_pull_needs_credentials_and_they_leak_nowhere() {
             ));
         }
     }
+    // The orchestrator's data directory holds it only in its redb file
+    // (the `registries` table, in clear, as SECURITY.md says).
+    for entry in std::fs::read_dir(orch.data.path()).expect("data dir") {
+        let path = entry.expect("entry").path();
+        if path.file_name().is_some_and(|n| n == "drover.redb") || !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("read data file");
+        seen.push((
+            format!("data file {}", path.display()),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+    // Docker got it for the pull only: not in the container's config.
+    let inspect = docker_cli(&["inspect", &agent.container_name(&app, "main")]).await;
+    assert!(inspect.contains(AUTH_REGISTRY), "{inspect}");
+    seen.push(("docker inspect of the container".into(), inspect));
     for (what, text) in &seen {
         assert_no_password(what, text);
     }

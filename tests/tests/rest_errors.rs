@@ -56,15 +56,35 @@ async fn malformed_bodies_name_the_field() {
         );
     }
 
-    let (s, v) = api.post_raw("/api/v1/apps", "{\"name\": ").await;
-    assert_eq!(s, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not valid JSON"),
-        "{v}"
-    );
+    for raw in ["{\"name\": ", "{bad", "{\"name\": \"web\",}"] {
+        let (s, v) = api.post_raw("/api/v1/apps", raw).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not valid JSON"),
+            "{v}"
+        );
+        // A syntax error is at a position, not in a field.
+        assert!(v["error"].get("field").is_none(), "{raw}: {v}");
+    }
+    // Query strings: bad values and malformed ones are JSON errors naming
+    // the parameter too.
+    for (path, field) in [
+        ("/api/v1/audit?limit=0", "limit"),
+        ("/api/v1/audit?limit=1&limit=2", "limit"),
+        ("/api/v1/operations?limit=x", "limit"),
+        ("/api/v1/operations?device=a&device=b", "device"),
+        ("/api/v1/audit?outcome=maybe", "outcome"),
+    ] {
+        let (s, v) = api.get(path).await;
+        assert_eq!(
+            (s, v["error"]["field"].clone()),
+            (400, json!(field)),
+            "{path}: {v}"
+        );
+    }
     let (s, _) = api.post_raw("/api/v1/apps", "").await;
     assert_eq!(s, 400);
     // serde would read an array positionally into a struct: refused.
@@ -156,6 +176,56 @@ async fn unknown_things_are_404() {
     );
     let (s, _) = api.get("/api/v1/nothing-here").await;
     assert_eq!(s, 404);
+    orch.stop().await;
+}
+
+#[tokio::test]
+async fn what_axum_rejects_is_a_json_error_too() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    // Over the body limit, a method the route does not take, a path that
+    // is not UTF-8: the API's JSON error, saying so.
+    let huge = format!(
+        "{{\"name\": \"{}\", \"containers\": []}}",
+        "a".repeat(3 << 20)
+    );
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::POST,
+            "/api/v1/apps",
+            &serde_json::from_str(&huge).expect("json"),
+        )
+        .await;
+    assert_eq!(s, 413, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limit"),
+        "{v}"
+    );
+    let (s, v) = api
+        .send_json(reqwest::Method::PATCH, "/api/v1/apps", &json!({}))
+        .await;
+    assert_eq!(s, 405, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PATCH"),
+        "{v}"
+    );
+    let (s, v) = api.get("/api/v1/devices/%FF").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("UTF-8"),
+        "{v}"
+    );
+    // Nothing was created.
+    assert_eq!(api.get("/api/v1/apps").await.1, json!([]));
     orch.stop().await;
 }
 

@@ -211,7 +211,20 @@ where
         let packet = network.read().await?;
         Ok::<_, network::Error>(packet)
     })
-    .await??;
+    .await?;
+    // [drover patch] MQTT 3.1.1 §3.1.2.2: a CONNECT of a protocol level
+    // this server does not speak (an MQTT 5 client) gets CONNACK 0x01
+    // "unacceptable protocol version" before the connection is closed, so
+    // the client can say why instead of "connection lost".
+    if let Err(network::Error::Protocol(crate::protocol::Error::InvalidProtocolLevel(_))) = &packet
+    {
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::RefusedProtocolVersion,
+        };
+        let _ = network.write(Packet::ConnAck(ack, None)).await;
+    }
+    let packet = packet?;
 
     let (connect, _props, login) = match packet {
         Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),

@@ -379,9 +379,9 @@ impl Protocol for Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttd::protocol::{LastWill, QoS};
     use drover_shared::DeviceId;
     use rumqttd::protocol::{Connect, Login};
+    use rumqttd::protocol::{LastWill, QoS};
 
     /// Devices `a` and `b` and the automation identity `auto`, whatever
     /// the password; `revoked` makes `a` unknown from then on.
@@ -508,7 +508,6 @@ mod tests {
         assert!(read(&mut g, connect("b", "b")).is_ok());
         assert!(!*g.kick_signal().expect("kick signal").borrow());
     }
-
 
     fn open_guard() -> Guard {
         Guard::new(Arc::new(Shared {

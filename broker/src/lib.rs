@@ -69,6 +69,18 @@ pub struct BrokerConfig {
     pub max_outgoing_packet_count: u64,
     /// Bytes per commit-log segment. Must comfortably exceed the largest
     /// payload; tiny segments make rumqttd panic on subscribe.
+    ///
+    /// Every subscribed filter has a log; the orchestrator's wildcard
+    /// filters (one per device-to-orchestrator topic kind) carry the whole
+    /// fleet's traffic, so their logs fill and stay full. rumqttd counts
+    /// topic + payload bytes, while each kept message costs ~230 bytes of
+    /// bookkeeping on top, so a full log of small messages (heartbeats)
+    /// costs several times its counted size: at 10,000 devices the load
+    /// test measured ~130 MB with 4 MiB segments and a plateau only after
+    /// 15+ minutes. With 1 MiB the logs still hold minutes of heartbeats
+    /// and seconds of telemetry for a subscriber that lags, and rollouts
+    /// and reconnect storms at 10,000 devices measured the same
+    /// (`loadtest/RESULTS.md`).
     pub max_segment_size: usize,
     /// Segments kept in memory per log. Offline QoS 1 delivery is a cursor
     /// into this log: when it rolls over, queued messages are dropped
@@ -94,7 +106,7 @@ impl BrokerConfig {
             max_payload_size: drover_payload_limit(),
             max_inflight_count: 100,
             max_outgoing_packet_count: 1_000,
-            max_segment_size: 4 * 1024 * 1024,
+            max_segment_size: 1024 * 1024,
             max_segment_count: 4,
             connection_timeout_ms: 5_000,
             tls: None,

@@ -26,6 +26,7 @@ use crate::records::{ApiTokenRecord, AuditRecord};
 use crate::secret;
 use crate::service::{now_ms, Service};
 use crate::store::{Store, StoreError, Write};
+use crate::writer::StoreWriter;
 
 /// Prefix of API tokens: `at.<id>.<secret>`.
 pub const API_TOKEN_PREFIX: &str = "at";
@@ -110,15 +111,17 @@ pub enum AccessError {
 
 pub struct Access {
     store: Store,
+    writer: StoreWriter,
     tokens: RwLock<HashMap<String, ApiTokenRecord>>,
     changes: tokio::sync::Mutex<()>,
-    /// Audit appends are serialised so sequence numbers stay in order.
+    /// Held while an audit record takes its sequence number and is queued,
+    /// so records are stored in sequence order; not while it is stored.
     audit_lock: tokio::sync::Mutex<()>,
     audit_seq: AtomicU64,
 }
 
 impl Access {
-    pub fn load(store: Store) -> Result<Access, StoreError> {
+    pub fn load(store: Store, writer: StoreWriter) -> Result<Access, StoreError> {
         let tokens = store
             .api_tokens()?
             .into_iter()
@@ -127,6 +130,7 @@ impl Access {
         let seq = store.last_audit_seq()?;
         Ok(Access {
             store,
+            writer,
             tokens: RwLock::new(tokens),
             changes: tokio::sync::Mutex::new(()),
             audit_lock: tokio::sync::Mutex::new(()),
@@ -135,10 +139,7 @@ impl Access {
     }
 
     async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.write(&writes))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("store task failed: {e}"))))
+        self.writer.persist(writes).await
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, ApiTokenRecord>> {
@@ -252,22 +253,30 @@ impl Access {
         status: Option<u16>,
         detail: String,
     ) {
-        let _g = self.audit_lock.lock().await;
-        let seq = self.audit_seq.load(Ordering::Relaxed) + 1;
-        let record = AuditRecord {
-            seq,
-            at_ms: now_ms(),
-            actor: actor.to_string(),
-            role,
-            action,
-            outcome: outcome.to_string(),
-            status,
-            detail,
+        // The sequence number is taken and the record queued under the
+        // lock (the writer commits in queue order); the wait for the fsync
+        // is outside it, so concurrent requests share one commit. A record
+        // that fails to store leaves a gap in the sequence, never a reuse.
+        let stored = {
+            let _g = self.audit_lock.lock().await;
+            let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let record = AuditRecord {
+                seq,
+                at_ms: now_ms(),
+                actor: actor.to_string(),
+                role,
+                action,
+                outcome: outcome.to_string(),
+                status,
+                detail,
+            };
+            let prune_to = seq.checked_sub(AUDIT_KEEP).filter(|p| *p > 0);
+            self.writer
+                .submit(vec![Write::Audit { record, prune_to }])
+                .await
         };
-        let prune_to = seq.checked_sub(AUDIT_KEEP).filter(|p| *p > 0);
-        match self.persist(vec![Write::Audit { record, prune_to }]).await {
-            Ok(()) => self.audit_seq.store(seq, Ordering::Relaxed),
-            Err(e) => warn!(error = %e, "audit record could not be stored"),
+        if let Err(e) = stored.await {
+            warn!(error = %e, "audit record could not be stored");
         }
     }
 
@@ -478,11 +487,15 @@ mod tests {
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
     }
 
+    fn writer(store: &Store) -> StoreWriter {
+        StoreWriter::spawn(store.clone(), Arc::default())
+    }
+
     #[tokio::test]
     async fn tokens_authenticate_by_role_and_the_last_admin_stays() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("d.redb")).expect("store");
-        let access = Access::load(store.clone()).expect("load");
+        let access = Access::load(store.clone(), writer(&store)).expect("load");
         let path = access
             .bootstrap_admin(dir.path())
             .await
@@ -533,7 +546,7 @@ mod tests {
         // The token digests survive a restart; the tokens themselves are
         // nowhere in the store.
         drop(access);
-        let access = Access::load(store).expect("reload");
+        let access = Access::load(store.clone(), writer(&store)).expect("reload");
         assert!(access.authenticate(admin.trim()).is_some());
     }
 
@@ -553,7 +566,7 @@ mod tests {
     async fn audit_log_is_newest_first_and_filterable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("d.redb")).expect("store");
-        let access = Access::load(store).expect("load");
+        let access = Access::load(store.clone(), writer(&store)).expect("load");
         access
             .audit(
                 "a",

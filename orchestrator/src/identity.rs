@@ -23,6 +23,7 @@ use crate::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
 use crate::secret;
 use crate::service::now_ms;
 use crate::store::{Store, StoreError, Write};
+use crate::writer::StoreWriter;
 
 /// Prefix of enrollment tokens: `et.<id>.<secret>`.
 pub const ENROLL_TOKEN_PREFIX: &str = "et";
@@ -78,7 +79,7 @@ struct State {
 }
 
 pub struct Identities {
-    store: Store,
+    writer: StoreWriter,
     topics: Topics,
     /// The orchestrator's own password on its embedded broker; new on
     /// every start, never stored.
@@ -91,7 +92,11 @@ pub struct Identities {
 }
 
 impl Identities {
-    pub fn load(store: Store, topics: Topics) -> Result<Identities, StoreError> {
+    pub fn load(
+        store: Store,
+        writer: StoreWriter,
+        topics: Topics,
+    ) -> Result<Identities, StoreError> {
         let mut state = State::default();
         for c in store.credentials()? {
             state.devices.insert(c.device.clone(), c);
@@ -103,7 +108,7 @@ impl Identities {
             state.automation.insert(a.name.as_str().to_string(), a);
         }
         Ok(Identities {
-            store,
+            writer,
             topics,
             orchestrator_secret: secret::generate(),
             state: RwLock::new(state),
@@ -130,10 +135,7 @@ impl Identities {
     }
 
     async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.write(&writes))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("store task failed: {e}"))))
+        self.writer.persist(writes).await
     }
 
     pub fn credential_state(&self, device: &DeviceId) -> CredentialState {
@@ -430,11 +432,27 @@ impl Authority for Identities {
 mod tests {
     use super::*;
 
+    fn load(store: Store) -> Identities {
+        let writer = StoreWriter::spawn(store.clone(), Arc::default());
+        Identities::load(store, writer, Topics::default()).expect("load")
+    }
+
+    /// Opens the store again once the previous writer task has let go of
+    /// it (it ends when the last handle is dropped).
+    async fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..200 {
+            if let Ok(s) = Store::open(path) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Store::open(path).expect("store reopens")
+    }
+
     fn ids() -> (tempfile::TempDir, Identities) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("d.redb")).expect("store");
-        let ids = Identities::load(store, Topics::default()).expect("load");
-        (dir, ids)
+        (dir, load(store))
     }
 
     fn dev(s: &str) -> DeviceId {
@@ -513,13 +531,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.redb");
         let (pw, token, old_secret) = {
-            let ids =
-                Identities::load(Store::open(&path).expect("s"), Topics::default()).expect("l");
+            let ids = load(Store::open(&path).expect("s"));
             let pw = ids.issue_local(&dev("pi")).await.expect("issued");
             let (_, token) = ids.create_enroll_token("a", 60, 2, None).await.expect("t");
             (pw, token, ids.orchestrator_secret().to_string())
         };
-        let ids = Identities::load(Store::open(&path).expect("s"), Topics::default()).expect("l");
+        let ids = load(reopen(&path).await);
         assert!(ids.authenticate("pi", "pi", &pw));
         assert!(ids.authenticate("new", ENROLL_USERNAME, &token));
         assert!(!ids.authenticate("x", ORCHESTRATOR_USERNAME, &old_secret));

@@ -21,6 +21,7 @@ use crate::mqtt::{self, LinkConfig};
 use crate::service::Service;
 use crate::store::{Store, StoreError};
 use crate::tls::{ApiListener, ApiTls};
+use crate::writer::StoreWriter;
 
 /// Which broker the orchestrator and its devices use.
 #[derive(Debug, Clone)]
@@ -152,8 +153,13 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
-    let identities = Arc::new(Identities::load(store.clone(), config.topics.clone())?);
     let metrics = Arc::new(Metrics::default());
+    let writer = StoreWriter::spawn(store.clone(), metrics.clone());
+    let identities = Arc::new(Identities::load(
+        store.clone(),
+        writer.clone(),
+        config.topics.clone(),
+    )?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -254,6 +260,7 @@ pub async fn start(
         config.topics.clone(),
         metrics.clone(),
         identities.clone(),
+        writer,
     )?);
     let admin_token_file = service.access.bootstrap_admin(&config.data_dir).await?;
     let (events_tx, events_rx) = mpsc::channel(10_000);

@@ -14,7 +14,7 @@ use drover_shared::payload::{
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::{encode, DeviceId, Name};
 use rumqttc::AsyncClient;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::access::Access;
@@ -25,6 +25,7 @@ use crate::mqtt::{qos, Event};
 use crate::records::{AppRecord, DeviceView, Operation};
 use crate::registries::{RegistryRecord, RegistryView, SecretsBook};
 use crate::store::{Store, StoreError, Write};
+use crate::writer::StoreWriter;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -40,49 +41,6 @@ pub enum ServiceError {
     Store(#[from] StoreError),
 }
 
-/// Writes handed to the store writer; `done` is told the outcome when the
-/// caller must not go on before the change is durable.
-struct WriteJob {
-    writes: Vec<Write>,
-    done: Option<oneshot::Sender<Result<(), StoreError>>>,
-}
-
-/// How many queued jobs one redb transaction may take at most.
-const MAX_JOBS_PER_TRANSACTION: usize = 512;
-
-/// The one store writer: redb allows a single writer and fsyncs each
-/// commit, so everything queued while a commit runs goes into the next
-/// transaction together. Jobs are applied in the order they were queued.
-async fn store_writer(store: Store, mut jobs: mpsc::Receiver<WriteJob>, metrics: Arc<Metrics>) {
-    while let Some(first) = jobs.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_JOBS_PER_TRANSACTION {
-            match jobs.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let writes: Vec<Write> = batch
-            .iter()
-            .flat_map(|j| j.writes.iter().cloned())
-            .collect();
-        let store = store.clone();
-        let res = tokio::task::spawn_blocking(move || store.write(&writes))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))));
-        let res = res.map_err(|e| e.to_string());
-        if let Err(e) = &res {
-            metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, jobs = batch.len(), "store transaction failed");
-        }
-        for job in batch {
-            if let Some(done) = job.done {
-                let _ = done.send(res.clone().map_err(StoreError::Db));
-            }
-        }
-    }
-}
-
 pub struct Service {
     fleet: Mutex<Fleet>,
     /// Registry credentials. Lock order: `secrets` before `fleet`, never
@@ -90,7 +48,7 @@ pub struct Service {
     /// device is sent go out in the order they were computed.
     secrets: Mutex<SecretsBook>,
     store: Store,
-    writer: mpsc::Sender<WriteJob>,
+    writer: StoreWriter,
     mqtt: AsyncClient,
     topics: Topics,
     pub metrics: Arc<Metrics>,
@@ -105,8 +63,9 @@ impl Service {
         topics: Topics,
         metrics: Arc<Metrics>,
         identities: Arc<Identities>,
+        writer: StoreWriter,
     ) -> Result<Service, StoreError> {
-        let access = Arc::new(Access::load(store.clone())?);
+        let access = Arc::new(Access::load(store.clone(), writer.clone())?);
         let fleet = Fleet::load(
             store.devices()?,
             store.apps()?,
@@ -114,8 +73,6 @@ impl Service {
             store.operations()?,
         );
         let secrets = SecretsBook::load(store.registries()?);
-        let (writer, jobs) = mpsc::channel(10_000);
-        tokio::spawn(store_writer(store.clone(), jobs, metrics.clone()));
         Ok(Service {
             fleet: Mutex::new(fleet),
             secrets: Mutex::new(secrets),
@@ -131,35 +88,14 @@ impl Service {
 
     /// Stores writes and waits until they are durable.
     async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let (done, outcome) = oneshot::channel();
-        self.writer
-            .send(WriteJob {
-                writes,
-                done: Some(done),
-            })
-            .await
-            .map_err(|_| StoreError::Db("the store writer has stopped".into()))?;
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Db("the store writer has stopped".into())))
+        self.writer.persist(writes).await
     }
 
     /// Queues writes of device observations without waiting: they are the
     /// agent's facts, re-sent with its next report if this one were lost,
     /// and the service loop must not stall on an fsync per message.
     async fn record(&self, writes: Vec<Write>) {
-        if writes.is_empty() {
-            return;
-        }
-        if self
-            .writer
-            .send(WriteJob { writes, done: None })
-            .await
-            .is_err()
-        {
+        if !self.writer.record(writes).await {
             warn!("the store writer has stopped; device report not stored");
         }
     }

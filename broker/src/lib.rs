@@ -18,8 +18,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use drover_shared::topic::Topics;
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use drover_shared::topic::{TopicKind, Topics};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
+};
 use tracing::{error, info, warn};
 
 pub use acl::Principal;
@@ -88,6 +90,18 @@ pub struct BrokerConfig {
     /// as the source of truth (desired state is retained and generations
     /// are compared).
     pub max_segment_count: usize,
+    /// Bytes per commit-log segment, two segments, for each device's own
+    /// orchestrator-to-device filters (`cmd`, `desired`, `enrolled`,
+    /// `secrets`). rumqttd keeps every filter's log until it rolls over,
+    /// whether or not anyone still needs it, so with the fleet-wide
+    /// segment size each device would keep up to
+    /// `max_segment_size × max_segment_count` of the commands and desired
+    /// states ever sent to it: memory that grows with every rollout, times
+    /// the number of devices. A device reads these live, or from the
+    /// retained desired state after an outage (Drover never relies on the
+    /// broker's queue), so a short tail is enough. A segment may exceed
+    /// this by one message, so any payload still fits.
+    pub device_log_segment_size: usize,
     /// Time a new TCP connection has to send CONNECT; on the TLS listener
     /// also the time it has to finish the TLS handshake.
     pub connection_timeout_ms: u16,
@@ -108,10 +122,29 @@ impl BrokerConfig {
             max_outgoing_packet_count: 1_000,
             max_segment_size: 1024 * 1024,
             max_segment_count: 4,
+            device_log_segment_size: 64 * 1024,
             connection_timeout_ms: 5_000,
             tls: None,
         }
     }
+}
+
+/// Segment settings for every device's own inbound filters. rumqttd
+/// applies an entry to each new filter that matches its key as a topic, so
+/// `<root>/v1/dev/+/cmd` covers `<root>/v1/dev/<id>/cmd` for every id.
+fn device_logs(config: &BrokerConfig) -> HashMap<String, SegmentConfig> {
+    TopicKind::TO_DEVICE
+        .into_iter()
+        .map(|kind| {
+            (
+                config.topics.all_devices(kind),
+                SegmentConfig {
+                    max_segment_size: config.device_log_segment_size,
+                    max_segment_count: 2,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The protocol's payload limit plus room for topic and header.
@@ -165,6 +198,13 @@ impl Broker {
                 config.max_segment_size, config.max_payload_size
             )));
         }
+        // rumqttd panics on a commit log with segments under 1 KiB.
+        if config.device_log_segment_size < 1024 {
+            return Err(BrokerError::Config(format!(
+                "device_log_segment_size ({}) must be at least 1024",
+                config.device_log_segment_size
+            )));
+        }
         // Certificates first: a bad file is an error before any port is bound.
         let tls_config = match &config.tls {
             Some(t) => Some((
@@ -205,7 +245,7 @@ impl Broker {
             max_outgoing_packet_count: config.max_outgoing_packet_count,
             max_segment_size: config.max_segment_size,
             max_segment_count: config.max_segment_count,
-            custom_segment: None,
+            custom_segment: Some(device_logs(&config)),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };

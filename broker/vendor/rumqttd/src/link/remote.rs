@@ -100,7 +100,9 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
-            .build()?;
+            // [drover patch] Await the router instead of blocking a worker.
+            .build_async()
+            .await?;
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
@@ -164,6 +166,10 @@ impl<P: Protocol> RemoteLink<P> {
 
                     }
                     self.network.writev(packets).await?;
+                    // [drover patch] Swapped back into the router's
+                    // outgoing buffer next time: keep a burst's capacity
+                    // from staying with the connection for good.
+                    crate::router::shrink_after_burst(&mut self.notifications);
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }

@@ -28,6 +28,8 @@ mod waiters;
 pub use alertlog::Alert;
 pub use connection::Connection;
 pub use routing::Router;
+// [drover patch] For the remote link's buffers.
+pub(crate) use routing::shrink_after_burst;
 pub use waiters::Waiters;
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;

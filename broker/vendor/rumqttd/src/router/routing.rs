@@ -140,7 +140,8 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
+            // [drover patch] Small, like every connection's own buffers.
+            cache: Some(VecDeque::new()),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
         }
@@ -880,6 +881,11 @@ impl Router {
             }
         }
 
+        // [drover patch] The cache is handed to the next connection that
+        // sends (see `exchange` above), so a buffer one burst grew would
+        // travel from connection to connection and the pool's capacity
+        // would only ever grow: shrink it back before it moves on.
+        shrink_after_burst(&mut packets);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -2393,3 +2399,16 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+/// [drover patch] Buffers this large or larger go back to a few entries once
+/// emptied: a connection's buffers grow for a burst (a reconnect sends
+/// status, hello, state and heartbeat at once) and would otherwise keep that
+/// capacity, 392 bytes a packet, for the life of the connection.
+pub(crate) const SHRINK_ABOVE: usize = 16;
+
+/// [drover patch] See [`SHRINK_ABOVE`].
+pub(crate) fn shrink_after_burst<T>(buffer: &mut VecDeque<T>) {
+    if buffer.is_empty() && buffer.capacity() >= SHRINK_ABOVE {
+        buffer.shrink_to(4);
+    }
+}

@@ -135,23 +135,30 @@ async fn wait_online(
         }
         if Instant::now() > deadline {
             let s = fleet.stats().snapshot();
-            let errors: Vec<String> = fleet
-                .stats()
-                .errors()
-                .into_iter()
-                .take(3)
-                .map(|(e, k)| format!("{k}× {e}"))
-                .collect();
+            let errors = top_errors(fleet);
             return Err(format!(
                 "after {} s: {last}/{n} online in the API, {} agents connected on the simulated side, {} connect errors{}",
                 timeout.as_secs(),
                 s.connected,
                 s.connect_errors,
-                if errors.is_empty() { String::new() } else { format!(" ({})", errors.join("; ")) }
+                if errors.is_empty() { String::new() } else { format!(" ({errors})") }
             ));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The three most frequent connect errors of the simulated agents, e.g.
+/// "272× I/O: Too many open files; 105× Network timeout".
+fn top_errors(fleet: &Fleet) -> String {
+    fleet
+        .stats()
+        .errors()
+        .into_iter()
+        .take(3)
+        .map(|(e, k)| format!("{k}× {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn self_rss() -> u64 {
@@ -1029,7 +1036,17 @@ pub async fn storm(
             break;
         }
         if restarted.elapsed() > timeout {
-            result = format!("BROKE: not converged after {} s", timeout.as_secs());
+            let errors = top_errors(&fleet);
+            result = format!(
+                "BROKE: not converged after {} s; {} agents connected on the simulated side{}",
+                timeout.as_secs(),
+                fleet.stats().snapshot().connected,
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; connect errors since the start: {errors}")
+                }
+            );
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -189,6 +189,20 @@ pub struct LinkTx {
 }
 
 impl LinkTx {
+    /// [drover patch] See `Event::LinkGone`.
+    pub(crate) fn identity(&self) -> crate::router::LinkIdentity {
+        crate::router::LinkIdentity(self.recv_buffer.clone())
+    }
+
+    /// [drover patch] Tells the router this link is gone, as a remote link
+    /// does when its network closes: the router disconnects the connection
+    /// only while its id still belongs to this link (`Event::LinkGone`).
+    pub fn link_gone(&self) -> Result<(), LinkError> {
+        self.router_tx
+            .send((self.connection_id, Event::LinkGone(self.identity())))?;
+        Ok(())
+    }
+
     pub fn new(
         connection_id: ConnectionId,
         router_tx: Sender<(ConnectionId, Event)>,

@@ -60,6 +60,13 @@ pub struct RemoteLink<P> {
     pub(crate) will_delay_interval: u32,
 }
 
+impl<P> RemoteLink<P> {
+    /// [drover patch] See `Event::LinkGone`.
+    pub(crate) fn identity(&self) -> crate::router::LinkIdentity {
+        self.link_tx.identity()
+    }
+}
+
 impl<P: Protocol> RemoteLink<P> {
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,
@@ -93,6 +100,9 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        // [drover patch] Kept to undo the registration if the CONNACK
+        // cannot be written (see below).
+        let gone_tx = router_tx.clone();
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
@@ -112,7 +122,16 @@ impl<P: Protocol> RemoteLink<P> {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
                 *props = Some(new_props);
-                network.write(packet).await?;
+                // [drover patch] The router has registered this connection;
+                // a client that gave up waiting for its CONNACK would
+                // otherwise leave it registered (no link left to send the
+                // disconnect).
+                if let Err(e) = network.write(packet).await {
+                    let _ = gone_tx
+                        .send_async((id, Event::LinkGone(link_tx.identity())))
+                        .await;
+                    return Err(e.into());
+                }
             }
         }
 

@@ -246,6 +246,18 @@ impl Router {
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
+            // [drover patch] See `Event::LinkGone`.
+            Event::LinkGone(link) => {
+                if self
+                    .ibufs
+                    .get(id)
+                    .is_some_and(|i| Arc::ptr_eq(&i.buffer, &link.0))
+                {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(id, "disconnect from a link the router already dropped; ignored");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

@@ -645,7 +645,8 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // [drover patch] Only this link's connection (see `Event::LinkGone`).
+        let disconnect = Event::LinkGone(link.identity());
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }

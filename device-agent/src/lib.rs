@@ -93,21 +93,29 @@ pub async fn run(
         mut credential,
     } = identity_for(&config)?;
     let span = info_span!("device", device = %device);
-    if credential.is_none() {
-        if let Some(token) = &config.enroll_token {
+    // A token next to a stored credential is kept for one re-enrollment,
+    // should the broker refuse that credential (revoked, then a new token
+    // made for this device): no need to delete the credential file first.
+    let mut reenroll = None;
+    if let Some(token) = &config.enroll_token {
+        if credential.is_none() {
             let enrolling = enroll::enroll(&config, &device, token).instrument(span.clone());
             tokio::pin!(shutdown);
             tokio::select! {
                 res = enrolling => credential = Some(res?),
                 () = &mut shutdown => return Ok(()),
             }
-            run_device(config, device, credential, shutdown)
+            run_device(config, device, credential, None, shutdown)
                 .instrument(span)
                 .await;
             return Ok(());
         }
+        reenroll = Some(mqtt::Reenroll {
+            config: config.clone(),
+            token: token.clone(),
+        });
     }
-    run_device(config, device, credential, shutdown)
+    run_device(config, device, credential, reenroll, shutdown)
         .instrument(span)
         .await;
     Ok(())
@@ -117,6 +125,7 @@ async fn run_device(
     config: AgentConfig,
     device: DeviceId,
     credential: Option<enroll::Credential>,
+    reenroll: Option<mqtt::Reenroll>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
@@ -178,7 +187,7 @@ async fn run_device(
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
     let here = tracing::Span::current();
     let mqtt_task = tokio::spawn(
-        mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx)
+        mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx, reenroll)
             .instrument(info_span!(parent: &here, "mqtt", broker = %format!("{}:{}", config.broker_host, config.broker_port))),
     );
     let workers = [

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use drover_shared::codec::{Message, MAX_PAYLOAD_BYTES};
-use drover_shared::payload::{Command, Desired, Secrets, Status};
+use drover_shared::payload::{Command, Desired, Secret, Secrets, Status};
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
 use rand::Rng;
@@ -194,6 +194,16 @@ pub fn client(
     (publisher, eventloop, online_tx)
 }
 
+/// An enrollment token to try once if the broker refuses the stored
+/// credential.
+pub struct Reenroll {
+    pub config: AgentConfig,
+    pub token: Secret,
+}
+
+/// How long a re-enrollment may hold up the connection loop.
+const REENROLL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Polls the event loop until the agent has sent DISCONNECT.
 pub async fn drive(
     mut eventloop: EventLoop,
@@ -201,6 +211,7 @@ pub async fn drive(
     device: DeviceId,
     online: watch::Sender<bool>,
     events: mpsc::Sender<MqttEvent>,
+    mut reenroll: Option<Reenroll>,
 ) {
     let mut backoff = BACKOFF_START;
     let mut malformed: u64 = 0;
@@ -258,6 +269,23 @@ pub async fn drive(
                             | rumqttc::ConnectReturnCode::BadUserNamePassword
                     )
                 ) {
+                    if let Some(r) = reenroll.take() {
+                        warn!("the broker refused this device's credential; enrolling with the token given");
+                        let enrolling = crate::enroll::enroll(&r.config, &device, &r.token);
+                        match tokio::time::timeout(REENROLL_TIMEOUT, enrolling).await {
+                            Ok(Ok(c)) => {
+                                eventloop
+                                    .mqtt_options
+                                    .set_credentials(c.device.as_str(), c.password.expose());
+                                backoff = BACKOFF_START;
+                                continue;
+                            }
+                            Ok(Err(e)) => {
+                                error!(error = %e, "re-enrollment failed; keeping the stored credential");
+                            }
+                            Err(_) => error!("re-enrollment timed out; keeping the stored credential"),
+                        }
+                    }
                     // Retrying cannot help until someone acts, so wait long.
                     backoff = BACKOFF_MAX;
                     error!("the broker refused this device's credential (revoked, or never enrolled?); the agent keeps the apps running and retries");

@@ -123,7 +123,9 @@ impl Machine {
     }
 }
 
-/// `git rev-parse --short HEAD`, with `-dirty` when the tree has changes.
+/// `git rev-parse --short HEAD`, with `-dirty` when the tree has changes
+/// other than to `loadtest/RESULTS.md` (which `--record` itself appends to,
+/// so a series of runs would otherwise mark all but the first dirty).
 pub fn git_commit() -> String {
     let run = |args: &[&str]| {
         std::process::Command::new("git")
@@ -135,7 +137,14 @@ pub fn git_commit() -> String {
     };
     match run(&["rev-parse", "--short", "HEAD"]) {
         Some(c) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
+            let dirty = run(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                ":(top,exclude)loadtest/RESULTS.md",
+            ])
                 .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{c}-dirty")

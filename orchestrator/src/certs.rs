@@ -8,7 +8,10 @@
 //!   id, for mutual TLS.
 //!
 //! Private keys are written with mode 0600, and nothing is overwritten
-//! without `--force`.
+//! without `--force`. A certificate never outlives the CA that signs it (it
+//! would stop verifying the day the CA expires): an explicit `--days` beyond
+//! the CA's expiry is refused, the default is cut to it, and an expired CA
+//! signs nothing.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -56,9 +59,9 @@ pub enum CertsCmd {
         /// IP address clients connect to (repeatable).
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
-        days: u32,
+        /// Validity in days [default: 825, or until the CA expires if that is sooner].
+        #[arg(long)]
+        days: Option<u32>,
         #[command(flatten)]
         out: OutArgs,
     },
@@ -70,9 +73,9 @@ pub enum CertsCmd {
         /// The device id the certificate is for.
         #[arg(long)]
         device_id: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
-        days: u32,
+        /// Validity in days [default: 825, or until the CA expires if that is sooner].
+        #[arg(long)]
+        days: Option<u32>,
         #[command(flatten)]
         out: OutArgs,
     },
@@ -121,6 +124,18 @@ pub enum CertsError {
     },
     #[error("--days must be at least 1")]
     Days,
+    #[error("the CA in {path} expired on {until}; create a new one with `drover certs ca`")]
+    CaExpired { path: PathBuf, until: time::Date },
+    #[error(
+        "--days {days} would outlive the CA in {path}, which expires on {until}: \
+         give at most --days {max_days}, or renew the CA"
+    )]
+    OutlivesCa {
+        days: u32,
+        max_days: i64,
+        path: PathBuf,
+        until: time::Date,
+    },
     #[error("cannot create certificate: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -152,6 +167,10 @@ pub fn run(cmd: &CertsCmd) -> Result<Vec<Written>, CertsError> {
     }
 }
 
+/// Leaf certificates' default validity in days (the longest TLS clients
+/// have accepted for server certificates).
+pub const LEAF_DAYS: u32 = 825;
+
 /// Validity from an hour ago (devices' clocks drift) for `days`.
 fn validity(params: &mut CertificateParams, days: u32) -> Result<OffsetDateTime, CertsError> {
     if days == 0 {
@@ -171,7 +190,53 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn leaf_params(cn: &str, days: u32) -> Result<(CertificateParams, OffsetDateTime), CertsError> {
+/// A CA loaded from its directory, ready to sign.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    dir: PathBuf,
+    until: OffsetDateTime,
+}
+
+/// The validity of a certificate `ca` signs: `days` (default
+/// [`LEAF_DAYS`]), but never past the CA's own expiry. An explicit `days`
+/// that would outlive it is an error; the default is cut to it.
+fn within_ca(
+    params: &mut CertificateParams,
+    days: Option<u32>,
+    ca: &Ca,
+) -> Result<OffsetDateTime, CertsError> {
+    let now = OffsetDateTime::now_utc();
+    if ca.until <= now {
+        return Err(CertsError::CaExpired {
+            path: ca.dir.clone(),
+            until: ca.until.date(),
+        });
+    }
+    let until = validity(params, days.unwrap_or(LEAF_DAYS))?;
+    if until <= ca.until {
+        return Ok(until);
+    }
+    // Within a day of it is cut, not refused: `--days 30` right after a
+    // 30-day CA would otherwise miss by the seconds in between.
+    match days {
+        Some(days) if until - ca.until > Duration::days(1) => Err(CertsError::OutlivesCa {
+            days,
+            max_days: (ca.until - now).whole_days() + 1,
+            path: ca.dir.clone(),
+            until: ca.until.date(),
+        }),
+        _ => {
+            params.not_after = ca.until;
+            Ok(ca.until)
+        }
+    }
+}
+
+fn leaf_params(
+    cn: &str,
+    days: Option<u32>,
+    ca: &Ca,
+) -> Result<(CertificateParams, OffsetDateTime), CertsError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -179,7 +244,7 @@ fn leaf_params(cn: &str, days: u32) -> Result<(CertificateParams, OffsetDateTime
     params.serial_number = Some(serial());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    let until = validity(&mut params, days)?;
+    let until = within_ca(&mut params, days, ca)?;
     Ok((params, until))
 }
 
@@ -214,7 +279,7 @@ pub fn create_server(
     ca_dir: &Path,
     names: &[String],
     ips: &[IpAddr],
-    days: u32,
+    days: Option<u32>,
     out: &Path,
     force: bool,
 ) -> Result<Vec<Written>, CertsError> {
@@ -223,9 +288,9 @@ pub fn create_server(
     }
     let files = [out.join(SERVER_CERT), out.join(SERVER_KEY)];
     check_free(&files, force)?;
-    let issuer = load_issuer(ca_dir)?;
+    let ca = load_ca(ca_dir)?;
     let cn = names.first().cloned().unwrap_or_else(|| ips[0].to_string());
-    let (mut params, until) = leaf_params(&cn, days)?;
+    let (mut params, until) = leaf_params(&cn, days, &ca)?;
     for name in names {
         let bad = |why| CertsError::BadName {
             name: name.clone(),
@@ -243,7 +308,7 @@ pub fn create_server(
         .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let cert = params.signed_by(&key, &ca.issuer)?;
     write_pair(out, &files, &cert.pem(), &key.serialize_pem(), force)?;
     let sans: Vec<String> = names
         .iter()
@@ -260,7 +325,7 @@ pub fn create_server(
 pub fn create_client(
     ca_dir: &Path,
     device_id: &str,
-    days: u32,
+    days: Option<u32>,
     out: &Path,
     force: bool,
 ) -> Result<Vec<Written>, CertsError> {
@@ -270,11 +335,11 @@ pub fn create_client(
     })?;
     let files = [out.join(CLIENT_CERT), out.join(CLIENT_KEY)];
     check_free(&files, force)?;
-    let issuer = load_issuer(ca_dir)?;
-    let (mut params, until) = leaf_params(id.as_str(), days)?;
+    let ca = load_ca(ca_dir)?;
+    let (mut params, until) = leaf_params(id.as_str(), days, &ca)?;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let cert = params.signed_by(&key, &ca.issuer)?;
     write_pair(out, &files, &cert.pem(), &key.serialize_pem(), force)?;
     Ok(report(
         &files,
@@ -284,7 +349,7 @@ pub fn create_client(
 }
 
 /// The CA in `dir`, checked: the key must belong to the certificate.
-fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertsError> {
+fn load_ca(dir: &Path) -> Result<Ca, CertsError> {
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     let read = |path: &Path| {
@@ -300,7 +365,7 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertsError> {
         what: "key",
         source,
     })?;
-    let spki = ca_public_key(&cert_pem).ok_or_else(|| CertsError::BadCa {
+    let (spki, until) = ca_public_key(&cert_pem).ok_or_else(|| CertsError::BadCa {
         path: cert_path.clone(),
         what: "certificate",
         source: rcgen::Error::CouldNotParseCertificate,
@@ -311,19 +376,27 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertsError> {
             key: key_path,
         });
     }
-    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CertsError::BadCa {
-        path: cert_path,
-        what: "certificate",
-        source,
+    let issuer =
+        Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CertsError::BadCa {
+            path: cert_path,
+            what: "certificate",
+            source,
+        })?;
+    Ok(Ca {
+        issuer,
+        dir: dir.to_path_buf(),
+        until,
     })
 }
 
-/// The raw subject public key of the first certificate in `pem`.
-fn ca_public_key(pem: &str) -> Option<Vec<u8>> {
+/// The raw subject public key and the expiry of the first certificate in
+/// `pem`.
+fn ca_public_key(pem: &str) -> Option<(Vec<u8>, OffsetDateTime)> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    Some(cert.public_key().subject_public_key.data.to_vec())
+    let until = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
+    Some((cert.public_key().subject_public_key.data.to_vec(), until))
 }
 
 /// A host name as TLS clients match it (RFC 1123 labels, a `*.` wildcard
@@ -459,7 +532,7 @@ mod tests {
         let ca = dir.path().join("ca");
         let out = dir.path().join("dev");
         create_ca("test CA", 30, &ca, false).expect("ca");
-        let written = create_client(&ca, "pi-kitchen-01", 30, &out, false).expect("client");
+        let written = create_client(&ca, "pi-kitchen-01", Some(30), &out, false).expect("client");
         assert_eq!(written[0].path, out.join(CLIENT_CERT));
         let der = cert(&out.join(CLIENT_CERT));
         assert_eq!(
@@ -502,7 +575,7 @@ mod tests {
             &ca,
             &["drover.example".into()],
             &["127.0.0.1".parse().expect("ip")],
-            30,
+            Some(30),
             &out,
             false,
         )
@@ -553,22 +626,86 @@ mod tests {
         assert_eq!(mode(&ca.join(CA_KEY)), 0o600);
     }
 
+    fn not_after(path: &Path) -> i64 {
+        let der = cert(path);
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+        parsed.validity().not_after.timestamp()
+    }
+
+    #[test]
+    fn certificates_do_not_outlive_their_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        let out = dir.path().join("dev");
+        create_ca("short CA", 30, &ca, false).expect("ca");
+        let ca_until = not_after(&ca.join(CA_CERT));
+
+        // The default (825 days) is cut to the CA's expiry, and says so.
+        let written = create_client(&ca, "dev-1", None, &out, false).expect("default days");
+        assert_eq!(not_after(&out.join(CLIENT_CERT)), ca_until);
+        let ca_date = OffsetDateTime::from_unix_timestamp(ca_until)
+            .expect("date")
+            .date()
+            .to_string();
+        assert!(written[0].what.contains(&ca_date), "{}", written[0].what);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(&ca), provider())
+            .build()
+            .expect("verifier");
+        verifier
+            .verify_client_cert(&cert(&out.join(CLIENT_CERT)), &[], UnixTime::now())
+            .expect("cut certificate verifies");
+
+        // As many days as the CA has left is fine; more is refused, naming
+        // the most that would do, and writes nothing.
+        let out2 = dir.path().join("dev2");
+        create_client(&ca, "dev-2", Some(30), &out2, false).expect("30 days under a 30-day CA");
+        assert!(not_after(&out2.join(CLIENT_CERT)) <= ca_until);
+        let out3 = dir.path().join("dev3");
+        let err = create_server(&ca, &["drover.example".into()], &[], Some(365), &out3, false)
+            .expect_err("outlives the CA");
+        assert!(
+            matches!(err, CertsError::OutlivesCa { max_days: 30, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--days 30"), "{err}");
+        assert!(!out3.exists());
+
+        // An expired CA signs nothing.
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).expect("mkdir");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(10);
+        params.not_after = now - Duration::days(1);
+        let key = KeyPair::generate().expect("key");
+        let expired = params.self_signed(&key).expect("self-signed");
+        std::fs::write(old.join(CA_CERT), expired.pem()).expect("write");
+        std::fs::write(old.join(CA_KEY), key.serialize_pem()).expect("write");
+        let out4 = dir.path().join("dev4");
+        let err = create_client(&old, "dev-4", None, &out4, false).expect_err("expired CA");
+        assert!(matches!(err, CertsError::CaExpired { .. }), "{err}");
+        assert!(err.to_string().contains("expired on"), "{err}");
+        assert!(!out4.exists());
+    }
+
     #[test]
     fn bad_input_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = dir.path().join("ca");
         let out = dir.path().join("out");
         assert!(matches!(
-            create_client(&ca, "dev-1", 30, &out, false),
+            create_client(&ca, "dev-1", Some(30), &out, false),
             Err(CertsError::Read { .. })
         ));
         create_ca("test CA", 30, &ca, false).expect("ca");
         assert!(matches!(
-            create_client(&ca, "bad/id", 30, &out, false),
+            create_client(&ca, "bad/id", Some(30), &out, false),
             Err(CertsError::BadDeviceId { .. })
         ));
         assert!(matches!(
-            create_server(&ca, &[], &[], 30, &out, false),
+            create_server(&ca, &[], &[], Some(30), &out, false),
             Err(CertsError::NoNames)
         ));
         for name in [
@@ -581,7 +718,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    create_server(&ca, &[name.to_string()], &[], 30, &out, false),
+                    create_server(&ca, &[name.to_string()], &[], Some(30), &out, false),
                     Err(CertsError::BadName { .. })
                 ),
                 "{name}"
@@ -592,7 +729,7 @@ mod tests {
             assert!(check_dns_name(name).is_ok(), "{name}");
         }
         assert!(matches!(
-            create_client(&ca, "dev-1", 0, &out, false),
+            create_client(&ca, "dev-1", Some(0), &out, false),
             Err(CertsError::Days)
         ));
         // A CA key that does not belong to the CA certificate.
@@ -600,7 +737,7 @@ mod tests {
         create_ca("other CA", 30, &other, false).expect("other");
         std::fs::copy(other.join(CA_KEY), ca.join(CA_KEY)).expect("copy");
         assert!(matches!(
-            create_client(&ca, "dev-1", 30, &out, false),
+            create_client(&ca, "dev-1", Some(30), &out, false),
             Err(CertsError::KeyMismatch { .. })
         ));
         assert!(!out.join(CLIENT_KEY).exists());

@@ -580,25 +580,48 @@ impl Agent {
     }
 
     pub fn start(&mut self, broker_url: &str) {
-        let mut cmd = tokio::process::Command::new(binary("drover-agent"));
         // A broker that checks credentials: enroll the first time, with a
         // token made for this device id (the credential is kept in the state
         // directory for restarts).
+        let mut token = None;
         if !self.state_dir.path().join("credential").exists() {
             if let Some(api) = enrollers().lock().expect("lock").get(broker_url).cloned() {
                 let id = self.id.clone();
-                let token = std::thread::spawn(move || {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime")
-                        .block_on(api.enroll_token(&id))
-                })
-                .join()
-                .expect("enrollment token");
-                cmd.env("DROVER_ENROLL_TOKEN", token);
+                token = Some(
+                    std::thread::spawn(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime")
+                            .block_on(api.enroll_token(&id))
+                    })
+                    .join()
+                    .expect("enrollment token"),
+                );
             }
         }
+        self.launch(broker_url, token.as_deref());
+    }
+
+    /// Starts with `DROVER_ENROLL_TOKEN=token`, whatever credential the
+    /// state directory holds.
+    pub fn start_with_token(&mut self, broker_url: &str, token: &str) {
+        self.launch(broker_url, Some(token));
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn launch(&mut self, broker_url: &str, token: Option<&str>) {
+        let mut cmd = tokio::process::Command::new(binary("drover-agent"));
+        match token {
+            Some(t) => cmd.env("DROVER_ENROLL_TOKEN", t),
+            None => cmd.env_remove("DROVER_ENROLL_TOKEN"),
+        };
         let filter = match &self.log {
             Some((dir, filter)) => {
                 let file = std::fs::OpenOptions::new()

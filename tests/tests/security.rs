@@ -540,9 +540,22 @@ async fn unknown_wrong_and_revoked_credentials_are_refused() {
         code != 0 && err.contains("not authorised"),
         "generic token for a revoked device: {err}"
     );
+    // Given to the agent, it is refused too: the agent keeps its stored
+    // credential, keeps running and stays out.
     b.kill().await;
-    std::fs::remove_file(b.state_dir.path().join("credential")).expect("remove credential");
-    b.start(&orch.broker_url());
+    b.start_with_token(&orch.broker_url(), token);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(b.running(), "a refused re-enrollment does not stop the agent");
+    assert_eq!(password_of(&b), pass);
+    let d = orch.api.device(&b.id).await.expect("device");
+    assert_eq!(d["online"], json!(false));
+    assert_eq!(d["credential"], json!("revoked"));
+    // A token made for it, given at a restart, re-enrolls it: the broker
+    // refuses the stored credential and the agent enrolls with the token
+    // (no need to delete the credential file).
+    b.kill().await;
+    let pinned = orch.api.enroll_token(&b.id).await;
+    b.start_with_token(&orch.broker_url(), &pinned);
     let d = online(&orch.api, &b.id).await;
     assert_eq!(d["credential"], json!("active"));
     assert_ne!(password_of(&b), pass, "re-enrollment issues a new password");

@@ -283,7 +283,9 @@ pub async fn drive(
                             Ok(Err(e)) => {
                                 error!(error = %e, "re-enrollment failed; keeping the stored credential");
                             }
-                            Err(_) => error!("re-enrollment timed out; keeping the stored credential"),
+                            Err(_) => {
+                                error!("re-enrollment timed out; keeping the stored credential")
+                            }
                         }
                     }
                     // Retrying cannot help until someone acts, so wait long.

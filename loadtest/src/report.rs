@@ -145,7 +145,7 @@ pub fn git_commit() -> String {
                 ":/",
                 ":(top,exclude)loadtest/RESULTS.md",
             ])
-                .is_some_and(|s| !s.is_empty());
+            .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{c}-dirty")
             } else {

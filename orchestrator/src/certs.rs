@@ -376,12 +376,11 @@ fn load_ca(dir: &Path) -> Result<Ca, CertsError> {
             key: key_path,
         });
     }
-    let issuer =
-        Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CertsError::BadCa {
-            path: cert_path,
-            what: "certificate",
-            source,
-        })?;
+    let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CertsError::BadCa {
+        path: cert_path,
+        what: "certificate",
+        source,
+    })?;
     Ok(Ca {
         issuer,
         dir: dir.to_path_buf(),
@@ -661,8 +660,15 @@ mod tests {
         create_client(&ca, "dev-2", Some(30), &out2, false).expect("30 days under a 30-day CA");
         assert!(not_after(&out2.join(CLIENT_CERT)) <= ca_until);
         let out3 = dir.path().join("dev3");
-        let err = create_server(&ca, &["drover.example".into()], &[], Some(365), &out3, false)
-            .expect_err("outlives the CA");
+        let err = create_server(
+            &ca,
+            &["drover.example".into()],
+            &[],
+            Some(365),
+            &out3,
+            false,
+        )
+        .expect_err("outlives the CA");
         assert!(
             matches!(err, CertsError::OutlivesCa { max_days: 30, .. }),
             "{err}"

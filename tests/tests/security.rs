@@ -545,7 +545,10 @@ async fn unknown_wrong_and_revoked_credentials_are_refused() {
     b.kill().await;
     b.start_with_token(&orch.broker_url(), token);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(b.running(), "a refused re-enrollment does not stop the agent");
+    assert!(
+        b.running(),
+        "a refused re-enrollment does not stop the agent"
+    );
     assert_eq!(password_of(&b), pass);
     let d = orch.api.device(&b.id).await.expect("device");
     assert_eq!(d["online"], json!(false));

@@ -198,9 +198,18 @@ impl LinkTx {
     /// does when its network closes: the router disconnects the connection
     /// only while its id still belongs to this link (`Event::LinkGone`).
     pub fn link_gone(&self) -> Result<(), LinkError> {
-        self.router_tx
-            .send((self.connection_id, Event::LinkGone(self.identity())))?;
+        self.router_tx.send(self.gone_event())?;
         Ok(())
+    }
+
+    /// [drover patch] `link_gone` for async callers.
+    pub(crate) async fn link_gone_async(&self) -> Result<(), LinkError> {
+        self.router_tx.send_async(self.gone_event()).await?;
+        Ok(())
+    }
+
+    fn gone_event(&self) -> (ConnectionId, Event) {
+        (self.connection_id, Event::LinkGone(self.identity()))
     }
 
     pub fn new(

@@ -100,9 +100,6 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        // [drover patch] Kept to undo the registration if the CONNACK
-        // cannot be written (see below).
-        let gone_tx = router_tx.clone();
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
@@ -127,9 +124,7 @@ impl<P: Protocol> RemoteLink<P> {
                 // otherwise leave it registered (no link left to send the
                 // disconnect).
                 if let Err(e) = network.write(packet).await {
-                    let _ = gone_tx
-                        .send_async((id, Event::LinkGone(link_tx.identity())))
-                        .await;
+                    let _ = link_tx.link_gone_async().await;
                     return Err(e.into());
                 }
             }

@@ -1,25 +1,25 @@
 //! The Drover orchestrator. `drover serve` runs [`server::start`]; the other
 //! subcommands are a CLI over the REST API ([`cli`]).
+//!
+//! Layers, from the inside out (the rules are in ARCHITECTURE.md):
+//! - [`contract`]: the REST API's request and response types.
+//! - [`core`]: the pure state machines (fleet, operations, commands,
+//!   secrets book). No tokio, axum, redb or rumqttc.
+//! - [`store`]: the redb file and its one writer.
+//! - [`engine`]: the task that owns the fleet and answers commands.
+//! - [`link`]: the orchestrator's MQTT client.
+//! - [`security`]: identities, API tokens, the audit log.
+//! - [`http`]: the REST adapter; [`cli`]: the command line client.
 
 #![forbid(unsafe_code)]
 
-pub mod access;
-pub mod api;
 pub mod backoff;
-pub mod certs;
 pub mod cli;
-pub mod cli_security;
-pub mod fleet;
-pub mod identity;
+pub mod core;
+pub mod engine;
+pub mod http;
+pub mod link;
 pub mod metrics;
-pub mod mqtt;
-pub mod ops;
-pub mod records;
-pub mod registries;
-pub mod secret;
-pub mod security_api;
+pub mod security;
 pub mod server;
-pub mod service;
 pub mod store;
-pub mod tls;
-pub mod writer;

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drover::certs::CertsCmd;
+use drover::cli::certs::CertsCmd;
 use drover::cli::{Client, ClientCmd, Output};
+use drover::http::tls::ServeTlsArgs;
 use drover::server::{self, BrokerMode, ServerConfig};
-use drover::tls::ServeTlsArgs;
 use drover_agent::tls::BrokerUrl;
 use drover_shared::topic::Topics;
 use drover_shared::DeviceId;
@@ -208,7 +208,7 @@ async fn serve(args: Serve) -> Result<()> {
         let identity = drover_agent::identity_for(&cfg).context("local agent")?;
         let state = orch.identities.credential_state(&identity.device);
         let guarded = args.broker.is_none() && !args.insecure_open_broker;
-        if guarded && state == drover::identity::CredentialState::Revoked {
+        if guarded && state == drover::security::identity::CredentialState::Revoked {
             // A revoked device stays out, this one included: a restart
             // must not quietly undo an admin's revocation.
             tracing::warn!(
@@ -216,7 +216,8 @@ async fn serve(args: Serve) -> Result<()> {
                 "the local agent's device is revoked and stays disconnected; give the local agent another --agent-device-id, or re-enroll this one with drover-agent and a token made for it"
             );
         } else if guarded
-            && (identity.credential.is_none() || state != drover::identity::CredentialState::Active)
+            && (identity.credential.is_none()
+                || state != drover::security::identity::CredentialState::Active)
         {
             let password = orch
                 .identities
@@ -254,8 +255,8 @@ fn api_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
             return Ok(Some(t.trim().to_string()));
         }
     }
-    let default =
-        std::path::Path::new(".drover/orchestrator").join(drover::access::ADMIN_TOKEN_FILE);
+    let default = std::path::Path::new(".drover/orchestrator")
+        .join(drover::security::access::ADMIN_TOKEN_FILE);
     Ok(std::fs::read_to_string(default)
         .ok()
         .map(|t| t.trim().to_string()))
@@ -277,7 +278,7 @@ async fn main() -> std::process::ExitCode {
                 .init();
             serve(*args).await
         }
-        Command::Certs { cmd } => drover::certs::run(&cmd)
+        Command::Certs { cmd } => drover::cli::certs::run(&cmd)
             .map(|written| {
                 for w in written {
                     println!("wrote {}: {}", w.path.display(), w.what);

@@ -14,14 +14,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::access::AccessError;
-use crate::identity::Identities;
+use crate::engine::Service;
+use crate::http::tls::{ApiListener, ApiTls};
+use crate::link::LinkConfig;
 use crate::metrics::Metrics;
-use crate::mqtt::{self, LinkConfig};
-use crate::service::Service;
+use crate::security::access::AccessError;
+use crate::security::identity::Identities;
+use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError};
-use crate::tls::{ApiListener, ApiTls};
-use crate::writer::StoreWriter;
 
 /// Which broker the orchestrator and its devices use.
 #[derive(Debug, Clone)]
@@ -145,9 +145,11 @@ pub async fn start(
         .map(ApiTls::server_config)
         .transpose()
         .map_err(ServeError::ApiTls)?;
-    crate::access::create_private_dir(&config.data_dir).map_err(|source| ServeError::DataDir {
-        path: config.data_dir.display().to_string(),
-        source,
+    crate::security::access::create_private_dir(&config.data_dir).map_err(|source| {
+        ServeError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        }
     })?;
     let db_path = config.data_dir.join("drover.redb");
     let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
@@ -253,7 +255,7 @@ pub async fn start(
             BrokerMode::Embedded { .. } => None,
         },
     };
-    let (client, eventloop) = mqtt::connect(&link);
+    let (client, eventloop) = crate::link::connect(&link);
     let service = Arc::new(Service::new(
         store,
         client.clone(),
@@ -264,7 +266,7 @@ pub async fn start(
     )?);
     let admin_token_file = service.access.bootstrap_admin(&config.data_dir).await?;
     let (events_tx, events_rx) = mpsc::channel(10_000);
-    let link_task = tokio::spawn(mqtt::drive(
+    let link_task = tokio::spawn(crate::link::drive(
         client.clone(),
         eventloop,
         link,
@@ -274,7 +276,7 @@ pub async fn start(
     let service_task = tokio::spawn(service.clone().run(events_rx));
 
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
-    let app = crate::api::router(service);
+    let app = crate::http::router(service);
     let stop_api = stopped();
     let task = tokio::spawn(async move {
         let served = listener.serve(app, stop_api).await;

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use drover_shared::{DeviceId, Name};
 
-use crate::records::Operation;
+use crate::core::records::Operation;
 
 /// Finished operations kept in memory for listing and lookups.
 pub const FINISHED_IN_MEMORY: usize = 20_000;
@@ -162,7 +162,7 @@ impl OpBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::OpStatus;
+    use crate::core::records::OpStatus;
     use drover_shared::payload::Op;
 
     fn op(id: &str, generation: u64, status: OpStatus) -> Operation {

@@ -4,6 +4,8 @@
 //! tool. redb is synchronous and allows one writer at a time: callers run
 //! these methods on the blocking pool (see `service`), never on the executor.
 
+pub mod writer;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,11 +13,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{
+use crate::core::records::{
     ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
     DeviceRecord, EnrollTokenRecord, Operation,
 };
-use crate::registries::RegistryRecord;
+use crate::core::registries::RegistryRecord;
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -313,7 +315,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::*;
+    use crate::core::records::*;
     use drover_shared::model::*;
     use drover_shared::{DeviceId, Name};
 
@@ -361,7 +363,7 @@ mod tests {
 
     #[test]
     fn registry_credentials_are_stored_and_deleted() {
-        use crate::registries::RegistryRecord;
+        use crate::core::registries::RegistryRecord;
         use drover_shared::payload::RegistryCredential;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.redb");

@@ -22,11 +22,11 @@ use drover_shared::Name;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::records::{ApiTokenRecord, AuditRecord};
-use crate::secret;
-use crate::service::{now_ms, Service};
+use crate::core::records::{ApiTokenRecord, AuditRecord};
+use crate::engine::{now_ms, Service};
+use crate::security::secret;
+use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
-use crate::writer::StoreWriter;
 
 /// Prefix of API tokens: `at.<id>.<secret>`.
 pub const API_TOKEN_PREFIX: &str = "at";
@@ -346,8 +346,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn refusal(status: StatusCode, message: String) -> Response {
-    let body = crate::api::ErrorBody {
-        error: crate::api::ErrorDetail {
+    let body = crate::http::ErrorBody {
+        error: crate::http::ErrorDetail {
             status: status.as_u16(),
             message,
             field: None,

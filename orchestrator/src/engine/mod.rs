@@ -17,15 +17,15 @@ use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::access::Access;
-use crate::fleet::{Fleet, FleetError};
-use crate::identity::Identities;
+use crate::core::fleet::{Fleet, FleetError};
+use crate::core::records::{AppRecord, DeviceView, Operation};
+use crate::core::registries::{RegistryRecord, RegistryView, SecretsBook};
+use crate::link::{qos, Event};
 use crate::metrics::Metrics;
-use crate::mqtt::{qos, Event};
-use crate::records::{AppRecord, DeviceView, Operation};
-use crate::registries::{RegistryRecord, RegistryView, SecretsBook};
+use crate::security::access::Access;
+use crate::security::identity::Identities;
+use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
-use crate::writer::StoreWriter;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -199,7 +199,7 @@ impl Service {
         self.publish(&id, TopicKind::Enrolled, encode(&answer));
     }
 
-    async fn on_device_message(&self, id: DeviceId, msg: crate::fleet::DeviceMessage) {
+    async fn on_device_message(&self, id: DeviceId, msg: crate::core::fleet::DeviceMessage) {
         let mut fleet = self.fleet.lock().await;
         let fx = fleet.on_device_message(&id, msg, now_ms());
         let republish = fx.republish.then(|| fleet.desired(&id).cloned()).flatten();

@@ -19,11 +19,11 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::info;
 
-use crate::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
-use crate::secret;
-use crate::service::now_ms;
+use crate::core::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
+use crate::engine::now_ms;
+use crate::security::secret;
+use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
-use crate::writer::StoreWriter;
 
 /// Prefix of enrollment tokens: `et.<id>.<secret>`.
 pub const ENROLL_TOKEN_PREFIX: &str = "et";

@@ -1,6 +1,9 @@
 //! The CLI: every subcommand but `serve` is a thin client of the REST API.
 //! Human-readable tables by default, `-o json` for scripts.
 
+pub mod certs;
+pub mod security;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -13,9 +16,9 @@ use drover_shared::model::{
 use drover_shared::Name;
 use serde_json::Value;
 
-use crate::api::ErrorBody;
-use crate::records::{AppView, DeviceView, OpStatus, Operation};
-use crate::registries::RegistryView;
+use crate::core::records::{AppView, DeviceView, OpStatus, Operation};
+use crate::core::registries::RegistryView;
+use crate::http::ErrorBody;
 
 /// Where `registries set` takes the password from when not from stdin.
 const PASSWORD_ENV: &str = "DROVER_REGISTRY_PASSWORD";
@@ -191,20 +194,20 @@ pub enum ClientCmd {
     /// Tokens agents present once to enroll.
     EnrollTokens {
         #[command(subcommand)]
-        cmd: crate::cli_security::EnrollTokensCmd,
+        cmd: crate::cli::security::EnrollTokensCmd,
     },
     /// REST API tokens and their roles.
     Tokens {
         #[command(subcommand)]
-        cmd: crate::cli_security::TokensCmd,
+        cmd: crate::cli::security::TokensCmd,
     },
     /// Broker identities for automation (Node-RED, scripts, …).
     MqttUsers {
         #[command(subcommand)]
-        cmd: crate::cli_security::MqttUsersCmd,
+        cmd: crate::cli::security::MqttUsersCmd,
     },
     /// Who changed what, when, and how it ended (admin).
-    Audit(crate::cli_security::AuditArgs),
+    Audit(crate::cli::security::AuditArgs),
     /// Private registry credentials (default: list).
     Registries {
         #[command(subcommand)]
@@ -251,7 +254,7 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = crate::tls::http_client(ca)?
+        let http = crate::http::tls::http_client(ca)?
             .timeout(Duration::from_secs(30))
             .default_headers(headers)
             .build()?;
@@ -735,7 +738,7 @@ fn registries_table(regs: Vec<RegistryView>) -> String {
 }
 
 pub(crate) fn ago(ms: u64) -> String {
-    let now = crate::service::now_ms();
+    let now = crate::engine::now_ms();
     if ms == 0 {
         return "never".into();
     }
@@ -816,9 +819,9 @@ fn device_detail(d: DeviceView) -> String {
     );
     if let Some(c) = d.credential {
         let c = match c {
-            crate::identity::CredentialState::None => "none (not enrolled)",
-            crate::identity::CredentialState::Active => "active",
-            crate::identity::CredentialState::Revoked => "revoked",
+            crate::security::identity::CredentialState::None => "none (not enrolled)",
+            crate::security::identity::CredentialState::Active => "active",
+            crate::security::identity::CredentialState::Revoked => "revoked",
         };
         out += &format!("credential:  {c}\n");
     }

@@ -131,7 +131,7 @@ async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::AuditRecord;
+    use crate::core::records::AuditRecord;
 
     fn audit(seq: u64) -> Write {
         Write::Audit {

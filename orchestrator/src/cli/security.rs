@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::cli::{ago, table, Client, Output};
-use crate::records::AuditRecord;
-use crate::security_api::{ApiTokenView, AutomationView, EnrollTokenView};
+use crate::core::records::AuditRecord;
+use crate::http::security::{ApiTokenView, AutomationView, EnrollTokenView};
 
 #[derive(Debug, Subcommand)]
 pub enum EnrollTokensCmd {
@@ -274,7 +274,7 @@ impl Client {
 }
 
 fn expires(at_ms: u64) -> String {
-    let now = crate::service::now_ms();
+    let now = crate::engine::now_ms();
     if at_ms <= now {
         "expired".into()
     } else {

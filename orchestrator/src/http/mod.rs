@@ -1,6 +1,9 @@
 //! The REST API (JSON over HTTP). Errors are JSON objects that name the
 //! offending field: `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
+pub mod security;
+pub mod tls;
+
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -15,11 +18,11 @@ use drover_shared::{DeviceId, Name};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::access::AuditDetail;
-use crate::fleet::FleetError;
-use crate::records::AppView;
-use crate::registries::{self, CredentialsBody};
-use crate::service::{Service, ServiceError};
+use crate::core::fleet::FleetError;
+use crate::core::records::AppView;
+use crate::core::registries::{self, CredentialsBody};
+use crate::engine::{Service, ServiceError};
+use crate::security::access::AuditDetail;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -246,11 +249,11 @@ pub fn router(service: Arc<Service>) -> Router {
             "/api/v1/registries/{host}",
             get(show_registry).put(put_registry).delete(delete_registry),
         )
-        .merge(crate::security_api::routes())
+        .merge(crate::http::security::routes())
         // A route layer, so the check knows which route matched.
         .route_layer(axum::middleware::from_fn_with_state(
             service.clone(),
-            crate::access::enforce,
+            crate::security::access::enforce,
         ))
         .fallback(|| async {
             ApiError::not_found(

@@ -123,7 +123,7 @@ pub struct DeviceView {
     pub privileges: std::collections::BTreeMap<String, Vec<String>>,
     /// Its broker credential: none, active or revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential: Option<crate::identity::CredentialState>,
+    pub credential: Option<crate::security::identity::CredentialState>,
 }
 
 /// A device's broker credential. Only the digest of the password is kept.
@@ -170,7 +170,7 @@ pub struct AutomationRecord {
 pub struct ApiTokenRecord {
     pub id: String,
     pub name: Name,
-    pub role: crate::access::Role,
+    pub role: crate::security::access::Role,
     pub secret_digest: String,
     pub created_at_ms: u64,
     pub created_by: String,
@@ -185,7 +185,7 @@ pub struct AuditRecord {
     /// `anonymous` when no valid credential was presented.
     pub actor: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<crate::access::Role>,
+    pub role: Option<crate::security::access::Role>,
     /// e.g. `POST /api/v1/devices/pi-1/apps` or `mqtt enroll`.
     pub action: String,
     /// `ok`, `denied` (401/403) or `failed`.

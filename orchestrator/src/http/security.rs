@@ -15,13 +15,13 @@ use drover_shared::identity::automation_username;
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 
-use crate::access::{AccessError, Caller, Role};
-use crate::api::{
+use crate::core::records::{ApiTokenRecord, AutomationRecord, EnrollTokenRecord};
+use crate::engine::Service;
+use crate::http::{
     audited, device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult,
 };
-use crate::identity::IdentityError;
-use crate::records::{ApiTokenRecord, AutomationRecord, EnrollTokenRecord};
-use crate::service::Service;
+use crate::security::access::{AccessError, Caller, Role};
+use crate::security::identity::IdentityError;
 
 pub fn routes() -> Router<Arc<Service>> {
     Router::new()

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::fleet::DeviceMessage;
+use crate::core::fleet::DeviceMessage;
 use crate::metrics::Metrics;
 
 /// Everything the service loop reacts to. Closed on purpose: a new kind of

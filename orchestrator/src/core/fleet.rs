@@ -12,8 +12,10 @@ use drover_shared::payload::{
 };
 use drover_shared::{DeviceId, Name};
 
-use crate::ops::OpBook;
-use crate::records::{AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation};
+use crate::core::ops::OpBook;
+use crate::core::records::{
+    AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation,
+};
 use crate::store::Write;
 
 /// Log lines kept per container; older lines are dropped first.
@@ -522,7 +524,7 @@ impl Fleet {
     }
 
     /// Newest first, among those in memory (all open ones and the newest
-    /// finished ones; see [`crate::ops`]).
+    /// finished ones; see [`crate::core::ops`]).
     pub fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
         self.operations.list(device, limit)
     }

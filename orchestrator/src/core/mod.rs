@@ -1,0 +1,8 @@
+//! The pure core: state machines that return effects (store writes,
+//! publications, changes) and do no I/O. Unit-tested without tokio, redb,
+//! axum or rumqttc.
+
+pub mod fleet;
+pub mod ops;
+pub mod records;
+pub mod registries;

@@ -147,28 +147,41 @@ fn confidential_filters(topics: &Topics) -> Vec<String> {
         .collect()
 }
 
+/// A permission filter that cannot be granted, naming it by its place
+/// (`subscribe[0]`, `publish[2]`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidGrant {
+    pub field: String,
+    pub message: String,
+}
+
 /// Checks automation permission filters when they are granted, so a typo
 /// is an error at creation rather than a silent refusal later.
 pub fn validate_grants(
     topics: &Topics,
     subscribe: &[String],
     publish: &[String],
-) -> Result<(), String> {
+) -> Result<(), InvalidGrant> {
     for (field, list) in [("subscribe", subscribe), ("publish", publish)] {
         for (i, f) in list.iter().enumerate() {
             if !filter::valid_filter(f) {
-                return Err(format!(
-                    "{field}[{i}]: {f:?} is not a valid MQTT topic filter"
-                ));
+                return Err(InvalidGrant {
+                    field: format!("{field}[{i}]"),
+                    message: format!("{f:?} is not a valid MQTT topic filter"),
+                });
             }
         }
     }
     for (i, f) in publish.iter().enumerate() {
         if filter::intersects(&device_space(topics), f) {
-            return Err(format!(
-                "publish[{i}]: {f:?} reaches device topics ({}), which only devices and the orchestrator may publish on",
-                device_space(topics)
-            ));
+            return Err(InvalidGrant {
+                field: format!("publish[{i}]"),
+                message: format!(
+                    "{f:?} reaches device topics ({}), which only devices and the orchestrator may publish on",
+                    device_space(topics)
+                ),
+            });
         }
     }
     Ok(())
@@ -350,10 +363,10 @@ mod tests {
         let topics = t();
         assert!(validate_grants(&topics, &["a/#".into()], &["b/c".into()]).is_ok());
         assert!(
-            matches!(validate_grants(&topics, &["a/#/b".into()], &[]), Err(e) if e.contains("subscribe[0]"))
+            matches!(validate_grants(&topics, &["a/#/b".into()], &[]), Err(e) if e.field == "subscribe[0]")
         );
         assert!(
-            matches!(validate_grants(&topics, &[], &["#".into()]), Err(e) if e.contains("publish[0]"))
+            matches!(validate_grants(&topics, &[], &["#".into()]), Err(e) if e.field == "publish[0]")
         );
         assert!(validate_grants(&topics, &[], &["drover/v1/dev/x/cmd".into()]).is_err());
     }

@@ -208,7 +208,7 @@ async fn serve(args: Serve) -> Result<()> {
         let identity = drover_agent::identity_for(&cfg).context("local agent")?;
         let state = orch.identities.credential_state(&identity.device);
         let guarded = args.broker.is_none() && !args.insecure_open_broker;
-        if guarded && state == drover::security::identity::CredentialState::Revoked {
+        if guarded && state == drover::contract::CredentialState::Revoked {
             // A revoked device stays out, this one included: a restart
             // must not quietly undo an admin's revocation.
             tracing::warn!(
@@ -216,8 +216,7 @@ async fn serve(args: Serve) -> Result<()> {
                 "the local agent's device is revoked and stays disconnected; give the local agent another --agent-device-id, or re-enroll this one with drover-agent and a token made for it"
             );
         } else if guarded
-            && (identity.credential.is_none()
-                || state != drover::security::identity::CredentialState::Active)
+            && (identity.credential.is_none() || state != drover::contract::CredentialState::Active)
         {
             let password = orch
                 .identities

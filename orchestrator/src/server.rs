@@ -14,11 +14,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::engine::Service;
+use crate::engine::{Commands, Engine, Outbox};
 use crate::http::tls::{ApiListener, ApiTls};
+use crate::http::Api;
 use crate::link::LinkConfig;
 use crate::metrics::Metrics;
-use crate::security::access::AccessError;
+use crate::security::access::{Access, AccessError};
 use crate::security::identity::Identities;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError};
@@ -164,6 +165,7 @@ pub async fn start(
     )?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let api_stopping = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -256,40 +258,68 @@ pub async fn start(
         },
     };
     let (client, eventloop) = crate::link::connect(&link);
-    let service = Arc::new(Service::new(
-        store,
-        client.clone(),
-        config.topics.clone(),
+    let access = Arc::new(Access::load(store.clone(), writer.clone())?);
+    let admin_token_file = access.bootstrap_admin(&config.data_dir).await?;
+    let (outbox, outbox_task) =
+        Outbox::spawn(client.clone(), config.topics.clone(), metrics.clone());
+    let (events_tx, events_rx) = mpsc::channel(10_000);
+    let (engine, engine_task) = Engine::spawn(
+        store.clone(),
+        writer.clone(),
+        outbox,
+        events_rx,
         metrics.clone(),
         identities.clone(),
-        writer,
-    )?);
-    let admin_token_file = service.access.bootstrap_admin(&config.data_dir).await?;
-    let (events_tx, events_rx) = mpsc::channel(10_000);
+        access.clone(),
+    )?;
     let link_task = tokio::spawn(crate::link::drive(
         client.clone(),
         eventloop,
         link,
         events_tx,
-        metrics,
+        metrics.clone(),
     ));
-    let service_task = tokio::spawn(service.clone().run(events_rx));
+    let commands = Commands::new(engine.clone(), identities.clone(), access, metrics, store);
 
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
-    let app = crate::http::router(service);
+    let app = crate::http::router(Arc::new(Api {
+        commands,
+        stopping: api_stopping,
+    }));
     let stop_api = stopped();
     let task = tokio::spawn(async move {
+        // 1. Intake stops: the API answers what it has begun (long polls
+        //    and change streams end at once) and takes nothing new.
         let served = listener.serve(app, stop_api).await;
-        // Let queued publishes reach the broker before the link goes away.
+        // 2. The engine finishes the changes in flight: their writes
+        //    committed or failed, their replies sent, their publishes queued.
+        engine.shutdown().await;
+        let _ = engine_task.await;
+        // 3. What the engine queued for devices reaches the MQTT client...
+        if tokio::time::timeout(Duration::from_secs(10), outbox_task)
+            .await
+            .is_err()
+        {
+            warn!("the outbox did not drain within 10 s; devices get the rest on resync");
+        }
+        // 4. ...and the broker, before our client says goodbye. The link
+        //    ends on its own DISCONNECT and does not reconnect.
         if tokio::time::timeout(Duration::from_secs(5), client.disconnect())
             .await
             .is_err()
         {
             warn!("MQTT disconnect timed out");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        link_task.abort();
-        service_task.abort();
+        if tokio::time::timeout(Duration::from_secs(5), link_task)
+            .await
+            .is_err()
+        {
+            warn!("the MQTT link did not close within 5 s");
+        }
+        // 5. Everything queued for redb (audit records too) is committed
+        //    and the writer task has ended.
+        writer.close().await;
+        // 6. Last, the broker.
         let _ = broker_stop_tx.send(());
         if let Some(b) = broker_task {
             let _ = b.await;

@@ -314,7 +314,7 @@ impl Api {
 
     /// For an https:// API whose certificate `ca` (PEM) signed.
     pub fn with_ca(base: String, ca: &std::path::Path) -> Api {
-        let http = drover::http::tls::http_client(Some(ca))
+        let http = drover::cli::trust::http_client(Some(ca))
             .expect("CA certificate")
             .build()
             .expect("http client");

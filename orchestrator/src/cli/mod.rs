@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod security;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,9 +17,10 @@ use drover_shared::model::{
 use drover_shared::Name;
 use serde_json::Value;
 
-use crate::core::records::{AppView, DeviceView, OpStatus, Operation};
-use crate::core::registries::RegistryView;
-use crate::http::ErrorBody;
+use crate::contract::{
+    App as AppView, CredentialState, Device as DeviceView, ErrorBody, OpStatus, Operation,
+    Registry as RegistryView,
+};
 
 /// Where `registries set` takes the password from when not from stdin.
 const PASSWORD_ENV: &str = "DROVER_REGISTRY_PASSWORD";
@@ -254,7 +256,7 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = crate::http::tls::http_client(ca)?
+        let http = trust::http_client(ca)?
             .timeout(Duration::from_secs(30))
             .default_headers(headers)
             .build()?;
@@ -348,7 +350,7 @@ impl Client {
                     format!(
                         "privileges:  {}\n{}\n",
                         privileges_text(&a.privileges),
-                        serde_json::to_string_pretty(&a.record.spec).unwrap_or_default()
+                        serde_json::to_string_pretty(&a.spec).unwrap_or_default()
                     )
                 })
             }
@@ -358,7 +360,7 @@ impl Client {
                 self.print(&v, |a: AppView| {
                     format!(
                         "created app {} (privileges: {})\n",
-                        a.record.spec.name,
+                        a.spec.name,
                         privileges_text(&a.privileges)
                     )
                 })
@@ -376,7 +378,7 @@ impl Client {
                 self.print(&v, |a: AppView| {
                     format!(
                         "updated app {} (privileges: {}); deploy it again to roll it out\n",
-                        a.record.spec.name,
+                        a.spec.name,
                         privileges_text(&a.privileges)
                     )
                 })
@@ -738,7 +740,7 @@ fn registries_table(regs: Vec<RegistryView>) -> String {
 }
 
 pub(crate) fn ago(ms: u64) -> String {
-    let now = crate::engine::now_ms();
+    let now = now_ms();
     if ms == 0 {
         return "never".into();
     }
@@ -819,9 +821,9 @@ fn device_detail(d: DeviceView) -> String {
     );
     if let Some(c) = d.credential {
         let c = match c {
-            crate::security::identity::CredentialState::None => "none (not enrolled)",
-            crate::security::identity::CredentialState::Active => "active",
-            crate::security::identity::CredentialState::Revoked => "revoked",
+            CredentialState::None => "none (not enrolled)",
+            CredentialState::Active => "active",
+            CredentialState::Revoked => "revoked",
         };
         out += &format!("credential:  {c}\n");
     }
@@ -883,7 +885,7 @@ fn apps_table(apps: Vec<AppView>) -> String {
     let rows = apps
         .into_iter()
         .map(|a| {
-            let spec = &a.record.spec;
+            let spec = &a.spec;
             let images: Vec<String> = spec.containers.iter().map(|c| c.image.clone()).collect();
             vec![
                 spec.name.to_string(),
@@ -926,4 +928,11 @@ fn ops_table(ops: Vec<Operation>) -> String {
         ],
         rows,
     )
+}
+
+/// Milliseconds since the Unix epoch, to show how long ago things were.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -6,8 +6,10 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::cli::{ago, table, Client, Output};
-use crate::core::records::AuditRecord;
-use crate::http::security::{ApiTokenView, AutomationView, EnrollTokenView};
+use crate::contract::{
+    ApiToken as ApiTokenView, AuditEntry as AuditRecord, EnrollToken as EnrollTokenView,
+    MqttUser as AutomationView,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum EnrollTokensCmd {
@@ -254,8 +256,8 @@ impl Client {
                             r.actor,
                             r.action,
                             match r.status {
-                                Some(s) => format!("{} ({s})", r.outcome),
-                                None => r.outcome,
+                                Some(s) => format!("{} ({s})", r.outcome.as_str()),
+                                None => r.outcome.as_str().to_string(),
                             },
                             r.detail,
                         ]
@@ -274,7 +276,7 @@ impl Client {
 }
 
 fn expires(at_ms: u64) -> String {
-    let now = crate::engine::now_ms();
+    let now = crate::cli::now_ms();
     if at_ms <= now {
         "expired".into()
     } else {

@@ -12,10 +12,9 @@ use drover_shared::payload::{
 };
 use drover_shared::{DeviceId, Name};
 
+use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
-use crate::core::records::{
-    AppRecord, DesiredRecord, DeviceRecord, DeviceView, OpStatus, Operation,
-};
+use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord};
 use crate::store::Write;
 
 /// Log lines kept per container; older lines are dropped first.
@@ -46,6 +45,8 @@ pub struct Effects {
     /// says (the report was lost, e.g. dropped by a broker's full queue):
     /// ask it to send its state again.
     pub resync: bool,
+    /// What the engine tells its subscribers.
+    pub changes: Vec<Change>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,7 +87,7 @@ impl Fleet {
         devices: Vec<DeviceRecord>,
         apps: Vec<AppRecord>,
         desired: Vec<DesiredRecord>,
-        operations: Vec<Operation>,
+        operations: Vec<OperationRecord>,
     ) -> Fleet {
         Fleet {
             devices: devices
@@ -143,6 +144,17 @@ impl Fleet {
         match msg {
             DeviceMessage::Hello(h) => {
                 dev.record.inventory = Some(h);
+                if !dev.record.online || !known {
+                    fx.changes.push(Change::Device {
+                        device: id.clone(),
+                        online: true,
+                        at_ms: now,
+                    });
+                }
+                fx.changes.push(Change::Inventory {
+                    device: id.clone(),
+                    at_ms: now,
+                });
                 dev.record.online = true;
                 dev.record.last_seen_ms = now;
                 persist = true;
@@ -151,9 +163,14 @@ impl Fleet {
                 fx.republish = self.desired.contains_key(id);
             }
             DeviceMessage::Status(s) => {
-                if dev.record.online != s.online {
+                if dev.record.online != s.online || !known {
                     dev.record.online = s.online;
                     persist = true;
+                    fx.changes.push(Change::Device {
+                        device: id.clone(),
+                        online: s.online,
+                        at_ms: now,
+                    });
                 }
                 if s.online {
                     dev.record.last_seen_ms = now;
@@ -164,6 +181,11 @@ impl Fleet {
                 if !dev.record.online {
                     dev.record.online = true;
                     persist = true;
+                    fx.changes.push(Change::Device {
+                        device: id.clone(),
+                        online: true,
+                        at_ms: now,
+                    });
                 }
                 let behind =
                     h.applied_generation < self.desired.get(id).map_or(0, |d| d.generation);
@@ -183,6 +205,10 @@ impl Fleet {
             }
             DeviceMessage::Telemetry(t) => {
                 dev.record.last_seen_ms = now;
+                fx.changes.push(Change::Telemetry {
+                    device: id.clone(),
+                    telemetry: t.clone(),
+                });
                 dev.telemetry = Some(t);
             }
             DeviceMessage::State(report) => {
@@ -192,6 +218,12 @@ impl Fleet {
                 let ours = self.desired.get(id).map_or(0, |d| d.generation);
                 dev.record.observed = Some(report.observed);
                 persist = true;
+                fx.changes.push(Change::State {
+                    device: id.clone(),
+                    desired_generation: ours,
+                    applied_generation: applied,
+                    at_ms: now,
+                });
                 fx.republish = received < ours;
                 self.settle_operations(id, applied, now, &mut fx);
             }
@@ -213,6 +245,10 @@ impl Fleet {
                 if dev.events.len() == EVENTS_PER_DEVICE {
                     dev.events.pop_front();
                 }
+                fx.changes.push(Change::Event {
+                    device: id.clone(),
+                    event: ev.clone(),
+                });
                 dev.events.push_back(ev);
             }
             DeviceMessage::Ack(ack) => {
@@ -226,6 +262,9 @@ impl Fleet {
                         .operations
                         .update(&ack.command_id, |op| apply_ack(op, &ack, now))
                     {
+                        fx.changes.push(Change::Operation {
+                            operation: (&op).into(),
+                        });
                         fx.writes.push(Write::Operation(op));
                     }
                 }
@@ -283,6 +322,9 @@ impl Fleet {
                 true
             });
             if let Some(op) = updated {
+                fx.changes.push(Change::Operation {
+                    operation: (&op).into(),
+                });
                 fx.writes.push(Write::Operation(op));
             }
         }
@@ -365,7 +407,7 @@ impl Fleet {
         app: &Name,
         op_id: String,
         now: u64,
-    ) -> Result<(DesiredState, Operation, Vec<Write>), FleetError> {
+    ) -> Result<(DesiredState, OperationRecord, Vec<Write>), FleetError> {
         if !self.devices.contains_key(device) {
             return Err(FleetError::UnknownDevice(device.clone()));
         }
@@ -406,7 +448,7 @@ impl Fleet {
                 next.apps.remove(i);
             }
         }
-        let operation = Operation {
+        let operation = OperationRecord {
             id: op_id,
             device: device.clone(),
             app: app.clone(),
@@ -428,7 +470,7 @@ impl Fleet {
         Ok((next, operation, writes))
     }
 
-    pub fn commit_request(&mut self, desired: DesiredState, op: Operation) {
+    pub fn commit_request(&mut self, desired: DesiredState, op: OperationRecord) {
         self.desired.insert(op.device.clone(), desired);
         self.operations.insert(op);
     }
@@ -454,10 +496,10 @@ impl Fleet {
         self.devices.keys()
     }
 
-    pub fn device_view(&self, id: &DeviceId) -> Option<DeviceView> {
+    pub fn device_view(&self, id: &DeviceId) -> Option<contract::Device> {
         let d = self.devices.get(id)?;
         let desired = self.desired.get(id).cloned();
-        Some(DeviceView {
+        Some(contract::Device {
             id: id.clone(),
             online: d.record.online,
             first_seen_ms: d.record.first_seen_ms,
@@ -496,7 +538,7 @@ impl Fleet {
         )
     }
 
-    pub fn device_views(&self) -> Vec<DeviceView> {
+    pub fn device_views(&self) -> Vec<contract::Device> {
         self.devices
             .keys()
             .filter_map(|id| self.device_view(id))
@@ -519,13 +561,13 @@ impl Fleet {
         self.desired.iter()
     }
 
-    pub fn operation(&self, id: &str) -> Option<Operation> {
+    pub fn operation(&self, id: &str) -> Option<OperationRecord> {
         self.operations.get(id).cloned()
     }
 
     /// Newest first, among those in memory (all open ones and the newest
     /// finished ones; see [`crate::core::ops`]).
-    pub fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
+    pub fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<OperationRecord> {
         self.operations.list(device, limit)
     }
 
@@ -566,7 +608,7 @@ impl Fleet {
 
 /// Moves an operation forward on an ack. Never moves it back: a late
 /// `progress` after `succeeded` changes nothing. Returns whether it changed.
-fn apply_ack(op: &mut Operation, ack: &Ack, now: u64) -> bool {
+fn apply_ack(op: &mut OperationRecord, ack: &Ack, now: u64) -> bool {
     if op.status.is_final() {
         return false;
     }
@@ -638,7 +680,7 @@ mod tests {
             app: &str,
             op_id: &str,
             now: u64,
-        ) -> Result<(DesiredState, Operation), FleetError> {
+        ) -> Result<(DesiredState, OperationRecord), FleetError> {
             let (d, o, _) = self.request(&id("pi"), op, &name(app), op_id.into(), now)?;
             self.commit_request(d.clone(), o.clone());
             Ok((d, o))

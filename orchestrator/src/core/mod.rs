@@ -2,6 +2,7 @@
 //! publications, changes) and do no I/O. Unit-tested without tokio, redb,
 //! axum or rumqttc.
 
+pub mod command;
 pub mod fleet;
 pub mod ops;
 pub mod records;

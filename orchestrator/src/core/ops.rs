@@ -8,14 +8,14 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use drover_shared::{DeviceId, Name};
 
-use crate::core::records::Operation;
+use crate::core::records::OperationRecord;
 
 /// Finished operations kept in memory for listing and lookups.
 pub const FINISHED_IN_MEMORY: usize = 20_000;
 
 #[derive(Debug)]
 pub struct OpBook {
-    by_id: HashMap<String, Operation>,
+    by_id: HashMap<String, OperationRecord>,
     /// Open (non-final) operations per device, by generation.
     open: HashMap<DeviceId, BTreeSet<(u64, String)>>,
     /// The newest generation of any operation per device and app, final or
@@ -44,7 +44,7 @@ impl OpBook {
     }
 
     /// Rebuilds the book from stored operations (any order).
-    pub fn load(mut ops: Vec<Operation>) -> OpBook {
+    pub fn load(mut ops: Vec<OperationRecord>) -> OpBook {
         ops.sort_by_key(|o| (o.updated_at_ms, o.generation));
         let mut book = OpBook::default();
         for op in ops {
@@ -54,7 +54,7 @@ impl OpBook {
     }
 
     /// Adds or replaces an operation, keeping the indexes right.
-    pub fn insert(&mut self, op: Operation) {
+    pub fn insert(&mut self, op: OperationRecord) {
         let key = (op.device.clone(), op.app.clone());
         let latest = self.latest.entry(key).or_default();
         *latest = (*latest).max(op.generation);
@@ -89,7 +89,7 @@ impl OpBook {
         self.open.retain(|_, s| !s.is_empty());
     }
 
-    pub fn get(&self, id: &str) -> Option<&Operation> {
+    pub fn get(&self, id: &str) -> Option<&OperationRecord> {
         self.by_id.get(id)
     }
 
@@ -98,8 +98,8 @@ impl OpBook {
     pub fn update(
         &mut self,
         id: &str,
-        f: impl FnOnce(&mut Operation) -> bool,
-    ) -> Option<Operation> {
+        f: impl FnOnce(&mut OperationRecord) -> bool,
+    ) -> Option<OperationRecord> {
         let op = self.by_id.get_mut(id)?;
         if op.status.is_final() || !f(op) {
             return None;
@@ -136,8 +136,8 @@ impl OpBook {
     }
 
     /// Newest first, from what is in memory.
-    pub fn list(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
-        let mut ops: Vec<&Operation> = self
+    pub fn list(&self, device: Option<&DeviceId>, limit: usize) -> Vec<OperationRecord> {
+        let mut ops: Vec<&OperationRecord> = self
             .by_id
             .values()
             .filter(|o| device.is_none_or(|d| &o.device == d))
@@ -162,11 +162,11 @@ impl OpBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::records::OpStatus;
+    use crate::contract::OpStatus;
     use drover_shared::payload::Op;
 
-    fn op(id: &str, generation: u64, status: OpStatus) -> Operation {
-        Operation {
+    fn op(id: &str, generation: u64, status: OpStatus) -> OperationRecord {
+        OperationRecord {
             id: id.into(),
             device: DeviceId::new("pi").expect("id"),
             app: Name::new("web").expect("name"),

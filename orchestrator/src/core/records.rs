@@ -1,10 +1,15 @@
-//! What the orchestrator stores and serves: records in redb and the JSON
-//! views of the REST API.
+//! What the orchestrator stores in redb, and how each record is shown by
+//! the API (the `From` impls into `contract` types). Records keep their
+//! serialized shape across releases; the API's views may change on their
+//! own.
 
+use drover_shared::identity::automation_username;
 use drover_shared::model::{AppSpec, DesiredState, ObservedState};
-use drover_shared::payload::{DeviceEvent, Heartbeat, Hello, Op, Progress, Telemetry};
+use drover_shared::payload::{Hello, Op, Progress, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
+
+use crate::contract::{self, AuditOutcome, OpStatus, Role};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -25,26 +30,6 @@ pub struct AppRecord {
     pub updated_at_ms: u64,
 }
 
-/// An app as the API shows it: the stored record and what the app may do
-/// to the devices it runs on ([`AppSpec::privileges`]; empty when it is
-/// unprivileged).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppView {
-    #[serde(flatten)]
-    pub record: AppRecord,
-    #[serde(default)]
-    pub privileges: Vec<String>,
-}
-
-impl From<AppRecord> for AppView {
-    fn from(record: AppRecord) -> Self {
-        AppView {
-            privileges: record.spec.privileges(),
-            record,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DesiredRecord {
     pub device: DeviceId,
@@ -53,7 +38,7 @@ pub struct DesiredRecord {
 
 /// A request to change one device, followed from issue to final outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Operation {
+pub struct OperationRecord {
     pub id: String,
     pub device: DeviceId,
     pub app: Name,
@@ -67,63 +52,6 @@ pub struct Operation {
     pub progress: Option<Progress>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OpStatus {
-    /// Stored; not yet handed to the broker.
-    Pending,
-    /// Published to the device.
-    Sent,
-    /// The device acknowledged it.
-    Received,
-    /// The device is working on it (pulling, starting, …).
-    InProgress,
-    Succeeded,
-    Failed,
-    /// A later change to the same device replaced it before it finished.
-    Superseded,
-}
-
-impl OpStatus {
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            OpStatus::Succeeded | OpStatus::Failed | OpStatus::Superseded
-        )
-    }
-}
-
-/// A device as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceView {
-    pub id: DeviceId,
-    pub online: bool,
-    pub first_seen_ms: u64,
-    pub last_seen_ms: u64,
-    pub desired_generation: u64,
-    pub applied_generation: u64,
-    #[serde(default)]
-    pub inventory: Option<Hello>,
-    #[serde(default)]
-    pub desired: Option<DesiredState>,
-    #[serde(default)]
-    pub observed: Option<ObservedState>,
-    #[serde(default)]
-    pub heartbeat: Option<Heartbeat>,
-    #[serde(default)]
-    pub telemetry: Option<Telemetry>,
-    /// The device's latest events, newest first.
-    #[serde(default)]
-    pub recent_events: Vec<DeviceEvent>,
-    /// What each app in the desired state may do to the device, by app
-    /// name ([`AppSpec::privileges`]; empty lists for unprivileged apps).
-    #[serde(default)]
-    pub privileges: std::collections::BTreeMap<String, Vec<String>>,
-    /// Its broker credential: none, active or revoked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential: Option<crate::security::identity::CredentialState>,
 }
 
 /// A device's broker credential. Only the digest of the password is kept.
@@ -170,7 +98,7 @@ pub struct AutomationRecord {
 pub struct ApiTokenRecord {
     pub id: String,
     pub name: Name,
-    pub role: crate::security::access::Role,
+    pub role: Role,
     pub secret_digest: String,
     pub created_at_ms: u64,
     pub created_by: String,
@@ -185,14 +113,123 @@ pub struct AuditRecord {
     /// `anonymous` when no valid credential was presented.
     pub actor: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<crate::security::access::Role>,
+    pub role: Option<Role>,
     /// e.g. `POST /api/v1/devices/pi-1/apps` or `mqtt enroll`.
     pub action: String,
-    /// `ok`, `denied` (401/403) or `failed`.
-    pub outcome: String,
+    /// The command the request became, e.g. `deploy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub outcome: AuditOutcome,
     /// HTTP status for API calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+}
+
+/// Stored credentials for one registry host. `Debug` (through
+/// [`RegistryCredential`]) leaves the password out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistryRecord {
+    #[serde(flatten)]
+    pub credential: RegistryCredential,
+    pub updated_at_ms: u64,
+}
+
+// ----- the API's views of the records ------------------------------------------
+
+impl From<&AppRecord> for contract::App {
+    fn from(r: &AppRecord) -> Self {
+        contract::App {
+            privileges: r.spec.privileges(),
+            spec: r.spec.clone(),
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<&OperationRecord> for contract::Operation {
+    fn from(r: &OperationRecord) -> Self {
+        contract::Operation {
+            id: r.id.clone(),
+            device: r.device.clone(),
+            app: r.app.clone(),
+            op: r.op,
+            generation: r.generation,
+            status: r.status,
+            detail: r.detail.clone(),
+            progress: r.progress.clone(),
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<&RegistryRecord> for contract::Registry {
+    fn from(r: &RegistryRecord) -> Self {
+        contract::Registry {
+            host: r.credential.host.clone(),
+            username: r.credential.username.clone(),
+            password_set: !r.credential.password.is_empty(),
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<&EnrollTokenRecord> for contract::EnrollToken {
+    fn from(r: &EnrollTokenRecord) -> Self {
+        contract::EnrollToken {
+            id: r.id.clone(),
+            created_at_ms: r.created_at_ms,
+            created_by: r.created_by.clone(),
+            expires_at_ms: r.expires_at_ms,
+            uses_left: r.uses_left,
+            device: r.device.clone(),
+            token: None,
+        }
+    }
+}
+
+impl From<&ApiTokenRecord> for contract::ApiToken {
+    fn from(r: &ApiTokenRecord) -> Self {
+        contract::ApiToken {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            role: r.role,
+            created_at_ms: r.created_at_ms,
+            created_by: r.created_by.clone(),
+            token: None,
+        }
+    }
+}
+
+impl From<&AutomationRecord> for contract::MqttUser {
+    fn from(r: &AutomationRecord) -> Self {
+        contract::MqttUser {
+            username: automation_username(r.name.as_str()),
+            name: r.name.clone(),
+            subscribe: r.subscribe.clone(),
+            publish: r.publish.clone(),
+            created_at_ms: r.created_at_ms,
+            created_by: r.created_by.clone(),
+            password: None,
+        }
+    }
+}
+
+impl From<&AuditRecord> for contract::AuditEntry {
+    fn from(r: &AuditRecord) -> Self {
+        contract::AuditEntry {
+            seq: r.seq,
+            at_ms: r.at_ms,
+            actor: r.actor.clone(),
+            role: r.role,
+            action: r.action.clone(),
+            command: r.command.clone(),
+            outcome: r.outcome,
+            status: r.status,
+            detail: r.detail.clone(),
+        }
+    }
 }

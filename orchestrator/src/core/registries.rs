@@ -11,60 +11,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::contract::{self, RegistryCredentials};
+use crate::core::records::RegistryRecord;
 use drover_shared::model::{DesiredState, ImageRef};
 use drover_shared::payload::{RegistryCredential, Secrets};
 use drover_shared::DeviceId;
-use serde::{Deserialize, Serialize};
 
 /// Longest host, username or password accepted, so a device's `secrets`
 /// payload stays far below the protocol's size limit.
 const MAX_LEN: usize = 1024;
-
-/// Stored credentials for one registry host. `Debug` (through
-/// [`RegistryCredential`]) leaves the password out.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RegistryRecord {
-    #[serde(flatten)]
-    pub credential: RegistryCredential,
-    pub updated_at_ms: u64,
-}
-
-/// What the API shows of stored credentials: never the password.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistryView {
-    pub host: String,
-    pub username: String,
-    pub password_set: bool,
-    pub updated_at_ms: u64,
-}
-
-impl From<&RegistryRecord> for RegistryView {
-    fn from(r: &RegistryRecord) -> Self {
-        RegistryView {
-            host: r.credential.host.clone(),
-            username: r.credential.username.clone(),
-            password_set: !r.credential.password.is_empty(),
-            updated_at_ms: r.updated_at_ms,
-        }
-    }
-}
-
-/// The body of `PUT /api/v1/registries/{host}`.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialsBody {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for CredentialsBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredentialsBody")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
 
 /// Bad input, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,7 +97,7 @@ pub fn validate_host(raw: &str) -> Result<String, InvalidCredentials> {
 }
 
 /// Checks a `PUT` body.
-pub fn validate_credentials(body: &CredentialsBody) -> Result<(), InvalidCredentials> {
+pub fn validate_credentials(body: &RegistryCredentials) -> Result<(), InvalidCredentials> {
     if body.username.is_empty() {
         return Err(invalid("username", "must not be empty"));
     }
@@ -201,12 +156,15 @@ impl SecretsBook {
         }
     }
 
-    pub fn views(&self) -> Vec<RegistryView> {
-        self.by_host.values().map(RegistryView::from).collect()
+    pub fn views(&self) -> Vec<contract::Registry> {
+        self.by_host
+            .values()
+            .map(contract::Registry::from)
+            .collect()
     }
 
-    pub fn view(&self, host: &str) -> Option<RegistryView> {
-        self.by_host.get(host).map(RegistryView::from)
+    pub fn view(&self, host: &str) -> Option<contract::Registry> {
+        self.by_host.get(host).map(contract::Registry::from)
     }
 
     pub fn put(&mut self, rec: RegistryRecord) {
@@ -322,7 +280,7 @@ mod tests {
 
     #[test]
     fn credentials_are_validated_by_name() {
-        let body = |u: &str, p: &str| CredentialsBody {
+        let body = |u: &str, p: &str| RegistryCredentials {
             username: u.into(),
             password: p.into(),
         };

@@ -1,31 +1,51 @@
-//! The service: owns the [`Fleet`] state machine, persists its writes to
-//! redb before they take effect, and publishes to devices. The REST API and
-//! the MQTT link both go through it.
+//! The engine: one task owns the fleet (the [`Fleet`] state machine and the
+//! registry [`SecretsBook`]). Surfaces send it commands and reads through an
+//! [`EngineHandle`] and await the reply; the MQTT link sends it device
+//! messages. No lock is held across I/O: the engine applies a change to
+//! memory at once, queues its writes on the store writer, and carries out
+//! what follows (publishing, replying) when the writes are durable, while
+//! it goes on with the next input. A failed write fails its command and
+//! makes the engine reload its state from redb, so memory never stays ahead
+//! of the file.
+//!
+//! Every change in the fleet goes out on a bounded broadcast channel
+//! ([`EngineHandle::subscribe`]). A subscriber that falls behind loses
+//! changes and is told how many (`RecvError::Lagged`); it never slows the
+//! engine down.
 
+pub mod commands;
+mod outbox;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use drover_shared::model::{AppSpec, DesiredState};
 use drover_shared::payload::{
-    Action, Command, Desired, EnrollOutcome, EnrollRequest, Enrolled, Op, RegistryCredential,
-    Secret,
+    Action, Command as DeviceCommand, Desired, EnrollOutcome, EnrollRequest, Enrolled, LogLine, Op,
+    RegistryCredential, Secret,
 };
-use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::topic::TopicKind;
 use drover_shared::{encode, DeviceId, Name};
-use rumqttc::AsyncClient;
-use tokio::sync::{mpsc, Mutex};
-use tracing::{debug, info, info_span, warn, Instrument};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::core::fleet::{Fleet, FleetError};
-use crate::core::records::{AppRecord, DeviceView, Operation};
-use crate::core::registries::{RegistryRecord, RegistryView, SecretsBook};
-use crate::link::{qos, Event};
+use crate::contract::{self, AuditOutcome, Change};
+use crate::core::fleet::{DeviceMessage, Fleet, FleetError};
+use crate::core::records::{AppRecord, OperationRecord, RegistryRecord};
+use crate::core::registries::SecretsBook;
+use crate::link::Event;
 use crate::metrics::Metrics;
 use crate::security::access::Access;
 use crate::security::identity::Identities;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
+
+pub use commands::{CommandError, Commands, Reply};
+pub use outbox::Outbox;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -33,95 +53,538 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Inputs waiting for the engine; senders wait when it is full.
+const INPUT_QUEUE: usize = 10_000;
+/// Changes a subscriber may fall behind by before it loses some.
+pub const CHANGES_CAPACITY: usize = 16_384;
+
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
+pub enum EngineError {
     #[error(transparent)]
     Fleet(#[from] FleetError),
-    #[error("storing the change failed: {0}")]
+    #[error("the change could not be stored; nothing was changed: {0}")]
     Store(#[from] StoreError),
+    /// A write failed a moment ago and the engine is reloading its state
+    /// from the store; nothing was changed.
+    #[error("the store is recovering from a failed write; nothing was changed, try again")]
+    Recovering,
+    #[error("no credentials stored for registry {0}")]
+    UnknownRegistry(String),
+    #[error("the orchestrator is shutting down")]
+    Stopped,
 }
 
-pub struct Service {
-    fleet: Mutex<Fleet>,
-    /// Registry credentials. Lock order: `secrets` before `fleet`, never
-    /// the other way round; it is held across publishing, so the sets a
-    /// device is sent go out in the order they were computed.
-    secrets: Mutex<SecretsBook>,
+/// A change the engine carries out: the fleet's part of a [`Command`](crate::core::command::Command).
+#[derive(Debug)]
+pub enum FleetChange {
+    CreateApp(AppSpec),
+    UpdateApp(AppSpec),
+    DeleteApp(Name),
+    Apply { device: DeviceId, app: Name, op: Op },
+    SetRegistry(RegistryCredential),
+    DeleteRegistry(String),
+}
+
+/// What a fleet change produced.
+#[derive(Debug)]
+pub enum Done {
+    App(AppRecord),
+    AppDeleted,
+    Operation(OperationRecord),
+    Registry(contract::Registry),
+    RegistryDeleted,
+}
+
+type Read = Box<dyn FnOnce(&Fleet, &SecretsBook) + Send>;
+
+enum Input {
+    Change {
+        change: FleetChange,
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+    },
+    Read(Read),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap handle to the engine, for every surface.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Input>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl EngineHandle {
+    /// Carries out a change; returns when it is durable and published.
+    pub async fn change(&self, change: FleetChange) -> Result<Done, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Change { change, reply })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Runs `f` on the engine's state and returns its answer. Keep it
+    /// short: the engine does nothing else meanwhile.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Fleet, &SecretsBook) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let read: Read = Box::new(move |fleet, secrets| {
+            let _ = tx.send(f(fleet, secrets));
+        });
+        self.tx
+            .send(Input::Read(read))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Follows every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Stops taking input, finishes the changes in flight (their writes
+    /// committed or failed, their replies sent), and returns when the engine
+    /// task has ended.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Input::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    // ----- typed reads ---------------------------------------------------
+
+    pub async fn devices(&self) -> Result<Vec<contract::Device>, EngineError> {
+        self.read(|f, _| f.device_views()).await
+    }
+
+    pub async fn device(&self, id: DeviceId) -> Result<Option<contract::Device>, EngineError> {
+        self.read(move |f, _| f.device_view(&id)).await
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppRecord>, EngineError> {
+        self.read(|f, _| f.apps()).await
+    }
+
+    pub async fn app(&self, name: Name) -> Result<Option<AppRecord>, EngineError> {
+        self.read(move |f, _| f.app(&name)).await
+    }
+
+    pub async fn operations(
+        &self,
+        device: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<OperationRecord>, EngineError> {
+        self.read(move |f, _| f.operations(device.as_ref(), limit))
+            .await
+    }
+
+    /// From memory only; see [`Commands::operation`] for the store fallback.
+    pub async fn operation(&self, id: String) -> Result<Option<OperationRecord>, EngineError> {
+        self.read(move |f, _| f.operation(&id)).await
+    }
+
+    pub async fn logs(
+        &self,
+        device: DeviceId,
+        app: Name,
+        container: Option<Name>,
+        tail: usize,
+    ) -> Result<Result<Vec<LogLine>, FleetError>, EngineError> {
+        self.read(move |f, _| {
+            if f.device_view(&device).is_none() {
+                return Err(FleetError::UnknownDevice(device));
+            }
+            Ok(f.logs(&device, &app, container.as_ref(), tail))
+        })
+        .await
+    }
+
+    pub async fn events(
+        &self,
+        device: DeviceId,
+        limit: usize,
+    ) -> Result<Result<Vec<drover_shared::payload::DeviceEvent>, FleetError>, EngineError> {
+        self.read(move |f, _| {
+            f.events(&device, limit)
+                .ok_or(FleetError::UnknownDevice(device))
+        })
+        .await
+    }
+
+    pub async fn registries(&self) -> Result<Vec<contract::Registry>, EngineError> {
+        self.read(|_, s| s.views()).await
+    }
+
+    pub async fn registry(&self, host: String) -> Result<Option<contract::Registry>, EngineError> {
+        self.read(move |_, s| s.view(&host)).await
+    }
+
+    pub async fn device_counts(&self) -> Result<(usize, usize), EngineError> {
+        self.read(|f, _| f.device_counts()).await
+    }
+}
+
+/// What to do once a change's writes are durable.
+enum Then {
+    App {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        record: AppRecord,
+    },
+    AppDeleted {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        name: Name,
+    },
+    Apply {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        op: OperationRecord,
+        desired: DesiredState,
+    },
+    Registry {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        view: Option<contract::Registry>,
+    },
+}
+
+type Durable = Pin<Box<dyn Future<Output = (Then, Result<(), StoreError>)> + Send>>;
+
+pub struct Engine {
+    fleet: Fleet,
+    secrets: SecretsBook,
     store: Store,
     writer: StoreWriter,
-    mqtt: AsyncClient,
-    topics: Topics,
-    pub metrics: Arc<Metrics>,
-    pub identities: Arc<Identities>,
-    pub access: Arc<Access>,
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+    identities: Arc<Identities>,
+    access: Arc<Access>,
+    changes: broadcast::Sender<Change>,
+    /// Changes applied to memory whose writes are not yet durable, in the
+    /// order they were queued (the writer commits in that order).
+    pending: FuturesOrdered<Durable>,
+    /// A write failed: once nothing is pending, reload from the store.
+    reload: bool,
 }
 
-impl Service {
-    pub fn new(
+impl Engine {
+    /// Loads the fleet from the store and starts the engine task.
+    pub fn spawn(
         store: Store,
-        mqtt: AsyncClient,
-        topics: Topics,
+        writer: StoreWriter,
+        outbox: Outbox,
+        link: mpsc::Receiver<Event>,
         metrics: Arc<Metrics>,
         identities: Arc<Identities>,
-        writer: StoreWriter,
-    ) -> Result<Service, StoreError> {
-        let access = Arc::new(Access::load(store.clone(), writer.clone())?);
-        let fleet = Fleet::load(
-            store.devices()?,
-            store.apps()?,
-            store.desired()?,
-            store.operations()?,
-        );
-        let secrets = SecretsBook::load(store.registries()?);
-        Ok(Service {
-            fleet: Mutex::new(fleet),
-            secrets: Mutex::new(secrets),
+        access: Arc<Access>,
+    ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
+        let (fleet, secrets) = load(&store)?;
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
+        let engine = Engine {
+            fleet,
+            secrets,
             store,
             writer,
-            mqtt,
-            topics,
+            outbox,
             metrics,
             identities,
             access,
-        })
+            changes: changes.clone(),
+            pending: FuturesOrdered::new(),
+            reload: false,
+        };
+        let task = tokio::spawn(engine.run(rx, link));
+        Ok((EngineHandle { tx, changes }, task))
     }
 
-    /// Stores writes and waits until they are durable.
-    async fn persist(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        self.writer.persist(writes).await
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut link: mpsc::Receiver<Event>) {
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            if self.reload && self.pending.is_empty() {
+                self.reload_from_store().await;
+            }
+            if shutdown.is_some() && self.pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                // Durable writes first: they free replies and publishes.
+                biased;
+                Some((then, result)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.after_write(then, result).await;
+                }
+                Some(event) = link.recv(), if shutdown.is_none() => self.on_link_event(event).await,
+                input = rx.recv(), if shutdown.is_none() => match input {
+                    Some(Input::Change { change, reply }) => self.on_change(change, reply).await,
+                    Some(Input::Read(read)) => read(&self.fleet, &self.secrets),
+                    Some(Input::Shutdown(done)) => {
+                        info!(in_flight = self.pending.len(), "engine stopping: finishing changes in flight");
+                        shutdown = Some(done);
+                    }
+                    None => break,
+                },
+            }
+        }
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+        info!("engine stopped");
+    }
+
+    fn emit(&self, change: Change) {
+        // No subscriber is not an error.
+        let _ = self.changes.send(change);
+    }
+
+    async fn queue(&mut self, writes: Vec<Write>, then: Then) {
+        let durable = self.writer.submit(writes).await;
+        self.pending
+            .push_back(Box::pin(async move { (then, durable.await) }));
+    }
+
+    // ----- operator changes ----------------------------------------------
+
+    async fn on_change(
+        &mut self,
+        change: FleetChange,
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+    ) {
+        if self.reload {
+            let _ = reply.send(Err(EngineError::Recovering));
+            return;
+        }
+        let now = now_ms();
+        match change {
+            FleetChange::CreateApp(spec) => match self.fleet.create_app(spec, now) {
+                Ok((record, writes)) => {
+                    self.fleet.put_app(record.clone());
+                    self.queue(writes, Then::App { reply, record }).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::UpdateApp(spec) => match self.fleet.update_app(spec, now) {
+                Ok((record, writes)) => {
+                    self.fleet.put_app(record.clone());
+                    self.queue(writes, Then::App { reply, record }).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
+                Ok(writes) => {
+                    self.fleet.remove_app(&name);
+                    self.queue(writes, Then::AppDeleted { reply, name }).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::Apply { device, app, op } => {
+                let id = uuid::Uuid::new_v4().to_string();
+                match self.fleet.request(&device, op, &app, id, now) {
+                    Ok((desired, op, writes)) => {
+                        self.fleet.commit_request(desired.clone(), op.clone());
+                        self.queue(writes, Then::Apply { reply, op, desired }).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            FleetChange::SetRegistry(credential) => {
+                let record = RegistryRecord {
+                    credential,
+                    updated_at_ms: now,
+                };
+                let view = contract::Registry::from(&record);
+                self.secrets.put(record.clone());
+                self.queue(
+                    vec![Write::Registry(record)],
+                    Then::Registry {
+                        reply,
+                        view: Some(view),
+                    },
+                )
+                .await;
+            }
+            FleetChange::DeleteRegistry(host) => {
+                if !self.secrets.remove(&host) {
+                    let _ = reply.send(Err(EngineError::UnknownRegistry(host)));
+                    return;
+                }
+                self.queue(
+                    vec![Write::DeleteRegistry(host)],
+                    Then::Registry { reply, view: None },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// A change's writes are durable (or failed): publish and reply.
+    async fn after_write(&mut self, then: Then, result: Result<(), StoreError>) {
+        if let Err(e) = result {
+            error!(error = %e, "store write failed; the change is undone and the engine reloads from the store");
+            self.reload = true;
+            let reply = match then {
+                Then::App { reply, .. }
+                | Then::AppDeleted { reply, .. }
+                | Then::Apply { reply, .. }
+                | Then::Registry { reply, .. } => reply,
+            };
+            let _ = reply.send(Err(EngineError::Store(e)));
+            return;
+        }
+        match then {
+            Then::App { reply, record } => {
+                info!(app = %record.spec.name, "app stored");
+                self.emit(Change::App {
+                    name: record.spec.name.clone(),
+                    deleted: false,
+                });
+                let _ = reply.send(Ok(Done::App(record)));
+            }
+            Then::AppDeleted { reply, name } => {
+                info!(app = %name, "app deleted");
+                self.emit(Change::App {
+                    name,
+                    deleted: true,
+                });
+                let _ = reply.send(Ok(Done::AppDeleted));
+            }
+            Then::Apply { reply, op, desired } => {
+                let device = op.device.clone();
+                info!(device = %device, app = %op.app, op = op.op.as_str(), generation = desired.generation, operation = %op.id, "desired state changed");
+                // The credentials the new desired state needs go out before it does.
+                self.sync_secrets(Some(std::slice::from_ref(&device)), false);
+                // Retained desired state first: it is what a reconnecting
+                // device reads. The command carries the same state plus the
+                // id to ack.
+                let cmd = DeviceCommand {
+                    id: op.id.clone(),
+                    issued_at_ms: op.created_at_ms,
+                    action: Action::Apply {
+                        op: op.op,
+                        app: op.app.clone(),
+                        desired: desired.clone(),
+                    },
+                };
+                let sent = self.publish_desired(&device, &desired)
+                    && self.outbox.publish(&device, TopicKind::Cmd, encode(&cmd));
+                let mut op = op;
+                if sent {
+                    if let Some(Write::Operation(marked)) = self.fleet.mark_sent(&op.id, now_ms()) {
+                        op = marked.clone();
+                        self.record(vec![Write::Operation(marked)]).await;
+                    }
+                }
+                self.emit(Change::Operation {
+                    operation: (&op).into(),
+                });
+                let _ = reply.send(Ok(Done::Operation(op)));
+            }
+            Then::Registry { reply, view } => {
+                match &view {
+                    Some(v) => {
+                        info!(host = %v.host, username = %v.username, "registry credentials stored")
+                    }
+                    None => info!("registry credentials deleted"),
+                }
+                self.sync_secrets(None, false);
+                let _ = reply.send(Ok(match view {
+                    Some(v) => Done::Registry(v),
+                    None => Done::RegistryDeleted,
+                }));
+            }
+        }
+    }
+
+    /// After a failed write: memory may hold changes that never reached
+    /// the file. The file is the truth; read it again.
+    async fn reload_from_store(&mut self) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || load(&store)).await {
+            Ok(Ok((fleet, secrets))) => {
+                self.fleet = fleet;
+                self.secrets = secrets;
+                self.reload = false;
+                warn!("engine state reloaded from the store after a failed write");
+            }
+            Ok(Err(e)) => {
+                // Stay in recovery; the next change or input tries again.
+                error!(error = %e, "reloading from the store failed; changes are refused until it works");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => error!(error = %e, "reload task failed"),
+        }
     }
 
     /// Queues writes of device observations without waiting: they are the
     /// agent's facts, re-sent with its next report if this one were lost,
-    /// and the service loop must not stall on an fsync per message.
-    async fn record(&self, writes: Vec<Write>) {
-        if !self.writer.record(writes).await {
+    /// and the engine must not stall on an fsync per message.
+    async fn record(&mut self, writes: Vec<Write>) {
+        if !writes.is_empty() && !self.writer.record(writes).await {
             warn!("the store writer has stopped; device report not stored");
         }
     }
 
-    fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
-        let topic = self.topics.device(device, kind);
-        match self
-            .mqtt
-            .try_publish(topic, qos(kind), kind.retained(), payload)
-        {
-            Ok(()) => {
-                self.metrics.mqtt_published.fetch_add(1, Ordering::Relaxed);
-                true
+    // ----- device side -----------------------------------------------------
+
+    async fn on_link_event(&mut self, event: Event) {
+        match event {
+            Event::Connected => self.republish_all(),
+            Event::Device { id, msg } => {
+                let span = info_span!("device", device = %id);
+                self.on_device_message(id, *msg).instrument(span).await;
             }
-            Err(e) => {
-                self.metrics
-                    .mqtt_publish_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(device = %device, %kind, error = %e, "publish not queued; the device will get it on resync");
-                false
+            Event::Enroll { id, request } => {
+                // Stores a credential (an fsync): off the engine.
+                let span = info_span!("enroll", device = %id);
+                tokio::spawn(
+                    enroll(
+                        id,
+                        request,
+                        self.identities.clone(),
+                        self.access.clone(),
+                        self.metrics.clone(),
+                        self.outbox.clone(),
+                    )
+                    .instrument(span),
+                );
             }
         }
     }
 
+    async fn on_device_message(&mut self, id: DeviceId, msg: DeviceMessage) {
+        let fx = self.fleet.on_device_message(&id, msg, now_ms());
+        if fx.republish {
+            if let Some(state) = self.fleet.desired(&id).cloned() {
+                // Credentials first, so a device never pulls without them.
+                self.sync_secrets(Some(std::slice::from_ref(&id)), true);
+                self.publish_desired(&id, &state);
+            }
+        }
+        if fx.resync {
+            let cmd = DeviceCommand {
+                id: uuid::Uuid::new_v4().to_string(),
+                issued_at_ms: now_ms(),
+                action: Action::Resync,
+            };
+            self.outbox.publish(&id, TopicKind::Cmd, encode(&cmd));
+        }
+        for change in fx.changes {
+            self.emit(change);
+        }
+        self.record(fx.writes).await;
+    }
+
     fn publish_desired(&self, device: &DeviceId, state: &DesiredState) -> bool {
-        self.publish(
+        self.outbox.publish(
             device,
             TopicKind::Desired,
             encode(&Desired {
@@ -130,105 +593,13 @@ impl Service {
         )
     }
 
-    /// The service loop: applies every event from the MQTT link in order.
-    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<Event>) {
-        while let Some(ev) = events.recv().await {
-            match ev {
-                Event::Connected => self.republish_all().await,
-                Event::Device { id, msg } => {
-                    let span = info_span!("device", device = %id);
-                    self.on_device_message(id, *msg).instrument(span).await;
-                }
-                Event::Enroll { id, request } => {
-                    // Stores a credential (an fsync): off the loop.
-                    let span = info_span!("enroll", device = %id);
-                    tokio::spawn(self.clone().on_enroll(id, request).instrument(span));
-                }
-            }
-        }
-    }
-
-    /// Answers an enrollment request on the device's `enrolled` topic,
-    /// which only that device may read. The password is in that message and
-    /// nowhere else.
-    async fn on_enroll(self: Arc<Self>, id: DeviceId, request: EnrollRequest) {
-        let outcome = match self.identities.enroll(&id, request.token.expose()).await {
-            Ok(password) => {
-                self.metrics
-                    .enrollments_accepted
-                    .fetch_add(1, Ordering::Relaxed);
-                info!("device enrolled");
-                self.access
-                    .audit(
-                        &format!("device:{id}"),
-                        None,
-                        "mqtt enroll".into(),
-                        "ok",
-                        None,
-                        String::new(),
-                    )
-                    .await;
-                EnrollOutcome::Accepted {
-                    password: Secret::new(password),
-                }
-            }
-            Err(refusal) => {
-                self.metrics
-                    .enrollments_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(reason = %refusal, "enrollment refused");
-                self.access
-                    .audit(
-                        &format!("device:{id}"),
-                        None,
-                        "mqtt enroll".into(),
-                        "denied",
-                        None,
-                        refusal.to_string(),
-                    )
-                    .await;
-                EnrollOutcome::Refused {
-                    reason: refusal.to_string(),
-                }
-            }
-        };
-        let answer = Enrolled {
-            request_id: request.request_id,
-            outcome,
-        };
-        self.publish(&id, TopicKind::Enrolled, encode(&answer));
-    }
-
-    async fn on_device_message(&self, id: DeviceId, msg: crate::core::fleet::DeviceMessage) {
-        let mut fleet = self.fleet.lock().await;
-        let fx = fleet.on_device_message(&id, msg, now_ms());
-        let republish = fx.republish.then(|| fleet.desired(&id).cloned()).flatten();
-        drop(fleet);
-        if let Some(state) = republish {
-            // Credentials first, so a device never pulls without them.
-            self.sync_secrets(Some(std::slice::from_ref(&id)), true, false)
-                .await;
-            self.publish_desired(&id, &state);
-        }
-        if fx.resync {
-            let cmd = Command {
-                id: uuid::Uuid::new_v4().to_string(),
-                issued_at_ms: now_ms(),
-                action: Action::Resync,
-            };
-            self.publish(&id, TopicKind::Cmd, encode(&cmd));
-        }
-        self.record(fx.writes).await;
-    }
-
     /// After (re)connecting to the broker, every device's desired state is
     /// published again, retained: an embedded broker restarted with the
     /// orchestrator has lost all retained messages.
-    async fn republish_all(&self) {
-        self.sync_secrets(None, true, false).await;
-        let fleet = self.fleet.lock().await;
+    fn republish_all(&mut self) {
+        self.sync_secrets(None, true);
         let mut n = 0;
-        for (id, state) in fleet.all_desired() {
+        for (id, state) in self.fleet.all_desired() {
             self.publish_desired(id, state);
             n += 1;
         }
@@ -237,283 +608,103 @@ impl Service {
 
     /// Publishes to each device (all with a desired state, or `devices`)
     /// the registry credentials its desired state needs, when that set
-    /// changed since it was last sent, or always with `force`. `wait`: wait
-    /// for room in the MQTT queue (API requests) rather than give up at once
-    /// (the service loop, which must not block on the link it feeds).
-    async fn sync_secrets(&self, devices: Option<&[DeviceId]>, force: bool, wait: bool) {
-        let mut book = self.secrets.lock().await;
+    /// changed since it was last sent, or always with `force`.
+    fn sync_secrets(&mut self, devices: Option<&[DeviceId]>, force: bool) {
         let now = now_ms();
-        let due: Vec<(DeviceId, drover_shared::payload::Secrets)> = {
-            let fleet = self.fleet.lock().await;
-            let mut due = Vec::new();
-            let mut offer = |id: &DeviceId, state: &DesiredState| {
-                if let Some(s) = book.next_for(id, state, force, now) {
-                    due.push((id.clone(), s));
-                }
-            };
-            match devices {
-                Some(ids) => {
-                    for id in ids {
-                        if let Some(state) = fleet.desired(id) {
-                            offer(id, state);
+        let mut due = Vec::new();
+        match devices {
+            Some(ids) => {
+                for id in ids {
+                    if let Some(state) = self.fleet.desired(id) {
+                        if let Some(s) = self.secrets.next_for(id, state, force, now) {
+                            due.push((id.clone(), s));
                         }
                     }
                 }
-                None => {
-                    for (id, state) in fleet.all_desired() {
-                        offer(id, state);
+            }
+            None => {
+                for (id, state) in self.fleet.all_desired() {
+                    if let Some(s) = self.secrets.next_for(id, state, force, now) {
+                        due.push((id.clone(), s));
                     }
                 }
             }
-            due
-        };
+        }
         for (id, secrets) in due {
             let hosts = secrets.hosts().join(",");
-            let payload = encode(&secrets);
-            let sent = if wait {
-                self.publish_waiting(&id, TopicKind::Secrets, payload).await
-            } else {
-                self.publish(&id, TopicKind::Secrets, payload)
-            };
-            if sent {
+            if self
+                .outbox
+                .publish(&id, TopicKind::Secrets, encode(&secrets))
+            {
                 debug!(device = %id, registries = %hosts, "registry credentials published");
             } else {
-                book.unsend(&id);
+                self.secrets.unsend(&id);
             }
         }
     }
+}
 
-    // ----- API ---------------------------------------------------------------
+fn load(store: &Store) -> Result<(Fleet, SecretsBook), StoreError> {
+    let fleet = Fleet::load(
+        store.devices()?,
+        store.apps()?,
+        store.desired()?,
+        store.operations()?,
+    );
+    Ok((fleet, SecretsBook::load(store.registries()?)))
+}
 
-    pub async fn devices(&self) -> Vec<DeviceView> {
-        let mut views = self.fleet.lock().await.device_views();
-        for v in &mut views {
-            v.credential = Some(self.identities.credential_state(&v.id));
-        }
-        views
-    }
-
-    pub async fn device(&self, id: &DeviceId) -> Option<DeviceView> {
-        let mut view = self.fleet.lock().await.device_view(id)?;
-        view.credential = Some(self.identities.credential_state(id));
-        Some(view)
-    }
-
-    pub async fn apps(&self) -> Vec<AppRecord> {
-        self.fleet.lock().await.apps()
-    }
-
-    pub async fn app(&self, name: &Name) -> Option<AppRecord> {
-        self.fleet.lock().await.app(name)
-    }
-
-    pub async fn create_app(&self, spec: AppSpec) -> Result<AppRecord, ServiceError> {
-        let mut fleet = self.fleet.lock().await;
-        let (rec, writes) = fleet.create_app(spec, now_ms())?;
-        self.persist(writes).await?;
-        fleet.put_app(rec.clone());
-        info!(app = %rec.spec.name, "app created");
-        Ok(rec)
-    }
-
-    pub async fn update_app(&self, spec: AppSpec) -> Result<AppRecord, ServiceError> {
-        let mut fleet = self.fleet.lock().await;
-        let (rec, writes) = fleet.update_app(spec, now_ms())?;
-        self.persist(writes).await?;
-        fleet.put_app(rec.clone());
-        info!(app = %rec.spec.name, "app updated");
-        Ok(rec)
-    }
-
-    pub async fn delete_app(&self, name: &Name) -> Result<(), ServiceError> {
-        let mut fleet = self.fleet.lock().await;
-        let writes = fleet.delete_app(name)?;
-        self.persist(writes).await?;
-        fleet.remove_app(name);
-        info!(app = %name, "app deleted");
-        Ok(())
-    }
-
-    /// Deploy, start, stop or remove: stored first, then published. Returns
-    /// at once with the operation to follow.
-    pub async fn request(
-        &self,
-        device: &DeviceId,
-        op: Op,
-        app: &Name,
-    ) -> Result<Operation, ServiceError> {
-        let mut fleet = self.fleet.lock().await;
-        let id = uuid::Uuid::new_v4().to_string();
-        let now = now_ms();
-        let (desired, operation, writes) = fleet.request(device, op, app, id.clone(), now)?;
-        self.persist(writes).await?;
-        fleet.commit_request(desired.clone(), operation.clone());
-        drop(fleet);
-        info!(device = %device, app = %app, op = op.as_str(), generation = desired.generation, operation = %id, "desired state changed");
-        // The credentials the new desired state needs go out before it does.
-        self.sync_secrets(Some(std::slice::from_ref(device)), false, true)
-            .await;
-        // Retained desired state first: it is what a reconnecting device
-        // reads. The command carries the same state plus the id to ack.
-        // Outside the fleet lock, waiting for room in the MQTT queue: a burst
-        // of requests slows down instead of dropping publishes.
-        let cmd = Command {
-            id: id.clone(),
-            issued_at_ms: now,
-            action: Action::Apply {
-                op,
-                app: app.clone(),
-                desired: desired.clone(),
-            },
-        };
-        let sent = self
-            .publish_waiting(
-                device,
-                TopicKind::Desired,
-                encode(&Desired { state: desired }),
-            )
-            .await
-            && self
-                .publish_waiting(device, TopicKind::Cmd, encode(&cmd))
+/// Answers an enrollment request on the device's `enrolled` topic, which
+/// only that device may read. The password is in that message and nowhere
+/// else.
+async fn enroll(
+    id: DeviceId,
+    request: EnrollRequest,
+    identities: Arc<Identities>,
+    access: Arc<Access>,
+    metrics: Arc<Metrics>,
+    outbox: Outbox,
+) {
+    let actor = crate::core::command::Actor::Device(id.clone());
+    let outcome = match identities.enroll(&id, request.token.expose()).await {
+        Ok(password) => {
+            metrics.enrollments_accepted.fetch_add(1, Ordering::Relaxed);
+            info!("device enrolled");
+            access
+                .audit(
+                    &actor,
+                    "mqtt enroll".into(),
+                    None,
+                    AuditOutcome::Ok,
+                    None,
+                    String::new(),
+                )
                 .await;
-        if sent {
-            let w = self.fleet.lock().await.mark_sent(&id, now_ms());
-            if let Some(w) = w {
-                if let Err(e) = self.persist(vec![w]).await {
-                    warn!(error = %e, "could not store operation status");
-                }
+            EnrollOutcome::Accepted {
+                password: Secret::new(password),
             }
         }
-        Ok(self.operation(&id).await.unwrap_or(operation))
-    }
-
-    /// Publishes, waiting up to a few seconds for room in the client's
-    /// queue; on time-out the device gets its state on the next resync.
-    async fn publish_waiting(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
-        let topic = self.topics.device(device, kind);
-        let publish = self
-            .mqtt
-            .publish(topic, qos(kind), kind.retained(), payload);
-        match tokio::time::timeout(std::time::Duration::from_secs(5), publish).await {
-            Ok(Ok(())) => {
-                self.metrics.mqtt_published.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Ok(Err(e)) => {
-                self.metrics
-                    .mqtt_publish_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(device = %device, %kind, error = %e, "publish failed; the device will get it on resync");
-                false
-            }
-            Err(_) => {
-                self.metrics
-                    .mqtt_publish_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(device = %device, %kind, "MQTT queue full for 5 s; the device will get it on resync");
-                false
+        Err(refusal) => {
+            metrics.enrollments_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(reason = %refusal, "enrollment refused");
+            access
+                .audit(
+                    &actor,
+                    "mqtt enroll".into(),
+                    None,
+                    AuditOutcome::Denied,
+                    None,
+                    refusal.to_string(),
+                )
+                .await;
+            EnrollOutcome::Refused {
+                reason: refusal.to_string(),
             }
         }
-    }
-
-    // ----- registry credentials -------------------------------------------
-
-    pub async fn registries(&self) -> Vec<RegistryView> {
-        self.secrets.lock().await.views()
-    }
-
-    pub async fn registry(&self, host: &str) -> Option<RegistryView> {
-        self.secrets.lock().await.view(host)
-    }
-
-    /// Stores credentials for a (validated) registry host, then sends them
-    /// to the devices whose desired apps pull from it.
-    pub async fn set_registry(
-        &self,
-        credential: RegistryCredential,
-    ) -> Result<RegistryView, ServiceError> {
-        let rec = RegistryRecord {
-            credential,
-            updated_at_ms: now_ms(),
-        };
-        let view = RegistryView::from(&rec);
-        {
-            let mut book = self.secrets.lock().await;
-            self.persist(vec![Write::Registry(rec.clone())]).await?;
-            book.put(rec);
-        }
-        info!(host = %view.host, username = %view.username, "registry credentials stored");
-        self.sync_secrets(None, false, true).await;
-        Ok(view)
-    }
-
-    /// Deletes a registry's credentials; devices that had them get a set
-    /// without them. `false` when there were none.
-    pub async fn delete_registry(&self, host: &str) -> Result<bool, ServiceError> {
-        {
-            let mut book = self.secrets.lock().await;
-            if book.view(host).is_none() {
-                return Ok(false);
-            }
-            self.persist(vec![Write::DeleteRegistry(host.to_string())])
-                .await?;
-            book.remove(host);
-        }
-        info!(%host, "registry credentials deleted");
-        self.sync_secrets(None, false, true).await;
-        Ok(true)
-    }
-
-    /// From memory, or from redb for an old finished operation that was
-    /// evicted from memory.
-    pub async fn operation(&self, id: &str) -> Option<Operation> {
-        if let Some(op) = self.fleet.lock().await.operation(id) {
-            return Some(op);
-        }
-        let store = self.store.clone();
-        let id = id.to_string();
-        match tokio::task::spawn_blocking(move || store.operation(&id)).await {
-            Ok(Ok(op)) => op,
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading an operation from the store failed");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    pub async fn operations(&self, device: Option<&DeviceId>, limit: usize) -> Vec<Operation> {
-        self.fleet.lock().await.operations(device, limit)
-    }
-
-    pub async fn logs(
-        &self,
-        device: &DeviceId,
-        app: &Name,
-        container: Option<&Name>,
-        tail: usize,
-    ) -> Result<Vec<drover_shared::payload::LogLine>, FleetError> {
-        let fleet = self.fleet.lock().await;
-        if fleet.device_view(device).is_none() {
-            return Err(FleetError::UnknownDevice(device.clone()));
-        }
-        Ok(fleet.logs(device, app, container, tail))
-    }
-
-    pub async fn events(
-        &self,
-        device: &DeviceId,
-        limit: usize,
-    ) -> Result<Vec<drover_shared::payload::DeviceEvent>, FleetError> {
-        self.fleet
-            .lock()
-            .await
-            .events(device, limit)
-            .ok_or_else(|| FleetError::UnknownDevice(device.clone()))
-    }
-
-    pub async fn metrics_text(&self) -> String {
-        let (total, online) = self.fleet.lock().await.device_counts();
-        self.metrics.render(total, online)
-    }
+    };
+    let answer = Enrolled {
+        request_id: request.request_id,
+        outcome,
+    };
+    outbox.publish(&id, TopicKind::Enrolled, encode(&answer));
 }

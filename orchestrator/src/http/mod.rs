@@ -1,62 +1,63 @@
-//! The REST API (JSON over HTTP). Errors are JSON objects that name the
-//! offending field: `{"error": {"status": 400, "message": "...", "field": "..."}}`.
+//! The REST adapter: JSON over HTTP onto the command path. A handler
+//! authenticates (the `auth` layer), asks the command path whether the
+//! actor may run the command's kind, parses the request into a
+//! [`Command`], and executes it; the role check and the audit record are
+//! the command path's (`engine::commands`), not this module's. Request and
+//! response bodies are `contract` types.
+//!
+//! Errors are JSON objects that name the offending field:
+//! `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
+pub mod auth;
+mod routes;
 pub mod security;
 pub mod tls;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use drover_shared::model::AppSpec;
-use drover_shared::payload::Op;
+use axum::{Extension, Json};
 use drover_shared::{DeviceId, Name};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::core::fleet::FleetError;
-use crate::core::records::AppView;
-use crate::core::registries::{self, CredentialsBody};
-use crate::engine::{Service, ServiceError};
-use crate::security::access::AuditDetail;
+use crate::contract::{ErrorBody, ErrorDetail};
+use crate::core::command::{Actor, Command, CommandKind};
+use crate::engine::commands::Origin;
+use crate::engine::{CommandError, Commands, Reply};
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
+pub use routes::router;
+
+/// What every handler shares.
+pub struct Api {
+    pub commands: Commands,
+    /// Flips to `true` when the server begins to shut down: long polls and
+    /// change streams end then, so the graceful drain does not wait on them.
+    pub stopping: watch::Receiver<bool>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub status: u16,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
+pub type ApiState = Arc<Api>;
 
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
     field: Option<String>,
+    /// The command path already wrote this request's audit record.
+    audited: bool,
 }
 
 impl ApiError {
-    pub(crate) fn store(s: crate::store::StoreError) -> Self {
-        tracing::error!(error = %s, "store failure");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the change could not be stored; nothing was changed",
-        )
-    }
     pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
             field: None,
+            audited: false,
         }
     }
     pub(crate) fn field(
@@ -68,18 +69,69 @@ impl ApiError {
             status,
             message: message.into(),
             field: Some(field.into()),
+            audited: false,
         }
     }
-    fn not_found(what: impl Into<String>) -> Self {
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, what)
     }
 }
 
+/// The HTTP status of a command error.
+pub(crate) fn error_status(e: &CommandError) -> StatusCode {
+    match e {
+        CommandError::Denied { .. } => StatusCode::FORBIDDEN,
+        CommandError::Invalid { .. } => StatusCode::BAD_REQUEST,
+        CommandError::NotFound { .. } => StatusCode::NOT_FOUND,
+        CommandError::Conflict { .. } => StatusCode::CONFLICT,
+        CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        CommandError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        let status = error_status(&e);
+        let message = e.to_string();
+        let field = match e {
+            CommandError::Invalid { field, .. } | CommandError::NotFound { field, .. } => {
+                Some(field).filter(|f| !f.is_empty())
+            }
+            CommandError::Conflict { field, .. } => field,
+            _ => None,
+        };
+        ApiError {
+            status,
+            message,
+            field,
+            // Every command error comes from `authorize` or `execute`,
+            // which audit it.
+            audited: true,
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for ApiError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        let mut err = ApiError::from(CommandError::from(e));
+        err.audited = false;
+        err
+    }
+}
+
+/// Marks a response whose request the command path has audited.
+#[derive(Debug, Clone, Copy)]
+pub struct Audited;
+
+/// Why a request failed, for the audit record the `auth` layer writes for
+/// changes that never became a command (a body that does not parse).
+#[derive(Debug, Clone)]
+pub struct AuditDetail(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        // The audit log says why a change failed. Messages never quote a
-        // password (see `put_registry`).
         let detail = AuditDetail(self.message.clone());
+        let audited = self.audited;
         let body = ErrorBody {
             error: ErrorDetail {
                 status: self.status.as_u16(),
@@ -87,40 +139,83 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        (self.status, Extension(detail), Json(body)).into_response()
-    }
-}
-
-/// An audit detail naming what a request changed.
-pub(crate) fn audited(detail: impl Into<String>) -> Extension<AuditDetail> {
-    Extension(AuditDetail(detail.into()))
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::Fleet(f) => {
-                let msg = f.to_string();
-                match f {
-                    FleetError::UnknownDevice(_) => {
-                        ApiError::field(StatusCode::NOT_FOUND, "device", msg)
-                    }
-                    FleetError::UnknownApp(_) => ApiError::field(StatusCode::NOT_FOUND, "app", msg),
-                    FleetError::AppExists(_) => ApiError::field(StatusCode::CONFLICT, "name", msg),
-                    FleetError::NotDeployed { .. } => {
-                        ApiError::field(StatusCode::CONFLICT, "app", msg)
-                    }
-                    FleetError::AppInUse { .. } => {
-                        ApiError::field(StatusCode::CONFLICT, "app", msg)
-                    }
-                }
-            }
-            ServiceError::Store(s) => ApiError::store(s),
+        let mut resp = (self.status, Extension(detail), Json(body)).into_response();
+        if audited {
+            resp.extensions_mut().insert(Audited);
         }
+        resp
     }
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// The authenticated caller and what the audit log calls its request.
+pub struct Ctx {
+    pub actor: Actor,
+    pub action: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // The `auth` layer put it there; a route outside it has no caller.
+        let actor = parts.extensions.get::<Actor>().cloned().ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "this endpoint needs an API token")
+        })?;
+        Ok(Ctx {
+            actor,
+            action: format!("{} {}", parts.method, parts.uri.path()),
+        })
+    }
+}
+
+impl Ctx {
+    /// This request as the command path's origin; `ok` is the HTTP status
+    /// of success.
+    pub fn origin(&self, ok: StatusCode) -> Origin {
+        Origin {
+            action: self.action.clone(),
+            ok_status: Some(ok.as_u16()),
+            error_status: |e| Some(error_status(e).as_u16()),
+        }
+    }
+
+    /// May this caller run commands of `kind`? Audits a refusal.
+    pub async fn authorize(&self, api: &Api, kind: CommandKind) -> ApiResult<()> {
+        api.commands
+            .authorize(&self.actor, kind, &self.origin(StatusCode::OK))
+            .await
+            .map_err(ApiError::from)
+    }
+
+    /// The REST shape of a command: check the role before anything is
+    /// parsed, build the command, run it, answer `ok` with the reply.
+    pub async fn run(
+        &self,
+        api: &Api,
+        kind: CommandKind,
+        ok: StatusCode,
+        build: impl FnOnce() -> ApiResult<Command>,
+    ) -> ApiResult<Response> {
+        let origin = self.origin(ok);
+        api.commands.authorize(&self.actor, kind, &origin).await?;
+        let command = build()?;
+        let reply = api.commands.execute(&self.actor, &origin, command).await?;
+        let mut resp = match reply {
+            Reply::Deleted => StatusCode::NO_CONTENT.into_response(),
+            Reply::App(v) => (ok, Json(v)).into_response(),
+            Reply::Operation(v) => (ok, Json(v)).into_response(),
+            Reply::Registry(v) => (ok, Json(v)).into_response(),
+            Reply::EnrollToken(v) => (ok, Json(v)).into_response(),
+            Reply::ApiToken(v) => (ok, Json(v)).into_response(),
+            Reply::MqttUser(v) => (ok, Json(v)).into_response(),
+            Reply::Revoked(v) => (ok, Json(v)).into_response(),
+        };
+        resp.extensions_mut().insert(Audited);
+        Ok(resp)
+    }
+}
 
 /// Parses a JSON body and, on failure, names the field by its path
 /// (`containers[0].image`) instead of axum's generic rejection text.
@@ -181,13 +276,10 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 /// the parameter where serde does (`duplicate field `limit``).
 pub(crate) struct ApiQuery<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _: &S,
-    ) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         match Query::<T>::try_from_uri(&parts.uri) {
             Ok(Query(q)) => Ok(ApiQuery(q)),
             Err(e) => {
@@ -222,232 +314,6 @@ pub(crate) fn name(field: &str, raw: &str) -> ApiResult<Name> {
     })
 }
 
-pub fn router(service: Arc<Service>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/devices/{id}", get(show_device))
-        .route("/api/v1/devices/{id}/apps", post(deploy))
-        .route(
-            "/api/v1/devices/{id}/apps/{app}",
-            axum::routing::delete(remove),
-        )
-        .route("/api/v1/devices/{id}/apps/{app}/start", post(start))
-        .route("/api/v1/devices/{id}/apps/{app}/stop", post(stop))
-        .route("/api/v1/devices/{id}/logs", get(logs))
-        .route("/api/v1/devices/{id}/events", get(events))
-        .route("/api/v1/apps", get(list_apps).post(create_app))
-        .route(
-            "/api/v1/apps/{name}",
-            get(show_app).put(update_app).delete(delete_app),
-        )
-        .route("/api/v1/operations", get(list_operations))
-        .route("/api/v1/operations/{id}", get(show_operation))
-        .route("/api/v1/registries", get(list_registries))
-        .route(
-            "/api/v1/registries/{host}",
-            get(show_registry).put(put_registry).delete(delete_registry),
-        )
-        .merge(crate::http::security::routes())
-        // A route layer, so the check knows which route matched.
-        .route_layer(axum::middleware::from_fn_with_state(
-            service.clone(),
-            crate::security::access::enforce,
-        ))
-        .fallback(|| async {
-            ApiError::not_found(
-                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
-            )
-        })
-        .layer(axum::middleware::map_response(json_client_errors))
-        .with_state(service)
-}
-
-/// axum's own rejections (a body over the limit, a method the route does
-/// not take, a path that is not UTF-8) are plain text or empty: every 4xx
-/// of this API is its JSON error, saying what was wrong.
-async fn json_client_errors(method: axum::http::Method, resp: Response) -> Response {
-    let json = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    let status = resp.status();
-    if json || !status.is_client_error() {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 4096)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_default();
-    let message = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => format!(
-            "request body is larger than the API's limit of {} bytes",
-            MAX_BODY_BYTES
-        ),
-        StatusCode::METHOD_NOT_ALLOWED => {
-            format!("this endpoint does not take {method}; the Allow header lists what it takes")
-        }
-        _ if !text.is_empty() => text,
-        _ => status
-            .canonical_reason()
-            .unwrap_or("bad request")
-            .to_lowercase(),
-    };
-    parts.headers.remove(axum::http::header::CONTENT_TYPE);
-    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    let error = ApiError::new(status, message).into_response();
-    let (error_parts, body) = error.into_parts();
-    parts.headers.extend(error_parts.headers);
-    parts.extensions.extend(error_parts.extensions);
-    Response::from_parts(parts, body)
-}
-
-/// axum's default body limit, which every JSON body here is far below.
-const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
-
-async fn metrics(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.metrics_text().await,
-    )
-}
-
-async fn list_devices(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    Json(s.devices().await)
-}
-
-async fn show_device(
-    State(s): State<Arc<Service>>,
-    Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
-    let view = s.device(&id).await.ok_or_else(|| {
-        ApiError::field(
-            StatusCode::NOT_FOUND,
-            "device",
-            format!("device {id} is not known"),
-        )
-    })?;
-    Ok(Json(view))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeployBody {
-    app: Name,
-}
-
-async fn deploy(
-    State(s): State<Arc<Service>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
-    let body: DeployBody = parse_body(&body)?;
-    let op = s.request(&id, Op::Deploy, &body.app).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        audited(format!("app {}, operation {}", body.app, op.id)),
-        Json(op),
-    ))
-}
-
-async fn change(s: Arc<Service>, id: String, app: String, op: Op) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
-    let app = name("app", &app)?;
-    let op = s.request(&id, op, &app).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        audited(format!("operation {}", op.id)),
-        Json(op),
-    ))
-}
-
-async fn start(
-    State(s): State<Arc<Service>>,
-    Path((id, app)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    change(s, id, app, Op::Start).await
-}
-
-async fn stop(
-    State(s): State<Arc<Service>>,
-    Path((id, app)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    change(s, id, app, Op::Stop).await
-}
-
-async fn remove(
-    State(s): State<Arc<Service>>,
-    Path((id, app)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    change(s, id, app, Op::Remove).await
-}
-
-#[derive(Debug, Deserialize)]
-struct LogQuery {
-    app: Option<String>,
-    container: Option<String>,
-    tail: Option<String>,
-}
-
-async fn logs(
-    State(s): State<Arc<Service>>,
-    Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<LogQuery>,
-) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
-    let app = name(
-        "app",
-        q.app.as_deref().ok_or_else(|| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "app",
-                "query parameter `app` is required",
-            )
-        })?,
-    )?;
-    let container = q
-        .container
-        .as_deref()
-        .map(|c| name("container", c))
-        .transpose()?;
-    let tail = match q.tail.as_deref() {
-        None => 100,
-        Some(t) => t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "tail",
-                format!("`tail` must be a positive whole number, got {t:?}"),
-            )
-        })?,
-    };
-    let lines = s
-        .logs(&id, &app, container.as_ref(), tail)
-        .await
-        .map_err(ServiceError::from)?;
-    Ok(Json(lines))
-}
-
-#[derive(Debug, Deserialize)]
-struct EventsQuery {
-    limit: Option<String>,
-}
-
-async fn events(
-    State(s): State<Arc<Service>>,
-    Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<EventsQuery>,
-) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
-    let limit = parse_limit(q.limit.as_deref())?;
-    Ok(Json(
-        s.events(&id, limit).await.map_err(ServiceError::from)?,
-    ))
-}
-
 pub(crate) fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
     match raw {
         None => Ok(100),
@@ -462,201 +328,5 @@ pub(crate) fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
                     format!("`limit` must be between 1 and 10000, got {l:?}"),
                 )
             }),
-    }
-}
-
-async fn list_apps(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    Json(
-        s.apps()
-            .await
-            .into_iter()
-            .map(AppView::from)
-            .collect::<Vec<_>>(),
-    )
-}
-
-async fn create_app(State(s): State<Arc<Service>>, body: Bytes) -> ApiResult<impl IntoResponse> {
-    let mut spec: AppSpec = parse_body(&body)?;
-    spec.validate()
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
-    let detail = app_detail(&spec);
-    let rec = s.create_app(spec).await?;
-    Ok((
-        StatusCode::CREATED,
-        audited(detail),
-        Json(AppView::from(rec)),
-    ))
-}
-
-/// Replaces an app's spec. Devices pick it up when it is deployed again.
-async fn update_app(
-    State(s): State<Arc<Service>>,
-    Path(n): Path<String>,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let n = name("app", &n)?;
-    let mut spec: AppSpec = parse_body(&body)?;
-    if spec.name != n {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "name",
-            format!(
-                "body names app {:?} but the path names {:?}",
-                spec.name.as_str(),
-                n.as_str()
-            ),
-        ));
-    }
-    spec.validate()
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string()))?;
-    let detail = app_detail(&spec);
-    Ok((
-        audited(detail),
-        Json(AppView::from(s.update_app(spec).await?)),
-    ))
-}
-
-/// Which privileges an app definition grants: the audit log shows who
-/// decided that.
-fn app_detail(spec: &AppSpec) -> String {
-    let p = spec.privileges();
-    if p.is_empty() {
-        "unprivileged".into()
-    } else {
-        format!("privileges: {}", p.join(", "))
-    }
-}
-
-async fn show_app(
-    State(s): State<Arc<Service>>,
-    Path(n): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let n = name("app", &n)?;
-    let rec = s.app(&n).await.ok_or_else(|| {
-        ApiError::field(
-            StatusCode::NOT_FOUND,
-            "app",
-            format!("app {n} does not exist"),
-        )
-    })?;
-    Ok(Json(AppView::from(rec)))
-}
-
-async fn delete_app(
-    State(s): State<Arc<Service>>,
-    Path(n): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let n = name("app", &n)?;
-    s.delete_app(&n).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Debug, Deserialize)]
-struct OpsQuery {
-    device: Option<String>,
-    limit: Option<String>,
-}
-
-async fn list_operations(
-    State(s): State<Arc<Service>>,
-    ApiQuery(q): ApiQuery<OpsQuery>,
-) -> ApiResult<impl IntoResponse> {
-    let device = q.device.as_deref().map(device_id).transpose()?;
-    let limit = parse_limit(q.limit.as_deref())?;
-    Ok(Json(s.operations(device.as_ref(), limit).await))
-}
-
-async fn show_operation(
-    State(s): State<Arc<Service>>,
-    Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let op = s.operation(&id).await.ok_or_else(|| {
-        ApiError::field(
-            StatusCode::NOT_FOUND,
-            "operation",
-            format!("operation {id:?} does not exist"),
-        )
-    })?;
-    Ok(Json(op))
-}
-
-// ----- registry credentials ---------------------------------------------------
-//
-// Responses show the host, the username and `password_set`, never the
-// password; the request body is not echoed back in errors either.
-
-fn registry_host(raw: &str) -> ApiResult<String> {
-    registries::validate_host(raw)
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))
-}
-
-async fn list_registries(State(s): State<Arc<Service>>) -> impl IntoResponse {
-    Json(s.registries().await)
-}
-
-async fn show_registry(
-    State(s): State<Arc<Service>>,
-    Path(host): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let host = registry_host(&host)?;
-    let view = s.registry(&host).await.ok_or_else(|| {
-        ApiError::field(
-            StatusCode::NOT_FOUND,
-            "host",
-            format!("no credentials stored for registry {host}"),
-        )
-    })?;
-    Ok(Json(view))
-}
-
-async fn put_registry(
-    State(s): State<Arc<Service>>,
-    Path(host): Path<String>,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let host = registry_host(&host)?;
-    // Parse errors name the field but never quote the value: it may be
-    // the password.
-    let body: CredentialsBody = parse_body(&body).map_err(|e| {
-        let field = e.field.clone();
-        let message = match &field {
-            Some(f) => format!(
-                "invalid field `{f}`: expected {{\"username\": string, \"password\": string}}"
-            ),
-            None => "invalid request body: expected {\"username\": string, \"password\": string}"
-                .to_string(),
-        };
-        ApiError {
-            status: e.status,
-            message,
-            field,
-        }
-    })?;
-    registries::validate_credentials(&body)
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))?;
-    let detail = format!("user {}", body.username);
-    let view = s
-        .set_registry(drover_shared::payload::RegistryCredential {
-            host,
-            username: body.username,
-            password: body.password,
-        })
-        .await?;
-    Ok((audited(detail), Json(view)))
-}
-
-async fn delete_registry(
-    State(s): State<Arc<Service>>,
-    Path(host): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let host = registry_host(&host)?;
-    if s.delete_registry(&host).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::field(
-            StatusCode::NOT_FOUND,
-            "host",
-            format!("no credentials stored for registry {host}"),
-        ))
     }
 }

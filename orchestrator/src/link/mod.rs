@@ -108,7 +108,8 @@ fn nodelay() -> rumqttc::NetworkOptions {
     n
 }
 
-/// Drives the event loop until the process ends. Polling again right after
+/// Drives the event loop until our client disconnects (shutdown), or the
+/// engine is gone. Polling again right after
 /// an error makes rumqttc reconnect at once, so errors sleep with jittered
 /// exponential backoff first.
 pub async fn drive(
@@ -176,6 +177,12 @@ pub async fn drive(
                         warn!(device = %id, topic = %p.topic, error = %e, "rejected device message");
                     }
                 }
+            }
+            // Our own goodbye (shutdown): the link ends here. Polling on
+            // would reconnect and republish every desired state.
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                info!("disconnected from broker");
+                return;
             }
             Ok(_) => {}
             Err(e) => {

@@ -1,29 +1,27 @@
-//! Who may use the REST API, and the record of what they did.
+//! REST API tokens, and the audit log.
 //!
-//! Every request to `/api/…` carries `Authorization: Bearer <token>`. A
-//! token has a role; each route needs one ([`required_role`]): viewers read,
-//! operators also deploy, start, stop, remove and enroll, admins do
-//! everything (define apps, revoke devices, manage tokens and identities,
-//! read the audit log). Only token digests are stored.
+//! A token stands for an [`Actor`] with a role (viewer, operator, admin);
+//! which role a command needs is the command's own property
+//! (`core::command::CommandKind::required_role`). Only token digests are
+//! stored.
 //!
-//! Every mutating request and every refused request is appended to the
-//! audit log (redb, newest [`AUDIT_KEEP`] kept): who, what, when, outcome.
+//! The audit log (redb, newest [`AUDIT_KEEP`] kept) holds every command
+//! that ran or failed and every refused request: who, what, when, outcome.
+//! `engine::commands` writes it for commands; the HTTP adapter for requests
+//! refused before they became one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use drover_shared::Name;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::contract::{AuditOutcome, Role};
+use crate::core::command::{Actor, CommandKind, ANONYMOUS_ACTOR, INVALID_TOKEN_ACTOR};
 use crate::core::records::{ApiTokenRecord, AuditRecord};
-use crate::engine::{now_ms, Service};
+use crate::engine::now_ms;
 use crate::security::secret;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
@@ -34,60 +32,6 @@ pub const API_TOKEN_PREFIX: &str = "at";
 pub const AUDIT_KEEP: u64 = 100_000;
 /// The file `serve` writes the first admin token to, in its data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The authenticated caller of a request, for handlers that record who.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-    pub role: Role,
-}
-
-/// The role a request needs, by method and route pattern. Anything not
-/// named here that changes something needs admin.
-pub fn required_role(method: &Method, route: &str) -> Role {
-    let read = matches!(*method, Method::GET | Method::HEAD);
-    match (read, route) {
-        (true, "/api/v1/audit" | "/api/v1/tokens" | "/api/v1/mqtt-users") => Role::Admin,
-        (true, "/api/v1/enrollment-tokens") => Role::Operator,
-        (true, _) => Role::Viewer,
-        (false, "/api/v1/devices/{id}/apps")
-        | (false, "/api/v1/devices/{id}/apps/{app}")
-        | (false, "/api/v1/devices/{id}/apps/{app}/start")
-        | (false, "/api/v1/devices/{id}/apps/{app}/stop")
-        | (false, "/api/v1/enrollment-tokens")
-        | (false, "/api/v1/enrollment-tokens/{id}") => Role::Operator,
-        (false, _) => Role::Admin,
-    }
-}
-
-/// What the audit log calls requests without a valid token; no token may
-/// be named so, or its actions would read as a stranger's.
-pub const ANONYMOUS_ACTOR: &str = "anonymous";
-pub const INVALID_TOKEN_ACTOR: &str = "invalid-token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -232,11 +176,12 @@ impl Access {
         Ok(true)
     }
 
-    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+    /// The actor a bearer token stands for, if it is a valid token.
+    pub fn authenticate(&self, token: &str) -> Option<Actor> {
         let (id, s) = secret::split_token(token, API_TOKEN_PREFIX)?;
         let tokens = self.read();
         let rec = tokens.get(id)?;
-        secret::verify(s, &rec.secret_digest).then(|| Caller {
+        secret::verify(s, &rec.secret_digest).then(|| Actor::ApiToken {
             name: rec.name.as_str().to_string(),
             role: rec.role,
         })
@@ -246,10 +191,10 @@ impl Access {
     /// by the store writer's caller; the request itself has already run.
     pub async fn audit(
         &self,
-        actor: &str,
-        role: Option<Role>,
+        actor: &Actor,
         action: String,
-        outcome: &str,
+        command: Option<CommandKind>,
+        outcome: AuditOutcome,
         status: Option<u16>,
         detail: String,
     ) {
@@ -263,10 +208,13 @@ impl Access {
             let record = AuditRecord {
                 seq,
                 at_ms: now_ms(),
-                actor: actor.to_string(),
-                role,
+                actor: actor.name(),
+                role: actor
+                    .role()
+                    .filter(|_| matches!(actor, Actor::ApiToken { .. })),
                 action,
-                outcome: outcome.to_string(),
+                command: command.map(|c| c.name().to_string()),
+                outcome,
                 status,
                 detail,
             };
@@ -285,13 +233,13 @@ impl Access {
         &self,
         limit: usize,
         actor: Option<String>,
-        outcome: Option<String>,
+        outcome: Option<AuditOutcome>,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             store.audit(limit, |r| {
                 actor.as_deref().is_none_or(|a| r.actor == a)
-                    && outcome.as_deref().is_none_or(|o| r.outcome == o)
+                    && outcome.is_none_or(|o| r.outcome == o)
             })
         })
         .await
@@ -331,164 +279,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The bearer token; `Some("")` for an Authorization header that is present
-/// but not a readable bearer token (so it is reported as invalid, not missing).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let h = headers.get(header::AUTHORIZATION)?;
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    Some(
-        h.to_str()
-            .ok()
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim()),
-    )
-}
-
-fn refusal(status: StatusCode, message: String) -> Response {
-    let body = crate::http::ErrorBody {
-        error: crate::http::ErrorDetail {
-            status: status.as_u16(),
-            message,
-            field: None,
-        },
-    };
-    let detail = AuditDetail(body.error.message.clone());
-    let mut resp = (status, axum::Extension(detail), axum::Json(body)).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-    }
-    resp
-}
-
-/// What a response adds to its request's audit record: the part of "what"
-/// that the method and path do not say (the app deployed, the role
-/// granted), or why the request failed. Never a secret.
-#[derive(Debug, Clone)]
-pub struct AuditDetail(pub String);
-
-/// The API's access check and audit trail, as a route layer (so the
-/// matched route pattern is known).
-pub async fn enforce(State(s): State<Arc<Service>>, mut req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| path.clone(), |m| m.as_str().to_string());
-    if matches!(route.as_str(), "/healthz" | "/metrics") {
-        return next.run(req).await;
-    }
-    let needed = required_role(&method, &route);
-    let token = bearer(req.headers()).map(str::to_string);
-    let caller = token.as_deref().and_then(|t| s.access.authenticate(t));
-    let (resp, actor, role) = match caller {
-        None => {
-            let (actor, msg) = match token {
-                None => (
-                    ANONYMOUS_ACTOR,
-                    "this endpoint needs an API token: send `Authorization: Bearer <token>`",
-                ),
-                Some(_) => (
-                    INVALID_TOKEN_ACTOR,
-                    "the API token is not valid (unknown, revoked or malformed)",
-                ),
-            };
-            (
-                refusal(StatusCode::UNAUTHORIZED, msg.into()),
-                actor.to_string(),
-                None,
-            )
-        }
-        Some(c) if c.role < needed => (
-            refusal(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{method} {route} needs the {needed} role; token {:?} has the {} role",
-                    c.name, c.role
-                ),
-            ),
-            c.name,
-            Some(c.role),
-        ),
-        Some(c) => {
-            req.extensions_mut().insert(c.clone());
-            (next.run(req).await, c.name, Some(c.role))
-        }
-    };
-    let status = resp.status();
-    let denied = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if mutating || denied {
-        let outcome = if denied {
-            "denied"
-        } else if status.is_success() {
-            "ok"
-        } else {
-            "failed"
-        };
-        if denied {
-            s.metrics.api_denied.fetch_add(1, Ordering::Relaxed);
-        }
-        let detail = resp
-            .extensions()
-            .get::<AuditDetail>()
-            .map(|d| d.0.clone())
-            .unwrap_or_default();
-        s.access
-            .audit(
-                &actor,
-                role,
-                format!("{method} {path}"),
-                outcome,
-                Some(status.as_u16()),
-                detail,
-            )
-            .await;
-    }
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn roles_per_route() {
-        let g = Method::GET;
-        let p = Method::POST;
-        let d = Method::DELETE;
-        assert_eq!(required_role(&g, "/api/v1/devices"), Role::Viewer);
-        assert_eq!(required_role(&g, "/api/v1/audit"), Role::Admin);
-        assert_eq!(
-            required_role(&p, "/api/v1/devices/{id}/apps"),
-            Role::Operator
-        );
-        assert_eq!(
-            required_role(&d, "/api/v1/devices/{id}/apps/{app}"),
-            Role::Operator
-        );
-        assert_eq!(
-            required_role(&p, "/api/v1/enrollment-tokens"),
-            Role::Operator
-        );
-        assert_eq!(required_role(&p, "/api/v1/apps"), Role::Admin);
-        assert_eq!(
-            required_role(&p, "/api/v1/devices/{id}/revoke"),
-            Role::Admin
-        );
-        assert_eq!(
-            required_role(&Method::PUT, "/api/v1/anything-new"),
-            Role::Admin
-        );
-        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
-    }
-
     fn writer(store: &Store) -> StoreWriter {
-        StoreWriter::spawn(store.clone(), Arc::default())
+        StoreWriter::spawn(store.clone(), std::sync::Arc::default())
     }
 
     #[tokio::test]
@@ -511,7 +307,7 @@ mod tests {
         let c = access
             .authenticate(admin.trim())
             .expect("admin authenticates");
-        assert_eq!(c.role, Role::Admin);
+        assert_eq!(c.role(), Some(Role::Admin));
         assert!(access
             .bootstrap_admin(dir.path())
             .await
@@ -522,7 +318,7 @@ mod tests {
             .await
             .expect("viewer");
         assert_eq!(
-            access.authenticate(&viewer).map(|c| c.role),
+            access.authenticate(&viewer).and_then(|c| c.role()),
             Some(Role::Viewer)
         );
         assert!(access
@@ -569,20 +365,25 @@ mod tests {
         let access = Access::load(store.clone(), writer(&store)).expect("load");
         access
             .audit(
-                "a",
-                Some(Role::Admin),
+                &Actor::ApiToken {
+                    name: "a".into(),
+                    role: Role::Admin,
+                },
                 "POST /x".into(),
-                "ok",
+                Some(CommandKind::CreateApp),
+                AuditOutcome::Ok,
                 Some(200),
                 String::new(),
             )
             .await;
         access
             .audit(
-                "anonymous",
-                None,
+                &Actor::Unauthenticated {
+                    presented_token: false,
+                },
                 "POST /y".into(),
-                "denied",
+                None,
+                AuditOutcome::Denied,
                 Some(401),
                 String::new(),
             )
@@ -590,9 +391,10 @@ mod tests {
         let all = access.audit_log(10, None, None).await.expect("log");
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].action, "POST /y");
+        assert_eq!(all[1].command.as_deref(), Some("app.create"));
         assert!(all[0].seq > all[1].seq);
         let denied = access
-            .audit_log(10, None, Some("denied".into()))
+            .audit_log(10, None, Some(AuditOutcome::Denied))
             .await
             .expect("log");
         assert_eq!(denied.len(), 1);

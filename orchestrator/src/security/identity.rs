@@ -15,10 +15,10 @@ use drover_broker::{Authority, Connections, Principal};
 use drover_shared::identity::{AUTOMATION_PREFIX, ENROLL_USERNAME, ORCHESTRATOR_USERNAME};
 use drover_shared::topic::Topics;
 use drover_shared::{DeviceId, Name};
-use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::info;
 
+use crate::contract::CredentialState;
 use crate::core::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
 use crate::engine::now_ms;
 use crate::security::secret;
@@ -34,8 +34,9 @@ pub const MAX_ENROLL_USES: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{0}")]
-    Invalid(String),
+    /// Bad input, naming the field.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
     #[error("{0} already exists")]
     Exists(String),
     #[error(transparent)]
@@ -60,15 +61,6 @@ pub enum EnrollRefusal {
     StillActive,
     #[error("enrollment could not be stored")]
     Store,
-}
-
-/// A device's credential as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialState {
-    None,
-    Active,
-    Revoked,
 }
 
 #[derive(Default)]
@@ -157,14 +149,16 @@ impl Identities {
         device: Option<DeviceId>,
     ) -> Result<(EnrollTokenRecord, String), IdentityError> {
         if ttl_secs == 0 || ttl_secs > MAX_ENROLL_TTL_SECS {
-            return Err(IdentityError::Invalid(format!(
-                "ttl_secs: must be between 1 and {MAX_ENROLL_TTL_SECS}"
-            )));
+            return Err(IdentityError::Invalid {
+                field: "ttl_secs".into(),
+                message: format!("must be between 1 and {MAX_ENROLL_TTL_SECS}"),
+            });
         }
         if uses == 0 || uses > MAX_ENROLL_USES {
-            return Err(IdentityError::Invalid(format!(
-                "uses: must be between 1 and {MAX_ENROLL_USES}"
-            )));
+            return Err(IdentityError::Invalid {
+                field: "uses".into(),
+                message: format!("must be between 1 and {MAX_ENROLL_USES}"),
+            });
         }
         let _g = self.changes.lock().await;
         let id = secret::short_id();
@@ -323,7 +317,12 @@ impl Identities {
         publish: Vec<String>,
     ) -> Result<(AutomationRecord, String), IdentityError> {
         let subscribe = subscribe.unwrap_or_else(|| default_automation_subscribe(&self.topics));
-        validate_grants(&self.topics, &subscribe, &publish).map_err(IdentityError::Invalid)?;
+        validate_grants(&self.topics, &subscribe, &publish).map_err(|e| {
+            IdentityError::Invalid {
+                field: e.field,
+                message: e.message,
+            }
+        })?;
         let _g = self.changes.lock().await;
         if self.read().automation.contains_key(name.as_str()) {
             return Err(IdentityError::Exists(format!("automation identity {name}")));
@@ -581,7 +580,7 @@ mod tests {
         let bad = ids
             .create_automation("admin", Name::new("x").expect("n"), None, vec!["#".into()])
             .await;
-        assert!(matches!(bad, Err(IdentityError::Invalid(_))));
+        assert!(matches!(bad, Err(IdentityError::Invalid { .. })));
         assert!(ids.delete_automation("nodered").await.expect("deleted"));
         assert!(!ids.authenticate("any-client", "$auto:nodered", &pw));
     }

@@ -13,11 +13,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::core::records::RegistryRecord;
 use crate::core::records::{
     ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
-    DeviceRecord, EnrollTokenRecord, Operation,
+    DeviceRecord, EnrollTokenRecord, OperationRecord,
 };
-use crate::core::registries::RegistryRecord;
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -79,7 +79,7 @@ pub enum Write {
     App(AppRecord),
     DeleteApp(String),
     Desired(DesiredRecord),
-    Operation(Operation),
+    Operation(OperationRecord),
     Credential(CredentialRecord),
     EnrollToken(EnrollTokenRecord),
     DeleteEnrollToken(String),
@@ -225,7 +225,7 @@ impl Store {
     }
 
     /// One operation by id, straight from the file.
-    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+    pub fn operation(&self, id: &str) -> Result<Option<OperationRecord>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(OPERATIONS)?;
         let Some(v) = table.get(id)? else {
@@ -252,7 +252,7 @@ impl Store {
         self.load_all(DESIRED, "desired")
     }
 
-    pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
+    pub fn operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
         self.load_all(OPERATIONS, "operations")
     }
 
@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn registry_credentials_are_stored_and_deleted() {
-        use crate::core::registries::RegistryRecord;
+        use crate::core::records::RegistryRecord;
         use drover_shared::payload::RegistryCredential;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.redb");

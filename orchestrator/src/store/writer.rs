@@ -31,6 +31,8 @@ const QUEUE: usize = 10_000;
 struct Job {
     writes: Vec<Write>,
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
+    /// Set on the last job: commit what came before, then end the task.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 /// A handle to the writer task. Jobs are committed in the order they were
@@ -70,6 +72,7 @@ impl StoreWriter {
                 .send(Job {
                     writes,
                     done: Some(done),
+                    stop: None,
                 })
                 .await
             {
@@ -90,7 +93,31 @@ impl StoreWriter {
     /// are re-sent if lost (device reports): the caller must not stall on an
     /// fsync per message. Returns false if the writer has stopped.
     pub async fn record(&self, writes: Vec<Write>) -> bool {
-        writes.is_empty() || self.jobs.send(Job { writes, done: None }).await.is_ok()
+        writes.is_empty()
+            || self
+                .jobs
+                .send(Job {
+                    writes,
+                    done: None,
+                    stop: None,
+                })
+                .await
+                .is_ok()
+    }
+
+    /// Commits everything queued before this call, then stops the writer
+    /// task (for shutdown). Returns once the task has ended; writes queued
+    /// afterwards fail with "the store writer has stopped".
+    pub async fn close(&self) {
+        let (stop, stopped) = oneshot::channel();
+        let job = Job {
+            writes: Vec::new(),
+            done: None,
+            stop: Some(stop),
+        };
+        if self.jobs.send(job).await.is_ok() {
+            let _ = stopped.await;
+        }
     }
 }
 
@@ -101,12 +128,15 @@ fn stopped() -> StoreError {
 async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_JOBS_PER_TRANSACTION {
+        while batch.len() < MAX_JOBS_PER_TRANSACTION
+            && batch.last().is_some_and(|j| j.stop.is_none())
+        {
             match jobs.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
         }
+        let stop = batch.last_mut().and_then(|j| j.stop.take());
         let writes: Vec<Write> = batch
             .iter()
             .flat_map(|j| j.writes.iter().cloned())
@@ -125,6 +155,12 @@ async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>)
                 let _ = done.send(res.clone().map_err(StoreError::Db));
             }
         }
+        if let Some(stop) = stop {
+            // Dropping the receiver fails whatever was queued after the stop.
+            drop(jobs);
+            let _ = stop.send(());
+            return;
+        }
     }
 }
 
@@ -141,7 +177,8 @@ mod tests {
                 actor: "t".into(),
                 role: None,
                 action: "POST /x".into(),
-                outcome: "ok".into(),
+                command: None,
+                outcome: crate::contract::AuditOutcome::Ok,
                 status: Some(200),
                 detail: String::new(),
             },
@@ -175,5 +212,9 @@ mod tests {
         );
         assert!(writer.persist(Vec::new()).await.is_ok(), "nothing to write");
         assert!(writer.record(vec![audit(201)]).await);
+        // Closing commits what was queued first, then refuses more.
+        writer.close().await;
+        assert_eq!(store.audit(1, |_| true).expect("read")[0].seq, 201);
+        assert!(writer.persist(vec![audit(202)]).await.is_err());
     }
 }

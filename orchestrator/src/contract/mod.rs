@@ -1,0 +1,30 @@
+//! The REST API's contract: every request and response body, shared by the
+//! server (`http`), the CLI, the tests and the load test.
+//!
+//! These types are what the API promises, not what redb stores: the stored
+//! records live in `core::records` and are turned into these views at the
+//! edge, so either can change without silently changing the other. This
+//! module imports only `drover-shared` (the protocol's model types, which
+//! the API shows as they are) and serde.
+
+mod apps;
+mod changes;
+mod devices;
+mod errors;
+mod operations;
+mod registries;
+mod security;
+
+pub use apps::{App, DeployRequest};
+pub use changes::Change;
+pub use devices::{CredentialState, Device, RevokeResponse};
+pub use errors::{ErrorBody, ErrorDetail};
+pub use operations::{OpStatus, Operation};
+pub use registries::{Registry, RegistryCredentials};
+pub use security::{
+    ApiToken, AuditEntry, AuditOutcome, EnrollToken, MqttUser, NewApiToken, NewEnrollToken,
+    NewMqttUser, Role,
+};
+
+/// The prefix of every API route.
+pub const API_PREFIX: &str = "/api/v1";

@@ -1,0 +1,28 @@
+use serde::{Deserialize, Serialize};
+
+/// What the API shows of stored registry credentials: never the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    pub host: String,
+    pub username: String,
+    pub password_set: bool,
+    pub updated_at_ms: u64,
+}
+
+/// The body of `PUT /api/v1/registries/{host}`. `Debug` leaves the
+/// password out.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}

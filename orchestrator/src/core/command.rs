@@ -1,0 +1,380 @@
+//! Commands: every operator intent as a typed value with the actor behind
+//! it. Whatever surface a command arrives through — REST, the CLI through
+//! REST, the JSON API over MQTT, a rule — the role it needs and the audit
+//! record it leaves are properties of the command ([`CommandKind`]), checked
+//! and written in one place (`engine::commands`). Pure: no I/O.
+
+use drover_shared::model::AppSpec;
+use drover_shared::payload::{Op, RegistryCredential};
+use drover_shared::{DeviceId, Name};
+
+use crate::contract::{NewApiToken, NewEnrollToken, NewMqttUser, Role};
+
+/// What the audit log calls requests without a valid token; no token may
+/// be named so, or its actions would read as a stranger's.
+pub const ANONYMOUS_ACTOR: &str = "anonymous";
+pub const INVALID_TOKEN_ACTOR: &str = "invalid-token";
+
+/// Who asks. The audit log's "who" is [`Actor::name`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A REST API token, by its (unique) name and role.
+    ApiToken { name: String, role: Role },
+    /// A device speaking for itself (enrollment).
+    Device(DeviceId),
+    /// The orchestrator itself (bootstrap, housekeeping). Never comes from
+    /// outside.
+    System,
+    /// A request without a valid credential: refused, and audited as
+    /// `anonymous` (no token) or `invalid-token`.
+    Unauthenticated { presented_token: bool },
+}
+
+impl Actor {
+    pub fn name(&self) -> String {
+        match self {
+            Actor::ApiToken { name, .. } => name.clone(),
+            Actor::Device(id) => format!("device:{id}"),
+            Actor::System => "system".into(),
+            Actor::Unauthenticated {
+                presented_token: false,
+            } => ANONYMOUS_ACTOR.into(),
+            Actor::Unauthenticated {
+                presented_token: true,
+            } => INVALID_TOKEN_ACTOR.into(),
+        }
+    }
+
+    /// The role the actor holds; `None` for actors that hold no role and
+    /// may run no operator command.
+    pub fn role(&self) -> Option<Role> {
+        match self {
+            Actor::ApiToken { role, .. } => Some(*role),
+            Actor::Device(_) | Actor::Unauthenticated { .. } => None,
+            Actor::System => Some(Role::Admin),
+        }
+    }
+
+    /// Whether the actor may run commands of `kind`.
+    pub fn may(&self, kind: CommandKind) -> bool {
+        self.role().is_some_and(|r| r >= kind.required_role())
+    }
+}
+
+/// A change an operator asks for, with everything it needs.
+#[derive(Debug, Clone)]
+pub enum Command {
+    CreateApp(AppSpec),
+    UpdateApp(AppSpec),
+    DeleteApp(Name),
+    /// Deploy, start, stop or remove one app on one device.
+    Apply {
+        device: DeviceId,
+        app: Name,
+        op: Op,
+    },
+    SetRegistry(RegistryCredential),
+    DeleteRegistry(String),
+    CreateEnrollToken(NewEnrollToken),
+    DeleteEnrollToken(String),
+    RevokeDevice(DeviceId),
+    CreateApiToken(NewApiToken),
+    DeleteApiToken(String),
+    CreateMqttUser(NewMqttUser),
+    DeleteMqttUser(Name),
+}
+
+impl Command {
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Command::CreateApp(_) => CommandKind::CreateApp,
+            Command::UpdateApp(_) => CommandKind::UpdateApp,
+            Command::DeleteApp(_) => CommandKind::DeleteApp,
+            Command::Apply { op, .. } => CommandKind::of_op(*op),
+            Command::SetRegistry(_) => CommandKind::SetRegistry,
+            Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
+            Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
+            Command::DeleteEnrollToken(_) => CommandKind::DeleteEnrollToken,
+            Command::RevokeDevice(_) => CommandKind::RevokeDevice,
+            Command::CreateApiToken(_) => CommandKind::CreateApiToken,
+            Command::DeleteApiToken(_) => CommandKind::DeleteApiToken,
+            Command::CreateMqttUser(_) => CommandKind::CreateMqttUser,
+            Command::DeleteMqttUser(_) => CommandKind::DeleteMqttUser,
+        }
+    }
+}
+
+/// Every kind of request, changes and reads alike: each needs a role; each
+/// change leaves an audit record under [`CommandKind::name`], and so does
+/// every refused request of any kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    // changes
+    CreateApp,
+    UpdateApp,
+    DeleteApp,
+    Deploy,
+    Start,
+    Stop,
+    Remove,
+    SetRegistry,
+    DeleteRegistry,
+    CreateEnrollToken,
+    DeleteEnrollToken,
+    RevokeDevice,
+    CreateApiToken,
+    DeleteApiToken,
+    CreateMqttUser,
+    DeleteMqttUser,
+    // reads
+    ListDevices,
+    ShowDevice,
+    ListApps,
+    ShowApp,
+    ListOperations,
+    ShowOperation,
+    ReadLogs,
+    ReadEvents,
+    WatchChanges,
+    ListRegistries,
+    ShowRegistry,
+    ListEnrollTokens,
+    ListApiTokens,
+    ListMqttUsers,
+    ReadAudit,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 31] = [
+        CommandKind::CreateApp,
+        CommandKind::UpdateApp,
+        CommandKind::DeleteApp,
+        CommandKind::Deploy,
+        CommandKind::Start,
+        CommandKind::Stop,
+        CommandKind::Remove,
+        CommandKind::SetRegistry,
+        CommandKind::DeleteRegistry,
+        CommandKind::CreateEnrollToken,
+        CommandKind::DeleteEnrollToken,
+        CommandKind::RevokeDevice,
+        CommandKind::CreateApiToken,
+        CommandKind::DeleteApiToken,
+        CommandKind::CreateMqttUser,
+        CommandKind::DeleteMqttUser,
+        CommandKind::ListDevices,
+        CommandKind::ShowDevice,
+        CommandKind::ListApps,
+        CommandKind::ShowApp,
+        CommandKind::ListOperations,
+        CommandKind::ShowOperation,
+        CommandKind::ReadLogs,
+        CommandKind::ReadEvents,
+        CommandKind::WatchChanges,
+        CommandKind::ListRegistries,
+        CommandKind::ShowRegistry,
+        CommandKind::ListEnrollTokens,
+        CommandKind::ListApiTokens,
+        CommandKind::ListMqttUsers,
+        CommandKind::ReadAudit,
+    ];
+
+    /// The kind of an [`Command::Apply`] with this op.
+    pub fn of_op(op: Op) -> CommandKind {
+        match op {
+            Op::Deploy => CommandKind::Deploy,
+            Op::Start => CommandKind::Start,
+            Op::Stop => CommandKind::Stop,
+            Op::Remove => CommandKind::Remove,
+        }
+    }
+
+    /// The least role that may run it. Viewers read; operators also deploy,
+    /// start, stop, remove and enroll; admins define apps (and so decide
+    /// which apps get privileges), revoke devices, and manage tokens,
+    /// identities, registries and the audit log.
+    pub fn required_role(self) -> Role {
+        use CommandKind::*;
+        match self {
+            Deploy | Start | Stop | Remove | CreateEnrollToken | DeleteEnrollToken
+            | ListEnrollTokens => Role::Operator,
+            CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
+            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
+            | ListMqttUsers | ReadAudit => Role::Admin,
+            ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
+            | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry => Role::Viewer,
+        }
+    }
+
+    /// Whether it changes anything (and so is audited when it runs).
+    pub fn is_change(self) -> bool {
+        use CommandKind::*;
+        match self {
+            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetRegistry
+            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
+            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
+            ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
+            | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
+            | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
+        }
+    }
+
+    /// Its name in the audit log and in refusals.
+    pub fn name(self) -> &'static str {
+        use CommandKind::*;
+        match self {
+            CreateApp => "app.create",
+            UpdateApp => "app.update",
+            DeleteApp => "app.delete",
+            Deploy => "deploy",
+            Start => "start",
+            Stop => "stop",
+            Remove => "remove",
+            SetRegistry => "registry.set",
+            DeleteRegistry => "registry.delete",
+            CreateEnrollToken => "enroll_token.create",
+            DeleteEnrollToken => "enroll_token.delete",
+            RevokeDevice => "device.revoke",
+            CreateApiToken => "api_token.create",
+            DeleteApiToken => "api_token.delete",
+            CreateMqttUser => "mqtt_user.create",
+            DeleteMqttUser => "mqtt_user.delete",
+            ListDevices => "devices.list",
+            ShowDevice => "device.show",
+            ListApps => "apps.list",
+            ShowApp => "app.show",
+            ListOperations => "operations.list",
+            ShowOperation => "operation.show",
+            ReadLogs => "logs.read",
+            ReadEvents => "events.read",
+            WatchChanges => "changes.watch",
+            ListRegistries => "registries.list",
+            ShowRegistry => "registry.show",
+            ListEnrollTokens => "enroll_tokens.list",
+            ListApiTokens => "api_tokens.list",
+            ListMqttUsers => "mqtt_users.list",
+            ReadAudit => "audit.read",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// The table every surface relies on: each kind has a role, a unique
+    /// audit name, and the roles follow the rule "viewers read, operators
+    /// change what runs, admins change who may do what".
+    #[test]
+    fn every_kind_has_a_role_and_an_audit_shape() {
+        let mut names = HashSet::new();
+        for kind in CommandKind::ALL {
+            let name = kind.name();
+            assert!(!name.is_empty(), "{kind:?} has no audit name");
+            assert!(names.insert(name), "audit name {name} used twice");
+            let role = kind.required_role();
+            if !kind.is_change() && role == Role::Viewer {
+                assert!(
+                    name.ends_with(".list")
+                        || name.ends_with(".show")
+                        || name.ends_with(".read")
+                        || name.ends_with(".watch"),
+                    "{name}: a viewer may only read"
+                );
+            }
+            if kind.is_change() {
+                assert!(role >= Role::Operator, "{name} changes something");
+            }
+        }
+        assert_eq!(names.len(), CommandKind::ALL.len());
+    }
+
+    #[test]
+    fn the_table_of_roles() {
+        use CommandKind::*;
+        let expect = [
+            (Deploy, Role::Operator),
+            (Start, Role::Operator),
+            (Stop, Role::Operator),
+            (Remove, Role::Operator),
+            (CreateEnrollToken, Role::Operator),
+            (ListEnrollTokens, Role::Operator),
+            (CreateApp, Role::Admin),
+            (UpdateApp, Role::Admin),
+            (RevokeDevice, Role::Admin),
+            (CreateApiToken, Role::Admin),
+            (ListApiTokens, Role::Admin),
+            (ListMqttUsers, Role::Admin),
+            (ReadAudit, Role::Admin),
+            (SetRegistry, Role::Admin),
+            (ListDevices, Role::Viewer),
+            (ShowOperation, Role::Viewer),
+            (WatchChanges, Role::Viewer),
+            (ListRegistries, Role::Viewer),
+        ];
+        for (kind, role) in expect {
+            assert_eq!(kind.required_role(), role, "{kind}");
+        }
+    }
+
+    #[test]
+    fn every_command_maps_to_a_change_kind() {
+        let spec: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "containers": [{"name": "main", "image": "busybox:1"}]
+        }))
+        .expect("spec");
+        let dev = DeviceId::new("pi-1").expect("id");
+        let name = Name::new("web").expect("name");
+        let commands = [
+            Command::CreateApp(spec.clone()),
+            Command::UpdateApp(spec),
+            Command::DeleteApp(name.clone()),
+            Command::Apply {
+                device: dev.clone(),
+                app: name.clone(),
+                op: Op::Deploy,
+            },
+            Command::Apply {
+                device: dev.clone(),
+                app: name.clone(),
+                op: Op::Remove,
+            },
+            Command::DeleteRegistry("r.example".into()),
+            Command::CreateEnrollToken(NewEnrollToken::default()),
+            Command::DeleteEnrollToken("x".into()),
+            Command::RevokeDevice(dev),
+            Command::CreateApiToken(NewApiToken {
+                name: name.clone(),
+                role: Role::Viewer,
+            }),
+            Command::DeleteApiToken("x".into()),
+            Command::DeleteMqttUser(name),
+        ];
+        for c in commands {
+            assert!(c.kind().is_change(), "{:?}", c.kind());
+        }
+    }
+
+    #[test]
+    fn actors_and_roles() {
+        let viewer = Actor::ApiToken {
+            name: "v".into(),
+            role: Role::Viewer,
+        };
+        assert!(viewer.may(CommandKind::ListDevices));
+        assert!(!viewer.may(CommandKind::Deploy));
+        let device = Actor::Device(DeviceId::new("pi-1").expect("id"));
+        assert!(!device.may(CommandKind::ListDevices));
+        assert_eq!(device.name(), "device:pi-1");
+        assert!(Actor::System.may(CommandKind::ReadAudit));
+    }
+}

@@ -1,0 +1,445 @@
+//! The one command path. Every surface — REST today, the JSON API over
+//! MQTT and rules tomorrow — turns an operator's intent into a
+//! [`Command`] with its [`Actor`] and calls [`Commands::execute`]: the role
+//! check and the audit record happen here, once, whatever the surface.
+//! Fleet changes go to the engine; identities and tokens to `security`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::contract::{self, AuditOutcome, Role};
+use crate::core::command::{Actor, Command, CommandKind};
+use crate::core::fleet::FleetError;
+use crate::core::records::OperationRecord;
+use crate::engine::{Done, EngineError, EngineHandle, FleetChange};
+use crate::metrics::Metrics;
+use crate::security::access::{Access, AccessError};
+use crate::security::identity::{Identities, IdentityError};
+use crate::store::{Store, StoreError};
+
+/// What a command produced.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    App(contract::App),
+    Operation(contract::Operation),
+    Registry(contract::Registry),
+    EnrollToken(contract::EnrollToken),
+    ApiToken(contract::ApiToken),
+    MqttUser(contract::MqttUser),
+    Revoked(contract::RevokeResponse),
+    Deleted,
+}
+
+/// Why a command did not run, in terms every surface can show: a field to
+/// name, what was not found, what conflicts.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommandError {
+    #[error("{kind} needs the {needed} role; {who} has {}", has.map_or("no role".to_string(), |r| format!("the {r} role")))]
+    Denied {
+        kind: CommandKind,
+        needed: Role,
+        who: String,
+        has: Option<Role>,
+    },
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    #[error("{message}")]
+    NotFound { field: String, message: String },
+    #[error("{message}")]
+    Conflict {
+        field: Option<String>,
+        message: String,
+    },
+    /// Try again later: the store is recovering, or the orchestrator is
+    /// stopping. Nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The change could not be stored. Nothing was changed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CommandError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        CommandError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(field: impl Into<String>, message: impl Into<String>) -> Self {
+        CommandError::NotFound {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn store_failed(e: &StoreError) -> CommandError {
+    tracing::error!(error = %e, "store failure");
+    CommandError::Internal("the change could not be stored; nothing was changed".into())
+}
+
+impl From<EngineError> for CommandError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::Fleet(f) => match f {
+                FleetError::UnknownDevice(_) => CommandError::not_found("device", msg),
+                FleetError::UnknownApp(_) => CommandError::not_found("app", msg),
+                FleetError::AppExists(_) => CommandError::Conflict {
+                    field: Some("name".into()),
+                    message: msg,
+                },
+                FleetError::NotDeployed { .. } | FleetError::AppInUse { .. } => {
+                    CommandError::Conflict {
+                        field: Some("app".into()),
+                        message: msg,
+                    }
+                }
+            },
+            EngineError::UnknownRegistry(_) => CommandError::not_found("host", msg),
+            EngineError::Store(s) => store_failed(&s),
+            EngineError::Recovering | EngineError::Stopped => CommandError::Unavailable(msg),
+        }
+    }
+}
+
+impl From<IdentityError> for CommandError {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Invalid { field, message } => CommandError::Invalid {
+                message: format!("{field}: {message}"),
+                field,
+            },
+            e @ IdentityError::Exists(_) => CommandError::Conflict {
+                field: Some("name".into()),
+                message: e.to_string(),
+            },
+            IdentityError::Store(s) => store_failed(&s),
+        }
+    }
+}
+
+impl From<AccessError> for CommandError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Invalid(m) => CommandError::Conflict {
+                field: None,
+                message: m,
+            },
+            e @ AccessError::NameTaken(_) => CommandError::Conflict {
+                field: Some("name".into()),
+                message: e.to_string(),
+            },
+            e @ AccessError::NameReserved(_) => CommandError::invalid("name", e.to_string()),
+            AccessError::Store(s) => store_failed(&s),
+            other => CommandError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Where a command came from, for its audit record: what the surface calls
+/// the request (`POST /api/v1/apps`, `mqtt enroll`) and the surface's own
+/// status for an outcome (the HTTP status for REST).
+pub struct Origin {
+    pub action: String,
+    pub ok_status: Option<u16>,
+    pub error_status: fn(&CommandError) -> Option<u16>,
+}
+
+impl Origin {
+    fn status(&self, result: Result<&Reply, &CommandError>) -> Option<u16> {
+        match result {
+            Ok(_) => self.ok_status,
+            Err(e) => (self.error_status)(e),
+        }
+    }
+}
+
+/// The command path. Cheap to clone.
+#[derive(Clone)]
+pub struct Commands {
+    pub engine: EngineHandle,
+    pub identities: Arc<Identities>,
+    pub access: Arc<Access>,
+    pub metrics: Arc<Metrics>,
+    store: Store,
+}
+
+impl Commands {
+    pub fn new(
+        engine: EngineHandle,
+        identities: Arc<Identities>,
+        access: Arc<Access>,
+        metrics: Arc<Metrics>,
+        store: Store,
+    ) -> Commands {
+        Commands {
+            engine,
+            identities,
+            access,
+            metrics,
+            store,
+        }
+    }
+
+    /// Whether `actor` may run commands of `kind`; a refusal is audited.
+    /// Surfaces call it before they parse a request, so a caller without
+    /// the role learns nothing about what it would have done.
+    pub async fn authorize(
+        &self,
+        actor: &Actor,
+        kind: CommandKind,
+        origin: &Origin,
+    ) -> Result<(), CommandError> {
+        if actor.may(kind) {
+            return Ok(());
+        }
+        let who = match actor {
+            Actor::ApiToken { name, .. } => format!("token {name:?}"),
+            other => other.name(),
+        };
+        let err = CommandError::Denied {
+            kind,
+            needed: kind.required_role(),
+            who,
+            has: actor.role(),
+        };
+        self.metrics.api_denied.fetch_add(1, Ordering::Relaxed);
+        self.access
+            .audit(
+                actor,
+                origin.action.clone(),
+                Some(kind),
+                AuditOutcome::Denied,
+                origin.status(Err(&err)),
+                err.to_string(),
+            )
+            .await;
+        Err(err)
+    }
+
+    /// Checks the actor's role, runs the command, and writes its audit
+    /// record: who, what, how it ended, and a detail of what was done.
+    pub async fn execute(
+        &self,
+        actor: &Actor,
+        origin: &Origin,
+        command: Command,
+    ) -> Result<Reply, CommandError> {
+        let kind = command.kind();
+        self.authorize(actor, kind, origin).await?;
+        let result = self.run(actor, command).await;
+        let (outcome, detail) = match &result {
+            Ok((_, detail)) => (AuditOutcome::Ok, detail.clone()),
+            Err(e) => (AuditOutcome::Failed, e.to_string()),
+        };
+        let result = result.map(|(reply, _)| reply);
+        self.access
+            .audit(
+                actor,
+                origin.action.clone(),
+                Some(kind),
+                outcome,
+                origin.status(result.as_ref()),
+                detail,
+            )
+            .await;
+        result
+    }
+
+    /// Runs a command; returns its reply and the audit detail (never a
+    /// secret).
+    async fn run(&self, actor: &Actor, command: Command) -> Result<(Reply, String), CommandError> {
+        let by = actor.name();
+        match command {
+            Command::CreateApp(mut spec) => {
+                validate(&mut spec)?;
+                let detail = app_detail(&spec);
+                let app = self.app(FleetChange::CreateApp(spec)).await?;
+                Ok((Reply::App(app), detail))
+            }
+            Command::UpdateApp(mut spec) => {
+                validate(&mut spec)?;
+                let detail = app_detail(&spec);
+                let app = self.app(FleetChange::UpdateApp(spec)).await?;
+                Ok((Reply::App(app), detail))
+            }
+            Command::DeleteApp(name) => {
+                self.engine.change(FleetChange::DeleteApp(name)).await?;
+                Ok((Reply::Deleted, String::new()))
+            }
+            Command::Apply { device, app, op } => {
+                let done = self
+                    .engine
+                    .change(FleetChange::Apply {
+                        device,
+                        app: app.clone(),
+                        op,
+                    })
+                    .await?;
+                match done {
+                    Done::Operation(op) => {
+                        let detail = format!("app {app}, operation {}", op.id);
+                        Ok((Reply::Operation((&op).into()), detail))
+                    }
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::SetRegistry(credential) => {
+                crate::core::registries::validate_host(&credential.host)
+                    .map_err(|e| CommandError::invalid(e.field, e.to_string()))?;
+                let detail = format!("user {}", credential.username);
+                match self
+                    .engine
+                    .change(FleetChange::SetRegistry(credential))
+                    .await?
+                {
+                    Done::Registry(view) => Ok((Reply::Registry(view), detail)),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::DeleteRegistry(host) => {
+                self.engine
+                    .change(FleetChange::DeleteRegistry(host))
+                    .await?;
+                Ok((Reply::Deleted, String::new()))
+            }
+            Command::CreateEnrollToken(req) => {
+                let (rec, token) = self
+                    .identities
+                    .create_enroll_token(&by, req.ttl_secs, req.uses, req.device_id)
+                    .await?;
+                let detail = format!(
+                    "enrollment token {}, {} use(s), expires at {} ms{}",
+                    rec.id,
+                    rec.uses_left,
+                    rec.expires_at_ms,
+                    rec.device
+                        .as_ref()
+                        .map(|d| format!(", only for device {d}"))
+                        .unwrap_or_default()
+                );
+                let mut view = contract::EnrollToken::from(&rec);
+                view.token = Some(token);
+                Ok((Reply::EnrollToken(view), detail))
+            }
+            Command::DeleteEnrollToken(id) => {
+                if self.identities.delete_enroll_token(&id).await? {
+                    Ok((Reply::Deleted, String::new()))
+                } else {
+                    Err(CommandError::not_found(
+                        "id",
+                        format!("enrollment token {id:?} does not exist"),
+                    ))
+                }
+            }
+            Command::RevokeDevice(device) => {
+                if !self.identities.revoke(&device).await? {
+                    return Err(CommandError::not_found(
+                        "device",
+                        format!("device {device} has no credential to revoke"),
+                    ));
+                }
+                let credential = self.identities.credential_state(&device);
+                Ok((
+                    Reply::Revoked(contract::RevokeResponse { device, credential }),
+                    String::new(),
+                ))
+            }
+            Command::CreateApiToken(req) => {
+                let (rec, token) = self.access.create_token(&by, req.name, req.role).await?;
+                let detail = format!(
+                    "API token {} named {} with role {}",
+                    rec.id, rec.name, rec.role
+                );
+                let mut view = contract::ApiToken::from(&rec);
+                view.token = Some(token);
+                Ok((Reply::ApiToken(view), detail))
+            }
+            Command::DeleteApiToken(id) => {
+                if self.access.delete_token(&id).await? {
+                    Ok((Reply::Deleted, String::new()))
+                } else {
+                    Err(CommandError::not_found(
+                        "id",
+                        format!("API token {id:?} does not exist"),
+                    ))
+                }
+            }
+            Command::CreateMqttUser(req) => {
+                let (rec, password) = self
+                    .identities
+                    .create_automation(&by, req.name, req.subscribe, req.publish)
+                    .await?;
+                let detail = format!("subscribe {:?}, publish {:?}", rec.subscribe, rec.publish);
+                let mut view = contract::MqttUser::from(&rec);
+                view.password = Some(password);
+                Ok((Reply::MqttUser(view), detail))
+            }
+            Command::DeleteMqttUser(name) => {
+                if self.identities.delete_automation(name.as_str()).await? {
+                    Ok((Reply::Deleted, String::new()))
+                } else {
+                    Err(CommandError::not_found(
+                        "name",
+                        format!("automation identity {name} does not exist"),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn app(&self, change: FleetChange) -> Result<contract::App, CommandError> {
+        match self.engine.change(change).await? {
+            Done::App(rec) => Ok((&rec).into()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// An operation from the engine's memory, or from redb for an old
+    /// finished one that was evicted from memory.
+    pub async fn operation(&self, id: &str) -> Result<Option<OperationRecord>, CommandError> {
+        if let Some(op) = self.engine.operation(id.to_string()).await? {
+            return Ok(Some(op));
+        }
+        let store = self.store.clone();
+        let id = id.to_string();
+        match tokio::task::spawn_blocking(move || store.operation(&id)).await {
+            Ok(Ok(op)) => Ok(op),
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading an operation from the store failed");
+                Err(CommandError::Internal(
+                    "the operation could not be read from the store".into(),
+                ))
+            }
+            Err(_) => Err(CommandError::Internal("store task failed".into())),
+        }
+    }
+}
+
+fn unexpected(done: Done) -> CommandError {
+    CommandError::Internal(format!(
+        "the engine answered {done:?} to a different command"
+    ))
+}
+
+/// Every surface's app specs pass the same checks, here.
+fn validate(spec: &mut drover_shared::model::AppSpec) -> Result<(), CommandError> {
+    spec.validate()
+        .map_err(|e| CommandError::invalid(e.field.clone(), e.to_string()))
+}
+
+/// Which privileges an app definition grants: the audit log shows who
+/// decided that.
+fn app_detail(spec: &drover_shared::model::AppSpec) -> String {
+    let p = spec.privileges();
+    if p.is_empty() {
+        "unprivileged".into()
+    } else {
+        format!("privileges: {}", p.join(", "))
+    }
+}

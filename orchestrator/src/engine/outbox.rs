@@ -1,0 +1,93 @@
+//! The engine's way out to devices: a bounded queue in front of the MQTT
+//! client, drained by its own task. The engine never waits for the broker:
+//! it queues and goes on; the outbox task waits for room in rumqttc's
+//! request queue, in order. When even the outbox is full, the publish is
+//! dropped and counted, and the device heals through its next heartbeat
+//! (generations, not messages, are the truth).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::DeviceId;
+use rumqttc::AsyncClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::link::qos;
+use crate::metrics::Metrics;
+
+/// Publishes waiting for the MQTT client: enough for a desired state and a
+/// command to every device of a 10,000-device fleet, several times over.
+const OUTBOX: usize = 100_000;
+
+struct Message {
+    topic: String,
+    kind: TopicKind,
+    payload: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Message>,
+    topics: Topics,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    /// Starts the task that hands queued publishes to `client`. It ends
+    /// once every `Outbox` is dropped and the queue is empty.
+    pub fn spawn(
+        client: AsyncClient,
+        topics: Topics,
+        metrics: Arc<Metrics>,
+    ) -> (Outbox, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Message>(OUTBOX);
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                match client
+                    .publish(msg.topic, qos(msg.kind), msg.kind.retained(), msg.payload)
+                    .await
+                {
+                    Ok(()) => {
+                        m.mqtt_published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        m.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(kind = %msg.kind, error = %e, "publish failed; the device gets it on resync");
+                    }
+                }
+            }
+        });
+        (
+            Outbox {
+                tx,
+                topics,
+                metrics,
+            },
+            task,
+        )
+    }
+
+    /// Queues a publish on one of a device's topics; `false` (and counted)
+    /// when the queue is full or closed.
+    pub fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
+        let msg = Message {
+            topic: self.topics.device(device, kind),
+            kind,
+            payload,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics
+                    .mqtt_publish_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(device = %device, %kind, error = %e, "publish not queued; the device will get it on resync");
+                false
+            }
+        }
+    }
+}

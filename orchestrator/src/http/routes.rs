@@ -1,0 +1,558 @@
+//! The router, and the handlers for devices, apps, operations, registries
+//! and the change stream.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_shared::model::AppSpec;
+use drover_shared::payload::{Op, RegistryCredential};
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{
+    device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult, ApiState, Ctx,
+};
+use crate::contract::{self, Change, DeployRequest, RegistryCredentials};
+use crate::core::command::{Command, CommandKind};
+use crate::core::registries;
+
+/// axum's default body limit, which every JSON body here is far below.
+pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// The longest `?wait=` a request may ask for.
+const MAX_WAIT_SECS: u64 = 300;
+
+pub fn router(api: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/apps", post(deploy))
+        .route(
+            "/api/v1/devices/{id}/apps/{app}",
+            axum::routing::delete(remove),
+        )
+        .route("/api/v1/devices/{id}/apps/{app}/start", post(start))
+        .route("/api/v1/devices/{id}/apps/{app}/stop", post(stop))
+        .route("/api/v1/devices/{id}/logs", get(logs))
+        .route("/api/v1/devices/{id}/events", get(events))
+        .route("/api/v1/apps", get(list_apps).post(create_app))
+        .route(
+            "/api/v1/apps/{name}",
+            get(show_app).put(update_app).delete(delete_app),
+        )
+        .route("/api/v1/operations", get(list_operations))
+        .route("/api/v1/operations/{id}", get(show_operation))
+        .route("/api/v1/changes", get(changes))
+        .route("/api/v1/registries", get(list_registries))
+        .route(
+            "/api/v1/registries/{host}",
+            get(show_registry).put(put_registry).delete(delete_registry),
+        )
+        .merge(super::security::routes())
+        // A route layer, so the check knows which route matched.
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            super::auth::authenticate,
+        ))
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
+            )
+        })
+        .layer(axum::middleware::map_response(json_client_errors))
+        .with_state(api)
+}
+
+/// axum's own rejections (a body over the limit, a method the route does
+/// not take, a path that is not UTF-8) are plain text or empty: every 4xx
+/// of this API is its JSON error, saying what was wrong.
+async fn json_client_errors(method: axum::http::Method, resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if json || !status.is_client_error() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body is larger than the API's limit of {} bytes",
+            MAX_BODY_BYTES
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("this endpoint does not take {method}; the Allow header lists what it takes")
+        }
+        _ if !text.is_empty() => text,
+        _ => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let error = ApiError::new(status, message).into_response();
+    let (error_parts, body) = error.into_parts();
+    parts.headers.extend(error_parts.headers);
+    parts.extensions.extend(error_parts.extensions);
+    Response::from_parts(parts, body)
+}
+
+async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let (total, online) = api.commands.engine.device_counts().await?;
+    Ok((
+        [("content-type", "text/plain; version=0.0.4")],
+        api.commands.metrics.render(total, online),
+    ))
+}
+
+// ----- devices -----------------------------------------------------------------
+
+async fn list_devices(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ListDevices).await?;
+    let mut views = api.commands.engine.devices().await?;
+    for v in &mut views {
+        v.credential = Some(api.commands.identities.credential_state(&v.id));
+    }
+    Ok(Json(views))
+}
+
+async fn show_device(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowDevice).await?;
+    let id = device_id(&id)?;
+    let mut view = api
+        .commands
+        .engine
+        .device(id.clone())
+        .await?
+        .ok_or_else(|| {
+            ApiError::field(
+                StatusCode::NOT_FOUND,
+                "device",
+                format!("device {id} is not known"),
+            )
+        })?;
+    view.credential = Some(api.commands.identities.credential_state(&id));
+    Ok(Json(view))
+}
+
+async fn deploy(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::Deploy, StatusCode::ACCEPTED, || {
+        let device = device_id(&id)?;
+        let body: DeployRequest = parse_body(&body)?;
+        Ok(Command::Apply {
+            device,
+            app: body.app,
+            op: Op::Deploy,
+        })
+    })
+    .await
+}
+
+async fn apply(api: ApiState, ctx: Ctx, id: String, app: String, op: Op) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::of_op(op), StatusCode::ACCEPTED, || {
+        Ok(Command::Apply {
+            device: device_id(&id)?,
+            app: name("app", &app)?,
+            op,
+        })
+    })
+    .await
+}
+
+async fn start(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Start).await
+}
+
+async fn stop(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Stop).await
+}
+
+async fn remove(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Remove).await
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    app: Option<String>,
+    container: Option<String>,
+    tail: Option<String>,
+}
+
+async fn logs(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LogQuery>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ReadLogs).await?;
+    let id = device_id(&id)?;
+    let app = name(
+        "app",
+        q.app.as_deref().ok_or_else(|| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "app",
+                "query parameter `app` is required",
+            )
+        })?,
+    )?;
+    let container = q
+        .container
+        .as_deref()
+        .map(|c| name("container", c))
+        .transpose()?;
+    let tail = match q.tail.as_deref() {
+        None => 100,
+        Some(t) => t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "tail",
+                format!("`tail` must be a positive whole number, got {t:?}"),
+            )
+        })?,
+    };
+    let lines = api
+        .commands
+        .engine
+        .logs(id, app, container, tail)
+        .await?
+        .map_err(|e| ApiError::from(crate::engine::EngineError::from(e)))?;
+    Ok(Json(lines))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    limit: Option<String>,
+}
+
+async fn events(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ReadEvents).await?;
+    let id = device_id(&id)?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let events = api
+        .commands
+        .engine
+        .events(id, limit)
+        .await?
+        .map_err(|e| ApiError::from(crate::engine::EngineError::from(e)))?;
+    Ok(Json(events))
+}
+
+// ----- apps ----------------------------------------------------------------------
+
+async fn list_apps(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ListApps).await?;
+    let apps = api.commands.engine.apps().await?;
+    Ok(Json(
+        apps.iter().map(contract::App::from).collect::<Vec<_>>(),
+    ))
+}
+
+async fn create_app(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::CreateApp, StatusCode::CREATED, || {
+        Ok(Command::CreateApp(parse_body::<AppSpec>(&body)?))
+    })
+    .await
+}
+
+/// Replaces an app's spec. Devices pick it up when it is deployed again.
+async fn update_app(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::UpdateApp, StatusCode::OK, || {
+        let n = name("app", &n)?;
+        let spec: AppSpec = parse_body(&body)?;
+        if spec.name != n {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "name",
+                format!(
+                    "body names app {:?} but the path names {:?}",
+                    spec.name.as_str(),
+                    n.as_str()
+                ),
+            ));
+        }
+        Ok(Command::UpdateApp(spec))
+    })
+    .await
+}
+
+async fn show_app(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let n = name("app", &n)?;
+    let rec = api.commands.engine.app(n.clone()).await?.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "app",
+            format!("app {n} does not exist"),
+        )
+    })?;
+    Ok(Json(contract::App::from(&rec)))
+}
+
+async fn delete_app(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::DeleteApp, StatusCode::NO_CONTENT, || {
+        Ok(Command::DeleteApp(name("app", &n)?))
+    })
+    .await
+}
+
+// ----- operations ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct OpsQuery {
+    device: Option<String>,
+    limit: Option<String>,
+}
+
+async fn list_operations(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<OpsQuery>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ListOperations).await?;
+    let device = q.device.as_deref().map(device_id).transpose()?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let ops = api.commands.engine.operations(device, limit).await?;
+    Ok(Json(
+        ops.iter()
+            .map(contract::Operation::from)
+            .collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct OpQuery {
+    /// Seconds to wait for the operation to end before answering.
+    wait: Option<String>,
+}
+
+/// One operation. With `?wait=SECS` the answer comes when the operation
+/// has ended (or the time is up, or the server stops), followed through
+/// the engine's change stream rather than by polling.
+async fn show_operation(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<OpQuery>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowOperation).await?;
+    let wait = match q.wait.as_deref() {
+        None => None,
+        Some(w) => Some(
+            w.parse::<u64>()
+                .ok()
+                .filter(|s| *s <= MAX_WAIT_SECS)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        StatusCode::BAD_REQUEST,
+                        "wait",
+                        format!("`wait` must be a whole number of seconds from 0 to {MAX_WAIT_SECS}, got {w:?}"),
+                    )
+                })?,
+        ),
+    };
+    let not_found = || {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "operation",
+            format!("operation {id:?} does not exist"),
+        )
+    };
+    // Subscribe before reading, so no change between the two is missed.
+    let mut changes = api.commands.engine.subscribe();
+    let mut op: contract::Operation =
+        (&api.commands.operation(&id).await?.ok_or_else(not_found)?).into();
+    let Some(wait) = wait else {
+        return Ok(Json(op));
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut stopping = api.stopping.clone();
+    while !op.status.is_final() {
+        let next = tokio::select! {
+            next = changes.recv() => next,
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = stopping.wait_for(|s| *s) => break,
+        };
+        match next {
+            Ok(Change::Operation { operation }) if operation.id == id => op = operation,
+            Ok(_) => {}
+            // Fell behind: what we hold may be stale; read it again.
+            Err(RecvError::Lagged(_)) => {
+                if let Some(rec) = api.commands.operation(&id).await? {
+                    op = (&rec).into();
+                }
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+    Ok(Json(op))
+}
+
+/// The fleet's changes as server-sent events, one JSON object each (see
+/// `contract::Change`). A client that falls behind gets a `lagged` event
+/// and should read what it shows again.
+async fn changes(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::WatchChanges).await?;
+    let rx = api.commands.engine.subscribe();
+    let stopping = api.stopping.clone();
+    let stream =
+        futures_util::stream::unfold((rx, stopping), |(mut rx, mut stopping)| async move {
+            let change = tokio::select! {
+                next = rx.recv() => match next {
+                    Ok(c) => c,
+                    Err(RecvError::Lagged(missed)) => Change::Lagged { missed },
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = stopping.wait_for(|s| *s) => return None,
+            };
+            let event = SseEvent::default()
+                .json_data(&change)
+                .unwrap_or_else(|_| SseEvent::default().data("{}"));
+            Some((Ok::<_, Infallible>(event), (rx, stopping)))
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+// ----- registry credentials ------------------------------------------------------
+//
+// Responses show the host, the username and `password_set`, never the
+// password; the request body is not echoed back in errors either.
+
+fn registry_host(raw: &str) -> ApiResult<String> {
+    registries::validate_host(raw)
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))
+}
+
+async fn list_registries(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ListRegistries).await?;
+    Ok(Json(api.commands.engine.registries().await?))
+}
+
+async fn show_registry(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(host): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowRegistry).await?;
+    let host = registry_host(&host)?;
+    let view = api
+        .commands
+        .engine
+        .registry(host.clone())
+        .await?
+        .ok_or_else(|| {
+            ApiError::field(
+                StatusCode::NOT_FOUND,
+                "host",
+                format!("no credentials stored for registry {host}"),
+            )
+        })?;
+    Ok(Json(view))
+}
+
+async fn put_registry(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(host): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::SetRegistry, StatusCode::OK, || {
+        let host = registry_host(&host)?;
+        // Parse errors name the field but never quote the value: it may be
+        // the password.
+        let body: RegistryCredentials = parse_body(&body).map_err(|e| {
+            let field = e.field.clone();
+            let message = match &field {
+                Some(f) => format!(
+                    "invalid field `{f}`: expected {{\"username\": string, \"password\": string}}"
+                ),
+                None => {
+                    "invalid request body: expected {\"username\": string, \"password\": string}"
+                        .to_string()
+                }
+            };
+            ApiError {
+                message,
+                field,
+                ..e
+            }
+        })?;
+        registries::validate_credentials(&body)
+            .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))?;
+        Ok(Command::SetRegistry(RegistryCredential {
+            host,
+            username: body.username,
+            password: body.password,
+        }))
+    })
+    .await
+}
+
+async fn delete_registry(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(host): Path<String>,
+) -> ApiResult<Response> {
+    ctx.run(
+        &api,
+        CommandKind::DeleteRegistry,
+        StatusCode::NO_CONTENT,
+        || Ok(Command::DeleteRegistry(registry_host(&host)?)),
+    )
+    .await
+}

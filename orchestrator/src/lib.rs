@@ -15,6 +15,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod contract;
 pub mod core;
 pub mod engine;

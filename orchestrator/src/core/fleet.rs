@@ -14,8 +14,7 @@ use drover_shared::{DeviceId, Name};
 
 use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
-use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord};
-use crate::store::Write;
+use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord, Write};
 
 /// Log lines kept per container; older lines are dropped first.
 pub const LOG_LINES_PER_CONTAINER: usize = 2_000;

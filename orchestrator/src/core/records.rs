@@ -233,3 +233,28 @@ impl From<&AuditRecord> for contract::AuditEntry {
         }
     }
 }
+
+/// A write the core asks for; the store applies a batch of them in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Device(DeviceRecord),
+    App(AppRecord),
+    DeleteApp(String),
+    Desired(DesiredRecord),
+    Operation(OperationRecord),
+    Credential(CredentialRecord),
+    EnrollToken(EnrollTokenRecord),
+    DeleteEnrollToken(String),
+    Automation(AutomationRecord),
+    DeleteAutomation(String),
+    ApiToken(ApiTokenRecord),
+    DeleteApiToken(String),
+    /// Appends an audit record and drops the ones at or below `prune_to`.
+    Audit {
+        record: AuditRecord,
+        prune_to: Option<u64>,
+    },
+    Registry(RegistryRecord),
+    DeleteRegistry(String),
+}

@@ -20,7 +20,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use drover_shared::model::{AppSpec, DesiredState};
 use drover_shared::payload::{
@@ -47,11 +46,7 @@ use crate::store::{Store, StoreError, Write};
 pub use commands::{CommandError, Commands, Reply};
 pub use outbox::Outbox;
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::now_ms;
 
 /// Inputs waiting for the engine; senders wait when it is full.
 const INPUT_QUEUE: usize = 10_000;
@@ -707,4 +702,184 @@ async fn enroll(
         outcome,
     };
     outbox.publish(&id, TopicKind::Enrolled, encode(&answer));
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_shared::payload::{HostMetrics, Status, Telemetry};
+    use drover_shared::topic::Topics;
+
+    use super::*;
+
+    struct Fixture {
+        engine: EngineHandle,
+        link: mpsc::Sender<Event>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// An engine on a real redb file, with an MQTT client that is never
+    /// connected (publishes queue in its request channel).
+    fn engine() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("e.redb")).expect("store");
+        let metrics = Arc::new(Metrics::default());
+        let writer = StoreWriter::spawn(store.clone(), metrics.clone());
+        let topics = Topics::default();
+        let identities = Arc::new(
+            Identities::load(store.clone(), writer.clone(), topics.clone()).expect("identities"),
+        );
+        let access = Arc::new(Access::load(store.clone(), writer.clone()).expect("access"));
+        let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", 9);
+        let (client, _eventloop) = rumqttc::AsyncClient::new(opts, 100_000);
+        let (outbox, _) = Outbox::spawn(client, topics, metrics.clone());
+        let (link, link_rx) = mpsc::channel(100);
+        let (engine, _) =
+            Engine::spawn(store, writer, outbox, link_rx, metrics, identities, access)
+                .expect("engine");
+        Fixture {
+            engine,
+            link,
+            _dir: dir,
+        }
+    }
+
+    fn telemetry(at_ms: u64) -> Event {
+        Event::Device {
+            id: DeviceId::new("pi-1").expect("id"),
+            msg: Box::new(DeviceMessage::Telemetry(Telemetry {
+                at_ms,
+                host: HostMetrics::default(),
+                containers: Vec::new(),
+            })),
+        }
+    }
+
+    /// A subscriber that never reads does not slow the engine down: it
+    /// loses the oldest changes and is told how many.
+    #[tokio::test]
+    async fn a_slow_subscriber_lags_and_never_slows_the_engine() {
+        let f = engine();
+        let mut slow = f.engine.subscribe();
+        let mut fast = f.engine.subscribe();
+        let id = DeviceId::new("pi-1").expect("id");
+        f.link
+            .send(Event::Device {
+                id: id.clone(),
+                msg: Box::new(DeviceMessage::Status(Status {
+                    online: true,
+                    at_ms: 1,
+                })),
+            })
+            .await
+            .expect("send");
+        let n = CHANGES_CAPACITY as u64 * 2;
+        let reader = tokio::spawn(async move {
+            let mut last = 0;
+            while last < n {
+                match fast.recv().await {
+                    Ok(Change::Telemetry { telemetry, .. }) => last = telemetry.at_ms,
+                    Ok(_) => {}
+                    Err(e) => panic!("a subscriber that keeps up lost changes: {e}"),
+                }
+            }
+        });
+        for i in 1..=n {
+            f.link.send(telemetry(i)).await.expect("send");
+        }
+        // Every message was applied although `slow` read nothing.
+        let latest = f
+            .engine
+            .device(id)
+            .await
+            .expect("engine")
+            .and_then(|d| d.telemetry)
+            .map(|t| t.at_ms);
+        assert_eq!(latest, Some(n));
+        tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+            .await
+            .expect("the reader kept up")
+            .expect("reader");
+        match slow.recv().await {
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                assert!(missed >= n - CHANGES_CAPACITY as u64, "missed {missed}")
+            }
+            other => panic!("expected to learn of the lag, got {other:?}"),
+        }
+        // After the lag it goes on with what is still there.
+        assert!(slow.recv().await.is_ok());
+    }
+
+    /// A change is answered once it is durable, and its operation goes
+    /// out on the change stream.
+    #[tokio::test]
+    async fn changes_are_durable_then_published_to_subscribers() {
+        let f = engine();
+        let mut changes = f.engine.subscribe();
+        let spec: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "containers": [{"name": "main", "image": "127.0.0.1:5000/busybox:1"}]
+        }))
+        .expect("spec");
+        let done = f
+            .engine
+            .change(FleetChange::CreateApp(spec.clone()))
+            .await
+            .expect("created");
+        assert!(matches!(done, Done::App(_)));
+        assert!(matches!(
+            f.engine.change(FleetChange::CreateApp(spec)).await,
+            Err(EngineError::Fleet(FleetError::AppExists(_)))
+        ));
+        let id = DeviceId::new("pi-1").expect("id");
+        f.link
+            .send(Event::Device {
+                id: id.clone(),
+                msg: Box::new(DeviceMessage::Status(Status {
+                    online: true,
+                    at_ms: 1,
+                })),
+            })
+            .await
+            .expect("send");
+        let done = f
+            .engine
+            .change(FleetChange::Apply {
+                device: id.clone(),
+                app: Name::new("web").expect("name"),
+                op: Op::Deploy,
+            })
+            .await
+            .expect("deployed");
+        let Done::Operation(op) = done else {
+            panic!("expected an operation, got {done:?}")
+        };
+        assert_eq!(op.generation, 1);
+        let mut seen = Vec::new();
+        while let Ok(Ok(c)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv()).await
+        {
+            seen.push(c);
+        }
+        assert!(
+            seen.iter().any(
+                |c| matches!(c, Change::App { name, deleted: false } if name.as_str() == "web")
+            ),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|c| matches!(c, Change::Operation { operation } if operation.id == op.id)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|c| matches!(c, Change::Device { online: true, .. })),
+            "{seen:?}"
+        );
+        f.engine.shutdown().await;
+        assert!(matches!(
+            f.engine.devices().await,
+            Err(EngineError::Stopped)
+        ));
+    }
 }

@@ -18,10 +18,10 @@ use std::sync::RwLock;
 use drover_shared::Name;
 use tracing::{info, warn};
 
+use crate::clock::now_ms;
 use crate::contract::{AuditOutcome, Role};
 use crate::core::command::{Actor, CommandKind, ANONYMOUS_ACTOR, INVALID_TOKEN_ACTOR};
 use crate::core::records::{ApiTokenRecord, AuditRecord};
-use crate::engine::now_ms;
 use crate::security::secret;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};

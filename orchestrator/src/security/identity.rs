@@ -18,9 +18,9 @@ use drover_shared::{DeviceId, Name};
 use subtle::ConstantTimeEq;
 use tracing::info;
 
+use crate::clock::now_ms;
 use crate::contract::CredentialState;
 use crate::core::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
-use crate::engine::now_ms;
 use crate::security::secret;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};

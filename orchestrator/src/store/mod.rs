@@ -72,29 +72,7 @@ db_err!(
     redb::CommitError
 );
 
-/// A write to apply atomically with others in one transaction.
-#[derive(Debug, Clone)]
-pub enum Write {
-    Device(DeviceRecord),
-    App(AppRecord),
-    DeleteApp(String),
-    Desired(DesiredRecord),
-    Operation(OperationRecord),
-    Credential(CredentialRecord),
-    EnrollToken(EnrollTokenRecord),
-    DeleteEnrollToken(String),
-    Automation(AutomationRecord),
-    DeleteAutomation(String),
-    ApiToken(ApiTokenRecord),
-    DeleteApiToken(String),
-    /// Appends an audit record and drops the ones at or below `prune_to`.
-    Audit {
-        record: AuditRecord,
-        prune_to: Option<u64>,
-    },
-    Registry(RegistryRecord),
-    DeleteRegistry(String),
-}
+pub use crate::core::records::Write;
 
 #[derive(Clone)]
 pub struct Store {

@@ -223,6 +223,7 @@ async fn run_device(
         secrets_store,
         secrets_tx,
         started: Instant::now(),
+        heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
         seq: 0,
         observed: ObservedState::default(),
         published: None,
@@ -256,6 +257,7 @@ struct Core {
     /// The registry credentials held; the reconciler pulls with them.
     secrets_tx: watch::Sender<Arc<Secrets>>,
     started: Instant,
+    heartbeat_ms: u64,
     seq: u64,
     observed: ObservedState,
     /// The last state report sent, to send only changes.
@@ -471,6 +473,7 @@ impl Core {
             seq: self.seq,
             uptime_s: self.started.elapsed().as_secs(),
             applied_generation: self.intake.applied_generation(),
+            interval_ms: self.heartbeat_ms,
         });
     }
 

@@ -101,7 +101,7 @@ fn payloads() -> Vec<(&'static str, Vec<u8>)> {
         ("hello-nodocker", encode(&Hello { docker_error: Some("connection refused".into()), ..Default::default() })),
         ("status-online", encode(&Status { online: true, at_ms: 1_700_000_000_000 })),
         ("status-will", encode(&Status { online: false, at_ms: 0 })),
-        ("heartbeat", encode(&Heartbeat { at_ms: 5, seq: 1, uptime_s: 9, applied_generation: 7 })),
+        ("heartbeat", encode(&Heartbeat { at_ms: 5, seq: 1, uptime_s: 9, applied_generation: 7, interval_ms: 5_000 })),
         ("state", encode(&StateReport {
             at_ms: 6,
             observed: ObservedState {

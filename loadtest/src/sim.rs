@@ -636,6 +636,7 @@ impl Agent {
             seq: self.seq,
             uptime_s: now_ms().saturating_sub(self.booted_ms) / 1000,
             applied_generation: self.intake.applied_generation(),
+            interval_ms: self.cfg.heartbeat.as_millis() as u64,
         };
         if self.send(&hb) {
             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub api_tls: Option<ApiTls>,
     /// TLS client config for an external mqtts:// broker.
     pub broker_tls: Option<Arc<rustls::ClientConfig>>,
+    /// A device whose heartbeats do not announce their interval counts as
+    /// offline after this long without a live message (others after
+    /// `MISSED_HEARTBEATS` of their intervals).
+    pub device_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -70,6 +74,7 @@ impl ServerConfig {
             mqtts: None,
             api_tls: None,
             broker_tls: None,
+            device_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -271,6 +276,7 @@ pub async fn start(
         metrics.clone(),
         identities.clone(),
         access.clone(),
+        config.device_timeout,
     )?;
     let link_task = tokio::spawn(crate::link::drive(
         client.clone(),

@@ -191,6 +191,7 @@ mod tests {
             seq: 1,
             uptime_s: 9,
             applied_generation: 7,
+            interval_ms: 5_000,
         });
         round_trip(StateReport {
             at_ms: 6,
@@ -282,6 +283,7 @@ mod tests {
             seq: 1,
             uptime_s: 9,
             applied_generation: 7,
+            interval_ms: 5_000,
         });
         assert!(matches!(
             decode::<Heartbeat>(&bytes[..bytes.len() - 3]),

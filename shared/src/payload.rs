@@ -44,6 +44,11 @@ pub struct Heartbeat {
     pub seq: u64,
     pub uptime_s: u64,
     pub applied_generation: u64,
+    /// How often the agent sends heartbeats: the orchestrator counts a
+    /// device offline after a few of them go missing. 0 (older agents):
+    /// the orchestrator's default applies.
+    #[serde(default)]
+    pub interval_ms: u64,
 }
 
 /// `state`: retained; what actually runs, after every change.

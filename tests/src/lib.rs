@@ -213,6 +213,9 @@ impl Orch {
         cfg.client_id = unique("orch");
         configure(&mut cfg);
         let embedded = matches!(cfg.broker, BrokerMode::Embedded { .. });
+        let token_file = cfg
+            .data_dir
+            .join(drover::security::access::ADMIN_TOKEN_FILE);
         let mqtt_auth = cfg.mqtt_auth;
         let (tx, rx) = oneshot::channel::<()>();
         let orch = server::start(cfg, async move {
@@ -220,12 +223,10 @@ impl Orch {
         })
         .await
         .expect("orchestrator starts");
-        let token = std::fs::read_to_string(
-            orch.admin_token_file
-                .as_ref()
-                .expect("a new data dir gets an admin token"),
-        )
-        .expect("admin token file");
+        // A new data dir gets an admin token; a reused one (a restart)
+        // keeps the file from its first start.
+        let token = std::fs::read_to_string(orch.admin_token_file.as_ref().unwrap_or(&token_file))
+            .expect("admin token file");
         let api = Api::new(format!("http://{}", orch.api_addr)).with_token(Some(token.trim()));
         let (mqtt_host, mqtt_port) = orch.mqtt_addr.clone();
         if embedded && mqtt_auth {

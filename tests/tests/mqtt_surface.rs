@@ -114,6 +114,7 @@ async fn garbage_on_every_topic_is_counted_and_changes_nothing() {
         seq: 1,
         uptime_s: 1,
         applied_generation: 99,
+        interval_ms: 5_000,
     });
     let payloads: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\xff\x00 definitely not cbor".to_vec()),

@@ -62,9 +62,16 @@ pub enum FleetError {
     AppInUse { app: Name, devices: Vec<DeviceId> },
 }
 
+/// A device counts as offline once nothing live has come from it for this
+/// many of its heartbeat intervals.
+pub const MISSED_HEARTBEATS: u64 = 3;
+
 #[derive(Debug)]
 struct Device {
     record: DeviceRecord,
+    /// How long without a live message before it counts as offline, from
+    /// the interval its heartbeats announce.
+    offline_after_ms: Option<u64>,
     heartbeat: Option<Heartbeat>,
     telemetry: Option<Telemetry>,
     events: VecDeque<DeviceEvent>,
@@ -97,6 +104,7 @@ impl Fleet {
                         r.id.clone(),
                         Device {
                             record: r,
+                            offline_after_ms: None,
                             heartbeat: None,
                             telemetry: None,
                             events: VecDeque::new(),
@@ -113,7 +121,40 @@ impl Fleet {
 
     // ----- device messages -------------------------------------------------
 
+    /// A message the device sent just now (a live publish).
     pub fn on_device_message(&mut self, id: &DeviceId, msg: DeviceMessage, now: u64) -> Effects {
+        self.on_message(id, msg, now, true)
+    }
+
+    /// A retained message the broker handed over on subscribing: what the
+    /// device last said, maybe long ago (a heartbeat kept after its Last
+    /// Will, by a broker that keeps both). It updates what is known, but is
+    /// no proof that the device is there now: it never makes it online.
+    pub fn on_retained_message(&mut self, id: &DeviceId, msg: DeviceMessage, now: u64) -> Effects {
+        self.on_message(id, msg, now, false)
+    }
+
+    /// Devices that have sent nothing live for too long go offline, in
+    /// whatever order their status and heartbeats arrived: `default_after`
+    /// applies to devices whose heartbeats announce no interval.
+    pub fn expire(&mut self, now: u64, default_after_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        for (id, dev) in &mut self.devices {
+            let after = dev.offline_after_ms.unwrap_or(default_after_ms);
+            if dev.record.online && now.saturating_sub(dev.record.last_seen_ms) > after {
+                dev.record.online = false;
+                fx.changes.push(Change::Device {
+                    device: id.clone(),
+                    online: false,
+                    at_ms: now,
+                });
+                fx.writes.push(Write::Device(dev.record.clone()));
+            }
+        }
+        fx
+    }
+
+    fn on_message(&mut self, id: &DeviceId, msg: DeviceMessage, now: u64, live: bool) -> Effects {
         let mut fx = Effects::default();
         let known = self.devices.contains_key(id);
         // Only a hello (or a status) makes a device known; other messages from
@@ -131,10 +172,11 @@ impl Fleet {
                 id: id.clone(),
                 first_seen_ms: now,
                 last_seen_ms: now,
-                online: true,
+                online: live,
                 inventory: None,
                 observed: None,
             },
+            offline_after_ms: None,
             heartbeat: None,
             telemetry: None,
             events: VecDeque::new(),
@@ -143,7 +185,7 @@ impl Fleet {
         match msg {
             DeviceMessage::Hello(h) => {
                 dev.record.inventory = Some(h);
-                if !dev.record.online || !known {
+                if live && (!dev.record.online || !known) {
                     fx.changes.push(Change::Device {
                         device: id.clone(),
                         online: true,
@@ -154,13 +196,18 @@ impl Fleet {
                     device: id.clone(),
                     at_ms: now,
                 });
-                dev.record.online = true;
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.online = true;
+                    dev.record.last_seen_ms = now;
+                }
                 persist = true;
                 // A device that just connected gets its desired state again:
                 // cheap, and it heals a lost retained message.
                 fx.republish = self.desired.contains_key(id);
             }
+            // A retained "online" says nothing about now; a retained
+            // "offline" (a Last Will) does.
+            DeviceMessage::Status(s) if s.online && !live => {}
             DeviceMessage::Status(s) => {
                 if dev.record.online != s.online || !known {
                     dev.record.online = s.online;
@@ -175,8 +222,14 @@ impl Fleet {
                     dev.record.last_seen_ms = now;
                 }
             }
+            DeviceMessage::Heartbeat(h) if !live => {
+                dev.heartbeat = Some(h);
+            }
             DeviceMessage::Heartbeat(h) => {
                 dev.record.last_seen_ms = now;
+                if h.interval_ms > 0 {
+                    dev.offline_after_ms = Some(h.interval_ms.saturating_mul(MISSED_HEARTBEATS));
+                }
                 if !dev.record.online {
                     dev.record.online = true;
                     persist = true;
@@ -203,7 +256,9 @@ impl Fleet {
                 fx.republish = behind && was_behind;
             }
             DeviceMessage::Telemetry(t) => {
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.last_seen_ms = now;
+                }
                 fx.changes.push(Change::Telemetry {
                     device: id.clone(),
                     telemetry: t.clone(),
@@ -211,7 +266,9 @@ impl Fleet {
                 dev.telemetry = Some(t);
             }
             DeviceMessage::State(report) => {
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.last_seen_ms = now;
+                }
                 let applied = report.observed.applied_generation;
                 let received = report.observed.desired_generation;
                 let ours = self.desired.get(id).map_or(0, |d| d.generation);
@@ -227,7 +284,9 @@ impl Fleet {
                 self.settle_operations(id, applied, now, &mut fx);
             }
             DeviceMessage::Logs(batch) => {
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.last_seen_ms = now;
+                }
                 let buf = self
                     .logs
                     .entry((id.clone(), batch.app, batch.container))
@@ -240,7 +299,9 @@ impl Fleet {
                 }
             }
             DeviceMessage::Event(ev) => {
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.last_seen_ms = now;
+                }
                 if dev.events.len() == EVENTS_PER_DEVICE {
                     dev.events.pop_front();
                 }
@@ -251,7 +312,9 @@ impl Fleet {
                 dev.events.push_back(ev);
             }
             DeviceMessage::Ack(ack) => {
-                dev.record.last_seen_ms = now;
+                if live {
+                    dev.record.last_seen_ms = now;
+                }
                 let ours = self
                     .operations
                     .get(&ack.command_id)
@@ -651,6 +714,17 @@ mod tests {
     use super::*;
     use drover_shared::model::{AppStatus, ObservedState};
 
+    /// A heartbeat that announces a 5 s interval.
+    fn hb(g: u64) -> DeviceMessage {
+        DeviceMessage::Heartbeat(Heartbeat {
+            at_ms: 0,
+            seq: 1,
+            uptime_s: 1,
+            applied_generation: g,
+            interval_ms: 5_000,
+        })
+    }
+
     fn id(s: &str) -> DeviceId {
         DeviceId::new(s).expect("id")
     }
@@ -836,14 +910,6 @@ mod tests {
     fn a_heartbeat_ahead_of_the_last_state_report_asks_for_a_resync() {
         let mut f = fleet_with_device();
         let (_, a) = f.req(Op::Deploy, "web", "a", 2).expect("deploy");
-        let hb = |g| {
-            DeviceMessage::Heartbeat(Heartbeat {
-                at_ms: 0,
-                seq: 1,
-                uptime_s: 1,
-                applied_generation: g,
-            })
-        };
         assert!(
             !f.on_device_message(&id("pi"), hb(0), 3).resync,
             "nothing applied, nothing lost"
@@ -916,5 +982,61 @@ mod tests {
             f.app(&name("web")).is_some(),
             "checking a deletion does not delete"
         );
+    }
+
+    /// "Online" needs a live message: a single heartbeat long ago, or a
+    /// retained heartbeat handed over after the Last Will, does not keep a
+    /// device online.
+    #[test]
+    fn online_expires_and_retained_messages_are_no_proof_of_life() {
+        let mut f = Fleet::default();
+        let pi = id("pi");
+        f.on_device_message(&pi, DeviceMessage::Hello(Hello::default()), 1_000);
+        assert_eq!(f.device_counts(), (1, 1));
+        // Its heartbeats say every 5 s: three missed and it is offline.
+        f.on_device_message(&pi, hb(0), 2_000);
+        assert!(f.expire(16_000, 60_000).changes.is_empty());
+        let fx = f.expire(17_001, 60_000);
+        assert!(
+            matches!(&fx.changes[..], [Change::Device { online: false, .. }]),
+            "{:?}",
+            fx.changes
+        );
+        assert_eq!(fx.writes.len(), 1, "the offline state is stored");
+        assert_eq!(f.device_counts(), (1, 0));
+        // A retained heartbeat and a retained "online" after that change
+        // nothing; the retained Last Will does.
+        let fx = f.on_retained_message(&pi, hb(0), 18_000);
+        assert!(fx.changes.is_empty());
+        f.on_retained_message(
+            &pi,
+            DeviceMessage::Status(Status {
+                online: true,
+                at_ms: 1,
+            }),
+            18_000,
+        );
+        assert_eq!(f.device_counts(), (1, 0));
+        // A live one brings it back.
+        f.on_device_message(&pi, hb(0), 19_000);
+        assert_eq!(f.device_counts(), (1, 1));
+        f.on_retained_message(
+            &pi,
+            DeviceMessage::Status(Status {
+                online: false,
+                at_ms: 0,
+            }),
+            19_500,
+        );
+        assert_eq!(f.device_counts(), (1, 0));
+        // Without an announced interval, the default applies.
+        let old = id("old");
+        f.on_device_message(&old, DeviceMessage::Hello(Hello::default()), 20_000);
+        assert!(f
+            .expire(79_000, 60_000)
+            .changes
+            .iter()
+            .all(|c| !matches!(c, Change::Device { device, .. } if device == &old)));
+        assert_eq!(f.expire(80_001, 60_000).changes.len(), 1);
     }
 }

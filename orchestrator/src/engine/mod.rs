@@ -20,6 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_shared::model::{AppSpec, DesiredState};
 use drover_shared::payload::{
@@ -262,6 +263,9 @@ pub struct Engine {
     pending: FuturesOrdered<Durable>,
     /// A write failed: once nothing is pending, reload from the store.
     reload: bool,
+    /// A device whose heartbeats announce no interval counts as offline
+    /// after this long without a live message.
+    offline_after: Duration,
 }
 
 impl Engine {
@@ -274,6 +278,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         identities: Arc<Identities>,
         access: Arc<Access>,
+        offline_after: Duration,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
         let (fleet, secrets) = load(&store)?;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
@@ -290,6 +295,7 @@ impl Engine {
             changes: changes.clone(),
             pending: FuturesOrdered::new(),
             reload: false,
+            offline_after,
         };
         let task = tokio::spawn(engine.run(rx, link));
         Ok((EngineHandle { tx, changes }, task))
@@ -297,6 +303,12 @@ impl Engine {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut link: mpsc::Receiver<Event>) {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
+        // Often enough that a silent device goes offline within a few
+        // seconds of its deadline.
+        let mut expiry = tokio::time::interval(
+            (self.offline_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)),
+        );
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.reload && self.pending.is_empty() {
                 self.reload_from_store().await;
@@ -311,6 +323,18 @@ impl Engine {
                     self.after_write(then, result).await;
                 }
                 Some(event) = link.recv(), if shutdown.is_none() => self.on_link_event(event).await,
+                _ = expiry.tick(), if shutdown.is_none() => {
+                    let fx = self
+                        .fleet
+                        .expire(now_ms(), self.offline_after.as_millis() as u64);
+                    for change in fx.changes {
+                        if let Change::Device { device, .. } = &change {
+                            info!(device = %device, "device offline: no heartbeat for too long");
+                        }
+                        self.emit(change);
+                    }
+                    self.record(fx.writes).await;
+                }
                 input = rx.recv(), if shutdown.is_none() => match input {
                     Some(Input::Change { change, reply }) => self.on_change(change, reply).await,
                     Some(Input::Read(read)) => read(&self.fleet, &self.secrets),
@@ -533,9 +557,11 @@ impl Engine {
     async fn on_link_event(&mut self, event: Event) {
         match event {
             Event::Connected => self.republish_all(),
-            Event::Device { id, msg } => {
+            Event::Device { id, msg, retained } => {
                 let span = info_span!("device", device = %id);
-                self.on_device_message(id, *msg).instrument(span).await;
+                self.on_device_message(id, *msg, retained)
+                    .instrument(span)
+                    .await;
             }
             Event::Enroll { id, request } => {
                 // Stores a credential (an fsync): off the engine.
@@ -555,8 +581,12 @@ impl Engine {
         }
     }
 
-    async fn on_device_message(&mut self, id: DeviceId, msg: DeviceMessage) {
-        let fx = self.fleet.on_device_message(&id, msg, now_ms());
+    async fn on_device_message(&mut self, id: DeviceId, msg: DeviceMessage, retained: bool) {
+        let fx = if retained {
+            self.fleet.on_retained_message(&id, msg, now_ms())
+        } else {
+            self.fleet.on_device_message(&id, msg, now_ms())
+        };
         if fx.republish {
             if let Some(state) = self.fleet.desired(&id).cloned() {
                 // Credentials first, so a device never pulls without them.
@@ -733,9 +763,17 @@ mod tests {
         let (client, _eventloop) = rumqttc::AsyncClient::new(opts, 100_000);
         let (outbox, _) = Outbox::spawn(client, topics, metrics.clone());
         let (link, link_rx) = mpsc::channel(100);
-        let (engine, _) =
-            Engine::spawn(store, writer, outbox, link_rx, metrics, identities, access)
-                .expect("engine");
+        let (engine, _) = Engine::spawn(
+            store,
+            writer,
+            outbox,
+            link_rx,
+            metrics,
+            identities,
+            access,
+            Duration::from_secs(30),
+        )
+        .expect("engine");
         Fixture {
             engine,
             link,
@@ -751,6 +789,7 @@ mod tests {
                 host: HostMetrics::default(),
                 containers: Vec::new(),
             })),
+            retained: false,
         }
     }
 
@@ -769,6 +808,7 @@ mod tests {
                     online: true,
                     at_ms: 1,
                 })),
+                retained: false,
             })
             .await
             .expect("send");
@@ -838,6 +878,7 @@ mod tests {
                     online: true,
                     at_ms: 1,
                 })),
+                retained: false,
             })
             .await
             .expect("send");

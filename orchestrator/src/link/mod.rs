@@ -27,6 +27,9 @@ pub enum Event {
     Device {
         id: DeviceId,
         msg: Box<DeviceMessage>,
+        /// Handed over from the broker's retained store on subscribing,
+        /// not sent just now: no proof the device is there.
+        retained: bool,
     },
     /// A device without a credential presents an enrollment token.
     Enroll {
@@ -164,6 +167,7 @@ pub async fn drive(
                             .send(Event::Device {
                                 id,
                                 msg: Box::new(msg),
+                                retained: p.retain,
                             })
                             .await
                             .is_err()

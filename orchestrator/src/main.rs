@@ -91,6 +91,11 @@ struct Serve {
     /// isolation.
     #[arg(long)]
     insecure_open_broker: bool,
+    /// Seconds without a live message after which a device counts as
+    /// offline, for agents whose heartbeats do not say their interval
+    /// (newer agents: three missed heartbeats).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    device_timeout: u64,
     /// Username for an external broker (`--broker`); the password comes
     /// from DROVER_BROKER_PASSWORD, never from the command line.
     #[arg(long, env = "DROVER_BROKER_USERNAME", requires = "broker")]
@@ -161,6 +166,7 @@ async fn serve(args: Serve) -> Result<()> {
     };
     let mut config = ServerConfig::new(args.data_dir);
     config.mqtt_auth = !args.insecure_open_broker;
+    config.device_timeout = std::time::Duration::from_secs(args.device_timeout);
     config.broker_credentials = broker_credentials;
     config.api_listen = args.api_listen;
     config.broker = broker;

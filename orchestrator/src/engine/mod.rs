@@ -270,6 +270,7 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the fleet from the store and starts the engine task.
+    #[allow(clippy::too_many_arguments)] // each is a distinct collaborator
     pub fn spawn(
         store: Store,
         writer: StoreWriter,

@@ -12,6 +12,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
-# The end-to-end tests start the real drover and drover-agent binaries.
-cargo build --workspace --bins
+# The end-to-end tests start the real drover and drover-agent binaries,
+# built exactly as the harness builds them (the same packages, so the same
+# features: a different set would rebuild both once more).
+cargo build -p drover -p drover-agent --bins
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// offline after this long without a live message (others after
     /// `MISSED_HEARTBEATS` of their intervals).
     pub device_timeout: Duration,
+    /// The REST API's header-read timeout and connection limit.
+    pub api_limits: crate::http::tls::ServeLimits,
 }
 
 impl ServerConfig {
@@ -75,6 +77,7 @@ impl ServerConfig {
             api_tls: None,
             broker_tls: None,
             device_timeout: Duration::from_secs(30),
+            api_limits: Default::default(),
         }
     }
 }
@@ -293,10 +296,11 @@ pub async fn start(
         stopping: api_stopping,
     }));
     let stop_api = stopped();
+    let api_limits = config.api_limits;
     let task = tokio::spawn(async move {
         // 1. Intake stops: the API answers what it has begun (long polls
         //    and change streams end at once) and takes nothing new.
-        let served = listener.serve(app, stop_api).await;
+        let served = listener.serve(app, stop_api, api_limits).await;
         // 2. The engine finishes the changes in flight: their writes
         //    committed or failed, their replies sent, their publishes queued.
         engine.shutdown().await;

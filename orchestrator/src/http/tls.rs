@@ -1,16 +1,21 @@
-//! The REST API over HTTPS, and `drover serve`'s TLS flags.
+//! The REST API's listener (HTTP or HTTPS) and server loop, and `drover
+//! serve`'s TLS flags.
 //!
-//! [`HttpsListener`] is an `axum::serve` listener fed by our own accept
-//! loop: accept, then a task per connection that does the TLS handshake
-//! (tokio-rustls, ring) under a timeout and passes the finished stream on.
-//! axum keeps doing what it does for plain TCP, graceful shutdown included,
-//! and a client that never finishes its handshake holds up nobody else.
+//! [`ApiListener::serve`] runs hyper's HTTP/1.1 connections itself rather
+//! than `axum::serve`, which has neither a header-read timeout nor a
+//! connection limit. [`HttpsListener`] is fed by our own accept loop:
+//! accept, then a task per connection that does the TLS handshake
+//! (tokio-rustls, ring) under a timeout and passes the finished stream on,
+//! so a client that never finishes its handshake holds up nobody else.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -54,34 +59,176 @@ impl ApiListener {
     }
 
     /// Serves `app` until `shutdown` resolves and open requests have drained.
+    ///
+    /// Each connection has `limits.header_read_timeout` to send a request's
+    /// headers (also while it idles between requests): a client that opens
+    /// connections and says nothing, or half a request, is cut off. At most
+    /// `limits.max_connections` are open at once; beyond that new ones wait
+    /// in the kernel's backlog, so the API can never take the descriptors
+    /// the MQTT broker needs.
     pub async fn serve(
-        self,
+        mut self,
         app: axum::Router,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        limits: ServeLimits,
     ) -> std::io::Result<()> {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .keep_alive(true);
+        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+                _ = &mut shutdown => break,
+            };
+            let io = tokio::select! {
+                io = self.accept() => io,
+                _ = &mut shutdown => break,
+            };
+            let service = TowerToHyperService::new(app.clone());
+            let conn = http.serve_connection(TokioIo::new(io), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "HTTP connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        // No new connections; open ones finish their request in flight and
+        // close (idle keep-alive connections at once).
+        drop(self);
+        if tokio::time::timeout(limits.drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                "HTTP connections still open after {:?}; closing them",
+                limits.drain
+            );
+        }
+        Ok(())
+    }
+
+    async fn accept(&mut self) -> ApiStream {
         match self {
-            ApiListener::Http(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
-            ApiListener::Https(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+            ApiListener::Http(l) => loop {
+                match l.accept().await {
+                    Ok((tcp, _)) => {
+                        let _ = tcp.set_nodelay(true);
+                        break ApiStream::Plain(tcp);
+                    }
+                    // Out of descriptors, most likely: wait, do not spin.
+                    Err(e) => {
+                        warn!(error = %e, "cannot accept an API connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            },
+            ApiListener::Https(l) => match l.handshaken.recv().await {
+                Some((tls, _)) => ApiStream::Tls(Box::new(tls)),
+                // The accept loop ended (it only does when aborted).
+                None => std::future::pending().await,
+            },
         }
     }
 }
 
-/// Accepted, handshaken HTTPS connections for `axum::serve`. Dropping it
-/// (axum does on shutdown) stops the accept loop and closes the socket.
+/// How the REST API guards its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Time to send a request's headers, and to idle between requests.
+    pub header_read_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub drain: Duration,
+}
+
+impl Default for ServeLimits {
+    /// At most a quarter of the process's open-file limit (and 8 to 1024)
+    /// for API connections: the rest stays for the broker's devices, the
+    /// redb file and the rest of the process.
+    fn default() -> Self {
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1024);
+        ServeLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: usize::try_from(nofile / 4).unwrap_or(1024).clamp(8, 1024),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A plain or TLS connection to the REST API.
+enum ApiStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for ApiStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ApiStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ApiStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ApiStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ApiStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ApiStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ApiStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepted, handshaken HTTPS connections. Dropping it (the server does on
+/// shutdown) stops the accept loop and closes the socket.
 pub struct HttpsListener {
     handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local_addr: Option<SocketAddr>,
     accept_task: tokio::task::JoinHandle<()>,
 }
 
 impl HttpsListener {
     pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
-        let local_addr = listener.local_addr().ok();
         let (tx, handshaken) = mpsc::channel(64);
         let accept_task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx));
         HttpsListener {
             handshaken,
-            local_addr,
             accept_task,
         }
     }
@@ -128,25 +275,6 @@ async fn accept_loop(
             }
             .instrument(tracing::debug_span!("https_connection", %peer)),
         );
-    }
-}
-
-impl axum::serve::Listener for HttpsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.handshaken.recv().await {
-            Some(conn) => conn,
-            // The accept loop ended (it only does when aborted): nothing
-            // more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.local_addr
-            .ok_or_else(|| std::io::Error::other("the HTTPS listener's address is unknown"))
     }
 }
 

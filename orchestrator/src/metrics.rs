@@ -11,6 +11,9 @@ pub struct Metrics {
     pub mqtt_published: AtomicU64,
     pub mqtt_publish_failed: AtomicU64,
     pub store_write_failed: AtomicU64,
+    /// Audit records dropped because the store failed for so long that
+    /// more were waiting than the writer keeps.
+    pub audit_dropped: AtomicU64,
     /// REST requests refused with 401 or 403.
     pub api_denied: AtomicU64,
     pub enrollments_accepted: AtomicU64,
@@ -50,6 +53,11 @@ impl Metrics {
             "drover_store_write_failed_total",
             "redb write transactions that failed.",
             &self.store_write_failed,
+        );
+        counter(
+            "drover_audit_records_dropped_total",
+            "Audit records lost because the store could not be written for longer than the writer keeps them.",
+            &self.audit_dropped,
         );
         counter(
             "drover_api_denied_total",

@@ -532,6 +532,24 @@ impl Fleet {
         Ok((next, operation, writes))
     }
 
+    /// Undoes a request whose writes failed: the device's desired state is
+    /// what it was, and the operation never existed.
+    pub fn undo_request(&mut self, device: &DeviceId, previous: Option<DesiredState>, op_id: &str) {
+        match previous {
+            Some(d) => self.desired.insert(device.clone(), d),
+            None => self.desired.remove(device),
+        };
+        self.operations.forget(op_id);
+    }
+
+    /// Puts an app back as it was (`None`: it did not exist).
+    pub fn restore_app(&mut self, name: &Name, previous: Option<AppRecord>) {
+        match previous {
+            Some(rec) => self.apps.insert(name.clone(), rec),
+            None => self.apps.remove(name),
+        };
+    }
+
     pub fn commit_request(&mut self, desired: DesiredState, op: OperationRecord) {
         self.desired.insert(op.device.clone(), desired);
         self.operations.insert(op);

@@ -89,6 +89,16 @@ impl OpBook {
         self.open.retain(|_, s| !s.is_empty());
     }
 
+    /// Drops an operation that was never stored (its write failed).
+    pub fn forget(&mut self, id: &str) {
+        if let Some(op) = self.by_id.remove(id) {
+            if let Some(set) = self.open.get_mut(&op.device) {
+                set.remove(&(op.generation, op.id.clone()));
+            }
+            self.finished.retain(|f| f != id);
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<&OperationRecord> {
         self.by_id.get(id)
     }

@@ -167,6 +167,11 @@ impl SecretsBook {
         self.by_host.get(host).map(contract::Registry::from)
     }
 
+    /// The stored credentials for a host.
+    pub fn record(&self, host: &str) -> Option<RegistryRecord> {
+        self.by_host.get(host).cloned()
+    }
+
     pub fn put(&mut self, rec: RegistryRecord) {
         self.by_host.insert(rec.credential.host.clone(), rec);
     }

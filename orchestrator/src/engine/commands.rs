@@ -400,6 +400,11 @@ impl Commands {
         }
     }
 
+    /// `Err` with the reason while the store cannot be written.
+    pub fn store_health(&self) -> Result<(), String> {
+        self.store.health()
+    }
+
     /// An operation from the engine's memory, or from redb for an old
     /// finished one that was evicted from memory.
     pub async fn operation(&self, id: &str) -> Result<Option<OperationRecord>, CommandError> {

@@ -226,24 +226,42 @@ impl EngineHandle {
 }
 
 /// What to do once a change's writes are durable.
+/// Each carries what memory held before, to undo the change if its
+/// writes fail.
 enum Then {
     App {
         reply: oneshot::Sender<Result<Done, EngineError>>,
         record: AppRecord,
+        previous: Option<AppRecord>,
     },
     AppDeleted {
         reply: oneshot::Sender<Result<Done, EngineError>>,
         name: Name,
+        previous: Option<AppRecord>,
     },
     Apply {
         reply: oneshot::Sender<Result<Done, EngineError>>,
         op: OperationRecord,
         desired: DesiredState,
+        previous: Option<DesiredState>,
     },
     Registry {
         reply: oneshot::Sender<Result<Done, EngineError>>,
         view: Option<contract::Registry>,
+        host: String,
+        previous: Option<RegistryRecord>,
     },
+}
+
+impl Then {
+    fn reply(self) -> oneshot::Sender<Result<Done, EngineError>> {
+        match self {
+            Then::App { reply, .. }
+            | Then::AppDeleted { reply, .. }
+            | Then::Apply { reply, .. }
+            | Then::Registry { reply, .. } => reply,
+        }
+    }
 }
 
 type Durable = Pin<Box<dyn Future<Output = (Then, Result<(), StoreError>)> + Send>>;
@@ -310,9 +328,14 @@ impl Engine {
             (self.offline_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)),
         );
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reload_at = tokio::time::Instant::now();
         loop {
-            if self.reload && self.pending.is_empty() {
-                self.reload_from_store().await;
+            if self.reload
+                && self.pending.is_empty()
+                && tokio::time::Instant::now() >= reload_at
+                && !self.reload_from_store().await
+            {
+                reload_at = tokio::time::Instant::now() + Duration::from_millis(500);
             }
             if shutdown.is_some() && self.pending.is_empty() {
                 break;
@@ -324,6 +347,7 @@ impl Engine {
                     self.after_write(then, result).await;
                 }
                 Some(event) = link.recv(), if shutdown.is_none() => self.on_link_event(event).await,
+                _ = tokio::time::sleep_until(reload_at), if self.reload && self.pending.is_empty() => {}
                 _ = expiry.tick(), if shutdown.is_none() => {
                     let fx = self
                         .fleet
@@ -380,7 +404,16 @@ impl Engine {
             FleetChange::CreateApp(spec) => match self.fleet.create_app(spec, now) {
                 Ok((record, writes)) => {
                     self.fleet.put_app(record.clone());
-                    self.queue(writes, Then::App { reply, record }).await;
+                    let previous = None;
+                    self.queue(
+                        writes,
+                        Then::App {
+                            reply,
+                            record,
+                            previous,
+                        },
+                    )
+                    .await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -388,8 +421,17 @@ impl Engine {
             },
             FleetChange::UpdateApp(spec) => match self.fleet.update_app(spec, now) {
                 Ok((record, writes)) => {
+                    let previous = self.fleet.app(&record.spec.name);
                     self.fleet.put_app(record.clone());
-                    self.queue(writes, Then::App { reply, record }).await;
+                    self.queue(
+                        writes,
+                        Then::App {
+                            reply,
+                            record,
+                            previous,
+                        },
+                    )
+                    .await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -397,8 +439,17 @@ impl Engine {
             },
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
                 Ok(writes) => {
+                    let previous = self.fleet.app(&name);
                     self.fleet.remove_app(&name);
-                    self.queue(writes, Then::AppDeleted { reply, name }).await;
+                    self.queue(
+                        writes,
+                        Then::AppDeleted {
+                            reply,
+                            name,
+                            previous,
+                        },
+                    )
+                    .await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -408,8 +459,18 @@ impl Engine {
                 let id = uuid::Uuid::new_v4().to_string();
                 match self.fleet.request(&device, op, &app, id, now) {
                     Ok((desired, op, writes)) => {
+                        let previous = self.fleet.desired(&device).cloned();
                         self.fleet.commit_request(desired.clone(), op.clone());
-                        self.queue(writes, Then::Apply { reply, op, desired }).await;
+                        self.queue(
+                            writes,
+                            Then::Apply {
+                                reply,
+                                op,
+                                desired,
+                                previous,
+                            },
+                        )
+                        .await;
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
@@ -422,24 +483,34 @@ impl Engine {
                     updated_at_ms: now,
                 };
                 let view = contract::Registry::from(&record);
+                let host = record.credential.host.clone();
+                let previous = self.secrets.record(&host);
                 self.secrets.put(record.clone());
                 self.queue(
                     vec![Write::Registry(record)],
                     Then::Registry {
                         reply,
                         view: Some(view),
+                        host,
+                        previous,
                     },
                 )
                 .await;
             }
             FleetChange::DeleteRegistry(host) => {
+                let previous = self.secrets.record(&host);
                 if !self.secrets.remove(&host) {
                     let _ = reply.send(Err(EngineError::UnknownRegistry(host)));
                     return;
                 }
                 self.queue(
-                    vec![Write::DeleteRegistry(host)],
-                    Then::Registry { reply, view: None },
+                    vec![Write::DeleteRegistry(host.clone())],
+                    Then::Registry {
+                        reply,
+                        view: None,
+                        host,
+                        previous,
+                    },
                 )
                 .await;
             }
@@ -449,19 +520,11 @@ impl Engine {
     /// A change's writes are durable (or failed): publish and reply.
     async fn after_write(&mut self, then: Then, result: Result<(), StoreError>) {
         if let Err(e) = result {
-            error!(error = %e, "store write failed; the change is undone and the engine reloads from the store");
-            self.reload = true;
-            let reply = match then {
-                Then::App { reply, .. }
-                | Then::AppDeleted { reply, .. }
-                | Then::Apply { reply, .. }
-                | Then::Registry { reply, .. } => reply,
-            };
-            let _ = reply.send(Err(EngineError::Store(e)));
+            self.after_failed_write(then, e).await;
             return;
         }
         match then {
-            Then::App { reply, record } => {
+            Then::App { reply, record, .. } => {
                 info!(app = %record.spec.name, "app stored");
                 self.emit(Change::App {
                     name: record.spec.name.clone(),
@@ -469,7 +532,7 @@ impl Engine {
                 });
                 let _ = reply.send(Ok(Done::App(record)));
             }
-            Then::AppDeleted { reply, name } => {
+            Then::AppDeleted { reply, name, .. } => {
                 info!(app = %name, "app deleted");
                 self.emit(Change::App {
                     name,
@@ -477,7 +540,9 @@ impl Engine {
                 });
                 let _ = reply.send(Ok(Done::AppDeleted));
             }
-            Then::Apply { reply, op, desired } => {
+            Then::Apply {
+                reply, op, desired, ..
+            } => {
                 let device = op.device.clone();
                 info!(device = %device, app = %op.app, op = op.op.as_str(), generation = desired.generation, operation = %op.id, "desired state changed");
                 // The credentials the new desired state needs go out before it does.
@@ -508,7 +573,7 @@ impl Engine {
                 });
                 let _ = reply.send(Ok(Done::Operation(op)));
             }
-            Then::Registry { reply, view } => {
+            Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
                         info!(host = %v.host, username = %v.username, "registry credentials stored")
@@ -524,9 +589,63 @@ impl Engine {
         }
     }
 
+    /// A change's writes failed, and with it, most likely, every change
+    /// queued after it. Waits for those, then undoes the failed ones in
+    /// reverse order, so memory is again what the file holds and reads
+    /// stay true while the store recovers. Should a later change have been
+    /// stored after all, undoing by hand could be wrong: the engine reloads
+    /// from the file instead.
+    async fn after_failed_write(&mut self, first: Then, e: StoreError) {
+        error!(error = %e, "store write failed; the change is undone");
+        let mut settled = vec![(first, Err(e))];
+        while let Some(next) = self.pending.next().await {
+            settled.push(next);
+        }
+        if settled.iter().any(|(_, r)| r.is_ok()) {
+            self.reload = true;
+        }
+        let mut ok = Vec::new();
+        for (then, result) in settled.into_iter().rev() {
+            match result {
+                Ok(()) => ok.push(then),
+                Err(e) => {
+                    if !self.reload {
+                        self.undo(&then);
+                    }
+                    let _ = then.reply().send(Err(EngineError::Store(e)));
+                }
+            }
+        }
+        for then in ok.into_iter().rev() {
+            Box::pin(self.after_write(then, Ok(()))).await;
+        }
+    }
+
+    fn undo(&mut self, then: &Then) {
+        match then {
+            Then::App {
+                record, previous, ..
+            } => self.fleet.restore_app(&record.spec.name, previous.clone()),
+            Then::AppDeleted { name, previous, .. } => {
+                self.fleet.restore_app(name, previous.clone())
+            }
+            Then::Apply { op, previous, .. } => {
+                self.fleet
+                    .undo_request(&op.device, previous.clone(), &op.id)
+            }
+            Then::Registry { host, previous, .. } => match previous {
+                Some(rec) => self.secrets.put(rec.clone()),
+                None => {
+                    self.secrets.remove(host);
+                }
+            },
+        }
+    }
+
     /// After a failed write: memory may hold changes that never reached
     /// the file. The file is the truth; read it again.
-    async fn reload_from_store(&mut self) {
+    /// `false` when it must be tried again later.
+    async fn reload_from_store(&mut self) -> bool {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || load(&store)).await {
             Ok(Ok((fleet, secrets))) => {
@@ -534,13 +653,18 @@ impl Engine {
                 self.secrets = secrets;
                 self.reload = false;
                 warn!("engine state reloaded from the store after a failed write");
+                true
             }
             Ok(Err(e)) => {
-                // Stay in recovery; the next change or input tries again.
-                error!(error = %e, "reloading from the store failed; changes are refused until it works");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // Stay in recovery: changes are refused until it works;
+                // reads and device messages go on meanwhile.
+                debug!(error = %e, "reloading from the store failed; trying again");
+                false
             }
-            Err(e) => error!(error = %e, "reload task failed"),
+            Err(e) => {
+                error!(error = %e, "reload task failed");
+                false
+            }
         }
     }
 

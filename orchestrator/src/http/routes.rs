@@ -31,7 +31,7 @@ const MAX_WAIT_SECS: u64 = 300;
 
 pub fn router(api: ApiState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
@@ -110,6 +110,18 @@ async fn json_client_errors(method: axum::http::Method, resp: Response) -> Respo
     parts.headers.extend(error_parts.headers);
     parts.extensions.extend(error_parts.extensions);
     Response::from_parts(parts, body)
+}
+
+/// `ok`, or 503 naming what does not work (the store cannot be written).
+async fn health(State(api): State<ApiState>) -> Response {
+    match api.commands.store_health() {
+        Ok(()) => "ok\n".into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: store: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {

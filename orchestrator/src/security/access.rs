@@ -224,7 +224,9 @@ impl Access {
                 .await
         };
         if let Err(e) = stored.await {
-            warn!(error = %e, "audit record could not be stored");
+            // The writer keeps it and commits it once the store works again
+            // (`store::writer`, AUDIT_RETRY).
+            warn!(error = %e, "audit record not stored yet; kept until the store can be written");
         }
     }
 

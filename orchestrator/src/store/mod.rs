@@ -6,8 +6,8 @@
 
 pub mod writer;
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -74,9 +74,19 @@ db_err!(
 
 pub use crate::core::records::Write;
 
+/// How long after its last failed write the store still reports itself
+/// unhealthy.
+pub const HEALTH_MEMORY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The redb file. Cloned handles share one open database, which
+/// [`Store::reopen`] replaces after an I/O error (redb refuses every
+/// operation after one until the file is opened again).
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    path: Arc<PathBuf>,
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    /// The last failed write: when, and why.
+    trouble: Arc<RwLock<Option<(std::time::Instant, String)>>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -87,6 +97,15 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Self::open_db(path)?;
+        Ok(Store {
+            path: Arc::new(path.to_path_buf()),
+            db: Arc::new(RwLock::new(Some(Arc::new(db)))),
+            trouble: Arc::new(RwLock::new(None)),
+        })
+    }
+
+    fn open_db(path: &Path) -> Result<Database, StoreError> {
         let db = Database::create(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
@@ -108,12 +127,84 @@ impl Store {
         }
         tx.open_table(AUDIT)?;
         tx.commit()?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(db)
+    }
+
+    /// The open database, for one operation.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Db("the database is being reopened".into()))
+    }
+
+    /// Closes and opens the database file again, as redb asks after an I/O
+    /// error (a full disk). Waits for operations in flight on the old
+    /// handle to end first: redb allows one open handle per file.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = old {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) if std::time::Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(still) => {
+                        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(still);
+                        return Err(StoreError::Db(
+                            "the database is still in use; cannot reopen it".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        let opened = Self::open_db(&self.path);
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        match opened {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `Err` with the reason while writes fail, and for
+    /// [`HEALTH_MEMORY`] after the last failure: on a nearly full disk
+    /// small writes may commit while larger ones fail, and health must not
+    /// flicker to "ok" in between (for `/healthz`).
+    pub fn health(&self) -> Result<(), String> {
+        match &*self.trouble.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, e)) if at.elapsed() < HEALTH_MEMORY => {
+                Err(format!("{e} ({} s ago)", at.elapsed().as_secs()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The writer reports a failed write.
+    pub(crate) fn write_failed(&self, why: String) {
+        *self.trouble.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), why));
+    }
+
+    /// Whether a write transaction commits now (a probe after a failure).
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let tx = self.db()?.begin_write()?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Applies writes in one transaction: all or nothing.
     pub fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db()?.begin_write()?;
         {
             for w in writes {
                 match w {
@@ -187,7 +278,7 @@ impl Store {
         def: TableDefinition<&str, &[u8]>,
         name: &'static str,
     ) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let table = tx.open_table(def)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -204,7 +295,7 @@ impl Store {
 
     /// One operation by id, straight from the file.
     pub fn operation(&self, id: &str) -> Result<Option<OperationRecord>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let table = tx.open_table(OPERATIONS)?;
         let Some(v) = table.get(id)? else {
             return Ok(None);
@@ -256,7 +347,7 @@ impl Store {
         limit: usize,
         keep: impl Fn(&AuditRecord) -> bool,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let table = tx.open_table(AUDIT)?;
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
@@ -279,7 +370,7 @@ impl Store {
 
     /// The highest audit sequence number written so far (0 when empty).
     pub fn last_audit_seq(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let table = tx.open_table(AUDIT)?;
         let last = table.last()?.map_or(0, |(k, _)| k.value());
         Ok(last)

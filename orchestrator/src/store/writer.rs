@@ -9,13 +9,24 @@
 //! one fsync each: the load test measured the REST rollout rate halved
 //! (1,396 → 671 requests/s at 10,000 devices) once every request also wrote
 //! an audit record that way.
+//!
+//! When a transaction fails (a full disk), redb refuses everything after it
+//! until the file is opened again. The writer then reopens the file and
+//! probes it with an empty transaction, at most every
+//! [`RECOVERY_INTERVAL`], until a write commits; meanwhile jobs fail at
+//! once (nothing is changed) and `Store::health` says why. Audit records of
+//! the failed transactions are kept (up to [`AUDIT_RETRY`]) and committed
+//! with the first transaction that works: the record of what was refused
+//! during the outage is not lost.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, Write};
@@ -25,6 +36,12 @@ const MAX_JOBS_PER_TRANSACTION: usize = 512;
 
 /// Jobs waiting for the writer; senders wait when it is full.
 const QUEUE: usize = 10_000;
+
+/// How often a failed store is reopened and probed.
+pub const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Audit records of failed transactions kept for the next one that works.
+pub const AUDIT_RETRY: usize = 10_000;
 
 /// Writes handed to the writer; `done` is told the outcome when the caller
 /// must not go on before the change is durable.
@@ -126,7 +143,28 @@ fn stopped() -> StoreError {
 }
 
 async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
-    while let Some(first) = jobs.recv().await {
+    let mut failing = false;
+    let mut audit_retry: VecDeque<Write> = VecDeque::new();
+    loop {
+        let first = if failing {
+            // Probe on a timer too, so health recovers with no traffic.
+            match tokio::time::timeout(RECOVERY_INTERVAL, jobs.recv()).await {
+                Ok(Some(j)) => j,
+                Ok(None) => return,
+                Err(_) => {
+                    failing = !recover(&store).await
+                        || commit(&store, &metrics, &mut audit_retry, Vec::new())
+                            .await
+                            .is_err();
+                    continue;
+                }
+            }
+        } else {
+            match jobs.recv().await {
+                Some(j) => j,
+                None => return,
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_JOBS_PER_TRANSACTION
             && batch.last().is_some_and(|j| j.stop.is_none())
@@ -137,19 +175,23 @@ async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>)
             }
         }
         let stop = batch.last_mut().and_then(|j| j.stop.take());
+        if failing {
+            failing = !recover(&store).await;
+        }
         let writes: Vec<Write> = batch
             .iter()
             .flat_map(|j| j.writes.iter().cloned())
             .collect();
-        let store = store.clone();
-        let res = tokio::task::spawn_blocking(move || store.write(&writes))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))));
-        let res = res.map_err(|e| e.to_string());
-        if let Err(e) = &res {
-            metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, jobs = batch.len(), "store transaction failed");
-        }
+        let res = if failing {
+            keep_audit(&mut audit_retry, &writes, &metrics);
+            Err(store
+                .health()
+                .err()
+                .unwrap_or_else(|| "the store cannot be written".into()))
+        } else {
+            commit(&store, &metrics, &mut audit_retry, writes).await
+        };
+        failing = res.is_err();
         for job in batch {
             if let Some(done) = job.done {
                 let _ = done.send(res.clone().map_err(StoreError::Db));
@@ -161,6 +203,66 @@ async fn run(store: Store, mut jobs: mpsc::Receiver<Job>, metrics: Arc<Metrics>)
             let _ = stop.send(());
             return;
         }
+    }
+}
+
+/// Commits `writes` after any audit records kept from failed transactions
+/// (older first: audit records are keyed by their sequence number).
+async fn commit(
+    store: &Store,
+    metrics: &Metrics,
+    audit_retry: &mut VecDeque<Write>,
+    writes: Vec<Write>,
+) -> Result<(), String> {
+    let mut all: Vec<Write> = audit_retry.drain(..).collect();
+    let retried = all.len();
+    all.extend(writes);
+    let s = store.clone();
+    let attempt = all.clone();
+    let res = tokio::task::spawn_blocking(move || s.write(&attempt))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))))
+        .map_err(|e| e.to_string());
+    match &res {
+        Ok(()) => {
+            if retried > 0 {
+                info!(audit_records_recovered = retried, "store writable again");
+            }
+        }
+        Err(e) => {
+            metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "store transaction failed");
+            store.write_failed(format!("cannot write: {e}"));
+            keep_audit(audit_retry, &all, metrics);
+        }
+    }
+    res
+}
+
+/// Keeps the audit records of a failed transaction for the next one.
+fn keep_audit(audit_retry: &mut VecDeque<Write>, writes: &[Write], metrics: &Metrics) {
+    for w in writes {
+        if matches!(w, Write::Audit { .. }) {
+            if audit_retry.len() == AUDIT_RETRY {
+                audit_retry.pop_front();
+                metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            audit_retry.push_back(w.clone());
+        }
+    }
+}
+
+/// Reopens the database file (redb refuses everything after an I/O error
+/// until then). `true` when it opened.
+async fn recover(store: &Store) -> bool {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || s.reopen()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            store.write_failed(format!("cannot reopen the database: {e}"));
+            false
+        }
+        Err(_) => false,
     }
 }
 

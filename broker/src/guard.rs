@@ -13,6 +13,7 @@
 //! read CONNECT; a client the hook refuses gets CONNACK "not authorized".
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -161,6 +162,8 @@ struct Conn {
 pub struct Guard {
     inner: V4,
     shared: Arc<Shared>,
+    /// The address of the client (unset on the unconnected template).
+    peer: Option<IpAddr>,
     /// The verified client certificate's subject CN (mutual TLS only).
     peer_cn: Option<String>,
     conn: Option<Conn>,
@@ -171,17 +174,20 @@ impl Guard {
         Guard {
             inner: V4,
             shared,
+            peer: None,
             peer_cn: None,
             conn: None,
         }
     }
 
-    /// A fresh guard for a connection whose client certificate (mutual
-    /// TLS) has this subject CN. A device or enrolling device must then
-    /// connect with that CN as its id: the certificate is bound to the MQTT
-    /// identity, so one device's certificate cannot carry another's login.
-    pub(crate) fn for_peer(&self, common_name: Option<String>) -> Guard {
+    /// A fresh guard for a connection from `peer` whose client certificate
+    /// (mutual TLS) has this subject CN. A device or enrolling device must
+    /// then connect with that CN as its id: the certificate is bound to the
+    /// MQTT identity, so one device's certificate cannot carry another's
+    /// login.
+    pub(crate) fn for_peer(&self, peer: IpAddr, common_name: Option<String>) -> Guard {
         let mut g = self.clone();
+        g.peer = Some(peer);
         g.peer_cn = common_name;
         g
     }

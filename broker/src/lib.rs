@@ -19,10 +19,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
-};
-use tracing::{error, info, warn};
+use rumqttd::{ConnectionSettings, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
+use tracing::{error, info, warn, Instrument};
 
 pub use acl::Principal;
 pub use guard::{Authority, Connections, GuardStats};
@@ -175,6 +173,9 @@ struct TlsListener {
 /// A started broker. Dropping it does not stop it; await [`Broker::run`].
 pub struct Broker {
     config: BrokerConfig,
+    /// The plain listener, bound in [`Broker::start`]; `config.listen`
+    /// holds the address it really got (port 0 picks one).
+    listener: std::net::TcpListener,
     server: Server<Guard>,
     /// The unconnected guard; each connection gets a clone.
     guard: Guard,
@@ -186,7 +187,7 @@ pub struct Broker {
 impl Broker {
     /// Validates the settings, checks the listen address can be bound, and
     /// starts the router thread. Nothing is listening until [`Broker::run`].
-    pub fn start(config: BrokerConfig, access: Access) -> Result<Broker, BrokerError> {
+    pub fn start(mut config: BrokerConfig, access: Access) -> Result<Broker, BrokerError> {
         if config.max_connections == 0 {
             return Err(BrokerError::Config(
                 "max_connections must be at least 1".into(),
@@ -213,13 +214,19 @@ impl Broker {
             )),
             None => None,
         };
-        // rumqttd binds inside its accept loop and cannot report a failure
-        // to bind except by logging; probe first so a taken port is a clear,
-        // early error.
-        std::net::TcpListener::bind(config.listen).map_err(|source| BrokerError::Bind {
-            addr: config.listen,
+        // Bound here, so a taken port is a clear, early error and port 0
+        // reports the port it got. Drover accepts on it itself (see
+        // `serve_plain`) instead of rumqttd's `Server::start`, which binds
+        // inside its accept loop and never tells a connection's guard who
+        // is on the other end.
+        let listen = config.listen;
+        let bind_err = |source| BrokerError::Bind {
+            addr: listen,
             source,
-        })?;
+        };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        config.listen = listener.local_addr().map_err(bind_err)?;
         // Our own listener is bound here and kept, so port 0 reports the
         // port it really got.
         let tls = match tls_config {
@@ -298,6 +305,7 @@ impl Broker {
         let server = Server::new(settings, router_tx, guard.clone());
         Ok(Broker {
             config,
+            listener,
             server,
             guard,
             stats,
@@ -329,13 +337,22 @@ impl Broker {
     /// already open are owned by rumqttd's tasks and end with the runtime.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let addr = self.config.listen;
+        let plain = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(%addr, error = %e, "embedded MQTT broker cannot listen");
+                return;
+            }
+        };
         info!(%addr, "embedded MQTT broker listening");
         let tls_loop = self.tls.take().map(|t| {
             let server = self.server.clone();
             // Each MQTTS connection's guard knows the verified client
             // certificate's CN, to bind it to the device's identity.
             let guard = self.guard.clone();
-            let protocol_for = move |common_name: Option<String>| guard.for_peer(common_name);
+            let protocol_for = move |peer: SocketAddr, common_name: Option<String>| {
+                guard.for_peer(peer.ip(), common_name)
+            };
             let timeout =
                 std::time::Duration::from_millis(u64::from(self.config.connection_timeout_ms));
             async move {
@@ -359,13 +376,36 @@ impl Broker {
             }
         };
         tokio::select! {
-            res = self.server.start(LinkType::Remote) => {
-                if let Err(e) = res {
-                    error!(%addr, error = %e, "embedded MQTT broker stopped");
-                }
-            }
+            () = serve_plain(plain, self.server.clone(), self.guard.clone()) => {}
             () = tls_loop => {}
             () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
         }
+    }
+}
+
+/// Accepts plain MQTT connections forever, each served on its own task by
+/// rumqttd's per-connection code (`Server::serve_stream`) with a guard that
+/// knows the peer's address.
+async fn serve_plain(listener: tokio::net::TcpListener, server: Server<Guard>, guard: Guard) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of
+                // spinning on the error.
+                warn!(error = %e, "cannot accept MQTT connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // MQTT packets are small and latency-bound: do not hold them back
+        // for Nagle's algorithm (see broker/vendor/PATCHES.md).
+        let _ = tcp.set_nodelay(true);
+        let protocol = guard.for_peer(peer.ip(), None);
+        tokio::spawn(
+            server
+                .serve_stream(tcp, protocol)
+                .instrument(tracing::info_span!("mqtt_connection", %peer)),
+        );
     }
 }

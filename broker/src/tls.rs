@@ -190,9 +190,9 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// Accepts TLS connections on `listener` forever. Each connection is
 /// handshaken on its own task within `handshake_timeout`; then
-/// `protocol_for` gets the verified client certificate's subject Common
-/// Name (`None` without mutual TLS) and returns the protocol value rumqttd
-/// runs that connection with.
+/// `protocol_for` gets the peer's address and the verified client
+/// certificate's subject Common Name (`None` without mutual TLS) and
+/// returns the protocol value rumqttd runs that connection with.
 pub(crate) async fn serve<P, F>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -201,7 +201,7 @@ pub(crate) async fn serve<P, F>(
     handshake_timeout: Duration,
 ) where
     P: Protocol + Clone + Send + Sync + 'static,
-    F: Fn(Option<String>) -> P + Send + Sync + 'static,
+    F: Fn(SocketAddr, Option<String>) -> P + Send + Sync + 'static,
 {
     let server = Arc::new(server);
     let protocol_for = Arc::new(protocol_for);
@@ -255,7 +255,7 @@ pub(crate) async fn serve<P, F>(
                     tracing::Span::current().record("common_name", cn.as_str());
                 }
                 debug!("TLS handshake done");
-                let protocol = protocol_for(cn);
+                let protocol = protocol_for(peer, cn);
                 server.serve_stream(tls, protocol).await;
             }
             .instrument(span),
@@ -455,7 +455,7 @@ mod tests {
             listener,
             TlsAcceptor::from(config),
             rumqttd_server(),
-            move |cn| {
+            move |_peer, cn| {
                 let _ = tx.send(cn);
                 rumqttd::protocol::v4::V4
             },

@@ -265,11 +265,11 @@ where
         return Err(e);
     }
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // [drover patch] Keep-alive 0 is accepted: MQTT 3.1.1 §3.1.2.10 says it
+    // turns the keep-alive mechanism off, and clients use it (the Eclipse
+    // Paho interoperability suite by default). rumqttd refused it with
+    // `ZeroKeepAlive`; `Network::set_keepalive` now means "no read
+    // timeout" for 0.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

@@ -198,9 +198,13 @@ impl Guard {
             .acl_violations
             .fetch_add(1, Ordering::Relaxed);
         let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
+        // Client ids and topics come from the wire: Debug escapes a newline
+        // or a terminal escape that would otherwise forge or hide log lines.
         warn!(
-            client_id,
-            what, topic, "not authorized; disconnecting client"
+            client_id = ?client_id,
+            what,
+            topic = ?topic,
+            "not authorized; disconnecting client"
         );
         ProtocolError::InvalidProtocol
     }
@@ -219,7 +223,7 @@ impl Guard {
                         .stats
                         .auth_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id = %connect.client_id, "MQTT CONNECT without credentials refused");
+                    warn!(client_id = ?connect.client_id, "MQTT CONNECT without credentials refused");
                 }
                 let principal = self
                     .shared
@@ -373,7 +377,7 @@ impl Protocol for Guard {
             .principal(&c.client_id, c.username.as_deref());
         if now != c.principal {
             warn!(
-                client_id = %c.client_id,
+                client_id = ?c.client_id,
                 "identity revoked or changed while connecting; disconnecting client"
             );
             self.shared.connections.kick_serial(&c.session_id, serial);

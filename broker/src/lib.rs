@@ -287,7 +287,8 @@ impl Broker {
                     let ok = hook_authority.authenticate(&client_id, &user, &pass);
                     if !ok {
                         hook_stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                        warn!(client_id, username = user, "MQTT credentials refused");
+                        // Debug: both come from the wire (escaped).
+                        warn!(?client_id, username = ?user, "MQTT credentials refused");
                     }
                     std::future::ready(ok)
                 });

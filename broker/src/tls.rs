@@ -252,7 +252,8 @@ pub(crate) async fn serve<P, F>(
                     .and_then(|chain| chain.first())
                     .and_then(common_name);
                 if let Some(cn) = &cn {
-                    tracing::Span::current().record("common_name", cn.as_str());
+                    // Debug: escaped, like every string from the wire.
+                    tracing::Span::current().record("common_name", tracing::field::debug(cn));
                 }
                 debug!("TLS handshake done");
                 let protocol = protocol_for(peer, cn);

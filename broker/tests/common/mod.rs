@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod raw;
 
 use std::net::SocketAddr;

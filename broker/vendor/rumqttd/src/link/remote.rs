@@ -251,7 +251,9 @@ where
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
-    Span::current().record("client_id", &connect.client_id);
+    // [drover patch] Debug, so the client id is escaped whatever formats
+    // the span (PATCHES.md, "Wire strings in the log").
+    Span::current().record("client_id", tracing::field::debug(&connect.client_id));
 
     // [drover patch] Tell a refused client why (CONNACK "not authorized")
     // instead of only closing the socket, so it can report a clear error

@@ -8,23 +8,27 @@
 //! error — which makes rumqttd close the connection — and registers the
 //! connection so its owner can close it later (a revoked credential).
 //!
-//! Password checking is not done here but in rumqttd's authentication hook
-//! (see [`crate::Broker::start`]), which runs right after this wrapper has
-//! read CONNECT; a client the hook refuses gets CONNACK "not authorized".
+//! Passwords are checked here too, when rumqttd asks for the login decision
+//! right after CONNECT (`Protocol::login`, a marked patch): a refused client
+//! gets CONNACK "not authorized". Failed logins are counted, logged at a
+//! bounded rate and answered later and later when one address keeps
+//! failing (see [`crate::throttle`]); a correct password is never delayed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use drover_shared::topic::Topics;
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Error as ProtocolError, Packet, Protocol};
+use rumqttd::protocol::{Error as ProtocolError, LoginDecision, Packet, Protocol};
 use tokio::sync::watch;
 use tracing::warn;
 
 use crate::acl::Principal;
+use crate::throttle::{LogLimit, LoginThrottle};
 
 /// The broker's source of identities: the orchestrator's device registry.
 pub trait Authority: Send + Sync + 'static {
@@ -138,6 +142,29 @@ pub(crate) struct Shared {
     pub(crate) topics: Topics,
     pub(crate) stats: Arc<GuardStats>,
     pub(crate) connections: Arc<Connections>,
+    pub(crate) logins: LoginThrottle,
+    /// Lines about clients disconnected for a violation: an authenticated
+    /// client can reconnect and violate in a loop.
+    pub(crate) violation_lines: LogLimit,
+}
+
+impl Shared {
+    /// The periodic summaries of what the rate limits kept out of the log.
+    pub(crate) fn log_summaries(&self, now: Instant) {
+        for s in self.logins.summaries(now) {
+            warn!(
+                source = %s.source,
+                refused = s.count,
+                "MQTT logins refused (not logged one by one)"
+            );
+        }
+        if let Some(n) = self.violation_lines.summary(now) {
+            warn!(
+                count = n,
+                "clients disconnected for violations (not logged one by one)"
+            );
+        }
+    }
 }
 
 struct Conn {
@@ -167,6 +194,8 @@ pub struct Guard {
     /// The verified client certificate's subject CN (mutual TLS only).
     peer_cn: Option<String>,
     conn: Option<Conn>,
+    /// The CONNECT's password, until the login is decided.
+    password: Option<String>,
 }
 
 impl Guard {
@@ -177,6 +206,7 @@ impl Guard {
             peer: None,
             peer_cn: None,
             conn: None,
+            password: None,
         }
     }
 
@@ -198,14 +228,18 @@ impl Guard {
             .acl_violations
             .fetch_add(1, Ordering::Relaxed);
         let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
-        // Client ids and topics come from the wire: Debug escapes a newline
-        // or a terminal escape that would otherwise forge or hide log lines.
-        warn!(
-            client_id = ?client_id,
-            what,
-            topic = ?topic,
-            "not authorized; disconnecting client"
-        );
+        if let Some(suppressed) = self.shared.violation_lines.admit(Instant::now()) {
+            // Client ids and topics come from the wire: Debug escapes a
+            // newline or a terminal escape that would otherwise forge or
+            // hide log lines.
+            warn!(
+                client_id = ?client_id,
+                what,
+                topic = ?topic,
+                suppressed,
+                "not authorized; disconnecting client"
+            );
+        }
         ProtocolError::InvalidProtocol
     }
 
@@ -218,13 +252,7 @@ impl Guard {
             Packet::Connect(..) if self.conn.is_some() => Err(self.refuse("second connect", "")),
             Packet::Connect(connect, _, will, _, login) => {
                 let username = login.as_ref().map(|l| l.username.as_str());
-                if login.is_none() && self.shared.require_login {
-                    self.shared
-                        .stats
-                        .auth_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id = ?connect.client_id, "MQTT CONNECT without credentials refused");
-                }
+                self.password = login.as_ref().map(|l| l.password.clone());
                 let principal = self
                     .shared
                     .authority
@@ -255,8 +283,8 @@ impl Guard {
                         return Err(self.refuse("client certificate of another identity", cn));
                     }
                 }
-                // An unknown principal is not refused here: the
-                // authentication hook refuses it next, with a CONNACK.
+                // An unknown principal is not refused here: the login
+                // decision refuses it next, with a CONNACK.
                 if let (Some(will), Some(p)) = (will, self.principal()) {
                     let topic = String::from_utf8_lossy(&will.topic);
                     if !p.may_will(topics, &topic) {
@@ -361,6 +389,50 @@ impl Protocol for Guard {
         self.inner.write(packet, write)
     }
 
+    fn login(&mut self) -> Option<LoginDecision> {
+        // An open broker lets everyone in (rumqttd has no credentials set).
+        if !self.shared.require_login {
+            return None;
+        }
+        let password = self.password.take();
+        let (client_id, username) = match &self.conn {
+            Some(c) => (c.client_id.as_str(), c.username.as_deref()),
+            None => ("", None),
+        };
+        let ok = match (username, &password) {
+            (Some(u), Some(p)) => self.shared.authority.authenticate(client_id, u, p),
+            _ => false,
+        };
+        if ok {
+            return Some(Box::pin(std::future::ready(true)));
+        }
+        self.shared
+            .stats
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let failure = self.shared.logins.failed(self.peer, Instant::now());
+        if let Some(earlier) = failure.line {
+            // Debug: client id and username come from the wire.
+            warn!(
+                source = %failure.source,
+                client_id = ?client_id,
+                username = ?username.unwrap_or_default(),
+                without_password = password.is_none(),
+                earlier_not_logged = earlier,
+                "MQTT login refused"
+            );
+        }
+        // Only the refusal waits: the correct password above never does,
+        // so a device behind an address that keeps failing still gets in.
+        let delay = failure.delay;
+        Some(Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            false
+        }))
+    }
+
     fn kick_signal(&self) -> Option<watch::Receiver<bool>> {
         let c = self.conn.as_ref()?;
         let (serial, kick) = self
@@ -427,6 +499,8 @@ mod tests {
             topics: Topics::default(),
             stats: Arc::new(GuardStats::default()),
             connections: Arc::new(Connections::default()),
+            logins: LoginThrottle::new(Default::default()),
+            violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         });
         (Guard::new(shared.clone()), shared)
     }
@@ -526,6 +600,8 @@ mod tests {
             topics: Topics::default(),
             stats: Arc::default(),
             connections: Arc::default(),
+            logins: LoginThrottle::new(Default::default()),
+            violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         }))
     }
 

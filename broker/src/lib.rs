@@ -10,12 +10,12 @@
 
 pub mod acl;
 pub mod guard;
+mod throttle;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
@@ -48,6 +48,7 @@ impl Authority for OpenAuthority {
     }
 }
 
+pub use throttle::LoginThrottleConfig;
 pub use tls::{TlsError, TlsListenerConfig};
 
 /// Limits of the embedded broker. Every field is deliberate:
@@ -107,6 +108,8 @@ pub struct BrokerConfig {
     pub topics: Topics,
     /// An MQTT-over-TLS listener besides the plain one (see [`tls`]).
     pub tls: Option<TlsListenerConfig>,
+    /// How failed logins are logged and slowed down.
+    pub login_throttle: LoginThrottleConfig,
 }
 
 impl BrokerConfig {
@@ -123,6 +126,7 @@ impl BrokerConfig {
             device_log_segment_size: 64 * 1024,
             connection_timeout_ms: 5_000,
             tls: None,
+            login_throttle: LoginThrottleConfig::default(),
         }
     }
 }
@@ -179,6 +183,7 @@ pub struct Broker {
     server: Server<Guard>,
     /// The unconnected guard; each connection gets a clone.
     guard: Guard,
+    shared: Arc<Shared>,
     stats: Arc<GuardStats>,
     connections: Arc<Connections>,
     tls: Option<TlsListener>,
@@ -259,7 +264,7 @@ impl Broker {
         // The router runs on its own OS thread for the life of the process:
         // rumqttd offers no way to stop it.
         let router_tx = Router::new(0, router_config).spawn();
-        let mut settings = ServerSettings {
+        let settings = ServerSettings {
             name: "drover-v4".into(),
             listen: config.listen,
             tls: None,
@@ -275,38 +280,32 @@ impl Broker {
         };
         let stats = Arc::new(GuardStats::default());
         let require_login = matches!(access, Access::Guarded(_));
+        // Passwords are checked by the guard (`Protocol::login`), which
+        // knows the client's address: rumqttd's own hook does not.
         let authority: Arc<dyn Authority> = match access {
             Access::Open => {
                 warn!("broker authentication is off: every client may do anything");
                 Arc::new(OpenAuthority)
             }
-            Access::Guarded(authority) => {
-                let hook_authority = authority.clone();
-                let hook_stats = stats.clone();
-                settings.set_auth_handler(move |client_id: String, user: String, pass: String| {
-                    let ok = hook_authority.authenticate(&client_id, &user, &pass);
-                    if !ok {
-                        hook_stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                        // Debug: both come from the wire (escaped).
-                        warn!(?client_id, username = ?user, "MQTT credentials refused");
-                    }
-                    std::future::ready(ok)
-                });
-                authority
-            }
+            Access::Guarded(authority) => authority,
         };
         let connections = Arc::new(Connections::default());
-        let guard = Guard::new(Arc::new(Shared {
+        let log_interval = config.login_throttle.log_interval;
+        let shared = Arc::new(Shared {
             require_login,
             authority,
             topics: config.topics.clone(),
             stats: stats.clone(),
             connections: connections.clone(),
-        }));
+            logins: throttle::LoginThrottle::new(config.login_throttle.clone()),
+            violation_lines: throttle::LogLimit::new(log_interval, 20),
+        });
+        let guard = Guard::new(shared.clone());
         let server = Server::new(settings, router_tx, guard.clone());
         Ok(Broker {
             config,
             listener,
+            shared,
             server,
             guard,
             stats,
@@ -376,8 +375,20 @@ impl Broker {
                 None => std::future::pending().await,
             }
         };
+        // What the rate limits kept out of the log, once per interval.
+        let shared = self.shared.clone();
+        let period = self.config.login_throttle.log_interval;
+        let summaries = async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                shared.log_summaries(std::time::Instant::now());
+            }
+        };
         tokio::select! {
             () = serve_plain(plain, self.server.clone(), self.guard.clone()) => {}
+            () = summaries => {}
             () = tls_loop => {}
             () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
         }

@@ -129,6 +129,28 @@ impl Client {
         (c, code)
     }
 
+    /// [`Client::login`] from a chosen local address (another loopback
+    /// address is another source to the broker).
+    pub async fn login_from(
+        local: std::net::IpAddr,
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+    ) -> (Client, Option<u8>) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(local, 0)).expect("bind");
+        let mut c = Client {
+            stream: socket.connect(addr).await.expect("tcp connect"),
+            buf: Vec::new(),
+        };
+        c.send(&connect(client_id, login, 30)).await;
+        let code = match c.read(Duration::from_secs(20)).await {
+            Read::Packet(h, body) if h >> 4 == CONNACK && body.len() == 2 => Some(body[1]),
+            _ => None,
+        };
+        (c, code)
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         // A broker that already closed may reset the connection; the next
         // read reports that.

@@ -48,6 +48,11 @@ impl<P: Protocol> Network<P> {
         self.protocol.kick_signal()
     }
 
+    /// [drover patch] See `Protocol::login`.
+    pub fn login(&mut self) -> Option<crate::protocol::LoginDecision> {
+        self.protocol.login()
+    }
+
     pub fn new(
         socket: Box<dyn N>,
         max_incoming_size: usize,

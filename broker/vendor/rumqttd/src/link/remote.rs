@@ -258,7 +258,19 @@ where
     // [drover patch] Tell a refused client why (CONNACK "not authorized")
     // instead of only closing the socket, so it can report a clear error
     // rather than retrying as if the network had failed.
-    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+    // [drover patch] The protocol may decide the login itself (see
+    // `Protocol::login`).
+    let auth = match network.login() {
+        Some(decision) => {
+            if decision.await {
+                Ok(())
+            } else {
+                Err(Error::InvalidAuth)
+            }
+        }
+        None => handle_auth(config.clone(), login.as_ref(), &connect.client_id).await,
+    };
+    if let Err(e) = auth {
         let ack = ConnAck {
             session_present: false,
             code: ConnectReturnCode::NotAuthorized,

@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -559,6 +559,13 @@ async fn remote<P: Protocol>(
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
+        // [drover patch] A refused login is logged by whoever decided it,
+        // rate-limited; an error line per attempt let one client write
+        // megabytes of log in seconds.
+        Err(e @ remote::Error::InvalidAuth) => {
+            debug!(error=?e, "login refused");
+            return;
+        }
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
             return;

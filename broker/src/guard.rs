@@ -4,9 +4,11 @@
 //! connection and runs every packet read from that client through
 //! `read_mut`. [`Guard`] wraps the v4 codec: it learns who the client is from
 //! CONNECT (username and client id, matched against the [`Authority`]),
-//! refuses a foreign Last Will, PUBLISH or SUBSCRIBE by returning a protocol
-//! error — which makes rumqttd close the connection — and registers the
-//! connection so its owner can close it later (a revoked credential).
+//! refuses a foreign Last Will or PUBLISH by returning a protocol error —
+//! which makes rumqttd close the connection — answers a foreign SUBSCRIBE
+//! filter with the SUBACK failure code 0x80 (MQTT 3.1.1 §3.9.3; the
+//! connection stays up and the filter is never subscribed), and registers
+//! the connection so its owner can close it later (a revoked credential).
 //!
 //! Passwords are checked here too, when rumqttd asks for the login decision
 //! right after CONNECT (`Protocol::login`, a marked patch): a refused client
@@ -14,7 +16,7 @@
 //! bounded rate and answered later and later when one address keeps
 //! failing (see [`crate::throttle`]); a correct password is never delayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,9 @@ use std::time::Instant;
 use bytes::BytesMut;
 use drover_shared::topic::Topics;
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Error as ProtocolError, LoginDecision, Packet, Protocol};
+use rumqttd::protocol::{
+    Error as ProtocolError, LoginDecision, Packet, Protocol, SubAck, SubscribeReasonCode,
+};
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -48,6 +52,9 @@ pub struct GuardStats {
     pub acl_violations: AtomicU64,
     /// CONNECTs whose credentials the authority refused.
     pub auth_failures: AtomicU64,
+    /// SUBSCRIBE filters answered with the failure code (0x80): outside
+    /// the client's permissions.
+    pub subscriptions_refused: AtomicU64,
 }
 
 struct Registered {
@@ -146,6 +153,9 @@ pub(crate) struct Shared {
     /// Lines about clients disconnected for a violation: an authenticated
     /// client can reconnect and violate in a loop.
     pub(crate) violation_lines: LogLimit,
+    /// Lines about refused subscriptions: the client stays connected and
+    /// can ask again and again.
+    pub(crate) subscribe_lines: LogLimit,
 }
 
 impl Shared {
@@ -163,6 +173,9 @@ impl Shared {
                 count = n,
                 "clients disconnected for violations (not logged one by one)"
             );
+        }
+        if let Some(n) = self.subscribe_lines.summary(now) {
+            warn!(count = n, "subscriptions refused (not logged one by one)");
         }
     }
 }
@@ -196,7 +209,17 @@ pub struct Guard {
     conn: Option<Conn>,
     /// The CONNECT's password, until the login is decided.
     password: Option<String>,
+    /// SUBSCRIBEs that had filters removed, until their SUBACK is written:
+    /// the packet id and, per filter in the client's order, whether it was
+    /// granted. A lock because rumqttd writes through `&self`; only this
+    /// connection's task takes it.
+    refused_subscriptions: Mutex<VecDeque<(u16, Vec<bool>)>>,
 }
+
+/// SUBSCRIBEs with refused filters waiting for their SUBACK on one
+/// connection. The router answers each at once, so only a client that
+/// floods SUBSCRIBEs gets near it; it is then disconnected.
+const MAX_PENDING_REFUSALS: usize = 64;
 
 impl Guard {
     pub(crate) fn new(shared: Arc<Shared>) -> Guard {
@@ -207,6 +230,7 @@ impl Guard {
             peer_cn: None,
             conn: None,
             password: None,
+            refused_subscriptions: Mutex::default(),
         }
     }
 
@@ -312,12 +336,50 @@ impl Guard {
                 }
             }
             Packet::Subscribe(subscribe, _) => {
-                for f in &subscribe.filters {
-                    match self.principal() {
-                        Some(p) if p.may_subscribe(topics, &f.path) => {}
-                        _ => return Err(self.refuse("subscribe", &f.path)),
+                let granted: Vec<bool> = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        self.principal()
+                            .is_some_and(|p| p.may_subscribe(topics, &f.path))
+                    })
+                    .collect();
+                if granted.iter().all(|g| *g) {
+                    return Ok(());
+                }
+                let mut pending = self
+                    .refused_subscriptions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if pending.len() >= MAX_PENDING_REFUSALS {
+                    drop(pending);
+                    return Err(
+                        self.refuse("subscribe", "(too many refused subscriptions pending)")
+                    );
+                }
+                let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
+                for (f, _) in subscribe.filters.iter().zip(&granted).filter(|(_, g)| !**g) {
+                    self.shared
+                        .stats
+                        .subscriptions_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.shared.subscribe_lines.admit(Instant::now()) {
+                        // Debug: client id and filter come from the wire.
+                        warn!(
+                            client_id = ?client_id,
+                            filter = ?f.path,
+                            suppressed,
+                            "subscription not authorized; answered with failure code 0x80"
+                        );
                     }
                 }
+                // The router subscribes the rest (possibly none: it still
+                // answers with a SUBACK, which `write` completes).
+                let mut keep = granted.iter();
+                subscribe
+                    .filters
+                    .retain(|_| keep.next().is_some_and(|g| *g));
+                pending.push_back((subscribe.pkid, granted));
                 Ok(())
             }
             _ => Ok(()),
@@ -326,6 +388,34 @@ impl Guard {
 
     fn principal(&self) -> Option<&Principal> {
         self.conn.as_ref().and_then(|c| c.principal.as_ref())
+    }
+
+    /// The router's SUBACK for a SUBSCRIBE whose refused filters were taken
+    /// out: its codes for the granted filters, 0x80 for the refused ones,
+    /// in the order the client sent them.
+    fn with_refusals(&self, ack: SubAck) -> SubAck {
+        let mut pending = self
+            .refused_subscriptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(at) = pending.iter().position(|(pkid, _)| *pkid == ack.pkid) else {
+            return ack;
+        };
+        let Some((_, granted)) = pending.remove(at) else {
+            return ack;
+        };
+        let mut router_codes = ack.return_codes.into_iter();
+        let return_codes = granted
+            .into_iter()
+            .map(|g| match g {
+                true => router_codes.next().unwrap_or(SubscribeReasonCode::Failure),
+                false => SubscribeReasonCode::Failure,
+            })
+            .collect();
+        SubAck {
+            pkid: ack.pkid,
+            return_codes,
+        }
     }
 }
 
@@ -386,6 +476,10 @@ impl Protocol for Guard {
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, ProtocolError> {
+        let packet = match packet {
+            Packet::SubAck(ack, props) => Packet::SubAck(self.with_refusals(ack), props),
+            other => other,
+        };
         self.inner.write(packet, write)
     }
 
@@ -501,6 +595,7 @@ mod tests {
             connections: Arc::new(Connections::default()),
             logins: LoginThrottle::new(Default::default()),
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         });
         (Guard::new(shared.clone()), shared)
     }
@@ -602,6 +697,7 @@ mod tests {
             connections: Arc::default(),
             logins: LoginThrottle::new(Default::default()),
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         }))
     }
 

@@ -46,3 +46,118 @@ async fn keep_alive_zero_is_accepted_and_the_connection_works() {
         "the keep-alive 0 connection is still open after a quiet spell"
     );
 }
+
+/// §3.9.3: a filter the server will not grant gets the failure code 0x80
+/// in the SUBACK, and the others in the same SUBSCRIBE are granted. Before,
+/// one refused filter closed the connection, so `mosquitto_sub -t '#'`
+/// with an automation login saw nothing, forever, without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_filter_gets_0x80_and_the_connection_stays_up() {
+    let (addr, stats) = common::guarded().await;
+    let (mut auto, code) =
+        Client::login(addr, "reader-1", Some((AUTO_USER, AUTO_PASSWORD)), 30).await;
+    assert_eq!(code, Some(0));
+
+    // Mixed: '#' and another device's commands are refused, heartbeats
+    // granted, each at its place in the SUBACK.
+    auto.send(&raw::subscribe(
+        3,
+        &[
+            ("#", 1),
+            ("drover/v1/dev/+/heartbeat", 1),
+            ("drover/v1/dev/+/cmd", 0),
+        ],
+    ))
+    .await;
+    assert_eq!(
+        auto.expect(raw::SUBACK, WAIT).await,
+        Read::Packet(0x90, vec![0, 3, 0x80, 0x01, 0x80])
+    );
+    // Every filter refused: still a SUBACK, still connected.
+    auto.send(&raw::subscribe(4, &[("#", 0)])).await;
+    assert_eq!(
+        auto.expect(raw::SUBACK, WAIT).await,
+        Read::Packet(0x90, vec![0, 4, 0x80])
+    );
+    // A later allowed subscription works as usual.
+    auto.send(&raw::subscribe(5, &[("drover/v1/dev/dev-1/heartbeat", 0)]))
+        .await;
+    assert_eq!(
+        auto.expect(raw::SUBACK, WAIT).await,
+        Read::Packet(0x90, vec![0, 5, 0x00])
+    );
+    assert_eq!(
+        stats
+            .subscriptions_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+
+    // What the granted filter matches is delivered; what only the refused
+    // '#' would match is not.
+    let (mut dev, code) = Client::login(addr, "dev-1", Some(("dev-1", DEVICE_PASSWORD)), 30).await;
+    assert_eq!(code, Some(0));
+    for topic in [
+        "drover/v1/dev/dev-1/status",
+        "drover/v1/dev/dev-1/heartbeat",
+    ] {
+        dev.send(&raw::publish(topic, b"beat", 1)).await;
+        assert_eq!(
+            dev.expect(raw::PUBACK, WAIT).await.kind(),
+            Some(raw::PUBACK)
+        );
+    }
+    // Read until the heartbeat, then until the PINGRESP (anything routed
+    // before the heartbeat has arrived by then).
+    let mut seen = Vec::new();
+    let mut pinged = false;
+    loop {
+        match auto.read(WAIT).await {
+            Read::Packet(h, body) if h >> 4 == raw::PUBLISH => {
+                let topic = raw::publish_topic(&body);
+                if !pinged && topic.ends_with("/heartbeat") {
+                    auto.send(&raw::pingreq()).await;
+                    pinged = true;
+                }
+                seen.push(topic);
+            }
+            Read::Packet(h, _) if h >> 4 == raw::PINGRESP => break,
+            Read::Packet(..) => {}
+            other => panic!("the automation client got no heartbeat: {other:?} after {seen:?}"),
+        }
+    }
+    // Once per matching subscription ('+' and the exact one), nothing else.
+    assert!(
+        seen.iter().all(|t| t == "drover/v1/dev/dev-1/heartbeat"),
+        "a refused filter delivered something: {seen:?}"
+    );
+
+    // A forbidden publish still closes the connection.
+    auto.send(&raw::publish("drover/v1/dev/dev-1/cmd", b"x", 1))
+        .await;
+    assert_eq!(auto.read(WAIT).await, Read::Closed);
+}
+
+/// What the person in the issue tried: `mosquitto_sub -t '#'` with an
+/// automation login is now told its subscription was denied, instead of
+/// being disconnected and seeing nothing, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_on_hash_is_told_it_was_denied() {
+    let (addr, _) = common::guarded().await;
+    let out = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-u", AUTO_USER, "-P", AUTO_PASSWORD, "-i", "person-1"])
+        .args(["-t", "#", "-q", "1", "-C", "1", "-W", "10"])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("mosquitto_sub finished")
+        .expect("mosquitto_sub is not installed; run `bash scripts/test-env.sh`");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("denied"),
+        "mosquitto_sub exited {:?} without saying why: {stderr}",
+        out.status.code()
+    );
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+}

@@ -69,8 +69,13 @@ impl Metrics {
         if let Some(b) = self.broker.get() {
             counter(
                 "drover_broker_acl_violations_total",
-                "Broker clients disconnected for publishing or subscribing outside their permissions.",
+                "Broker clients disconnected for publishing outside their permissions (a publish, a Last Will, a second CONNECT).",
                 &b.acl_violations,
+            );
+            counter(
+                "drover_broker_subscriptions_refused_total",
+                "Subscription filters outside the client's permissions, answered with SUBACK failure code 0x80.",
+                &b.subscriptions_refused,
             );
             counter(
                 "drover_broker_auth_failures_total",

@@ -74,6 +74,12 @@ pub fn publish(topic: &str, payload: &[u8], qos: u8) -> Vec<u8> {
     packet(0x30 | (qos << 1), body)
 }
 
+/// The topic of a PUBLISH, from its body.
+pub fn publish_topic(body: &[u8]) -> String {
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    String::from_utf8_lossy(&body[2..2 + len]).into_owned()
+}
+
 pub fn pingreq() -> Vec<u8> {
     vec![0xc0, 0]
 }

@@ -55,6 +55,9 @@ pub struct GuardStats {
     /// SUBSCRIBE filters answered with the failure code (0x80): outside
     /// the client's permissions.
     pub subscriptions_refused: AtomicU64,
+    /// Connections closed for a packet over the size limit
+    /// (`BrokerConfig::max_payload_size`).
+    pub oversized_packets: AtomicU64,
 }
 
 struct Registered {
@@ -156,6 +159,9 @@ pub(crate) struct Shared {
     /// Lines about refused subscriptions: the client stays connected and
     /// can ask again and again.
     pub(crate) subscribe_lines: LogLimit,
+    /// Lines about oversized packets (any client can send one before
+    /// logging in).
+    pub(crate) oversized_lines: LogLimit,
 }
 
 impl Shared {
@@ -176,6 +182,12 @@ impl Shared {
         }
         if let Some(n) = self.subscribe_lines.summary(now) {
             warn!(count = n, "subscriptions refused (not logged one by one)");
+        }
+        if let Some(n) = self.oversized_lines.summary(now) {
+            warn!(
+                count = n,
+                "connections closed for oversized packets (not logged one by one)"
+            );
         }
     }
 }
@@ -469,7 +481,32 @@ impl Protocol for Guard {
         stream: &mut BytesMut,
         max_size: usize,
     ) -> Result<Packet, ProtocolError> {
-        let mut packet = self.inner.read_mut(stream, max_size)?;
+        let mut packet = match self.inner.read_mut(stream, max_size) {
+            Ok(p) => p,
+            Err(ProtocolError::PayloadSizeLimitExceeded(size)) => {
+                // rumqttd closes the connection on this error but neither
+                // counts nor (at the orchestrator's log level) logs it: a
+                // device whose messages outgrew the limit would just keep
+                // reconnecting, unexplained.
+                self.shared
+                    .stats
+                    .oversized_packets
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.shared.oversized_lines.admit(Instant::now()) {
+                    let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
+                    warn!(
+                        client_id = ?client_id,
+                        peer = ?self.peer,
+                        size,
+                        limit = max_size,
+                        suppressed,
+                        "packet over the size limit; disconnecting client"
+                    );
+                }
+                return Err(ProtocolError::PayloadSizeLimitExceeded(size));
+            }
+            Err(e) => return Err(e),
+        };
         self.check(&mut packet)?;
         unpin(&mut packet);
         Ok(packet)
@@ -596,6 +633,7 @@ mod tests {
             logins: LoginThrottle::new(Default::default()),
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         });
         (Guard::new(shared.clone()), shared)
     }
@@ -698,6 +736,7 @@ mod tests {
             logins: LoginThrottle::new(Default::default()),
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
         }))
     }
 

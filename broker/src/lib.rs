@@ -300,6 +300,7 @@ impl Broker {
             logins: throttle::LoginThrottle::new(config.login_throttle.clone()),
             violation_lines: throttle::LogLimit::new(log_interval, 20),
             subscribe_lines: throttle::LogLimit::new(log_interval, 20),
+            oversized_lines: throttle::LogLimit::new(log_interval, 20),
         });
         let guard = Guard::new(shared.clone());
         let server = Server::new(settings, router_tx, guard.clone());

@@ -161,3 +161,41 @@ async fn mosquitto_sub_on_hash_is_told_it_was_denied() {
     );
     assert!(out.stdout.is_empty(), "{:?}", out.stdout);
 }
+
+/// A packet over the size limit closes the connection (rumqttd stops
+/// reading before the body arrives), and is counted: before, a device
+/// whose messages outgrew the limit just kept reconnecting, unexplained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_publish_is_counted() {
+    let mut config = drover_broker::BrokerConfig::new("127.0.0.1:0".parse().expect("addr"));
+    config.max_payload_size = 4096;
+    let (addr, stats) = common::start(config).await;
+    let oversized = || {
+        stats
+            .oversized_packets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    let (mut dev, code) = Client::login(addr, "dev-1", Some(("dev-1", DEVICE_PASSWORD)), 30).await;
+    assert_eq!(code, Some(0));
+    // Under the limit: fine.
+    dev.send(&raw::publish("drover/v1/dev/dev-1/logs", &[b'x'; 4000], 1))
+        .await;
+    assert_eq!(
+        dev.expect(raw::PUBACK, WAIT).await.kind(),
+        Some(raw::PUBACK)
+    );
+    assert_eq!(oversized(), 0);
+    // Over it, at QoS 0 (the publisher is told nothing): closed, counted.
+    dev.send(&raw::publish("drover/v1/dev/dev-1/logs", &[b'x'; 5000], 0))
+        .await;
+    assert_eq!(dev.read(WAIT).await, Read::Closed);
+    assert_eq!(oversized(), 1);
+
+    // A CONNECT over the limit, before any login, is counted too.
+    let mut c = Client::open(addr).await;
+    let huge_id = "x".repeat(5000);
+    c.send(&raw::connect(&huge_id, None, 30)).await;
+    assert_eq!(c.read(WAIT).await, Read::Closed);
+    assert_eq!(oversized(), 2);
+}

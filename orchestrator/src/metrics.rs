@@ -78,6 +78,11 @@ impl Metrics {
                 &b.subscriptions_refused,
             );
             counter(
+                "drover_broker_oversized_packets_total",
+                "Broker connections closed for a packet over the size limit.",
+                &b.oversized_packets,
+            );
+            counter(
                 "drover_broker_auth_failures_total",
                 "Broker CONNECTs refused for unknown, wrong or revoked credentials.",
                 &b.auth_failures,

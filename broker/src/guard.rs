@@ -29,7 +29,7 @@ use rumqttd::protocol::{
     Error as ProtocolError, LoginDecision, Packet, Protocol, SubAck, SubscribeReasonCode,
 };
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::acl::Principal;
 use crate::throttle::{LogLimit, LoginThrottle};
@@ -162,6 +162,8 @@ pub(crate) struct Shared {
     /// Lines about oversized packets (any client can send one before
     /// logging in).
     pub(crate) oversized_lines: LogLimit,
+    /// Lines about failed TLS handshakes on the MQTTS listener.
+    pub(crate) tls_lines: Arc<LogLimit>,
 }
 
 impl Shared {
@@ -182,6 +184,12 @@ impl Shared {
         }
         if let Some(n) = self.subscribe_lines.summary(now) {
             warn!(count = n, "subscriptions refused (not logged one by one)");
+        }
+        if let Some(n) = self.tls_lines.summary(now) {
+            info!(
+                count = n,
+                "TLS handshakes failed or timed out (not logged one by one)"
+            );
         }
         if let Some(n) = self.oversized_lines.summary(now) {
             warn!(
@@ -329,6 +337,11 @@ impl Guard {
                 }
                 Ok(())
             }
+            // Anything before CONNECT: rumqttd closes the connection
+            // (`NotConnectPacket`) and logs it at a bounded rate. Not a
+            // violation of anyone's rights (there is no one yet), and
+            // never let through.
+            _ if self.conn.is_none() => Err(ProtocolError::InvalidProtocol),
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
                 match self.principal() {
@@ -634,6 +647,7 @@ mod tests {
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            tls_lines: Arc::new(LogLimit::new(std::time::Duration::from_secs(60), 20)),
         });
         (Guard::new(shared.clone()), shared)
     }
@@ -737,6 +751,7 @@ mod tests {
             violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
             oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            tls_lines: Arc::new(LogLimit::new(std::time::Duration::from_secs(60), 20)),
         }))
     }
 

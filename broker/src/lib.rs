@@ -301,6 +301,7 @@ impl Broker {
             violation_lines: throttle::LogLimit::new(log_interval, 20),
             subscribe_lines: throttle::LogLimit::new(log_interval, 20),
             oversized_lines: throttle::LogLimit::new(log_interval, 20),
+            tls_lines: Arc::new(throttle::LogLimit::new(log_interval, 20)),
         });
         let guard = Guard::new(shared.clone());
         let server = Server::new(settings, router_tx, guard.clone());
@@ -352,6 +353,7 @@ impl Broker {
             // Each MQTTS connection's guard knows the verified client
             // certificate's CN, to bind it to the device's identity.
             let guard = self.guard.clone();
+            let lines = self.shared.tls_lines.clone();
             let protocol_for = move |peer: SocketAddr, common_name: Option<String>| {
                 guard.for_peer(peer.ip(), common_name)
             };
@@ -361,7 +363,8 @@ impl Broker {
                 match tokio::net::TcpListener::from_std(t.listener) {
                     Ok(listener) => {
                         info!(addr = %t.addr, "embedded MQTTS listener listening");
-                        tls::serve(listener, t.acceptor, server, protocol_for, timeout).await;
+                        tls::serve(listener, t.acceptor, server, protocol_for, timeout, lines)
+                            .await;
                     }
                     Err(e) => {
                         // The plain listener keeps serving.

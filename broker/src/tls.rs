@@ -29,6 +29,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::throttle::LogLimit;
+
 /// TLS handshakes in progress at once. When all are taken the loop stops
 /// accepting and the kernel's backlog holds new connections: a reconnect
 /// storm of a whole fleet queues instead of growing memory without bound.
@@ -193,12 +195,16 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
 /// `protocol_for` gets the peer's address and the verified client
 /// certificate's subject Common Name (`None` without mutual TLS) and
 /// returns the protocol value rumqttd runs that connection with.
+///
+/// A failed or timed-out handshake is a line through `lines`: anyone who
+/// can reach the port can fail one, as often as they like.
 pub(crate) async fn serve<P, F>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     server: Server<P>,
     protocol_for: F,
     handshake_timeout: Duration,
+    lines: Arc<LogLimit>,
 ) where
     P: Protocol + Clone + Send + Sync + 'static,
     F: Fn(SocketAddr, Option<String>) -> P + Send + Sync + 'static,
@@ -225,6 +231,7 @@ pub(crate) async fn serve<P, F>(
         let acceptor = acceptor.clone();
         let server = server.clone();
         let protocol_for = protocol_for.clone();
+        let lines = lines.clone();
         let span =
             tracing::info_span!("mqtts_connection", %peer, common_name = tracing::field::Empty);
         tokio::spawn(
@@ -233,14 +240,18 @@ pub(crate) async fn serve<P, F>(
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        info!(error = %e, "TLS handshake failed");
+                        if let Some(suppressed) = lines.admit(std::time::Instant::now()) {
+                            info!(error = %e, suppressed, "TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {
-                        info!(
-                            timeout_ms = handshake_timeout.as_millis() as u64,
-                            "TLS handshake timed out"
-                        );
+                        if let Some(suppressed) = lines.admit(std::time::Instant::now()) {
+                            info!(
+                                timeout_ms = handshake_timeout.as_millis() as u64,
+                                suppressed, "TLS handshake timed out"
+                            );
+                        }
                         return;
                     }
                 };
@@ -452,6 +463,7 @@ mod tests {
         // Long enough that a loop stalled by the silent client below would
         // miss the one-second deadline for the good client.
         let handshake_timeout = Duration::from_secs(2);
+        let lines = Arc::new(LogLimit::new(Duration::ZERO, 0));
         let accept_loop = tokio::spawn(serve(
             listener,
             TlsAcceptor::from(config),
@@ -461,6 +473,8 @@ mod tests {
                 rumqttd::protocol::v4::V4
             },
             handshake_timeout,
+            // No line at all: every failure must show up as suppressed.
+            lines.clone(),
         ));
 
         // Opens a socket and says nothing.
@@ -492,6 +506,18 @@ mod tests {
             .await
             .expect("silent client disconnected after the handshake timeout");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // Both failures (no certificate, silence) went through the line
+        // limit: anyone can fail a handshake, as often as they like.
+        let mut failures = 0;
+        for _ in 0..100 {
+            failures += lines.summary(std::time::Instant::now()).unwrap_or(0);
+            if failures >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(failures, 2, "failed handshakes bypass the line limit");
 
         drop(tls);
         accept_loop.abort();

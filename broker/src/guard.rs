@@ -432,9 +432,9 @@ impl Guard {
         let mut router_codes = ack.return_codes.into_iter();
         let return_codes = granted
             .into_iter()
-            .map(|g| match g {
-                true => router_codes.next().unwrap_or(SubscribeReasonCode::Failure),
-                false => SubscribeReasonCode::Failure,
+            .map(|g| {
+                let router_code = if g { router_codes.next() } else { None };
+                router_code.unwrap_or(SubscribeReasonCode::Failure)
             })
             .collect();
         SubAck {
@@ -561,7 +561,7 @@ impl Protocol for Guard {
                 source = %failure.source,
                 client_id = ?client_id,
                 username = ?username.unwrap_or_default(),
-                without_password = password.is_none(),
+                without_credentials = username.is_none(),
                 earlier_not_logged = earlier,
                 "MQTT login refused"
             );

@@ -4,26 +4,35 @@
 //! connection and runs every packet read from that client through
 //! `read_mut`. [`Guard`] wraps the v4 codec: it learns who the client is from
 //! CONNECT (username and client id, matched against the [`Authority`]),
-//! refuses a foreign Last Will, PUBLISH or SUBSCRIBE by returning a protocol
-//! error — which makes rumqttd close the connection — and registers the
-//! connection so its owner can close it later (a revoked credential).
+//! refuses a foreign Last Will or PUBLISH by returning a protocol error —
+//! which makes rumqttd close the connection — answers a foreign SUBSCRIBE
+//! filter with the SUBACK failure code 0x80 (MQTT 3.1.1 §3.9.3; the
+//! connection stays up and the filter is never subscribed), and registers
+//! the connection so its owner can close it later (a revoked credential).
 //!
-//! Password checking is not done here but in rumqttd's authentication hook
-//! (see [`crate::Broker::start`]), which runs right after this wrapper has
-//! read CONNECT; a client the hook refuses gets CONNACK "not authorized".
+//! Passwords are checked here too, when rumqttd asks for the login decision
+//! right after CONNECT (`Protocol::login`, a marked patch): a refused client
+//! gets CONNACK "not authorized". Failed logins are counted, logged at a
+//! bounded rate and answered later and later when one address keeps
+//! failing (see [`crate::throttle`]); a correct password is never delayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use drover_shared::topic::Topics;
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Error as ProtocolError, Packet, Protocol};
+use rumqttd::protocol::{
+    Error as ProtocolError, LoginDecision, Packet, Protocol, SubAck, SubscribeReasonCode,
+};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::acl::Principal;
+use crate::throttle::{LogLimit, LoginThrottle};
 
 /// The broker's source of identities: the orchestrator's device registry.
 pub trait Authority: Send + Sync + 'static {
@@ -43,6 +52,12 @@ pub struct GuardStats {
     pub acl_violations: AtomicU64,
     /// CONNECTs whose credentials the authority refused.
     pub auth_failures: AtomicU64,
+    /// SUBSCRIBE filters answered with the failure code (0x80): outside
+    /// the client's permissions.
+    pub subscriptions_refused: AtomicU64,
+    /// Connections closed for a packet over the size limit
+    /// (`BrokerConfig::max_payload_size`).
+    pub oversized_packets: AtomicU64,
 }
 
 struct Registered {
@@ -137,6 +152,52 @@ pub(crate) struct Shared {
     pub(crate) topics: Topics,
     pub(crate) stats: Arc<GuardStats>,
     pub(crate) connections: Arc<Connections>,
+    pub(crate) logins: LoginThrottle,
+    /// Lines about clients disconnected for a violation: an authenticated
+    /// client can reconnect and violate in a loop.
+    pub(crate) violation_lines: LogLimit,
+    /// Lines about refused subscriptions: the client stays connected and
+    /// can ask again and again.
+    pub(crate) subscribe_lines: LogLimit,
+    /// Lines about oversized packets (any client can send one before
+    /// logging in).
+    pub(crate) oversized_lines: LogLimit,
+    /// Lines about failed TLS handshakes on the MQTTS listener.
+    pub(crate) tls_lines: Arc<LogLimit>,
+}
+
+impl Shared {
+    /// The periodic summaries of what the rate limits kept out of the log.
+    pub(crate) fn log_summaries(&self, now: Instant) {
+        for s in self.logins.summaries(now) {
+            warn!(
+                source = %s.source,
+                refused = s.count,
+                "MQTT logins refused (not logged one by one)"
+            );
+        }
+        if let Some(n) = self.violation_lines.summary(now) {
+            warn!(
+                count = n,
+                "clients disconnected for violations (not logged one by one)"
+            );
+        }
+        if let Some(n) = self.subscribe_lines.summary(now) {
+            warn!(count = n, "subscriptions refused (not logged one by one)");
+        }
+        if let Some(n) = self.tls_lines.summary(now) {
+            info!(
+                count = n,
+                "TLS handshakes failed or timed out (not logged one by one)"
+            );
+        }
+        if let Some(n) = self.oversized_lines.summary(now) {
+            warn!(
+                count = n,
+                "connections closed for oversized packets (not logged one by one)"
+            );
+        }
+    }
 }
 
 struct Conn {
@@ -161,27 +222,46 @@ struct Conn {
 pub struct Guard {
     inner: V4,
     shared: Arc<Shared>,
+    /// The address of the client (unset on the unconnected template).
+    peer: Option<IpAddr>,
     /// The verified client certificate's subject CN (mutual TLS only).
     peer_cn: Option<String>,
     conn: Option<Conn>,
+    /// The CONNECT's password, until the login is decided.
+    password: Option<String>,
+    /// SUBSCRIBEs that had filters removed, until their SUBACK is written:
+    /// the packet id and, per filter in the client's order, whether it was
+    /// granted. A lock because rumqttd writes through `&self`; only this
+    /// connection's task takes it.
+    refused_subscriptions: Mutex<VecDeque<(u16, Vec<bool>)>>,
 }
+
+/// SUBSCRIBEs with refused filters waiting for their SUBACK on one
+/// connection. The router answers each at once, so only a client that
+/// floods SUBSCRIBEs gets near it; it is then disconnected.
+const MAX_PENDING_REFUSALS: usize = 64;
 
 impl Guard {
     pub(crate) fn new(shared: Arc<Shared>) -> Guard {
         Guard {
             inner: V4,
             shared,
+            peer: None,
             peer_cn: None,
             conn: None,
+            password: None,
+            refused_subscriptions: Mutex::default(),
         }
     }
 
-    /// A fresh guard for a connection whose client certificate (mutual
-    /// TLS) has this subject CN. A device or enrolling device must then
-    /// connect with that CN as its id: the certificate is bound to the MQTT
-    /// identity, so one device's certificate cannot carry another's login.
-    pub(crate) fn for_peer(&self, common_name: Option<String>) -> Guard {
+    /// A fresh guard for a connection from `peer` whose client certificate
+    /// (mutual TLS) has this subject CN. A device or enrolling device must
+    /// then connect with that CN as its id: the certificate is bound to the
+    /// MQTT identity, so one device's certificate cannot carry another's
+    /// login.
+    pub(crate) fn for_peer(&self, peer: IpAddr, common_name: Option<String>) -> Guard {
         let mut g = self.clone();
+        g.peer = Some(peer);
         g.peer_cn = common_name;
         g
     }
@@ -192,10 +272,18 @@ impl Guard {
             .acl_violations
             .fetch_add(1, Ordering::Relaxed);
         let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
-        warn!(
-            client_id,
-            what, topic, "not authorized; disconnecting client"
-        );
+        if let Some(suppressed) = self.shared.violation_lines.admit(Instant::now()) {
+            // Client ids and topics come from the wire: Debug escapes a
+            // newline or a terminal escape that would otherwise forge or
+            // hide log lines.
+            warn!(
+                client_id = ?client_id,
+                what,
+                topic = ?topic,
+                suppressed,
+                "not authorized; disconnecting client"
+            );
+        }
         ProtocolError::InvalidProtocol
     }
 
@@ -208,13 +296,7 @@ impl Guard {
             Packet::Connect(..) if self.conn.is_some() => Err(self.refuse("second connect", "")),
             Packet::Connect(connect, _, will, _, login) => {
                 let username = login.as_ref().map(|l| l.username.as_str());
-                if login.is_none() && self.shared.require_login {
-                    self.shared
-                        .stats
-                        .auth_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id = %connect.client_id, "MQTT CONNECT without credentials refused");
-                }
+                self.password = login.as_ref().map(|l| l.password.clone());
                 let principal = self
                     .shared
                     .authority
@@ -245,8 +327,8 @@ impl Guard {
                         return Err(self.refuse("client certificate of another identity", cn));
                     }
                 }
-                // An unknown principal is not refused here: the
-                // authentication hook refuses it next, with a CONNACK.
+                // An unknown principal is not refused here: the login
+                // decision refuses it next, with a CONNACK.
                 if let (Some(will), Some(p)) = (will, self.principal()) {
                     let topic = String::from_utf8_lossy(&will.topic);
                     if !p.may_will(topics, &topic) {
@@ -255,6 +337,11 @@ impl Guard {
                 }
                 Ok(())
             }
+            // Anything before CONNECT: rumqttd closes the connection
+            // (`NotConnectPacket`) and logs it at a bounded rate. Not a
+            // violation of anyone's rights (there is no one yet), and
+            // never let through.
+            _ if self.conn.is_none() => Err(ProtocolError::InvalidProtocol),
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
                 match self.principal() {
@@ -274,12 +361,50 @@ impl Guard {
                 }
             }
             Packet::Subscribe(subscribe, _) => {
-                for f in &subscribe.filters {
-                    match self.principal() {
-                        Some(p) if p.may_subscribe(topics, &f.path) => {}
-                        _ => return Err(self.refuse("subscribe", &f.path)),
+                let granted: Vec<bool> = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        self.principal()
+                            .is_some_and(|p| p.may_subscribe(topics, &f.path))
+                    })
+                    .collect();
+                if granted.iter().all(|g| *g) {
+                    return Ok(());
+                }
+                let mut pending = self
+                    .refused_subscriptions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if pending.len() >= MAX_PENDING_REFUSALS {
+                    drop(pending);
+                    return Err(
+                        self.refuse("subscribe", "(too many refused subscriptions pending)")
+                    );
+                }
+                let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
+                for (f, _) in subscribe.filters.iter().zip(&granted).filter(|(_, g)| !**g) {
+                    self.shared
+                        .stats
+                        .subscriptions_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.shared.subscribe_lines.admit(Instant::now()) {
+                        // Debug: client id and filter come from the wire.
+                        warn!(
+                            client_id = ?client_id,
+                            filter = ?f.path,
+                            suppressed,
+                            "subscription not authorized; answered with failure code 0x80"
+                        );
                     }
                 }
+                // The router subscribes the rest (possibly none: it still
+                // answers with a SUBACK, which `write` completes).
+                let mut keep = granted.iter();
+                subscribe
+                    .filters
+                    .retain(|_| keep.next().is_some_and(|g| *g));
+                pending.push_back((subscribe.pkid, granted));
                 Ok(())
             }
             _ => Ok(()),
@@ -288,6 +413,34 @@ impl Guard {
 
     fn principal(&self) -> Option<&Principal> {
         self.conn.as_ref().and_then(|c| c.principal.as_ref())
+    }
+
+    /// The router's SUBACK for a SUBSCRIBE whose refused filters were taken
+    /// out: its codes for the granted filters, 0x80 for the refused ones,
+    /// in the order the client sent them.
+    fn with_refusals(&self, ack: SubAck) -> SubAck {
+        let mut pending = self
+            .refused_subscriptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(at) = pending.iter().position(|(pkid, _)| *pkid == ack.pkid) else {
+            return ack;
+        };
+        let Some((_, granted)) = pending.remove(at) else {
+            return ack;
+        };
+        let mut router_codes = ack.return_codes.into_iter();
+        let return_codes = granted
+            .into_iter()
+            .map(|g| {
+                let router_code = if g { router_codes.next() } else { None };
+                router_code.unwrap_or(SubscribeReasonCode::Failure)
+            })
+            .collect();
+        SubAck {
+            pkid: ack.pkid,
+            return_codes,
+        }
     }
 }
 
@@ -341,14 +494,87 @@ impl Protocol for Guard {
         stream: &mut BytesMut,
         max_size: usize,
     ) -> Result<Packet, ProtocolError> {
-        let mut packet = self.inner.read_mut(stream, max_size)?;
+        let mut packet = match self.inner.read_mut(stream, max_size) {
+            Ok(p) => p,
+            Err(ProtocolError::PayloadSizeLimitExceeded(size)) => {
+                // rumqttd closes the connection on this error but neither
+                // counts nor (at the orchestrator's log level) logs it: a
+                // device whose messages outgrew the limit would just keep
+                // reconnecting, unexplained.
+                self.shared
+                    .stats
+                    .oversized_packets
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.shared.oversized_lines.admit(Instant::now()) {
+                    let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
+                    warn!(
+                        client_id = ?client_id,
+                        peer = ?self.peer,
+                        size,
+                        limit = max_size,
+                        suppressed,
+                        "packet over the size limit; disconnecting client"
+                    );
+                }
+                return Err(ProtocolError::PayloadSizeLimitExceeded(size));
+            }
+            Err(e) => return Err(e),
+        };
         self.check(&mut packet)?;
         unpin(&mut packet);
         Ok(packet)
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, ProtocolError> {
+        let packet = match packet {
+            Packet::SubAck(ack, props) => Packet::SubAck(self.with_refusals(ack), props),
+            other => other,
+        };
         self.inner.write(packet, write)
+    }
+
+    fn login(&mut self) -> Option<LoginDecision> {
+        // An open broker lets everyone in (rumqttd has no credentials set).
+        if !self.shared.require_login {
+            return None;
+        }
+        let password = self.password.take();
+        let (client_id, username) = match &self.conn {
+            Some(c) => (c.client_id.as_str(), c.username.as_deref()),
+            None => ("", None),
+        };
+        let ok = match (username, &password) {
+            (Some(u), Some(p)) => self.shared.authority.authenticate(client_id, u, p),
+            _ => false,
+        };
+        if ok {
+            return Some(Box::pin(std::future::ready(true)));
+        }
+        self.shared
+            .stats
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let failure = self.shared.logins.failed(self.peer, Instant::now());
+        if let Some(earlier) = failure.line {
+            // Debug: client id and username come from the wire.
+            warn!(
+                source = %failure.source,
+                client_id = ?client_id,
+                username = ?username.unwrap_or_default(),
+                without_credentials = username.is_none(),
+                earlier_not_logged = earlier,
+                "MQTT login refused"
+            );
+        }
+        // Only the refusal waits: the correct password above never does,
+        // so a device behind an address that keeps failing still gets in.
+        let delay = failure.delay;
+        Some(Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            false
+        }))
     }
 
     fn kick_signal(&self) -> Option<watch::Receiver<bool>> {
@@ -367,7 +593,7 @@ impl Protocol for Guard {
             .principal(&c.client_id, c.username.as_deref());
         if now != c.principal {
             warn!(
-                client_id = %c.client_id,
+                client_id = ?c.client_id,
                 "identity revoked or changed while connecting; disconnecting client"
             );
             self.shared.connections.kick_serial(&c.session_id, serial);
@@ -417,6 +643,11 @@ mod tests {
             topics: Topics::default(),
             stats: Arc::new(GuardStats::default()),
             connections: Arc::new(Connections::default()),
+            logins: LoginThrottle::new(Default::default()),
+            violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            tls_lines: Arc::new(LogLimit::new(std::time::Duration::from_secs(60), 20)),
         });
         (Guard::new(shared.clone()), shared)
     }
@@ -516,6 +747,11 @@ mod tests {
             topics: Topics::default(),
             stats: Arc::default(),
             connections: Arc::default(),
+            logins: LoginThrottle::new(Default::default()),
+            violation_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            subscribe_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            oversized_lines: LogLimit::new(std::time::Duration::from_secs(60), 20),
+            tls_lines: Arc::new(LogLimit::new(std::time::Duration::from_secs(60), 20)),
         }))
     }
 

@@ -10,19 +10,17 @@
 
 pub mod acl;
 pub mod guard;
+mod throttle;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
-};
-use tracing::{error, info, warn};
+use rumqttd::{ConnectionSettings, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
+use tracing::{error, info, warn, Instrument};
 
 pub use acl::Principal;
 pub use guard::{Authority, Connections, GuardStats};
@@ -50,6 +48,7 @@ impl Authority for OpenAuthority {
     }
 }
 
+pub use throttle::LoginThrottleConfig;
 pub use tls::{TlsError, TlsListenerConfig};
 
 /// Limits of the embedded broker. Every field is deliberate:
@@ -109,6 +108,8 @@ pub struct BrokerConfig {
     pub topics: Topics,
     /// An MQTT-over-TLS listener besides the plain one (see [`tls`]).
     pub tls: Option<TlsListenerConfig>,
+    /// How failed logins are logged and slowed down.
+    pub login_throttle: LoginThrottleConfig,
 }
 
 impl BrokerConfig {
@@ -125,6 +126,7 @@ impl BrokerConfig {
             device_log_segment_size: 64 * 1024,
             connection_timeout_ms: 5_000,
             tls: None,
+            login_throttle: LoginThrottleConfig::default(),
         }
     }
 }
@@ -175,9 +177,13 @@ struct TlsListener {
 /// A started broker. Dropping it does not stop it; await [`Broker::run`].
 pub struct Broker {
     config: BrokerConfig,
+    /// The plain listener, bound in [`Broker::start`]; `config.listen`
+    /// holds the address it really got (port 0 picks one).
+    listener: std::net::TcpListener,
     server: Server<Guard>,
     /// The unconnected guard; each connection gets a clone.
     guard: Guard,
+    shared: Arc<Shared>,
     stats: Arc<GuardStats>,
     connections: Arc<Connections>,
     tls: Option<TlsListener>,
@@ -186,7 +192,7 @@ pub struct Broker {
 impl Broker {
     /// Validates the settings, checks the listen address can be bound, and
     /// starts the router thread. Nothing is listening until [`Broker::run`].
-    pub fn start(config: BrokerConfig, access: Access) -> Result<Broker, BrokerError> {
+    pub fn start(mut config: BrokerConfig, access: Access) -> Result<Broker, BrokerError> {
         if config.max_connections == 0 {
             return Err(BrokerError::Config(
                 "max_connections must be at least 1".into(),
@@ -213,13 +219,19 @@ impl Broker {
             )),
             None => None,
         };
-        // rumqttd binds inside its accept loop and cannot report a failure
-        // to bind except by logging; probe first so a taken port is a clear,
-        // early error.
-        std::net::TcpListener::bind(config.listen).map_err(|source| BrokerError::Bind {
-            addr: config.listen,
+        // Bound here, so a taken port is a clear, early error and port 0
+        // reports the port it got. Drover accepts on it itself (see
+        // `serve_plain`) instead of rumqttd's `Server::start`, which binds
+        // inside its accept loop and never tells a connection's guard who
+        // is on the other end.
+        let listen = config.listen;
+        let bind_err = |source| BrokerError::Bind {
+            addr: listen,
             source,
-        })?;
+        };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        config.listen = listener.local_addr().map_err(bind_err)?;
         // Our own listener is bound here and kept, so port 0 reports the
         // port it really got.
         let tls = match tls_config {
@@ -252,7 +264,7 @@ impl Broker {
         // The router runs on its own OS thread for the life of the process:
         // rumqttd offers no way to stop it.
         let router_tx = Router::new(0, router_config).spawn();
-        let mut settings = ServerSettings {
+        let settings = ServerSettings {
             name: "drover-v4".into(),
             listen: config.listen,
             tls: None,
@@ -268,36 +280,35 @@ impl Broker {
         };
         let stats = Arc::new(GuardStats::default());
         let require_login = matches!(access, Access::Guarded(_));
+        // Passwords are checked by the guard (`Protocol::login`), which
+        // knows the client's address: rumqttd's own hook does not.
         let authority: Arc<dyn Authority> = match access {
             Access::Open => {
                 warn!("broker authentication is off: every client may do anything");
                 Arc::new(OpenAuthority)
             }
-            Access::Guarded(authority) => {
-                let hook_authority = authority.clone();
-                let hook_stats = stats.clone();
-                settings.set_auth_handler(move |client_id: String, user: String, pass: String| {
-                    let ok = hook_authority.authenticate(&client_id, &user, &pass);
-                    if !ok {
-                        hook_stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                        warn!(client_id, username = user, "MQTT credentials refused");
-                    }
-                    std::future::ready(ok)
-                });
-                authority
-            }
+            Access::Guarded(authority) => authority,
         };
         let connections = Arc::new(Connections::default());
-        let guard = Guard::new(Arc::new(Shared {
+        let log_interval = config.login_throttle.log_interval;
+        let shared = Arc::new(Shared {
             require_login,
             authority,
             topics: config.topics.clone(),
             stats: stats.clone(),
             connections: connections.clone(),
-        }));
+            logins: throttle::LoginThrottle::new(config.login_throttle.clone()),
+            violation_lines: throttle::LogLimit::new(log_interval, 20),
+            subscribe_lines: throttle::LogLimit::new(log_interval, 20),
+            oversized_lines: throttle::LogLimit::new(log_interval, 20),
+            tls_lines: Arc::new(throttle::LogLimit::new(log_interval, 20)),
+        });
+        let guard = Guard::new(shared.clone());
         let server = Server::new(settings, router_tx, guard.clone());
         Ok(Broker {
             config,
+            listener,
+            shared,
             server,
             guard,
             stats,
@@ -329,20 +340,31 @@ impl Broker {
     /// already open are owned by rumqttd's tasks and end with the runtime.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let addr = self.config.listen;
+        let plain = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(%addr, error = %e, "embedded MQTT broker cannot listen");
+                return;
+            }
+        };
         info!(%addr, "embedded MQTT broker listening");
         let tls_loop = self.tls.take().map(|t| {
             let server = self.server.clone();
             // Each MQTTS connection's guard knows the verified client
             // certificate's CN, to bind it to the device's identity.
             let guard = self.guard.clone();
-            let protocol_for = move |common_name: Option<String>| guard.for_peer(common_name);
+            let lines = self.shared.tls_lines.clone();
+            let protocol_for = move |peer: SocketAddr, common_name: Option<String>| {
+                guard.for_peer(peer.ip(), common_name)
+            };
             let timeout =
                 std::time::Duration::from_millis(u64::from(self.config.connection_timeout_ms));
             async move {
                 match tokio::net::TcpListener::from_std(t.listener) {
                     Ok(listener) => {
                         info!(addr = %t.addr, "embedded MQTTS listener listening");
-                        tls::serve(listener, t.acceptor, server, protocol_for, timeout).await;
+                        tls::serve(listener, t.acceptor, server, protocol_for, timeout, lines)
+                            .await;
                     }
                     Err(e) => {
                         // The plain listener keeps serving.
@@ -358,14 +380,49 @@ impl Broker {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            res = self.server.start(LinkType::Remote) => {
-                if let Err(e) = res {
-                    error!(%addr, error = %e, "embedded MQTT broker stopped");
-                }
+        // What the rate limits kept out of the log, once per interval.
+        let shared = self.shared.clone();
+        let period = self.config.login_throttle.log_interval;
+        let summaries = async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                shared.log_summaries(std::time::Instant::now());
             }
+        };
+        tokio::select! {
+            () = serve_plain(plain, self.server.clone(), self.guard.clone()) => {}
+            () = summaries => {}
             () = tls_loop => {}
             () = shutdown => info!(%addr, "embedded MQTT broker no longer accepting connections"),
         }
+    }
+}
+
+/// Accepts plain MQTT connections forever, each served on its own task by
+/// rumqttd's per-connection code (`Server::serve_stream`) with a guard that
+/// knows the peer's address.
+async fn serve_plain(listener: tokio::net::TcpListener, server: Server<Guard>, guard: Guard) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of
+                // spinning on the error.
+                warn!(error = %e, "cannot accept MQTT connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // MQTT packets are small and latency-bound: do not hold them back
+        // for Nagle's algorithm (see broker/vendor/PATCHES.md).
+        let _ = tcp.set_nodelay(true);
+        let protocol = guard.for_peer(peer.ip(), None);
+        tokio::spawn(
+            server
+                .serve_stream(tcp, protocol)
+                .instrument(tracing::info_span!("mqtt_connection", %peer)),
+        );
     }
 }

@@ -29,6 +29,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::throttle::LogLimit;
+
 /// TLS handshakes in progress at once. When all are taken the loop stops
 /// accepting and the kernel's backlog holds new connections: a reconnect
 /// storm of a whole fleet queues instead of growing memory without bound.
@@ -190,18 +192,22 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// Accepts TLS connections on `listener` forever. Each connection is
 /// handshaken on its own task within `handshake_timeout`; then
-/// `protocol_for` gets the verified client certificate's subject Common
-/// Name (`None` without mutual TLS) and returns the protocol value rumqttd
-/// runs that connection with.
+/// `protocol_for` gets the peer's address and the verified client
+/// certificate's subject Common Name (`None` without mutual TLS) and
+/// returns the protocol value rumqttd runs that connection with.
+///
+/// A failed or timed-out handshake is a line through `lines`: anyone who
+/// can reach the port can fail one, as often as they like.
 pub(crate) async fn serve<P, F>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     server: Server<P>,
     protocol_for: F,
     handshake_timeout: Duration,
+    lines: Arc<LogLimit>,
 ) where
     P: Protocol + Clone + Send + Sync + 'static,
-    F: Fn(Option<String>) -> P + Send + Sync + 'static,
+    F: Fn(SocketAddr, Option<String>) -> P + Send + Sync + 'static,
 {
     let server = Arc::new(server);
     let protocol_for = Arc::new(protocol_for);
@@ -225,6 +231,7 @@ pub(crate) async fn serve<P, F>(
         let acceptor = acceptor.clone();
         let server = server.clone();
         let protocol_for = protocol_for.clone();
+        let lines = lines.clone();
         let span =
             tracing::info_span!("mqtts_connection", %peer, common_name = tracing::field::Empty);
         tokio::spawn(
@@ -233,14 +240,18 @@ pub(crate) async fn serve<P, F>(
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        info!(error = %e, "TLS handshake failed");
+                        if let Some(suppressed) = lines.admit(std::time::Instant::now()) {
+                            info!(error = %e, suppressed, "TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {
-                        info!(
-                            timeout_ms = handshake_timeout.as_millis() as u64,
-                            "TLS handshake timed out"
-                        );
+                        if let Some(suppressed) = lines.admit(std::time::Instant::now()) {
+                            info!(
+                                timeout_ms = handshake_timeout.as_millis() as u64,
+                                suppressed, "TLS handshake timed out"
+                            );
+                        }
                         return;
                     }
                 };
@@ -252,10 +263,11 @@ pub(crate) async fn serve<P, F>(
                     .and_then(|chain| chain.first())
                     .and_then(common_name);
                 if let Some(cn) = &cn {
-                    tracing::Span::current().record("common_name", cn.as_str());
+                    // Debug: escaped, like every string from the wire.
+                    tracing::Span::current().record("common_name", tracing::field::debug(cn));
                 }
                 debug!("TLS handshake done");
-                let protocol = protocol_for(cn);
+                let protocol = protocol_for(peer, cn);
                 server.serve_stream(tls, protocol).await;
             }
             .instrument(span),
@@ -451,15 +463,18 @@ mod tests {
         // Long enough that a loop stalled by the silent client below would
         // miss the one-second deadline for the good client.
         let handshake_timeout = Duration::from_secs(2);
+        let lines = Arc::new(LogLimit::new(Duration::ZERO, 0));
         let accept_loop = tokio::spawn(serve(
             listener,
             TlsAcceptor::from(config),
             rumqttd_server(),
-            move |cn| {
+            move |_peer, cn| {
                 let _ = tx.send(cn);
                 rumqttd::protocol::v4::V4
             },
             handshake_timeout,
+            // No line at all: every failure must show up as suppressed.
+            lines.clone(),
         ));
 
         // Opens a socket and says nothing.
@@ -491,6 +506,18 @@ mod tests {
             .await
             .expect("silent client disconnected after the handshake timeout");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // Both failures (no certificate, silence) went through the line
+        // limit: anyone can fail a handshake, as often as they like.
+        let mut failures = 0;
+        for _ in 0..100 {
+            failures += lines.summary(std::time::Instant::now()).unwrap_or(0);
+            if failures >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(failures, 2, "failed handshakes bypass the line limit");
 
         drop(tls);
         accept_loop.abort();

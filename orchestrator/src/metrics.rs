@@ -77,8 +77,18 @@ impl Metrics {
         if let Some(b) = self.broker.get() {
             counter(
                 "drover_broker_acl_violations_total",
-                "Broker clients disconnected for publishing or subscribing outside their permissions.",
+                "Broker clients disconnected for publishing outside their permissions (a publish, a Last Will, a second CONNECT).",
                 &b.acl_violations,
+            );
+            counter(
+                "drover_broker_subscriptions_refused_total",
+                "Subscription filters outside the client's permissions, answered with SUBACK failure code 0x80.",
+                &b.subscriptions_refused,
+            );
+            counter(
+                "drover_broker_oversized_packets_total",
+                "Broker connections closed for a packet over the size limit.",
+                &b.oversized_packets,
             );
             counter(
                 "drover_broker_auth_failures_total",

@@ -261,6 +261,7 @@ async fn a_device_cannot_touch_another_devices_topics() {
         })
         .await;
     let violations = metric(&orch.api, "drover_broker_acl_violations_total").await;
+    let refused = metric(&orch.api, "drover_broker_subscriptions_refused_total").await;
 
     // A forged, well-formed command that would remove B's app.
     let forged_cmd = encode(&Command {
@@ -329,12 +330,25 @@ async fn a_device_cannot_touch_another_devices_topics() {
         "$SYS/#".to_string(),
         "#".to_string(),
     ] {
-        let (code, got) = subscribe_as(orch.mqtt_port, &as_a, &filter, 3).await;
+        // mosquitto_sub is told no (SUBACK 0x80) and receives nothing…
+        let (_, got) = subscribe_as(orch.mqtt_port, &as_a, &filter, 3).await;
         assert!(
             got.is_empty(),
             "A subscribed to {filter} and received {got:?}"
         );
-        assert_ne!(code, 0, "subscribing to {filter} as A did not fail");
+        // …and the connection stays up (MQTT 3.1.1 §3.9.3).
+        assert_eq!(
+            raw::suback(
+                orch.mqtt_port,
+                as_a.client_id,
+                as_a.user,
+                as_a.pass,
+                &filter
+            )
+            .await,
+            Some(vec![0x80]),
+            "subscribing to {filter} as A"
+        );
     }
     // A Last Will is a publish made later on A's behalf: one on B's status
     // is refused at CONNECT.
@@ -355,8 +369,13 @@ async fn a_device_cannot_touch_another_devices_topics() {
     assert_ne!(code, 0, "a Last Will on B's status was accepted");
     let after_violations = metric(&orch.api, "drover_broker_acl_violations_total").await;
     assert!(
-        after_violations >= violations + 20,
-        "each refused publish/subscribe is counted: {violations} -> {after_violations}"
+        after_violations >= violations + 17,
+        "each refused publish and Last Will is counted: {violations} -> {after_violations}"
+    );
+    let after_refused = metric(&orch.api, "drover_broker_subscriptions_refused_total").await;
+    assert!(
+        after_refused >= refused + 22,
+        "each refused subscription is counted: {refused} -> {after_refused}"
     );
 
     // B is untouched. Its next report after the attacks has been through the
@@ -927,10 +946,19 @@ async fn automation_identities_read_reports_but_never_commands() {
         topics.all_devices(TopicKind::Desired),
         topics.everything(),
     ] {
-        let (code, got) = subscribe_as(orch.mqtt_port, &login, &filter, 3).await;
-        assert!(
-            code != 0 && got.is_empty(),
-            "automation read {filter}: {got}"
+        let (_, got) = subscribe_as(orch.mqtt_port, &login, &filter, 3).await;
+        assert!(got.is_empty(), "automation read {filter}: {got}");
+        assert_eq!(
+            raw::suback(
+                orch.mqtt_port,
+                login.client_id,
+                login.user,
+                login.pass,
+                &filter
+            )
+            .await,
+            Some(vec![0x80]),
+            "automation subscribing to {filter}"
         );
     }
     // Not even when granted everything, and not through a shared
@@ -957,10 +985,22 @@ async fn automation_identities_read_reports_but_never_commands() {
         format!("$share/g/{}", topics.all_devices(TopicKind::Desired)),
         "$share/g/#".to_string(),
     ] {
-        let (code, got) = subscribe_as(orch.mqtt_port, &all_login, &filter, 3).await;
+        let (_, got) = subscribe_as(orch.mqtt_port, &all_login, &filter, 3).await;
         assert!(
-            code != 0 && got.is_empty(),
+            got.is_empty(),
             "automation granted '#' read {filter}: {got}"
+        );
+        assert_eq!(
+            raw::suback(
+                orch.mqtt_port,
+                all_login.client_id,
+                all_login.user,
+                all_login.pass,
+                &filter
+            )
+            .await,
+            Some(vec![0x80]),
+            "automation granted '#' subscribing to {filter}"
         );
     }
     let (code, got) = subscribe_as(
@@ -1086,6 +1126,47 @@ mod raw {
 
     pub async fn send(stream: &mut TcpStream, bytes: &[u8]) {
         stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Logs in, subscribes to `filter` and returns the SUBACK's return
+    /// codes, or `None` if the broker closed the connection instead;
+    /// checks the connection is still open afterwards (a PINGREQ is
+    /// answered).
+    pub async fn suback(
+        port: u16,
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        filter: &str,
+    ) -> Option<Vec<u8>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        send(&mut s, &connect(client_id, user, pass)).await;
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).await.expect("connack");
+        assert_eq!(connack, [0x20, 2, 0, 0], "{user} logs in");
+        send(&mut s, &subscribe(filter)).await;
+        let read = async {
+            let mut header = [0u8; 2];
+            s.read_exact(&mut header).await.ok()?;
+            let mut body = vec![0u8; usize::from(header[1])];
+            s.read_exact(&mut body).await.ok()?;
+            Some((header[0], body))
+        };
+        let (kind, body) = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("an answer to SUBSCRIBE")?;
+        assert_eq!(kind, 0x90, "a SUBACK: {body:02x?}");
+        assert_eq!(body[..2], [0, 1], "for packet id 1");
+        send(&mut s, &[0xc0, 0]).await;
+        let mut pong = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut pong))
+            .await
+            .expect("PINGRESP in time")
+            .expect("the connection stays open after a refused subscription");
+        assert_eq!(pong, [0xd0, 0]);
+        Some(body[2..].to_vec())
     }
 }
 

@@ -48,6 +48,11 @@ impl<P: Protocol> Network<P> {
         self.protocol.kick_signal()
     }
 
+    /// [drover patch] See `Protocol::login`.
+    pub fn login(&mut self) -> Option<crate::protocol::LoginDecision> {
+        self.protocol.login()
+    }
+
     pub fn new(
         socket: Box<dyn N>,
         max_incoming_size: usize,
@@ -74,6 +79,13 @@ impl<P: Protocol> Network<P> {
     }
 
     pub fn set_keepalive(&mut self, keepalive: u16) {
+        // [drover patch] MQTT 3.1.1 §3.1.2.10: a keep-alive of 0 switches
+        // the mechanism off. A zero timeout would end the connection on its
+        // first read; never timing out is what the client asked for.
+        if keepalive == 0 {
+            self.keepalive = Duration::MAX;
+            return;
+        }
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);
     }

@@ -251,12 +251,26 @@ where
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
-    Span::current().record("client_id", &connect.client_id);
+    // [drover patch] Debug, so the client id is escaped whatever formats
+    // the span (PATCHES.md, "Wire strings in the log").
+    Span::current().record("client_id", tracing::field::debug(&connect.client_id));
 
     // [drover patch] Tell a refused client why (CONNACK "not authorized")
     // instead of only closing the socket, so it can report a clear error
     // rather than retrying as if the network had failed.
-    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+    // [drover patch] The protocol may decide the login itself (see
+    // `Protocol::login`).
+    let auth = match network.login() {
+        Some(decision) => {
+            if decision.await {
+                Ok(())
+            } else {
+                Err(Error::InvalidAuth)
+            }
+        }
+        None => handle_auth(config.clone(), login.as_ref(), &connect.client_id).await,
+    };
+    if let Err(e) = auth {
         let ack = ConnAck {
             session_present: false,
             code: ConnectReturnCode::NotAuthorized,
@@ -265,11 +279,11 @@ where
         return Err(e);
     }
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // [drover patch] Keep-alive 0 is accepted: MQTT 3.1.1 §3.1.2.10 says it
+    // turns the keep-alive mechanism off, and clients use it (the Eclipse
+    // Paho interoperability suite by default). rumqttd refused it with
+    // `ZeroKeepAlive`; `Network::set_keepalive` now means "no read
+    // timeout" for 0.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

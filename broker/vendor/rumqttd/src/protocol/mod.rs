@@ -756,4 +756,17 @@ pub trait Protocol {
     fn kick_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }
+
+    /// [drover patch] Decides the login of the CONNECT this value has just
+    /// read, instead of `ConnectionSettings`' `auth`/`external_auth`, or
+    /// `None` (the default) to leave it to them. The future resolves to
+    /// whether the client may connect; it may take its time (a wrapper
+    /// that knows the peer can hold back the answer to a source that keeps
+    /// failing). Called once, after CONNECT has been read.
+    fn login(&mut self) -> Option<LoginDecision> {
+        None
+    }
 }
+
+/// [drover patch] See `Protocol::login`.
+pub type LoginDecision = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;

@@ -376,7 +376,8 @@ where
         if let Some(config) = &router_config.custom_segment {
             for (f, segment_config) in config {
                 if matches(filter, f) {
-                    info!("Overriding segment config for filter: {}", filter);
+                    // [drover patch] Debug: the filter comes from the wire.
+                    info!(?filter, "Overriding segment config for filter");
                     max_segment_size = segment_config.max_segment_size;
                     max_mem_segments = segment_config.max_segment_count;
                 }

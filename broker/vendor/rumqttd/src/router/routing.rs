@@ -285,7 +285,9 @@ impl Router {
     ) {
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
-            error!("Invalid client_id: {}", err);
+            // [drover patch] Debug: the client id comes from the wire and
+            // may hold a newline or a terminal escape (PATCHES.md).
+            error!(error = ?err, "invalid client_id");
             return;
         };
 
@@ -668,11 +670,14 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
-                        info!("Adding subscription on topic {}", f.path);
+                        // [drover patch] The filter is in the span, escaped.
+                        info!("Adding subscription");
                         let connection = self.connections.get_mut(id).unwrap();
 
                         if let Err(e) = validate_subscription(connection, f) {
-                            warn!(reason = ?e,"Subscription cannot be validated: {}", e);
+                            // [drover patch] Debug only: the error holds the
+                            // filter as the client sent it.
+                            warn!(reason = ?e, "Subscription cannot be validated");
 
                             disconnect = true;
                             break;
@@ -727,7 +732,8 @@ impl Router {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
-                        debug!("Removing subscription on filter {}", filter);
+                        // [drover patch] Debug: the filter comes from the wire.
+                        debug!(?filter, "Removing subscription");
                         if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
                             let removed = connection_ids.remove(&id);
                             if !removed {
@@ -1088,7 +1094,8 @@ impl Router {
                 }
                 ConsumeStatus::FilterCaughtup => {
                     let filter = &request.filter;
-                    trace!(filter, "Filter caughtup {filter}, parking connection");
+                    // [drover patch] Once, escaped (was also in the message).
+                    trace!(?filter, "Filter caughtup, parking connection");
 
                     // When all the data in the log is caught up, current request is
                     // registered in waiters and not added back to the tracker. This
@@ -1375,7 +1382,8 @@ fn validate_and_set_topic_alias(
         // publisher wants to establish new mapping for topic & alias
         let topic = std::str::from_utf8(&publish.topic)?;
         connection.topic_aliases.insert(alias, topic.to_owned());
-        trace!("set alias {alias} for topic {topic}");
+        // [drover patch] Debug: the topic comes from the wire.
+        trace!(alias, ?topic, "set alias for topic");
     };
 
     Ok(())
@@ -1759,7 +1767,8 @@ fn validate_subscription(
 }
 
 fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
-    trace!("Validating Client ID = {}", client_id,);
+    // [drover patch] Debug: the client id comes from the wire.
+    trace!(?client_id, "Validating Client ID");
     // Ensure that only client devices of the tenant can
     if "+$#/".chars().any(|c| client_id.contains(c)) {
         return Err(RouterError::InvalidClientId(client_id.to_string()));

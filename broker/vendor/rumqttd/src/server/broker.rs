@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -535,6 +535,29 @@ impl Callback for WSCallback {
     }
 }
 
+/// [drover patch] Whether a line about a connection that failed before
+/// logging in may be written: at most `BURST` a minute, process-wide. Some(n):
+/// write it, saying `n` earlier ones were not.
+fn connect_failure_line() -> Option<u64> {
+    const BURST: u32 = 20;
+    const WINDOW: Duration = Duration::from_secs(60);
+    // (window start, lines written in it, failures not written since the
+    // last line that was)
+    static STATE: Mutex<(Option<std::time::Instant>, u32, u64)> = Mutex::new((None, 0, 0));
+    let now = std::time::Instant::now();
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if s.0.is_none_or(|start| now.saturating_duration_since(start) >= WINDOW) {
+        *s = (Some(now), 0, s.2);
+    }
+    if s.1 < BURST {
+        s.1 += 1;
+        Some(std::mem::take(&mut s.2))
+    } else {
+        s.2 += 1;
+        None
+    }
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
@@ -559,8 +582,27 @@ async fn remote<P: Protocol>(
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
+        // [drover patch] A refused login is logged by whoever decided it,
+        // rate-limited; an error line per attempt let one client write
+        // megabytes of log in seconds.
+        Err(e @ remote::Error::InvalidAuth) => {
+            debug!(error=?e, "login refused");
+            return;
+        }
+        // [drover patch] Closed before sending anything: what a TCP health
+        // check or a port scan does. Not an error worth a line each.
+        Err(remote::Error::Network(network::Error::Io(e)))
+            if e.kind() == io::ErrorKind::ConnectionAborted =>
+        {
+            debug!(error=?e, "closed before CONNECT");
+            return;
+        }
         Err(e) => {
-            error!(error=?e, "Error while handling MQTT connect packet");
+            // [drover patch] Anyone who can open a TCP connection can fail
+            // here, as often as they like: a bounded number of lines.
+            if let Some(suppressed) = connect_failure_line() {
+                error!(error=?e, suppressed, "Error while handling MQTT connect packet");
+            }
             return;
         }
     };

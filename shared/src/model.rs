@@ -461,82 +461,38 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
+    /// Parses a reference by the grammar of distribution/reference, the
+    /// one Docker applies (`container_image_dist_ref` is a port of it,
+    /// tested against the Go original), so whatever passes here also
+    /// passes `docker pull`. A reference without tag or digest gets
+    /// `latest`. Digests must also be of an algorithm Docker can verify.
     pub fn parse(s: &str) -> Result<ImageRef, String> {
-        if s.is_empty() {
-            return Err("must not be empty".into());
-        }
-        if s.len() > 512 {
-            return Err("is longer than 512 characters".into());
-        }
-        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("contains {c:?}"));
-        }
-        let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => {
-                let ok = d.split_once(':').is_some_and(|(alg, hex)| {
-                    !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())
-                });
-                if !ok {
-                    return Err(format!("digest {d:?} is not of the form algorithm:hex"));
-                }
-                (r, Some(d.to_string()))
+        let r = container_image_dist_ref::ImgRef::new(s).map_err(|e| {
+            format!(
+                "{s:?} is not a valid image reference: {} (at character {})",
+                describe_reference_error(e.kind()),
+                usize::from(e.index()) + 1
+            )
+        })?;
+        let digest = match r.digest() {
+            Some(d) => {
+                let d = d.to_str();
+                check_digest(d).map_err(|m| format!("{s:?} is not a valid image reference: {m}"))?;
+                Some(d.to_string())
             }
-            None => (s, None),
+            None => None,
         };
-        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
-        let (repository, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => {
-                let i = last_slash + i;
-                let tag = &rest[i + 1..];
-                if tag.is_empty()
-                    || tag.len() > 128
-                    || !tag
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-                {
-                    return Err(format!("tag {tag:?} is not a valid tag"));
-                }
-                (&rest[..i], Some(tag.to_string()))
-            }
-            None => (rest, None),
-        };
-        if repository.is_empty()
-            || repository.starts_with('/')
-            || repository.ends_with('/')
-            || repository.contains("//")
-        {
-            return Err(format!("repository {repository:?} is not valid"));
-        }
-        let path_ok = |c: char| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | ':')
-        };
-        // The first component may be a registry host with upper case and a port.
-        let path = match repository.split_once('/') {
-            Some((host, p)) if host.contains('.') || host.contains(':') || host == "localhost" => p,
-            _ => repository,
-        };
-        if let Some(c) = path.chars().find(|c| !path_ok(*c)) {
-            return Err(format!(
-                "repository {repository:?} contains {c:?} (repository names are lower case)"
-            ));
-        }
+        let tag = r.tag().map(str::to_string);
         let tag = if tag.is_none() && digest.is_none() {
             Some("latest".to_string())
         } else {
             tag
         };
-        let image = ImageRef {
-            repository: repository.to_string(),
+        Ok(ImageRef {
+            repository: r.name().to_str().to_string(),
             tag,
             digest,
-        };
-        // The limit holds for the normal form too: `AppSpec::validate` stores
-        // it and the agent parses it again before pulling, so a reference
-        // that only fits without `:latest` must be refused here, not there.
-        if image.to_string().len() > 512 {
-            return Err("is longer than 512 characters once `:latest` is added".into());
-        }
-        Ok(image)
+        })
     }
 
     /// The registry the image is pulled from, Docker's way: the first path
@@ -570,6 +526,55 @@ impl std::fmt::Display for ImageRef {
             write!(f, "@{d}")?;
         }
         Ok(())
+    }
+}
+
+/// The digests Docker can verify (go-digest's registered algorithms):
+/// algorithm and the length of its lower-case hex value.
+const DIGEST_ALGORITHMS: &[(&str, usize)] = &[("sha256", 64), ("sha384", 96), ("sha512", 128)];
+
+fn check_digest(d: &str) -> Result<(), String> {
+    let (alg, hex) = d.split_once(':').unwrap_or((d, ""));
+    let Some((_, len)) = DIGEST_ALGORITHMS.iter().find(|(a, _)| *a == alg) else {
+        return Err(format!(
+            "digest algorithm {alg:?} is not one of sha256, sha384 or sha512"
+        ));
+    };
+    if hex.len() != *len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("a {alg} digest is {len} lower-case hex digits"));
+    }
+    Ok(())
+}
+
+/// The parser reports a kind and a position; people want a sentence.
+fn describe_reference_error(kind: container_image_dist_ref::err::Kind) -> &'static str {
+    use container_image_dist_ref::err::Kind::*;
+    match kind {
+        HostOrPathMissing | PathMissing | HostMissing | RefMissing => "the repository name is missing",
+        HostOrPathTooLong | NameTooLong | PathTooLong | HostTooLong => {
+            "the name is longer than 255 characters"
+        }
+        HostOrPathInvalidChar | PathInvalidChar => {
+            "repository names are lower-case letters and digits, with '.', '_', '__', '-' or '/' between them"
+        }
+        HostOrPathInvalidComponentEnd | PathComponentInvalidEnd => {
+            "each part of the name must start and end with a letter or digit"
+        }
+        PortOrTagMissing | TagMissing => "':' must be followed by a tag",
+        PortOrTagInvalidChar | TagInvalidChar => {
+            "a tag is letters, digits, '_', '.' and '-', starting with a letter, digit or '_'; only one ':' tag is allowed"
+        }
+        TagTooLong => "a tag is at most 128 characters",
+        HostComponentInvalidEnd | HostInvalidChar => "the registry host is not a valid host name",
+        Port | PortInvalidChar | PortTooLong | PortMissing => "the registry port is not a valid number",
+        OciRegisteredAlgorithmWrongDigestLength => {
+            "the digest has the wrong length for its algorithm (sha256 is 64 hex digits)"
+        }
+        AlgorithmMissing | AlgorithmInvalidChar | AlgorithmTooLong | InvalidOciAlgorithm
+        | AlgorithmInvalidNumericPrefix => "a digest is algorithm:hex, e.g. sha256:<64 hex digits>",
+        EncodedMissing | EncodedInvalidChar | EncodedNonLowerHex | OciRegisteredDigestInvalidChar
+        | EncodingTooShort | EncodingTooLong => "a digest's value is lower-case hex digits of the algorithm's length",
+        _ => "the registry address is not valid",
     }
 }
 
@@ -693,8 +698,8 @@ mod tests {
             (r.repository.as_str(), r.tag.as_deref()),
             ("localhost:5000/a/b", Some("1.2"))
         );
-        let d = ImageRef::parse("busybox@sha256:abcdef").expect("ok");
-        assert_eq!(d.pull_tag(), "sha256:abcdef");
+        let d = ImageRef::parse(&format!("busybox@{DIGEST}")).expect("ok");
+        assert_eq!(d.pull_tag(), DIGEST);
         assert!(ImageRef::parse("Busybox:1").is_err());
         assert!(ImageRef::parse("busybox:").is_err());
         assert!(ImageRef::parse("bad image").is_err());
@@ -730,22 +735,83 @@ mod tests {
 
     #[test]
     fn normal_form_of_a_valid_image_parses_again() {
-        // Found by fuzz/ (app_spec): a 510-character reference without a tag
-        // passed validation and became 517 characters with `:latest`, which
-        // the agent's own ImageRef::parse then refused on every reconcile.
-        let mut s = spec(&"a".repeat(510));
-        assert_eq!(
-            s.validate().expect_err("too long once normalised").field,
-            "containers[0].image"
-        );
-        let longest = "a".repeat(512 - ":latest".len());
+        // Found by fuzz/ (app_spec): a reference that was only valid
+        // without `:latest` passed validation, and the agent's own
+        // ImageRef::parse then refused the stored normal form on every
+        // reconcile. Names are bounded (255) apart from tags, so the
+        // longest name still parses once `:latest` is added.
+        let longest = "a".repeat(255);
         let mut s = spec(&longest);
-        s.validate().expect("fits with :latest");
+        s.validate().expect("the longest name is valid");
         assert_eq!(s.containers[0].image, format!("{longest}:latest"));
         let r = ImageRef::parse(&s.containers[0].image).expect("normal form parses");
         assert_eq!(r.to_string(), s.containers[0].image);
-        // Explicit tags and digests were already bounded by the raw length.
-        assert!(ImageRef::parse(&format!("{}:1", "a".repeat(510))).is_ok());
+        let mut s = spec(&"a".repeat(256));
+        assert_eq!(
+            s.validate().expect_err("too long").field,
+            "containers[0].image"
+        );
+    }
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn references_follow_the_distribution_grammar() {
+        let ok = [
+            ("busybox", "busybox:latest"),
+            ("127.0.0.1:5000/drover/busybox:2", "127.0.0.1:5000/drover/busybox:2"),
+            ("localhost/a:1", "localhost/a:1"),
+            ("[::1]:5000/a:1", "[::1]:5000/a:1"),
+            ("ghcr.io/owner/app_name-x__y.z:V1.2_rc-3", "ghcr.io/owner/app_name-x__y.z:V1.2_rc-3"),
+            ("Registry.Example.com/a/b:1", "Registry.Example.com/a/b:1"),
+        ];
+        for (raw, normal) in ok {
+            let r = ImageRef::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(r.to_string(), normal);
+            assert_eq!(ImageRef::parse(normal).expect("normal form"), r);
+        }
+        let pinned = ImageRef::parse(&format!("a/b:1@{DIGEST}")).expect("tag and digest");
+        assert_eq!(
+            (pinned.tag.as_deref(), pinned.pull_tag()),
+            (Some("1"), DIGEST)
+        );
+        assert_eq!(pinned.to_string(), format!("a/b:1@{DIGEST}"));
+        let sha512 = format!("a@sha512:{}", "f".repeat(128));
+        assert!(ImageRef::parse(&sha512).is_ok());
+
+        // What the outside probe got accepted, and what Docker refuses.
+        let bad = [
+            "busybox@sha256:abc",
+            "a/b:c:d",
+            "a:b:c",
+            "-rm",
+            "busybox:\u{e9}",
+            "busybox:-x",
+            "a//b",
+            "a/b/",
+            "a..b",
+            "busybox:",
+            "@sha256:0123",
+            "Busybox:1",
+            "bad image",
+            "busybox\n",
+        ];
+        for raw in bad {
+            let e = ImageRef::parse(raw).expect_err(raw);
+            assert!(e.contains("not a valid image reference"), "{raw}: {e}");
+        }
+        // Digests Docker can verify only, in lower-case hex.
+        for raw in [
+            format!("a@md5:{}", "0".repeat(32)),
+            format!("a@sha256:{}", "A".repeat(64)),
+            format!("a@sha256:{}", "0".repeat(63)),
+            format!("a@sha384:{}", "0".repeat(64)),
+        ] {
+            let e = ImageRef::parse(&raw).expect_err(&raw);
+            assert!(e.contains("digest"), "{raw}: {e}");
+        }
+        let e = ImageRef::parse("a/b:c:d").expect_err("two tags");
+        assert!(e.contains("at character 6"), "{e}");
     }
 
     #[test]
@@ -753,7 +819,7 @@ mod tests {
         let host = |s: &str| ImageRef::parse(s).expect("valid").registry_host();
         assert_eq!(host("127.0.0.1:5001/drover/busybox:2"), "127.0.0.1:5001");
         assert_eq!(
-            host("Registry.Example.com/a/b@sha256:ab"),
+            host(&format!("Registry.Example.com/a/b@{DIGEST}")),
             "registry.example.com"
         );
         assert_eq!(host("localhost/a:1"), "localhost");

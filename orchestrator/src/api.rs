@@ -110,6 +110,11 @@ impl From<ServiceError> for ApiError {
                     FleetError::AppInUse { .. } => {
                         ApiError::field(StatusCode::CONFLICT, "app", msg)
                     }
+                    // Both are about what else the device runs, not about
+                    // the request itself.
+                    FleetError::PortInUse { .. } | FleetError::DesiredTooLarge { .. } => {
+                        ApiError::field(StatusCode::CONFLICT, "app", msg)
+                    }
                 }
             }
             ServiceError::Store(s) => ApiError::store(s),

@@ -21,7 +21,7 @@ use crate::access::Access;
 use crate::fleet::{Fleet, FleetError};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
-use crate::mqtt::{qos, Event};
+use crate::mqtt::{qos, Event, OversizeLog};
 use crate::records::{AppRecord, DeviceView, Operation};
 use crate::registries::{RegistryRecord, RegistryView, SecretsBook};
 use crate::store::{Store, StoreError, Write};
@@ -50,6 +50,7 @@ pub struct Service {
     store: Store,
     writer: StoreWriter,
     mqtt: AsyncClient,
+    oversize: OversizeLog,
     topics: Topics,
     pub metrics: Arc<Metrics>,
     pub identities: Arc<Identities>,
@@ -79,6 +80,7 @@ impl Service {
             store,
             writer,
             mqtt,
+            oversize: OversizeLog::default(),
             topics,
             metrics,
             identities,
@@ -102,6 +104,9 @@ impl Service {
 
     fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = self.topics.device(device, kind);
+        if !crate::mqtt::admit(&topic, qos(kind), &payload, &self.metrics, &self.oversize) {
+            return false;
+        }
         match self
             .mqtt
             .try_publish(topic, qos(kind), kind.retained(), payload)
@@ -391,6 +396,9 @@ impl Service {
     /// queue; on time-out the device gets its state on the next resync.
     async fn publish_waiting(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = self.topics.device(device, kind);
+        if !crate::mqtt::admit(&topic, qos(kind), &payload, &self.metrics, &self.oversize) {
+            return false;
+        }
         let publish = self
             .mqtt
             .publish(topic, qos(kind), kind.retained(), payload);

@@ -66,7 +66,7 @@ pub enum FleetError {
         port: String,
         other: Name,
     },
-    #[error("deploying app {app} would make the desired state of device {device} {size} bytes encoded, over the limit of {max} bytes for one message (its apps: {apps}); remove an app from the device or make one smaller")]
+    #[error("with this change to app {app}, the desired state of device {device} would be {size} bytes encoded, over the limit of {max} bytes for one message (its apps: {apps}); remove an app from the device or make one smaller")]
     DesiredTooLarge {
         device: DeviceId,
         app: Name,

@@ -112,7 +112,9 @@ impl From<ServiceError> for ApiError {
                     }
                     // Both are about what else the device runs, not about
                     // the request itself.
-                    FleetError::PortInUse { .. } | FleetError::DesiredTooLarge { .. } => {
+                    FleetError::PortInUse { .. }
+                    | FleetError::CpusExceedDevice { .. }
+                    | FleetError::DesiredTooLarge { .. } => {
                         ApiError::field(StatusCode::CONFLICT, "app", msg)
                     }
                 }

@@ -66,6 +66,14 @@ pub enum FleetError {
         port: String,
         other: Name,
     },
+    #[error("app {app} limits container {container} to {cpus} CPUs, but device {device} has {available}; Docker refuses a limit above the device's CPU count")]
+    CpusExceedDevice {
+        device: DeviceId,
+        app: Name,
+        container: Name,
+        cpus: String,
+        available: u32,
+    },
     #[error("with this change to app {app}, the desired state of device {device} would be {size} bytes encoded, over the limit of {max} bytes for one message (its apps: {apps}); remove an app from the device or make one smaller")]
     DesiredTooLarge {
         device: DeviceId,
@@ -423,6 +431,12 @@ impl Fleet {
         }
         if op == Op::Deploy {
             check_host_ports(device, &next, app)?;
+            let cpus = self
+                .devices
+                .get(device)
+                .and_then(|d| d.record.inventory.as_ref())
+                .map_or(0, |h| h.cpus);
+            check_cpus(device, &next, app, cpus)?;
         }
         // The whole desired state travels in one `cmd` (and one `desired`,
         // a little smaller): one that no device and no broker would take
@@ -646,6 +660,35 @@ fn check_host_ports(device: &DeviceId, next: &DesiredState, app: &Name) -> Resul
     Ok(())
 }
 
+/// Docker refuses a CPU limit above the host's CPU count, so the app's
+/// limits are checked against the device's inventory when it has sent one
+/// (`available` 0: not known yet, left to the device).
+fn check_cpus(
+    device: &DeviceId,
+    next: &DesiredState,
+    app: &Name,
+    available: u32,
+) -> Result<(), FleetError> {
+    let Some(ours) = next.app(app) else {
+        return Ok(());
+    };
+    if available == 0 {
+        return Ok(());
+    }
+    for c in &ours.spec.containers {
+        if let Some(cpus) = c.cpus.filter(|n| *n > f64::from(available)) {
+            return Err(FleetError::CpusExceedDevice {
+                device: device.clone(),
+                app: app.clone(),
+                container: c.name.clone(),
+                cpus: cpus.to_string(),
+                available,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Moves an operation forward on an ack. Never moves it back: a late
 /// `progress` after `succeeded` changes nothing. Returns whether it changed.
 fn apply_ack(op: &mut Operation, ack: &Ack, now: u64) -> bool {
@@ -799,6 +842,47 @@ mod tests {
         assert!(f.req(Op::Deploy, "b", "6", 7).is_err());
         f.req(Op::Remove, "a", "7", 8).expect("remove");
         f.req(Op::Deploy, "b", "8", 9).expect("8080 is free now");
+    }
+
+    #[test]
+    fn a_cpu_limit_above_the_device_is_refused_once_its_inventory_is_known() {
+        let mut f = Fleet::default();
+        let app = |cpus: f64| {
+            serde_json::json!({"name": format!("c{}", cpus as u32), "containers": [
+                {"name": "main", "image": "busybox:1", "cpus": cpus}]})
+        };
+        put(&mut f, app(4.0));
+        put(&mut f, app(5.0));
+        // No inventory yet: left to the device.
+        f.on_device_message(
+            &id("pi"),
+            DeviceMessage::Status(Status {
+                online: true,
+                at_ms: 1,
+            }),
+            1,
+        );
+        f.req(Op::Deploy, "c5", "1", 2).expect("cpu count unknown");
+        f.on_device_message(
+            &id("pi"),
+            DeviceMessage::Hello(Hello {
+                cpus: 4,
+                ..Default::default()
+            }),
+            3,
+        );
+        f.req(Op::Deploy, "c4", "2", 4).expect("4 of 4");
+        let e = f.req(Op::Deploy, "c5", "3", 5).expect_err("5 of 4");
+        assert_eq!(
+            e,
+            FleetError::CpusExceedDevice {
+                device: id("pi"),
+                app: name("c5"),
+                container: name("main"),
+                cpus: "5".into(),
+                available: 4,
+            }
+        );
     }
 
     #[test]

@@ -206,6 +206,20 @@ async fn a_device_state_over_one_message_is_refused_and_the_link_carries_on() {
     );
     let done = api.wait_op(&op, OP_TIMEOUT).await;
     assert_eq!(done["status"], json!("succeeded"), "{done}");
+
+    // A CPU limit above what the device has: Docker would refuse it.
+    let cpus = api.device(&other.id).await.expect("device")["inventory"]["cpus"]
+        .as_u64()
+        .expect("inventory with a CPU count");
+    let greedy = unique("greedy");
+    let (s, v) = api
+        .post("/api/v1/apps", &app(&greedy, json!({"cpus": cpus + 1})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = deploy(api, &other.id, &greedy).await;
+    assert_eq!(s, 409, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&format!("has {cpus}")), "{msg}");
     orch.stop().await;
 }
 

@@ -58,7 +58,7 @@ fn desired() -> DesiredState {
                     name: name("db"),
                     containers: vec![ContainerSpec {
                         name: name("pg"),
-                        image: "postgres@sha256:abcdef0123".into(),
+                        image: "postgres@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
                         command: None,
                         env: BTreeMap::new(),
                         ports: vec![],
@@ -193,14 +193,14 @@ fn main() {
     let full = serde_json::to_vec_pretty(&app("127.0.0.1:5000/demo/hello:1.2")).expect("json");
     write("app_spec", "spec-full", &full);
     write("app_spec", "spec-minimal", br#"{"name":"web","containers":[{"name":"main","image":"busybox"}]}"#);
-    write("app_spec", "spec-digest", br#"{"name":"db","containers":[{"name":"pg","image":"postgres@sha256:abcdef0123","restart":"always","ports":[{"host":5432,"container":5432}]}]}"#);
+    write("app_spec", "spec-digest", br#"{"name":"db","containers":[{"name":"pg","image":"postgres@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","restart":"always","ports":[{"host":5432,"container":5432}]}]}"#);
     write("app_spec", "spec-two", br#"{"name":"a","containers":[{"name":"x","image":"localhost:5000/a/b","cpus":1e-3,"memory_mb":1},{"name":"y","image":"a.b/C/d:t","host_mounts":[{"source":"/srv","target":"/srv"}]}],"labels":{"k":"v"}}"#);
     for (label, image) in [
         ("image-plain", "busybox"),
         ("image-tag", "busybox:1.36"),
         ("image-registry", "registry.example.com:5000/team/app:v2"),
-        ("image-digest", "busybox@sha256:0123456789abcdef"),
-        ("image-both", "localhost/a:b@sha256:ff"),
+        ("image-digest", "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+        ("image-both", "localhost/a:b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
     ] {
         write("app_spec", label, image.as_bytes());
     }

@@ -10,6 +10,11 @@ pub struct Metrics {
     pub mqtt_rejected: AtomicU64,
     pub mqtt_published: AtomicU64,
     pub mqtt_publish_failed: AtomicU64,
+    /// Publishes dropped before reaching the MQTT client because no
+    /// receiver would take a packet that large.
+    pub mqtt_publish_oversized: AtomicU64,
+    /// Times the orchestrator's own MQTT link (re)connected to the broker.
+    pub mqtt_link_connects: AtomicU64,
     pub store_write_failed: AtomicU64,
     /// Audit records dropped because the store failed for so long that
     /// more were waiting than the writer keeps.
@@ -48,6 +53,16 @@ impl Metrics {
             "drover_mqtt_publish_failed_total",
             "MQTT publishes that could not be queued.",
             &self.mqtt_publish_failed,
+        );
+        counter(
+            "drover_mqtt_publish_oversized_total",
+            "MQTT publishes dropped because the packet is over the limit agents and the broker accept.",
+            &self.mqtt_publish_oversized,
+        );
+        counter(
+            "drover_mqtt_link_connects_total",
+            "Connections (first and re-) of the orchestrator's MQTT link to the broker.",
+            &self.mqtt_link_connects,
         );
         counter(
             "drover_store_write_failed_total",

@@ -14,6 +14,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// configured to allow at least this much (rumqttc defaults to 10 KiB).
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
+/// The largest MQTT packet the agents and the embedded broker take: a
+/// payload of [`MAX_PAYLOAD_BYTES`] with room for the topic and headers.
+/// A sender must not send a larger one: the receiver closes the connection.
+pub const MAX_PACKET_BYTES: usize = MAX_PAYLOAD_BYTES + 4 * 1024;
+
 /// A payload type bound to its topic kind.
 pub trait Message: Serialize + DeserializeOwned {
     const KIND: TopicKind;

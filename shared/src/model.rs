@@ -245,16 +245,63 @@ impl FieldError {
     }
 }
 
+/// Bounds on an app spec. A device's desired state carries the whole spec
+/// of every app on it, in one MQTT message of at most
+/// [`MAX_PAYLOAD_BYTES`](crate::codec::MAX_PAYLOAD_BYTES); these keep one
+/// app well inside that, and each field inside what Docker and the kernel
+/// take (one argument or `NAME=value` string of an `execve` is at most
+/// 128 KiB).
+pub mod limits {
+    /// The CBOR-encoded spec: half a message, so one app of any size that
+    /// validates always fits on a device that runs nothing else.
+    pub const APP_SPEC_BYTES: usize = 128 * 1024;
+    pub const CONTAINERS: usize = 32;
+    pub const ENV_VARS: usize = 512;
+    pub const ENV_NAME_BYTES: usize = 256;
+    pub const ENV_VALUE_BYTES: usize = 32 * 1024;
+    pub const COMMAND_ARGS: usize = 512;
+    pub const COMMAND_ARG_BYTES: usize = 32 * 1024;
+    pub const LABELS: usize = 64;
+    pub const LABEL_KEY_BYTES: usize = 128;
+    pub const LABEL_VALUE_BYTES: usize = 512;
+    pub const PORTS: usize = 1024;
+    /// Volumes, host mounts and devices, each.
+    pub const MOUNTS: usize = 128;
+    /// Linux's `PATH_MAX`.
+    pub const PATH_BYTES: usize = 4096;
+    /// Docker refuses a memory limit below 6 MiB.
+    pub const MIN_MEMORY_MB: u64 = 6;
+    /// 1 TiB: far above any device Drover runs on, far below where the
+    /// byte count Docker is given overflows.
+    pub const MAX_MEMORY_MB: u64 = 1024 * 1024;
+    /// Docker refuses fewer than 0.01 cores.
+    pub const MIN_CPUS: f64 = 0.01;
+    pub const MAX_CPUS: f64 = 1024.0;
+}
+
 impl AppSpec {
     /// Checks everything serde cannot: non-empty, unique names, a usable
-    /// image reference, sane ports and limits. Normalises image references
-    /// without tag or digest to `:latest`.
+    /// image reference, sane ports, paths and limits, and the size bounds
+    /// in [`limits`]. Normalises image references without tag or digest to
+    /// `:latest`. Only what holds on any device is checked here; what
+    /// depends on the other apps of a device (host ports, the size of the
+    /// whole desired state) is checked when deploying.
     pub fn validate(&mut self) -> Result<(), FieldError> {
         if self.containers.is_empty() {
             return Err(FieldError::new(
                 "containers",
                 "an app needs at least one container",
             ));
+        }
+        check_count("containers", self.containers.len(), limits::CONTAINERS)?;
+        check_count("labels", self.labels.len(), limits::LABELS)?;
+        for (k, v) in &self.labels {
+            let f = format!("labels.{k}");
+            if k.is_empty() {
+                return Err(FieldError::new("labels", "a label key must not be empty"));
+            }
+            check_text(&f, "key", k, limits::LABEL_KEY_BYTES, true)?;
+            check_text(&f, "value", v, limits::LABEL_VALUE_BYTES, true)?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, c) in self.containers.iter_mut().enumerate() {
@@ -274,15 +321,25 @@ impl AppSpec {
                         "must not be an empty list; omit it to use the image's command",
                     ));
                 }
-            }
-            for k in c.env.keys() {
-                if k.is_empty() || k.contains('=') || k.contains('\0') {
-                    return Err(FieldError::new(
-                        at("env"),
-                        format!("invalid variable name {k:?}"),
-                    ));
+                check_count(&at("command"), cmd.len(), limits::COMMAND_ARGS)?;
+                for (j, arg) in cmd.iter().enumerate() {
+                    let f = format!("containers[{i}].command[{j}]");
+                    check_text(&f, "argument", arg, limits::COMMAND_ARG_BYTES, false)?;
                 }
             }
+            check_count(&at("env"), c.env.len(), limits::ENV_VARS)?;
+            for (k, v) in &c.env {
+                let f = format!("containers[{i}].env.{k}");
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(FieldError::new(
+                        if k.is_empty() { at("env") } else { f },
+                        format!("invalid variable name {k:?}: not empty, without '=' or NUL"),
+                    ));
+                }
+                check_text(&f, "name", k, limits::ENV_NAME_BYTES, false)?;
+                check_text(&f, "value", v, limits::ENV_VALUE_BYTES, false)?;
+            }
+            check_count(&at("ports"), c.ports.len(), limits::PORTS)?;
             for (j, p) in c.ports.iter().enumerate() {
                 if p.host == 0 || p.container == 0 {
                     return Err(FieldError::new(
@@ -299,6 +356,7 @@ impl AppSpec {
                     }
                 }
             }
+            check_count(&at("volumes"), c.volumes.len(), limits::MOUNTS)?;
             for (j, v) in c.volumes.iter().enumerate() {
                 let f = |x: &str| format!("containers[{i}].volumes[{j}].{x}");
                 if v.source.starts_with('/') {
@@ -318,11 +376,35 @@ impl AppSpec {
                 }
                 check_container_path(&v.target).map_err(|m| FieldError::new(f("target"), m))?;
             }
+            check_count(&at("host_mounts"), c.host_mounts.len(), limits::MOUNTS)?;
             for (j, m) in c.host_mounts.iter().enumerate() {
                 let f = |x: &str| format!("containers[{i}].host_mounts[{j}].{x}");
                 check_host_path(&m.source).map_err(|e| FieldError::new(f("source"), e))?;
                 check_container_path(&m.target).map_err(|e| FieldError::new(f("target"), e))?;
             }
+            // Docker refuses a container with two mounts on one path
+            // ("duplicate mount point"), whichever kinds they are.
+            let mut targets: BTreeMap<String, String> = BTreeMap::new();
+            let mounts = c
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(j, v)| (format!("containers[{i}].volumes[{j}].target"), &v.target))
+                .chain(c.host_mounts.iter().enumerate().map(|(j, m)| {
+                    (
+                        format!("containers[{i}].host_mounts[{j}].target"),
+                        &m.target,
+                    )
+                }));
+            for (field, target) in mounts {
+                if let Some(first) = targets.insert(clean_path(target), field.clone()) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("{target:?} is already the target of {first}"),
+                    ));
+                }
+            }
+            check_count(&at("devices"), c.devices.len(), limits::MOUNTS)?;
             for (j, d) in c.devices.iter().enumerate() {
                 let f = |x: &str| format!("containers[{i}].devices[{j}].{x}");
                 check_host_path(&d.host).map_err(|e| FieldError::new(f("host"), e))?;
@@ -339,6 +421,7 @@ impl AppSpec {
                     }
                 }
             }
+            check_count(&at("cap_add"), c.cap_add.len(), CAPABILITIES.len())?;
             for (j, cap) in c.cap_add.iter().enumerate() {
                 if !CAPABILITIES.contains(&cap.as_str()) {
                     let hint = match cap.to_ascii_uppercase().trim_start_matches("CAP_") {
@@ -361,19 +444,91 @@ impl AppSpec {
                     ),
                 ));
             }
-            if c.memory_mb == Some(0) {
-                return Err(FieldError::new(at("memory_mb"), "must be greater than 0"));
+            // Docker binds each (address, port, protocol) once; a second
+            // mapping of the same one fails only when the container starts.
+            for (j, p) in c.ports.iter().enumerate() {
+                if let Some(k) = c.ports[..j].iter().position(|q| q.conflicts_with(p)) {
+                    return Err(FieldError::new(
+                        format!("containers[{i}].ports[{j}]"),
+                        format!(
+                            "host port {} is already published by containers[{i}].ports[{k}]",
+                            p.describe_host()
+                        ),
+                    ));
+                }
+            }
+            if let Some(mb) = c.memory_mb {
+                if !(limits::MIN_MEMORY_MB..=limits::MAX_MEMORY_MB).contains(&mb) {
+                    return Err(FieldError::new(
+                        at("memory_mb"),
+                        format!(
+                            "must be between {} and {} (1 TiB), got {mb}",
+                            limits::MIN_MEMORY_MB,
+                            limits::MAX_MEMORY_MB
+                        ),
+                    ));
+                }
             }
             if let Some(cpus) = c.cpus {
-                if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                if !(cpus.is_finite() && (limits::MIN_CPUS..=limits::MAX_CPUS).contains(&cpus)) {
                     return Err(FieldError::new(
                         at("cpus"),
-                        "must be a number of cores greater than 0",
+                        format!(
+                            "must be a number of cores between {} and {}",
+                            limits::MIN_CPUS,
+                            limits::MAX_CPUS
+                        ),
                     ));
                 }
             }
         }
+        // Across containers too: they share the device's ports.
+        let ports: Vec<(String, &PortMapping)> = self
+            .containers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.ports
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, p)| (format!("containers[{i}].ports[{j}]"), p))
+            })
+            .collect();
+        for (n, (field, p)) in ports.iter().enumerate() {
+            if let Some((first, _)) = ports[..n].iter().find(|(_, q)| q.conflicts_with(p)) {
+                return Err(FieldError::new(
+                    field.clone(),
+                    format!(
+                        "host port {} is already published by {first}",
+                        p.describe_host()
+                    ),
+                ));
+            }
+        }
+        let size = self.encoded_len();
+        if size > limits::APP_SPEC_BYTES {
+            let (i, biggest) = self
+                .containers
+                .iter()
+                .map(encoded_len)
+                .enumerate()
+                .max_by_key(|(_, n)| *n)
+                .unwrap_or((0, 0));
+            return Err(FieldError::new(
+                format!("containers[{i}]"),
+                format!(
+                    "the app is {size} bytes encoded, over the limit of {} bytes; its largest container, containers[{i}], is {biggest} bytes",
+                    limits::APP_SPEC_BYTES
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The size of the spec in CBOR, as it travels inside `desired` and
+    /// `cmd` payloads.
+    pub fn encoded_len(&self) -> usize {
+        encoded_len(self)
     }
 
     /// What the app may do to the device it runs on, beyond an ordinary
@@ -416,9 +571,25 @@ fn is_volume_name(s: &str) -> bool {
         && s.len() <= 255
 }
 
+/// A path inside the container: absolute, not the root itself (Docker
+/// cannot mount over `/`), without `..` (Docker resolves it and mounts
+/// somewhere else than the spec says), `:` (its mount syntax) or NUL.
 fn check_container_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') || p.contains(':') || p.contains('\0') {
         return Err("must be an absolute path inside the container, without ':'".into());
+    }
+    if p.len() > limits::PATH_BYTES {
+        return Err(format!(
+            "is {} bytes, over the limit of {}",
+            p.len(),
+            limits::PATH_BYTES
+        ));
+    }
+    if p.split('/').any(|part| part == "..") {
+        return Err("must not contain '..'".into());
+    }
+    if clean_path(p) == "/" {
+        return Err("must not be the container's root '/'".into());
     }
     Ok(())
 }
@@ -427,10 +598,118 @@ fn check_host_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') || p.contains(':') || p.contains('\0') {
         return Err("must be an absolute host path, without ':'".into());
     }
+    if p.len() > limits::PATH_BYTES {
+        return Err(format!(
+            "is {} bytes, over the limit of {}",
+            p.len(),
+            limits::PATH_BYTES
+        ));
+    }
     if p.split('/').any(|part| part == "..") {
         return Err("must not contain '..'".into());
     }
     Ok(())
+}
+
+/// `/a//b/./c/` → `/a/b/c`: the path Docker compares mount points by.
+fn clean_path(p: &str) -> String {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|part| !part.is_empty() && *part != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+fn check_count(field: &str, n: usize, max: usize) -> Result<(), FieldError> {
+    if n > max {
+        return Err(FieldError::new(
+            field,
+            format!("has {n} entries, over the limit of {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A string that reaches a process or a person: bounded, and never with a
+/// NUL, which no `execve` argument or environment entry can hold (Docker
+/// fails the container with "invalid argument"). `printable`: no control
+/// characters at all, for text that is only displayed.
+fn check_text(
+    field: &str,
+    what: &str,
+    s: &str,
+    max: usize,
+    printable: bool,
+) -> Result<(), FieldError> {
+    if s.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("{what} is {} bytes, over the limit of {max}", s.len()),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(FieldError::new(
+            field,
+            format!("{what} contains a NUL character"),
+        ));
+    }
+    if printable && s.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            format!("{what} contains a control character"),
+        ));
+    }
+    Ok(())
+}
+
+fn encoded_len<T: Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0 += data.len();
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Counting cannot fail, and every model type serialises.
+    let _ = ciborium::into_writer(value, &mut n);
+    n.0
+}
+
+impl PortMapping {
+    /// Whether both mappings would bind the same host port: same port and
+    /// protocol, and addresses that overlap (the same one, or either binds
+    /// every address).
+    pub fn conflicts_with(&self, other: &PortMapping) -> bool {
+        if self.host != other.host || self.protocol != other.protocol {
+            return false;
+        }
+        let ip = |m: &PortMapping| {
+            m.host_ip
+                .as_deref()
+                .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+        };
+        match (ip(self), ip(other)) {
+            (Some(a), Some(b)) => a == b || a.is_unspecified() || b.is_unspecified(),
+            _ => true,
+        }
+    }
+
+    /// `8080/tcp`, or `127.0.0.1:8080/tcp` with an address.
+    pub fn describe_host(&self) -> String {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match &self.host_ip {
+            Some(ip) if ip.contains(':') => format!("[{ip}]:{}/{proto}", self.host),
+            Some(ip) => format!("{ip}:{}/{proto}", self.host),
+            None => format!("{}/{proto}", self.host),
+        }
+    }
 }
 
 impl ContainerSpec {
@@ -461,82 +740,39 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
+    /// Parses a reference by the grammar of distribution/reference, the
+    /// one Docker applies (`container_image_dist_ref` is a port of it,
+    /// tested against the Go original), so whatever passes here also
+    /// passes `docker pull`. A reference without tag or digest gets
+    /// `latest`. Digests must also be of an algorithm Docker can verify.
     pub fn parse(s: &str) -> Result<ImageRef, String> {
-        if s.is_empty() {
-            return Err("must not be empty".into());
-        }
-        if s.len() > 512 {
-            return Err("is longer than 512 characters".into());
-        }
-        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("contains {c:?}"));
-        }
-        let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => {
-                let ok = d.split_once(':').is_some_and(|(alg, hex)| {
-                    !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())
-                });
-                if !ok {
-                    return Err(format!("digest {d:?} is not of the form algorithm:hex"));
-                }
-                (r, Some(d.to_string()))
+        let r = container_image_dist_ref::ImgRef::new(s).map_err(|e| {
+            format!(
+                "{s:?} is not a valid image reference: {} (at character {})",
+                describe_reference_error(e.kind()),
+                usize::from(e.index()) + 1
+            )
+        })?;
+        let digest = match r.digest() {
+            Some(d) => {
+                let d = d.to_str();
+                check_digest(d)
+                    .map_err(|m| format!("{s:?} is not a valid image reference: {m}"))?;
+                Some(d.to_string())
             }
-            None => (s, None),
+            None => None,
         };
-        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
-        let (repository, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => {
-                let i = last_slash + i;
-                let tag = &rest[i + 1..];
-                if tag.is_empty()
-                    || tag.len() > 128
-                    || !tag
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-                {
-                    return Err(format!("tag {tag:?} is not a valid tag"));
-                }
-                (&rest[..i], Some(tag.to_string()))
-            }
-            None => (rest, None),
-        };
-        if repository.is_empty()
-            || repository.starts_with('/')
-            || repository.ends_with('/')
-            || repository.contains("//")
-        {
-            return Err(format!("repository {repository:?} is not valid"));
-        }
-        let path_ok = |c: char| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | ':')
-        };
-        // The first component may be a registry host with upper case and a port.
-        let path = match repository.split_once('/') {
-            Some((host, p)) if host.contains('.') || host.contains(':') || host == "localhost" => p,
-            _ => repository,
-        };
-        if let Some(c) = path.chars().find(|c| !path_ok(*c)) {
-            return Err(format!(
-                "repository {repository:?} contains {c:?} (repository names are lower case)"
-            ));
-        }
+        let tag = r.tag().map(str::to_string);
         let tag = if tag.is_none() && digest.is_none() {
             Some("latest".to_string())
         } else {
             tag
         };
-        let image = ImageRef {
-            repository: repository.to_string(),
+        Ok(ImageRef {
+            repository: r.name().to_str().to_string(),
             tag,
             digest,
-        };
-        // The limit holds for the normal form too: `AppSpec::validate` stores
-        // it and the agent parses it again before pulling, so a reference
-        // that only fits without `:latest` must be refused here, not there.
-        if image.to_string().len() > 512 {
-            return Err("is longer than 512 characters once `:latest` is added".into());
-        }
-        Ok(image)
+        })
     }
 
     /// The registry the image is pulled from, Docker's way: the first path
@@ -570,6 +806,55 @@ impl std::fmt::Display for ImageRef {
             write!(f, "@{d}")?;
         }
         Ok(())
+    }
+}
+
+/// The digests Docker can verify (go-digest's registered algorithms):
+/// algorithm and the length of its lower-case hex value.
+const DIGEST_ALGORITHMS: &[(&str, usize)] = &[("sha256", 64), ("sha384", 96), ("sha512", 128)];
+
+fn check_digest(d: &str) -> Result<(), String> {
+    let (alg, hex) = d.split_once(':').unwrap_or((d, ""));
+    let Some((_, len)) = DIGEST_ALGORITHMS.iter().find(|(a, _)| *a == alg) else {
+        return Err(format!(
+            "digest algorithm {alg:?} is not one of sha256, sha384 or sha512"
+        ));
+    };
+    if hex.len() != *len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("a {alg} digest is {len} lower-case hex digits"));
+    }
+    Ok(())
+}
+
+/// The parser reports a kind and a position; people want a sentence.
+fn describe_reference_error(kind: container_image_dist_ref::err::Kind) -> &'static str {
+    use container_image_dist_ref::err::Kind::*;
+    match kind {
+        HostOrPathMissing | PathMissing | HostMissing | RefMissing => "the repository name is missing",
+        HostOrPathTooLong | NameTooLong | PathTooLong | HostTooLong => {
+            "the name is longer than 255 characters"
+        }
+        HostOrPathInvalidChar | PathInvalidChar => {
+            "repository names are lower-case letters and digits, with '.', '_', '__', '-' or '/' between them"
+        }
+        HostOrPathInvalidComponentEnd | PathComponentInvalidEnd => {
+            "each part of the name must start and end with a letter or digit"
+        }
+        PortOrTagMissing | TagMissing => "':' must be followed by a tag",
+        PortOrTagInvalidChar | TagInvalidChar => {
+            "a tag is letters, digits, '_', '.' and '-', starting with a letter, digit or '_'; only one ':' tag is allowed"
+        }
+        TagTooLong => "a tag is at most 128 characters",
+        HostComponentInvalidEnd | HostInvalidChar => "the registry host is not a valid host name",
+        Port | PortInvalidChar | PortTooLong | PortMissing => "the registry port is not a valid number",
+        OciRegisteredAlgorithmWrongDigestLength => {
+            "the digest has the wrong length for its algorithm (sha256 is 64 hex digits)"
+        }
+        AlgorithmMissing | AlgorithmInvalidChar | AlgorithmTooLong | InvalidOciAlgorithm
+        | AlgorithmInvalidNumericPrefix => "a digest is algorithm:hex, e.g. sha256:<64 hex digits>",
+        EncodedMissing | EncodedInvalidChar | EncodedNonLowerHex | OciRegisteredDigestInvalidChar
+        | EncodingTooShort | EncodingTooLong => "a digest's value is lower-case hex digits of the algorithm's length",
+        _ => "the registry address is not valid",
     }
 }
 
@@ -693,8 +978,8 @@ mod tests {
             (r.repository.as_str(), r.tag.as_deref()),
             ("localhost:5000/a/b", Some("1.2"))
         );
-        let d = ImageRef::parse("busybox@sha256:abcdef").expect("ok");
-        assert_eq!(d.pull_tag(), "sha256:abcdef");
+        let d = ImageRef::parse(&format!("busybox@{DIGEST}")).expect("ok");
+        assert_eq!(d.pull_tag(), DIGEST);
         assert!(ImageRef::parse("Busybox:1").is_err());
         assert!(ImageRef::parse("busybox:").is_err());
         assert!(ImageRef::parse("bad image").is_err());
@@ -730,22 +1015,89 @@ mod tests {
 
     #[test]
     fn normal_form_of_a_valid_image_parses_again() {
-        // Found by fuzz/ (app_spec): a 510-character reference without a tag
-        // passed validation and became 517 characters with `:latest`, which
-        // the agent's own ImageRef::parse then refused on every reconcile.
-        let mut s = spec(&"a".repeat(510));
-        assert_eq!(
-            s.validate().expect_err("too long once normalised").field,
-            "containers[0].image"
-        );
-        let longest = "a".repeat(512 - ":latest".len());
+        // Found by fuzz/ (app_spec): a reference that was only valid
+        // without `:latest` passed validation, and the agent's own
+        // ImageRef::parse then refused the stored normal form on every
+        // reconcile. Names are bounded (255) apart from tags, so the
+        // longest name still parses once `:latest` is added.
+        let longest = "a".repeat(255);
         let mut s = spec(&longest);
-        s.validate().expect("fits with :latest");
+        s.validate().expect("the longest name is valid");
         assert_eq!(s.containers[0].image, format!("{longest}:latest"));
         let r = ImageRef::parse(&s.containers[0].image).expect("normal form parses");
         assert_eq!(r.to_string(), s.containers[0].image);
-        // Explicit tags and digests were already bounded by the raw length.
-        assert!(ImageRef::parse(&format!("{}:1", "a".repeat(510))).is_ok());
+        let mut s = spec(&"a".repeat(256));
+        assert_eq!(
+            s.validate().expect_err("too long").field,
+            "containers[0].image"
+        );
+    }
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn references_follow_the_distribution_grammar() {
+        let ok = [
+            ("busybox", "busybox:latest"),
+            (
+                "127.0.0.1:5000/drover/busybox:2",
+                "127.0.0.1:5000/drover/busybox:2",
+            ),
+            ("localhost/a:1", "localhost/a:1"),
+            ("[::1]:5000/a:1", "[::1]:5000/a:1"),
+            (
+                "ghcr.io/owner/app_name-x__y.z:V1.2_rc-3",
+                "ghcr.io/owner/app_name-x__y.z:V1.2_rc-3",
+            ),
+            ("Registry.Example.com/a/b:1", "Registry.Example.com/a/b:1"),
+        ];
+        for (raw, normal) in ok {
+            let r = ImageRef::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(r.to_string(), normal);
+            assert_eq!(ImageRef::parse(normal).expect("normal form"), r);
+        }
+        let pinned = ImageRef::parse(&format!("a/b:1@{DIGEST}")).expect("tag and digest");
+        assert_eq!(
+            (pinned.tag.as_deref(), pinned.pull_tag()),
+            (Some("1"), DIGEST)
+        );
+        assert_eq!(pinned.to_string(), format!("a/b:1@{DIGEST}"));
+        let sha512 = format!("a@sha512:{}", "f".repeat(128));
+        assert!(ImageRef::parse(&sha512).is_ok());
+
+        // What the outside probe got accepted, and what Docker refuses.
+        let bad = [
+            "busybox@sha256:abc",
+            "a/b:c:d",
+            "a:b:c",
+            "-rm",
+            "busybox:\u{e9}",
+            "busybox:-x",
+            "a//b",
+            "a/b/",
+            "a..b",
+            "busybox:",
+            "@sha256:0123",
+            "Busybox:1",
+            "bad image",
+            "busybox\n",
+        ];
+        for raw in bad {
+            let e = ImageRef::parse(raw).expect_err(raw);
+            assert!(e.contains("not a valid image reference"), "{raw}: {e}");
+        }
+        // Digests Docker can verify only, in lower-case hex.
+        for raw in [
+            format!("a@md5:{}", "0".repeat(32)),
+            format!("a@sha256:{}", "A".repeat(64)),
+            format!("a@sha256:{}", "0".repeat(63)),
+            format!("a@sha384:{}", "0".repeat(64)),
+        ] {
+            let e = ImageRef::parse(&raw).expect_err(&raw);
+            assert!(e.contains("digest"), "{raw}: {e}");
+        }
+        let e = ImageRef::parse("a/b:c:d").expect_err("two tags");
+        assert!(e.contains("at character 6"), "{e}");
     }
 
     #[test]
@@ -753,7 +1105,7 @@ mod tests {
         let host = |s: &str| ImageRef::parse(s).expect("valid").registry_host();
         assert_eq!(host("127.0.0.1:5001/drover/busybox:2"), "127.0.0.1:5001");
         assert_eq!(
-            host("Registry.Example.com/a/b@sha256:ab"),
+            host(&format!("Registry.Example.com/a/b@{DIGEST}")),
             "registry.example.com"
         );
         assert_eq!(host("localhost/a:1"), "localhost");
@@ -912,6 +1264,263 @@ mod tests {
             "name": "web", "containers": [{"name": "main", "image": "busybox:1", "network_mode": "macvlan"}]
         }));
         assert!(r.is_err(), "unknown network modes are rejected");
+    }
+
+    fn port(host: u16, protocol: Protocol, host_ip: Option<&str>) -> PortMapping {
+        PortMapping {
+            host,
+            container: 80,
+            protocol,
+            host_ip: host_ip.map(str::to_string),
+        }
+    }
+
+    fn volume(target: &str) -> VolumeBind {
+        VolumeBind {
+            source: "data".into(),
+            target: target.into(),
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn what_only_docker_refused_is_refused_by_name() {
+        let mount = |target: &str| HostMount {
+            source: "/srv".into(),
+            target: target.into(),
+            read_only: false,
+        };
+        let cases: Vec<(AppSpec, &str)> = vec![
+            (
+                with(|c| c.volumes.push(volume("/"))),
+                "containers[0].volumes[0].target",
+            ),
+            (
+                with(|c| c.volumes.push(volume("//./"))),
+                "containers[0].volumes[0].target",
+            ),
+            (
+                with(|c| c.volumes.push(volume("/a/../b"))),
+                "containers[0].volumes[0].target",
+            ),
+            (
+                with(|c| c.volumes.push(volume("/.."))),
+                "containers[0].volumes[0].target",
+            ),
+            (
+                with(|c| c.host_mounts.push(mount("/"))),
+                "containers[0].host_mounts[0].target",
+            ),
+            (
+                with(|c| c.host_mounts.push(mount("/x/.."))),
+                "containers[0].host_mounts[0].target",
+            ),
+            (
+                with(|c| {
+                    c.devices.push(DeviceMapping {
+                        host: "/dev/null".into(),
+                        container: Some("/".into()),
+                        permissions: None,
+                    })
+                }),
+                "containers[0].devices[0].container",
+            ),
+            // Two mounts on one path, spelled differently.
+            (
+                with(|c| {
+                    c.volumes.push(volume("/data"));
+                    c.host_mounts.push(mount("/data/"));
+                }),
+                "containers[0].host_mounts[0].target",
+            ),
+            (
+                with(|c| {
+                    c.env.insert("X".into(), "a\0b".into());
+                }),
+                "containers[0].env.X",
+            ),
+            (
+                with(|c| {
+                    c.env.insert("X\0Y".into(), "1".into());
+                }),
+                "containers[0].env.X\0Y",
+            ),
+            (
+                with(|c| c.command = Some(vec!["sh".into(), "-c\0".into()])),
+                "containers[0].command[1]",
+            ),
+            (
+                with(|c| c.memory_mb = Some(1_000_000_000_000)),
+                "containers[0].memory_mb",
+            ),
+            (with(|c| c.memory_mb = Some(5)), "containers[0].memory_mb"),
+            (with(|c| c.cpus = Some(0.001)), "containers[0].cpus"),
+            (with(|c| c.cpus = Some(f64::INFINITY)), "containers[0].cpus"),
+            (
+                with(|c| {
+                    c.ports.push(port(8080, Protocol::Tcp, None));
+                    c.ports.push(port(8080, Protocol::Tcp, Some("127.0.0.1")));
+                }),
+                "containers[0].ports[1]",
+            ),
+        ];
+        for (s, want) in cases {
+            let (field, msg) = invalid_field(s);
+            assert_eq!(field, want, "{msg}");
+        }
+        let (_, msg) = invalid_field(with(|c| c.memory_mb = Some(1_000_000_000_000)));
+        assert!(msg.contains("1048576"), "{msg}");
+
+        // The same host port in two containers of one app.
+        let mut s = spec("busybox:1");
+        s.containers[0].ports.push(port(80, Protocol::Udp, None));
+        let mut other = s.containers[0].clone();
+        other.name = Name::new("side").expect("name");
+        s.containers.push(other);
+        let (field, msg) = invalid_field(s);
+        assert_eq!(field, "containers[1].ports[0]");
+        assert!(
+            msg.contains("80/udp") && msg.contains("containers[0].ports[0]"),
+            "{msg}"
+        );
+
+        // Still fine: the limits themselves, other protocols and addresses.
+        let mut s = with(|c| {
+            c.memory_mb = Some(limits::MAX_MEMORY_MB);
+            c.cpus = Some(0.01);
+            c.ports.push(port(53, Protocol::Tcp, None));
+            c.ports.push(port(53, Protocol::Udp, None));
+            c.ports.push(port(8080, Protocol::Tcp, Some("127.0.0.1")));
+            c.ports.push(port(8080, Protocol::Tcp, Some("127.0.0.2")));
+            c.volumes.push(volume("/data/./a"));
+            c.host_mounts.push(mount("/data/b"));
+            c.env.insert("MULTI".into(), "line\none".into());
+        });
+        s.validate().expect("valid");
+    }
+
+    #[test]
+    fn ports_conflict_by_address_port_and_protocol() {
+        let p = |h, ip| port(h, Protocol::Tcp, ip);
+        assert!(p(80, None).conflicts_with(&p(80, Some("10.0.0.1"))));
+        assert!(p(80, Some("0.0.0.0")).conflicts_with(&p(80, Some("127.0.0.1"))));
+        assert!(p(80, Some("::1")).conflicts_with(&p(80, Some("::1"))));
+        assert!(!p(80, Some("127.0.0.1")).conflicts_with(&p(80, Some("::1"))));
+        assert!(!p(80, None).conflicts_with(&p(81, None)));
+        assert!(!p(80, None).conflicts_with(&port(80, Protocol::Udp, None)));
+        assert_eq!(p(80, Some("::1")).describe_host(), "[::1]:80/tcp");
+    }
+
+    #[test]
+    fn spec_sizes_are_bounded_by_field() {
+        // The outside probe: one 300 KiB value wedged the orchestrator's
+        // MQTT link once deployed.
+        let big = "x".repeat(300 * 1024);
+        let (field, msg) = invalid_field(with(|c| {
+            c.env.insert("BIG".into(), big.clone());
+        }));
+        assert_eq!(field, "containers[0].env.BIG");
+        assert!(msg.contains("32768"), "{msg}");
+        let (field, _) = invalid_field(with(|c| {
+            c.env
+                .insert("K".repeat(limits::ENV_NAME_BYTES + 1), "1".into());
+        }));
+        assert!(field.starts_with("containers[0].env.KKK"), "{field}");
+        let (field, _) = invalid_field(with(|c| {
+            c.env = (0..=limits::ENV_VARS)
+                .map(|i| (format!("V{i}"), String::new()))
+                .collect();
+        }));
+        assert_eq!(field, "containers[0].env");
+        let (field, _) = invalid_field(with(|c| {
+            c.command = Some(vec!["x".repeat(limits::COMMAND_ARG_BYTES + 1)]);
+        }));
+        assert_eq!(field, "containers[0].command[0]");
+        let (field, _) = invalid_field(with(|c| {
+            c.command = Some(vec![String::new(); limits::COMMAND_ARGS + 1]);
+        }));
+        assert_eq!(field, "containers[0].command");
+        let mut s = spec("busybox:1");
+        s.labels
+            .insert("k".into(), "v".repeat(limits::LABEL_VALUE_BYTES + 1));
+        assert_eq!(invalid_field(s).0, "labels.k");
+        let mut s = spec("busybox:1");
+        s.labels.insert("k\u{1b}[2J".into(), "v".into());
+        assert_eq!(invalid_field(s).0, "labels.k\u{1b}[2J");
+        let mut s = spec("busybox:1");
+        s.labels = (0..=limits::LABELS)
+            .map(|i| (format!("l{i}"), String::new()))
+            .collect();
+        assert_eq!(invalid_field(s).0, "labels");
+
+        // Every field within its bound, the whole over the app's bound:
+        // named by its largest container.
+        let value = "v".repeat(limits::ENV_VALUE_BYTES);
+        let mut s = spec("busybox:1");
+        let mut second = s.containers[0].clone();
+        second.name = Name::new("second").expect("name");
+        second.env = (0..5).map(|i| (format!("V{i}"), value.clone())).collect();
+        s.containers.push(second);
+        let (field, msg) = invalid_field(s);
+        assert_eq!(field, "containers[1]");
+        assert!(msg.contains(&limits::APP_SPEC_BYTES.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn the_largest_valid_app_fits_in_one_message() {
+        // What `limits::APP_SPEC_BYTES` promises: a device that runs nothing
+        // else can always be sent one app that validates, in a `desired`
+        // and in a `cmd` payload.
+        let value = "v".repeat(limits::ENV_VALUE_BYTES);
+        let mut s = spec("busybox:1");
+        let mut n = 0;
+        loop {
+            let mut bigger = s.clone();
+            bigger.containers[0]
+                .env
+                .insert(format!("V{n}"), value.clone());
+            if bigger.encoded_len() > limits::APP_SPEC_BYTES {
+                break;
+            }
+            s = bigger;
+            n += 1;
+        }
+        // Top up to the byte.
+        let room = limits::APP_SPEC_BYTES - s.encoded_len();
+        s.containers[0]
+            .env
+            .insert("Z".into(), "z".repeat(room.saturating_sub(8)));
+        s.validate().expect("at the bound");
+        assert!(s.encoded_len() > limits::APP_SPEC_BYTES - 16);
+        let desired = DesiredState {
+            generation: u64::MAX,
+            apps: vec![DesiredApp {
+                spec: s.clone(),
+                run: RunState::Running,
+                started_at: u64::MAX,
+            }],
+        };
+        let cmd = crate::payload::Command {
+            id: uuid_like(),
+            issued_at_ms: u64::MAX,
+            action: crate::payload::Action::Apply {
+                op: crate::payload::Op::Deploy,
+                app: s.name.clone(),
+                desired: desired.clone(),
+            },
+        };
+        let bytes = crate::codec::encode(&cmd);
+        assert!(
+            bytes.len() <= crate::codec::MAX_PAYLOAD_BYTES,
+            "{}",
+            bytes.len()
+        );
+        let back: crate::payload::Command = crate::codec::decode(&bytes).expect("decodes");
+        assert_eq!(back, cmd);
+    }
+
+    fn uuid_like() -> String {
+        "00000000-0000-4000-8000-000000000000".into()
     }
 
     #[test]

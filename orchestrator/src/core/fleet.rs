@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use drover_shared::codec::MAX_PAYLOAD_BYTES;
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
 use drover_shared::payload::{
-    Ack, AckPhase, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op, StateReport, Status,
-    Telemetry,
+    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op,
+    StateReport, Status, Telemetry,
 };
 use drover_shared::{DeviceId, Name};
 
@@ -60,6 +61,30 @@ pub enum FleetError {
     NotDeployed { device: DeviceId, app: Name },
     #[error("app {app} is still deployed on {devices:?}; remove it there first")]
     AppInUse { app: Name, devices: Vec<DeviceId> },
+    #[error("app {app} publishes host port {port}, which app {other} already publishes on device {device}")]
+    PortInUse {
+        device: DeviceId,
+        app: Name,
+        port: String,
+        other: Name,
+    },
+    #[error("app {app} limits container {container} to {cpus} CPUs, but device {device} has {available}; Docker refuses a limit above the device's CPU count")]
+    CpusExceedDevice {
+        device: DeviceId,
+        app: Name,
+        container: Name,
+        cpus: String,
+        available: u32,
+    },
+    #[error("with this change to app {app}, the desired state of device {device} would be {size} bytes encoded, over the limit of {max} bytes for one message (its apps: {apps}); remove an app from the device or make one smaller")]
+    DesiredTooLarge {
+        device: DeviceId,
+        app: Name,
+        size: usize,
+        max: usize,
+        /// Each app with its encoded size, largest first.
+        apps: String,
+    },
 }
 
 /// A device counts as offline once nothing live has come from it for this
@@ -510,6 +535,51 @@ impl Fleet {
                 next.apps.remove(i);
             }
         }
+        if op == Op::Deploy {
+            check_host_ports(device, &next, app)?;
+            let cpus = self
+                .devices
+                .get(device)
+                .and_then(|d| d.record.inventory.as_ref())
+                .map_or(0, |h| h.cpus);
+            check_cpus(device, &next, app, cpus)?;
+        }
+        // The whole desired state travels in one `cmd` (and one `desired`,
+        // a little smaller): one that no device and no broker would take
+        // must never be stored. A removal is always let through, so a
+        // state stored too large before this check can be shrunk.
+        let cmd = Command {
+            id: op_id.clone(),
+            issued_at_ms: now,
+            action: Action::Apply {
+                op,
+                app: app.clone(),
+                desired: next,
+            },
+        };
+        let size = drover_shared::encode(&cmd).len();
+        let Action::Apply { desired: next, .. } = cmd.action else {
+            unreachable!("built as Apply above")
+        };
+        if size > MAX_PAYLOAD_BYTES && op != Op::Remove {
+            let mut apps: Vec<(usize, &Name)> = next
+                .apps
+                .iter()
+                .map(|a| (a.spec.encoded_len(), &a.spec.name))
+                .collect();
+            apps.sort_by(|a, b| b.cmp(a));
+            return Err(FleetError::DesiredTooLarge {
+                device: device.clone(),
+                app: app.clone(),
+                size,
+                max: MAX_PAYLOAD_BYTES,
+                apps: apps
+                    .iter()
+                    .map(|(n, name)| format!("{name} {n} bytes"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let operation = OperationRecord {
             id: op_id,
             device: device.clone(),
@@ -686,6 +756,63 @@ impl Fleet {
     }
 }
 
+/// Docker binds a host port once per device: the app being deployed may
+/// not publish one that another app in the device's desired state
+/// publishes (running or stopped: a stopped app gets its port back when it
+/// starts). Within one app, `AppSpec::validate` checks it.
+fn check_host_ports(device: &DeviceId, next: &DesiredState, app: &Name) -> Result<(), FleetError> {
+    let Some(ours) = next.app(app) else {
+        return Ok(());
+    };
+    for p in ours.spec.containers.iter().flat_map(|c| &c.ports) {
+        let taken = next.apps.iter().filter(|a| &a.spec.name != app).find(|a| {
+            a.spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .any(|q| q.conflicts_with(p))
+        });
+        if let Some(other) = taken {
+            return Err(FleetError::PortInUse {
+                device: device.clone(),
+                app: app.clone(),
+                port: p.describe_host(),
+                other: other.spec.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Docker refuses a CPU limit above the host's CPU count, so the app's
+/// limits are checked against the device's inventory when it has sent one
+/// (`available` 0: not known yet, left to the device).
+fn check_cpus(
+    device: &DeviceId,
+    next: &DesiredState,
+    app: &Name,
+    available: u32,
+) -> Result<(), FleetError> {
+    let Some(ours) = next.app(app) else {
+        return Ok(());
+    };
+    if available == 0 {
+        return Ok(());
+    }
+    for c in &ours.spec.containers {
+        if let Some(cpus) = c.cpus.filter(|n| *n > f64::from(available)) {
+            return Err(FleetError::CpusExceedDevice {
+                device: device.clone(),
+                app: app.clone(),
+                container: c.name.clone(),
+                cpus: cpus.to_string(),
+                available,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Moves an operation forward on an ack. Never moves it back: a late
 /// `progress` after `succeeded` changes nothing. Returns whether it changed.
 fn apply_ack(op: &mut OperationRecord, ack: &Ack, now: u64) -> bool {
@@ -787,6 +914,198 @@ mod tests {
                 apps,
             },
         })
+    }
+
+    fn put(f: &mut Fleet, v: serde_json::Value) {
+        let mut spec: AppSpec = serde_json::from_value(v).expect("spec");
+        spec.validate().expect("valid");
+        let (rec, _) = f.create_app(spec, 1).expect("create");
+        f.put_app(rec);
+    }
+
+    #[test]
+    fn a_host_port_is_published_by_one_app_per_device() {
+        let mut f = fleet_with_device();
+        let ports = |name: &str, ports: serde_json::Value| {
+            serde_json::json!({"name": name, "containers": [
+                {"name": "main", "image": "busybox:1", "ports": ports}]})
+        };
+        put(
+            &mut f,
+            ports("a", serde_json::json!([{"host": 8080, "container": 80}])),
+        );
+        put(
+            &mut f,
+            ports(
+                "b",
+                serde_json::json!([{"host": 9090, "container": 80},
+                                                  {"host": 8080, "container": 80, "host_ip": "127.0.0.1"}]),
+            ),
+        );
+        put(
+            &mut f,
+            ports(
+                "c",
+                serde_json::json!([{"host": 8080, "container": 80, "protocol": "udp"}]),
+            ),
+        );
+        f.req(Op::Deploy, "a", "1", 2).expect("deploy a");
+        let e = f.req(Op::Deploy, "b", "2", 3).expect_err("8080 is a's");
+        assert_eq!(
+            e,
+            FleetError::PortInUse {
+                device: id("pi"),
+                app: name("b"),
+                port: "127.0.0.1:8080/tcp".into(),
+                other: name("a"),
+            }
+        );
+        assert!(
+            e.to_string().contains("8080") && e.to_string().contains("app a"),
+            "{e}"
+        );
+        assert_eq!(
+            f.desired(&id("pi")).map(|d| d.generation),
+            Some(1),
+            "nothing changed"
+        );
+        // Another protocol is another port; redeploying a itself is fine.
+        f.req(Op::Deploy, "c", "3", 4).expect("udp 8080 is free");
+        f.req(Op::Deploy, "a", "4", 5).expect("redeploy");
+        // A stopped app keeps its port; a removed one frees it.
+        f.req(Op::Stop, "a", "5", 6).expect("stop");
+        assert!(f.req(Op::Deploy, "b", "6", 7).is_err());
+        f.req(Op::Remove, "a", "7", 8).expect("remove");
+        f.req(Op::Deploy, "b", "8", 9).expect("8080 is free now");
+    }
+
+    #[test]
+    fn a_cpu_limit_above_the_device_is_refused_once_its_inventory_is_known() {
+        let mut f = Fleet::default();
+        let app = |cpus: f64| {
+            serde_json::json!({"name": format!("c{}", cpus as u32), "containers": [
+                {"name": "main", "image": "busybox:1", "cpus": cpus}]})
+        };
+        put(&mut f, app(4.0));
+        put(&mut f, app(5.0));
+        // No inventory yet: left to the device.
+        f.on_device_message(
+            &id("pi"),
+            DeviceMessage::Status(Status {
+                online: true,
+                at_ms: 1,
+            }),
+            1,
+        );
+        f.req(Op::Deploy, "c5", "1", 2).expect("cpu count unknown");
+        f.on_device_message(
+            &id("pi"),
+            DeviceMessage::Hello(Hello {
+                cpus: 4,
+                ..Default::default()
+            }),
+            3,
+        );
+        f.req(Op::Deploy, "c4", "2", 4).expect("4 of 4");
+        let e = f.req(Op::Deploy, "c5", "3", 5).expect_err("5 of 4");
+        assert_eq!(
+            e,
+            FleetError::CpusExceedDevice {
+                device: id("pi"),
+                app: name("c5"),
+                container: name("main"),
+                cpus: "5".into(),
+                available: 4,
+            }
+        );
+    }
+
+    #[test]
+    fn a_desired_state_too_large_for_one_message_is_refused_before_storing() {
+        use drover_shared::model::limits;
+        // The outside probe: two 140 KiB apps, each accepted, wedged the
+        // MQTT link once both were on one device. Each app now stays under
+        // its bound; three of them do not fit in one message together.
+        let mut f = fleet_with_device();
+        let value = "v".repeat(limits::ENV_VALUE_BYTES);
+        for app in ["big1", "big2", "big3"] {
+            let env: serde_json::Map<String, serde_json::Value> = (0..3)
+                .map(|i| (format!("V{i}"), serde_json::Value::from(value.clone())))
+                .collect();
+            put(
+                &mut f,
+                serde_json::json!({"name": app, "containers": [
+                {"name": "main", "image": "busybox:1", "env": env}]}),
+            );
+        }
+        f.req(Op::Deploy, "big1", "1", 2).expect("one fits");
+        f.req(Op::Deploy, "big2", "2", 3).expect("two fit");
+        let before = f.desired(&id("pi")).cloned();
+        let e = f
+            .request(&id("pi"), Op::Deploy, &name("big3"), "3".into(), 4)
+            .expect_err("three do not");
+        let FleetError::DesiredTooLarge {
+            size,
+            max,
+            ref apps,
+            ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert!(size > max && max == MAX_PAYLOAD_BYTES, "{e}");
+        assert!(apps.contains("big1") && apps.contains("big3"), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("device pi") && msg.contains(&max.to_string()),
+            "{msg}"
+        );
+        assert_eq!(f.desired(&id("pi")).cloned(), before, "nothing changed");
+        // What is stored still goes out: the cmd of the last accepted
+        // request is within the limit too.
+        let (d, o) = f.req(Op::Stop, "big2", "4", 5).expect("stop is fine");
+        let cmd = Command {
+            id: o.id,
+            issued_at_ms: 5,
+            action: Action::Apply {
+                op: Op::Stop,
+                app: name("big2"),
+                desired: d,
+            },
+        };
+        assert!(drover_shared::encode(&cmd).len() <= MAX_PAYLOAD_BYTES);
+    }
+
+    #[test]
+    fn a_state_stored_too_large_can_still_be_shrunk() {
+        // A desired state stored before sizes were checked: removing an
+        // app must stay possible, or the device could never be repaired.
+        let mut f = fleet_with_device();
+        let mut spec = spec("huge");
+        spec.containers[0]
+            .env
+            .insert("BIG".into(), "x".repeat(300 * 1024));
+        let mut huge = DesiredState {
+            generation: 7,
+            apps: Vec::new(),
+        };
+        huge.apps.push(DesiredApp {
+            spec: spec.clone(),
+            run: RunState::Running,
+            started_at: 7,
+        });
+        f.desired.insert(id("pi"), huge);
+        f.put_app(AppRecord {
+            spec,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        });
+        assert!(matches!(
+            f.req(Op::Start, "huge", "1", 2),
+            Err(FleetError::DesiredTooLarge { .. })
+        ));
+        let (d, _) = f.req(Op::Remove, "huge", "2", 3).expect("remove");
+        assert!(d.apps.is_empty());
     }
 
     #[test]

@@ -93,12 +93,16 @@ impl From<EngineError> for CommandError {
                     field: Some("name".into()),
                     message: msg,
                 },
-                FleetError::NotDeployed { .. } | FleetError::AppInUse { .. } => {
-                    CommandError::Conflict {
-                        field: Some("app".into()),
-                        message: msg,
-                    }
-                }
+                // The last three are about what else the device runs, not
+                // about the request itself.
+                FleetError::NotDeployed { .. }
+                | FleetError::AppInUse { .. }
+                | FleetError::PortInUse { .. }
+                | FleetError::CpusExceedDevice { .. }
+                | FleetError::DesiredTooLarge { .. } => CommandError::Conflict {
+                    field: Some("app".into()),
+                    message: msg,
+                },
             },
             EngineError::UnknownRegistry(_) => CommandError::not_found("host", msg),
             EngineError::Store(s) => store_failed(&s),

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::link::qos;
+use crate::link::{admit, qos, OversizeLog};
 use crate::metrics::Metrics;
 
 /// Publishes waiting for the MQTT client: enough for a desired state and a
@@ -33,6 +33,7 @@ pub struct Outbox {
     tx: mpsc::Sender<Message>,
     topics: Topics,
     metrics: Arc<Metrics>,
+    oversize: Arc<OversizeLog>,
 }
 
 impl Outbox {
@@ -66,6 +67,7 @@ impl Outbox {
                 tx,
                 topics,
                 metrics,
+                oversize: Arc::default(),
             },
             task,
         )
@@ -74,8 +76,14 @@ impl Outbox {
     /// Queues a publish on one of a device's topics; `false` (and counted)
     /// when the queue is full or closed.
     pub fn publish(&self, device: &DeviceId, kind: TopicKind, payload: Vec<u8>) -> bool {
+        let topic = self.topics.device(device, kind);
+        // A packet no receiver would take never enters the client, which
+        // would otherwise send it again on every reconnect.
+        if !admit(&topic, qos(kind), &payload, &self.metrics, &self.oversize) {
+            return false;
+        }
         let msg = Message {
-            topic: self.topics.device(device, kind),
+            topic,
             kind,
             payload,
         };

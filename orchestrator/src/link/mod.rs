@@ -2,11 +2,12 @@
 //! against the embedded broker and any external one. It turns incoming
 //! publishes into [`Event`]s and hands them to the service loop.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_shared::codec::{decode, DecodeError, MAX_PAYLOAD_BYTES};
+use drover_shared::codec::{decode, DecodeError, MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES};
 use drover_shared::payload::EnrollRequest;
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
@@ -88,7 +89,9 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     // A persistent session with a stable id: requests queued during an
     // outage survive the reconnect (rumqttc drops them with a clean session).
     opts.set_clean_session(false);
-    opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PAYLOAD_BYTES + 8 * 1024);
+    // Outgoing: what the broker and the agents accept (`admit` keeps
+    // larger packets from ever reaching the client).
+    opts.set_max_packet_size(MAX_PAYLOAD_BYTES + 8 * 1024, MAX_PACKET_BYTES);
     opts.set_inflight(100);
     if let Some((user, pass)) = &cfg.credentials {
         opts.set_credentials(user.clone(), pass.clone());
@@ -101,6 +104,73 @@ pub fn connect(cfg: &LinkConfig) -> (AsyncClient, EventLoop) {
     let (client, mut eventloop) = AsyncClient::new(opts, 16_384);
     eventloop.set_network_options(nodelay());
     (client, eventloop)
+}
+
+/// The size of a PUBLISH packet as rumqttc writes it: fixed header,
+/// remaining length, topic, packet id (QoS 1 and 2), payload.
+pub fn publish_packet_size(topic: &str, qos: QoS, payload_len: usize) -> usize {
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    let len = 2 + topic.len() + pkid + payload_len;
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
+
+/// Topics an oversized publish was dropped on, so each is logged once,
+/// not on every republish. Bounded: forgotten wholesale when full.
+#[derive(Debug, Default)]
+pub struct OversizeLog {
+    seen: Mutex<HashSet<String>>,
+}
+
+impl OversizeLog {
+    const MAX_TOPICS: usize = 4096;
+
+    /// Whether this is the first drop on `topic` (since the last reset).
+    fn first(&self, topic: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(topic) {
+            return false;
+        }
+        if seen.len() >= Self::MAX_TOPICS {
+            seen.clear();
+        }
+        seen.insert(topic.to_string())
+    }
+}
+
+/// Whether a publish may be handed to the MQTT client. A packet no
+/// receiver takes can never be delivered, and once inside rumqttc it is
+/// worse than lost: the event loop fails on it, reconnects, and with the
+/// persistent session tries the same packet again, forever, holding up
+/// every other device's messages. So it is dropped here, counted, and
+/// logged once per topic. Deploys never get this far with one (the fleet
+/// refuses them); this is the last line, e.g. for a state stored before.
+pub fn admit(topic: &str, qos: QoS, payload: &[u8], metrics: &Metrics, log: &OversizeLog) -> bool {
+    let size = publish_packet_size(topic, qos, payload.len());
+    if payload.len() <= MAX_PAYLOAD_BYTES && size <= MAX_PACKET_BYTES {
+        return true;
+    }
+    metrics
+        .mqtt_publish_oversized
+        .fetch_add(1, Ordering::Relaxed);
+    if log.first(topic) {
+        warn!(
+            %topic,
+            payload_bytes = payload.len(),
+            packet_bytes = size,
+            max_payload_bytes = MAX_PAYLOAD_BYTES,
+            max_packet_bytes = MAX_PACKET_BYTES,
+            "publish dropped: no agent or broker accepts a packet this large"
+        );
+    } else {
+        debug!(%topic, packet_bytes = size, "oversized publish dropped again");
+    }
+    false
 }
 
 /// Commands and acks are small packets that should go out at once, not wait
@@ -127,6 +197,7 @@ pub async fn drive(
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
+                metrics.mqtt_link_connects.fetch_add(1, Ordering::Relaxed);
                 info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "connected to broker");
                 for kind in TopicKind::FROM_DEVICE {
                     if let Err(e) = client
@@ -195,5 +266,65 @@ pub async fn drive(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_sizes_are_what_rumqttc_writes() {
+        for topic in ["d", "drover/v1/dev/pi/cmd", &"t".repeat(300)] {
+            for len in [
+                0,
+                1,
+                100,
+                127,
+                128,
+                16_000,
+                16_384,
+                MAX_PAYLOAD_BYTES,
+                3 << 20,
+            ] {
+                for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+                    let mut p = rumqttc::Publish::new(topic, qos, vec![0u8; len]);
+                    p.pkid = u16::from(qos != QoS::AtMostOnce);
+                    assert_eq!(
+                        publish_packet_size(topic, qos, len),
+                        p.size(),
+                        "{topic} {len} {qos:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_publishes_are_dropped_counted_and_logged_once() {
+        let metrics = Metrics::default();
+        let log = OversizeLog::default();
+        let topic = "drover/v1/dev/pi/desired";
+        let q = QoS::AtLeastOnce;
+        assert!(admit(topic, q, &vec![0; MAX_PAYLOAD_BYTES], &metrics, &log));
+        assert!(!admit(
+            topic,
+            q,
+            &vec![0; MAX_PAYLOAD_BYTES + 1],
+            &metrics,
+            &log
+        ));
+        // A payload within its limit on a topic so long the packet is not.
+        let long = "t".repeat(5000);
+        assert!(!admit(
+            &long,
+            q,
+            &vec![0; MAX_PAYLOAD_BYTES],
+            &metrics,
+            &log
+        ));
+        assert_eq!(metrics.mqtt_publish_oversized.load(Ordering::Relaxed), 2);
+        assert!(!log.first(topic), "the first drop was logged already");
+        assert!(log.first("drover/v1/dev/other/desired"));
     }
 }

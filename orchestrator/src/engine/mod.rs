@@ -576,7 +576,7 @@ impl Engine {
             Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
-                        info!(host = %v.host, username = %v.username, "registry credentials stored")
+                        info!(host = ?v.host, username = ?v.username, "registry credentials stored")
                     }
                     None => info!("registry credentials deleted"),
                 }

@@ -193,6 +193,7 @@ pub async fn drive(
     metrics: Arc<Metrics>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut rejects = LogLimit::new(REJECT_LINES_PER_MINUTE);
     loop {
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
@@ -215,7 +216,7 @@ pub async fn drive(
                 metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
                 let Some((id, kind)) = cfg.topics.parse(&p.topic) else {
                     metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
-                    debug!(topic = %p.topic, "ignoring publish on a foreign topic");
+                    debug!(topic = ?p.topic, "ignoring publish on a foreign topic");
                     continue;
                 };
                 if kind == TopicKind::Enroll {
@@ -227,7 +228,9 @@ pub async fn drive(
                         }
                         Err(e) => {
                             metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
-                            warn!(device = %id, error = %e, "rejected enrollment request");
+                            if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
+                                warn!(device = %id, error = ?e.to_string(), suppressed, "rejected enrollment request");
+                            }
                         }
                     }
                     continue;
@@ -249,7 +252,12 @@ pub async fn drive(
                     Ok(None) => {}
                     Err(e) => {
                         metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
-                        warn!(device = %id, topic = %p.topic, error = %e, "rejected device message");
+                        // Device-controlled text, escaped (`?`), and at most
+                        // a few lines a minute: a device sending garbage
+                        // fills a counter, not the log.
+                        if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
+                            warn!(device = %id, topic = ?p.topic, error = ?e.to_string(), suppressed, "rejected device message");
+                        }
                     }
                 }
             }
@@ -326,5 +334,64 @@ mod tests {
         assert_eq!(metrics.mqtt_publish_oversized.load(Ordering::Relaxed), 2);
         assert!(!log.first(topic), "the first drop was logged already");
         assert!(log.first("drover/v1/dev/other/desired"));
+    }
+}
+
+/// Log lines about rejected device messages, per minute.
+const REJECT_LINES_PER_MINUTE: u32 = 20;
+
+/// At most `per_minute` lines a minute; the first line after a quiet spell
+/// says how many were left out.
+struct LogLimit {
+    per_minute: u32,
+    window: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new(per_minute: u32) -> LogLimit {
+        LogLimit {
+            per_minute,
+            window: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be
+    /// written now.
+    fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.per_minute {
+            self.used += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_capped_per_minute_and_the_gap_is_counted() {
+        let t0 = std::time::Instant::now();
+        let mut l = LogLimit::new(3);
+        assert_eq!(
+            (0..5).map(|_| l.allow(t0)).collect::<Vec<_>>(),
+            [Some(0), Some(0), Some(0), None, None]
+        );
+        assert_eq!(l.allow(t0 + Duration::from_secs(61)), Some(2));
+        assert_eq!(l.allow(t0 + Duration::from_secs(62)), Some(0));
     }
 }

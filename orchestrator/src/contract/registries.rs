@@ -1,7 +1,8 @@
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// What the API shows of stored registry credentials: never the password.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Registry {
     pub host: String,
     pub username: String,
@@ -11,7 +12,7 @@ pub struct Registry {
 
 /// The body of `PUT /api/v1/registries/{host}`. `Debug` leaves the
 /// password out.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
     pub username: String,

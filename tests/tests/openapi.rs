@@ -182,6 +182,12 @@ async fn schemathesis_run(what: &str, args: Vec<String>) {
         output.contains("passed") && !output.contains("No operations"),
         "schemathesis ({what}) tested nothing:\n{output}"
     );
+    // The summary, for whoever reads the test's output.
+    let lines: Vec<&str> = output.lines().collect();
+    eprintln!(
+        "schemathesis ({what}):\n{}",
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,11 +293,44 @@ parameters = {{ id = "{op_id}" }}
     schemathesis_run("existing identifiers", args).await;
 
     // 3: deleting tokens last: it may delete the admin token the runs use.
+    // Once with identifiers of its own, once with a token that exists.
     schemathesis_run(
         "token deletion",
         schemathesis_args(&url, &token, &["--include-path", "/api/v1/tokens/{id}"]),
     )
     .await;
+    let (s, viewer) = api
+        .post(
+            "/api/v1/tokens",
+            &json!({"name": unique("oaviewer"), "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{viewer}");
+    let viewer_id = viewer["id"].as_str().expect("token id");
+    let config = dir.path().join("tokens.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[operations]]
+include-path = "/api/v1/tokens/{{id}}"
+parameters = {{ id = "{viewer_id}" }}
+"#
+        ),
+    )
+    .expect("write config");
+    let mut args = vec!["--config-file".to_string(), config.display().to_string()];
+    args.extend(schemathesis_args(
+        &url,
+        &token,
+        &["--include-path", "/api/v1/tokens/{id}"],
+    ));
+    schemathesis_run("deleting a token that exists", args).await;
+    let (_, tokens) = api.get("/api/v1/tokens").await;
+    assert!(
+        !tokens.to_string().contains(viewer_id),
+        "schemathesis deleted the viewer token: {tokens}"
+    );
 }
 
 /// Follows `/api/v1/changes` while the device stops and starts the app,

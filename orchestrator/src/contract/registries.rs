@@ -15,7 +15,16 @@ pub struct Registry {
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
+    /// No `:` and no control characters (it becomes HTTP basic auth);
+    /// at most 1024 bytes.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^[^:\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub username: String,
+    /// At most 1024 bytes.
+    #[schema(min_length = 1, max_length = 1024)]
     pub password: String,
 }
 

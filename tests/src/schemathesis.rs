@@ -35,8 +35,12 @@ pub struct Outcome {
 /// Runs `program args...` from the virtual environment with its output
 /// captured, killed after `limit`.
 pub async fn run(program: &str, args: &[String], limit: Duration) -> Outcome {
+    // schemathesis keeps a cache of what it found under `.schemathesis/`
+    // in its working directory: a scratch one, not the checkout.
+    let scratch = tempfile::tempdir().expect("tempdir");
     let mut cmd = tokio::process::Command::new(venv_bin(program));
     cmd.args(args)
+        .current_dir(scratch.path())
         // No color codes in what a failing test prints.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

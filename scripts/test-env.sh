@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Prepares everything the test suite needs on this machine: Debian packages,
+# schemathesis in a Python virtual environment,
 # a reachable Docker daemon, a local v2 registry on 127.0.0.1:5000 and a tiny
 # busybox test image in it, and a second registry on 127.0.0.1:5001 that
 # serves the same storage behind htpasswd authentication. Safe to run any number of times: every step checks
@@ -34,6 +35,11 @@ readonly AUTH_REGISTRY_LOG="/var/log/docker-registry-drover-auth.log"
 readonly AUTH_USER="drover-test"
 readonly AUTH_PASSWORD="drover-registry-pw-7f3c91e2"
 readonly WAIT_SECONDS=30
+# schemathesis (PyPI) tests a running `drover serve` against its OpenAPI
+# document. It lives in its own virtual environment so it never meets the
+# system's Python packages; tests/src/schemathesis.rs looks for it here.
+readonly TEST_VENV="/opt/drover-test-venv"
+readonly SCHEMATHESIS_SPEC="schemathesis>=4,<5"
 
 # The image build's scratch directory, removed however the script ends.
 ROOTFS_TMP=""
@@ -86,7 +92,7 @@ ensure_packages() {
     # /usr/local/bin, ...); only install Debian's when there is none.
     command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     local pkg
-    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2; do
+    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv; do
         package_installed "$pkg" || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then
@@ -349,8 +355,52 @@ ensure_auth_registry() {
     WATCH_PID=""
 }
 
+schemathesis_version() {
+    "${TEST_VENV}/bin/schemathesis" --version 2>/dev/null || true
+}
+
+ensure_schemathesis() {
+    local version
+    version=$(schemathesis_version)
+    if [[ "$version" == *"version 4."* ]]; then
+        log "schemathesis: ${version} in ${TEST_VENV}"
+        return 0
+    fi
+    # Debian's own interpreter: a python3 earlier on PATH (pyenv, a
+    # developer's build) may lack venv or go away.
+    local python=/usr/bin/python3
+    [[ -x "$python" ]] || python=$(command -v python3 || true)
+    if [[ -z "$python" ]]; then
+        soft_fail "no python3 for schemathesis; install python3 and python3-venv"
+        return 0
+    fi
+    if [[ ! -x "${TEST_VENV}/bin/pip" ]]; then
+        if ! { [[ -w "$(dirname "$TEST_VENV")" ]] || is_root; }; then
+            soft_fail "cannot create ${TEST_VENV} (not root); the OpenAPI tests need schemathesis there"
+            return 0
+        fi
+        log "schemathesis: creating ${TEST_VENV}"
+        if ! "$python" -m venv "$TEST_VENV"; then
+            soft_fail "python3 -m venv ${TEST_VENV} failed; install python3-venv"
+            return 0
+        fi
+    fi
+    log "schemathesis: installing ${SCHEMATHESIS_SPEC} into ${TEST_VENV}"
+    if ! "${TEST_VENV}/bin/pip" install --quiet --disable-pip-version-check "$SCHEMATHESIS_SPEC"; then
+        soft_fail "pip install ${SCHEMATHESIS_SPEC} failed"
+        return 0
+    fi
+    version=$(schemathesis_version)
+    if [[ "$version" == *"version 4."* ]]; then
+        log "schemathesis: ${version} installed in ${TEST_VENV}"
+    else
+        soft_fail "schemathesis installed but ${TEST_VENV}/bin/schemathesis does not run"
+    fi
+}
+
 main() {
     ensure_packages
+    ensure_schemathesis
     ensure_docker
     ensure_registry
     ensure_image

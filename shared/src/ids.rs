@@ -108,6 +108,45 @@ id_type!(
     48
 );
 
+/// The alphabet of [`validate`] as a regular expression, for the OpenAPI
+/// document.
+#[cfg(feature = "openapi")]
+const PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]*$";
+
+/// Written by hand rather than derived: a derived schema would say "any
+/// string", and clients (and schemathesis) should learn the alphabet and
+/// the length limit that the constructor enforces.
+#[cfg(feature = "openapi")]
+macro_rules! id_schema {
+    ($name:ident, $what:expr) => {
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some($name::MAX_LEN))
+                    .pattern(Some(PATTERN))
+                    .description(Some(concat!(
+                        $what,
+                        ": letters, digits, '-', '_' and '.', starting with a letter or digit"
+                    )))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($name))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "openapi")]
+id_schema!(DeviceId, "A device id");
+#[cfg(feature = "openapi")]
+id_schema!(Name, "The name of an app, a container or an identity");
+
 #[cfg(test)]
 mod tests {
     use super::*;

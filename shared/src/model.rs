@@ -21,6 +21,7 @@ pub const LABEL_SPEC_HASH: &str = "io.drover.spec-hash";
 pub const LABEL_GENERATION: &str = "io.drover.generation";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AppSpec {
     pub name: Name,
@@ -31,6 +32,7 @@ pub struct AppSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ContainerSpec {
     pub name: Name,
@@ -81,6 +83,7 @@ fn is_false(b: &bool) -> bool {
 /// The container's network: Docker's default bridge, the host's own
 /// network stack, or none at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     #[default]
@@ -105,6 +108,7 @@ impl NetworkMode {
 
 /// A host device given to the container (`docker run --device`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeviceMapping {
     /// Absolute path of the device on the host, e.g. `/dev/ttyUSB0`.
@@ -119,6 +123,7 @@ pub struct DeviceMapping {
 
 /// A host path bind-mounted into the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostMount {
     /// Absolute path on the host.
@@ -175,6 +180,7 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -182,6 +188,7 @@ pub enum Protocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     pub host: u16,
@@ -198,6 +205,7 @@ fn default_protocol() -> Protocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VolumeBind {
     /// A named Docker volume; never a host path (see [`HostMount`]).
@@ -208,6 +216,7 @@ pub struct VolumeBind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     No,
@@ -860,6 +869,7 @@ fn describe_reference_error(kind: container_image_dist_ref::err::Kind) -> &'stat
 
 /// Whether an app deployed on a device should be running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
     Running,
@@ -869,12 +879,14 @@ pub enum RunState {
 /// Everything one device should run. Written only by the orchestrator;
 /// `generation` grows by one on every change.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredState {
     pub generation: u64,
     pub apps: Vec<DesiredApp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredApp {
     pub spec: AppSpec,
     pub run: RunState,
@@ -894,6 +906,7 @@ impl DesiredState {
 
 /// Where an app is on a device, as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AppPhase {
     Pending,
@@ -910,6 +923,7 @@ pub enum AppPhase {
 
 /// What runs on a device. Written only by the agent.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ObservedState {
     /// The highest desired generation the agent has fully applied.
     pub applied_generation: u64,
@@ -919,6 +933,7 @@ pub struct ObservedState {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AppStatus {
     pub name: Name,
     pub phase: AppPhase,
@@ -939,6 +954,7 @@ fn is_zero(n: &u32) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContainerStatus {
     pub name: Name,
     pub image: String,

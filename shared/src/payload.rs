@@ -9,6 +9,7 @@ use crate::topic::TopicKind;
 
 /// `hello`: who the device is and what it has. Sent on every connect.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Hello {
     pub agent_version: String,
     pub hostname: String,
@@ -39,6 +40,7 @@ pub struct Status {
 
 /// `heartbeat`: retained, every few seconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     pub at_ms: u64,
     pub seq: u64,
@@ -60,6 +62,7 @@ pub struct StateReport {
 
 /// `telemetry`: host and per-container resource usage.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Telemetry {
     pub at_ms: u64,
     pub host: HostMetrics,
@@ -67,6 +70,7 @@ pub struct Telemetry {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostMetrics {
     pub cpu_percent: f32,
     pub memory_used_bytes: u64,
@@ -80,6 +84,7 @@ pub struct HostMetrics {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContainerMetrics {
     pub app: Name,
     pub container: Name,
@@ -102,6 +107,7 @@ pub struct LogBatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     pub at_ms: u64,
     pub stream: LogStream,
@@ -109,6 +115,7 @@ pub struct LogLine {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -191,6 +198,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     Deploy,
@@ -246,6 +254,7 @@ impl AckPhase {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     /// What is happening: `pulling`, `creating`, `starting`, `stopping`, `removing`.
     pub step: String,
@@ -258,6 +267,7 @@ pub struct Progress {
 
 /// `event`: something the agent did or saw on its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceEvent {
     pub at_ms: u64,
     pub kind: EventKind,
@@ -270,6 +280,7 @@ pub struct DeviceEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A managed container was found stopped, exited or missing when it

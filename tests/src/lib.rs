@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod schemathesis;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::OnceLock;

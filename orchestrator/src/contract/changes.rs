@@ -1,6 +1,7 @@
 use drover_shared::payload::{DeviceEvent, Telemetry};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::Operation;
 
@@ -8,7 +9,7 @@ use super::Operation;
 /// (`GET /api/v1/changes`, the CLI's `--wait`, and in time the console and
 /// rules). A subscriber that falls behind gets [`Change::Lagged`] and reads
 /// a snapshot again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
     /// A device came online or went offline.

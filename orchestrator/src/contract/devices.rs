@@ -4,9 +4,10 @@ use drover_shared::model::{DesiredState, ObservedState};
 use drover_shared::payload::{DeviceEvent, Heartbeat, Hello, Telemetry};
 use drover_shared::DeviceId;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A device: online or not, what it is, what it should run and what runs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Device {
     pub id: DeviceId,
     pub online: bool,
@@ -37,7 +38,7 @@ pub struct Device {
 }
 
 /// A device's broker credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialState {
     None,
@@ -46,7 +47,7 @@ pub enum CredentialState {
 }
 
 /// The answer to `POST /api/v1/devices/{id}/revoke`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RevokeResponse {
     pub device: DeviceId,
     pub credential: CredentialState,

@@ -5,7 +5,8 @@
 //! records live in `core::records` and are turned into these views at the
 //! edge, so either can change without silently changing the other. This
 //! module imports only `drover-shared` (the protocol's model types, which
-//! the API shows as they are) and serde.
+//! the API shows as they are), serde, and utoipa's `ToSchema` derive: these
+//! types are the schemas of the OpenAPI document (`http::openapi`).
 
 mod apps;
 mod changes;

@@ -1,9 +1,10 @@
 use drover_shared::payload::{Op, Progress};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A request to change one device, followed from issue to final outcome.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Operation {
     pub id: String,
     pub device: DeviceId,
@@ -20,7 +21,7 @@ pub struct Operation {
     pub updated_at_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OpStatus {
     /// Stored; not yet handed to the broker.

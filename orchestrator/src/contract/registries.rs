@@ -1,7 +1,8 @@
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// What the API shows of stored registry credentials: never the password.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Registry {
     pub host: String,
     pub username: String,
@@ -11,10 +12,19 @@ pub struct Registry {
 
 /// The body of `PUT /api/v1/registries/{host}`. `Debug` leaves the
 /// password out.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
+    /// No `:` and no control characters (it becomes HTTP basic auth);
+    /// at most 1024 bytes.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^[^:\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub username: String,
+    /// At most 1024 bytes.
+    #[schema(min_length = 1, max_length = 1024)]
     pub password: String,
 }
 

@@ -1,9 +1,12 @@
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// What an API token may do: viewers read; operators also deploy, start,
 /// stop, remove and enroll; admins do everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -28,7 +31,7 @@ impl std::fmt::Display for Role {
 }
 
 /// An enrollment token. `token` is only in the response that created it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EnrollToken {
     pub id: String,
     pub created_at_ms: u64,
@@ -42,7 +45,7 @@ pub struct EnrollToken {
 }
 
 /// The body of `POST /api/v1/enrollment-tokens` (every field optional).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollToken {
     #[serde(default = "NewEnrollToken::default_ttl")]
@@ -73,7 +76,7 @@ impl Default for NewEnrollToken {
 }
 
 /// A REST API token. `token` is only in the response that created it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiToken {
     pub id: String,
     pub name: Name,
@@ -85,7 +88,7 @@ pub struct ApiToken {
 }
 
 /// The body of `POST /api/v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiToken {
     pub name: Name,
@@ -94,7 +97,7 @@ pub struct NewApiToken {
 
 /// A broker identity for automation. `password` is only in the response
 /// that created it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MqttUser {
     pub name: Name,
     /// The MQTT username to connect with (any client id).
@@ -109,7 +112,7 @@ pub struct MqttUser {
 
 /// The body of `POST /api/v1/mqtt-users`. Without `subscribe`, the identity
 /// reads what devices report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMqttUser {
     pub name: Name,
@@ -120,7 +123,7 @@ pub struct NewMqttUser {
 }
 
 /// How an audited command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditOutcome {
     Ok,
@@ -140,7 +143,7 @@ impl AuditOutcome {
 }
 
 /// One line of the audit log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
     pub seq: u64,
     pub at_ms: u64,

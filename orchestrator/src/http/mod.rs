@@ -9,6 +9,7 @@
 //! `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
 pub mod auth;
+mod openapi;
 mod routes;
 pub mod security;
 pub mod tls;
@@ -30,7 +31,7 @@ use crate::core::command::{Actor, Command, CommandKind};
 use crate::engine::commands::Origin;
 use crate::engine::{CommandError, Commands, Reply};
 
-pub use routes::router;
+pub use routes::{openapi, router};
 
 /// What every handler shares.
 pub struct Api {

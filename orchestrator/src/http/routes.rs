@@ -2,6 +2,7 @@
 //! and the change stream.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -9,17 +10,20 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use drover_shared::model::AppSpec;
-use drover_shared::payload::{Op, RegistryCredential};
+use drover_shared::payload::{DeviceEvent, LogLine, Op, RegistryCredential};
+use drover_shared::{DeviceId, Name};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{
     device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult, ApiState, Ctx,
 };
-use crate::contract::{self, Change, DeployRequest, RegistryCredentials};
+use crate::contract::{self, Change, DeployRequest, ErrorBody, RegistryCredentials};
 use crate::core::command::{Command, CommandKind};
 use crate::core::registries;
 
@@ -29,35 +33,12 @@ pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// The longest `?wait=` a request may ask for.
 const MAX_WAIT_SECS: u64 = 300;
 
+/// The router, with the OpenAPI document it serves at
+/// `/api/v1/openapi.json`. Every route is registered through its handler's
+/// `#[utoipa::path]`, which names the path and method once for both, so the
+/// router and the document cannot disagree.
 pub fn router(api: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/devices/{id}", get(show_device))
-        .route("/api/v1/devices/{id}/apps", post(deploy))
-        .route(
-            "/api/v1/devices/{id}/apps/{app}",
-            axum::routing::delete(remove),
-        )
-        .route("/api/v1/devices/{id}/apps/{app}/start", post(start))
-        .route("/api/v1/devices/{id}/apps/{app}/stop", post(stop))
-        .route("/api/v1/devices/{id}/logs", get(logs))
-        .route("/api/v1/devices/{id}/events", get(events))
-        .route("/api/v1/apps", get(list_apps).post(create_app))
-        .route(
-            "/api/v1/apps/{name}",
-            get(show_app).put(update_app).delete(delete_app),
-        )
-        .route("/api/v1/operations", get(list_operations))
-        .route("/api/v1/operations/{id}", get(show_operation))
-        .route("/api/v1/changes", get(changes))
-        .route("/api/v1/registries", get(list_registries))
-        .route(
-            "/api/v1/registries/{host}",
-            get(show_registry).put(put_registry).delete(delete_registry),
-        )
-        .merge(super::security::routes())
+    let (router, doc) = routes()
         // A route layer, so the check knows which route matched.
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
@@ -65,12 +46,52 @@ pub fn router(api: ApiState) -> Router {
         ))
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint; see /api/v1/devices, /api/v1/apps, /api/v1/operations, /api/v1/registries, /api/v1/enrollment-tokens, /api/v1/tokens, /api/v1/audit",
+                "no such endpoint; see /api/v1/openapi.json for every endpoint of this API",
             )
         })
+        .split_for_parts();
+    // Serialized once: the document cannot change while the server runs.
+    let json = serde_json::to_string(&super::openapi::finish(doc))
+        .expect("the OpenAPI document is plain data and always serializes");
+    let doc = OpenApiJson(Arc::from(json));
+    router
+        .layer(Extension(doc))
         .layer(axum::middleware::map_response(json_client_errors))
         .with_state(api)
 }
+
+/// The OpenAPI document alone, as `/api/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    super::openapi::finish(routes().into_openapi())
+}
+
+/// Every route with its handler and description.
+fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(list_devices))
+        .routes(routes!(show_device))
+        .routes(routes!(deploy))
+        .routes(routes!(remove))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(logs))
+        .routes(routes!(events))
+        .routes(routes!(list_apps, create_app))
+        .routes(routes!(show_app, update_app, delete_app))
+        .routes(routes!(list_operations))
+        .routes(routes!(show_operation))
+        .routes(routes!(changes))
+        .routes(routes!(list_registries))
+        .routes(routes!(show_registry, put_registry, delete_registry))
+        .merge(super::security::routes())
+}
+
+/// The serialized document, built once with the router.
+#[derive(Clone)]
+struct OpenApiJson(Arc<str>);
 
 /// axum's own rejections (a body over the limit, a method the route does
 /// not take, a path that is not UTF-8) are plain text or empty: every 4xx
@@ -112,8 +133,14 @@ async fn json_client_errors(method: axum::http::Method, resp: Response) -> Respo
     Response::from_parts(parts, body)
 }
 
-/// `ok`, or 503 naming what does not work (the store cannot be written).
-async fn health(State(api): State<ApiState>) -> Response {
+/// Health: `ok`, or 503 naming what does not work (the store cannot be
+/// written, now or in the last few seconds).
+#[utoipa::path(get, path = "/healthz", tag = "meta",
+    responses(
+        (status = 200, description = "The server is up and its store writable", body = String, content_type = "text/plain"),
+        (status = 503, description = "Unhealthy: says why (e.g. the store cannot be written)", body = String, content_type = "text/plain"),
+    ))]
+async fn healthz(State(api): State<ApiState>) -> Response {
     match api.commands.store_health() {
         Ok(()) => "ok\n".into_response(),
         Err(e) => (
@@ -124,6 +151,23 @@ async fn health(State(api): State<ApiState>) -> Response {
     }
 }
 
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document of this API", body = Object)))]
+async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        doc.0.to_string(),
+    )
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4", body = String,
+         content_type = "text/plain"),
+        (status = 503, description = "The engine is not running (starting or stopping)", body = ErrorBody),
+    ))]
 async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let (total, online) = api.commands.engine.device_counts().await?;
     Ok((
@@ -134,6 +178,9 @@ async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
 
 // ----- devices -----------------------------------------------------------------
 
+/// Every device the orchestrator knows.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
+    responses((status = 200, description = "All devices", body = Vec<contract::Device>)))]
 async fn list_devices(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListDevices).await?;
     let mut views = api.commands.engine.devices().await?;
@@ -143,6 +190,14 @@ async fn list_devices(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl I
     Ok(Json(views))
 }
 
+/// One device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The device", body = contract::Device),
+        (status = 400, description = "The device id is not valid", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
 async fn show_device(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -166,6 +221,15 @@ async fn show_device(
     Ok(Json(view))
 }
 
+/// Deploys an app to a device (or redeploys its current spec).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    request_body = DeployRequest,
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or the body is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+    ))]
 async fn deploy(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -195,6 +259,15 @@ async fn apply(api: ApiState, ctx: Ctx, id: String, app: String, op: Op) -> ApiR
     .await
 }
 
+/// Starts an app deployed on a device.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/start", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device", body = ErrorBody),
+    ))]
 async fn start(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -203,6 +276,15 @@ async fn start(
     apply(api, ctx, id, app, Op::Start).await
 }
 
+/// Stops an app deployed on a device.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/stop", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device", body = ErrorBody),
+    ))]
 async fn stop(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -211,6 +293,15 @@ async fn stop(
     apply(api, ctx, id, app, Op::Stop).await
 }
 
+/// Removes an app deployed on a device.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/apps/{app}", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device", body = ErrorBody),
+    ))]
 async fn remove(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -226,6 +317,19 @@ struct LogQuery {
     tail: Option<String>,
 }
 
+/// The newest log lines of an app's containers on a device, oldest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/logs", tag = "devices",
+    params(
+        ("id" = DeviceId, Path, description = "The device id"),
+        ("app" = Name, Query, description = "The app whose logs to read"),
+        ("container" = Option<Name>, Query, description = "Only this container of the app"),
+        ("tail" = Option<u64>, Query, minimum = 1, description = "How many lines (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "Log lines", body = Vec<LogLine>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
 async fn logs(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -273,6 +377,17 @@ struct EventsQuery {
     limit: Option<String>,
 }
 
+/// What the device's agent did on its own, newest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices",
+    params(
+        ("id" = DeviceId, Path, description = "The device id"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "Events", body = Vec<DeviceEvent>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
 async fn events(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -293,6 +408,9 @@ async fn events(
 
 // ----- apps ----------------------------------------------------------------------
 
+/// Every app.
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
+    responses((status = 200, description = "All apps", body = Vec<contract::App>)))]
 async fn list_apps(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListApps).await?;
     let apps = api.commands.engine.apps().await?;
@@ -301,6 +419,14 @@ async fn list_apps(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl Into
     ))
 }
 
+/// Defines an app.
+#[utoipa::path(post, path = "/api/v1/apps", tag = "apps",
+    request_body = AppSpec,
+    responses(
+        (status = 201, description = "The app was created", body = contract::App),
+        (status = 400, description = "The spec is not valid; `field` names what", body = ErrorBody),
+        (status = 409, description = "An app of that name exists", body = ErrorBody),
+    ))]
 async fn create_app(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiResult<Response> {
     ctx.run(&api, CommandKind::CreateApp, StatusCode::CREATED, || {
         Ok(Command::CreateApp(parse_body::<AppSpec>(&body)?))
@@ -309,6 +435,14 @@ async fn create_app(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiRe
 }
 
 /// Replaces an app's spec. Devices pick it up when it is deployed again.
+#[utoipa::path(put, path = "/api/v1/apps/{name}", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    request_body = AppSpec,
+    responses(
+        (status = 200, description = "The spec was replaced", body = contract::App),
+        (status = 400, description = "The spec is not valid, or names another app", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
 async fn update_app(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -334,6 +468,14 @@ async fn update_app(
     .await
 }
 
+/// One app.
+#[utoipa::path(get, path = "/api/v1/apps/{name}", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The app", body = contract::App),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
 async fn show_app(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -351,6 +493,15 @@ async fn show_app(
     Ok(Json(contract::App::from(&rec)))
 }
 
+/// Deletes an app that is deployed nowhere.
+#[utoipa::path(delete, path = "/api/v1/apps/{name}", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 204, description = "The app was deleted"),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+        (status = 409, description = "The app is still deployed somewhere", body = ErrorBody),
+    ))]
 async fn delete_app(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -370,6 +521,16 @@ struct OpsQuery {
     limit: Option<String>,
 }
 
+/// Operations, newest first.
+#[utoipa::path(get, path = "/api/v1/operations", tag = "operations",
+    params(
+        ("device" = Option<DeviceId>, Query, description = "Only this device's operations"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "Operations", body = Vec<contract::Operation>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+    ))]
 async fn list_operations(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -395,6 +556,17 @@ struct OpQuery {
 /// One operation. With `?wait=SECS` the answer comes when the operation
 /// has ended (or the time is up, or the server stops), followed through
 /// the engine's change stream rather than by polling.
+#[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "operations",
+    params(
+        ("id" = String, Path, description = "The operation id"),
+        ("wait" = Option<u64>, Query, minimum = 0, maximum = 300,
+         description = "Answer only once the operation has ended, or after this many seconds"),
+    ),
+    responses(
+        (status = 200, description = "The operation", body = contract::Operation),
+        (status = 400, description = "`wait` is not valid", body = ErrorBody),
+        (status = 404, description = "No such operation", body = ErrorBody),
+    ))]
 async fn show_operation(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -458,6 +630,11 @@ async fn show_operation(
 /// The fleet's changes as server-sent events, one JSON object each (see
 /// `contract::Change`). A client that falls behind gets a `lagged` event
 /// and should read what it shows again.
+#[utoipa::path(get, path = "/api/v1/changes", tag = "changes",
+    responses(
+        (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
+         body = Change, content_type = "text/event-stream"),
+    ))]
 async fn changes(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::WatchChanges).await?;
     let rx = api.commands.engine.subscribe();
@@ -490,11 +667,24 @@ fn registry_host(raw: &str) -> ApiResult<String> {
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, e.field, e.to_string()))
 }
 
+/// Every registry with stored credentials.
+#[utoipa::path(get, path = "/api/v1/registries", tag = "registries",
+    responses((status = 200, description = "Registries (never their passwords)", body = Vec<contract::Registry>)))]
 async fn list_registries(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListRegistries).await?;
     Ok(Json(api.commands.engine.registries().await?))
 }
 
+/// One registry's stored credentials (never the password).
+#[utoipa::path(get, path = "/api/v1/registries/{host}", tag = "registries",
+    params(("host" = String, Path, min_length = 1, max_length = 255,
+        pattern = r"^[A-Za-z0-9\[]([A-Za-z0-9.:\[\]-]*[A-Za-z0-9\]])?$",
+        description = "The registry host as in image references, `host[:port]` (IPv6 in brackets)")),
+    responses(
+        (status = 200, description = "The registry", body = contract::Registry),
+        (status = 400, description = "The host is not valid", body = ErrorBody),
+        (status = 404, description = "No credentials for that host", body = ErrorBody),
+    ))]
 async fn show_registry(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -517,6 +707,16 @@ async fn show_registry(
     Ok(Json(view))
 }
 
+/// Stores (or replaces) a registry's credentials; devices that pull from it get them.
+#[utoipa::path(put, path = "/api/v1/registries/{host}", tag = "registries",
+    params(("host" = String, Path, min_length = 1, max_length = 255,
+        pattern = r"^[A-Za-z0-9\[]([A-Za-z0-9.:\[\]-]*[A-Za-z0-9\]])?$",
+        description = "The registry host as in image references, `host[:port]` (IPv6 in brackets)")),
+    request_body = RegistryCredentials,
+    responses(
+        (status = 200, description = "Stored", body = contract::Registry),
+        (status = 400, description = "The host or the body is not valid", body = ErrorBody),
+    ))]
 async fn put_registry(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -555,6 +755,16 @@ async fn put_registry(
     .await
 }
 
+/// Deletes a registry's credentials.
+#[utoipa::path(delete, path = "/api/v1/registries/{host}", tag = "registries",
+    params(("host" = String, Path, min_length = 1, max_length = 255,
+        pattern = r"^[A-Za-z0-9\[]([A-Za-z0-9.:\[\]-]*[A-Za-z0-9\]])?$",
+        description = "The registry host as in image references, `host[:port]` (IPv6 in brackets)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The host is not valid", body = ErrorBody),
+        (status = 404, description = "No credentials for that host", body = ErrorBody),
+    ))]
 async fn delete_registry(
     State(api): State<ApiState>,
     ctx: Ctx,

@@ -7,37 +7,37 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
+use drover_shared::{DeviceId, Name};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{
     device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult, ApiState, Ctx,
 };
-use crate::contract::{self, AuditOutcome, NewApiToken, NewEnrollToken, NewMqttUser};
+use crate::contract::{self, AuditOutcome, ErrorBody, NewApiToken, NewEnrollToken, NewMqttUser};
 use crate::core::command::{Command, CommandKind};
 
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route(
-            "/api/v1/enrollment-tokens",
-            get(list_enroll_tokens).post(create_enroll_token),
-        )
-        .route(
-            "/api/v1/enrollment-tokens/{id}",
-            delete(delete_enroll_token),
-        )
-        .route("/api/v1/devices/{id}/revoke", post(revoke))
-        .route("/api/v1/tokens", get(list_tokens).post(create_token))
-        .route("/api/v1/tokens/{id}", delete(delete_token))
-        .route(
-            "/api/v1/mqtt-users",
-            get(list_automation).post(create_automation),
-        )
-        .route("/api/v1/mqtt-users/{name}", delete(delete_automation))
-        .route("/api/v1/audit", get(audit))
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_enroll_tokens, create_enroll_token))
+        .routes(routes!(delete_enroll_token))
+        .routes(routes!(revoke))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(delete_token))
+        .routes(routes!(list_automation, create_automation))
+        .routes(routes!(delete_automation))
+        .routes(routes!(audit))
 }
 
+/// Creates an enrollment token, shown only in this response.
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens", tag = "security",
+    request_body(content = Option<NewEnrollToken>, description = "Every field has a default; no body at all is the defaults"),
+    responses(
+        (status = 201, description = "The token, with its secret", body = contract::EnrollToken),
+        (status = 400, description = "The body is not valid", body = ErrorBody),
+    ))]
 async fn create_enroll_token(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -60,6 +60,9 @@ async fn create_enroll_token(
     .await
 }
 
+/// Enrollment tokens that can still be used (never their secrets).
+#[utoipa::path(get, path = "/api/v1/enrollment-tokens", tag = "security",
+    responses((status = 200, description = "Enrollment tokens", body = Vec<contract::EnrollToken>)))]
 async fn list_enroll_tokens(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListEnrollTokens).await?;
     Ok(Json(
@@ -72,6 +75,13 @@ async fn list_enroll_tokens(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<
     ))
 }
 
+/// Withdraws an enrollment token.
+#[utoipa::path(delete, path = "/api/v1/enrollment-tokens/{id}", tag = "security",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 204, description = "Withdrawn"),
+        (status = 404, description = "No such token", body = ErrorBody),
+    ))]
 async fn delete_enroll_token(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -86,6 +96,14 @@ async fn delete_enroll_token(
     .await
 }
 
+/// Revokes a device's broker credential: disconnected now, refused from then on.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "security",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "Revoked", body = contract::RevokeResponse),
+        (status = 400, description = "The device id is not valid", body = ErrorBody),
+        (status = 404, description = "The device has no credential", body = ErrorBody),
+    ))]
 async fn revoke(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -97,6 +115,14 @@ async fn revoke(
     .await
 }
 
+/// Creates an API token, shown only in this response.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "security",
+    request_body = NewApiToken,
+    responses(
+        (status = 201, description = "The token, with its secret", body = contract::ApiToken),
+        (status = 400, description = "The body is not valid", body = ErrorBody),
+        (status = 409, description = "A token of that name exists", body = ErrorBody),
+    ))]
 async fn create_token(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiResult<Response> {
     ctx.run(
         &api,
@@ -107,6 +133,9 @@ async fn create_token(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> Api
     .await
 }
 
+/// API tokens (never their secrets).
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "security",
+    responses((status = 200, description = "API tokens", body = Vec<contract::ApiToken>)))]
 async fn list_tokens(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListApiTokens).await?;
     Ok(Json(
@@ -119,6 +148,14 @@ async fn list_tokens(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl In
     ))
 }
 
+/// Deletes an API token.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "security",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such token", body = ErrorBody),
+        (status = 409, description = "It is the last admin token", body = ErrorBody),
+    ))]
 async fn delete_token(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -133,6 +170,14 @@ async fn delete_token(
     .await
 }
 
+/// Creates a broker identity for automation; its password is shown only in this response.
+#[utoipa::path(post, path = "/api/v1/mqtt-users", tag = "security",
+    request_body = NewMqttUser,
+    responses(
+        (status = 201, description = "The identity, with its password", body = contract::MqttUser),
+        (status = 400, description = "The body is not valid", body = ErrorBody),
+        (status = 409, description = "An identity of that name exists", body = ErrorBody),
+    ))]
 async fn create_automation(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -147,6 +192,9 @@ async fn create_automation(
     .await
 }
 
+/// Broker identities for automation (never their passwords).
+#[utoipa::path(get, path = "/api/v1/mqtt-users", tag = "security",
+    responses((status = 200, description = "Automation identities", body = Vec<contract::MqttUser>)))]
 async fn list_automation(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListMqttUsers).await?;
     Ok(Json(
@@ -159,6 +207,14 @@ async fn list_automation(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<imp
     ))
 }
 
+/// Deletes a broker identity for automation.
+#[utoipa::path(delete, path = "/api/v1/mqtt-users/{name}", tag = "security",
+    params(("name" = Name, Path, description = "The identity's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The name is not valid", body = ErrorBody),
+        (status = 404, description = "No such identity", body = ErrorBody),
+    ))]
 async fn delete_automation(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -180,6 +236,17 @@ struct AuditQuery {
     outcome: Option<String>,
 }
 
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "security",
+    params(
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many (default 100)"),
+        ("actor" = Option<String>, Query, description = "Only this actor's entries"),
+        ("outcome" = Option<AuditOutcome>, Query, description = "Only entries with this outcome"),
+    ),
+    responses(
+        (status = 200, description = "Audit entries", body = Vec<contract::AuditEntry>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+    ))]
 async fn audit(
     State(api): State<ApiState>,
     ctx: Ctx,

@@ -16,6 +16,7 @@ pub mod docker_events;
 pub mod enroll;
 pub mod images;
 pub mod inventory;
+pub mod lock;
 pub mod logs;
 pub mod mqtt;
 pub mod pull;
@@ -56,6 +57,8 @@ pub enum AgentError {
     Credential(#[from] enroll::CredentialError),
     #[error(transparent)]
     Enroll(#[from] enroll::EnrollError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 /// The device id and stored credential an agent with this configuration
@@ -88,6 +91,11 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    config::prepare_state_dir(&config.state_dir)?;
+    // Held until this function returns: before the device id is read and
+    // anything connects, so a second agent on this directory never
+    // reaches the broker.
+    let _lock = lock::acquire(&config.state_dir)?;
     let Identity {
         device,
         mut credential,

@@ -316,7 +316,7 @@ impl Core {
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
-                    self.offer(desired, Some(&c.id)).await;
+                    self.offer(desired, Some((&c.id, Some(&app)))).await;
                 }
                 Action::Resync => {
                     self.ack(&AckOut {
@@ -354,7 +354,11 @@ impl Core {
         self.heartbeat();
     }
 
-    async fn offer(&mut self, state: DesiredState, command: Option<&str>) {
+    async fn offer(
+        &mut self,
+        state: DesiredState,
+        command: Option<(&str, Option<&drover_shared::Name>)>,
+    ) {
         let generation = state.generation;
         let offer = self.intake.offer(state, command);
         for ack in &offer.acks {
@@ -433,10 +437,10 @@ impl Core {
                 if report.generation != self.intake.held_generation() {
                     return;
                 }
-                if let Some(f) = &report.failure {
-                    warn!(generation = report.generation, failure = %f, "reconcile finished with a failure");
+                for (app, f) in &report.failures {
+                    warn!(generation = report.generation, %app, failure = %f, "reconcile finished with a failure");
                 }
-                for ack in self.intake.finished(report.generation, report.failure) {
+                for ack in self.intake.finished(report.generation, report.failures) {
                     self.ack(&ack);
                 }
                 let applied = self.intake.applied_generation();

@@ -368,8 +368,9 @@ pub fn mark_retrying(apps: &mut [AppStatus], retrying: &BTreeMap<Name, Retry>) {
 pub struct PassReport {
     pub generation: u64,
     pub apps: Vec<AppStatus>,
-    /// Docker's or the registry's text for the first failure, verbatim.
-    pub failure: Option<String>,
+    /// Per app that failed, Docker's or the registry's text, verbatim. One
+    /// app's failure is its own: the other apps of the pass went on.
+    pub failures: BTreeMap<Name, String>,
     /// Some pull failed for a reason that may pass: the pass is not done,
     /// and the next attempt is due then.
     pub retry_at: Option<Instant>,
@@ -633,7 +634,7 @@ impl<R: Runtime> Reconciler<R> {
                 match self.pass(&state, &desired).await {
                     Ok(Some(report)) => {
                         retry_at = report.retry_at;
-                        let converged = report.failure.is_none() && report.retry_at.is_none();
+                        let converged = report.failures.is_empty() && report.retry_at.is_none();
                         let ev = match report.retry_at {
                             Some(_) => ReconcileEvent::Interim {
                                 generation: report.generation,
@@ -723,7 +724,7 @@ impl<R: Runtime> Reconciler<R> {
             return Ok(Some(PassReport {
                 generation,
                 apps,
-                failure: None,
+                failures: BTreeMap::new(),
                 retry_at: None,
             }));
         }
@@ -734,7 +735,17 @@ impl<R: Runtime> Reconciler<R> {
         for s in &steps {
             if let Step::Pull { app, image, .. } = s {
                 let present = match ImageRef::parse(image) {
-                    Ok(r) => self.runtime.image_present(&r).await?,
+                    Ok(r) => match self.runtime.image_present(&r).await {
+                        Ok(present) => present,
+                        Err(e) if e.is_unreachable() => return Err(e),
+                        // Docker refused to even look (e.g. "invalid
+                        // reference format"): the pull step fails this app
+                        // alone, with Docker's text; the pass goes on.
+                        Err(e) => {
+                            debug!(%app, %image, error = %e, "cannot inspect image; the pull will tell");
+                            false
+                        }
+                    },
                     Err(_) => false,
                 };
                 if !present {
@@ -820,7 +831,6 @@ impl<R: Runtime> Reconciler<R> {
         let mut apps = observe(desired, &actual, &errors, &HashSet::new());
         mark_left_exited(&mut apps, &left_exited);
         mark_retrying(&mut apps, &retrying);
-        let failure = errors.values().next().cloned();
         self.settle(desired, &failed);
         let done: Vec<&Repair> = repairs
             .iter()
@@ -831,7 +841,7 @@ impl<R: Runtime> Reconciler<R> {
             return Ok(Some(PassReport {
                 generation,
                 apps,
-                failure,
+                failures: errors,
                 retry_at: Some(at),
             }));
         }
@@ -839,7 +849,7 @@ impl<R: Runtime> Reconciler<R> {
         Ok(Some(PassReport {
             generation,
             apps,
-            failure,
+            failures: errors,
             retry_at: None,
         }))
     }

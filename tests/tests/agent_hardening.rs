@@ -9,7 +9,6 @@ use drover_tests::agent_lab::*;
 use drover_tests::*;
 use serde_json::json;
 
-#[allow(dead_code)]
 const CONVERGE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,4 +53,127 @@ async fn a_second_agent_on_the_same_state_dir_is_refused() {
         !first.log_text().contains("in use by another"),
         "the first agent was not disturbed"
     );
+}
+
+async fn deploy(api: &Api, device: &str, app: &str) -> serde_json::Value {
+    let (s, op) = api
+        .post(
+            &format!("/api/v1/devices/{device}/apps"),
+            &json!({"app": app}),
+        )
+        .await;
+    assert_eq!(s, 202, "deploy {app}: {op}");
+    op
+}
+
+/// The app named `app` in the device's last state report.
+fn observed_app(device: &serde_json::Value, app: &str) -> Option<serde_json::Value> {
+    device["observed"]["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == json!(app))
+        .cloned()
+}
+
+/// A desired state published straight on the device's topic (the broker is
+/// open), as any MQTT client could: an image reference Docker refuses
+/// ("invalid reference format") must fail its own app, visibly, and never
+/// stop the app beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_reference_docker_refuses_fails_its_app_alone() {
+    use drover_shared::model::DesiredState;
+    use drover_shared::payload::Desired;
+    use drover_shared::topic::{TopicKind, Topics};
+
+    let docker = docker().await;
+    let orch = Orch::start_open().await;
+    let api = &orch.api;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("badref");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path());
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+
+    let image = fresh_image(&unique("goodref")).await;
+    let desired: DesiredState = serde_json::from_value(json!({
+        "generation": 1,
+        "apps": [
+            {"spec": {"name": "bad", "containers": [{"name": "main", "image": "a:b:c"}]},
+             "run": "running", "started_at": 1},
+            {"spec": {"name": "good", "containers": [{"name": "main", "image": image}]},
+             "run": "running", "started_at": 1},
+        ]
+    }))
+    .expect("desired state");
+    let device = drover_shared::DeviceId::new(id.clone()).expect("device id");
+    let topic = Topics::default().device(&device, TopicKind::Desired);
+    mosquitto_pub(
+        orch.mqtt_port,
+        &topic,
+        &drover_shared::encode(&Desired { state: desired }),
+        true,
+    )
+    .await;
+
+    let view = wait_for(
+        CONVERGE,
+        "generation 1 applied, bad failed, good running",
+        || async {
+            let d = api.device(&id).await?;
+            let bad = observed_app(&d, "bad")?;
+            let good = observed_app(&d, "good")?;
+            (d["applied_generation"] == json!(1)
+                && bad["phase"] == json!("failed")
+                && good["phase"] == json!("running"))
+            .then_some(d)
+        },
+    )
+    .await;
+    let bad = observed_app(&view, "bad").expect("bad app");
+    assert!(
+        bad["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalid reference format")),
+        "the observed state carries Docker's error: {bad}"
+    );
+    let seen = device_containers(&docker, &id).await;
+    assert!(
+        seen.iter().any(|c| c.app == "good" && c.running),
+        "Docker runs the good app: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|c| c.app == "bad"),
+        "nothing was created for the bad app: {seen:?}"
+    );
+    untag(&image);
+}
+
+/// Through the REST API: an app whose image the registry does not have
+/// fails its operation; a later operation for another app on the same
+/// device (whose desired state still holds the failing app) succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_app_does_not_fail_later_operations_on_other_apps() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("oneapp");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path()).enrolling_with(api);
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+
+    let missing = format!("{REGISTRY}/{BASE_REPO}:{}", unique("absent"));
+    let (bad, good) = (unique("bad"), unique("good"));
+    api.create_app(&bad, &missing).await;
+    let image = fresh_image(&unique("good")).await;
+    api.create_app(&good, &image).await;
+    let bad_op = deploy(api, &id, &bad).await;
+    let done = api.wait_op(&bad_op, CONVERGE).await;
+    assert_eq!(done["status"], json!("failed"), "{done}");
+    let good_op = deploy(api, &id, &good).await;
+    let done = api.wait_op(&good_op, CONVERGE).await;
+    assert_eq!(done["status"], json!("succeeded"), "{done}");
+    let seen = device_containers(&docker, &id).await;
+    assert!(seen.iter().any(|c| c.app == good && c.running), "{seen:?}");
+    untag(&image);
 }

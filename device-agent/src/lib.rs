@@ -193,6 +193,7 @@ async fn run_device(
 
     let (publisher, eventloop, online_tx) = mqtt::client(&config, &device, credential.as_ref());
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
+    let log_positions = logs::Positions::load(&config.state_dir);
     let here = tracing::Span::current();
     let mqtt_task = tokio::spawn(
         mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx, reenroll)
@@ -217,7 +218,7 @@ async fn run_device(
             .instrument(info_span!(parent: &here, "telemetry")),
         ),
         tokio::spawn(
-            logs::run(runtime.clone(), publisher.clone())
+            logs::run(runtime.clone(), publisher.clone(), log_positions.clone())
                 .instrument(info_span!(parent: &here, "logs")),
         ),
     ];
@@ -242,6 +243,11 @@ async fn run_device(
     publisher.goodbye(now_ms(), GOODBYE_GRACE).await;
     for w in &workers {
         w.abort();
+    }
+    // Where each container's log stopped, so the next start neither
+    // repeats nor skips lines.
+    if let Err(e) = log_positions.save() {
+        warn!(error = %e, "cannot save log positions");
     }
     let abort = mqtt_task.abort_handle();
     if tokio::time::timeout(GOODBYE_GRACE, mqtt_task)

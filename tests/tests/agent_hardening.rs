@@ -177,3 +177,118 @@ async fn a_failing_app_does_not_fail_later_operations_on_other_apps() {
     assert!(seen.iter().any(|c| c.app == good && c.running), "{seen:?}");
     untag(&image);
 }
+
+/// Every line the API holds for the container, oldest first.
+async fn api_log_lines(api: &Api, device: &str, app: &str) -> Vec<String> {
+    let (s, v) = api
+        .get(&format!(
+            "/api/v1/devices/{device}/logs?app={app}&container=main&tail=2000"
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l["line"].as_str().map(String::from))
+        .collect()
+}
+
+/// Every line Docker holds for the container, over all its runs.
+async fn docker_log_lines(container: &str) -> Vec<String> {
+    docker_cli(&["logs", container])
+        .await
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Log collection follows Docker's own positions: across an agent restart
+/// (lines written while no agent ran) and a container restart (the stream
+/// ends and is re-attached), the orchestrator holds exactly Docker's
+/// lines, in order, none twice and none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_survive_agent_and_container_restarts_exactly_once() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("logpos");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path()).enrolling_with(api);
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+
+    let image = fresh_image(&unique("logpos")).await;
+    let app = unique("counter");
+    // A run id per container start, then a counter: every line is unique.
+    let script = "r=$(cut -c1-8 /proc/sys/kernel/random/uuid); i=0; \
+                  while true; do i=$((i+1)); echo \"$r $i\"; sleep 0.05; done";
+    let (s, v) = api
+        .post(
+            "/api/v1/apps",
+            &json!({"name": app, "containers": [
+                {"name": "main", "image": image, "command": ["sh", "-c", script]}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let op = deploy(api, &id, &app).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    let container = format!("drover-{id}-{app}-main");
+    wait_for(Duration::from_secs(30), "first lines collected", || async {
+        (api_log_lines(api, &id, &app).await.len() >= 20).then_some(())
+    })
+    .await;
+
+    // The agent stops; the container keeps writing.
+    agent.stop().await;
+    let at_stop = docker_log_lines(&container).await.len();
+    wait_for(
+        Duration::from_secs(30),
+        "lines written with no agent",
+        || async { (docker_log_lines(&container).await.len() >= at_stop + 40).then_some(()) },
+    )
+    .await;
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    let first_run = docker_log_lines(&container).await[0]
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    // The container restarts: its stream ends and is attached again.
+    docker_cli(&["restart", "-t", "1", &container]).await;
+    let lines = wait_for(CONVERGE, "lines of the container's second run", || async {
+        let lines = api_log_lines(api, &id, &app).await;
+        lines
+            .iter()
+            .filter(|l| !l.starts_with(&first_run))
+            .nth(10)
+            .is_some()
+            .then_some(lines)
+    })
+    .await;
+    let docker_lines = docker_log_lines(&container).await;
+    assert!(
+        docker_lines.len() >= lines.len(),
+        "the API has more lines than Docker: duplicates ({} > {})",
+        lines.len(),
+        docker_lines.len()
+    );
+    let first_diff = lines.iter().zip(&docker_lines).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff,
+        None,
+        "the API's lines differ from Docker's at {first_diff:?}: api {:?} docker {:?}",
+        first_diff.map(|i| &lines[i.saturating_sub(2)..(i + 3).min(lines.len())]),
+        first_diff.map(|i| &docker_lines[i.saturating_sub(2)..(i + 3).min(docker_lines.len())]),
+    );
+    assert!(
+        lines.len() > at_stop + 40,
+        "the lines written while the agent was stopped were collected"
+    );
+    untag(&image);
+}

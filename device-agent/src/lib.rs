@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{DesiredState, ObservedState};
-use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, Secrets, StateReport, Status};
+use drover_shared::payload::{
+    Ack, AckPhase, Action, DeviceEvent, EventKind, Heartbeat, Secrets, StateReport, Status,
+};
 use drover_shared::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -48,6 +50,9 @@ use crate::store::DesiredStore;
 
 /// How long shutdown waits for the offline status and DISCONNECT to go out.
 const GOODBYE_GRACE: Duration = Duration::from_secs(3);
+/// How often a state directory that failed a write is tried again, so its
+/// recovery is noticed (and the held state saved) without a new deploy.
+const STORAGE_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -67,6 +72,21 @@ pub enum AgentError {
 pub struct Identity {
     pub device: DeviceId,
     pub credential: Option<enroll::Credential>,
+}
+
+/// The error and its causes on one line, for events and state reports.
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 pub fn identity_for(config: &AgentConfig) -> Result<Identity, AgentError> {
@@ -96,6 +116,13 @@ pub async fn run(
     // anything connects, so a second agent on this directory never
     // reaches the broker.
     let _lock = lock::acquire(&config.state_dir)?;
+    // Not fatal: the agent runs on what it can read and reports this.
+    let storage_error = config::probe_writable(&config.state_dir)
+        .err()
+        .map(|e| error_text(&e));
+    if let Some(e) = &storage_error {
+        error!(error = %e, "the state directory cannot be written; running on what it holds");
+    }
     let Identity {
         device,
         mut credential,
@@ -113,7 +140,7 @@ pub async fn run(
                 res = enrolling => credential = Some(res?),
                 () = &mut shutdown => return Ok(()),
             }
-            run_device(config, device, credential, None, shutdown)
+            run_device(config, device, credential, None, storage_error, shutdown)
                 .instrument(span)
                 .await;
             return Ok(());
@@ -123,9 +150,16 @@ pub async fn run(
             token: token.clone(),
         });
     }
-    run_device(config, device, credential, reenroll, shutdown)
-        .instrument(span)
-        .await;
+    run_device(
+        config,
+        device,
+        credential,
+        reenroll,
+        storage_error,
+        shutdown,
+    )
+    .instrument(span)
+    .await;
     Ok(())
 }
 
@@ -134,6 +168,7 @@ async fn run_device(
     device: DeviceId,
     credential: Option<enroll::Credential>,
     reenroll: Option<mqtt::Reenroll>,
+    storage_error: Option<String>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
@@ -233,8 +268,13 @@ async fn run_device(
         secrets_tx,
         started: Instant::now(),
         seq: 0,
-        observed: ObservedState::default(),
+        observed: ObservedState {
+            storage_error,
+            ..ObservedState::default()
+        },
         published: None,
+        storage_retry_at: Instant::now() + STORAGE_RETRY,
+        store_applied: 0,
     };
     core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown)
         .await;
@@ -274,6 +314,10 @@ struct Core {
     observed: ObservedState,
     /// The last state report sent, to send only changes.
     published: Option<ObservedState>,
+    /// While the state directory cannot be written: when to try again.
+    storage_retry_at: Instant,
+    /// The applied generation last handed to the store.
+    store_applied: u64,
 }
 
 impl Core {
@@ -285,6 +329,9 @@ impl Core {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         self.observed.desired_generation = self.intake.held_generation();
+        if let Some(e) = self.observed.storage_error.clone() {
+            self.storage_event(EventKind::PersistenceFailed, e);
+        }
         // The first heartbeat goes out with the connect; the ticker follows.
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + heartbeat_every,
@@ -296,8 +343,13 @@ impl Core {
             tokio::select! {
                 () = &mut shutdown => return,
                 Some(ev) = mqtt_rx.recv() => self.on_mqtt(ev).await,
-                Some(ev) = rec_rx.recv() => self.on_reconcile(ev),
-                _ = heartbeat.tick() => self.heartbeat(),
+                Some(ev) = rec_rx.recv() => self.on_reconcile(ev).await,
+                _ = heartbeat.tick() => {
+                    self.heartbeat();
+                    if self.observed.storage_error.is_some() && Instant::now() >= self.storage_retry_at {
+                        self.persist().await;
+                    }
+                }
             }
         }
     }
@@ -382,18 +434,83 @@ impl Core {
             return;
         };
         info!(generation, "adopted desired state");
-        let store = self.store.clone();
-        let to_save = held.clone();
-        match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist desired state")
-            }
-            Err(e) => error!(error = %e, "persisting desired state panicked"),
-        }
         self.desired_tx.send_replace(Some(Arc::new(held)));
         self.observed.desired_generation = generation;
+        // Applied from memory whether or not it can be stored; a failure
+        // is reported, not hidden in the log.
+        self.persist().await;
         self.publish_state();
+    }
+
+    /// Stores the held desired state and the applied generation; reports a
+    /// failure (event and state report) and the recovery after one.
+    async fn persist(&mut self) {
+        let store = self.store.clone();
+        let held = self.intake.held().cloned();
+        let applied = self.intake.applied_generation();
+        let result = tokio::task::spawn_blocking(move || {
+            if let Some(h) = &held {
+                store.save(h)?;
+            }
+            if applied > 0 {
+                store.save_applied(applied)?;
+            }
+            if held.is_none() && applied == 0 {
+                // Nothing to save yet: whether a write would succeed.
+                store.probe()?;
+            }
+            Ok::<_, store::StoreError>(())
+        })
+        .await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(error_text(&e)),
+            Err(e) => Some(format!("saving the desired state failed: {e}")),
+        };
+        let generation = self.intake.held_generation();
+        match failure {
+            Some(text) => {
+                self.storage_retry_at = Instant::now() + STORAGE_RETRY;
+                // One event per failure episode; the state report always
+                // carries the latest text.
+                if self.observed.storage_error.is_none() {
+                    error!(error = %text, generation, "could not persist desired state; running on the state held in memory");
+                    self.storage_event(EventKind::PersistenceFailed, text.clone());
+                }
+                self.observed.storage_error = Some(text);
+                self.publish_state();
+            }
+            None => {
+                if self.observed.storage_error.take().is_some() {
+                    info!(
+                        generation,
+                        "state directory writable again; desired state saved"
+                    );
+                    self.storage_event(
+                        EventKind::PersistenceRecovered,
+                        format!("the state directory takes writes again; desired state generation {generation} is saved"),
+                    );
+                    self.publish_state();
+                }
+            }
+        }
+    }
+
+    fn storage_event(&self, kind: EventKind, text: String) {
+        let detail = match kind {
+            EventKind::PersistenceFailed => format!(
+                "cannot write the state directory: {text}; running on the desired state held in memory (generation {}); a restart would find an older one",
+                self.intake.held_generation()
+            ),
+            _ => text,
+        };
+        self.send(&DeviceEvent {
+            at_ms: now_ms(),
+            kind,
+            app: None,
+            container: None,
+            detail,
+        });
     }
 
     /// Keeps a newer set of registry credentials: on disk first (so a
@@ -419,7 +536,7 @@ impl Core {
         self.secrets_tx.send_replace(Arc::new(incoming));
     }
 
-    fn on_reconcile(&mut self, ev: ReconcileEvent) {
+    async fn on_reconcile(&mut self, ev: ReconcileEvent) {
         match ev {
             ReconcileEvent::Progress {
                 generation,
@@ -450,16 +567,12 @@ impl Core {
                     self.ack(&ack);
                 }
                 let applied = self.intake.applied_generation();
-                if applied != self.observed.applied_generation {
-                    let store = self.store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = store.save_applied(applied) {
-                            warn!(error = %e, "could not record the applied generation");
-                        }
-                    });
-                }
                 self.observed.applied_generation = applied;
                 self.observed.apps = report.apps;
+                if applied != self.store_applied {
+                    self.store_applied = applied;
+                    self.persist().await;
+                }
                 self.publish_state();
             }
             ReconcileEvent::Event(ev) => {

@@ -82,6 +82,18 @@ impl Step {
         }
     }
 
+    /// What a successful step did, for the restore event.
+    fn done_text(&self) -> String {
+        let (app, container) = self.key();
+        match self {
+            Step::Pull { image, .. } => format!("pulled {image}"),
+            Step::Create { .. } => format!("created {app}/{container}"),
+            Step::Start { .. } => format!("started {app}/{container}"),
+            Step::Stop { .. } => format!("stopped {app}/{container}"),
+            Step::Remove { .. } => format!("removed {app}/{container}"),
+        }
+    }
+
     fn word(&self) -> &'static str {
         match self {
             Step::Pull { .. } => "pulling",
@@ -518,6 +530,12 @@ struct Memory {
     /// The stored generation the agent started with, until its first pass
     /// finishes and is reported as `restored_from_local_state`.
     restoring: Option<u64>,
+    /// What the passes restoring it did, for that event: it says what was
+    /// done, not what drift was seen.
+    restore_actions: Vec<String>,
+    /// The stored generation was found older than what runs and left alone;
+    /// reported once.
+    restore_refused: bool,
     /// Pulled images the desired state referenced at the last converged pass.
     referenced: BTreeSet<String>,
 }
@@ -651,7 +669,7 @@ impl<R: Runtime> Reconciler<R> {
                     }
                     Ok(None) => debug!(
                         generation = state.generation,
-                        "pass superseded by a newer desired state"
+                        "pass not counted: superseded, or a stored state older than what runs"
                     ),
                     Err(e) => {
                         warn!(generation = state.generation, error = %e, "reconcile pass could not run; retrying later")
@@ -709,6 +727,9 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         let actual = self.runtime.list_managed().await?;
+        if self.refuse_stale_restore(generation, &actual).await {
+            return Ok(None);
+        }
         let settled = self.mem().settled.clone();
         let Plan {
             steps,
@@ -804,6 +825,13 @@ impl<R: Runtime> Reconciler<R> {
             let result = self
                 .execute(generation, &step, &pulling, &mut created)
                 .await;
+            if result.is_ok() {
+                let did = !matches!(step, Step::Pull { .. }) || pulling.contains(app);
+                let mut m = self.mem();
+                if did && m.restoring == Some(generation) {
+                    m.restore_actions.push(step.done_text());
+                }
+            }
             match (result, &step) {
                 (Ok(()), Step::Pull { image, .. }) => {
                     self.mem().retries.remove(image);
@@ -920,23 +948,47 @@ impl<R: Runtime> Reconciler<R> {
         m.settled = now;
     }
 
+    /// Whether `generation` is the stored state the agent started with and
+    /// is older than what runs: containers are labelled with the generation
+    /// that created them, so one newer than the stored state means the
+    /// state directory missed a later desired state (it could not be
+    /// written). Restoring would roll the device back; it keeps what runs
+    /// until the orchestrator's desired state arrives.
+    async fn refuse_stale_restore(&self, generation: u64, actual: &[ManagedContainer]) -> bool {
+        if self.mem().restoring != Some(generation) {
+            return false;
+        }
+        let newest = actual.iter().map(|c| c.generation).max().unwrap_or(0);
+        if newest <= generation {
+            return false;
+        }
+        if std::mem::replace(&mut self.mem().restore_refused, true) {
+            return true;
+        }
+        let detail = format!(
+            "did not restore the local desired state, generation {generation}: running containers were created by generation {newest}, so it is out of date; keeping what runs until the orchestrator's desired state arrives"
+        );
+        warn!(generation, newest, "{detail}");
+        self.publish(EventKind::RestoreRefused, None, None, detail)
+            .await;
+        true
+    }
+
     /// A pass finished for `generation`: publishes its repairs, and the
     /// restore from local state when this was the first pass after start.
     async fn finish(&self, generation: u64, repairs: &[&Repair]) {
-        let restoring = {
+        let (restoring, actions) = {
             let mut m = self.mem();
             m.finished = generation;
-            m.restoring.take()
+            (m.restoring.take(), std::mem::take(&mut m.restore_actions))
         };
         if restoring == Some(generation) {
-            let what = if repairs.is_empty() {
+            // What was done, not what was called drift: a restore whose
+            // containers were missing recreates them either way.
+            let what = if actions.is_empty() {
                 "all containers were already as desired".to_string()
             } else {
-                repairs
-                    .iter()
-                    .map(|r| format!("{}/{}: {}", r.app, r.container, r.drift.detail()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                actions.join(", ")
             };
             let detail = format!(
                 "restored apps from the local desired state, generation {generation}: {what}"

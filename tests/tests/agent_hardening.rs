@@ -292,3 +292,150 @@ async fn log_lines_survive_agent_and_container_restarts_exactly_once() {
     );
     untag(&image);
 }
+
+/// The agent's own `.tmp` files in its state directory.
+fn temp_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("state dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp") || n == ".write-probe")
+        .collect()
+}
+
+/// A state directory the agent cannot write: it starts anyway, applies
+/// deploys from memory and says it cannot store them (event and state
+/// report); a restart with no broker then finds an older stored state than
+/// what runs and leaves the running containers alone instead of rolling
+/// the device back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_dir_is_reported_and_never_rolls_the_device_back() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let proxy = Proxy::start(orch.mqtt_port).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("rostate");
+    let mut agent = LabAgent::new(&proxy.url(), &id, state.path()).enrolling_with(api);
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    let image = fresh_image(&unique("rostate")).await;
+    let (first, second) = (unique("first"), unique("second"));
+    api.create_app(&first, &image).await;
+    api.create_app(&second, &image).await;
+    let op = deploy(api, &id, &first).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    let stored = std::fs::read(state.path().join("desired.cbor")).expect("stored state");
+
+    // Restarted on a read-only state directory: it runs and says so.
+    agent.stop().await;
+    agent.start(StateDirMode::ReadOnly).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    assert!(agent.running(), "a read-only state directory is not fatal");
+    let ev = wait_event(
+        api,
+        &id,
+        "persistence_failed",
+        Duration::from_secs(30),
+        |d| d.contains("Read-only file system"),
+    )
+    .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("held in memory"),
+        "{ev}"
+    );
+
+    // A deploy is applied from memory; the device's state says it is not stored.
+    let op = deploy(api, &id, &second).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    let view = wait_for(
+        Duration::from_secs(30),
+        "storage_error in the state report",
+        || async {
+            let d = api.device(&id).await?;
+            (d["applied_generation"] == json!(2) && d["observed"]["storage_error"].is_string())
+                .then_some(d)
+        },
+    )
+    .await;
+    assert!(
+        view["observed"]["storage_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("desired.cbor") && e.contains("Read-only")),
+        "{}",
+        view["observed"]
+    );
+    assert_eq!(
+        std::fs::read(state.path().join("desired.cbor")).expect("stored state"),
+        stored,
+        "the stored state is the older one"
+    );
+    assert_eq!(temp_files(state.path()), Vec::<String>::new());
+    let before: Vec<(String, String)> = device_containers(&docker, &id)
+        .await
+        .into_iter()
+        .map(|c| (c.app, c.id))
+        .collect();
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // Killed and restarted with no broker: the stored generation 1 is older
+    // than the running generation-2 container, so nothing is rolled back.
+    agent.kill().await;
+    proxy.cut();
+    agent.start(StateDirMode::ReadOnly).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the refusal in the agent's log",
+        || async {
+            agent
+                .log_text()
+                .contains("did not restore the local desired state")
+                .then_some(())
+        },
+    )
+    .await;
+    let after: Vec<(String, String)> = device_containers(&docker, &id)
+        .await
+        .into_iter()
+        .map(|c| (c.app, c.id))
+        .collect();
+    assert_eq!(after, before, "the running containers were left alone");
+    assert!(
+        device_containers(&docker, &id)
+            .await
+            .iter()
+            .all(|c| c.running),
+        "still running"
+    );
+
+    // The broker is back: the refusal is reported and the device is on
+    // the orchestrator's state.
+    proxy.heal();
+    let ev = wait_event(api, &id, "restore_refused", Duration::from_secs(60), |_| {
+        true
+    })
+    .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("generation 1") && d.contains("generation 2")),
+        "{ev}"
+    );
+    wait_converged(api, &docker, &id, CONVERGE).await;
+    let after: Vec<(String, String)> = device_containers(&docker, &id)
+        .await
+        .into_iter()
+        .map(|c| (c.app, c.id))
+        .collect();
+    assert_eq!(after, before, "converged without recreating anything");
+    untag(&image);
+}

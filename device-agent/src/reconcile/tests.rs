@@ -922,7 +922,7 @@ async fn restoring_reports_restored_from_local_state_once() {
     assert!(
         restored[0]
             .detail
-            .contains("web/main: container was removed; recreated"),
+            .contains("created web/main, started web/main"),
         "{}",
         restored[0].detail
     );
@@ -962,6 +962,79 @@ async fn restoring_a_generation_never_applied_reports_no_drift() {
         !restored[0].detail.contains("was removed"),
         "{}",
         restored[0].detail
+    );
+    // It says what it did: the container was created and started, not
+    // "already as desired".
+    assert!(
+        restored[0].detail.contains("created web/main")
+            && restored[0].detail.contains("started web/main")
+            && !restored[0].detail.contains("already as desired"),
+        "{}",
+        restored[0].detail
+    );
+}
+
+#[tokio::test]
+async fn a_stored_state_older_than_what_runs_is_not_restored() {
+    // Generation 9 was applied but could not be stored: the state
+    // directory still holds generation 7.
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/new:2"]));
+    let newer_spec = spec("main", "reg/new:2");
+    let dev = DeviceId::new("dev1").expect("valid");
+    rt.containers.lock().expect("lock").push((
+        "id-new".into(),
+        crate::runtime::labels_for(&dev, &name("new"), &newer_spec, 9),
+        "running".into(),
+    ));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let stored = desired(
+        7,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    let r = r.restoring(&stored, false);
+    let (_tx, newer) = watch::channel(None);
+    for _ in 0..2 {
+        assert_eq!(
+            r.pass(&stored, &newer).await.expect("runs"),
+            None,
+            "the stale state is not applied"
+        );
+    }
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "nothing was touched: {:?}",
+        rt.log.lock().expect("lock")
+    );
+    let events = drain_events(&mut events);
+    let refused: Vec<&DeviceEvent> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::RestoreRefused)
+        .collect();
+    assert_eq!(refused.len(), 1, "reported once: {events:?}");
+    assert!(
+        refused[0].detail.contains("generation 7") && refused[0].detail.contains("generation 9"),
+        "{}",
+        refused[0].detail
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e.kind == EventKind::RestoredFromLocalState));
+
+    // The orchestrator's current state (generation 9) is applied normally.
+    let current = desired(9, vec![app("new", RunState::Running, vec![newer_spec])]);
+    let report = r
+        .pass(&current, &newer)
+        .await
+        .expect("runs")
+        .expect("counted");
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "already as desired"
     );
 }
 

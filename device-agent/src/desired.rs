@@ -84,6 +84,11 @@ impl Intake {
         self.outcome.as_ref().map_or(0, |(g, _)| *g)
     }
 
+    /// Every command waiting for a pass, whatever its generation.
+    pub fn pending_ids(&self) -> impl Iterator<Item = &str> {
+        self.pending.iter().map(|p| p.id.as_str())
+    }
+
     pub fn pending_for(&self, generation: u64) -> impl Iterator<Item = &str> {
         self.pending
             .iter()

@@ -172,6 +172,7 @@ async fn run_device(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
+    let health_tx = rec_tx.clone();
     let store = DesiredStore::new(&config.state_dir);
     let stored = match store.load() {
         Ok(s) => s,
@@ -241,7 +242,7 @@ async fn run_device(
                 .instrument(info_span!(parent: &here, "reconcile")),
         ),
         tokio::spawn(
-            docker_events::watch(runtime.clone(), device.clone(), trigger_tx)
+            docker_events::watch(runtime.clone(), device.clone(), trigger_tx, health_tx)
                 .instrument(info_span!(parent: &here, "docker-events")),
         ),
         tokio::spawn(
@@ -393,9 +394,9 @@ impl Core {
         }
     }
 
-    /// Re-sends everything retained, e.g. after a reconnect to a broker that
-    /// may have lost its retained messages.
-    fn resync(&mut self) {
+    /// Sends a fresh inventory (`hello`): on connect, and whenever what it
+    /// shows changed (images pulled or removed, Docker gone or back).
+    fn send_hello(&self) {
         let runtime = self.runtime.clone();
         let publisher = self.publisher.clone();
         tokio::spawn(
@@ -407,6 +408,67 @@ impl Core {
             }
             .in_current_span(),
         );
+    }
+
+    /// Docker stopped answering: says so once (event, state report,
+    /// inventory) and tells every waiting command why it waits.
+    fn docker_down(&mut self, reason: String) {
+        if self.observed.docker_error.is_none() {
+            warn!(error = %reason, "docker is not reachable; operations wait for it");
+            self.send(&DeviceEvent {
+                at_ms: now_ms(),
+                kind: EventKind::DockerUnreachable,
+                app: None,
+                container: None,
+                detail: format!(
+                    "{reason}; containers stay as Docker left them, operations wait for it"
+                ),
+            });
+            self.send_hello();
+        }
+        // The first reason stands for the whole outage: the reconciler and
+        // the event watcher word the same loss differently.
+        self.observed
+            .docker_error
+            .get_or_insert_with(|| reason.clone());
+        self.waiting(&format!("waiting for docker: {reason}"));
+        self.publish_state();
+    }
+
+    fn docker_up(&mut self) {
+        if self.observed.docker_error.take().is_none() {
+            return;
+        }
+        info!("docker is reachable again");
+        self.send(&DeviceEvent {
+            at_ms: now_ms(),
+            kind: EventKind::DockerReachable,
+            app: None,
+            container: None,
+            detail: "docker is reachable again; reconciling".to_string(),
+        });
+        self.send_hello();
+        self.waiting("docker is reachable again; resuming");
+        self.publish_state();
+    }
+
+    /// A progress ack with `detail` for every command still waiting.
+    fn waiting(&self, detail: &str) {
+        for id in self.intake.pending_ids() {
+            self.send(&Ack {
+                command_id: id.to_string(),
+                at_ms: now_ms(),
+                phase: AckPhase::Progress,
+                detail: detail.to_string(),
+                progress: None,
+            });
+        }
+    }
+
+    /// Re-sends everything retained, e.g. after a reconnect to a broker that
+    /// may have lost its retained messages.
+    fn resync(&mut self) {
+        self.send_hello();
         self.published = None;
         self.publish_state();
         self.heartbeat();
@@ -421,6 +483,17 @@ impl Core {
         let offer = self.intake.offer(state, command);
         for ack in &offer.acks {
             self.ack(ack);
+        }
+        if let (Some(reason), Some((id, _))) = (&self.observed.docker_error, command) {
+            if self.intake.pending_ids().any(|p| p == id) {
+                self.send(&Ack {
+                    command_id: id.to_string(),
+                    at_ms: now_ms(),
+                    phase: AckPhase::Progress,
+                    detail: format!("waiting for docker: {reason}"),
+                    progress: None,
+                });
+            }
         }
         if !offer.adopted {
             debug!(
@@ -575,6 +648,9 @@ impl Core {
                 }
                 self.publish_state();
             }
+            ReconcileEvent::Docker(Err(reason)) => self.docker_down(reason),
+            ReconcileEvent::Docker(Ok(())) => self.docker_up(),
+            ReconcileEvent::InventoryChanged => self.send_hello(),
             ReconcileEvent::Event(ev) => {
                 debug!(kind = ?ev.kind, detail = %ev.detail, "event");
                 // Queued while offline (QoS 1): the orchestrator keeps a

@@ -407,6 +407,12 @@ pub enum ReconcileEvent {
     Done(PassReport),
     /// Something the agent did or saw on its own, for the `event` topic.
     Event(DeviceEvent),
+    /// Whether the Docker daemon answers (`Err`: why not). Sent by the
+    /// reconciler and the Docker event watcher; the core reports changes.
+    Docker(Result<(), String>),
+    /// The images on the device changed (a pull, a cleanup): the inventory
+    /// is stale.
+    InventoryChanged,
 }
 
 /// Builds the per-app status from what the runtime shows after a pass.
@@ -645,11 +651,25 @@ impl<R: Runtime> Reconciler<R> {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut docker_down = false;
         loop {
             let current = desired.borrow_and_update().clone();
             let mut retry_at = None;
             if let Some(state) = current {
-                match self.pass(&state, &desired).await {
+                let result = self.pass(&state, &desired).await;
+                match &result {
+                    Err(e) if e.is_unreachable() => {
+                        docker_down = true;
+                        let _ = self
+                            .events
+                            .try_send(ReconcileEvent::Docker(Err(e.to_string())));
+                    }
+                    Ok(_) if std::mem::take(&mut docker_down) => {
+                        let _ = self.events.try_send(ReconcileEvent::Docker(Ok(())));
+                    }
+                    _ => {}
+                }
+                match result {
                     Ok(Some(report)) => {
                         retry_at = report.retry_at;
                         let converged = report.failures.is_empty() && report.retry_at.is_none();
@@ -1181,6 +1201,7 @@ impl<R: Runtime> Reconciler<R> {
             ledger.snapshot()
         };
         save_ledger(snapshot).await;
+        let _ = self.events.try_send(ReconcileEvent::InventoryChanged);
         Ok(())
     }
 
@@ -1256,6 +1277,7 @@ impl<R: Runtime> Reconciler<R> {
                                 let detail = format!("removed image {r}: pulled by this agent, no desired app or container uses it");
                                 self.publish(EventKind::ImageRemoved, None, None, detail)
                                     .await;
+                                let _ = self.events.try_send(ReconcileEvent::InventoryChanged);
                             }
                             Err(e) => {
                                 warn!(image = %r, error = %e, "could not remove unused image; skipping")

@@ -439,3 +439,112 @@ async fn a_read_only_state_dir_is_reported_and_never_rolls_the_device_back() {
     assert_eq!(after, before, "converged without recreating anything");
     untag(&image);
 }
+
+/// Docker going away (the agent's own connection to the daemon is cut by a
+/// socket proxy; the daemon itself is shared and never stopped) is
+/// reported as an event, in the state report and in the inventory; a
+/// waiting operation carries the reason; recovery is reported and the
+/// inventory refreshed, and the inventory lists images as they are pulled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_loss_and_recovery_are_reported() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let proxy = DockerProxy::start().await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("dockerloss");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path())
+        .enrolling_with(api)
+        .env("DOCKER_HOST", &proxy.docker_host());
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+
+    let (one, two) = (unique("one"), unique("two"));
+    let image = fresh_image(&unique("dockerloss")).await;
+    api.create_app(&one, &image).await;
+    api.create_app(&two, &image).await;
+    let op = deploy(api, &id, &one).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    // The image pulled after the connect is in the inventory without a reconnect.
+    wait_for(
+        Duration::from_secs(30),
+        "the pulled image in the inventory",
+        || async {
+            let d = api.device(&id).await?;
+            d["inventory"]["images"]
+                .as_array()?
+                .iter()
+                .any(|i| i == &json!(image))
+                .then_some(())
+        },
+    )
+    .await;
+
+    proxy.cut();
+    wait_event(
+        api,
+        &id,
+        "docker_unreachable",
+        Duration::from_secs(30),
+        |d| d.contains("docker is not reachable"),
+    )
+    .await;
+    let op = deploy(api, &id, &two).await;
+    let waiting = wait_for(
+        Duration::from_secs(30),
+        "the operation says what it waits for",
+        || async {
+            let (_, v) = api
+                .get(&format!("/api/v1/operations/{}", op["id"].as_str()?))
+                .await;
+            (v["status"] == json!("in_progress")
+                && v["detail"].as_str()?.contains("waiting for docker"))
+            .then_some(v)
+        },
+    )
+    .await;
+    eprintln!("while docker is away: {waiting}");
+    let d = wait_for(
+        Duration::from_secs(30),
+        "docker_error in state and inventory",
+        || async {
+            let d = api.device(&id).await?;
+            (d["observed"]["docker_error"].is_string()
+                && d["inventory"]["docker_error"].is_string())
+            .then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(d["online"], json!(true), "the device itself is still there");
+
+    proxy.heal();
+    wait_event(
+        api,
+        &id,
+        "docker_reachable",
+        Duration::from_secs(30),
+        |_| true,
+    )
+    .await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "docker_error cleared everywhere",
+        || async {
+            let d = api.device(&id).await?;
+            (d["observed"]["docker_error"].is_null()
+                && d["inventory"].is_object()
+                && d["inventory"]["docker_error"].is_null())
+            .then_some(())
+        },
+    )
+    .await;
+    wait_converged(api, &docker, &id, CONVERGE).await;
+    untag(&image);
+}

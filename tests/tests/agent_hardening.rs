@@ -548,3 +548,71 @@ async fn docker_loss_and_recovery_are_reported() {
     wait_converged(api, &docker, &id, CONVERGE).await;
     untag(&image);
 }
+
+/// An agent restarted while no broker is reachable brings its apps back
+/// from its local desired state, checked through Docker, and says what it
+/// did once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_with_no_broker_restores_its_apps() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let proxy = Proxy::start(orch.mqtt_port).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("nobroker");
+    let mut agent = LabAgent::new(&proxy.url(), &id, state.path()).enrolling_with(api);
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    let image = fresh_image(&unique("nobroker")).await;
+    let app = unique("keep");
+    api.create_app(&app, &image).await;
+    let op = deploy(api, &id, &app).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+
+    // The agent dies and its containers are lost with it (as after a
+    // reboot that wiped them); the broker is unreachable when it returns.
+    agent.kill().await;
+    remove_device_containers(&id);
+    assert!(device_containers(&docker, &id).await.is_empty());
+    proxy.cut();
+    let connects_before = agent.log_text().matches("connected to broker").count();
+    let started = std::time::Instant::now();
+    agent.start(StateDirMode::Writable).await;
+    let seen = wait_for(
+        CONVERGE,
+        "the app running again, with no broker",
+        || async {
+            let seen = device_containers(&docker, &id).await;
+            (seen.len() == 1 && seen[0].running && seen[0].app == app).then_some(seen)
+        },
+    )
+    .await;
+    eprintln!("restored with no broker in {:?}", started.elapsed());
+    assert_eq!(seen[0].image, image);
+    assert_eq!(
+        agent.log_text().matches("connected to broker").count(),
+        connects_before,
+        "restored before any broker connection"
+    );
+
+    proxy.heal();
+    let ev = wait_event(
+        api,
+        &id,
+        "restored_from_local_state",
+        Duration::from_secs(60),
+        |_| true,
+    )
+    .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("created {app}/main"))),
+        "the event says what the restore did: {ev}"
+    );
+    wait_converged(api, &docker, &id, CONVERGE).await;
+    untag(&image);
+}

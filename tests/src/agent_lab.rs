@@ -26,6 +26,12 @@ pub enum StateDirMode {
     /// A read-only bind mount over the directory, in the agent's own mount
     /// namespace: the agent cannot write it (root or not), the test can.
     ReadOnly,
+    /// A full file system: a small tmpfs over the directory in the agent's
+    /// own mount namespace, holding a copy of the directory's files and
+    /// filled to the last byte. Creating a file still works, writing to it
+    /// fails with "No space left on device". The test sees it through
+    /// [`LabAgent::agent_view`].
+    Full,
 }
 
 /// A `drover-agent` process. Dropping it kills the process and removes the
@@ -91,6 +97,24 @@ impl LabAgent {
         let agent = binary("drover-agent");
         let mut cmd = match mode {
             StateDirMode::Writable => tokio::process::Command::new(&agent),
+            StateDirMode::Full => {
+                let mut c = tokio::process::Command::new("unshare");
+                // The copy lives only until the tmpfs holds it.
+                c.args([
+                    "--mount",
+                    "--",
+                    "sh",
+                    "-c",
+                    r#"set -e; copy=$(mktemp -d); cp -a "$0"/. "$copy"/;
+                       mount -t tmpfs -o size=512k,mode=0700 tmpfs "$0";
+                       cp -a "$copy"/. "$0"/; rm -rf "$copy";
+                       dd if=/dev/zero of="$0/.fill" bs=4096 2>/dev/null || true;
+                       exec "$@""#,
+                ])
+                .arg(&self.state_dir)
+                .arg(&agent);
+                c
+            }
             StateDirMode::ReadOnly => {
                 let mut c = tokio::process::Command::new("unshare");
                 // A private mount namespace (util-linux makes its mounts
@@ -142,6 +166,18 @@ impl LabAgent {
             .stderr(err)
             .kill_on_drop(true);
         self.child = Some(cmd.spawn().expect("spawn drover-agent"));
+    }
+
+    /// The state directory as the running agent sees it (through its own
+    /// mount namespace).
+    pub fn agent_view(&self) -> PathBuf {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("agent running");
+        let inside = self.state_dir.strip_prefix("/").unwrap_or(&self.state_dir);
+        PathBuf::from(format!("/proc/{pid}/root")).join(inside)
     }
 
     fn log_path(&self) -> PathBuf {

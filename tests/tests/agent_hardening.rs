@@ -616,3 +616,66 @@ async fn an_agent_restarted_with_no_broker_restores_its_apps() {
     wait_converged(api, &docker, &id, CONVERGE).await;
     untag(&image);
 }
+
+/// A full state directory: the agent starts, applies a deploy from memory,
+/// reports "No space left on device", and leaves no (zero-byte) temporary
+/// file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_dir_is_reported_and_leaves_no_temporary_files() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("fullstate");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path()).enrolling_with(api);
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    let image = fresh_image(&unique("fullstate")).await;
+    let (first, second) = (unique("first"), unique("second"));
+    api.create_app(&first, &image).await;
+    api.create_app(&second, &image).await;
+    let op = deploy(api, &id, &first).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+
+    agent.stop().await;
+    agent.start(StateDirMode::Full).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+    let view = agent.agent_view();
+    assert!(
+        view.join(".fill").exists(),
+        "the agent runs on the full copy: {}",
+        view.display()
+    );
+    let op = deploy(api, &id, &second).await;
+    assert_eq!(
+        api.wait_op(&op, CONVERGE).await["status"],
+        json!("succeeded")
+    );
+    wait_event(
+        api,
+        &id,
+        "persistence_failed",
+        Duration::from_secs(30),
+        |d| d.contains("No space left on device"),
+    )
+    .await;
+    let d = wait_for(
+        Duration::from_secs(30),
+        "storage_error in the state report",
+        || async {
+            let d = api.device(&id).await?;
+            d["observed"]["storage_error"].is_string().then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(d["applied_generation"], json!(2), "applied from memory");
+    assert!(agent.running());
+    assert_eq!(
+        temp_files(&view),
+        Vec::<String>::new(),
+        "no temporary file left on the full file system"
+    );
+    untag(&image);
+}

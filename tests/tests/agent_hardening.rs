@@ -677,5 +677,28 @@ async fn a_full_state_dir_is_reported_and_leaves_no_temporary_files() {
         Vec::<String>::new(),
         "no temporary file left on the full file system"
     );
+    let stored = std::fs::read(view.join("desired.cbor")).expect("stored state");
+
+    // Space comes back: the agent notices by itself, stores what it holds
+    // and says so.
+    std::fs::remove_file(view.join(".fill")).expect("free the space");
+    wait_event(
+        api,
+        &id,
+        "persistence_recovered",
+        Duration::from_secs(60),
+        |d| d.contains("generation 2"),
+    )
+    .await;
+    wait_for(Duration::from_secs(30), "storage_error cleared", || async {
+        let d = api.device(&id).await?;
+        d["observed"]["storage_error"].is_null().then_some(())
+    })
+    .await;
+    assert_ne!(
+        std::fs::read(view.join("desired.cbor")).expect("stored state"),
+        stored,
+        "the newer state is stored now"
+    );
     untag(&image);
 }

@@ -321,9 +321,10 @@ pub async fn wait_event(
         timeout,
         &format!("a {kind} event from {device}"),
         || async {
-            device_events(api, device).await.into_iter().find(|e| {
-                e["kind"] == Value::from(kind) && detail(e["detail"].as_str().unwrap_or_default())
-            })
+            device_events(api, device)
+                .await
+                .into_iter()
+                .find(|e| e["kind"] == kind && detail(e["detail"].as_str().unwrap_or_default()))
         },
     )
     .await

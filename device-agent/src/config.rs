@@ -111,8 +111,9 @@ impl AgentConfig {
     }
 }
 
-/// Creates the state directory and proves it is writable, so a broken disk is
-/// a clear start-up error instead of a silent loss of the desired state later.
+/// Creates the state directory. Without it there is nothing to run on, so
+/// this is fatal; an existing directory that cannot be written is not (see
+/// [`probe_writable`]).
 pub(crate) fn prepare_state_dir(dir: &Path) -> Result<(), ConfigError> {
     // Owner-only when new: it holds the credential and registry secrets.
     let mut b = std::fs::DirBuilder::new();
@@ -122,14 +123,19 @@ pub(crate) fn prepare_state_dir(dir: &Path) -> Result<(), ConfigError> {
         use std::os::unix::fs::DirBuilderExt;
         b.mode(0o700);
     }
-    b.create(dir)
-        .map_err(|source| ConfigError::CreateStateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok")
-        .and_then(|()| std::fs::remove_file(&probe))
+    b.create(dir).map_err(|source| ConfigError::CreateStateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether the state directory takes a write now. A read-only or full
+/// state directory must not stop the agent (under a supervisor that is a
+/// restart loop and a device offline for good): it runs on what it can
+/// read and reports the problem instead.
+pub(crate) fn probe_writable(dir: &Path) -> Result<(), ConfigError> {
+    crate::store::write_file(&dir.join(".write-probe"), b"ok", None)
+        .and_then(|()| std::fs::remove_file(dir.join(".write-probe")))
         .map_err(|source| ConfigError::StateDirNotWritable {
             path: dir.to_path_buf(),
             source,
@@ -155,9 +161,7 @@ pub(crate) fn resolve_device_id(
         Err(source) => return Err(ConfigError::ReadDeviceId { path, source }),
     }
     let id = generate_device_id(sysinfo::System::host_name().as_deref().unwrap_or(""));
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{id}\n"))
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    crate::store::write_file(&path, format!("{id}\n").as_bytes(), None)
         .map_err(|source| ConfigError::WriteDeviceId { path, source })?;
     Ok(id)
 }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::reconcile::ReconcileEvent;
 use crate::runtime::DockerRuntime;
 
 /// The container events that can mean drift.
@@ -31,8 +32,14 @@ const RECONNECT: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
-/// Runs until the trigger channel closes.
-pub async fn watch(runtime: DockerRuntime, device: DeviceId, trigger: mpsc::Sender<()>) {
+/// Runs until the trigger channel closes. Tells `health` when the daemon
+/// stops or starts answering (only the changes).
+pub async fn watch(
+    runtime: DockerRuntime,
+    device: DeviceId,
+    trigger: mpsc::Sender<()>,
+    health: mpsc::Sender<ReconcileEvent>,
+) {
     let filters: HashMap<&str, Vec<String>> = HashMap::from([
         ("type", vec!["container".to_string()]),
         (
@@ -46,25 +53,33 @@ pub async fn watch(runtime: DockerRuntime, device: DeviceId, trigger: mpsc::Send
     ]);
     let mut failures: u32 = 0;
     let mut was_down = false;
+    // What `health` was last told: None before the first look.
+    let mut reported: Option<bool> = None;
     loop {
         if trigger.is_closed() {
             return;
         }
         let connected = match runtime.client().await {
             Ok(docker) => match docker.ping().await {
-                Ok(_) => Some(docker),
+                Ok(_) => Ok(docker),
                 Err(e) => {
                     debug!(error = %e, "docker ping failed");
                     runtime.forget().await;
-                    None
+                    Err(format!("docker is not reachable: {e}"))
                 }
             },
             Err(e) => {
                 debug!(error = %e, "docker not reachable");
-                None
+                Err(e.to_string())
             }
         };
-        if let Some(docker) = connected {
+        let up = connected.is_ok();
+        if reported != Some(up) {
+            reported = Some(up);
+            let news = connected.as_ref().map(|_| ()).map_err(Clone::clone);
+            let _ = health.send(ReconcileEvent::Docker(news)).await;
+        }
+        if let Ok(docker) = connected {
             if was_down {
                 info!("docker is reachable again; watching container events");
             }

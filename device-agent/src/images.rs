@@ -103,15 +103,9 @@ impl ImageLedger {
 /// Writes a snapshot by temp file and rename, so a power cut leaves the old
 /// or the new ledger. Blocking: run it off the executor.
 pub fn write_snapshot(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
-    let tmp = path.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|source| LedgerError::Write {
+    // Through the one atomic writer, which leaves no temporary file behind
+    // on a full disk.
+    crate::store::write_file(path, bytes, None).map_err(|source| LedgerError::Write {
         path: path.to_path_buf(),
         source,
     })

@@ -16,6 +16,7 @@ pub mod docker_events;
 pub mod enroll;
 pub mod images;
 pub mod inventory;
+pub mod lock;
 pub mod logs;
 pub mod mqtt;
 pub mod pull;
@@ -31,7 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{DesiredState, ObservedState};
-use drover_shared::payload::{Ack, AckPhase, Action, Heartbeat, Secrets, StateReport, Status};
+use drover_shared::payload::{
+    Ack, AckPhase, Action, DeviceEvent, EventKind, Heartbeat, Secrets, StateReport, Status,
+};
 use drover_shared::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -47,6 +50,9 @@ use crate::store::DesiredStore;
 
 /// How long shutdown waits for the offline status and DISCONNECT to go out.
 const GOODBYE_GRACE: Duration = Duration::from_secs(3);
+/// How often a state directory that failed a write is tried again, so its
+/// recovery is noticed (and the held state saved) without a new deploy.
+const STORAGE_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -56,6 +62,8 @@ pub enum AgentError {
     Credential(#[from] enroll::CredentialError),
     #[error(transparent)]
     Enroll(#[from] enroll::EnrollError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 /// The device id and stored credential an agent with this configuration
@@ -64,6 +72,21 @@ pub enum AgentError {
 pub struct Identity {
     pub device: DeviceId,
     pub credential: Option<enroll::Credential>,
+}
+
+/// The error and its causes on one line, for events and state reports.
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 pub fn identity_for(config: &AgentConfig) -> Result<Identity, AgentError> {
@@ -88,6 +111,18 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    config::prepare_state_dir(&config.state_dir)?;
+    // Held until this function returns: before the device id is read and
+    // anything connects, so a second agent on this directory never
+    // reaches the broker.
+    let _lock = lock::acquire(&config.state_dir)?;
+    // Not fatal: the agent runs on what it can read and reports this.
+    let storage_error = config::probe_writable(&config.state_dir)
+        .err()
+        .map(|e| error_text(&e));
+    if let Some(e) = &storage_error {
+        error!(error = %e, "the state directory cannot be written; running on what it holds");
+    }
     let Identity {
         device,
         mut credential,
@@ -105,7 +140,7 @@ pub async fn run(
                 res = enrolling => credential = Some(res?),
                 () = &mut shutdown => return Ok(()),
             }
-            run_device(config, device, credential, None, shutdown)
+            run_device(config, device, credential, None, storage_error, shutdown)
                 .instrument(span)
                 .await;
             return Ok(());
@@ -115,9 +150,16 @@ pub async fn run(
             token: token.clone(),
         });
     }
-    run_device(config, device, credential, reenroll, shutdown)
-        .instrument(span)
-        .await;
+    run_device(
+        config,
+        device,
+        credential,
+        reenroll,
+        storage_error,
+        shutdown,
+    )
+    .instrument(span)
+    .await;
     Ok(())
 }
 
@@ -126,9 +168,11 @@ async fn run_device(
     device: DeviceId,
     credential: Option<enroll::Credential>,
     reenroll: Option<mqtt::Reenroll>,
+    storage_error: Option<String>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (rec_tx, rec_rx) = mpsc::channel(256);
+    let health_tx = rec_tx.clone();
     let store = DesiredStore::new(&config.state_dir);
     let stored = match store.load() {
         Ok(s) => s,
@@ -185,6 +229,7 @@ async fn run_device(
 
     let (publisher, eventloop, online_tx) = mqtt::client(&config, &device, credential.as_ref());
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
+    let log_positions = logs::Positions::load(&config.state_dir);
     let here = tracing::Span::current();
     let mqtt_task = tokio::spawn(
         mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx, reenroll)
@@ -197,7 +242,7 @@ async fn run_device(
                 .instrument(info_span!(parent: &here, "reconcile")),
         ),
         tokio::spawn(
-            docker_events::watch(runtime.clone(), device.clone(), trigger_tx)
+            docker_events::watch(runtime.clone(), device.clone(), trigger_tx, health_tx)
                 .instrument(info_span!(parent: &here, "docker-events")),
         ),
         tokio::spawn(
@@ -209,7 +254,7 @@ async fn run_device(
             .instrument(info_span!(parent: &here, "telemetry")),
         ),
         tokio::spawn(
-            logs::run(runtime.clone(), publisher.clone())
+            logs::run(runtime.clone(), publisher.clone(), log_positions.clone())
                 .instrument(info_span!(parent: &here, "logs")),
         ),
     ];
@@ -225,8 +270,13 @@ async fn run_device(
         started: Instant::now(),
         heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
         seq: 0,
-        observed: ObservedState::default(),
+        observed: ObservedState {
+            storage_error,
+            ..ObservedState::default()
+        },
         published: None,
+        storage_retry_at: Instant::now() + STORAGE_RETRY,
+        store_applied: 0,
     };
     core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown)
         .await;
@@ -235,6 +285,11 @@ async fn run_device(
     publisher.goodbye(now_ms(), GOODBYE_GRACE).await;
     for w in &workers {
         w.abort();
+    }
+    // Where each container's log stopped, so the next start neither
+    // repeats nor skips lines.
+    if let Err(e) = log_positions.save() {
+        warn!(error = %e, "cannot save log positions");
     }
     let abort = mqtt_task.abort_handle();
     if tokio::time::timeout(GOODBYE_GRACE, mqtt_task)
@@ -262,6 +317,10 @@ struct Core {
     observed: ObservedState,
     /// The last state report sent, to send only changes.
     published: Option<ObservedState>,
+    /// While the state directory cannot be written: when to try again.
+    storage_retry_at: Instant,
+    /// The applied generation last handed to the store.
+    store_applied: u64,
 }
 
 impl Core {
@@ -273,6 +332,9 @@ impl Core {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         self.observed.desired_generation = self.intake.held_generation();
+        if let Some(e) = self.observed.storage_error.clone() {
+            self.storage_event(EventKind::PersistenceFailed, e);
+        }
         // The first heartbeat goes out with the connect; the ticker follows.
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + heartbeat_every,
@@ -284,8 +346,13 @@ impl Core {
             tokio::select! {
                 () = &mut shutdown => return,
                 Some(ev) = mqtt_rx.recv() => self.on_mqtt(ev).await,
-                Some(ev) = rec_rx.recv() => self.on_reconcile(ev),
-                _ = heartbeat.tick() => self.heartbeat(),
+                Some(ev) = rec_rx.recv() => self.on_reconcile(ev).await,
+                _ = heartbeat.tick() => {
+                    self.heartbeat();
+                    if self.observed.storage_error.is_some() && Instant::now() >= self.storage_retry_at {
+                        self.persist().await;
+                    }
+                }
             }
         }
     }
@@ -310,7 +377,7 @@ impl Core {
             MqttEvent::Command(c) => match c.action {
                 Action::Apply { op, app, desired } => {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
-                    self.offer(desired, Some(&c.id)).await;
+                    self.offer(desired, Some((&c.id, Some(&app)))).await;
                 }
                 Action::Resync => {
                     self.ack(&AckOut {
@@ -329,9 +396,9 @@ impl Core {
         }
     }
 
-    /// Re-sends everything retained, e.g. after a reconnect to a broker that
-    /// may have lost its retained messages.
-    fn resync(&mut self) {
+    /// Sends a fresh inventory (`hello`): on connect, and whenever what it
+    /// shows changed (images pulled or removed, Docker gone or back).
+    fn send_hello(&self) {
         let runtime = self.runtime.clone();
         let publisher = self.publisher.clone();
         tokio::spawn(
@@ -343,16 +410,92 @@ impl Core {
             }
             .in_current_span(),
         );
+    }
+
+    /// Docker stopped answering: says so once (event, state report,
+    /// inventory) and tells every waiting command why it waits.
+    fn docker_down(&mut self, reason: String) {
+        if self.observed.docker_error.is_none() {
+            warn!(error = %reason, "docker is not reachable; operations wait for it");
+            self.send(&DeviceEvent {
+                at_ms: now_ms(),
+                kind: EventKind::DockerUnreachable,
+                app: None,
+                container: None,
+                detail: format!(
+                    "{reason}; containers stay as Docker left them, operations wait for it"
+                ),
+            });
+            self.send_hello();
+        }
+        // The first reason stands for the whole outage: the reconciler and
+        // the event watcher word the same loss differently.
+        self.observed
+            .docker_error
+            .get_or_insert_with(|| reason.clone());
+        self.waiting(&format!("waiting for docker: {reason}"));
+        self.publish_state();
+    }
+
+    fn docker_up(&mut self) {
+        if self.observed.docker_error.take().is_none() {
+            return;
+        }
+        info!("docker is reachable again");
+        self.send(&DeviceEvent {
+            at_ms: now_ms(),
+            kind: EventKind::DockerReachable,
+            app: None,
+            container: None,
+            detail: "docker is reachable again; reconciling".to_string(),
+        });
+        self.send_hello();
+        self.waiting("docker is reachable again; resuming");
+        self.publish_state();
+    }
+
+    /// A progress ack with `detail` for every command still waiting.
+    fn waiting(&self, detail: &str) {
+        for id in self.intake.pending_ids() {
+            self.send(&Ack {
+                command_id: id.to_string(),
+                at_ms: now_ms(),
+                phase: AckPhase::Progress,
+                detail: detail.to_string(),
+                progress: None,
+            });
+        }
+    }
+
+    /// Re-sends everything retained, e.g. after a reconnect to a broker that
+    /// may have lost its retained messages.
+    fn resync(&mut self) {
+        self.send_hello();
         self.published = None;
         self.publish_state();
         self.heartbeat();
     }
 
-    async fn offer(&mut self, state: DesiredState, command: Option<&str>) {
+    async fn offer(
+        &mut self,
+        state: DesiredState,
+        command: Option<(&str, Option<&drover_shared::Name>)>,
+    ) {
         let generation = state.generation;
         let offer = self.intake.offer(state, command);
         for ack in &offer.acks {
             self.ack(ack);
+        }
+        if let (Some(reason), Some((id, _))) = (&self.observed.docker_error, command) {
+            if self.intake.pending_ids().any(|p| p == id) {
+                self.send(&Ack {
+                    command_id: id.to_string(),
+                    at_ms: now_ms(),
+                    phase: AckPhase::Progress,
+                    detail: format!("waiting for docker: {reason}"),
+                    progress: None,
+                });
+            }
         }
         if !offer.adopted {
             debug!(
@@ -366,18 +509,83 @@ impl Core {
             return;
         };
         info!(generation, "adopted desired state");
-        let store = self.store.clone();
-        let to_save = held.clone();
-        match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, cause = ?std::error::Error::source(&e), "could not persist desired state")
-            }
-            Err(e) => error!(error = %e, "persisting desired state panicked"),
-        }
         self.desired_tx.send_replace(Some(Arc::new(held)));
         self.observed.desired_generation = generation;
+        // Applied from memory whether or not it can be stored; a failure
+        // is reported, not hidden in the log.
+        self.persist().await;
         self.publish_state();
+    }
+
+    /// Stores the held desired state and the applied generation; reports a
+    /// failure (event and state report) and the recovery after one.
+    async fn persist(&mut self) {
+        let store = self.store.clone();
+        let held = self.intake.held().cloned();
+        let applied = self.intake.applied_generation();
+        let result = tokio::task::spawn_blocking(move || {
+            if let Some(h) = &held {
+                store.save(h)?;
+            }
+            if applied > 0 {
+                store.save_applied(applied)?;
+            }
+            if held.is_none() && applied == 0 {
+                // Nothing to save yet: whether a write would succeed.
+                store.probe()?;
+            }
+            Ok::<_, store::StoreError>(())
+        })
+        .await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(error_text(&e)),
+            Err(e) => Some(format!("saving the desired state failed: {e}")),
+        };
+        let generation = self.intake.held_generation();
+        match failure {
+            Some(text) => {
+                self.storage_retry_at = Instant::now() + STORAGE_RETRY;
+                // One event per failure episode; the state report always
+                // carries the latest text.
+                if self.observed.storage_error.is_none() {
+                    error!(error = %text, generation, "could not persist desired state; running on the state held in memory");
+                    self.storage_event(EventKind::PersistenceFailed, text.clone());
+                }
+                self.observed.storage_error = Some(text);
+                self.publish_state();
+            }
+            None => {
+                if self.observed.storage_error.take().is_some() {
+                    info!(
+                        generation,
+                        "state directory writable again; desired state saved"
+                    );
+                    self.storage_event(
+                        EventKind::PersistenceRecovered,
+                        format!("the state directory takes writes again; desired state generation {generation} is saved"),
+                    );
+                    self.publish_state();
+                }
+            }
+        }
+    }
+
+    fn storage_event(&self, kind: EventKind, text: String) {
+        let detail = match kind {
+            EventKind::PersistenceFailed => format!(
+                "cannot write the state directory: {text}; running on the desired state held in memory (generation {}); a restart would find an older one",
+                self.intake.held_generation()
+            ),
+            _ => text,
+        };
+        self.send(&DeviceEvent {
+            at_ms: now_ms(),
+            kind,
+            app: None,
+            container: None,
+            detail,
+        });
     }
 
     /// Keeps a newer set of registry credentials: on disk first (so a
@@ -403,7 +611,7 @@ impl Core {
         self.secrets_tx.send_replace(Arc::new(incoming));
     }
 
-    fn on_reconcile(&mut self, ev: ReconcileEvent) {
+    async fn on_reconcile(&mut self, ev: ReconcileEvent) {
         match ev {
             ReconcileEvent::Progress {
                 generation,
@@ -427,25 +635,24 @@ impl Core {
                 if report.generation != self.intake.held_generation() {
                     return;
                 }
-                if let Some(f) = &report.failure {
-                    warn!(generation = report.generation, failure = %f, "reconcile finished with a failure");
+                for (app, f) in &report.failures {
+                    warn!(generation = report.generation, %app, failure = %f, "reconcile finished with a failure");
                 }
-                for ack in self.intake.finished(report.generation, report.failure) {
+                for ack in self.intake.finished(report.generation, report.failures) {
                     self.ack(&ack);
                 }
                 let applied = self.intake.applied_generation();
-                if applied != self.observed.applied_generation {
-                    let store = self.store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = store.save_applied(applied) {
-                            warn!(error = %e, "could not record the applied generation");
-                        }
-                    });
-                }
                 self.observed.applied_generation = applied;
                 self.observed.apps = report.apps;
+                if applied != self.store_applied {
+                    self.store_applied = applied;
+                    self.persist().await;
+                }
                 self.publish_state();
             }
+            ReconcileEvent::Docker(Err(reason)) => self.docker_down(reason),
+            ReconcileEvent::Docker(Ok(())) => self.docker_up(),
+            ReconcileEvent::InventoryChanged => self.send_hello(),
             ReconcileEvent::Event(ev) => {
                 debug!(kind = ?ev.kind, detail = %ev.detail, "event");
                 // Queued while offline (QoS 1): the orchestrator keeps a

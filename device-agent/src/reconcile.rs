@@ -82,6 +82,18 @@ impl Step {
         }
     }
 
+    /// What a successful step did, for the restore event.
+    fn done_text(&self) -> String {
+        let (app, container) = self.key();
+        match self {
+            Step::Pull { image, .. } => format!("pulled {image}"),
+            Step::Create { .. } => format!("created {app}/{container}"),
+            Step::Start { .. } => format!("started {app}/{container}"),
+            Step::Stop { .. } => format!("stopped {app}/{container}"),
+            Step::Remove { .. } => format!("removed {app}/{container}"),
+        }
+    }
+
     fn word(&self) -> &'static str {
         match self {
             Step::Pull { .. } => "pulling",
@@ -368,8 +380,9 @@ pub fn mark_retrying(apps: &mut [AppStatus], retrying: &BTreeMap<Name, Retry>) {
 pub struct PassReport {
     pub generation: u64,
     pub apps: Vec<AppStatus>,
-    /// Docker's or the registry's text for the first failure, verbatim.
-    pub failure: Option<String>,
+    /// Per app that failed, Docker's or the registry's text, verbatim. One
+    /// app's failure is its own: the other apps of the pass went on.
+    pub failures: BTreeMap<Name, String>,
     /// Some pull failed for a reason that may pass: the pass is not done,
     /// and the next attempt is due then.
     pub retry_at: Option<Instant>,
@@ -394,6 +407,12 @@ pub enum ReconcileEvent {
     Done(PassReport),
     /// Something the agent did or saw on its own, for the `event` topic.
     Event(DeviceEvent),
+    /// Whether the Docker daemon answers (`Err`: why not). Sent by the
+    /// reconciler and the Docker event watcher; the core reports changes.
+    Docker(Result<(), String>),
+    /// The images on the device changed (a pull, a cleanup): the inventory
+    /// is stale.
+    InventoryChanged,
 }
 
 /// Builds the per-app status from what the runtime shows after a pass.
@@ -517,6 +536,12 @@ struct Memory {
     /// The stored generation the agent started with, until its first pass
     /// finishes and is reported as `restored_from_local_state`.
     restoring: Option<u64>,
+    /// What the passes restoring it did, for that event: it says what was
+    /// done, not what drift was seen.
+    restore_actions: Vec<String>,
+    /// The stored generation was found older than what runs and left alone;
+    /// reported once.
+    restore_refused: bool,
     /// Pulled images the desired state referenced at the last converged pass.
     referenced: BTreeSet<String>,
 }
@@ -626,14 +651,28 @@ impl<R: Runtime> Reconciler<R> {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut docker_down = false;
         loop {
             let current = desired.borrow_and_update().clone();
             let mut retry_at = None;
             if let Some(state) = current {
-                match self.pass(&state, &desired).await {
+                let result = self.pass(&state, &desired).await;
+                match &result {
+                    Err(e) if e.is_unreachable() => {
+                        docker_down = true;
+                        let _ = self
+                            .events
+                            .try_send(ReconcileEvent::Docker(Err(e.to_string())));
+                    }
+                    Ok(_) if std::mem::take(&mut docker_down) => {
+                        let _ = self.events.try_send(ReconcileEvent::Docker(Ok(())));
+                    }
+                    _ => {}
+                }
+                match result {
                     Ok(Some(report)) => {
                         retry_at = report.retry_at;
-                        let converged = report.failure.is_none() && report.retry_at.is_none();
+                        let converged = report.failures.is_empty() && report.retry_at.is_none();
                         let ev = match report.retry_at {
                             Some(_) => ReconcileEvent::Interim {
                                 generation: report.generation,
@@ -650,7 +689,7 @@ impl<R: Runtime> Reconciler<R> {
                     }
                     Ok(None) => debug!(
                         generation = state.generation,
-                        "pass superseded by a newer desired state"
+                        "pass not counted: superseded, or a stored state older than what runs"
                     ),
                     Err(e) => {
                         warn!(generation = state.generation, error = %e, "reconcile pass could not run; retrying later")
@@ -708,6 +747,9 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         let actual = self.runtime.list_managed().await?;
+        if self.refuse_stale_restore(generation, &actual).await {
+            return Ok(None);
+        }
         let settled = self.mem().settled.clone();
         let Plan {
             steps,
@@ -723,7 +765,7 @@ impl<R: Runtime> Reconciler<R> {
             return Ok(Some(PassReport {
                 generation,
                 apps,
-                failure: None,
+                failures: BTreeMap::new(),
                 retry_at: None,
             }));
         }
@@ -734,7 +776,17 @@ impl<R: Runtime> Reconciler<R> {
         for s in &steps {
             if let Step::Pull { app, image, .. } = s {
                 let present = match ImageRef::parse(image) {
-                    Ok(r) => self.runtime.image_present(&r).await?,
+                    Ok(r) => match self.runtime.image_present(&r).await {
+                        Ok(present) => present,
+                        Err(e) if e.is_unreachable() => return Err(e),
+                        // Docker refused to even look (e.g. "invalid
+                        // reference format"): the pull step fails this app
+                        // alone, with Docker's text; the pass goes on.
+                        Err(e) => {
+                            debug!(%app, %image, error = %e, "cannot inspect image; the pull will tell");
+                            false
+                        }
+                    },
                     Err(_) => false,
                 };
                 if !present {
@@ -793,6 +845,13 @@ impl<R: Runtime> Reconciler<R> {
             let result = self
                 .execute(generation, &step, &pulling, &mut created)
                 .await;
+            if result.is_ok() {
+                let did = !matches!(step, Step::Pull { .. }) || pulling.contains(app);
+                let mut m = self.mem();
+                if did && m.restoring == Some(generation) {
+                    m.restore_actions.push(step.done_text());
+                }
+            }
             match (result, &step) {
                 (Ok(()), Step::Pull { image, .. }) => {
                     self.mem().retries.remove(image);
@@ -820,7 +879,6 @@ impl<R: Runtime> Reconciler<R> {
         let mut apps = observe(desired, &actual, &errors, &HashSet::new());
         mark_left_exited(&mut apps, &left_exited);
         mark_retrying(&mut apps, &retrying);
-        let failure = errors.values().next().cloned();
         self.settle(desired, &failed);
         let done: Vec<&Repair> = repairs
             .iter()
@@ -831,7 +889,7 @@ impl<R: Runtime> Reconciler<R> {
             return Ok(Some(PassReport {
                 generation,
                 apps,
-                failure,
+                failures: errors,
                 retry_at: Some(at),
             }));
         }
@@ -839,7 +897,7 @@ impl<R: Runtime> Reconciler<R> {
         Ok(Some(PassReport {
             generation,
             apps,
-            failure,
+            failures: errors,
             retry_at: None,
         }))
     }
@@ -910,23 +968,47 @@ impl<R: Runtime> Reconciler<R> {
         m.settled = now;
     }
 
+    /// Whether `generation` is the stored state the agent started with and
+    /// is older than what runs: containers are labelled with the generation
+    /// that created them, so one newer than the stored state means the
+    /// state directory missed a later desired state (it could not be
+    /// written). Restoring would roll the device back; it keeps what runs
+    /// until the orchestrator's desired state arrives.
+    async fn refuse_stale_restore(&self, generation: u64, actual: &[ManagedContainer]) -> bool {
+        if self.mem().restoring != Some(generation) {
+            return false;
+        }
+        let newest = actual.iter().map(|c| c.generation).max().unwrap_or(0);
+        if newest <= generation {
+            return false;
+        }
+        if std::mem::replace(&mut self.mem().restore_refused, true) {
+            return true;
+        }
+        let detail = format!(
+            "did not restore the local desired state, generation {generation}: running containers were created by generation {newest}, so it is out of date; keeping what runs until the orchestrator's desired state arrives"
+        );
+        warn!(generation, newest, "{detail}");
+        self.publish(EventKind::RestoreRefused, None, None, detail)
+            .await;
+        true
+    }
+
     /// A pass finished for `generation`: publishes its repairs, and the
     /// restore from local state when this was the first pass after start.
     async fn finish(&self, generation: u64, repairs: &[&Repair]) {
-        let restoring = {
+        let (restoring, actions) = {
             let mut m = self.mem();
             m.finished = generation;
-            m.restoring.take()
+            (m.restoring.take(), std::mem::take(&mut m.restore_actions))
         };
         if restoring == Some(generation) {
-            let what = if repairs.is_empty() {
+            // What was done, not what was called drift: a restore whose
+            // containers were missing recreates them either way.
+            let what = if actions.is_empty() {
                 "all containers were already as desired".to_string()
             } else {
-                repairs
-                    .iter()
-                    .map(|r| format!("{}/{}: {}", r.app, r.container, r.drift.detail()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                actions.join(", ")
             };
             let detail = format!(
                 "restored apps from the local desired state, generation {generation}: {what}"
@@ -1119,6 +1201,7 @@ impl<R: Runtime> Reconciler<R> {
             ledger.snapshot()
         };
         save_ledger(snapshot).await;
+        let _ = self.events.try_send(ReconcileEvent::InventoryChanged);
         Ok(())
     }
 
@@ -1194,6 +1277,7 @@ impl<R: Runtime> Reconciler<R> {
                                 let detail = format!("removed image {r}: pulled by this agent, no desired app or container uses it");
                                 self.publish(EventKind::ImageRemoved, None, None, detail)
                                     .await;
+                                let _ = self.events.try_send(ReconcileEvent::InventoryChanged);
                             }
                             Err(e) => {
                                 warn!(image = %r, error = %e, "could not remove unused image; skipping")

@@ -79,7 +79,10 @@ fn docker_error(e: bollard::errors::Error) -> RuntimeError {
     match e {
         E::DockerResponseServerError { message, .. } => RuntimeError::Docker(message),
         E::DockerStreamError { error } => RuntimeError::Docker(error),
+        // HyperLegacyError is how a refused or dropped connection to the
+        // daemon's socket arrives.
         E::HyperResponseError { .. }
+        | E::HyperLegacyError { .. }
         | E::IOError { .. }
         | E::RequestTimeoutError
         | E::SocketNotFoundError(_) => RuntimeError::Unreachable(e.to_string()),

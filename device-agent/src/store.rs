@@ -93,6 +93,16 @@ impl DesiredStore {
             .ok()
     }
 
+    /// Whether the directory takes a write (and leaves nothing behind).
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let probe = self.path.with_file_name(".write-probe");
+        write_atomically(&probe, b"ok")?;
+        std::fs::remove_file(&probe).map_err(|source| StoreError::Write {
+            path: probe,
+            source,
+        })
+    }
+
     pub fn save_applied(&self, generation: u64) -> Result<(), StoreError> {
         write_atomically(&self.applied_path(), generation.to_string().as_bytes())
     }
@@ -128,15 +138,24 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::i
         opts.mode(mode);
     }
     let mut f = opts.open(&tmp)?;
-    #[cfg(unix)]
-    if let Some(mode) = mode {
-        // The process umask may have narrowed it; never widened.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    let written = (|| {
+        #[cfg(unix)]
+        if let Some(mode) = mode {
+            // The process umask may have narrowed it; never widened.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // A full disk fails the write after the create: never leave the
+        // (empty or partial) temporary file behind.
+        drop(f);
+        let _ = std::fs::remove_file(&tmp);
     }
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    written
 }
 
 #[cfg(test)]
@@ -215,6 +234,23 @@ mod tests {
         let store = DesiredStore::new(dir.path());
         std::fs::write(store.path(), b"garbage").expect("write");
         assert!(matches!(store.load(), Err(StoreError::Decode { .. })));
+    }
+
+    #[test]
+    fn a_write_that_fails_after_the_temporary_file_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DesiredStore::new(dir.path());
+        // A directory where the file should go: the temporary file is
+        // created and written, the rename onto it fails.
+        std::fs::create_dir(store.path()).expect("mkdir");
+        std::fs::write(store.path().join("keep"), b"x").expect("write");
+        let err = store.save(&state(1)).expect_err("rename fails");
+        assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("lists")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![FILE_NAME.to_string()], "no temporary file left");
     }
 
     #[test]

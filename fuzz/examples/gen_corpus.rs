@@ -122,6 +122,8 @@ fn payloads() -> Vec<(&'static str, Vec<u8>)> {
                         error: Some("oom".into()),
                     }],
                 }],
+                storage_error: None,
+                docker_error: None,
             },
         })),
         ("state-empty", encode(&StateReport { at_ms: 0, observed: ObservedState::default() })),

@@ -500,7 +500,9 @@ impl Agent {
             Input::Command(c) => {
                 self.stats.commands.fetch_add(1, Ordering::Relaxed);
                 match c.action {
-                    Action::Apply { desired, .. } => self.offer(desired, Some(&c.id)),
+                    Action::Apply { desired, app, .. } => {
+                        self.offer(desired, Some((&c.id, Some(&app))))
+                    }
                     Action::Resync => {
                         self.ack(&AckOut {
                             command_id: c.id.clone(),
@@ -542,10 +544,21 @@ impl Agent {
                     return;
                 };
                 let apps = runtime::observe(held, &outcome.containers, outcome.failure.as_ref());
-                let failure = outcome.failure.map(|(_, text)| text);
+                // Per app, as the real agent answers commands: the failure
+                // belongs to the app(s) using that container name.
+                let failures: drover_agent::desired::Failures = outcome
+                    .failure
+                    .map(|(container, text)| {
+                        held.apps
+                            .iter()
+                            .filter(|a| a.spec.containers.iter().any(|c| c.name == container))
+                            .map(|a| (a.spec.name.clone(), text.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 self.containers = outcome.containers;
                 self.images = outcome.images;
-                for ack in self.intake.finished(generation, failure) {
+                for ack in self.intake.finished(generation, failures) {
                     self.ack(&ack);
                 }
                 self.observed.applied_generation = self.intake.applied_generation();
@@ -557,7 +570,11 @@ impl Agent {
 
     /// As the real agent's `Core::offer`, with the simulated runtime in place
     /// of persisting and reconciling.
-    fn offer(&mut self, state: DesiredState, command: Option<&str>) {
+    fn offer(
+        &mut self,
+        state: DesiredState,
+        command: Option<(&str, Option<&drover_shared::Name>)>,
+    ) {
         let offer = self.intake.offer(state, command);
         for ack in &offer.acks {
             self.ack(ack);

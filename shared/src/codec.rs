@@ -218,6 +218,8 @@ mod tests {
                         error: None,
                     }],
                 }],
+                storage_error: Some("cannot write desired.cbor: read-only file system".into()),
+                docker_error: Some("docker is not reachable: connection refused".into()),
             },
         });
         round_trip(Telemetry {

@@ -930,6 +930,15 @@ pub struct ObservedState {
     /// The highest desired generation the agent has received.
     pub desired_generation: u64,
     pub apps: Vec<AppStatus>,
+    /// Set while the agent cannot write its state directory (read-only,
+    /// full): it runs on the desired state it holds in memory, and a
+    /// restart would only find an older one. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_error: Option<String>,
+    /// Set while the agent cannot reach the Docker daemon: nothing it
+    /// reports about containers is current. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -971,6 +980,19 @@ pub struct ContainerStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_observed_state_from_an_older_agent_still_decodes() {
+        let old = serde_json::json!({"applied_generation": 3, "desired_generation": 4, "apps": []});
+        let o: ObservedState = serde_json::from_value(old).expect("decodes");
+        assert_eq!((o.storage_error, o.docker_error), (None, None));
+        // And a healthy report looks exactly as it did.
+        let back = serde_json::to_value(ObservedState::default()).expect("encodes");
+        assert_eq!(
+            back,
+            serde_json::json!({"applied_generation": 0, "desired_generation": 0, "apps": []})
+        );
+    }
 
     fn spec(image: &str) -> AppSpec {
         serde_json::from_value(serde_json::json!({

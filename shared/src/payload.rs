@@ -295,6 +295,18 @@ pub enum EventKind {
     /// The agent started with no broker and restored its apps from its
     /// local copy of the desired state.
     RestoredFromLocalState,
+    /// The local copy of the desired state was not restored: running
+    /// containers carry a newer generation, so it is out of date.
+    RestoreRefused,
+    /// The agent could not write its state directory; it keeps running on
+    /// what it holds in memory.
+    PersistenceFailed,
+    /// The state directory takes writes again.
+    PersistenceRecovered,
+    /// The Docker daemon stopped answering.
+    DockerUnreachable,
+    /// The Docker daemon answers again.
+    DockerReachable,
 }
 
 macro_rules! message {

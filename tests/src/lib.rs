@@ -21,6 +21,8 @@ use drover::server::{self, BrokerMode, ServerConfig};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+pub mod agent_lab;
+
 pub const REGISTRY: &str = "127.0.0.1:5000";
 /// Pushed by `scripts/test-env.sh`.
 pub const BASE_REPO: &str = "drover/busybox";

@@ -338,6 +338,9 @@ struct FakeRuntime {
     in_use: Mutex<HashSet<String>>,
     /// A registry host whose pulls need the password "right".
     requires_auth: Mutex<Option<String>>,
+    /// References Docker refuses to even inspect, as it does a reference
+    /// its own parser rejects.
+    malformed: Vec<String>,
 }
 
 impl FakeRuntime {
@@ -377,6 +380,11 @@ impl Runtime for FakeRuntime {
             .collect())
     }
     async fn image_present(&self, image: &ImageRef) -> Result<bool, RuntimeError> {
+        if self.malformed.contains(&image.to_string()) {
+            return Err(RuntimeError::Docker(format!(
+                "no such image: {image}: invalid reference format"
+            )));
+        }
         Ok(self
             .images
             .lock()
@@ -495,7 +503,7 @@ async fn a_pass_converges_and_a_second_pass_does_nothing() {
         .await
         .expect("runs")
         .expect("not superseded");
-    assert_eq!(report.failure, None);
+    assert!(report.failures.is_empty());
     assert_eq!(report.apps[0].phase, AppPhase::Running);
     assert_eq!(
         *rt.log.lock().expect("lock"),
@@ -546,7 +554,7 @@ async fn a_failed_pull_is_a_definitive_failure_with_the_registry_text() {
         .expect("not superseded");
     assert_eq!(report.generation, 4);
     assert_eq!(
-        report.failure.as_deref(),
+        report.failures.get(&name("web")).map(String::as_str),
         Some("manifest for reg/web:nope not found: manifest unknown")
     );
     assert_eq!(report.apps[0].phase, AppPhase::Failed);
@@ -584,7 +592,7 @@ async fn a_failed_pull_keeps_the_old_version_running() {
         .await
         .expect("runs")
         .expect("not superseded");
-    assert!(report.failure.is_some());
+    assert!(report.failures.contains_key(&name("web")));
     assert_eq!(report.apps[0].containers[0].state, "running");
 }
 
@@ -804,7 +812,7 @@ async fn a_left_exited_container_is_reported_once_and_shown_failed() {
         report.apps[0].error.as_deref(),
         Some("container main exited with code 137; restart policy no leaves it exited")
     );
-    assert_eq!(report.failure, None, "no command failed");
+    assert!(report.failures.is_empty(), "no command failed");
     r.pass(&d, &newer).await.expect("runs");
     let exits: Vec<DeviceEvent> = drain_events(&mut events)
         .into_iter()
@@ -914,7 +922,7 @@ async fn restoring_reports_restored_from_local_state_once() {
     assert!(
         restored[0]
             .detail
-            .contains("web/main: container was removed; recreated"),
+            .contains("created web/main, started web/main"),
         "{}",
         restored[0].detail
     );
@@ -955,6 +963,79 @@ async fn restoring_a_generation_never_applied_reports_no_drift() {
         "{}",
         restored[0].detail
     );
+    // It says what it did: the container was created and started, not
+    // "already as desired".
+    assert!(
+        restored[0].detail.contains("created web/main")
+            && restored[0].detail.contains("started web/main")
+            && !restored[0].detail.contains("already as desired"),
+        "{}",
+        restored[0].detail
+    );
+}
+
+#[tokio::test]
+async fn a_stored_state_older_than_what_runs_is_not_restored() {
+    // Generation 9 was applied but could not be stored: the state
+    // directory still holds generation 7.
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/new:2"]));
+    let newer_spec = spec("main", "reg/new:2");
+    let dev = DeviceId::new("dev1").expect("valid");
+    rt.containers.lock().expect("lock").push((
+        "id-new".into(),
+        crate::runtime::labels_for(&dev, &name("new"), &newer_spec, 9),
+        "running".into(),
+    ));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let stored = desired(
+        7,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    let r = r.restoring(&stored, false);
+    let (_tx, newer) = watch::channel(None);
+    for _ in 0..2 {
+        assert_eq!(
+            r.pass(&stored, &newer).await.expect("runs"),
+            None,
+            "the stale state is not applied"
+        );
+    }
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "nothing was touched: {:?}",
+        rt.log.lock().expect("lock")
+    );
+    let events = drain_events(&mut events);
+    let refused: Vec<&DeviceEvent> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::RestoreRefused)
+        .collect();
+    assert_eq!(refused.len(), 1, "reported once: {events:?}");
+    assert!(
+        refused[0].detail.contains("generation 7") && refused[0].detail.contains("generation 9"),
+        "{}",
+        refused[0].detail
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e.kind == EventKind::RestoredFromLocalState));
+
+    // The orchestrator's current state (generation 9) is applied normally.
+    let current = desired(9, vec![app("new", RunState::Running, vec![newer_spec])]);
+    let report = r
+        .pass(&current, &newer)
+        .await
+        .expect("runs")
+        .expect("counted");
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+    assert!(
+        rt.log.lock().expect("lock").is_empty(),
+        "already as desired"
+    );
 }
 
 // ----- pull retries, disk, cleanup --------------------------------------------
@@ -992,7 +1073,7 @@ async fn a_transient_pull_error_retries_instead_of_failing() {
         .expect("runs")
         .expect("not superseded");
     assert!(first.retry_at.is_some(), "not done: waiting to retry");
-    assert_eq!(first.failure, None);
+    assert!(first.failures.is_empty());
     assert_eq!(first.apps[0].phase, AppPhase::Retrying);
     assert_eq!(
         first.apps[0].error.as_deref(),
@@ -1036,7 +1117,7 @@ async fn a_transient_pull_error_retries_instead_of_failing() {
         .await
         .expect("runs")
         .expect("not superseded");
-    assert_eq!((done.retry_at, done.failure.as_deref()), (None, None));
+    assert_eq!((done.retry_at, done.failures.is_empty()), (None, true));
     assert_eq!(done.apps[0].phase, AppPhase::Running);
     assert_eq!(done.apps[0].attempts, 0);
 }
@@ -1282,4 +1363,52 @@ async fn an_unauthorized_pull_retries_at_once_when_credentials_arrive() {
     );
     drop(desired_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+#[tokio::test]
+async fn an_app_docker_refuses_fails_alone_and_the_others_deploy() {
+    let mut fake = FakeRuntime::new(&["reg/web:1"]);
+    fake.malformed = vec!["a:b:c".into()];
+    let rt = Arc::new(fake);
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let d = desired(
+        2,
+        vec![
+            app("bad", RunState::Running, vec![spec("main", "a:b:c")]),
+            app("good", RunState::Running, vec![spec("main", "reg/web:1")]),
+        ],
+    );
+    let (_tx, newer) = watch::channel(None);
+    let report = r
+        .pass(&d, &newer)
+        .await
+        .expect("one refused image does not stop the pass")
+        .expect("not superseded");
+    assert_eq!(
+        report.failures.keys().collect::<Vec<_>>(),
+        vec![&name("bad")],
+        "only the bad app failed"
+    );
+    let status = |n: &str| {
+        report
+            .apps
+            .iter()
+            .find(|a| a.name == name(n))
+            .expect("app reported")
+    };
+    assert_eq!(status("good").phase, AppPhase::Running);
+    assert_eq!(status("bad").phase, AppPhase::Failed);
+    assert!(
+        status("bad")
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid reference format")),
+        "{:?}",
+        status("bad").error
+    );
+    assert!(rt
+        .log
+        .lock()
+        .expect("lock")
+        .contains(&"start id-drover-dev1-good-main".to_string()));
 }

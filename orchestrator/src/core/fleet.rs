@@ -912,6 +912,7 @@ mod tests {
                 applied_generation: applied,
                 desired_generation: applied,
                 apps,
+                ..Default::default()
             },
         })
     }

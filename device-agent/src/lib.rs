@@ -654,7 +654,7 @@ impl Core {
             ReconcileEvent::Docker(Ok(())) => self.docker_up(),
             ReconcileEvent::InventoryChanged => self.send_hello(),
             ReconcileEvent::Event(ev) => {
-                debug!(kind = ?ev.kind, detail = %ev.detail, "event");
+                debug!(kind = ?ev.kind, detail = ?ev.detail, "event");
                 // Queued while offline (QoS 1): the orchestrator keeps a
                 // bounded history, so late is better than lost.
                 self.send(&ev);

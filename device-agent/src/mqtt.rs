@@ -237,7 +237,7 @@ pub async fn drive(
                         drover_shared::decode::<Secrets>(&p.payload).map(MqttEvent::Secrets)
                     }
                     _ => {
-                        debug!(topic = %p.topic, "ignoring message on unexpected topic");
+                        debug!(topic = ?p.topic, "ignoring message on unexpected topic");
                         continue;
                     }
                 };
@@ -247,7 +247,7 @@ pub async fn drive(
                     }
                     Err(e) => {
                         malformed += 1;
-                        warn!(topic = %p.topic, error = %e, malformed_total = malformed, "dropping malformed payload");
+                        warn!(topic = ?p.topic, error = ?e.to_string(), malformed_total = malformed, "dropping malformed payload");
                     }
                 }
             }

@@ -783,7 +783,7 @@ impl<R: Runtime> Reconciler<R> {
                         // reference format"): the pull step fails this app
                         // alone, with Docker's text; the pass goes on.
                         Err(e) => {
-                            debug!(%app, %image, error = %e, "cannot inspect image; the pull will tell");
+                            debug!(%app, image = ?image, error = ?e.to_string(), "cannot inspect image; the pull will tell");
                             false
                         }
                     },
@@ -930,7 +930,7 @@ impl<R: Runtime> Reconciler<R> {
             r
         };
         let wait = r.next_at.saturating_duration_since(Instant::now());
-        warn!(app = %key.0, container = %key.1, %image, attempts = r.attempts, retry_in_ms = wait.as_millis() as u64, error = %r.error, "pull failed; will retry");
+        warn!(app = %key.0, container = %key.1, image = ?image, attempts = r.attempts, retry_in_ms = wait.as_millis() as u64, error = ?r.error, "pull failed; will retry");
         let _ = self.events.try_send(ReconcileEvent::Progress {
             generation,
             progress: Progress {
@@ -1097,7 +1097,7 @@ impl<R: Runtime> Reconciler<R> {
                     // The image went away since the pass looked (another
                     // agent's cleanup, a person's `docker rmi`): pull again.
                     Err(RuntimeError::Docker(m)) if m.to_lowercase().contains("no such image") => {
-                        info!(image = %spec.image, "image vanished before create; pulling again");
+                        info!(image = ?spec.image, "image vanished before create; pulling again");
                         self.pull(generation, &spec.name, &spec.image).await?;
                         self.runtime.create(&name, spec, labels).await?
                     }
@@ -1251,12 +1251,12 @@ impl<R: Runtime> Reconciler<R> {
                             }
                             Ok(Some(_)) => {}
                             Ok(None) => {
-                                debug!(image = %r, "pulled image is gone; forgetting it");
+                                debug!(image = ?r, "pulled image is gone; forgetting it");
                                 ledger.images.remove(r);
                                 dirty = true;
                             }
                             Err(e) => {
-                                debug!(image = %r, error = %e, "cannot inspect image; keeping it");
+                                debug!(image = ?r, error = ?e.to_string(), "cannot inspect image; keeping it");
                                 in_use.insert(r.clone());
                             }
                         }
@@ -1271,7 +1271,7 @@ impl<R: Runtime> Reconciler<R> {
                     for r in chosen {
                         match self.runtime.remove_image(&r).await {
                             Ok(()) => {
-                                info!(image = %r, "removed unused image");
+                                info!(image = ?r, "removed unused image");
                                 ledger.images.remove(&r);
                                 dirty = true;
                                 let detail = format!("removed image {r}: pulled by this agent, no desired app or container uses it");
@@ -1280,7 +1280,7 @@ impl<R: Runtime> Reconciler<R> {
                                 let _ = self.events.try_send(ReconcileEvent::InventoryChanged);
                             }
                             Err(e) => {
-                                warn!(image = %r, error = %e, "could not remove unused image; skipping")
+                                warn!(image = ?r, error = ?e.to_string(), "could not remove unused image; skipping")
                             }
                         }
                     }

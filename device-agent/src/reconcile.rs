@@ -721,7 +721,15 @@ impl<R: Runtime> Reconciler<R> {
                 }
                 _ = tick.tick() => {}
                 Some(()) = triggers.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
+                    // A new desired state ends the wait at once: its pass
+                    // re-reads everything the burst did. Without this, a
+                    // deploy right after a remove (whose own stop and
+                    // destroy events are such a burst) waited up to
+                    // DEBOUNCE before anything started.
+                    tokio::select! {
+                        () = tokio::time::sleep(DEBOUNCE) => {}
+                        changed = desired.changed() => if changed.is_err() { return },
+                    }
                     while triggers.try_recv().is_ok() {}
                 }
                 () = retry => {}

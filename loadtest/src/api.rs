@@ -77,6 +77,12 @@ impl Api {
         self.token = Some(token);
     }
 
+    /// The bearer token requests carry, for a `drover` CLI run against the
+    /// same orchestrator.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }

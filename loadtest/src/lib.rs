@@ -13,11 +13,13 @@
 //! - [`procs`]: /proc sampling (RSS, CPU) and the open-file limit.
 //! - [`api`]: the REST calls the scenarios make.
 //! - [`scenario`]: ramp, steady, rollout, rtt, storm, agent-footprint.
+//! - [`latency`]: e2e-latency, `drover deploy/remove --wait` next to raw Docker.
 //! - [`report`]: markdown tables and the `RESULTS.md` record.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod latency;
 pub mod procs;
 pub mod report;
 pub mod runtime;

@@ -153,6 +153,27 @@ enum Scenario {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// `drover deploy/remove --wait` next to `docker run -d` and
+    /// `docker stop && docker rm`, real agent on the real Docker daemon.
+    E2eLatency {
+        #[arg(long, default_value = "target/release/drover-agent")]
+        agent_bin: PathBuf,
+        /// The `drover` binary run as the CLI (default: --orchestrator-bin).
+        #[arg(long)]
+        cli_bin: Option<PathBuf>,
+        /// An image Docker has locally (pulled first if it does not).
+        #[arg(long, default_value = "127.0.0.1:5000/drover/busybox:2")]
+        image: String,
+        /// The container's command for `/bin/sh -c`, the same on both sides.
+        #[arg(long, default_value = drover_loadtest::latency::PROMPT_STOP_CMD)]
+        shell_cmd: String,
+        /// Measured rounds (after one warm-up round).
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// MQTT publish → receive samples for the round-trip baseline.
+        #[arg(long, default_value_t = 200)]
+        rtt_samples: usize,
+    },
     /// The real drover-agent against the real Docker daemon.
     AgentFootprint {
         #[arg(long, default_value = "target/release/drover-agent")]
@@ -174,6 +195,7 @@ impl Scenario {
             Scenario::Rtt { .. } => "rtt",
             Scenario::Storm { .. } => "storm",
             Scenario::AgentFootprint { .. } => "agent-footprint",
+            Scenario::E2eLatency { .. } => "e2e-latency",
         }
     }
 }
@@ -313,6 +335,29 @@ async fn run(cli: Cli) -> Result<()> {
                 Duration::from_secs(*timeout_secs),
             )
             .await?
+        }
+        Scenario::E2eLatency {
+            agent_bin,
+            cli_bin,
+            image,
+            shell_cmd,
+            rounds,
+            rtt_samples,
+        } => {
+            if c.target.external.is_some() {
+                bail!("e2e-latency starts its own orchestrator; it cannot be combined with --api");
+            }
+            let a = drover_loadtest::latency::LatencyArgs {
+                agent_bin: agent_bin.clone(),
+                cli_bin: cli_bin
+                    .clone()
+                    .unwrap_or_else(|| cli.common.orchestrator_bin.clone()),
+                image: image.clone(),
+                shell_cmd: shell_cmd.clone(),
+                rounds: *rounds,
+                rtt_samples: *rtt_samples,
+            };
+            drover_loadtest::latency::e2e_latency(&c, &a).await?
         }
         Scenario::AgentFootprint {
             agent_bin,

@@ -273,3 +273,22 @@ async fn apps_can_be_replaced_but_not_renamed() {
     );
     orch.stop().await;
 }
+
+#[tokio::test]
+async fn change_stream_filters_are_checked() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let (s, v) = api.get("/api/v1/changes?operation=no-such-op").await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (404, json!("operation")),
+        "a filter on an unknown operation would be a stream that never says anything: {v}"
+    );
+    let (s, v) = api.get("/api/v1/changes?device=not%20a%20device").await;
+    assert_eq!(
+        (s, v["error"]["field"].clone()),
+        (400, json!("device")),
+        "{v}"
+    );
+    orch.stop().await;
+}

@@ -2,11 +2,12 @@
 //! Human-readable tables by default, `-o json` for scripts.
 
 pub mod certs;
+mod follow;
 pub mod security;
 pub mod trust;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -230,6 +231,7 @@ enum Resolved {
     Registries(RegistriesCmd),
 }
 
+#[derive(Clone)]
 pub struct Client {
     pub(crate) base: String,
     pub(crate) http: reqwest::Client,
@@ -488,34 +490,12 @@ impl Client {
         }
     }
 
-    /// Prints the operation; with `--wait`, polls it to a final outcome and
-    /// fails the command if the device reports failure.
+    /// Prints the operation; with `--wait`, follows it to a final outcome
+    /// (`follow.rs`) and fails the command if the device reports failure.
     async fn follow(&self, v: Value, t: &Target) -> Result<()> {
-        let mut op: Operation = serde_json::from_value(v.clone())?;
+        let mut op: Operation = serde_json::from_value(v)?;
         if t.wait {
-            let deadline = Instant::now() + Duration::from_secs(t.timeout);
-            let mut last = String::new();
-            while !op.status.is_final() {
-                if Instant::now() > deadline {
-                    bail!(
-                        "operation {} still {:?} after {}s",
-                        op.id,
-                        op.status,
-                        t.timeout
-                    );
-                }
-                if self.output == Output::Table {
-                    let line = progress_line(&op);
-                    if line != last {
-                        eprintln!("{line}");
-                        last = line;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                op = serde_json::from_value(
-                    self.get(&format!("/api/v1/operations/{}", op.id)).await?,
-                )?;
-            }
+            op = self.wait_final(op, Duration::from_secs(t.timeout)).await?;
         }
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&op)?),

@@ -45,3 +45,128 @@ pub enum Change {
     /// it: what it holds may be stale, read a snapshot again.
     Lagged { missed: u64 },
 }
+
+/// Which changes a subscriber of `GET /api/v1/changes` wants
+/// (`?device=ID&operation=ID`; both given means both must hold). A
+/// [`Change::Lagged`] always passes: whatever the filter, the subscriber
+/// must learn that it missed something.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeFilter {
+    /// Only this device's changes (its operations included).
+    pub device: Option<DeviceId>,
+    /// Only the progress and outcome of this operation.
+    pub operation: Option<String>,
+}
+
+impl ChangeFilter {
+    pub fn matches(&self, change: &Change) -> bool {
+        if let Change::Lagged { .. } = change {
+            return true;
+        }
+        let (device, operation) = match change {
+            Change::Device { device, .. }
+            | Change::Inventory { device, .. }
+            | Change::State { device, .. }
+            | Change::Telemetry { device, .. }
+            | Change::Event { device, .. } => (Some(device), None),
+            Change::Operation { operation } => (Some(&operation.device), Some(&operation.id)),
+            Change::App { .. } | Change::Lagged { .. } => (None, None),
+        };
+        fn wanted<T: PartialEq>(want: &Option<T>, got: Option<&T>) -> bool {
+            want.as_ref().is_none_or(|w| got == Some(w))
+        }
+        wanted(&self.device, device) && wanted(&self.operation, operation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_shared::payload::Op;
+
+    use super::*;
+    use crate::contract::OpStatus;
+
+    fn op(id: &str, device: &str) -> Change {
+        Change::Operation {
+            operation: Operation {
+                id: id.into(),
+                device: DeviceId::new(device).expect("valid id"),
+                app: Name::new("web").expect("valid name"),
+                op: Op::Deploy,
+                generation: 1,
+                status: OpStatus::Sent,
+                detail: String::new(),
+                progress: None,
+                created_at_ms: 1,
+                updated_at_ms: 1,
+            },
+        }
+    }
+
+    fn online(device: &str) -> Change {
+        Change::Device {
+            device: DeviceId::new(device).expect("valid id"),
+            online: true,
+            at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn no_filter_passes_everything() {
+        let all = ChangeFilter::default();
+        for c in [
+            op("a", "d1"),
+            online("d1"),
+            Change::App {
+                name: Name::new("web").expect("valid name"),
+                deleted: false,
+            },
+            Change::Lagged { missed: 3 },
+        ] {
+            assert!(all.matches(&c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn operation_filter_passes_only_that_operation_and_lagged() {
+        let f = ChangeFilter {
+            device: None,
+            operation: Some("a".into()),
+        };
+        assert!(f.matches(&op("a", "d1")));
+        assert!(!f.matches(&op("b", "d1")));
+        assert!(
+            !f.matches(&online("d1")),
+            "device changes carry no operation"
+        );
+        assert!(f.matches(&Change::Lagged { missed: 1 }));
+    }
+
+    #[test]
+    fn device_filter_passes_that_devices_changes_and_lagged() {
+        let f = ChangeFilter {
+            device: Some(DeviceId::new("d1").expect("valid id")),
+            operation: None,
+        };
+        assert!(f.matches(&op("a", "d1")));
+        assert!(f.matches(&online("d1")));
+        assert!(!f.matches(&op("a", "d2")));
+        assert!(!f.matches(&online("d2")));
+        assert!(!f.matches(&Change::App {
+            name: Name::new("web").expect("valid name"),
+            deleted: true,
+        }));
+        assert!(f.matches(&Change::Lagged { missed: 1 }));
+    }
+
+    #[test]
+    fn both_filters_must_hold() {
+        let f = ChangeFilter {
+            device: Some(DeviceId::new("d1").expect("valid id")),
+            operation: Some("a".into()),
+        };
+        assert!(f.matches(&op("a", "d1")));
+        assert!(!f.matches(&op("a", "d2")));
+        assert!(!f.matches(&op("b", "d1")));
+    }
+}

@@ -17,7 +17,7 @@ mod registries;
 mod security;
 
 pub use apps::{App, DeployRequest};
-pub use changes::Change;
+pub use changes::{Change, ChangeFilter};
 pub use devices::{CredentialState, Device, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};
 pub use operations::{OpStatus, Operation};

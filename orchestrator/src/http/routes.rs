@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 use super::{
     device_id, name, parse_body, parse_limit, ApiError, ApiQuery, ApiResult, ApiState, Ctx,
 };
-use crate::contract::{self, Change, DeployRequest, ErrorBody, RegistryCredentials};
+use crate::contract::{self, Change, ChangeFilter, DeployRequest, ErrorBody, RegistryCredentials};
 use crate::core::command::{Command, CommandKind};
 use crate::core::registries;
 
@@ -627,33 +627,76 @@ async fn show_operation(
     Ok(Json(op))
 }
 
+#[derive(Debug, Deserialize)]
+struct ChangesQuery {
+    /// Only this device's changes.
+    device: Option<String>,
+    /// Only this operation's progress and outcome.
+    operation: Option<String>,
+}
+
 /// The fleet's changes as server-sent events, one JSON object each (see
-/// `contract::Change`). A client that falls behind gets a `lagged` event
-/// and should read what it shows again.
+/// `contract::Change`), optionally only one device's or one operation's
+/// (`contract::ChangeFilter`). A client that falls behind gets a `lagged`
+/// event and should read what it shows again. The subscription exists once
+/// the response headers are sent, so a client that reads a snapshot after
+/// them misses nothing.
 #[utoipa::path(get, path = "/api/v1/changes", tag = "changes",
+    params(
+        ("device" = Option<DeviceId>, Query, description = "Only this device's changes"),
+        ("operation" = Option<String>, Query, description = "Only this operation's changes"),
+    ),
     responses(
         (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
          body = Change, content_type = "text/event-stream"),
+        (status = 400, description = "A filter is not valid", body = ErrorBody),
+        (status = 404, description = "No such operation", body = ErrorBody),
     ))]
-async fn changes(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+async fn changes(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<ChangesQuery>,
+) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::WatchChanges).await?;
+    let filter = ChangeFilter {
+        device: q.device.as_deref().map(device_id).transpose()?,
+        operation: q.operation,
+    };
     let rx = api.commands.engine.subscribe();
+    // An operation that does not exist would give a stream that never says
+    // anything: refuse it, after subscribing, so one created in between counts.
+    if let Some(id) = &filter.operation {
+        if api.commands.operation(id).await?.is_none() {
+            return Err(ApiError::field(
+                StatusCode::NOT_FOUND,
+                "operation",
+                format!("operation {id:?} does not exist"),
+            ));
+        }
+    }
     let stopping = api.stopping.clone();
-    let stream =
-        futures_util::stream::unfold((rx, stopping), |(mut rx, mut stopping)| async move {
-            let change = tokio::select! {
-                next = rx.recv() => match next {
-                    Ok(c) => c,
-                    Err(RecvError::Lagged(missed)) => Change::Lagged { missed },
-                    Err(RecvError::Closed) => return None,
-                },
-                _ = stopping.wait_for(|s| *s) => return None,
+    let stream = futures_util::stream::unfold(
+        (rx, stopping, filter),
+        |(mut rx, mut stopping, filter)| async move {
+            let change = loop {
+                let change = tokio::select! {
+                    next = rx.recv() => match next {
+                        Ok(c) => c,
+                        Err(RecvError::Lagged(missed)) => Change::Lagged { missed },
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = stopping.wait_for(|s| *s) => return None,
+                };
+                if filter.matches(&change) {
+                    break change;
+                }
             };
             let event = SseEvent::default()
                 .json_data(&change)
                 .unwrap_or_else(|_| SseEvent::default().data("{}"));
-            Some((Ok::<_, Infallible>(event), (rx, stopping)))
-        });
+            Some((Ok::<_, Infallible>(event), (rx, stopping, filter)))
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -401,42 +401,14 @@ impl Engine {
         }
         let now = now_ms();
         match change {
-            FleetChange::CreateApp(spec) => match self.fleet.create_app(spec, now) {
-                Ok((record, writes)) => {
-                    self.fleet.put_app(record.clone());
-                    let previous = None;
-                    self.queue(
-                        writes,
-                        Then::App {
-                            reply,
-                            record,
-                            previous,
-                        },
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
-            FleetChange::UpdateApp(spec) => match self.fleet.update_app(spec, now) {
-                Ok((record, writes)) => {
-                    let previous = self.fleet.app(&record.spec.name);
-                    self.fleet.put_app(record.clone());
-                    self.queue(
-                        writes,
-                        Then::App {
-                            reply,
-                            record,
-                            previous,
-                        },
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
+            FleetChange::CreateApp(spec) => {
+                let checked = self.fleet.create_app(spec, now);
+                self.put_app(checked, reply).await;
+            }
+            FleetChange::UpdateApp(spec) => {
+                let checked = self.fleet.update_app(spec, now);
+                self.put_app(checked, reply).await;
+            }
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
                 Ok(writes) => {
                     let previous = self.fleet.app(&name);
@@ -513,6 +485,34 @@ impl Engine {
                     },
                 )
                 .await;
+            }
+        }
+    }
+
+    /// A new or replaced app, checked by the fleet: in memory now, durable
+    /// before the reply. What it replaces (nothing for a new app) is kept
+    /// to undo it if the write fails.
+    async fn put_app(
+        &mut self,
+        checked: Result<(AppRecord, Vec<Write>), FleetError>,
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+    ) {
+        match checked {
+            Ok((record, writes)) => {
+                let previous = self.fleet.app(&record.spec.name);
+                self.fleet.put_app(record.clone());
+                self.queue(
+                    writes,
+                    Then::App {
+                        reply,
+                        record,
+                        previous,
+                    },
+                )
+                .await;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
             }
         }
     }

@@ -444,6 +444,8 @@ pub fn observe(
                             state: c.state.clone(),
                             exit_code: if c.is_running() { None } else { c.exit_code },
                             error: None,
+                            health: None,
+                            restarts: 0,
                         },
                         None => ContainerStatus {
                             name: spec.name.clone(),
@@ -452,6 +454,8 @@ pub fn observe(
                             state: "absent".to_string(),
                             exit_code: None,
                             error: None,
+                            health: None,
+                            restarts: 0,
                         },
                     }
                 })
@@ -479,6 +483,7 @@ pub fn observe(
                 attempts: 0,
                 next_retry_at_ms: None,
                 containers,
+                release: app.release,
             }
         })
         .collect();
@@ -491,6 +496,7 @@ pub fn observe(
             attempts: 0,
             next_retry_at_ms: None,
             containers: vec![],
+            release: 0,
         });
     }
     apps

@@ -669,6 +669,8 @@ mod tests {
             cap_add: vec![],
             devices: vec![],
             host_mounts: vec![],
+            healthcheck: None,
+            depends_on: vec![],
         }
     }
 
@@ -760,6 +762,8 @@ mod tests {
             cap_add: vec![],
             devices: vec![],
             host_mounts: vec![],
+            healthcheck: None,
+            depends_on: vec![],
         };
         let app = Name::new("web").expect("valid");
         let ours = labels_for(&me, &app, &spec, 3);

@@ -186,11 +186,14 @@ mod tests {
                         cap_add: vec![],
                         devices: vec![],
                         host_mounts: vec![],
+                        healthcheck: None,
+                        depends_on: vec![],
                     }],
                     labels: Default::default(),
                 },
                 run: RunState::Running,
                 started_at: 1,
+                release: 0,
             }],
         }
     }

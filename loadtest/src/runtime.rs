@@ -295,6 +295,8 @@ pub fn observe(
                             state: if c.running { "running" } else { "exited" }.to_string(),
                             exit_code: if c.running { None } else { Some(0) },
                             error: None,
+                            health: None,
+                            restarts: 0,
                         },
                         None => ContainerStatus {
                             name: spec.name.clone(),
@@ -303,6 +305,8 @@ pub fn observe(
                             state: "absent".to_string(),
                             exit_code: None,
                             error: None,
+                            health: None,
+                            restarts: 0,
                         },
                     }
                 })
@@ -325,6 +329,7 @@ pub fn observe(
                 attempts: 0,
                 next_retry_at_ms: None,
                 containers: statuses,
+                release: app.release,
             }
         })
         .collect()
@@ -353,6 +358,7 @@ mod tests {
                 },
                 run,
                 started_at: 1,
+                release: 0,
             }],
         }
     }

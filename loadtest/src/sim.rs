@@ -629,6 +629,7 @@ impl Agent {
             docker_error: None,
             images: self.images.clone(),
             booted_at_ms: self.booted_ms,
+            labels: Default::default(),
         }
     }
 

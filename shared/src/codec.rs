@@ -140,6 +140,14 @@ mod tests {
                 cap_add: vec![],
                 devices: vec![],
                 host_mounts: vec![],
+                healthcheck: Some(HealthCheck {
+                    test: vec!["CMD-SHELL".into(), "true".into()],
+                    interval_ms: Some(1000),
+                    timeout_ms: None,
+                    retries: Some(2),
+                    start_period_ms: None,
+                }),
+                depends_on: vec![name("db")],
             }],
             labels: Default::default(),
         }
@@ -156,8 +164,9 @@ mod tests {
             generation: 7,
             apps: vec![DesiredApp {
                 spec: app(),
-                run: RunState::Running,
+                run: RunState::Paused,
                 started_at: 7,
+                release: 4,
             }],
         };
         round_trip(Command {
@@ -216,7 +225,10 @@ mod tests {
                         state: "absent".into(),
                         exit_code: None,
                         error: None,
+                        health: Some(Health::Unhealthy),
+                        restarts: 2,
                     }],
+                    release: 4,
                 }],
                 storage_error: Some("cannot write desired.cbor: read-only file system".into()),
                 docker_error: Some("docker is not reachable: connection refused".into()),

@@ -74,6 +74,35 @@ pub struct ContainerSpec {
     /// Host directories or files bind-mounted into the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_mounts: Vec<HostMount>,
+    /// How Docker tells whether the container works. Absent: the image's
+    /// own HEALTHCHECK, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+    /// Containers of the same app that must be running (and healthy, where
+    /// they have a health check) before this one starts, as Compose's
+    /// `depends_on`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<Name>,
+}
+
+/// A container health check, as Docker's `HEALTHCHECK` and Compose's
+/// `healthcheck`. Durations in milliseconds; absent ones take Docker's
+/// defaults (30 s interval, 30 s timeout, 3 retries, no start period).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Docker's form: `["CMD", "prog", "arg", …]`, `["CMD-SHELL", "cmd"]`,
+    /// or `["NONE"]` to turn off the image's own check.
+    pub test: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_period_ms: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -874,6 +903,8 @@ fn describe_reference_error(kind: container_image_dist_ref::err::Kind) -> &'stat
 pub enum RunState {
     Running,
     Stopped,
+    /// The containers exist with their processes frozen (`docker pause`).
+    Paused,
 }
 
 /// Everything one device should run. Written only by the orchestrator;
@@ -896,6 +927,14 @@ pub struct DesiredApp {
     /// state, not the command, so it holds whichever message arrives first.
     #[serde(default)]
     pub started_at: u64,
+    /// The app's release this spec is (0: none, an older orchestrator).
+    /// The agent reports it back in [`AppStatus::release`].
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub release: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DesiredState {
@@ -918,6 +957,8 @@ pub enum AppPhase {
     Starting,
     Running,
     Stopped,
+    /// Paused as asked (`RunState::Paused`).
+    Paused,
     Failed,
 }
 
@@ -956,6 +997,10 @@ pub struct AppStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_at_ms: Option<u64>,
     pub containers: Vec<ContainerStatus>,
+    /// The release of the spec these containers were made from
+    /// ([`DesiredApp::release`]); 0 when unknown.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub release: u64,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -975,6 +1020,22 @@ pub struct ContainerStatus {
     pub exit_code: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Docker's health status when the container has a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// How often Docker has restarted this container.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+/// Docker's health status of a container with a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
 }
 
 #[cfg(test)]
@@ -1536,6 +1597,7 @@ mod tests {
                 spec: s.clone(),
                 run: RunState::Running,
                 started_at: u64::MAX,
+                release: u64::MAX,
             }],
         };
         let cmd = crate::payload::Command {

@@ -1,5 +1,7 @@
 //! One payload type per topic kind. Timestamps are Unix milliseconds.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Message;
@@ -27,6 +29,10 @@ pub struct Hello {
     /// `repo:tag` of every image present on the device.
     pub images: Vec<String>,
     pub booted_at_ms: u64,
+    /// Labels the device sets on itself (`drover-agent --label k=v`);
+    /// operator-set labels of the same key win.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `status`: retained; the agent publishes `online: true` on connect and the

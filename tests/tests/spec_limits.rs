@@ -262,6 +262,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                             spec,
                             run: RunState::Running,
                             started_at: 3,
+                            release: 0,
                         }],
                     },
                 }),

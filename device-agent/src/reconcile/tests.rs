@@ -31,6 +31,8 @@ fn spec(container: &str, image: &str) -> ContainerSpec {
         cap_add: vec![],
         devices: vec![],
         host_mounts: vec![],
+        healthcheck: None,
+        depends_on: vec![],
     }
 }
 
@@ -43,6 +45,7 @@ fn app(name_: &str, run: RunState, containers: Vec<ContainerSpec>) -> DesiredApp
         },
         run,
         started_at: 1,
+        release: 0,
     }
 }
 

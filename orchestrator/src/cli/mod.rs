@@ -662,6 +662,8 @@ fn app_body(c: CreateApp) -> Result<Value> {
             cap_add: c.cap_add,
             devices,
             host_mounts,
+            healthcheck: None,
+            depends_on: vec![],
         }],
         labels: BTreeMap::new(),
     };

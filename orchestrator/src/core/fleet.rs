@@ -514,6 +514,7 @@ impl Fleet {
                     spec,
                     run: RunState::Running,
                     started_at: generation,
+                    release: 0,
                 };
                 match pos {
                     Some(i) => next.apps[i] = entry,
@@ -1094,6 +1095,7 @@ mod tests {
             spec: spec.clone(),
             run: RunState::Running,
             started_at: 7,
+            release: 0,
         });
         f.desired.insert(id("pi"), huge);
         f.put_app(AppRecord {
@@ -1189,6 +1191,7 @@ mod tests {
             attempts: 0,
             next_retry_at_ms: None,
             containers: vec![],
+            release: 0,
         };
         f.on_device_message(&id("pi"), report(2, vec![running]), 5);
         assert_eq!(
@@ -1210,6 +1213,7 @@ mod tests {
             attempts: 0,
             next_retry_at_ms: None,
             containers: vec![],
+            release: 0,
         };
         let fx = f.on_device_message(&id("pi"), report(1, vec![running.clone()]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);
@@ -1238,6 +1242,7 @@ mod tests {
             attempts: 0,
             next_retry_at_ms: None,
             containers: vec![],
+            release: 0,
         };
         f.on_device_message(&id("pi"), report(2, vec![stopped]), 4);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Superseded);
@@ -1267,6 +1272,7 @@ mod tests {
             attempts: 0,
             next_retry_at_ms: None,
             containers: vec![],
+            release: 0,
         };
         f.on_device_message(&id("pi"), report(1, vec![running]), 5);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::Succeeded);

@@ -236,6 +236,7 @@ mod tests {
                 spec,
                 run: RunState::Running,
                 started_at: 1,
+                release: 0,
             }],
         }
     }

@@ -413,6 +413,7 @@ mod tests {
                             spec: spec.clone(),
                             run: RunState::Running,
                             started_at: 3,
+                            release: 0,
                         }],
                     },
                 }),

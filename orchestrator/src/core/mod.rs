@@ -3,6 +3,7 @@
 //! axum or rumqttc.
 
 pub mod command;
+pub mod compose;
 pub mod fleet;
 pub mod ops;
 pub mod records;

@@ -569,7 +569,7 @@ impl Engine {
                     }
                 }
                 self.emit(Change::Operation {
-                    operation: (&op).into(),
+                    operation: Box::new((&op).into()),
                 });
                 let _ = reply.send(Ok(Done::Operation(op)));
             }

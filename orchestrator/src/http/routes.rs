@@ -613,7 +613,7 @@ async fn show_operation(
             _ = stopping.wait_for(|s| *s) => break,
         };
         match next {
-            Ok(Change::Operation { operation }) if operation.id == id => op = operation,
+            Ok(Change::Operation { operation }) if operation.id == id => op = *operation,
             Ok(_) => {}
             // Fell behind: what we hold may be stale; read it again.
             Err(RecvError::Lagged(_)) => {

@@ -565,6 +565,12 @@ pub fn observe(
                     }
                 })
                 .collect();
+            let current = app.spec.containers.iter().all(|spec| {
+                let hash = spec.fingerprint();
+                actual.iter().any(|c| {
+                    c.app == app.spec.name && c.container == spec.name && c.spec_hash == hash
+                })
+            });
             let error = errors
                 .get(&app.spec.name)
                 .cloned()
@@ -593,8 +599,11 @@ pub fn observe(
                 error,
                 attempts: 0,
                 next_retry_at_ms: None,
+                // The release of what runs: the spec's only once every
+                // container is made from it; 0 (unknown) while an older
+                // spec's containers are still there or none exist.
+                release: if current { app.release } else { 0 },
                 containers,
-                release: app.release,
             }
         })
         .collect();

@@ -1611,3 +1611,26 @@ fn a_container_docker_keeps_restarting_fails_its_app() {
     assert_eq!((p, e), (AppPhase::Running, None));
     assert_eq!((c.health, c.restarts), (Some(Health::Unhealthy), 0));
 }
+
+#[test]
+fn the_release_reported_is_that_of_the_containers_found() {
+    let v1 = spec("main", "reg/web:1");
+    let v2 = spec("main", "reg/web:2");
+    let mut d = desired(2, vec![app("web", RunState::Running, vec![v2.clone()])]);
+    d.apps[0].release = 5;
+    let none = HashSet::new();
+    let old = observe(
+        &d,
+        &[actual("c1", "web", &v1, "running")],
+        &BTreeMap::new(),
+        &none,
+    );
+    assert_eq!(old[0].release, 0, "still the old spec's container");
+    let new = observe(
+        &d,
+        &[actual("c2", "web", &v2, "running")],
+        &BTreeMap::new(),
+        &none,
+    );
+    assert_eq!(new[0].release, 5);
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
 use rumqttd::{ConnectionSettings, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
-use tracing::{error, info, warn, Instrument};
+use tracing::{error, info, warn};
 
 pub use acl::Principal;
 pub use guard::{Authority, Connections, GuardStats};
@@ -419,10 +419,8 @@ async fn serve_plain(listener: tokio::net::TcpListener, server: Server<Guard>, g
         // for Nagle's algorithm (see broker/vendor/PATCHES.md).
         let _ = tcp.set_nodelay(true);
         let protocol = guard.for_peer(peer.ip(), None);
-        tokio::spawn(
-            server
-                .serve_stream(tcp, protocol)
-                .instrument(tracing::info_span!("mqtt_connection", %peer)),
-        );
+        // One span per connection, `remote_link{peer}`, opened by
+        // serve_stream: each live span keeps its formatted fields.
+        tokio::spawn(server.serve_stream(tcp, protocol, peer));
     }
 }

@@ -268,7 +268,7 @@ pub(crate) async fn serve<P, F>(
                 }
                 debug!("TLS handshake done");
                 let protocol = protocol_for(peer, cn);
-                server.serve_stream(tls, protocol).await;
+                server.serve_stream(tls, protocol, peer).await;
             }
             .instrument(span),
         );

@@ -75,6 +75,102 @@ pub struct AgentConfig {
     pub keep_unused_images: usize,
     /// Presented once when the state directory holds no credential.
     pub enroll_token: Option<drover_shared::payload::Secret>,
+    /// Labels the device sets on itself, sent in `hello`.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Parses one `--label key=value`. Keys follow Kubernetes label keys: an
+/// optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters, alphanumeric at both ends with `-`, `_`, `.` inside; the
+/// whole key and the value are bounded as app labels are
+/// ([`drover_shared::model::limits`]). Values: any printable text.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    use drover_shared::model::limits::{LABEL_KEY_BYTES, LABEL_VALUE_BYTES};
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not key=value"))?;
+    if key.len() > LABEL_KEY_BYTES {
+        return Err(format!(
+            "label key is {} bytes, over {LABEL_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !name_ok(name) {
+        return Err(format!(
+            "label key {key:?}: the name must be 1 to 63 characters, letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ));
+    }
+    if let Some(p) = prefix {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && l.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        if p.is_empty() || p.len() > 253 || !p.split('.').all(label_ok) {
+            return Err(format!(
+                "label key {key:?}: the prefix before '/' must be a DNS subdomain (lower-case, e.g. example.com)"
+            ));
+        }
+    }
+    if value.len() > LABEL_VALUE_BYTES {
+        return Err(format!(
+            "label {key:?}: the value is {} bytes, over {LABEL_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "label {key:?}: the value must not hold control characters"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::parse_label;
+
+    #[test]
+    fn labels_take_kubernetes_keys_and_bounded_values() {
+        assert_eq!(
+            parse_label("site=berlin"),
+            Ok(("site".into(), "berlin".into()))
+        );
+        assert_eq!(
+            parse_label("example.com/rack=a=b"),
+            Ok(("example.com/rack".into(), "a=b".into()))
+        );
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        for bad in [
+            "novalue",
+            "=x",
+            "-a=x",
+            "a-=x",
+            "a b=x",
+            "Example.com/a=x",
+            "/a=x",
+            "a=\n",
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_label(&format!("{}=x", "a".repeat(64))).is_err());
+        assert!(parse_label(&format!("k={}", "v".repeat(513))).is_err());
+    }
 }
 
 impl AgentConfig {
@@ -97,6 +193,7 @@ impl AgentConfig {
             image_cleanup: true,
             image_cleanup_max_per_pass: 5,
             keep_unused_images: 0,
+            labels: Default::default(),
         }
     }
 

@@ -269,6 +269,7 @@ async fn run_device(
         secrets_tx,
         started: Instant::now(),
         heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+        labels: config.labels.clone(),
         seq: 0,
         observed: ObservedState {
             storage_error,
@@ -313,6 +314,8 @@ struct Core {
     secrets_tx: watch::Sender<Arc<Secrets>>,
     started: Instant,
     heartbeat_ms: u64,
+    /// `--label`s, sent in every hello.
+    labels: std::collections::BTreeMap<String, String>,
     seq: u64,
     observed: ObservedState,
     /// The last state report sent, to send only changes.
@@ -401,9 +404,11 @@ impl Core {
     fn send_hello(&self) {
         let runtime = self.runtime.clone();
         let publisher = self.publisher.clone();
+        let labels = self.labels.clone();
         tokio::spawn(
             async move {
-                let hello = inventory::collect(&runtime).await;
+                let mut hello = inventory::collect(&runtime).await;
+                hello.labels = labels;
                 if let Err(e) = publisher.send(&hello) {
                     warn!(error = %e, "could not queue hello");
                 }

@@ -67,6 +67,12 @@ struct Args {
     /// where every user of the machine could read it.
     #[arg(long, env = "DROVER_ENROLL_TOKEN_FILE")]
     enroll_token_file: Option<std::path::PathBuf>,
+    /// A label this device sets on itself, KEY=VALUE (repeatable), sent to
+    /// the orchestrator in hello; an operator-set label of the same key
+    /// wins. Keys as Kubernetes label keys ([prefix/]name), at most 128
+    /// bytes; values at most 512 bytes.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = drover_agent::config::parse_label)]
+    labels: Vec<(String, String)>,
 }
 
 /// The TLS client config for `url`: mqtts:// needs a CA file; the TLS flags
@@ -128,6 +134,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     c.image_cleanup = !args.no_image_cleanup;
     c.image_cleanup_max_per_pass = args.image_cleanup_max_per_pass;
     c.keep_unused_images = args.keep_unused_images;
+    c.labels = args.labels.into_iter().collect();
     c.enroll_token = match (
         &args.enroll_token_file,
         std::env::var("DROVER_ENROLL_TOKEN"),

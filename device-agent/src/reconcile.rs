@@ -69,6 +69,17 @@ pub enum Step {
         container: Name,
         id: String,
     },
+    /// `docker pause`; `id: None` as for `Start`.
+    Pause {
+        app: Name,
+        container: Name,
+        id: Option<String>,
+    },
+    Unpause {
+        app: Name,
+        container: Name,
+        id: String,
+    },
 }
 
 impl Step {
@@ -77,7 +88,9 @@ impl Step {
             Step::Pull { app, container, .. }
             | Step::Start { app, container, .. }
             | Step::Stop { app, container, .. }
-            | Step::Remove { app, container, .. } => (app, container),
+            | Step::Remove { app, container, .. }
+            | Step::Pause { app, container, .. }
+            | Step::Unpause { app, container, .. } => (app, container),
             Step::Create { app, spec } => (app, &spec.name),
         }
     }
@@ -91,6 +104,8 @@ impl Step {
             Step::Start { .. } => format!("started {app}/{container}"),
             Step::Stop { .. } => format!("stopped {app}/{container}"),
             Step::Remove { .. } => format!("removed {app}/{container}"),
+            Step::Pause { .. } => format!("paused {app}/{container}"),
+            Step::Unpause { .. } => format!("unpaused {app}/{container}"),
         }
     }
 
@@ -101,6 +116,8 @@ impl Step {
             Step::Start { .. } => "starting",
             Step::Stop { .. } => "stopping",
             Step::Remove { .. } => "removing",
+            Step::Pause { .. } => "pausing",
+            Step::Unpause { .. } => "unpausing",
         }
     }
 }
@@ -204,8 +221,17 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
     let mut left_exited = Vec::new();
     let mut claimed: HashSet<&str> = HashSet::new();
 
+    let mut pauses = Vec::new();
     let retire = |c: &ManagedContainer, teardown: &mut Vec<Step>| {
-        if c.is_running() {
+        // A paused container cannot be stopped cleanly or removed as is.
+        if c.state == "paused" {
+            teardown.push(Step::Unpause {
+                app: c.app.clone(),
+                container: c.container.clone(),
+                id: c.id.clone(),
+            });
+        }
+        if c.is_running() || c.state == "paused" {
             teardown.push(Step::Stop {
                 app: c.app.clone(),
                 container: c.container.clone(),
@@ -260,8 +286,15 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                         app: app_name.clone(),
                         spec: spec.clone(),
                     });
-                    if run == RunState::Running {
+                    if run != RunState::Stopped {
                         starts.push(Step::Start {
+                            app: app_name.clone(),
+                            container: spec.name.clone(),
+                            id: None,
+                        });
+                    }
+                    if run == RunState::Paused {
+                        pauses.push(Step::Pause {
                             app: app_name.clone(),
                             container: spec.name.clone(),
                             id: None,
@@ -278,9 +311,17 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                         id: Some(k.id.clone()),
                     };
                     match k.state.as_str() {
-                        // Running, Docker's own restart under way, paused on
-                        // purpose, or on its way out: not drift.
-                        "running" | "restarting" | "paused" | "removing" => {}
+                        // Running, Docker's own restart under way, or on its
+                        // way out: not drift.
+                        "running" | "restarting" | "removing" => {}
+                        // Paused before (RunState::Paused) and now to run.
+                        // A person's `docker pause` of a settled one is not.
+                        "paused" if !is_settled => starts.push(Step::Unpause {
+                            app: app_name.clone(),
+                            container: spec.name.clone(),
+                            id: k.id.clone(),
+                        }),
+                        "paused" => {}
                         // Never started: start it whatever the policy says.
                         "created" => starts.push(start),
                         _ if !is_settled => starts.push(start),
@@ -296,6 +337,38 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                             policy: spec.restart,
                         }),
                     }
+                }
+                (Some(k), RunState::Paused) => {
+                    let pause = Step::Pause {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: Some(k.id.clone()),
+                    };
+                    match k.state.as_str() {
+                        "paused" | "removing" => {}
+                        "running" | "restarting" => pauses.push(pause),
+                        // Created or exited: start it, then pause it.
+                        _ => {
+                            starts.push(Step::Start {
+                                app: app_name.clone(),
+                                container: spec.name.clone(),
+                                id: Some(k.id.clone()),
+                            });
+                            pauses.push(pause);
+                        }
+                    }
+                }
+                (Some(k), RunState::Stopped) if k.state == "paused" => {
+                    teardown.push(Step::Unpause {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: k.id.clone(),
+                    });
+                    teardown.push(Step::Stop {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: k.id.clone(),
+                    });
                 }
                 (Some(k), RunState::Stopped) if k.is_running() => {
                     teardown.push(Step::Stop {
@@ -318,6 +391,7 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
             .chain(teardown)
             .chain(creates)
             .chain(starts)
+            .chain(pauses)
             .collect(),
         repairs,
         left_exited,
@@ -415,6 +489,32 @@ pub enum ReconcileEvent {
     InventoryChanged,
 }
 
+/// Restarts by Docker's restart policy from which a container that is not
+/// up (restarting, exited or dead) is crash-looping rather than recovering.
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
+/// The error of an app one of whose containers Docker keeps restarting:
+/// it has been restarted at least [`CRASH_LOOP_RESTARTS`] times and is not
+/// running now. A container that crashed a few times long ago and runs
+/// again is not one (its restart count stays, its state is `running`).
+pub fn crash_loop(containers: &[ContainerStatus]) -> Option<String> {
+    containers
+        .iter()
+        .find(|c| {
+            c.restarts >= CRASH_LOOP_RESTARTS
+                && matches!(c.state.as_str(), "restarting" | "exited" | "dead")
+        })
+        .map(|c| {
+            let code = c
+                .exit_code
+                .map_or_else(|| "unknown".to_string(), |e| e.to_string());
+            format!(
+                "container {} crash-loops: restarted {} times, last exit code {code}",
+                c.name, c.restarts
+            )
+        })
+}
+
 /// Builds the per-app status from what the runtime shows after a pass.
 pub fn observe(
     desired: &DesiredState,
@@ -442,10 +542,15 @@ pub fn observe(
                             image: c.image.clone(),
                             container_id: Some(c.id.clone()),
                             state: c.state.clone(),
-                            exit_code: if c.is_running() { None } else { c.exit_code },
+                            // A restarting container's last exit says why.
+                            exit_code: if c.state == "running" {
+                                None
+                            } else {
+                                c.exit_code
+                            },
                             error: None,
-                            health: None,
-                            restarts: 0,
+                            health: c.health,
+                            restarts: c.restarts,
                         },
                         None => ContainerStatus {
                             name: spec.name.clone(),
@@ -460,7 +565,16 @@ pub fn observe(
                     }
                 })
                 .collect();
-            let error = errors.get(&app.spec.name).cloned();
+            let current = app.spec.containers.iter().all(|spec| {
+                let hash = spec.fingerprint();
+                actual.iter().any(|c| {
+                    c.app == app.spec.name && c.container == spec.name && c.spec_hash == hash
+                })
+            });
+            let error = errors
+                .get(&app.spec.name)
+                .cloned()
+                .or_else(|| crash_loop(&containers));
             let all_running = containers.iter().all(|c| c.state == "running");
             let none_running = containers
                 .iter()
@@ -473,6 +587,9 @@ pub fn observe(
                 match app.run {
                     RunState::Running if all_running => AppPhase::Running,
                     RunState::Stopped if none_running => AppPhase::Stopped,
+                    RunState::Paused if containers.iter().all(|c| c.state == "paused") => {
+                        AppPhase::Paused
+                    }
                     _ => AppPhase::Starting,
                 }
             };
@@ -482,8 +599,11 @@ pub fn observe(
                 error,
                 attempts: 0,
                 next_retry_at_ms: None,
+                // The release of what runs: the spec's only once every
+                // container is made from it; 0 (unknown) while an older
+                // spec's containers are still there or none exist.
+                release: if current { app.release } else { 0 },
                 containers,
-                release: app.release,
             }
         })
         .collect();
@@ -1141,6 +1261,23 @@ impl<R: Runtime> Reconciler<R> {
             Step::Remove { app, container, id } => {
                 self.runtime.remove(id).await?;
                 info!(%app, %container, "removed");
+                Ok(())
+            }
+            Step::Pause { app, container, id } => {
+                let id = match id {
+                    Some(id) => id.clone(),
+                    None => created
+                        .get(&(app.clone(), container.clone()))
+                        .cloned()
+                        .unwrap_or_else(|| container_name(&self.device, app, container)),
+                };
+                self.runtime.pause(&id).await?;
+                info!(%app, %container, "paused");
+                Ok(())
+            }
+            Step::Unpause { app, container, id } => {
+                self.runtime.unpause(id).await?;
+                info!(%app, %container, "unpaused");
                 Ok(())
             }
         }

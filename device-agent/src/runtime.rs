@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, HostConfig, PortBinding,
-    RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, HealthConfig, HealthStatusEnum,
+    HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -20,8 +20,8 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use drover_shared::model::{
-    ContainerSpec, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION,
-    LABEL_MANAGED, LABEL_SPEC_HASH,
+    ContainerSpec, Health, HealthCheck, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER,
+    LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED, LABEL_SPEC_HASH,
 };
 use drover_shared::payload::RegistryCredential;
 use drover_shared::{DeviceId, Name};
@@ -102,6 +102,11 @@ pub struct ManagedContainer {
     /// Docker's state word: created, running, exited, …
     pub state: String,
     pub exit_code: Option<i64>,
+    /// Docker's health status, for a container with a health check (its
+    /// spec's or its image's).
+    pub health: Option<Health>,
+    /// Docker's RestartCount: restarts by its restart policy.
+    pub restarts: u32,
 }
 
 impl ManagedContainer {
@@ -134,6 +139,8 @@ impl ManagedContainer {
             image: image.to_string(),
             state: state.to_string(),
             exit_code,
+            health: None,
+            restarts: 0,
         })
     }
 
@@ -200,6 +207,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn pause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn unpause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Free space where images are stored; `None` when it cannot be told
     /// (the pull then goes ahead unchecked).
@@ -312,9 +321,42 @@ fn summary_state(s: Option<ContainerSummaryStateEnum>) -> String {
     }
 }
 
-/// Docker's list API has no exit code; its status text has: `Exited (137) 2 minutes ago`.
+/// Docker 1.41's list API has no health field; its status text has:
+/// `Up 3 seconds (health: starting)`, `Up 1 minute (healthy)`.
+fn health_from_status(status: &str) -> Option<Health> {
+    if status.contains("(health: starting)") {
+        Some(Health::Starting)
+    } else if status.contains("(unhealthy)") {
+        Some(Health::Unhealthy)
+    } else if status.contains("(healthy)") {
+        Some(Health::Healthy)
+    } else {
+        None
+    }
+}
+
+/// Docker's health check for a spec's: durations in nanoseconds. Absent
+/// fields stay absent, so Docker's defaults (or the image's) apply.
+fn health_config(h: &HealthCheck) -> HealthConfig {
+    let ns = |ms: Option<u64>| {
+        ms.map(|ms| i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX))
+    };
+    HealthConfig {
+        test: Some(h.test.clone()),
+        interval: ns(h.interval_ms),
+        timeout: ns(h.timeout_ms),
+        retries: h.retries.map(i64::from),
+        start_period: ns(h.start_period_ms),
+        start_interval: None,
+    }
+}
+
+/// Docker's list API has no exit code; its status text has: `Exited (137) 2 minutes ago`,
+/// `Restarting (1) 1 second ago`.
 fn exit_code_from_status(status: &str) -> Option<i64> {
-    let rest = status.strip_prefix("Exited (")?;
+    let rest = status
+        .strip_prefix("Exited (")
+        .or_else(|| status.strip_prefix("Restarting ("))?;
     rest.split_once(')')?.0.parse().ok()
 }
 
@@ -387,6 +429,7 @@ fn create_body(
         env: (!spec.env.is_empty())
             .then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         labels: Some(labels),
+        healthcheck: spec.healthcheck.as_ref().map(health_config),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
         host_config: Some(HostConfig {
             port_bindings: (!bindings.is_empty()).then_some(bindings),
@@ -429,22 +472,42 @@ impl Runtime for DockerRuntime {
             .filters(&filters)
             .build();
         let list = self.check(d.list_containers(Some(opts)).await).await?;
-        Ok(list
+        let mut out: Vec<ManagedContainer> = list
             .into_iter()
             .filter_map(|c| {
                 let labels = c.labels.unwrap_or_default();
                 let state = summary_state(c.state);
                 let exit = c.status.as_deref().and_then(exit_code_from_status);
-                ManagedContainer::from_labels(
+                let mut m = ManagedContainer::from_labels(
                     &self.device,
                     c.id.as_deref().unwrap_or_default(),
                     &labels,
                     c.image.as_deref().unwrap_or_default(),
                     &state,
                     exit,
-                )
+                )?;
+                m.health = c.status.as_deref().and_then(health_from_status);
+                Some(m)
             })
-            .collect())
+            .collect();
+        // The restart count is only in inspect. A container gone since the
+        // list keeps 0; the next pass sees it as it is.
+        for m in &mut out {
+            if let Ok(i) = d.inspect_container(&m.id, None).await {
+                m.restarts = i
+                    .restart_count
+                    .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX));
+                if let Some(h) = i.state.as_ref().and_then(|s| s.health.as_ref()) {
+                    m.health = match h.status {
+                        Some(HealthStatusEnum::STARTING) => Some(Health::Starting),
+                        Some(HealthStatusEnum::HEALTHY) => Some(Health::Healthy),
+                        Some(HealthStatusEnum::UNHEALTHY) => Some(Health::Unhealthy),
+                        _ => m.health,
+                    };
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn image_present(&self, image: &ImageRef) -> Result<bool, RuntimeError> {
@@ -534,6 +597,16 @@ impl Runtime for DockerRuntime {
             )
             .await?;
         Ok(r.id)
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        self.check(d.pause_container(id).await).await
+    }
+
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        self.check(d.unpause_container(id).await).await
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {

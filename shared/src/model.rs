@@ -507,6 +507,9 @@ impl AppSpec {
                     ));
                 }
             }
+            if let Some(h) = &c.healthcheck {
+                h.validate(&at("healthcheck"))?;
+            }
             if let Some(cpus) = c.cpus {
                 if !(cpus.is_finite() && (limits::MIN_CPUS..=limits::MAX_CPUS).contains(&cpus)) {
                     return Err(FieldError::new(
@@ -520,6 +523,7 @@ impl AppSpec {
                 }
             }
         }
+        self.check_depends_on()?;
         // Across containers too: they share the device's ports.
         let ports: Vec<(String, &PortMapping)> = self
             .containers
@@ -766,6 +770,190 @@ impl ContainerSpec {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+}
+
+impl AppSpec {
+    /// `depends_on` names containers of this app, not itself, each once,
+    /// and without a cycle (which could never start).
+    fn check_depends_on(&self) -> Result<(), FieldError> {
+        let index: BTreeMap<&Name, usize> = self
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (&c.name, i))
+            .collect();
+        for (i, c) in self.containers.iter().enumerate() {
+            check_count(
+                &format!("containers[{i}].depends_on"),
+                c.depends_on.len(),
+                limits::CONTAINERS,
+            )?;
+            for (j, d) in c.depends_on.iter().enumerate() {
+                let f = format!("containers[{i}].depends_on[{j}]");
+                if *d == c.name {
+                    return Err(FieldError::new(f, "a container cannot depend on itself"));
+                }
+                if !index.contains_key(d) {
+                    return Err(FieldError::new(
+                        f,
+                        format!("{:?} is not a container of this app", d.as_str()),
+                    ));
+                }
+                if c.depends_on[..j].contains(d) {
+                    return Err(FieldError::new(
+                        f,
+                        format!("{:?} is listed twice", d.as_str()),
+                    ));
+                }
+            }
+        }
+        // Depth-first search; 0 unvisited, 1 on the path, 2 done.
+        let mut mark = vec![0u8; self.containers.len()];
+        fn visit(
+            spec: &AppSpec,
+            index: &BTreeMap<&Name, usize>,
+            mark: &mut [u8],
+            i: usize,
+            path: &mut Vec<usize>,
+        ) -> Result<(), FieldError> {
+            mark[i] = 1;
+            path.push(i);
+            for (j, d) in spec.containers[i].depends_on.iter().enumerate() {
+                let k = index[d];
+                if mark[k] == 1 {
+                    let start = path.iter().position(|&p| p == k).unwrap_or(0);
+                    let names: Vec<&str> = path[start..]
+                        .iter()
+                        .chain(std::iter::once(&k))
+                        .map(|&p| spec.containers[p].name.as_str())
+                        .collect();
+                    return Err(FieldError::new(
+                        format!("containers[{i}].depends_on[{j}]"),
+                        format!("dependency cycle: {}", names.join(" -> ")),
+                    ));
+                }
+                if mark[k] == 0 {
+                    visit(spec, index, mark, k, path)?;
+                }
+            }
+            path.pop();
+            mark[i] = 2;
+            Ok(())
+        }
+        for i in 0..self.containers.len() {
+            if mark[i] == 0 {
+                visit(self, &index, &mut mark, i, &mut Vec::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The containers' names in an order where each comes after all it
+    /// depends on (spec order otherwise). Assumes a validated spec; a cycle
+    /// leaves the rest in spec order.
+    pub fn start_order(&self) -> Vec<Name> {
+        let mut done: Vec<Name> = Vec::new();
+        let mut left: Vec<&ContainerSpec> = self.containers.iter().collect();
+        while !left.is_empty() {
+            let before = left.len();
+            let mut i = 0;
+            while i < left.len() {
+                if left[i].depends_on.iter().all(|d| done.contains(d)) {
+                    done.push(left.remove(i).name.clone());
+                } else {
+                    i += 1;
+                }
+            }
+            if left.len() == before {
+                done.extend(left.drain(..).map(|c| c.name.clone()));
+            }
+        }
+        done
+    }
+}
+
+/// Bounds on a health check's durations and retries.
+pub mod health_limits {
+    pub const MIN_DURATION_MS: u64 = 1;
+    /// One day.
+    pub const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+    pub const MAX_RETRIES: u32 = 1000;
+}
+
+impl HealthCheck {
+    /// Docker's test forms and bounded durations. `at` is the field path
+    /// of this check, e.g. `containers[0].healthcheck`.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        let f = |x: &str| format!("{at}.{x}");
+        let Some(first) = self.test.first() else {
+            return Err(FieldError::new(
+                f("test"),
+                "must not be empty: [\"CMD\", prog, args…], [\"CMD-SHELL\", command] or [\"NONE\"]",
+            ));
+        };
+        check_count(&f("test"), self.test.len(), limits::COMMAND_ARGS)?;
+        for (j, arg) in self.test.iter().enumerate() {
+            check_text(
+                &format!("{at}.test[{j}]"),
+                "argument",
+                arg,
+                limits::COMMAND_ARG_BYTES,
+                false,
+            )?;
+        }
+        match first.as_str() {
+            "CMD" if self.test.len() < 2 => {
+                return Err(FieldError::new(
+                    f("test"),
+                    "CMD needs the program to run: [\"CMD\", prog, args…]",
+                ))
+            }
+            "CMD-SHELL" if self.test.len() != 2 || self.test[1].trim().is_empty() => {
+                return Err(FieldError::new(
+                    f("test"),
+                    "CMD-SHELL takes exactly one non-empty shell command: [\"CMD-SHELL\", command]",
+                ))
+            }
+            "NONE" if self.test.len() != 1 => {
+                return Err(FieldError::new(f("test"), "NONE takes no arguments"))
+            }
+            "CMD" | "CMD-SHELL" | "NONE" => {}
+            other => {
+                return Err(FieldError::new(
+                    f("test[0]"),
+                    format!("{other:?} is not CMD, CMD-SHELL or NONE"),
+                ))
+            }
+        }
+        for (name, v) in [
+            ("interval_ms", self.interval_ms),
+            ("timeout_ms", self.timeout_ms),
+            ("start_period_ms", self.start_period_ms),
+        ] {
+            if let Some(ms) = v {
+                if !(health_limits::MIN_DURATION_MS..=health_limits::MAX_DURATION_MS).contains(&ms)
+                {
+                    return Err(FieldError::new(
+                        f(name),
+                        format!(
+                            "must be between {} ms and {} ms (one day), got {ms}",
+                            health_limits::MIN_DURATION_MS,
+                            health_limits::MAX_DURATION_MS
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(r) = self.retries {
+            if r > health_limits::MAX_RETRIES {
+                return Err(FieldError::new(
+                    f("retries"),
+                    format!("must be at most {}, got {r}", health_limits::MAX_RETRIES),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1672,6 +1860,153 @@ mod tests {
             change(&mut c);
             assert_ne!(c.fingerprint(), base.fingerprint(), "{c:?}");
         }
+    }
+
+    fn two(extra: serde_json::Value) -> AppSpec {
+        let mut v = serde_json::json!({
+            "name": "web",
+            "containers": [
+                {"name": "db", "image": "busybox:1"},
+                {"name": "api", "image": "busybox:1"},
+                {"name": "ui", "image": "busybox:1"}
+            ]
+        });
+        for (i, patch) in extra.as_array().expect("array").iter().enumerate() {
+            for (k, val) in patch.as_object().expect("object") {
+                v["containers"][i][k] = val.clone();
+            }
+        }
+        serde_json::from_value(v).expect("valid json")
+    }
+
+    fn err_of(mut s: AppSpec) -> FieldError {
+        s.validate().expect_err("must be refused")
+    }
+
+    #[test]
+    fn depends_on_is_checked_with_the_field_path() {
+        let ok =
+            two(serde_json::json!([{}, {"depends_on": ["db"]}, {"depends_on": ["api", "db"]}]));
+        let mut s = ok.clone();
+        s.validate().expect("valid");
+        let order: Vec<String> = s
+            .start_order()
+            .iter()
+            .map(|n| n.as_str().to_string())
+            .collect();
+        assert_eq!(order, vec!["db", "api", "ui"]);
+        let rev = two(serde_json::json!([{"depends_on": ["api"]}, {"depends_on": ["ui"]}, {}]));
+        let names: Vec<String> = rev
+            .start_order()
+            .iter()
+            .map(|n| n.as_str().to_string())
+            .collect();
+        assert_eq!(names, vec!["ui", "api", "db"]);
+
+        let e = err_of(two(serde_json::json!([{}, {"depends_on": ["nope"]}])));
+        assert_eq!(e.field, "containers[1].depends_on[0]");
+        assert!(e.message.contains("not a container"), "{}", e.message);
+        let e = err_of(two(serde_json::json!([{}, {"depends_on": ["api"]}])));
+        assert_eq!(e.field, "containers[1].depends_on[0]");
+        assert!(e.message.contains("itself"), "{}", e.message);
+        let e = err_of(two(serde_json::json!([{}, {"depends_on": ["db", "db"]}])));
+        assert_eq!(e.field, "containers[1].depends_on[1]");
+        let e = err_of(two(serde_json::json!([
+            {"depends_on": ["ui"]}, {"depends_on": ["db"]}, {"depends_on": ["api"]}
+        ])));
+        assert!(e.field.starts_with("containers["), "{}", e.field);
+        assert!(e.message.contains("cycle"), "{}", e.message);
+        assert!(e.message.contains("db -> ui -> api -> db"), "{}", e.message);
+    }
+
+    #[test]
+    fn healthchecks_take_dockers_forms_and_bounds() {
+        let hc = |h: serde_json::Value| two(serde_json::json!([{"healthcheck": h}]));
+        for good in [
+            serde_json::json!({"test": ["CMD-SHELL", "test -f /tmp/ok"], "interval_ms": 500, "retries": 3}),
+            serde_json::json!({"test": ["CMD", "true"]}),
+            serde_json::json!({"test": ["NONE"]}),
+        ] {
+            hc(good.clone())
+                .validate()
+                .unwrap_or_else(|e| panic!("{good}: {e:?}"));
+        }
+        for (bad, field, says) in [
+            (
+                serde_json::json!({"test": []}),
+                "containers[0].healthcheck.test",
+                "empty",
+            ),
+            (
+                serde_json::json!({"test": ["CMD"]}),
+                "containers[0].healthcheck.test",
+                "CMD needs",
+            ),
+            (
+                serde_json::json!({"test": ["SHELL", "x"]}),
+                "containers[0].healthcheck.test[0]",
+                "not CMD",
+            ),
+            (
+                serde_json::json!({"test": ["CMD-SHELL"]}),
+                "containers[0].healthcheck.test",
+                "CMD-SHELL",
+            ),
+            (
+                serde_json::json!({"test": ["NONE", "x"]}),
+                "containers[0].healthcheck.test",
+                "NONE",
+            ),
+            (
+                serde_json::json!({"test": ["CMD", "true"], "interval_ms": 0}),
+                "containers[0].healthcheck.interval_ms",
+                "between",
+            ),
+            (
+                serde_json::json!({"test": ["CMD", "true"], "timeout_ms": 86_400_001u64}),
+                "containers[0].healthcheck.timeout_ms",
+                "one day",
+            ),
+            (
+                serde_json::json!({"test": ["CMD", "true"], "retries": 1001}),
+                "containers[0].healthcheck.retries",
+                "at most",
+            ),
+        ] {
+            let e = err_of(hc(bad.clone()));
+            assert_eq!(e.field, field, "{bad}");
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_spec_without_the_new_fields_keeps_its_fingerprint() {
+        // Pinned: an agent upgraded to this version must not recreate the
+        // containers of an unchanged spec.
+        let a = spec("busybox:1").containers[0].clone();
+        let before = a.fingerprint();
+        let mut b = a.clone();
+        b.healthcheck = Some(HealthCheck {
+            test: vec!["CMD".into(), "true".into()],
+            interval_ms: None,
+            timeout_ms: None,
+            retries: None,
+            start_period_ms: None,
+        });
+        assert_ne!(before, b.fingerprint());
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&a, &mut bytes).expect("encodes");
+        let v: ciborium::Value = ciborium::from_reader(&bytes[..]).expect("decodes");
+        let keys: Vec<String> = v
+            .as_map()
+            .expect("a map")
+            .iter()
+            .filter_map(|(k, _)| k.as_text().map(str::to_string))
+            .collect();
+        assert!(
+            !keys.iter().any(|k| k == "healthcheck" || k == "depends_on"),
+            "{keys:?}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use drover_shared::model::{AppSpec, DesiredApp};
+use drover_shared::model::{AppSpec, DesiredApp, Health};
 use drover_shared::payload::{DeviceEvent, EventKind};
 
 use crate::backoff::Backoff;
@@ -63,6 +63,8 @@ fn actual(id: &str, app: &str, s: &ContainerSpec, state: &str) -> ManagedContain
         image: s.image.clone(),
         state: state.into(),
         exit_code: None,
+        health: None,
+        restarts: 0,
     }
 }
 
@@ -450,6 +452,14 @@ impl Runtime for FakeRuntime {
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
         self.log(format!("stop {id}"));
         self.set_state(id, "exited")
+    }
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.log(format!("pause {id}"));
+        self.set_state(id, "paused")
+    }
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.log(format!("unpause {id}"));
+        self.set_state(id, "running")
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.log(format!("remove {id}"));
@@ -1474,4 +1484,153 @@ async fn a_new_desired_state_does_not_wait_out_the_event_debounce() {
     );
     drop(desired_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+#[test]
+fn paused_apps_are_started_then_paused_and_unpaused_to_run() {
+    let main = spec("main", "reg/web:1");
+    let paused = desired(1, vec![app("web", RunState::Paused, vec![main.clone()])]);
+    let steps = plan(&paused, &[]);
+    assert_eq!(
+        steps[2..],
+        [
+            Step::Start {
+                app: name("web"),
+                container: name("main"),
+                id: None
+            },
+            Step::Pause {
+                app: name("web"),
+                container: name("main"),
+                id: None
+            },
+        ]
+    );
+    // Running → pause; exited → start then pause; paused → nothing.
+    assert_eq!(
+        plan(&paused, &[actual("c1", "web", &main, "running")]),
+        vec![Step::Pause {
+            app: name("web"),
+            container: name("main"),
+            id: Some("c1".into())
+        }]
+    );
+    assert_eq!(
+        plan(&paused, &[actual("c1", "web", &main, "exited")]),
+        vec![
+            Step::Start {
+                app: name("web"),
+                container: name("main"),
+                id: Some("c1".into())
+            },
+            Step::Pause {
+                app: name("web"),
+                container: name("main"),
+                id: Some("c1".into())
+            },
+        ]
+    );
+    assert!(plan(&paused, &[actual("c1", "web", &main, "paused")]).is_empty());
+    // Back to running: unpause. Stopped from paused: unpause, stop.
+    let running = desired(2, vec![app("web", RunState::Running, vec![main.clone()])]);
+    assert_eq!(
+        plan(&running, &[actual("c1", "web", &main, "paused")]),
+        vec![Step::Unpause {
+            app: name("web"),
+            container: name("main"),
+            id: "c1".into()
+        }]
+    );
+    let stopped = desired(3, vec![app("web", RunState::Stopped, vec![main.clone()])]);
+    assert_eq!(
+        plan(&stopped, &[actual("c1", "web", &main, "paused")]),
+        vec![
+            Step::Unpause {
+                app: name("web"),
+                container: name("main"),
+                id: "c1".into()
+            },
+            Step::Stop {
+                app: name("web"),
+                container: name("main"),
+                id: "c1".into()
+            },
+        ]
+    );
+    // The phase says paused only when every container is.
+    let apps = observe(
+        &paused,
+        &[actual("c1", "web", &main, "paused")],
+        &BTreeMap::new(),
+        &HashSet::new(),
+    );
+    assert_eq!(apps[0].phase, AppPhase::Paused);
+    let apps = observe(
+        &paused,
+        &[actual("c1", "web", &main, "running")],
+        &BTreeMap::new(),
+        &HashSet::new(),
+    );
+    assert_eq!(apps[0].phase, AppPhase::Starting);
+}
+
+#[test]
+fn a_container_docker_keeps_restarting_fails_its_app() {
+    let main = spec("main", "reg/web:1");
+    let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let with = |state: &str, restarts: u32, code: Option<i64>, health| ManagedContainer {
+        restarts,
+        exit_code: code,
+        health,
+        ..actual("c1", "web", &main, state)
+    };
+    let phase = |c: ManagedContainer| {
+        let apps = observe(&d, &[c], &BTreeMap::new(), &HashSet::new());
+        (
+            apps[0].phase,
+            apps[0].error.clone(),
+            apps[0].containers[0].clone(),
+        )
+    };
+    let (p, e, _) = phase(with("restarting", 4, Some(3), None));
+    assert_eq!(p, AppPhase::Failed);
+    let e = e.expect("an error");
+    assert!(
+        e.contains("crash-loops") && e.contains("4 times") && e.contains("exit code 3"),
+        "{e}"
+    );
+    // Restarted twice: Docker may still recover it.
+    assert_eq!(
+        phase(with("restarting", 2, Some(3), None)).0,
+        AppPhase::Starting
+    );
+    // Crashed long ago and running again: fine.
+    assert_eq!(phase(with("running", 5, None, None)).0, AppPhase::Running);
+    // Running but unhealthy stays running; the health field says it.
+    let (p, e, c) = phase(with("running", 0, None, Some(Health::Unhealthy)));
+    assert_eq!((p, e), (AppPhase::Running, None));
+    assert_eq!((c.health, c.restarts), (Some(Health::Unhealthy), 0));
+}
+
+#[test]
+fn the_release_reported_is_that_of_the_containers_found() {
+    let v1 = spec("main", "reg/web:1");
+    let v2 = spec("main", "reg/web:2");
+    let mut d = desired(2, vec![app("web", RunState::Running, vec![v2.clone()])]);
+    d.apps[0].release = 5;
+    let none = HashSet::new();
+    let old = observe(
+        &d,
+        &[actual("c1", "web", &v1, "running")],
+        &BTreeMap::new(),
+        &none,
+    );
+    assert_eq!(old[0].release, 0, "still the old spec's container");
+    let new = observe(
+        &d,
+        &[actual("c2", "web", &v2, "running")],
+        &BTreeMap::new(),
+        &none,
+    );
+    assert_eq!(new[0].release, 5);
 }

@@ -28,16 +28,19 @@ pub enum Change {
         at_ms: u64,
     },
     /// An operation was created or moved on.
-    Operation { operation: Operation },
+    // The large variants are boxed: the channel preallocates every slot
+    // (`engine::CHANGES_CAPACITY` of them), each the size of the largest
+    // variant, whether or not anyone subscribes.
+    Operation { operation: Box<Operation> },
     /// A telemetry sample.
     Telemetry {
         device: DeviceId,
-        telemetry: Telemetry,
+        telemetry: Box<Telemetry>,
     },
     /// Something a device did on its own.
     Event {
         device: DeviceId,
-        event: DeviceEvent,
+        event: Box<DeviceEvent>,
     },
     /// An app was created, changed or deleted.
     App { name: Name, deleted: bool },
@@ -88,7 +91,7 @@ mod tests {
 
     fn op(id: &str, device: &str) -> Change {
         Change::Operation {
-            operation: Operation {
+            operation: Box::new(Operation {
                 id: id.into(),
                 device: DeviceId::new(device).expect("valid id"),
                 app: Name::new("web").expect("valid name"),
@@ -99,7 +102,7 @@ mod tests {
                 progress: None,
                 created_at_ms: 1,
                 updated_at_ms: 1,
-            },
+            }),
         }
     }
 
@@ -109,6 +112,16 @@ mod tests {
             online: true,
             at_ms: 1,
         }
+    }
+
+    #[test]
+    fn a_change_is_small() {
+        // Every slot of the change channel is this big, subscribed or not.
+        assert!(
+            std::mem::size_of::<Change>() <= 64,
+            "{}",
+            std::mem::size_of::<Change>()
+        );
     }
 
     #[test]

@@ -286,7 +286,7 @@ impl Fleet {
                 }
                 fx.changes.push(Change::Telemetry {
                     device: id.clone(),
-                    telemetry: t.clone(),
+                    telemetry: Box::new(t.clone()),
                 });
                 dev.telemetry = Some(t);
             }
@@ -332,7 +332,7 @@ impl Fleet {
                 }
                 fx.changes.push(Change::Event {
                     device: id.clone(),
-                    event: ev.clone(),
+                    event: Box::new(ev.clone()),
                 });
                 dev.events.push_back(ev);
             }
@@ -350,7 +350,7 @@ impl Fleet {
                         .update(&ack.command_id, |op| apply_ack(op, &ack, now))
                     {
                         fx.changes.push(Change::Operation {
-                            operation: (&op).into(),
+                            operation: Box::new((&op).into()),
                         });
                         fx.writes.push(Write::Operation(op));
                     }
@@ -410,7 +410,7 @@ impl Fleet {
             });
             if let Some(op) = updated {
                 fx.changes.push(Change::Operation {
-                    operation: (&op).into(),
+                    operation: Box::new((&op).into()),
                 });
                 fx.writes.push(Write::Operation(op));
             }

@@ -106,7 +106,7 @@ enum Input {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Input>,
-    changes: broadcast::Sender<Change>,
+    changes: broadcast::Sender<Arc<Change>>,
 }
 
 impl EngineHandle {
@@ -138,7 +138,9 @@ impl EngineHandle {
     }
 
     /// Follows every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+    /// Shared (`Arc`): every subscriber gets the same change, and each of
+    /// the channel's preallocated slots is one pointer.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
     }
 
@@ -275,7 +277,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     identities: Arc<Identities>,
     access: Arc<Access>,
-    changes: broadcast::Sender<Change>,
+    changes: broadcast::Sender<Arc<Change>>,
     /// Changes applied to memory whose writes are not yet durable, in the
     /// order they were queued (the writer commits in that order).
     pending: FuturesOrdered<Durable>,
@@ -379,7 +381,7 @@ impl Engine {
 
     fn emit(&self, change: Change) {
         // No subscriber is not an error.
-        let _ = self.changes.send(change);
+        let _ = self.changes.send(Arc::new(change));
     }
 
     async fn queue(&mut self, writes: Vec<Write>, then: Then) {
@@ -569,7 +571,7 @@ impl Engine {
                     }
                 }
                 self.emit(Change::Operation {
-                    operation: (&op).into(),
+                    operation: Box::new((&op).into()),
                 });
                 let _ = reply.send(Ok(Done::Operation(op)));
             }
@@ -941,7 +943,7 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut last = 0;
             while last < n {
-                match fast.recv().await {
+                match fast.recv().await.as_deref() {
                     Ok(Change::Telemetry { telemetry, .. }) => last = telemetry.at_ms,
                     Ok(_) => {}
                     Err(e) => panic!("a subscriber that keeps up lost changes: {e}"),
@@ -1028,18 +1030,18 @@ mod tests {
         }
         assert!(
             seen.iter().any(
-                |c| matches!(c, Change::App { name, deleted: false } if name.as_str() == "web")
+                |c| matches!(&**c, Change::App { name, deleted: false } if name.as_str() == "web")
             ),
             "{seen:?}"
         );
         assert!(
             seen.iter()
-                .any(|c| matches!(c, Change::Operation { operation } if operation.id == op.id)),
+                .any(|c| matches!(&**c, Change::Operation { operation } if operation.id == op.id)),
             "{seen:?}"
         );
         assert!(
             seen.iter()
-                .any(|c| matches!(c, Change::Device { online: true, .. })),
+                .any(|c| matches!(&**c, Change::Device { online: true, .. })),
             "{seen:?}"
         );
         f.engine.shutdown().await;

@@ -612,8 +612,10 @@ async fn show_operation(
             _ = tokio::time::sleep_until(deadline) => break,
             _ = stopping.wait_for(|s| *s) => break,
         };
-        match next {
-            Ok(Change::Operation { operation }) if operation.id == id => op = operation,
+        match next.as_deref() {
+            Ok(Change::Operation { operation }) if operation.id == id => {
+                op = operation.as_ref().clone()
+            }
             Ok(_) => {}
             // Fell behind: what we hold may be stale; read it again.
             Err(RecvError::Lagged(_)) => {
@@ -682,7 +684,7 @@ async fn changes(
                 let change = tokio::select! {
                     next = rx.recv() => match next {
                         Ok(c) => c,
-                        Err(RecvError::Lagged(missed)) => Change::Lagged { missed },
+                        Err(RecvError::Lagged(missed)) => Arc::new(Change::Lagged { missed }),
                         Err(RecvError::Closed) => return None,
                     },
                     _ = stopping.wait_for(|s| *s) => return None,
@@ -692,7 +694,7 @@ async fn changes(
                 }
             };
             let event = SseEvent::default()
-                .json_data(&change)
+                .json_data(&*change)
                 .unwrap_or_else(|_| SseEvent::default().data("{}"));
             Some((Ok::<_, Infallible>(event), (rx, stopping, filter)))
         },

@@ -5,9 +5,11 @@
 //! (`services.web.build`, `networks`) rather than dropped: a file that
 //! silently loses a key would run something other than what it says.
 //! Keys starting with `x-` (Compose's extension fields) are ignored, as
-//! Compose itself ignores them.
+//! Compose itself ignores them; YAML anchors, aliases and merge keys
+//! (`<<: *common`) work as in Compose.
 //!
-//! Decisions where Compose depends on the importing machine:
+//! Decisions where Compose depends on the importing machine, or where the
+//! model differs:
 //! - `environment` entries without a value (`- KEY`, `KEY:` with null)
 //!   are refused: Compose fills them from the shell that runs it, and the
 //!   orchestrator's environment is not the user's.
@@ -15,18 +17,50 @@
 //!   to the Compose file's directory on the user's machine. Absolute host
 //!   paths become `host_mounts`.
 //! - `entrypoint` is refused: the model has no entrypoint override.
+//! - Service `labels` (other than empty) are refused. They are Docker
+//!   container labels, read by tools on the device (a reverse proxy's
+//!   routing rules, say); the model has no container labels, and folding
+//!   them into the app's own labels would change what they mean and still
+//!   leave the containers without them.
+//! - A service without `restart` gets Drover's default, `unless-stopped`,
+//!   not Compose's `no`: a device brings its apps back after a reboot.
+//! - `depends_on` conditions `service_started` and `service_healthy` both
+//!   become a start-order dependency; the agent waits for a dependency to
+//!   be healthy where it has a health check, running otherwise.
+//!
+//! Input is bounded before anything is built from it: at most
+//! [`MAX_COMPOSE_BYTES`] of text, and — because YAML aliases repeat what
+//! they point to, so a small file can stand for a huge one — at most
+//! [`MAX_NODES`] values and [`MAX_TEXT_BYTES`] of strings once aliases are
+//! expanded. serde_yaml_ng's own limits (nesting deeper than 128, more
+//! alias jumps than 100 per event) stop the exponential "billion laughs"
+//! but not a quadratic one: one anchor of N items aliased N times, which a
+//! 40 KB file makes into gigabytes. The budget stops both, while the file
+//! is read.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use drover_shared::model::{
     AppSpec, ContainerSpec, DeviceMapping, FieldError, HealthCheck, HostMount, NetworkMode,
     PortMapping, Protocol, RestartPolicy, VolumeBind,
 };
 use drover_shared::Name;
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_yaml_ng::{Mapping, Value};
 
 /// Largest Compose file accepted, in bytes.
 pub const MAX_COMPOSE_BYTES: usize = 256 * 1024;
+
+/// Most values (scalars, lists, mappings) a file may stand for once its
+/// aliases are expanded. A file of [`MAX_COMPOSE_BYTES`] written out in
+/// full has at most about 130,000.
+pub const MAX_NODES: usize = 250_000;
+
+/// Most bytes of strings a file may stand for once its aliases are
+/// expanded.
+pub const MAX_TEXT_BYTES: usize = 4 * 1024 * 1024;
 
 type R<T> = Result<T, FieldError>;
 
@@ -46,10 +80,10 @@ pub fn import(yaml: &str, name: Option<&str>) -> R<AppSpec> {
             ),
         );
     }
-    // serde_yaml_ng refuses nesting deeper than 128 and alias expansion
-    // beyond a fixed budget (the "billion laughs" defence), with an error.
-    let doc: Value = serde_yaml_ng::from_str(yaml)
-        .map_err(|e| FieldError::new("", format!("not valid YAML: {e}")))?;
+    let mut doc = load(yaml)?;
+    // Merge keys are not applied by the parser; Compose applies them.
+    doc.apply_merge()
+        .map_err(|e| FieldError::new("", format!("a YAML merge key (`<<`) is not valid: {e}")))?;
     let mut doc = match doc {
         Value::Mapping(m) => m,
         _ => return err("", "a Compose file is a mapping with a `services` key"),
@@ -70,7 +104,12 @@ pub fn import(yaml: &str, name: Option<&str>) -> R<AppSpec> {
     }
     let app_name = match name.map(str::to_owned).or(file_name) {
         Some(n) => n,
-        None => return err("name", "no app name: give one, or a top-level `name:` in the file"),
+        None => {
+            return err(
+                "name",
+                "no app name: give one, or a top-level `name:` in the file",
+            )
+        }
     };
     let app_name = Name::new(app_name.clone())
         .map_err(|e| FieldError::new("name", format!("`{app_name}`: {e}")))?;
@@ -89,8 +128,180 @@ pub fn import(yaml: &str, name: Option<&str>) -> R<AppSpec> {
         containers,
         labels: BTreeMap::new(),
     };
-    spec.validate()?;
+    spec.validate()
+        .map_err(|e| in_compose_terms(e, &spec.containers))?;
     Ok(spec)
+}
+
+/// Parses the YAML text into a value within the budget of
+/// [`MAX_NODES`] and [`MAX_TEXT_BYTES`]. Errors carry serde_yaml_ng's
+/// line and column.
+fn load(yaml: &str) -> R<Value> {
+    let budget = Budget {
+        nodes: Cell::new(0),
+        text: Cell::new(0),
+    };
+    BudgetSeed(&budget)
+        .deserialize(serde_yaml_ng::Deserializer::from_str(yaml))
+        .map_err(|e| FieldError::new("", format!("not valid YAML: {e}")))
+}
+
+/// What the file has cost so far, counted as serde_yaml_ng hands out each
+/// value: an alias is handed out again in full each time it is used, so
+/// this counts the expanded document.
+struct Budget {
+    nodes: Cell<usize>,
+    text: Cell<usize>,
+}
+
+impl Budget {
+    fn take<E: de::Error>(&self, text: usize) -> Result<(), E> {
+        self.nodes.set(self.nodes.get() + 1);
+        self.text.set(self.text.get().saturating_add(text));
+        if self.nodes.get() > MAX_NODES || self.text.get() > MAX_TEXT_BYTES {
+            return Err(E::custom(format!(
+                "the file stands for more than {MAX_NODES} values or {MAX_TEXT_BYTES} bytes of text once its aliases are expanded"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Value`] as serde_yaml_ng's own `Deserialize` does, charging
+/// each value to the budget; refuses duplicate keys as it does, and YAML
+/// tags (Compose's `!reset`, `!override`), which Drover does not support.
+#[derive(Clone, Copy)]
+struct BudgetSeed<'a>(&'a Budget);
+
+impl<'de> DeserializeSeed<'de> for BudgetSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BudgetSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+        self.0.take(0)?;
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E: de::Error>(self, i: i64) -> Result<Value, E> {
+        self.0.take(0)?;
+        Ok(Value::Number(i.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, u: u64) -> Result<Value, E> {
+        self.0.take(0)?;
+        Ok(Value::Number(u.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, f: f64) -> Result<Value, E> {
+        self.0.take(0)?;
+        Ok(Value::Number(f.into()))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        self.0.take(s.len())?;
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
+        self.0.take(s.len())?;
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.0.take(0)?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.take(0)?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Sequence(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.take(0)?;
+        let mut out = Mapping::new();
+        while let Some(k) = map.next_key_seed(self)? {
+            if out.contains_key(&k) {
+                let shown = match &k {
+                    Value::String(s) => format!("{s:?}"),
+                    other => format!("{other:?}"),
+                };
+                return Err(de::Error::custom(format!("duplicate key {shown}")));
+            }
+            let v = map.next_value_seed(self)?;
+            out.insert(k, v);
+        }
+        Ok(Value::Mapping(out))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        let (tag, _) = data.variant::<String>()?;
+        Err(de::Error::custom(format!(
+            "YAML tags such as `!{tag}` are not supported by Drover",
+            tag = tag.trim_start_matches('!')
+        )))
+    }
+}
+
+/// `AppSpec::validate` names fields by the model's paths
+/// (`containers[1].env.KEY`); the person importing wrote a Compose file,
+/// so its errors name the service and its Compose key where there is one
+/// (`services.web.environment.KEY`).
+fn in_compose_terms(e: FieldError, containers: &[ContainerSpec]) -> FieldError {
+    let mut field = e.field.clone();
+    let mut message = e.message.clone();
+    for (i, c) in containers.iter().enumerate() {
+        let model = format!("containers[{i}]");
+        let compose = join("services", c.name.as_str());
+        message = message.replace(&model, &compose);
+        let Some(rest) = field.strip_prefix(model.as_str()) else {
+            continue;
+        };
+        let rest = rest.strip_prefix('.').unwrap_or(rest);
+        // The model's key up to its first '.' or '[', and what follows.
+        let cut = rest.find(['.', '[']).unwrap_or(rest.len());
+        let (key, tail) = rest.split_at(cut);
+        field = match key {
+            "" => compose,
+            "env" => format!("{compose}.environment{tail}"),
+            // Compose's `volumes` holds both kinds of mount, and one
+            // port entry may stand for several: their indexes differ.
+            "volumes" | "host_mounts" => format!("{compose}.volumes"),
+            "ports" => format!("{compose}.ports"),
+            "memory_mb" => format!("{compose}.mem_limit"),
+            // Same name and shape in both, indexes included.
+            "image" | "command" | "cpus" | "cap_add" | "devices" | "depends_on" | "name" => {
+                format!("{compose}.{key}{tail}")
+            }
+            "healthcheck" => format!("{compose}.healthcheck"),
+            other => format!("{compose}.{other}"),
+        };
+        break;
+    }
+    FieldError::new(field, message)
 }
 
 fn unsupported<T>(path: &str) -> R<T> {
@@ -178,8 +389,7 @@ fn top_volumes(v: &Value) -> R<BTreeSet<String>> {
 
 fn service(sname: &str, v: Value, declared: &BTreeSet<String>) -> R<ContainerSpec> {
     let base = join("services", sname);
-    let name =
-        Name::new(sname).map_err(|e| FieldError::new(&base, format!("`{sname}`: {e}")))?;
+    let name = Name::new(sname).map_err(|e| FieldError::new(&base, format!("`{sname}`: {e}")))?;
     let mut c = ContainerSpec {
         name,
         image: String::new(),
@@ -199,7 +409,6 @@ fn service(sname: &str, v: Value, declared: &BTreeSet<String>) -> R<ContainerSpe
         depends_on: Vec::new(),
     };
     let mut has_image = false;
-    let mut labels_seen = false;
     for (key, v) in entries(mapping(v, &base)?, &base)? {
         let path = join(&base, &key);
         match key.as_str() {
@@ -256,17 +465,18 @@ fn service(sname: &str, v: Value, declared: &BTreeSet<String>) -> R<ContainerSpe
                     "host" => NetworkMode::Host,
                     "none" => NetworkMode::None,
                     "bridge" => NetworkMode::Bridge,
-                    other => {
-                        return err(&path, format!("`{other}`: only host, none or bridge"))
-                    }
+                    other => return err(&path, format!("`{other}`: only host, none or bridge")),
                 }
             }
             "labels" => {
-                // Container labels have no place in the model; empty ones
-                // are harmless, any other would be lost.
-                labels_seen = !is_empty(&v);
-                if labels_seen {
-                    return err(&path, "container labels are not supported by Drover");
+                // Container labels have no place in the model (see the
+                // module's notes); empty ones are harmless, any other
+                // would be lost.
+                if !is_empty(&v) {
+                    return err(
+                        &path,
+                        "container labels are not supported by Drover: it sets no labels of yours on containers, and app labels (the app's `labels`, set through the API) are not container labels",
+                    );
                 }
             }
             _ => return unsupported(&path),
@@ -433,11 +643,20 @@ fn port(v: Value, path: &str) -> R<Vec<PortMapping>> {
                     _ => return unsupported(&p),
                 }
             }
-            let container = target.ok_or_else(|| FieldError::new(join(path, "target"), "required"))?;
+            let container =
+                target.ok_or_else(|| FieldError::new(join(path, "target"), "required"))?;
             let host = published.ok_or_else(|| {
-                FieldError::new(join(path, "published"), "required: Drover publishes fixed ports")
+                FieldError::new(
+                    join(path, "published"),
+                    "required: Drover publishes fixed ports",
+                )
             })?;
-            Ok(vec![PortMapping { host, container, protocol: proto, host_ip }])
+            Ok(vec![PortMapping {
+                host,
+                container,
+                protocol: proto,
+                host_ip,
+            }])
         }
         v => {
             let s = string(&v, path)?;
@@ -510,13 +729,16 @@ fn mount(v: Value, path: &str, declared: &BTreeSet<String>, c: &mut ContainerSpe
                 }
             }
             let kind = kind.ok_or_else(|| FieldError::new(join(path, "type"), "required"))?;
-            let source =
-                source.ok_or_else(|| FieldError::new(join(path, "source"), "required"))?;
-            let target =
-                target.ok_or_else(|| FieldError::new(join(path, "target"), "required"))?;
+            let source = source.ok_or_else(|| FieldError::new(join(path, "source"), "required"))?;
+            let target = target.ok_or_else(|| FieldError::new(join(path, "target"), "required"))?;
             match kind.as_str() {
                 "volume" | "bind" => {}
-                other => return err(join(path, "type"), format!("`{other}`: only volume or bind")),
+                other => {
+                    return err(
+                        join(path, "type"),
+                        format!("`{other}`: only volume or bind"),
+                    )
+                }
             }
             (Some(kind), source, target, ro)
         }
@@ -529,7 +751,10 @@ fn mount(v: Value, path: &str, declared: &BTreeSet<String>, c: &mut ContainerSpe
                 [src, tgt, "rw"] => (*src, *tgt, false),
                 [_, _, mode] => return err(path, format!("`{s}`: mode `{mode}`: only ro or rw")),
                 [_] => {
-                    return err(path, format!("`{s}`: anonymous volumes are not supported; name it"))
+                    return err(
+                        path,
+                        format!("`{s}`: anonymous volumes are not supported; name it"),
+                    )
                 }
                 _ => return err(path, format!("`{s}`: expected SOURCE:TARGET[:ro]")),
             };
@@ -549,12 +774,23 @@ fn mount(v: Value, path: &str, declared: &BTreeSet<String>, c: &mut ContainerSpe
                 format!("`{source}`: a bind mount needs an absolute host path (relative ones are relative to your machine, not the device)"),
             );
         }
-        c.host_mounts.push(HostMount { source, target, read_only });
+        c.host_mounts.push(HostMount {
+            source,
+            target,
+            read_only,
+        });
     } else {
         if !declared.contains(&source) {
-            return err(path, format!("volume `{source}` is not declared under top-level `volumes`"));
+            return err(
+                path,
+                format!("volume `{source}` is not declared under top-level `volumes`"),
+            );
         }
-        c.volumes.push(VolumeBind { source, target, read_only });
+        c.volumes.push(VolumeBind {
+            source,
+            target,
+            read_only,
+        });
     }
     Ok(())
 }
@@ -568,13 +804,17 @@ pub fn duration_ms(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: f64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let scale = match unit {
@@ -646,9 +886,8 @@ fn healthcheck(v: Value, path: &str) -> R<Option<HealthCheck>> {
 }
 
 fn depends_on(v: Value, path: &str) -> R<Vec<Name>> {
-    let name = |s: &str, p: &str| {
-        Name::new(s).map_err(|e| FieldError::new(p, format!("`{s}`: {e}")))
-    };
+    let name =
+        |s: &str, p: &str| Name::new(s).map_err(|e| FieldError::new(p, format!("`{s}`: {e}")));
     let mut out = Vec::new();
     match v {
         Value::Sequence(items) => {
@@ -674,7 +913,14 @@ fn depends_on(v: Value, path: &str) -> R<Vec<Name>> {
                                 )
                             }
                         },
-                        "required" if boolean(&v, &pk)? => {}
+                        "required" => {
+                            if !boolean(&v, &pk)? {
+                                return err(
+                                    &pk,
+                                    "only `required: true`: Drover always waits for a dependency",
+                                );
+                            }
+                        }
                         _ => return unsupported(&pk),
                     }
                 }
@@ -686,25 +932,29 @@ fn depends_on(v: Value, path: &str) -> R<Vec<Name>> {
     Ok(out)
 }
 
+/// A Compose byte size (`512m`, `1g`, `1.5gb`, `300000k`, or a bare number
+/// of bytes) in MiB, rounded up.
 fn memory_mb(v: &Value, path: &str) -> R<u64> {
     let s = string(v, path)?;
+    let bad = || FieldError::new(path, format!("`{s}` is not a size like 512m or 1g"));
     let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').filter(|r| !r.is_empty() && !r.ends_with(|c: char| c.is_ascii_digit()) ).unwrap_or(&t);
-    let (num, scale): (&str, f64) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1.0 / 1024.0),
-        Some('m') => (&t[..t.len() - 1], 1.0),
-        Some('g') => (&t[..t.len() - 1], 1024.0),
-        Some(c) if c.is_ascii_digit() => (t, 1.0 / (1024.0 * 1024.0)),
-        _ => return err(path, format!("`{s}` is not a size like 512m or 1g")),
+    let digits = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let scale: f64 = match unit.trim() {
+        "" | "b" => 1.0 / (1024.0 * 1024.0),
+        "k" | "kb" => 1.0 / 1024.0,
+        "m" | "mb" => 1.0,
+        "g" | "gb" => 1024.0,
+        _ => return Err(bad()),
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| FieldError::new(path, format!("`{s}` is not a size like 512m or 1g")))?;
-    let mb = n * scale;
-    if !mb.is_finite() || mb < 0.0 || mb > u64::MAX as f64 / 2.0 {
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mb = (n * scale).ceil();
+    if !mb.is_finite() || mb > 1e15 {
         return err(path, format!("`{s}` is out of range"));
     }
-    Ok(mb.ceil() as u64)
+    Ok(mb as u64)
 }
 
 fn cpus(v: &Value, path: &str) -> R<f64> {
@@ -748,7 +998,12 @@ fn device(v: &Value, path: &str) -> R<DeviceMapping> {
         [h, c] if c.starts_with('/') => (*h, Some(*c), None),
         [h, p] => (*h, None, Some(*p)),
         [h, c, p] => (*h, Some(*c), Some(*p)),
-        _ => return err(path, format!("`{s}`: expected HOST[:CONTAINER[:PERMISSIONS]]")),
+        _ => {
+            return err(
+                path,
+                format!("`{s}`: expected HOST[:CONTAINER[:PERMISSIONS]]"),
+            )
+        }
     };
     Ok(DeviceMapping {
         host: host.to_owned(),

@@ -76,7 +76,11 @@ fn a_realistic_two_service_file() {
     assert_eq!(db.restart, RestartPolicy::UnlessStopped);
 
     let web = &spec.containers[1];
-    assert_eq!(web.restart, RestartPolicy::Always, "merge key from an x- anchor");
+    assert_eq!(
+        web.restart,
+        RestartPolicy::Always,
+        "merge key from an x- anchor"
+    );
     assert_eq!(
         web.command.as_deref().expect("command"),
         ["./serve", "--port", "80", "--name", "my shop"]
@@ -132,7 +136,7 @@ services:
   t:
     image: busybox
     restart: on-failure
-    network_mode: none
+    network_mode: bridge
     ports: ["7000-7001:8000-8001"]
     volumes:
       - type: volume
@@ -142,6 +146,9 @@ services:
       - type: bind
         source: /srv
         target: /srv
+  u:
+    image: busybox
+    network_mode: none
 volumes:
   v: {}
 "#,
@@ -162,7 +169,8 @@ volumes:
     assert_eq!(s.healthcheck.as_ref().expect("hc").test, ["NONE"]);
     let t = &spec.containers[1];
     assert_eq!(t.restart, RestartPolicy::OnFailure);
-    assert_eq!(t.network_mode, NetworkMode::None);
+    assert_eq!(t.network_mode, NetworkMode::Bridge);
+    assert_eq!(spec.containers[2].network_mode, NetworkMode::None);
     assert_eq!(t.ports.len(), 2);
     assert_eq!((t.ports[1].host, t.ports[1].container), (7001, 8001));
     assert!(t.volumes[0].read_only);
@@ -243,7 +251,9 @@ fn each_refused_key_is_named_by_its_path() {
 fn bad_values_are_named() {
     let cases = [
         ("services: {s: {}}", "services.s.image"),
-        ("services: {Bad_Name: {image: x}}", "services.Bad_Name"),
+        ("services: {\"bad name\": {image: x}}", "services.bad name"),
+        ("services: {s: {image: x, depends_on: {t: {required: false}}}, t: {image: x}}", "services.s.depends_on.t.required"),
+        ("services: {s: {image: x, mem_limit: 12q}}", "services.s.mem_limit"),
         ("services: {s: {image: x, environment: [KEY]}}", "services.s.environment[0]"),
         ("services: {s: {image: x, environment: {KEY: }}}", "services.s.environment.KEY"),
         ("services: {s: {image: x, ports: [\"80\"]}}", "services.s.ports[0]"),
@@ -286,7 +296,10 @@ fn malformed_yaml_gives_line_and_column() {
 
 #[test]
 fn input_size_is_limited() {
-    let big = format!("services: {{s: {{image: x}}}}\n#{}\n", "a".repeat(MAX_COMPOSE_BYTES));
+    let big = format!(
+        "services: {{s: {{image: x}}}}\n#{}\n",
+        "a".repeat(MAX_COMPOSE_BYTES)
+    );
     let (f, m) = field(&big);
     assert_eq!(f, "");
     assert!(m.contains("at most"), "{m}");
@@ -302,9 +315,15 @@ fn a_yaml_bomb_is_refused_not_expanded() {
         ));
     }
     y.push_str("services: {s: {image: x, command: *a11}}\n");
+    let started = std::time::Instant::now();
     let (f, m) = field(&y);
     assert_eq!(f, "");
     assert!(m.contains("not valid YAML"), "{m}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -313,4 +332,159 @@ fn deep_nesting_is_refused() {
     let (f, m) = field(&y);
     assert_eq!(f, "");
     assert!(m.contains("not valid YAML"), "{m}");
+}
+
+#[test]
+fn sizes() {
+    let mb = |s: &str| memory_mb(&Value::String(s.into()), "m");
+    assert_eq!(mb("512m"), Ok(512));
+    assert_eq!(mb("512M"), Ok(512));
+    assert_eq!(mb("1g"), Ok(1024));
+    assert_eq!(mb("1.5gb"), Ok(1536));
+    assert_eq!(mb("2048k"), Ok(2));
+    assert_eq!(mb("1048576"), Ok(1));
+    assert_eq!(mb("1048577b"), Ok(2), "rounded up");
+    assert!(mb("lots").is_err());
+    assert!(mb("1t").is_err());
+    assert!(mb("").is_err());
+    assert_eq!(memory_mb(&Value::Number(2_097_152.into()), "m"), Ok(2));
+}
+
+#[test]
+fn service_labels_are_refused_with_the_reason() {
+    let (f, m) = field("services: {s: {image: x, labels: [a=b]}}");
+    assert_eq!(f, "services.s.labels");
+    assert!(m.contains("container labels"), "{m}");
+    let spec = import("services: {s: {image: x, labels: []}}", Some("a")).expect("empty is fine");
+    assert!(spec.labels.is_empty());
+}
+
+#[test]
+fn errors_of_the_model_name_the_service_and_its_compose_key() {
+    let cases = [
+        (
+            "services: {s: {image: x}, t: {image: x, environment: {\"A=B\": c}}}",
+            "services.t.environment.A=B",
+        ),
+        ("services: {s: {image: \"has space\"}}", "services.s.image"),
+        (
+            "services: {s: {image: x, mem_limit: 1k}}",
+            "services.s.mem_limit",
+        ),
+        (
+            "services: {s: {image: x, ports: [\"80:80\"]}, t: {image: x, ports: [\"80:81\"]}}",
+            "services.t.ports",
+        ),
+        (
+            "services: {s: {image: x, volumes: [\"/a:/data\", \"v:/data\"]}}\nvolumes: {v: }",
+            "services.s.volumes",
+        ),
+        (
+            "services: {s: {image: x, cap_add: [NOPE]}}",
+            "services.s.cap_add[0]",
+        ),
+        (
+            "services: {s: {image: x, depends_on: [s]}}",
+            "services.s.depends_on[0]",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let (f, m) = field(yaml);
+        assert_eq!(f, path, "{yaml}: {m}");
+        assert!(!m.contains("containers["), "{yaml}: {m}");
+    }
+    // The message of a clash names the other service in the same terms.
+    let (_, m) =
+        field("services: {s: {image: x, ports: [\"80:80\"]}, t: {image: x, ports: [\"80:81\"]}}");
+    assert!(m.contains("services.s"), "{m}");
+}
+
+#[test]
+fn yaml_features_compose_files_use() {
+    // Anchors, aliases, merge keys (also a list of them), `---`, comments.
+    let spec = import(
+        r#"---
+x-env: &env
+  A: "1"
+x-base: &base
+  image: busybox
+  restart: always
+x-limits: &limits
+  mem_limit: 64m
+services:
+  s:
+    <<: [*base, *limits]
+    environment: *env
+  t:
+    <<: *base
+    restart: "no" # the service's own key wins over the merged one
+"#,
+        Some("a"),
+    )
+    .expect("imports");
+    let (s, t) = (&spec.containers[0], &spec.containers[1]);
+    assert_eq!(s.restart, RestartPolicy::Always);
+    assert_eq!(s.memory_mb, Some(64));
+    assert_eq!(s.env["A"], "1");
+    assert_eq!(t.restart, RestartPolicy::No);
+}
+
+#[test]
+fn yaml_that_compose_would_read_differently_is_refused() {
+    // Duplicate keys: which one wins is not something to guess.
+    let (f, m) = field("services:\n  s:\n    image: x\n    image: y\n");
+    assert_eq!(f, "");
+    assert!(m.contains("duplicate key") && m.contains("line"), "{m}");
+    // Compose's `!reset` / `!override` tags change how files merge.
+    let (f, m) = field("services:\n  s:\n    image: x\n    ports: !reset []\n");
+    assert_eq!(f, "");
+    assert!(m.contains("!reset"), "{m}");
+    // Two documents in one stream.
+    let (_, m) = field("services: {s: {image: x}}\n---\nservices: {t: {image: x}}\n");
+    assert!(m.contains("not valid YAML"), "{m}");
+    // Nothing at all.
+    let (_, m) = field("");
+    assert!(m.contains("mapping"), "{m}");
+}
+
+/// An anchor of N items aliased N times: serde_yaml_ng's own limit
+/// counts alias jumps (at most 100 per event of the file), which this
+/// stays under, so unchecked it would build N² values — about 4 million
+/// from this 10 KB, and 6 GB of memory from 40 KB. The budget stops it
+/// after `MAX_NODES`, quickly.
+#[test]
+fn a_quadratic_alias_blowup_is_refused_within_the_budget() {
+    let n = 2000;
+    let mut y = String::from("x-a: &a [");
+    y.push_str(&"x,".repeat(n));
+    y.push_str("x]\nx-b: [");
+    y.push_str(&"*a,".repeat(n));
+    y.push_str("*a]\nservices: {s: {image: x}}\n");
+    assert!(y.len() < 12_000);
+    let started = std::time::Instant::now();
+    let (f, m) = field(&y);
+    assert_eq!(f, "");
+    assert!(m.contains("once its aliases are expanded"), "{m}");
+    // Debug build, shared machine: generous, but far below the seconds
+    // (and gigabytes) the full expansion takes.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The same with one long string instead of many items.
+    let mut y = format!("x-a: &a \"{}\"\nx-b: [", "y".repeat(100_000));
+    y.push_str(&"*a,".repeat(60));
+    y.push_str("*a]\nservices: {s: {image: x}}\n");
+    let (_, m) = field(&y);
+    assert!(m.contains("once its aliases are expanded"), "{m}");
+
+    // A file that uses aliases within reason imports.
+    let mut y = String::from("x-a: &a [");
+    y.push_str(&"x,".repeat(100));
+    y.push_str("x]\nx-b: [");
+    y.push_str(&"*a,".repeat(100));
+    y.push_str("*a]\nservices: {s: {image: x}}\n");
+    import(&y, Some("a")).expect("10,000 values are fine");
 }

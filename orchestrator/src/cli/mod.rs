@@ -54,6 +54,9 @@ pub enum AppsCmd {
     Create(Box<CreateApp>),
     /// Replace an app's spec (same flags as create); deploy again to roll it out.
     Update(Box<CreateApp>),
+    /// Create an app from a Compose file. Keys Drover does not support are
+    /// refused by name, never ignored.
+    Import(ImportApp),
     /// Delete an app that is deployed nowhere.
     Delete { name: String },
 }
@@ -105,6 +108,20 @@ pub struct CreateApp {
     pub memory_mb: Option<u64>,
     #[arg(long)]
     pub cpus: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportApp {
+    /// The Compose file (`-` for standard input).
+    #[arg(short = 'f', long)]
+    pub file: String,
+    /// The app's name; without it, the file's top-level `name:`.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace the spec of an existing app of that name; deploy again to
+    /// roll it out.
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Debug, Args)]
@@ -266,6 +283,14 @@ impl Client {
     }
 
     pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        Ok(self.send_status(req).await?.1)
+    }
+
+    /// As [`Client::send`], with the status of a success.
+    pub(crate) async fn send_status(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let resp = req
             .send()
             .await
@@ -279,9 +304,9 @@ impl Client {
             bail!("{status}: {text}");
         }
         if text.is_empty() {
-            return Ok(Value::Null);
+            return Ok((status, Value::Null));
         }
-        Ok(serde_json::from_str(&text)?)
+        Ok((status, serde_json::from_str(&text)?))
     }
 
     pub(crate) async fn get(&self, path: &str) -> Result<Value> {
@@ -385,6 +410,7 @@ impl Client {
                     )
                 })
             }
+            Resolved::Apps(AppsCmd::Import(i)) => self.import(i).await,
             Resolved::Apps(AppsCmd::Delete { name }) => {
                 self.delete(&format!("/api/v1/apps/{name}")).await?;
                 if self.output == Output::Table {
@@ -492,6 +518,47 @@ impl Client {
 
     /// Prints the operation; with `--wait`, follows it to a final outcome
     /// (`follow.rs`) and fails the command if the device reports failure.
+    /// `apps import`: the file goes to the server as it is; the server
+    /// converts it and names whatever it refuses.
+    async fn import(&self, i: ImportApp) -> Result<()> {
+        let text = if i.file == "-" {
+            std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+        } else {
+            std::fs::read_to_string(&i.file).with_context(|| format!("cannot read {}", i.file))?
+        };
+        let mut query: Vec<(&str, String)> = vec![("replace", i.replace.to_string())];
+        if let Some(n) = &i.name {
+            query.push(("name", n.clone()));
+        }
+        let req = self
+            .http
+            .post(format!("{}/api/v1/apps/import", self.base))
+            .query(&query)
+            .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+            .body(text);
+        let (status, v) = self
+            .send_status(req)
+            .await
+            .with_context(|| format!("{} was not imported", i.file))?;
+        let verb = if status == reqwest::StatusCode::CREATED {
+            "created"
+        } else {
+            "replaced the spec of"
+        };
+        self.print(&v, |a: AppView| {
+            let names: Vec<&str> = a.spec.containers.iter().map(|c| c.name.as_str()).collect();
+            format!(
+                "{verb} app {} from {} ({} containers: {}; privileges: {})\n{}\n",
+                a.spec.name,
+                i.file,
+                names.len(),
+                names.join(", "),
+                privileges_text(&a.privileges),
+                serde_json::to_string_pretty(&a.spec).unwrap_or_default()
+            )
+        })
+    }
+
     async fn follow(&self, v: Value, t: &Target) -> Result<()> {
         let mut op: Operation = serde_json::from_value(v)?;
         if t.wait {

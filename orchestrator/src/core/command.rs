@@ -66,6 +66,12 @@ impl Actor {
 pub enum Command {
     CreateApp(AppSpec),
     UpdateApp(AppSpec),
+    /// An app from a Compose file (`core::compose`): created, or with
+    /// `replace` also replacing an existing app of that name.
+    ImportApp {
+        spec: AppSpec,
+        replace: bool,
+    },
     DeleteApp(Name),
     /// Deploy, start, stop or remove one app on one device.
     Apply {
@@ -89,6 +95,7 @@ impl Command {
         match self {
             Command::CreateApp(_) => CommandKind::CreateApp,
             Command::UpdateApp(_) => CommandKind::UpdateApp,
+            Command::ImportApp { .. } => CommandKind::ImportApp,
             Command::DeleteApp(_) => CommandKind::DeleteApp,
             Command::Apply { op, .. } => CommandKind::of_op(*op),
             Command::SetRegistry(_) => CommandKind::SetRegistry,
@@ -112,6 +119,7 @@ pub enum CommandKind {
     // changes
     CreateApp,
     UpdateApp,
+    ImportApp,
     DeleteApp,
     Deploy,
     Start,
@@ -145,9 +153,10 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 31] = [
+    pub const ALL: [CommandKind; 32] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
+        CommandKind::ImportApp,
         CommandKind::DeleteApp,
         CommandKind::Deploy,
         CommandKind::Start,
@@ -198,9 +207,9 @@ impl CommandKind {
         match self {
             Deploy | Start | Stop | Remove | CreateEnrollToken | DeleteEnrollToken
             | ListEnrollTokens => Role::Operator,
-            CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
-            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
-            | ListMqttUsers | ReadAudit => Role::Admin,
+            CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
+            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
+            | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry => Role::Viewer,
         }
@@ -210,9 +219,11 @@ impl CommandKind {
     pub fn is_change(self) -> bool {
         use CommandKind::*;
         match self {
-            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetRegistry
-            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
-            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
+            CreateApp | UpdateApp | ImportApp | DeleteApp | Deploy | Start | Stop | Remove
+            | SetRegistry | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken
+            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
+                true
+            }
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
@@ -225,6 +236,7 @@ impl CommandKind {
         match self {
             CreateApp => "app.create",
             UpdateApp => "app.update",
+            ImportApp => "app.import",
             DeleteApp => "app.delete",
             Deploy => "deploy",
             Start => "start",
@@ -309,6 +321,7 @@ mod tests {
             (ListEnrollTokens, Role::Operator),
             (CreateApp, Role::Admin),
             (UpdateApp, Role::Admin),
+            (ImportApp, Role::Admin),
             (RevokeDevice, Role::Admin),
             (CreateApiToken, Role::Admin),
             (ListApiTokens, Role::Admin),
@@ -336,7 +349,11 @@ mod tests {
         let name = Name::new("web").expect("name");
         let commands = [
             Command::CreateApp(spec.clone()),
-            Command::UpdateApp(spec),
+            Command::UpdateApp(spec.clone()),
+            Command::ImportApp {
+                spec,
+                replace: true,
+            },
             Command::DeleteApp(name.clone()),
             Command::Apply {
                 device: dev.clone(),

@@ -455,6 +455,21 @@ impl Fleet {
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
+    /// Checks an imported app: new, or with `replace` a replacement for an
+    /// existing one (which otherwise is [`FleetError::AppExists`]).
+    pub fn import_app(
+        &self,
+        spec: AppSpec,
+        replace: bool,
+        now: u64,
+    ) -> Result<(AppRecord, Vec<Write>), FleetError> {
+        if replace && self.apps.contains_key(&spec.name) {
+            self.update_app(spec, now)
+        } else {
+            self.create_app(spec, now)
+        }
+    }
+
     pub fn put_app(&mut self, rec: AppRecord) {
         self.apps.insert(rec.spec.name.clone(), rec);
     }

@@ -23,6 +23,11 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone)]
 pub enum Reply {
     App(contract::App),
+    /// An imported app, and whether it was created (or replaced one).
+    AppImported {
+        app: contract::App,
+        created: bool,
+    },
     Operation(contract::Operation),
     Registry(contract::Registry),
     EnrollToken(contract::EnrollToken),
@@ -157,6 +162,9 @@ pub struct Origin {
 impl Origin {
     fn status(&self, result: Result<&Reply, &CommandError>) -> Option<u16> {
         match result {
+            // An import that replaced an app is a plain success, where
+            // one that created it is the surface's "created".
+            Ok(Reply::AppImported { created: false, .. }) => self.ok_status.map(|_| 200),
             Ok(_) => self.ok_status,
             Err(e) => (self.error_status)(e),
         }
@@ -271,6 +279,25 @@ impl Commands {
                 let detail = app_detail(&spec);
                 let app = self.app(FleetChange::UpdateApp(spec)).await?;
                 Ok((Reply::App(app), detail))
+            }
+            Command::ImportApp { mut spec, replace } => {
+                validate(&mut spec)?;
+                let privileges = app_detail(&spec);
+                match self
+                    .engine
+                    .change(FleetChange::ImportApp { spec, replace })
+                    .await?
+                {
+                    Done::App { record, created } => {
+                        let detail = format!(
+                            "{} from a Compose file, {privileges}",
+                            if created { "created" } else { "replaced" }
+                        );
+                        let app = (&record).into();
+                        Ok((Reply::AppImported { app, created }, detail))
+                    }
+                    other => Err(unexpected(other)),
+                }
             }
             Command::DeleteApp(name) => {
                 self.engine.change(FleetChange::DeleteApp(name)).await?;
@@ -399,7 +426,7 @@ impl Commands {
 
     async fn app(&self, change: FleetChange) -> Result<contract::App, CommandError> {
         match self.engine.change(change).await? {
-            Done::App(rec) => Ok((&rec).into()),
+            Done::App { record, .. } => Ok((&record).into()),
             other => Err(unexpected(other)),
         }
     }

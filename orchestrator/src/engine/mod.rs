@@ -75,8 +75,18 @@ pub enum EngineError {
 pub enum FleetChange {
     CreateApp(AppSpec),
     UpdateApp(AppSpec),
+    /// Create the app, or with `replace` also replace an existing one's
+    /// spec (`apps import`).
+    ImportApp {
+        spec: AppSpec,
+        replace: bool,
+    },
     DeleteApp(Name),
-    Apply { device: DeviceId, app: Name, op: Op },
+    Apply {
+        device: DeviceId,
+        app: Name,
+        op: Op,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
 }
@@ -84,7 +94,11 @@ pub enum FleetChange {
 /// What a fleet change produced.
 #[derive(Debug)]
 pub enum Done {
-    App(AppRecord),
+    /// The app as stored; `created` unless it replaced an existing one.
+    App {
+        record: AppRecord,
+        created: bool,
+    },
     AppDeleted,
     Operation(OperationRecord),
     Registry(contract::Registry),
@@ -411,6 +425,10 @@ impl Engine {
                 let checked = self.fleet.update_app(spec, now);
                 self.put_app(checked, reply).await;
             }
+            FleetChange::ImportApp { spec, replace } => {
+                let checked = self.fleet.import_app(spec, replace, now);
+                self.put_app(checked, reply).await;
+            }
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
                 Ok(writes) => {
                     let previous = self.fleet.app(&name);
@@ -526,13 +544,20 @@ impl Engine {
             return;
         }
         match then {
-            Then::App { reply, record, .. } => {
+            Then::App {
+                reply,
+                record,
+                previous,
+            } => {
                 info!(app = %record.spec.name, "app stored");
                 self.emit(Change::App {
                     name: record.spec.name.clone(),
                     deleted: false,
                 });
-                let _ = reply.send(Ok(Done::App(record)));
+                let _ = reply.send(Ok(Done::App {
+                    record,
+                    created: previous.is_none(),
+                }));
             }
             Then::AppDeleted { reply, name, .. } => {
                 info!(app = %name, "app deleted");
@@ -992,7 +1017,7 @@ mod tests {
             .change(FleetChange::CreateApp(spec.clone()))
             .await
             .expect("created");
-        assert!(matches!(done, Done::App(_)));
+        assert!(matches!(done, Done::App { created: true, .. }));
         assert!(matches!(
             f.engine.change(FleetChange::CreateApp(spec)).await,
             Err(EngineError::Fleet(FleetError::AppExists(_)))

@@ -206,6 +206,10 @@ impl Ctx {
         let mut resp = match reply {
             Reply::Deleted => StatusCode::NO_CONTENT.into_response(),
             Reply::App(v) => (ok, Json(v)).into_response(),
+            Reply::AppImported { app, created } => {
+                let status = if created { ok } else { StatusCode::OK };
+                (status, Json(app)).into_response()
+            }
             Reply::Operation(v) => (ok, Json(v)).into_response(),
             Reply::Registry(v) => (ok, Json(v)).into_response(),
             Reply::EnrollToken(v) => (ok, Json(v)).into_response(),

@@ -80,6 +80,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
+        .routes(routes!(import_app))
         .routes(routes!(show_app, update_app, delete_app))
         .routes(routes!(list_operations))
         .routes(routes!(show_operation))
@@ -430,6 +431,132 @@ async fn list_apps(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl Into
 async fn create_app(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiResult<Response> {
     ctx.run(&api, CommandKind::CreateApp, StatusCode::CREATED, || {
         Ok(Command::CreateApp(parse_body::<AppSpec>(&body)?))
+    })
+    .await
+}
+
+/// The media types a Compose file may be sent as.
+const YAML_TYPES: [&str; 4] = [
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/plain",
+];
+
+#[derive(Debug, Deserialize)]
+struct ImportQuery {
+    name: Option<String>,
+    replace: Option<String>,
+}
+
+/// Defines an app from a Compose file: services become containers (image,
+/// command, environment, ports, named volumes, absolute bind mounts,
+/// restart, healthcheck, depends_on, resource limits, and the device
+/// access keys). Every other key is refused by its path (`field`), never
+/// ignored; `x-` extension keys are ignored, as Compose does.
+#[utoipa::path(post, path = "/api/v1/apps/import", tag = "apps",
+    params(
+        ("name" = Option<Name>, Query, description = "The app's name; without it, the file's top-level `name:`"),
+        ("replace" = Option<bool>, Query, description = "Replace the spec of an existing app of that name (default false: an existing app is a conflict)"),
+    ),
+    request_body(description = "A Compose file (YAML), at most 256 KiB",
+        content(
+            (String = "application/yaml"),
+            (String = "application/x-yaml"),
+            (String = "text/yaml"),
+            (String = "text/plain"),
+        )),
+    responses(
+        (status = 201, description = "The app was created", body = contract::App),
+        (status = 200, description = "The app existed and its spec was replaced (`replace=true`)", body = contract::App),
+        (status = 400, description = "The file is not valid YAML (the message gives line and column), or uses a key Drover does not support, or a value is not valid; `field` names the key by its path (`services.web.build`)", body = ErrorBody),
+        (status = 409, description = "An app of that name exists and `replace` is not true", body = ErrorBody),
+        (status = 413, description = "The file is larger than 256 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not sent as YAML (application/yaml, application/x-yaml, text/yaml or text/plain)", body = ErrorBody),
+    ))]
+async fn import_app(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    use crate::core::compose::{self, MAX_COMPOSE_BYTES};
+    // Nothing is read or parsed for a caller who may not import.
+    ctx.authorize(&api, CommandKind::ImportApp).await?;
+    let media = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if !media.as_deref().is_some_and(|m| YAML_TYPES.contains(&m)) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "a Compose file is sent as {}; got {}",
+                YAML_TYPES.join(", "),
+                media.map_or("no Content-Type".to_string(), |m| format!("{m:?}"))
+            ),
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the Compose file is larger than the limit of {MAX_COMPOSE_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_COMPOSE_BYTES as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_COMPOSE_BYTES)
+        .await
+        .map_err(|e| {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                )
+            }
+        })?;
+    let replace = match q.replace.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "replace",
+                format!("`replace` must be true or false, got {other:?}"),
+            ))
+        }
+    };
+    ctx.run(&api, CommandKind::ImportApp, StatusCode::CREATED, || {
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the Compose file is not UTF-8 text: {e}"),
+            )
+        })?;
+        let spec = compose::import(text, q.name.as_deref()).map_err(|e| {
+            if e.field.is_empty() {
+                ApiError::new(StatusCode::BAD_REQUEST, e.message)
+            } else {
+                ApiError::field(StatusCode::BAD_REQUEST, e.field.clone(), e.to_string())
+            }
+        })?;
+        Ok(Command::ImportApp { spec, replace })
     })
     .await
 }

@@ -941,6 +941,25 @@ mod tests {
     }
 
     #[test]
+    fn an_import_creates_or_with_replace_replaces() {
+        let mut f = Fleet::default();
+        // New: created either way.
+        let (rec, writes) = f.import_app(spec("web"), false, 5).expect("create");
+        assert_eq!((rec.created_at_ms, rec.updated_at_ms), (5, 5));
+        assert_eq!(writes.len(), 1);
+        f.put_app(rec);
+        let (rec, _) = f.import_app(spec("db"), true, 6).expect("create");
+        f.put_app(rec);
+        // Existing: a conflict without replace, a replacement with it.
+        assert!(matches!(
+            f.import_app(spec("web"), false, 7),
+            Err(FleetError::AppExists(_))
+        ));
+        let (rec, _) = f.import_app(spec("web"), true, 8).expect("replace");
+        assert_eq!((rec.created_at_ms, rec.updated_at_ms), (5, 8));
+    }
+
+    #[test]
     fn a_host_port_is_published_by_one_app_per_device() {
         let mut f = fleet_with_device();
         let ports = |name: &str, ports: serde_json::Value| {

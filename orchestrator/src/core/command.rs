@@ -4,6 +4,8 @@
 //! record it leaves are properties of the command ([`CommandKind`]), checked
 //! and written in one place (`engine::commands`). Pure: no I/O.
 
+use std::collections::BTreeMap;
+
 use drover_shared::model::AppSpec;
 use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
@@ -73,6 +75,14 @@ pub enum Command {
         app: Name,
         op: Op,
     },
+    /// Change a device's operator-set labels: `replace` drops the others
+    /// first (PUT), otherwise `set` and `remove` apply to what is there.
+    SetLabels {
+        device: DeviceId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        replace: bool,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
     CreateEnrollToken(NewEnrollToken),
@@ -91,6 +101,7 @@ impl Command {
             Command::UpdateApp(_) => CommandKind::UpdateApp,
             Command::DeleteApp(_) => CommandKind::DeleteApp,
             Command::Apply { op, .. } => CommandKind::of_op(*op),
+            Command::SetLabels { .. } => CommandKind::SetLabels,
             Command::SetRegistry(_) => CommandKind::SetRegistry,
             Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
             Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
@@ -117,6 +128,7 @@ pub enum CommandKind {
     Start,
     Stop,
     Remove,
+    SetLabels,
     SetRegistry,
     DeleteRegistry,
     CreateEnrollToken,
@@ -145,7 +157,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 31] = [
+    pub const ALL: [CommandKind; 32] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::DeleteApp,
@@ -153,6 +165,7 @@ impl CommandKind {
         CommandKind::Start,
         CommandKind::Stop,
         CommandKind::Remove,
+        CommandKind::SetLabels,
         CommandKind::SetRegistry,
         CommandKind::DeleteRegistry,
         CommandKind::CreateEnrollToken,
@@ -196,7 +209,7 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | CreateEnrollToken | DeleteEnrollToken
+            Deploy | Start | Stop | Remove | SetLabels | CreateEnrollToken | DeleteEnrollToken
             | ListEnrollTokens => Role::Operator,
             CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
             | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
@@ -210,9 +223,11 @@ impl CommandKind {
     pub fn is_change(self) -> bool {
         use CommandKind::*;
         match self {
-            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetRegistry
-            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
-            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
+            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetLabels
+            | SetRegistry | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken
+            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
+                true
+            }
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
@@ -230,6 +245,7 @@ impl CommandKind {
             Start => "start",
             Stop => "stop",
             Remove => "remove",
+            SetLabels => "device.labels.set",
             SetRegistry => "registry.set",
             DeleteRegistry => "registry.delete",
             CreateEnrollToken => "enroll_token.create",
@@ -305,6 +321,7 @@ mod tests {
             (Start, Role::Operator),
             (Stop, Role::Operator),
             (Remove, Role::Operator),
+            (SetLabels, Role::Operator),
             (CreateEnrollToken, Role::Operator),
             (ListEnrollTokens, Role::Operator),
             (CreateApp, Role::Admin),

@@ -16,6 +16,7 @@ use drover_shared::{DeviceId, Name};
 use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
 use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord, Write};
+use crate::core::selector::{effective_labels, Selector};
 
 /// Log lines kept per container; older lines are dropped first.
 pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
@@ -200,6 +201,7 @@ impl Fleet {
                 online: live,
                 inventory: None,
                 observed: None,
+                labels: BTreeMap::new(),
             },
             offline_after_ms: None,
             heartbeat: None,
@@ -603,6 +605,45 @@ impl Fleet {
         Ok((next, operation, writes))
     }
 
+    /// Checks a change of a device's operator-set labels and returns the
+    /// record it makes; the caller persists it, then
+    /// [`Fleet::put_device_labels`]. `replace`: `set` is the whole new set.
+    pub fn set_labels(
+        &self,
+        device: &DeviceId,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+        replace: bool,
+    ) -> Result<(DeviceRecord, Vec<Write>), FleetError> {
+        let dev = self
+            .devices
+            .get(device)
+            .ok_or_else(|| FleetError::UnknownDevice(device.clone()))?;
+        let mut rec = dev.record.clone();
+        if replace {
+            rec.labels.clear();
+        }
+        for k in remove {
+            rec.labels.remove(k);
+        }
+        rec.labels
+            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok((rec.clone(), vec![Write::Device(rec)]))
+    }
+
+    /// Puts a device's operator-set labels as given (a checked change, or
+    /// the undo of one).
+    pub fn put_device_labels(&mut self, device: &DeviceId, labels: BTreeMap<String, String>) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.record.labels = labels;
+        }
+    }
+
+    /// A device's operator-set labels.
+    pub fn operator_labels(&self, device: &DeviceId) -> Option<BTreeMap<String, String>> {
+        self.devices.get(device).map(|d| d.record.labels.clone())
+    }
+
     /// Undoes a request whose writes failed: the device's desired state is
     /// what it was, and the operation never existed.
     pub fn undo_request(&mut self, device: &DeviceId, previous: Option<DesiredState>, op_id: &str) {
@@ -667,6 +708,14 @@ impl Fleet {
             heartbeat: d.heartbeat.clone(),
             telemetry: d.telemetry.clone(),
             recent_events: d.events.iter().rev().take(20).cloned().collect(),
+            labels: self.labels_of(id).unwrap_or_default(),
+            device_labels: d
+                .record
+                .inventory
+                .as_ref()
+                .map(|h| h.labels.clone())
+                .unwrap_or_default(),
+            operator_labels: d.record.labels.clone(),
             credential: None,
             privileges: self
                 .desired
@@ -679,6 +728,28 @@ impl Fleet {
                 })
                 .unwrap_or_default(),
         })
+    }
+
+    /// A device's effective labels: device-set overlaid by operator-set.
+    pub fn labels_of(&self, id: &DeviceId) -> Option<BTreeMap<String, String>> {
+        let d = self.devices.get(id)?;
+        let own = d.record.inventory.as_ref().map(|h| &h.labels);
+        Some(match own {
+            Some(own) => effective_labels(own, &d.record.labels),
+            None => d.record.labels.clone(),
+        })
+    }
+
+    /// The devices whose effective labels match `selector`, in id order.
+    pub fn matching(&self, selector: &Selector) -> Vec<DeviceId> {
+        self.devices
+            .keys()
+            .filter(|id| {
+                self.labels_of(id)
+                    .is_some_and(|labels| selector.matches(&labels))
+            })
+            .cloned()
+            .collect()
     }
 
     /// (known, online), without building views.
@@ -1382,5 +1453,59 @@ mod tests {
             .iter()
             .all(|c| !matches!(c, Change::Device { device, .. } if device == &old)));
         assert_eq!(f.expire(80_001, 60_000).changes.len(), 1);
+    }
+
+    fn lbl(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Device-set labels come from hello, operator-set from the API; the
+    /// operator wins on a key both set; both are kept apart in the view.
+    #[test]
+    fn labels_merge_and_select() {
+        let mut f = Fleet::default();
+        let hello = Hello {
+            labels: lbl(&[("env", "dev"), ("arch", "arm64")]),
+            ..Hello::default()
+        };
+        f.on_device_message(&id("a"), DeviceMessage::Hello(hello), 1);
+        f.on_device_message(&id("b"), DeviceMessage::Hello(Hello::default()), 1);
+        let sel = Selector::parse("env=prod").expect("sel");
+        assert!(f.matching(&sel).is_empty());
+        let (rec, writes) = f
+            .set_labels(&id("a"), &lbl(&[("env", "prod")]), &[], false)
+            .expect("labels");
+        assert!(matches!(&writes[..], [Write::Device(r)] if r.labels == rec.labels));
+        f.put_device_labels(&id("a"), rec.labels);
+        assert_eq!(f.matching(&sel), vec![id("a")]);
+        let v = f.device_view(&id("a")).expect("view");
+        assert_eq!(v.labels, lbl(&[("arch", "arm64"), ("env", "prod")]));
+        assert_eq!(v.device_labels, lbl(&[("arch", "arm64"), ("env", "dev")]));
+        assert_eq!(v.operator_labels, lbl(&[("env", "prod")]));
+        // A new hello changes the device's own labels, never the operator's.
+        let hello = Hello {
+            labels: lbl(&[("env", "test")]),
+            ..Hello::default()
+        };
+        f.on_device_message(&id("a"), DeviceMessage::Hello(hello), 2);
+        assert_eq!(f.matching(&sel), vec![id("a")]);
+        // Removing the operator's key lets the device's own show again.
+        let (rec, _) = f
+            .set_labels(&id("a"), &BTreeMap::new(), &["env".into()], false)
+            .expect("remove");
+        f.put_device_labels(&id("a"), rec.labels);
+        assert_eq!(f.labels_of(&id("a")).expect("a"), lbl(&[("env", "test")]));
+        // Replacing sets exactly the given operator labels.
+        let (rec, _) = f
+            .set_labels(&id("b"), &lbl(&[("x", "1")]), &[], true)
+            .expect("replace");
+        assert_eq!(rec.labels, lbl(&[("x", "1")]));
+        assert!(matches!(
+            f.set_labels(&id("zz"), &BTreeMap::new(), &[], false),
+            Err(FleetError::UnknownDevice(_))
+        ));
     }
 }

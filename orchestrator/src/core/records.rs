@@ -3,6 +3,8 @@
 //! serialized shape across releases; the API's views may change on their
 //! own.
 
+use std::collections::BTreeMap;
+
 use drover_shared::identity::automation_username;
 use drover_shared::model::{AppSpec, DesiredState, ObservedState};
 use drover_shared::payload::{Hello, Op, Progress, RegistryCredential};
@@ -21,6 +23,10 @@ pub struct DeviceRecord {
     pub inventory: Option<Hello>,
     #[serde(default)]
     pub observed: Option<ObservedState>,
+    /// Operator-set labels. The device's own (`Hello::labels`) are in
+    /// `inventory`; see [`crate::core::selector::effective_labels`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

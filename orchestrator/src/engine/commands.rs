@@ -24,6 +24,7 @@ use crate::store::{Store, StoreError};
 pub enum Reply {
     App(contract::App),
     Operation(contract::Operation),
+    Device(Box<contract::Device>),
     Registry(contract::Registry),
     EnrollToken(contract::EnrollToken),
     ApiToken(contract::ApiToken),
@@ -290,6 +291,45 @@ impl Commands {
                         let detail = format!("app {app}, operation {}", op.id);
                         Ok((Reply::Operation((&op).into()), detail))
                     }
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::SetLabels {
+                device,
+                set,
+                remove,
+                replace,
+            } => {
+                crate::core::selector::validate_labels(&set)
+                    .map_err(|(k, m)| CommandError::invalid(format!("labels.{k}"), m))?;
+                for k in &remove {
+                    crate::core::selector::validate_key(k).map_err(|m| {
+                        CommandError::invalid("remove", format!("label key {k:?}: {m}"))
+                    })?;
+                    if set.contains_key(k) {
+                        return Err(CommandError::invalid(
+                            "remove",
+                            format!("label {k} is both set and removed"),
+                        ));
+                    }
+                }
+                let detail = format!(
+                    "{}set {:?}, removed {:?}",
+                    if replace { "replaced all; " } else { "" },
+                    set,
+                    remove
+                );
+                match self
+                    .engine
+                    .change(FleetChange::SetLabels {
+                        device,
+                        set,
+                        remove,
+                        replace,
+                    })
+                    .await?
+                {
+                    Done::Device(view) => Ok((Reply::Device(view), detail)),
                     other => Err(unexpected(other)),
                 }
             }

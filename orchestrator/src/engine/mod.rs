@@ -16,6 +16,7 @@
 pub mod commands;
 mod outbox;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -76,7 +77,17 @@ pub enum FleetChange {
     CreateApp(AppSpec),
     UpdateApp(AppSpec),
     DeleteApp(Name),
-    Apply { device: DeviceId, app: Name, op: Op },
+    Apply {
+        device: DeviceId,
+        app: Name,
+        op: Op,
+    },
+    SetLabels {
+        device: DeviceId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        replace: bool,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
 }
@@ -87,6 +98,7 @@ pub enum Done {
     App(AppRecord),
     AppDeleted,
     Operation(OperationRecord),
+    Device(Box<contract::Device>),
     Registry(contract::Registry),
     RegistryDeleted,
 }
@@ -245,6 +257,11 @@ enum Then {
         desired: DesiredState,
         previous: Option<DesiredState>,
     },
+    Labels {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        device: DeviceId,
+        previous: BTreeMap<String, String>,
+    },
     Registry {
         reply: oneshot::Sender<Result<Done, EngineError>>,
         view: Option<contract::Registry>,
@@ -259,6 +276,7 @@ impl Then {
             Then::App { reply, .. }
             | Then::AppDeleted { reply, .. }
             | Then::Apply { reply, .. }
+            | Then::Labels { reply, .. }
             | Then::Registry { reply, .. } => reply,
         }
     }
@@ -449,6 +467,29 @@ impl Engine {
                     }
                 }
             }
+            FleetChange::SetLabels {
+                device,
+                set,
+                remove,
+                replace,
+            } => match self.fleet.set_labels(&device, &set, &remove, replace) {
+                Ok((record, writes)) => {
+                    let previous = self.fleet.operator_labels(&device).unwrap_or_default();
+                    self.fleet.put_device_labels(&device, record.labels);
+                    self.queue(
+                        writes,
+                        Then::Labels {
+                            reply,
+                            device,
+                            previous,
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             FleetChange::SetRegistry(credential) => {
                 let record = RegistryRecord {
                     credential,
@@ -573,6 +614,18 @@ impl Engine {
                 });
                 let _ = reply.send(Ok(Done::Operation(op)));
             }
+            Then::Labels { reply, device, .. } => {
+                info!(device = %device, "operator labels changed");
+                self.emit(Change::Inventory {
+                    device: device.clone(),
+                    at_ms: now_ms(),
+                });
+                let reply_to = match self.fleet.device_view(&device) {
+                    Some(v) => Ok(Done::Device(Box::new(v))),
+                    None => Err(EngineError::Fleet(FleetError::UnknownDevice(device))),
+                };
+                let _ = reply.send(reply_to);
+            }
             Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
@@ -633,6 +686,9 @@ impl Engine {
                 self.fleet
                     .undo_request(&op.device, previous.clone(), &op.id)
             }
+            Then::Labels {
+                device, previous, ..
+            } => self.fleet.put_device_labels(device, previous.clone()),
             Then::Registry { host, previous, .. } => match previous {
                 Some(rec) => self.secrets.put(rec.clone()),
                 None => {

@@ -26,6 +26,7 @@ use super::{
 use crate::contract::{self, Change, ChangeFilter, DeployRequest, ErrorBody, RegistryCredentials};
 use crate::core::command::{Command, CommandKind};
 use crate::core::registries;
+use crate::core::selector::Selector;
 
 /// axum's default body limit, which every JSON body here is far below.
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -73,6 +74,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(openapi_json))
         .routes(routes!(list_devices))
         .routes(routes!(show_device))
+        .routes(routes!(patch_labels, put_labels))
         .routes(routes!(deploy))
         .routes(routes!(remove))
         .routes(routes!(start))
@@ -178,16 +180,103 @@ async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
 
 // ----- devices -----------------------------------------------------------------
 
-/// Every device the orchestrator knows.
+#[derive(Debug, Deserialize)]
+struct DevicesQuery {
+    selector: Option<String>,
+}
+
+/// Every device the orchestrator knows, or those whose labels match a
+/// selector.
 #[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
-    responses((status = 200, description = "All devices", body = Vec<contract::Device>)))]
-async fn list_devices(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    params(("selector" = Option<String>, Query, description = "A Kubernetes-style label selector, e.g. `env=prod,region in (eu,us),!canary`; matched against each device's effective labels")),
+    responses(
+        (status = 200, description = "The devices", body = Vec<contract::Device>),
+        (status = 400, description = "The selector is not valid; the message says where", body = ErrorBody),
+    ))]
+async fn list_devices(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<DevicesQuery>,
+) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListDevices).await?;
+    let selector = q.selector.as_deref().map(parse_selector).transpose()?;
     let mut views = api.commands.engine.devices().await?;
+    if let Some(sel) = selector {
+        views.retain(|v| sel.matches(&v.labels));
+    }
     for v in &mut views {
         v.credential = Some(api.commands.identities.credential_state(&v.id));
     }
     Ok(Json(views))
+}
+
+fn parse_selector(s: &str) -> ApiResult<Selector> {
+    Selector::parse(s).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "selector",
+            format!("selector {s:?} is not valid: {e}"),
+        )
+    })
+}
+
+/// Changes a device's operator-set labels: sets the keys in `set`,
+/// removes those in `remove`. Operator-set labels win over the device's
+/// own on a key both set.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/labels", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    request_body = contract::LabelsPatch,
+    responses(
+        (status = 200, description = "The device with its new labels", body = contract::Device),
+        (status = 400, description = "A label key or value is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn patch_labels(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::SetLabels, StatusCode::OK, || {
+        let device = device_id(&id)?;
+        let body: contract::LabelsPatch = parse_body(&body)?;
+        Ok(Command::SetLabels {
+            device,
+            set: body.set,
+            remove: body.remove,
+            replace: false,
+        })
+    })
+    .await
+}
+
+/// Replaces a device's operator-set labels with `labels` (its own,
+/// device-set labels stay).
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    request_body = contract::LabelsPut,
+    responses(
+        (status = 200, description = "The device with its new labels", body = contract::Device),
+        (status = 400, description = "A label key or value is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn put_labels(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::SetLabels, StatusCode::OK, || {
+        let device = device_id(&id)?;
+        let body: contract::LabelsPut = parse_body(&body)?;
+        Ok(Command::SetLabels {
+            device,
+            set: body.labels,
+            remove: Vec::new(),
+            replace: true,
+        })
+    })
+    .await
 }
 
 /// One device.

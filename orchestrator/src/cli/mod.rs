@@ -185,6 +185,8 @@ pub enum ClientCmd {
         #[arg(required = true)]
         changes: Vec<String>,
     },
+    /// An app's releases, oldest first.
+    Releases { app: String },
     /// App definitions (default: list).
     Apps {
         #[command(subcommand)]
@@ -364,6 +366,19 @@ impl Client {
                 bail!("--selector applies to listing devices only")
             }
             ClientCmd::Devices { cmd, .. } => Resolved::Devices(cmd.unwrap_or(DevicesCmd::List)),
+            ClientCmd::Releases { app } => {
+                let v = self.get(&format!("/api/v1/apps/{app}/releases")).await?;
+                return self.print(&v, |rs: Vec<crate::contract::Release>| {
+                    let mut out = String::from("RELEASE  CREATED_AT_MS  AUTHOR\n");
+                    for r in rs {
+                        out.push_str(&format!(
+                            "{:<8} {:<14} {}\n",
+                            r.number, r.created_at_ms, r.author
+                        ));
+                    }
+                    out
+                });
+            }
             ClientCmd::Label { device, changes } => return self.label(&device, &changes).await,
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
             ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List {

@@ -12,6 +12,20 @@ pub struct App {
     pub updated_at_ms: u64,
     #[serde(default)]
     pub privileges: Vec<String>,
+    /// The number of the release `spec` is.
+    #[serde(default)]
+    pub latest_release: u64,
+}
+
+/// One immutable, numbered version of an app's spec: every create or
+/// change of the spec makes one.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Release {
+    pub number: u64,
+    pub created_at_ms: u64,
+    /// The name of who made it (an API token's name).
+    pub author: String,
+    pub spec: AppSpec,
 }
 
 /// The body of `POST /api/v1/devices/{id}/apps`.

@@ -15,9 +15,13 @@ use drover_shared::{DeviceId, Name};
 
 use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
-use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord, Write};
+use crate::core::records::{
+    AppRecord, DesiredRecord, DeviceRecord, OperationRecord, ReleaseRecord, Write,
+};
 use crate::core::selector::{effective_labels, Selector};
 
+/// Releases kept per app (besides any a device's desired state holds).
+pub const RELEASES_KEPT: usize = 100;
 /// Log lines kept per container; older lines are dropped first.
 pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
 /// Device events kept per device; older events are dropped first.
@@ -138,7 +142,10 @@ impl Fleet {
                     )
                 })
                 .collect(),
-            apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
+            apps: apps
+                .into_iter()
+                .map(|a| (a.spec.name.clone(), a.with_first_release()))
+                .collect(),
             desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
             operations: OpBook::load(operations),
             logs: HashMap::new(),
@@ -421,16 +428,24 @@ impl Fleet {
 
     // ----- operator requests -----------------------------------------------
 
-    /// Checks a new app; the caller persists the write, then [`Fleet::put_app`].
+    /// Checks a new app, which starts at release 1; the caller persists
+    /// the write, then [`Fleet::put_app`].
     pub fn create_app(
         &self,
         spec: AppSpec,
+        author: &str,
         now: u64,
     ) -> Result<(AppRecord, Vec<Write>), FleetError> {
         if self.apps.contains_key(&spec.name) {
             return Err(FleetError::AppExists(spec.name));
         }
         let rec = AppRecord {
+            releases: vec![ReleaseRecord {
+                number: 1,
+                created_at_ms: now,
+                author: author.to_string(),
+                spec: spec.clone(),
+            }],
             spec,
             created_at_ms: now,
             updated_at_ms: now,
@@ -438,23 +453,60 @@ impl Fleet {
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
-    /// Checks a replacement spec for an existing app. Devices keep running
-    /// the old spec until the app is deployed to them again.
+    /// Checks a replacement spec for an existing app: a spec that differs
+    /// makes the next release; the same spec again changes nothing. Devices
+    /// keep running the release they have until it is deployed to them
+    /// again. The oldest releases beyond [`RELEASES_KEPT`] are dropped,
+    /// never one a device's desired state holds.
     pub fn update_app(
         &self,
         spec: AppSpec,
+        author: &str,
         now: u64,
     ) -> Result<(AppRecord, Vec<Write>), FleetError> {
         let old = self
             .apps
             .get(&spec.name)
             .ok_or_else(|| FleetError::UnknownApp(spec.name.clone()))?;
+        if old.spec == spec {
+            return Ok((old.clone(), Vec::new()));
+        }
+        let mut releases = old.releases.clone();
+        releases.push(ReleaseRecord {
+            number: old.latest_release() + 1,
+            created_at_ms: now,
+            author: author.to_string(),
+            spec: spec.clone(),
+        });
+        let in_use = self.releases_in_use(&spec.name);
+        let mut excess = releases.len().saturating_sub(RELEASES_KEPT);
+        // Oldest first; the newest is never dropped.
+        let last = releases.len() - 1;
+        let mut i = 0;
+        releases.retain(|r| {
+            let drop = excess > 0 && i != last && !in_use.contains(&r.number);
+            i += 1;
+            if drop {
+                excess -= 1;
+            }
+            !drop
+        });
         let rec = AppRecord {
             spec,
             created_at_ms: old.created_at_ms,
             updated_at_ms: now,
+            releases,
         };
         Ok((rec.clone(), vec![Write::App(rec)]))
+    }
+
+    /// The releases of `app` that some device's desired state holds.
+    pub fn releases_in_use(&self, app: &Name) -> std::collections::BTreeSet<u64> {
+        self.desired
+            .values()
+            .filter_map(|d| d.app(app))
+            .map(|a| a.release)
+            .collect()
     }
 
     pub fn put_app(&mut self, rec: AppRecord) {
@@ -506,17 +558,15 @@ impl Fleet {
         let pos = next.apps.iter().position(|a| &a.spec.name == app);
         match (op, pos) {
             (Op::Deploy, _) => {
-                let spec = self
+                let rec = self
                     .apps
                     .get(app)
-                    .ok_or_else(|| FleetError::UnknownApp(app.clone()))?
-                    .spec
-                    .clone();
+                    .ok_or_else(|| FleetError::UnknownApp(app.clone()))?;
                 let entry = DesiredApp {
-                    spec,
+                    spec: rec.spec.clone(),
                     run: RunState::Running,
                     started_at: generation,
-                    release: 0,
+                    release: rec.latest_release(),
                 };
                 match pos {
                     Some(i) => next.apps[i] = entry,
@@ -958,7 +1008,7 @@ mod tests {
     fn fleet_with_device() -> Fleet {
         let mut f = Fleet::default();
         f.on_device_message(&id("pi"), DeviceMessage::Hello(Hello::default()), 1);
-        let (rec, _) = f.create_app(spec("web"), 1).expect("create");
+        let (rec, _) = f.create_app(spec("web"), "t", 1).expect("create");
         f.put_app(rec);
         f
     }
@@ -992,7 +1042,7 @@ mod tests {
     fn put(f: &mut Fleet, v: serde_json::Value) {
         let mut spec: AppSpec = serde_json::from_value(v).expect("spec");
         spec.validate().expect("valid");
-        let (rec, _) = f.create_app(spec, 1).expect("create");
+        let (rec, _) = f.create_app(spec, "t", 1).expect("create");
         f.put_app(rec);
     }
 
@@ -1173,6 +1223,7 @@ mod tests {
             spec,
             created_at_ms: 1,
             updated_at_ms: 1,
+            releases: Vec::new(),
         });
         assert!(matches!(
             f.req(Op::Start, "huge", "1", 2),
@@ -1252,7 +1303,7 @@ mod tests {
         f.on_device_message(&id("pi"), DeviceMessage::Ack(superseded), 3);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::InProgress);
         // Generation 2 (a later change to another app) applied; web runs.
-        let (rec, _) = f.create_app(spec("db"), 3).expect("create");
+        let (rec, _) = f.create_app(spec("db"), "t", 3).expect("create");
         f.put_app(rec);
         f.req(Op::Deploy, "db", "b", 4).expect("deploy db");
         let running = AppStatus {
@@ -1507,5 +1558,52 @@ mod tests {
             f.set_labels(&id("zz"), &BTreeMap::new(), &[], false),
             Err(FleetError::UnknownDevice(_))
         ));
+    }
+
+    /// Every change of a spec makes the next release; the same spec again
+    /// makes none; deploys carry the latest; history is bounded but keeps
+    /// what devices run.
+    #[test]
+    fn releases_are_numbered_kept_and_deployed() {
+        let mut f = fleet_with_device();
+        let web = name("web");
+        assert_eq!(f.app(&web).expect("app").latest_release(), 1);
+        let mut changed = spec("web");
+        changed.containers[0].image = "busybox:2".parse().expect("image");
+        let (rec, writes) = f.update_app(changed.clone(), "alice", 5).expect("update");
+        assert_eq!(rec.latest_release(), 2);
+        assert_eq!(rec.release(2).expect("2").author, "alice");
+        assert_eq!(rec.release(1).expect("1").spec, spec("web"));
+        assert_eq!(writes.len(), 1);
+        f.put_app(rec);
+        let (same, writes) = f.update_app(changed, "bob", 6).expect("same");
+        assert_eq!(
+            same.latest_release(),
+            2,
+            "an identical spec makes no release"
+        );
+        assert!(writes.is_empty());
+        f.req(Op::Deploy, "web", "op1", 7).expect("deploy");
+        assert_eq!(f.desired(&id("pi")).expect("d").apps[0].release, 2);
+        // Many more: the oldest go, release 2 (deployed) stays.
+        for i in 3..=(RELEASES_KEPT as u64 + 10) {
+            let mut s = spec("web");
+            s.containers[0].image = format!("busybox:{i}").parse().expect("image");
+            let (rec, _) = f.update_app(s, "alice", i).expect("update");
+            f.put_app(rec);
+        }
+        let rec = f.app(&web).expect("app");
+        assert_eq!(rec.releases.len(), RELEASES_KEPT);
+        assert!(rec.release(2).is_some(), "in use, kept");
+        assert!(rec.release(1).is_none());
+        assert_eq!(rec.latest_release(), RELEASES_KEPT as u64 + 10);
+        // A record from before releases gets its spec as release 1.
+        let old = AppRecord {
+            spec: spec("x"),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            releases: Vec::new(),
+        };
+        assert_eq!(old.with_first_release().latest_release(), 1);
     }
 }

@@ -34,6 +34,45 @@ pub struct AppRecord {
     pub spec: AppSpec,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Every kept release of the spec, oldest first; the last is `spec`.
+    /// Empty only in records from before releases existed (see
+    /// [`AppRecord::with_first_release`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<ReleaseRecord>,
+}
+
+/// One immutable, numbered version of an app's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub number: u64,
+    pub created_at_ms: u64,
+    /// Who made it (the actor's name).
+    pub author: String,
+    pub spec: AppSpec,
+}
+
+impl AppRecord {
+    /// The newest release's number (0: none).
+    pub fn latest_release(&self) -> u64 {
+        self.releases.last().map_or(0, |r| r.number)
+    }
+
+    pub fn release(&self, number: u64) -> Option<&ReleaseRecord> {
+        self.releases.iter().find(|r| r.number == number)
+    }
+
+    /// A record stored before releases existed gets its spec as release 1.
+    pub fn with_first_release(mut self) -> AppRecord {
+        if self.releases.is_empty() {
+            self.releases.push(ReleaseRecord {
+                number: 1,
+                created_at_ms: self.updated_at_ms,
+                author: String::new(),
+                spec: self.spec.clone(),
+            });
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +190,18 @@ impl From<&AppRecord> for contract::App {
             spec: r.spec.clone(),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            latest_release: r.latest_release(),
+        }
+    }
+}
+
+impl From<&ReleaseRecord> for contract::Release {
+    fn from(r: &ReleaseRecord) -> Self {
+        contract::Release {
+            number: r.number,
+            created_at_ms: r.created_at_ms,
+            author: r.author.clone(),
+            spec: r.spec.clone(),
         }
     }
 }

@@ -264,13 +264,13 @@ impl Commands {
             Command::CreateApp(mut spec) => {
                 validate(&mut spec)?;
                 let detail = app_detail(&spec);
-                let app = self.app(FleetChange::CreateApp(spec)).await?;
+                let app = self.app(FleetChange::CreateApp(spec, by.clone())).await?;
                 Ok((Reply::App(app), detail))
             }
             Command::UpdateApp(mut spec) => {
                 validate(&mut spec)?;
                 let detail = app_detail(&spec);
-                let app = self.app(FleetChange::UpdateApp(spec)).await?;
+                let app = self.app(FleetChange::UpdateApp(spec, by.clone())).await?;
                 Ok((Reply::App(app), detail))
             }
             Command::DeleteApp(name) => {

@@ -74,8 +74,10 @@ pub enum EngineError {
 /// A change the engine carries out: the fleet's part of a [`Command`](crate::core::command::Command).
 #[derive(Debug)]
 pub enum FleetChange {
-    CreateApp(AppSpec),
-    UpdateApp(AppSpec),
+    /// With the author of its first release.
+    CreateApp(AppSpec, String),
+    /// With the author of the release it makes.
+    UpdateApp(AppSpec, String),
     DeleteApp(Name),
     Apply {
         device: DeviceId,
@@ -419,12 +421,12 @@ impl Engine {
         }
         let now = now_ms();
         match change {
-            FleetChange::CreateApp(spec) => {
-                let checked = self.fleet.create_app(spec, now);
+            FleetChange::CreateApp(spec, author) => {
+                let checked = self.fleet.create_app(spec, &author, now);
                 self.put_app(checked, reply).await;
             }
-            FleetChange::UpdateApp(spec) => {
-                let checked = self.fleet.update_app(spec, now);
+            FleetChange::UpdateApp(spec, author) => {
+                let checked = self.fleet.update_app(spec, &author, now);
                 self.put_app(checked, reply).await;
             }
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
@@ -1043,12 +1045,14 @@ mod tests {
         .expect("spec");
         let done = f
             .engine
-            .change(FleetChange::CreateApp(spec.clone()))
+            .change(FleetChange::CreateApp(spec.clone(), "t".into()))
             .await
             .expect("created");
         assert!(matches!(done, Done::App(_)));
         assert!(matches!(
-            f.engine.change(FleetChange::CreateApp(spec)).await,
+            f.engine
+                .change(FleetChange::CreateApp(spec, "t".into()))
+                .await,
             Err(EngineError::Fleet(FleetError::AppExists(_)))
         ));
         let id = DeviceId::new("pi-1").expect("id");

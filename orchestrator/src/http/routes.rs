@@ -83,6 +83,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
         .routes(routes!(show_app, update_app, delete_app))
+        .routes(routes!(list_releases))
+        .routes(routes!(show_release))
         .routes(routes!(list_operations))
         .routes(routes!(show_operation))
         .routes(routes!(changes))
@@ -580,6 +582,76 @@ async fn show_app(
         )
     })?;
     Ok(Json(contract::App::from(&rec)))
+}
+
+/// An app's kept releases, oldest first.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/releases", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The app's releases, oldest first", body = Vec<contract::Release>),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
+async fn list_releases(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let rec = app_record(&api, &n).await?;
+    Ok(Json(
+        rec.releases
+            .iter()
+            .map(contract::Release::from)
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// One release of an app.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/releases/{number}", tag = "apps",
+    params(("name" = Name, Path, description = "The app name"), ("number" = u64, Path, description = "The release number")),
+    responses(
+        (status = 200, description = "The release", body = contract::Release),
+        (status = 400, description = "The app name or number is not valid", body = ErrorBody),
+        (status = 404, description = "No such app or release", body = ErrorBody),
+    ))]
+async fn show_release(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((n, number)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let number: u64 = number.parse().map_err(|_| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "number",
+            format!("release number {number:?} is not a whole number"),
+        )
+    })?;
+    let rec = app_record(&api, &n).await?;
+    let release = rec.release(number).ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "number",
+            format!(
+                "app {} has no release {number} (latest: {})",
+                rec.spec.name,
+                rec.latest_release()
+            ),
+        )
+    })?;
+    Ok(Json(contract::Release::from(release)))
+}
+
+async fn app_record(api: &ApiState, n: &str) -> ApiResult<crate::core::records::AppRecord> {
+    let n = name("app", n)?;
+    api.commands.engine.app(n.clone()).await?.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "app",
+            format!("app {n} does not exist"),
+        )
+    })
 }
 
 /// Deletes an app that is deployed nowhere.

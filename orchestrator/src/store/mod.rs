@@ -404,6 +404,7 @@ mod tests {
                     spec: spec.clone(),
                     created_at_ms: 1,
                     updated_at_ms: 1,
+                    releases: Vec::new(),
                 }),
                 Write::Desired(DesiredRecord {
                     device: dev.clone(),

@@ -266,6 +266,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                             release: 0,
                         }],
                     },
+                    placement: Default::default(),
                 }),
             ])
             .expect("write");

@@ -16,7 +16,7 @@ mod operations;
 mod registries;
 mod security;
 
-pub use apps::{App, DeployRequest, Release};
+pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
 pub use changes::{Change, ChangeFilter};
 pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};

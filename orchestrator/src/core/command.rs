@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use drover_shared::model::AppSpec;
+use drover_shared::model::{AppSpec, RunState};
 use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 
@@ -83,6 +83,21 @@ pub enum Command {
         remove: Vec<String>,
         replace: bool,
     },
+    /// Put an app at a release on every device matching a selector.
+    Assign {
+        app: Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+    },
+    /// Delete an app's assignment, removing the app where it put it.
+    Unassign(Name),
+    /// Let an app's assignment manage a device again after a deploy or
+    /// removal by hand.
+    ClearOverride {
+        device: DeviceId,
+        app: Name,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
     CreateEnrollToken(NewEnrollToken),
@@ -102,6 +117,9 @@ impl Command {
             Command::DeleteApp(_) => CommandKind::DeleteApp,
             Command::Apply { op, .. } => CommandKind::of_op(*op),
             Command::SetLabels { .. } => CommandKind::SetLabels,
+            Command::Assign { .. } => CommandKind::Assign,
+            Command::Unassign(_) => CommandKind::Unassign,
+            Command::ClearOverride { .. } => CommandKind::ClearOverride,
             Command::SetRegistry(_) => CommandKind::SetRegistry,
             Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
             Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
@@ -129,6 +147,9 @@ pub enum CommandKind {
     Stop,
     Remove,
     SetLabels,
+    Assign,
+    Unassign,
+    ClearOverride,
     SetRegistry,
     DeleteRegistry,
     CreateEnrollToken,
@@ -157,7 +178,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 32] = [
+    pub const ALL: [CommandKind; 35] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::DeleteApp,
@@ -166,6 +187,9 @@ impl CommandKind {
         CommandKind::Stop,
         CommandKind::Remove,
         CommandKind::SetLabels,
+        CommandKind::Assign,
+        CommandKind::Unassign,
+        CommandKind::ClearOverride,
         CommandKind::SetRegistry,
         CommandKind::DeleteRegistry,
         CommandKind::CreateEnrollToken,
@@ -209,8 +233,8 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | SetLabels | CreateEnrollToken | DeleteEnrollToken
-            | ListEnrollTokens => Role::Operator,
+            Deploy | Start | Stop | Remove | SetLabels | Assign | Unassign | ClearOverride
+            | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => Role::Operator,
             CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
             | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
             | ListMqttUsers | ReadAudit => Role::Admin,
@@ -224,10 +248,9 @@ impl CommandKind {
         use CommandKind::*;
         match self {
             CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetLabels
-            | SetRegistry | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken
-            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
-                true
-            }
+            | Assign | Unassign | ClearOverride | SetRegistry | DeleteRegistry
+            | CreateEnrollToken | DeleteEnrollToken | RevokeDevice | CreateApiToken
+            | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
@@ -246,6 +269,9 @@ impl CommandKind {
             Stop => "stop",
             Remove => "remove",
             SetLabels => "device.labels.set",
+            Assign => "app.assignment.set",
+            Unassign => "app.assignment.delete",
+            ClearOverride => "device.override.clear",
             SetRegistry => "registry.set",
             DeleteRegistry => "registry.delete",
             CreateEnrollToken => "enroll_token.create",

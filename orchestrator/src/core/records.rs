@@ -3,10 +3,10 @@
 //! serialized shape across releases; the API's views may change on their
 //! own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use drover_shared::identity::automation_username;
-use drover_shared::model::{AppSpec, DesiredState, ObservedState};
+use drover_shared::model::{AppSpec, DesiredState, ObservedState, RunState};
 use drover_shared::payload::{Hello, Op, Progress, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,8 @@ pub struct AppRecord {
     /// [`AppRecord::with_first_release`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub releases: Vec<ReleaseRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<AssignmentRecord>,
 }
 
 /// One immutable, numbered version of an app's spec.
@@ -79,6 +81,37 @@ impl AppRecord {
 pub struct DesiredRecord {
     pub device: DeviceId,
     pub state: DesiredState,
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+}
+
+/// Why apps are in a device's desired state: which a fleet assignment put
+/// there (and may take away), and which an operator deployed or removed by
+/// hand on this device, overriding the app's assignment until cleared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub assigned: BTreeSet<Name>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub overrides: BTreeSet<Name>,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self.assigned.is_empty() && self.overrides.is_empty()
+    }
+}
+
+/// "App A at release R, running or stopped, on every device matching
+/// selector S": kept true by the engine as devices come and change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// Canonical form of a valid selector (`core::selector`).
+    pub selector: String,
+    pub release: u64,
+    pub run: RunState,
+    pub updated_at_ms: u64,
+    pub author: String,
 }
 
 /// A request to change one device, followed from issue to final outcome.

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_shared::model::{AppSpec, DesiredState};
+use drover_shared::model::{AppSpec, DesiredState, RunState};
 use drover_shared::payload::{
     Action, Command as DeviceCommand, Desired, EnrollOutcome, EnrollRequest, Enrolled, LogLine, Op,
     RegistryCredential, Secret,
@@ -36,7 +36,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::contract::{self, AuditOutcome, Change};
 use crate::core::fleet::{DeviceMessage, Fleet, FleetError};
-use crate::core::records::{AppRecord, OperationRecord, RegistryRecord};
+use crate::core::records::{AppRecord, OperationRecord, Placement, RegistryRecord};
 use crate::core::registries::SecretsBook;
 use crate::link::Event;
 use crate::metrics::Metrics;
@@ -90,6 +90,20 @@ pub enum FleetChange {
         remove: Vec<String>,
         replace: bool,
     },
+    /// Puts `app` at `release` (0: latest) on every device matching
+    /// `selector` (valid, canonical).
+    Assign {
+        app: Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+        author: String,
+    },
+    Unassign(Name),
+    ClearOverride {
+        device: DeviceId,
+        app: Name,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
 }
@@ -101,6 +115,8 @@ pub enum Done {
     AppDeleted,
     Operation(OperationRecord),
     Device(Box<contract::Device>),
+    /// How many devices' desired states changed.
+    Reconciled(usize),
     Registry(contract::Registry),
     RegistryDeleted,
 }
@@ -258,6 +274,15 @@ enum Then {
         op: OperationRecord,
         desired: DesiredState,
         previous: Option<DesiredState>,
+        previous_placement: Option<Placement>,
+    },
+    /// Devices moved by an assignment, a relabelling or a release change:
+    /// publish their desired states once durable. `reply` when an
+    /// operator asked, with `done`.
+    Reconciled {
+        reply: Option<oneshot::Sender<Result<Done, EngineError>>>,
+        done: Option<Done>,
+        devices: Vec<DeviceId>,
     },
     Labels {
         reply: oneshot::Sender<Result<Done, EngineError>>,
@@ -273,13 +298,14 @@ enum Then {
 }
 
 impl Then {
-    fn reply(self) -> oneshot::Sender<Result<Done, EngineError>> {
+    fn reply(self) -> Option<oneshot::Sender<Result<Done, EngineError>>> {
         match self {
             Then::App { reply, .. }
             | Then::AppDeleted { reply, .. }
             | Then::Apply { reply, .. }
             | Then::Labels { reply, .. }
-            | Then::Registry { reply, .. } => reply,
+            | Then::Registry { reply, .. } => Some(reply),
+            Then::Reconciled { reply, .. } => reply,
         }
     }
 }
@@ -450,9 +476,11 @@ impl Engine {
             FleetChange::Apply { device, app, op } => {
                 let id = uuid::Uuid::new_v4().to_string();
                 match self.fleet.request(&device, op, &app, id, now) {
-                    Ok((desired, op, writes)) => {
+                    Ok((desired, placement, op, writes)) => {
                         let previous = self.fleet.desired(&device).cloned();
-                        self.fleet.commit_request(desired.clone(), op.clone());
+                        let previous_placement = self.fleet.placement(&device).cloned();
+                        self.fleet
+                            .commit_request(desired.clone(), placement, op.clone());
                         self.queue(
                             writes,
                             Then::Apply {
@@ -460,6 +488,7 @@ impl Engine {
                                 op,
                                 desired,
                                 previous,
+                                previous_placement,
                             },
                         )
                         .await;
@@ -475,9 +504,27 @@ impl Engine {
                 remove,
                 replace,
             } => match self.fleet.set_labels(&device, &set, &remove, replace) {
-                Ok((record, writes)) => {
+                Ok((record, mut writes)) => {
                     let previous = self.fleet.operator_labels(&device).unwrap_or_default();
                     self.fleet.put_device_labels(&device, record.labels);
+                    // Relabelled into or out of an assignment's selector:
+                    // the device's desired state changes in the same write.
+                    if let Some(u) = self.fleet.reconcile_device(&device) {
+                        let (w, _) = self.fleet.apply_updates(std::slice::from_ref(&u));
+                        writes.extend(w);
+                        // Undoing means reloading: the labels and the
+                        // desired state go back together.
+                        self.queue(
+                            writes,
+                            Then::Reconciled {
+                                reply: Some(reply),
+                                done: None,
+                                devices: vec![device],
+                            },
+                        )
+                        .await;
+                        return;
+                    }
                     self.queue(
                         writes,
                         Then::Labels {
@@ -492,6 +539,98 @@ impl Engine {
                     let _ = reply.send(Err(e.into()));
                 }
             },
+            FleetChange::Assign {
+                app,
+                selector,
+                release,
+                run,
+                author,
+            } => match self
+                .fleet
+                .assign(&app, selector, release, run, &author, now)
+            {
+                Ok(record) => {
+                    self.fleet.put_app(record.clone());
+                    let updates = self.fleet.reconcile_app(&app);
+                    let (mut writes, _) = self.fleet.apply_updates(&updates);
+                    writes.push(Write::App(record.clone()));
+                    info!(app = %app, devices = updates.len(), "assignment set");
+                    self.queue(
+                        writes,
+                        Then::Reconciled {
+                            reply: Some(reply),
+                            done: Some(Done::App(record)),
+                            devices: updates.into_iter().map(|u| u.device).collect(),
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::Unassign(app) => {
+                let Some(mut record) = self.fleet.app(&app) else {
+                    let _ = reply.send(Err(FleetError::UnknownApp(app).into()));
+                    return;
+                };
+                if record.assignment.take().is_none() {
+                    let _ = reply.send(Err(FleetError::NotAssigned(app).into()));
+                    return;
+                }
+                self.fleet.put_app(record.clone());
+                let updates = self.fleet.reconcile_app(&app);
+                let (mut writes, _) = self.fleet.apply_updates(&updates);
+                writes.push(Write::App(record));
+                info!(app = %app, devices = updates.len(), "assignment deleted");
+                self.queue(
+                    writes,
+                    Then::Reconciled {
+                        reply: Some(reply),
+                        done: Some(Done::AppDeleted),
+                        devices: updates.into_iter().map(|u| u.device).collect(),
+                    },
+                )
+                .await;
+            }
+            FleetChange::ClearOverride { device, app } => {
+                match self.fleet.clear_override(&device, &app) {
+                    Ok(placement) => {
+                        let before = self.fleet.placement(&device).cloned().unwrap_or_default();
+                        self.fleet.put_placement(&device, placement.clone());
+                        let mut devices = Vec::new();
+                        let writes = match self.fleet.reconcile_device(&device) {
+                            Some(u) => {
+                                devices.push(device.clone());
+                                self.fleet.apply_updates(std::slice::from_ref(&u)).0
+                            }
+                            None if before != placement => {
+                                let state =
+                                    self.fleet.desired(&device).cloned().unwrap_or_default();
+                                vec![Write::Desired(crate::core::records::DesiredRecord {
+                                    device: device.clone(),
+                                    state,
+                                    placement,
+                                })]
+                            }
+                            None => Vec::new(),
+                        };
+                        self.queue(
+                            writes,
+                            Then::Reconciled {
+                                reply: Some(reply),
+                                done: None,
+                                devices,
+                            },
+                        )
+                        .await;
+                        let _ = device;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
             FleetChange::SetRegistry(credential) => {
                 let record = RegistryRecord {
                     credential,
@@ -628,6 +767,27 @@ impl Engine {
                 };
                 let _ = reply.send(reply_to);
             }
+            Then::Reconciled {
+                reply,
+                done,
+                devices,
+            } => {
+                if !devices.is_empty() {
+                    self.sync_secrets(Some(&devices), false);
+                    for id in &devices {
+                        if let Some(state) = self.fleet.desired(id).cloned() {
+                            self.publish_desired(id, &state);
+                        }
+                        self.emit(Change::Inventory {
+                            device: id.clone(),
+                            at_ms: now_ms(),
+                        });
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(done.unwrap_or(Done::Reconciled(devices.len()))));
+                }
+            }
             Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
@@ -667,7 +827,9 @@ impl Engine {
                     if !self.reload {
                         self.undo(&then);
                     }
-                    let _ = then.reply().send(Err(EngineError::Store(e)));
+                    if let Some(reply) = then.reply() {
+                        let _ = reply.send(Err(EngineError::Store(e)));
+                    }
                 }
             }
         }
@@ -684,10 +846,19 @@ impl Engine {
             Then::AppDeleted { name, previous, .. } => {
                 self.fleet.restore_app(name, previous.clone())
             }
-            Then::Apply { op, previous, .. } => {
-                self.fleet
-                    .undo_request(&op.device, previous.clone(), &op.id)
-            }
+            Then::Apply {
+                op,
+                previous,
+                previous_placement,
+                ..
+            } => self.fleet.undo_request(
+                &op.device,
+                previous.clone(),
+                previous_placement.clone(),
+                &op.id,
+            ),
+            // Many devices and maybe an app record: the file is the truth.
+            Then::Reconciled { .. } => self.reload = true,
             Then::Labels {
                 device, previous, ..
             } => self.fleet.put_device_labels(device, previous.clone()),
@@ -785,10 +956,30 @@ impl Engine {
             };
             self.outbox.publish(&id, TopicKind::Cmd, encode(&cmd));
         }
+        let hello = fx
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Inventory { .. }));
         for change in fx.changes {
             self.emit(change);
         }
         self.record(fx.writes).await;
+        // A device that enrolled, or came back with labels of its own, gets
+        // (or loses) what the assignments say, durably before it is told.
+        if hello && !self.reload {
+            if let Some(u) = self.fleet.reconcile_device(&id) {
+                let (writes, _) = self.fleet.apply_updates(std::slice::from_ref(&u));
+                self.queue(
+                    writes,
+                    Then::Reconciled {
+                        reply: None,
+                        done: None,
+                        devices: vec![id],
+                    },
+                )
+                .await;
+            }
+        }
     }
 
     fn publish_desired(&self, device: &DeviceId, state: &DesiredState) -> bool {

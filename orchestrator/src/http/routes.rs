@@ -85,6 +85,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(show_app, update_app, delete_app))
         .routes(routes!(list_releases))
         .routes(routes!(show_release))
+        .routes(routes!(put_assignment, show_assignment, delete_assignment))
+        .routes(routes!(clear_override))
         .routes(routes!(list_operations))
         .routes(routes!(show_operation))
         .routes(routes!(changes))
@@ -401,6 +403,30 @@ async fn remove(
     apply(api, ctx, id, app, Op::Remove).await
 }
 
+/// A deploy or removal by hand of an app that has an assignment makes the
+/// device override it; this clears that, and the assignment applies to the
+/// device again at once.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/apps/{app}/override", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The device, now following the app's assignment", body = contract::Device),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn clear_override(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::ClearOverride, StatusCode::OK, || {
+        Ok(Command::ClearOverride {
+            device: device_id(&id)?,
+            app: name("app", &app)?,
+        })
+    })
+    .await
+}
+
 #[derive(Debug, Deserialize)]
 struct LogQuery {
     app: Option<String>,
@@ -652,6 +678,75 @@ async fn app_record(api: &ApiState, n: &str) -> ApiResult<crate::core::records::
             format!("app {n} does not exist"),
         )
     })
+}
+
+/// Puts the app at a release on every device whose labels match the
+/// selector, now and as devices enroll or are relabelled; devices that stop
+/// matching lose it. One assignment per app: this replaces any other.
+#[utoipa::path(put, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    request_body = contract::AssignmentRequest,
+    responses(
+        (status = 200, description = "The assignment holds; the devices it covers", body = contract::Assignment),
+        (status = 400, description = "The selector or body is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such app or release", body = ErrorBody),
+    ))]
+async fn put_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::Assign, StatusCode::OK, || {
+        let app = name("app", &n)?;
+        let body: contract::AssignmentRequest = parse_body(&body)?;
+        Ok(Command::Assign {
+            app,
+            selector: body.selector,
+            release: body.release,
+            run: body.run,
+        })
+    })
+    .await
+}
+
+/// The app's assignment and the devices it covers.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The assignment", body = contract::Assignment),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app, or it has no assignment", body = ErrorBody),
+    ))]
+async fn show_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let app = name("app", &n)?;
+    app_record(&api, &n).await?;
+    Ok(Json(api.commands.assignment(app).await?))
+}
+
+/// Deletes the app's assignment and removes the app from the devices it
+/// put it on (devices that override it keep what they have).
+#[utoipa::path(delete, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 204, description = "The assignment is gone"),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app, or it has no assignment", body = ErrorBody),
+    ))]
+async fn delete_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::Unassign, StatusCode::NO_CONTENT, || {
+        Ok(Command::Unassign(name("app", &n)?))
+    })
+    .await
 }
 
 /// Deletes an app that is deployed nowhere.

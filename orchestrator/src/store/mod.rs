@@ -405,6 +405,7 @@ mod tests {
                     created_at_ms: 1,
                     updated_at_ms: 1,
                     releases: Vec::new(),
+                    assignment: None,
                 }),
                 Write::Desired(DesiredRecord {
                     device: dev.clone(),
@@ -417,6 +418,7 @@ mod tests {
                             release: 0,
                         }],
                     },
+                    placement: Default::default(),
                 }),
             ])
             .expect("write");

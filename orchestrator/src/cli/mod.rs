@@ -187,6 +187,23 @@ pub enum ClientCmd {
     },
     /// An app's releases, oldest first.
     Releases { app: String },
+    /// Put an app on every device matching a selector, and keep it so.
+    Assign {
+        app: String,
+        /// e.g. `env=prod,region in (eu,us)`; empty: every device.
+        #[arg(long, short = 'l')]
+        selector: String,
+        /// The release to run (default: the latest).
+        #[arg(long)]
+        release: Option<u64>,
+        /// Keep the app stopped instead of running.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// Delete an app's assignment (the app leaves the devices it put it on).
+    Unassign { app: String },
+    /// Show an app's assignment and the devices it covers.
+    Assignment { app: String },
     /// App definitions (default: list).
     Apps {
         #[command(subcommand)]
@@ -378,6 +395,38 @@ impl Client {
                     }
                     out
                 });
+            }
+            ClientCmd::Assign {
+                app,
+                selector,
+                release,
+                stopped,
+            } => {
+                let body = serde_json::json!({
+                    "selector": selector,
+                    "release": release.unwrap_or(0),
+                    "run": if stopped { "stopped" } else { "running" },
+                });
+                let v = self
+                    .send(
+                        self.http
+                            .put(format!("{}/api/v1/apps/{app}/assignment", self.base))
+                            .json(&body),
+                    )
+                    .await?;
+                return self.print(&v, assignment_text);
+            }
+            ClientCmd::Unassign { app } => {
+                self.delete(&format!("/api/v1/apps/{app}/assignment"))
+                    .await?;
+                if self.output == Output::Table {
+                    println!("deleted the assignment of {app}");
+                }
+                return Ok(());
+            }
+            ClientCmd::Assignment { app } => {
+                let v = self.get(&format!("/api/v1/apps/{app}/assignment")).await?;
+                return self.print(&v, assignment_text);
             }
             ClientCmd::Label { device, changes } => return self.label(&device, &changes).await,
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
@@ -999,4 +1048,23 @@ fn label_body(changes: &[String]) -> Result<Value> {
         }
     }
     Ok(serde_json::json!({ "set": set, "remove": remove }))
+}
+
+fn assignment_text(a: crate::contract::Assignment) -> String {
+    let list = |v: &[drover_shared::DeviceId]| {
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "app {} release {} {:?} on selector {:?}\nmatching:   {}\nassigned:   {}\noverridden: {}\n",
+        a.app,
+        a.release,
+        a.run,
+        a.selector,
+        list(&a.matching),
+        list(&a.assigned),
+        list(&a.overridden)
+    )
 }

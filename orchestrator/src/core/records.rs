@@ -327,6 +327,9 @@ impl From<&AuditRecord> for contract::AuditEntry {
 /// A write the core asks for; the store applies a batch of them in one
 /// transaction.
 #[derive(Debug, Clone)]
+// Writes live only from a change to its commit; boxing the device record
+// would cost an allocation on every device message to save a few bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Write {
     Device(DeviceRecord),
     App(AppRecord),

@@ -215,6 +215,10 @@ pub enum ClientCmd {
     Start(Target),
     /// Stop a deployed app (its containers stay).
     Stop(Target),
+    /// Pause a deployed app: its processes are frozen, their memory kept.
+    Pause(Target),
+    /// Thaw a paused app.
+    Unpause(Target),
     /// Remove an app from a device.
     Remove(Target),
     /// Follow what deploy/start/stop/remove did (default: list).
@@ -256,6 +260,8 @@ enum Resolved {
     Deploy(Target),
     Start(Target),
     Stop(Target),
+    Pause(Target),
+    Unpause(Target),
     Remove(Target),
     Logs(LogsArgs),
     Registries(RegistriesCmd),
@@ -437,6 +443,8 @@ impl Client {
             ClientCmd::Deploy(t) => Resolved::Deploy(t),
             ClientCmd::Start(t) => Resolved::Start(t),
             ClientCmd::Stop(t) => Resolved::Stop(t),
+            ClientCmd::Pause(t) => Resolved::Pause(t),
+            ClientCmd::Unpause(t) => Resolved::Unpause(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
             ClientCmd::Registries { cmd } => {
@@ -532,6 +540,8 @@ impl Client {
                     .await?;
                 self.follow(v, &t).await
             }
+            Resolved::Pause(t) => self.pause(t, "pause").await,
+            Resolved::Unpause(t) => self.pause(t, "unpause").await,
             Resolved::Remove(t) => {
                 let v = self
                     .delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app))
@@ -607,6 +617,17 @@ impl Client {
 
     /// Prints the operation; with `--wait`, follows it to a final outcome
     /// (`follow.rs`) and fails the command if the device reports failure.
+    /// `drover pause` / `drover unpause`: `verb` is the route's last word.
+    async fn pause(&self, t: Target, verb: &str) -> anyhow::Result<()> {
+        let v = self
+            .post(
+                &format!("/api/v1/devices/{}/apps/{}/{verb}", t.device, t.app),
+                &Value::Null,
+            )
+            .await?;
+        self.follow(v, &t).await
+    }
+
     async fn follow(&self, v: Value, t: &Target) -> Result<()> {
         let mut op: Operation = serde_json::from_value(v)?;
         if t.wait {

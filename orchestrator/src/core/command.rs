@@ -146,6 +146,8 @@ pub enum CommandKind {
     Start,
     Stop,
     Remove,
+    Pause,
+    Unpause,
     SetLabels,
     Assign,
     Unassign,
@@ -178,7 +180,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 35] = [
+    pub const ALL: [CommandKind; 37] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::DeleteApp,
@@ -186,6 +188,8 @@ impl CommandKind {
         CommandKind::Start,
         CommandKind::Stop,
         CommandKind::Remove,
+        CommandKind::Pause,
+        CommandKind::Unpause,
         CommandKind::SetLabels,
         CommandKind::Assign,
         CommandKind::Unassign,
@@ -223,6 +227,8 @@ impl CommandKind {
             Op::Start => CommandKind::Start,
             Op::Stop => CommandKind::Stop,
             Op::Remove => CommandKind::Remove,
+            Op::Pause => CommandKind::Pause,
+            Op::Unpause => CommandKind::Unpause,
         }
     }
 
@@ -233,8 +239,10 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | SetLabels | Assign | Unassign | ClearOverride
-            | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => Role::Operator,
+            Deploy | Start | Stop | Remove | Pause | Unpause | SetLabels | Assign | Unassign
+            | ClearOverride | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => {
+                Role::Operator
+            }
             CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
             | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
             | ListMqttUsers | ReadAudit => Role::Admin,
@@ -247,10 +255,10 @@ impl CommandKind {
     pub fn is_change(self) -> bool {
         use CommandKind::*;
         match self {
-            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetLabels
-            | Assign | Unassign | ClearOverride | SetRegistry | DeleteRegistry
-            | CreateEnrollToken | DeleteEnrollToken | RevokeDevice | CreateApiToken
-            | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
+            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | Pause
+            | Unpause | SetLabels | Assign | Unassign | ClearOverride | SetRegistry
+            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
+            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
@@ -268,6 +276,8 @@ impl CommandKind {
             Start => "start",
             Stop => "stop",
             Remove => "remove",
+            Pause => "pause",
+            Unpause => "unpause",
             SetLabels => "device.labels.set",
             Assign => "app.assignment.set",
             Unassign => "app.assignment.delete",
@@ -347,6 +357,8 @@ mod tests {
             (Start, Role::Operator),
             (Stop, Role::Operator),
             (Remove, Role::Operator),
+            (Pause, Role::Operator),
+            (Unpause, Role::Operator),
             (SetLabels, Role::Operator),
             (CreateEnrollToken, Role::Operator),
             (ListEnrollTokens, Role::Operator),

@@ -73,6 +73,8 @@ pub enum FleetError {
     AppExists(Name),
     #[error("app {app} is not deployed on device {device}")]
     NotDeployed { device: DeviceId, app: Name },
+    #[error("app {app} is not paused on device {device}")]
+    NotPaused { device: DeviceId, app: Name },
     #[error("app {app} is still deployed on {devices:?}; remove it there first")]
     AppInUse { app: Name, devices: Vec<DeviceId> },
     #[error("app {app} publishes host port {port}, which app {other} already publishes on device {device}")]
@@ -673,6 +675,18 @@ impl Fleet {
                 next.apps[i].started_at = generation;
             }
             (Op::Stop, Some(i)) => next.apps[i].run = RunState::Stopped,
+            (Op::Pause, Some(i)) => next.apps[i].run = RunState::Paused,
+            // Only a paused app is thawed: unpausing a stopped app must
+            // not start it behind the operator's back.
+            (Op::Unpause, Some(i)) => {
+                if next.apps[i].run != RunState::Paused {
+                    return Err(FleetError::NotPaused {
+                        device: device.clone(),
+                        app: app.clone(),
+                    });
+                }
+                next.apps[i].run = RunState::Running;
+            }
             (Op::Remove, Some(i)) => {
                 next.apps.remove(i);
             }
@@ -1384,6 +1398,42 @@ mod tests {
         spec.validate().expect("valid");
         let (rec, _) = f.create_app(spec, "t", 1).expect("create");
         f.put_app(rec);
+    }
+
+    #[test]
+    fn pause_freezes_and_only_a_paused_app_is_unpaused() {
+        let mut f = fleet_with_device();
+        put(
+            &mut f,
+            serde_json::json!({"name": "frozen", "containers": [{"name": "main", "image": "busybox:1"}]}),
+        );
+        assert!(matches!(
+            f.req(Op::Pause, "frozen", "0", 1),
+            Err(FleetError::NotDeployed { .. })
+        ));
+        f.req(Op::Deploy, "frozen", "1", 2).expect("deploy");
+        assert!(
+            matches!(
+                f.req(Op::Unpause, "frozen", "2", 3),
+                Err(FleetError::NotPaused { .. })
+            ),
+            "a running app is not paused"
+        );
+        let (d, op) = f.req(Op::Pause, "frozen", "3", 4).expect("pause");
+        assert_eq!(d.apps[0].run, RunState::Paused);
+        assert_eq!(op.op, Op::Pause);
+        let started = d.apps[0].started_at;
+        let (d, _) = f.req(Op::Unpause, "frozen", "4", 5).expect("unpause");
+        assert_eq!(d.apps[0].run, RunState::Running);
+        assert_eq!(d.apps[0].started_at, started, "thawing is not a restart");
+        f.req(Op::Stop, "frozen", "5", 6).expect("stop");
+        assert!(
+            matches!(
+                f.req(Op::Unpause, "frozen", "6", 7),
+                Err(FleetError::NotPaused { .. })
+            ),
+            "unpausing a stopped app must not start it"
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ impl From<EngineError> for CommandError {
                 // The last three are about what else the device runs, not
                 // about the request itself.
                 FleetError::NotDeployed { .. }
+                | FleetError::NotPaused { .. }
                 | FleetError::AppInUse { .. }
                 | FleetError::PortInUse { .. }
                 | FleetError::CpusExceedDevice { .. }

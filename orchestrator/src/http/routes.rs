@@ -79,6 +79,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(remove))
         .routes(routes!(start))
         .routes(routes!(stop))
+        .routes(routes!(pause))
+        .routes(routes!(unpause))
         .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
@@ -384,6 +386,41 @@ async fn stop(
     Path((id, app)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     apply(api, ctx, id, app, Op::Stop).await
+}
+
+/// Pauses an app deployed on a device: its containers' processes are
+/// frozen (`docker pause`) and keep their memory.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/pause", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device", body = ErrorBody),
+    ))]
+async fn pause(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Pause).await
+}
+
+/// Thaws a paused app on a device.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/unpause", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device, or not paused", body = ErrorBody),
+    ))]
+async fn unpause(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Unpause).await
 }
 
 /// Removes an app deployed on a device.

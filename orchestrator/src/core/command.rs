@@ -4,7 +4,9 @@
 //! record it leaves are properties of the command ([`CommandKind`]), checked
 //! and written in one place (`engine::commands`). Pure: no I/O.
 
-use drover_shared::model::AppSpec;
+use std::collections::BTreeMap;
+
+use drover_shared::model::{AppSpec, RunState};
 use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 
@@ -79,6 +81,29 @@ pub enum Command {
         app: Name,
         op: Op,
     },
+    /// Change a device's operator-set labels: `replace` drops the others
+    /// first (PUT), otherwise `set` and `remove` apply to what is there.
+    SetLabels {
+        device: DeviceId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        replace: bool,
+    },
+    /// Put an app at a release on every device matching a selector.
+    Assign {
+        app: Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+    },
+    /// Delete an app's assignment, removing the app where it put it.
+    Unassign(Name),
+    /// Let an app's assignment manage a device again after a deploy or
+    /// removal by hand.
+    ClearOverride {
+        device: DeviceId,
+        app: Name,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
     CreateEnrollToken(NewEnrollToken),
@@ -98,6 +123,10 @@ impl Command {
             Command::ImportApp { .. } => CommandKind::ImportApp,
             Command::DeleteApp(_) => CommandKind::DeleteApp,
             Command::Apply { op, .. } => CommandKind::of_op(*op),
+            Command::SetLabels { .. } => CommandKind::SetLabels,
+            Command::Assign { .. } => CommandKind::Assign,
+            Command::Unassign(_) => CommandKind::Unassign,
+            Command::ClearOverride { .. } => CommandKind::ClearOverride,
             Command::SetRegistry(_) => CommandKind::SetRegistry,
             Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
             Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
@@ -125,6 +154,12 @@ pub enum CommandKind {
     Start,
     Stop,
     Remove,
+    Pause,
+    Unpause,
+    SetLabels,
+    Assign,
+    Unassign,
+    ClearOverride,
     SetRegistry,
     DeleteRegistry,
     CreateEnrollToken,
@@ -153,7 +188,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 32] = [
+    pub const ALL: [CommandKind; 38] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -162,6 +197,12 @@ impl CommandKind {
         CommandKind::Start,
         CommandKind::Stop,
         CommandKind::Remove,
+        CommandKind::Pause,
+        CommandKind::Unpause,
+        CommandKind::SetLabels,
+        CommandKind::Assign,
+        CommandKind::Unassign,
+        CommandKind::ClearOverride,
         CommandKind::SetRegistry,
         CommandKind::DeleteRegistry,
         CommandKind::CreateEnrollToken,
@@ -195,6 +236,8 @@ impl CommandKind {
             Op::Start => CommandKind::Start,
             Op::Stop => CommandKind::Stop,
             Op::Remove => CommandKind::Remove,
+            Op::Pause => CommandKind::Pause,
+            Op::Unpause => CommandKind::Unpause,
         }
     }
 
@@ -205,8 +248,10 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | CreateEnrollToken | DeleteEnrollToken
-            | ListEnrollTokens => Role::Operator,
+            Deploy | Start | Stop | Remove | Pause | Unpause | SetLabels | Assign | Unassign
+            | ClearOverride | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => {
+                Role::Operator
+            }
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
             | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
@@ -220,10 +265,9 @@ impl CommandKind {
         use CommandKind::*;
         match self {
             CreateApp | UpdateApp | ImportApp | DeleteApp | Deploy | Start | Stop | Remove
-            | SetRegistry | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken
-            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
-                true
-            }
+            | Pause | Unpause | SetLabels | Assign | Unassign | ClearOverride | SetRegistry
+            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
+            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
@@ -242,6 +286,12 @@ impl CommandKind {
             Start => "start",
             Stop => "stop",
             Remove => "remove",
+            Pause => "pause",
+            Unpause => "unpause",
+            SetLabels => "device.labels.set",
+            Assign => "app.assignment.set",
+            Unassign => "app.assignment.delete",
+            ClearOverride => "device.override.clear",
             SetRegistry => "registry.set",
             DeleteRegistry => "registry.delete",
             CreateEnrollToken => "enroll_token.create",
@@ -317,6 +367,9 @@ mod tests {
             (Start, Role::Operator),
             (Stop, Role::Operator),
             (Remove, Role::Operator),
+            (Pause, Role::Operator),
+            (Unpause, Role::Operator),
+            (SetLabels, Role::Operator),
             (CreateEnrollToken, Role::Operator),
             (ListEnrollTokens, Role::Operator),
             (CreateApp, Role::Admin),

@@ -211,6 +211,8 @@ impl Ctx {
                 (status, Json(app)).into_response()
             }
             Reply::Operation(v) => (ok, Json(v)).into_response(),
+            Reply::Device(v) => (ok, Json(v)).into_response(),
+            Reply::Assignment(v) => (ok, Json(v)).into_response(),
             Reply::Registry(v) => (ok, Json(v)).into_response(),
             Reply::EnrollToken(v) => (ok, Json(v)).into_response(),
             Reply::ApiToken(v) => (ok, Json(v)).into_response(),

@@ -5,29 +5,55 @@
 //!
 //! Batches are per batch (like FlightCtl): `[Count(1), Percent(50)]` means
 //! one device, then half the targets, then the last batch takes the rest.
-//! An empty list is one batch of everything. Device ids are sorted, so the
-//! batches are deterministic.
+//! A percentage rounds down, to at least one device. An empty list is one
+//! batch of everything. Device ids are sorted, so the batches are
+//! deterministic.
 //!
-//! Counters are kept per batch so `observe` is O(log n).
+//! Cost: `observe`, `device_gone` and each expired deadline of `tick` are
+//! O(log n) plus O(1) per device they start; `next_deadline` is O(log n).
+//! Counters are kept per batch, the current batch's Pending devices are
+//! found through a cursor (every device before it is no longer Pending),
+//! and the deadlines of Updating, Ready and RollingBack devices are kept in
+//! an ordered index (rebuilt on deserialisation, not stored).
+//!
+//! Device transitions (`DeviceProgress`):
+//! - Pending → Updating (started by the running batch, `SetRelease` to),
+//!   Pending → Skipped (device gone).
+//! - Updating → Ready (reports the target release, ready; with
+//!   `min_ready_ms == 0` straight to Updated), Updating → Failed (reports
+//!   the target release failed, or `device_timeout_ms` passes).
+//! - Ready → Updated (ready for `min_ready_ms`), Ready → Updating (no
+//!   longer ready: the min-ready timer restarts, the device timeout still
+//!   counts from when it was started), Ready → Failed (reports failed).
+//! - Updated, Failed: final within the rollout. An Updated device that
+//!   reports another release (or unready) stays Updated: keeping it on its
+//!   desired release is the fleet's level-triggered reconciliation, not the
+//!   rollout's. A Failed device that later turns healthy stays Failed.
+//! - Any touched device (Updating, Ready, Updated, Failed) → RollingBack
+//!   on a rollback (`SetRelease` from); RollingBack → RolledBack (reports
+//!   the old release), RollingBack → Failed (timeout).
+//! - Any non-Skipped → Skipped (device gone), in a phase that is not final.
+//!
+//! Rollout transitions (`Phase`):
+//! - Running → WaitingApproval (a batch ended, `approval`), → Paused
+//!   (operator, or `FailurePolicy::Pause`), → RollingBack (operator, or
+//!   `FailurePolicy::Rollback`), → Succeeded / Failed (the last batch
+//!   ended; Failed when a device failed), → Aborted, → Superseded.
+//! - WaitingApproval → Running (approve), → Paused, → RollingBack,
+//!   → Aborted, → Superseded.
+//! - Paused → the phase it was paused from (resume; after a failure pause
+//!   the operator's resume accepts the current batch's failures), →
+//!   RollingBack, → Aborted, → Superseded.
+//! - RollingBack → RolledBack (no device left RollingBack), → Aborted,
+//!   → Superseded.
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// A batch size: a device count or a percentage of all targets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BatchSize {
-    Count(u32),
-    Percent(u8),
-}
+use drover_shared::{DeviceId, Name};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-impl BatchSize {
-    fn of(self, total: usize) -> usize {
-        match self {
-            BatchSize::Count(n) => n as usize,
-            BatchSize::Percent(p) => (total * p as usize).div_ceil(100),
-        }
-    }
-}
+use crate::contract;
+pub use crate::contract::BatchSize;
 
 /// What to do when a batch can no longer reach its success threshold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,12 +67,13 @@ pub enum FailurePolicy {
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSpec {
-    pub app: String,
+    pub app: Name,
     /// Display only; the engine resolves it to devices.
     pub selector: String,
     pub to_release: u64,
     pub batches: Vec<BatchSize>,
-    /// At most this many devices Updating at once within the running batch.
+    /// At most this many devices Updating (or Ready, not yet for
+    /// `min_ready_ms`) at once within the running batch.
     pub max_unavailable: Option<BatchSize>,
     pub success_threshold_percent: u8,
     pub on_failure: FailurePolicy,
@@ -54,6 +81,8 @@ pub struct RolloutSpec {
     pub min_ready_ms: u64,
     /// Wait for [`Rollout::approve`] between batches.
     pub approval: bool,
+    /// Who created it (an API token's name).
+    pub author: String,
 }
 
 /// A bad spec or an invalid transition; names the field or the phase.
@@ -83,33 +112,26 @@ fn field(field: &str, message: &str) -> RolloutError {
     }
 }
 
+fn check_size(name: &str, b: BatchSize) -> Result<(), RolloutError> {
+    match b {
+        BatchSize::Count(0) => Err(field(name, "must be at least 1")),
+        BatchSize::Percent(p) if p == 0 || p > 100 => {
+            Err(field(name, "a percentage must be 1% to 100%"))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl RolloutSpec {
     pub fn validate(&self) -> Result<(), RolloutError> {
-        if self.app.is_empty() {
-            return Err(field("app", "must not be empty"));
-        }
         if self.to_release == 0 {
             return Err(field("to_release", "must be at least 1"));
         }
         for (i, b) in self.batches.iter().enumerate() {
-            match b {
-                BatchSize::Count(0) => {
-                    return Err(field(&format!("batches[{i}]"), "must be at least 1"))
-                }
-                BatchSize::Percent(p) if *p == 0 || *p > 100 => {
-                    return Err(field(&format!("batches[{i}]"), "percent must be 1..=100"))
-                }
-                _ => {}
-            }
+            check_size(&format!("batches[{i}]"), *b)?;
         }
-        match self.max_unavailable {
-            Some(BatchSize::Count(0)) | Some(BatchSize::Percent(0)) => {
-                return Err(field("max_unavailable", "must be at least 1"))
-            }
-            Some(BatchSize::Percent(p)) if p > 100 => {
-                return Err(field("max_unavailable", "percent must be 1..=100"))
-            }
-            _ => {}
+        if let Some(b) = self.max_unavailable {
+            check_size("max_unavailable", b)?;
         }
         if self.success_threshold_percent > 100 {
             return Err(field("success_threshold_percent", "must be 0..=100"));
@@ -129,7 +151,8 @@ pub enum Phase {
     Paused,
     RollingBack,
     Succeeded,
-    /// Finished with failures under `FailurePolicy::Continue`.
+    /// Finished with failures under `FailurePolicy::Continue` (or a
+    /// threshold below 100 %).
     Failed,
     RolledBack,
     Aborted,
@@ -173,6 +196,7 @@ pub enum DeviceProgress {
 /// Derived by the engine from a device state report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observation {
+    /// The release of the app the device runs; 0 = app absent.
     pub release: u64,
     pub ready: bool,
     pub failed: Option<String>,
@@ -182,7 +206,7 @@ pub struct Observation {
 pub enum Effect {
     /// Set the app's desired release on a device; 0 = remove the app.
     SetRelease {
-        device: String,
+        device: DeviceId,
         release: u64,
     },
     /// Persist and publish progress.
@@ -208,6 +232,28 @@ pub struct BatchCounts {
     pub updated: usize,
     pub failed: usize,
     pub skipped: usize,
+    #[serde(default)]
+    pub rolling_back: usize,
+    #[serde(default)]
+    pub rolled_back: usize,
+}
+
+impl BatchCounts {
+    fn slot(&mut self, p: &DeviceProgress) -> &mut usize {
+        match p {
+            DeviceProgress::Pending => &mut self.pending,
+            DeviceProgress::Updating { .. } | DeviceProgress::Ready { .. } => &mut self.updating,
+            DeviceProgress::Updated => &mut self.updated,
+            DeviceProgress::Failed { .. } => &mut self.failed,
+            DeviceProgress::Skipped => &mut self.skipped,
+            DeviceProgress::RollingBack { .. } => &mut self.rolling_back,
+            DeviceProgress::RolledBack => &mut self.rolled_back,
+        }
+    }
+
+    fn eligible(&self) -> usize {
+        self.total - self.skipped
+    }
 }
 
 /// Progress per batch and overall.
@@ -219,45 +265,56 @@ pub struct Progress {
     pub percent: u8,
 }
 
+/// What is persisted: everything but the deadline index.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Rollout {
-    pub id: String,
-    pub spec: RolloutSpec,
-    pub created_at_ms: u64,
-    pub phase: Phase,
-    /// Phase to return to on resume after an operator pause.
+struct State {
+    id: String,
+    spec: RolloutSpec,
+    created_at_ms: u64,
+    phase: Phase,
+    /// Phase to return to on resume.
     paused_from: Option<Phase>,
-    batches: Vec<Vec<String>>,
-    devices: BTreeMap<String, DeviceEntry>,
+    /// The operator resumed after a failure pause: the current batch's
+    /// failures no longer stop it. Reset when the next batch starts.
+    failures_accepted: bool,
+    /// The release most targets ran before.
+    from_release: u64,
+    batches: Vec<Vec<DeviceId>>,
+    devices: BTreeMap<DeviceId, DeviceEntry>,
     current: usize,
+    /// Every device of `batches[current]` before it is no longer Pending.
+    cursor: usize,
     counts: Vec<BatchCounts>,
     rolling_back: usize,
 }
 
-fn bucket(p: &DeviceProgress) -> u8 {
-    match p {
-        DeviceProgress::Pending => 0,
-        DeviceProgress::Updating { .. } | DeviceProgress::Ready { .. } => 1,
-        DeviceProgress::Updated => 2,
-        DeviceProgress::Failed { .. } => 3,
-        DeviceProgress::Skipped => 4,
-        DeviceProgress::RollingBack { .. } | DeviceProgress::RolledBack => 5,
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    s: State,
+    /// (deadline, device) of every Updating, Ready and RollingBack device.
+    deadlines: BTreeSet<(u64, DeviceId)>,
+}
+
+impl Serialize for Rollout {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.s.serialize(s)
     }
 }
 
-fn adjust(c: &mut BatchCounts, b: u8, add: bool) {
-    let slot = match b {
-        0 => &mut c.pending,
-        1 => &mut c.updating,
-        2 => &mut c.updated,
-        3 => &mut c.failed,
-        4 => &mut c.skipped,
-        _ => return,
-    };
-    if add {
-        *slot += 1
-    } else {
-        *slot -= 1
+impl<'de> Deserialize<'de> for Rollout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = State::deserialize(d)?;
+        let mut r = Rollout {
+            s,
+            deadlines: BTreeSet::new(),
+        };
+        let index: BTreeSet<_> =
+            r.s.devices
+                .iter()
+                .filter_map(|(d, e)| r.deadline_of(&e.progress).map(|t| (t, d.clone())))
+                .collect();
+        r.deadlines = index;
+        Ok(r)
     }
 }
 
@@ -267,14 +324,14 @@ impl Rollout {
     pub fn new(
         id: String,
         spec: RolloutSpec,
-        targets: BTreeMap<String, u64>,
+        targets: BTreeMap<DeviceId, u64>,
         now_ms: u64,
     ) -> Result<(Self, Vec<Effect>), RolloutError> {
         spec.validate()?;
         if targets.is_empty() {
             return Err(field("selector", "matches no device"));
         }
-        let ids: Vec<String> = targets.keys().cloned().collect();
+        let ids: Vec<DeviceId> = targets.keys().cloned().collect();
         let total = ids.len();
         let mut batches = Vec::new();
         let mut rest = &ids[..];
@@ -289,6 +346,14 @@ impl Rollout {
         if !rest.is_empty() {
             batches.push(rest.to_vec());
         }
+        let mut from_counts: BTreeMap<u64, usize> = BTreeMap::new();
+        for r in targets.values() {
+            *from_counts.entry(*r).or_default() += 1;
+        }
+        let from_release = from_counts
+            .iter()
+            .max_by_key(|(r, n)| (**n, **r))
+            .map_or(0, |(r, _)| *r);
         let mut devices = BTreeMap::new();
         let mut counts = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
@@ -310,386 +375,405 @@ impl Rollout {
             }
         }
         let mut r = Rollout {
-            id,
-            spec,
-            created_at_ms: now_ms,
-            phase: Phase::Running,
-            paused_from: None,
-            batches,
-            devices,
-            current: 0,
-            counts,
-            rolling_back: 0,
+            s: State {
+                id,
+                spec,
+                created_at_ms: now_ms,
+                phase: Phase::Running,
+                paused_from: None,
+                failures_accepted: false,
+                from_release,
+                batches,
+                devices,
+                current: 0,
+                cursor: 0,
+                counts,
+                rolling_back: 0,
+            },
+            deadlines: BTreeSet::new(),
         };
-        let mut fx = vec![Effect::Changed];
+        let mut fx = Vec::new();
         r.advance(now_ms, &mut fx);
-        Ok((r, fx))
+        Ok((r, Self::done(true, fx)))
     }
 
-    fn set(&mut self, device: &str, p: DeviceProgress) {
-        let e = self.devices.get_mut(device).expect("known device");
-        let c = &mut self.counts[e.batch];
-        adjust(c, bucket(&e.progress), false);
-        adjust(c, bucket(&p), true);
+    pub fn id(&self) -> &str {
+        &self.s.id
+    }
+
+    pub fn spec(&self) -> &RolloutSpec {
+        &self.s.spec
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.s.phase
+    }
+
+    pub fn created_at_ms(&self) -> u64 {
+        self.s.created_at_ms
+    }
+
+    /// The release most of its devices ran before it (0: none had the app).
+    pub fn from_release(&self) -> u64 {
+        self.s.from_release
+    }
+
+    /// The devices of each batch, in order.
+    pub fn batches(&self) -> &[Vec<DeviceId>] {
+        &self.s.batches
+    }
+
+    fn deadline_of(&self, p: &DeviceProgress) -> Option<u64> {
+        let t = self.s.spec.device_timeout_ms;
+        match *p {
+            DeviceProgress::Updating { since_ms } | DeviceProgress::RollingBack { since_ms } => {
+                Some(since_ms.saturating_add(t))
+            }
+            DeviceProgress::Ready { since_ms, .. } => {
+                Some(since_ms.saturating_add(self.s.spec.min_ready_ms))
+            }
+            _ => None,
+        }
+    }
+
+    /// The one place a device's progress changes: keeps the counters and
+    /// the deadline index in step. O(log n).
+    fn set(&mut self, device: &DeviceId, p: DeviceProgress) {
+        let old_deadline = self.deadline_of(&self.s.devices[device].progress);
+        let new_deadline = self.deadline_of(&p);
+        if let Some(t) = old_deadline {
+            self.deadlines.remove(&(t, device.clone()));
+        }
+        if let Some(t) = new_deadline {
+            self.deadlines.insert((t, device.clone()));
+        }
+        let e = self.s.devices.get_mut(device).expect("known device");
+        let c = &mut self.s.counts[e.batch];
+        *c.slot(&e.progress) -= 1;
+        *c.slot(&p) += 1;
         let was_rb = matches!(e.progress, DeviceProgress::RollingBack { .. });
         let is_rb = matches!(p, DeviceProgress::RollingBack { .. });
         if was_rb && !is_rb {
-            self.rolling_back -= 1;
+            self.s.rolling_back -= 1;
         }
         if !was_rb && is_rb {
-            self.rolling_back += 1;
+            self.s.rolling_back += 1;
         }
         e.progress = p;
     }
 
     fn max_updating(&self) -> usize {
-        match self.spec.max_unavailable {
+        match self.s.spec.max_unavailable {
             None => usize::MAX,
-            Some(b) => b.of(self.devices.len()).max(1),
+            Some(b) => b.of(self.s.devices.len()).max(1),
         }
     }
 
     fn threshold_met(&self, b: usize) -> bool {
-        let c = &self.counts[b];
-        let eligible = c.total - c.skipped;
-        c.updated * 100 >= eligible * self.spec.success_threshold_percent as usize
+        let c = &self.s.counts[b];
+        c.updated * 100 >= c.eligible() * self.s.spec.success_threshold_percent as usize
     }
 
     fn threshold_unreachable(&self, b: usize) -> bool {
-        let c = &self.counts[b];
-        let eligible = c.total - c.skipped;
-        (eligible - c.failed) * 100 < eligible * self.spec.success_threshold_percent as usize
+        let c = &self.s.counts[b];
+        (c.eligible() - c.failed) * 100
+            < c.eligible() * self.s.spec.success_threshold_percent as usize
     }
 
     /// Starts Pending devices in the running batch, moves to the next batch
-    /// or finishes. Cost: O(devices started), plus O(batch) when a batch ends.
+    /// or finishes. Cost: O(log n) per device started or passed by the
+    /// cursor (each device is passed once).
     fn advance(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         loop {
-            if self.phase != Phase::Running {
+            if self.s.phase != Phase::Running {
                 return;
             }
-            let b = self.current;
-            if self.threshold_unreachable(b) {
-                match self.spec.on_failure {
+            let b = self.s.current;
+            if !self.s.failures_accepted && self.threshold_unreachable(b) {
+                match self.s.spec.on_failure {
                     FailurePolicy::Rollback => return self.start_rollback(now_ms, fx),
                     FailurePolicy::Pause => {
-                        self.phase = Phase::Paused;
-                        self.paused_from = Some(Phase::Running);
+                        self.s.phase = Phase::Paused;
+                        self.s.paused_from = Some(Phase::Running);
+                        fx.push(Effect::Changed);
                         return;
                     }
                     FailurePolicy::Continue => {}
                 }
             }
-            // start pending devices up to max_unavailable
-            let room = self.max_updating().saturating_sub(self.counts[b].updating);
-            if room > 0 && self.counts[b].pending > 0 {
-                let start: Vec<String> = self.batches[b]
-                    .iter()
-                    .filter(|d| self.devices[*d].progress == DeviceProgress::Pending)
-                    .take(room)
-                    .cloned()
-                    .collect();
-                for d in start {
-                    self.set(&d, DeviceProgress::Updating { since_ms: now_ms });
-                    let e = self.devices.get_mut(&d).unwrap();
-                    e.touched = true;
-                    fx.push(Effect::SetRelease {
-                        device: d,
-                        release: self.spec.to_release,
-                    });
+            let mut room = self
+                .max_updating()
+                .saturating_sub(self.s.counts[b].updating);
+            while room > 0 && self.s.counts[b].pending > 0 {
+                let d = self.s.batches[b][self.s.cursor].clone();
+                self.s.cursor += 1;
+                if self.s.devices[&d].progress != DeviceProgress::Pending {
+                    continue;
                 }
+                self.set(&d, DeviceProgress::Updating { since_ms: now_ms });
+                self.s.devices.get_mut(&d).expect("known device").touched = true;
+                fx.push(Effect::SetRelease {
+                    device: d,
+                    release: self.s.spec.to_release,
+                });
+                room -= 1;
             }
-            let c = &self.counts[b];
+            let c = &self.s.counts[b];
             if c.pending > 0 || c.updating > 0 {
                 return;
             }
-            // batch done
-            if !self.threshold_met(b) && self.spec.on_failure != FailurePolicy::Continue {
-                return; // handled above; unreachable in practice
+            // The batch is done; with a threshold not met the policy above
+            // already stopped, unless it is Continue or the operator
+            // accepted the failures.
+            debug_assert!(
+                self.threshold_met(b)
+                    || self.s.failures_accepted
+                    || self.s.spec.on_failure == FailurePolicy::Continue
+            );
+            if b + 1 == self.s.batches.len() {
+                let any_failed = self.s.counts.iter().any(|c| c.failed > 0);
+                let phase = if any_failed {
+                    Phase::Failed
+                } else {
+                    Phase::Succeeded
+                };
+                return self.finish(phase, fx);
             }
-            if b + 1 == self.batches.len() {
-                let any_failed = self.counts.iter().any(|c| c.failed > 0);
-                self.finish(
-                    if any_failed {
-                        Phase::Failed
-                    } else {
-                        Phase::Succeeded
-                    },
-                    fx,
-                );
-                return;
-            }
-            self.current += 1;
-            if self.spec.approval {
-                self.phase = Phase::WaitingApproval;
+            self.s.current += 1;
+            self.s.cursor = 0;
+            self.s.failures_accepted = false;
+            fx.push(Effect::Changed);
+            if self.s.spec.approval {
+                self.s.phase = Phase::WaitingApproval;
                 return;
             }
         }
     }
 
     fn finish(&mut self, phase: Phase, fx: &mut Vec<Effect>) {
-        self.phase = phase;
+        self.s.phase = phase;
+        self.s.paused_from = None;
+        self.deadlines.clear();
         fx.push(Effect::Finished(phase));
     }
 
+    /// Every touched device goes back to the release it ran before. O(n),
+    /// once per rollout.
     fn start_rollback(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        self.phase = Phase::RollingBack;
-        let touched: Vec<String> = self
+        self.s.phase = Phase::RollingBack;
+        self.s.paused_from = None;
+        let back: Vec<(DeviceId, u64)> = self
+            .s
             .devices
             .iter()
-            .filter(|(_, e)| e.touched)
-            .map(|(d, _)| d.clone())
+            .filter(|(_, e)| {
+                e.touched
+                    && !matches!(
+                        e.progress,
+                        DeviceProgress::Skipped
+                            | DeviceProgress::RolledBack
+                            | DeviceProgress::RollingBack { .. }
+                    )
+            })
+            .map(|(d, e)| (d.clone(), e.from_release))
             .collect();
-        for d in touched {
-            let e = &self.devices[&d];
-            if matches!(
-                e.progress,
-                DeviceProgress::Skipped | DeviceProgress::RolledBack
-            ) {
-                continue;
-            }
-            let from = e.from_release;
+        for (d, from) in back {
             self.set(&d, DeviceProgress::RollingBack { since_ms: now_ms });
             fx.push(Effect::SetRelease {
                 device: d,
                 release: from,
             });
         }
-        if self.rolling_back == 0 {
+        if self.s.rolling_back == 0 {
             self.finish(Phase::RolledBack, fx);
         }
     }
 
-    fn with_changed(mut fx: Vec<Effect>) -> Vec<Effect> {
-        if !fx.is_empty() && !fx.contains(&Effect::Changed) {
-            fx.insert(0, Effect::Changed);
+    /// The effects with exactly one leading `Changed` when anything
+    /// changed, none when nothing did.
+    fn done(changed: bool, mut fx: Vec<Effect>) -> Vec<Effect> {
+        if !changed && fx.is_empty() {
+            return fx;
         }
+        fx.retain(|e| *e != Effect::Changed);
+        fx.insert(0, Effect::Changed);
         fx
     }
 
     /// A device reported its state. Idempotent: the same observation twice
-    /// yields no effects the second time.
-    pub fn observe(&mut self, device: &str, obs: Observation, now_ms: u64) -> Vec<Effect> {
+    /// yields no effects the second time. O(log n) plus the devices it
+    /// starts.
+    pub fn observe(&mut self, device: &DeviceId, obs: Observation, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
-        let Some(e) = self.devices.get(device) else {
-            return fx;
-        };
-        if self.phase.is_final() {
+        if self.s.phase.is_final() {
             return fx;
         }
-        let to = self.spec.to_release;
-        let from = e.from_release;
-        let before = e.progress.clone();
-        let next = match &e.progress {
-            DeviceProgress::Updating { since_ms }
+        let Some(e) = self.s.devices.get(device) else {
+            return fx;
+        };
+        let to = self.s.spec.to_release;
+        let next = match e.progress {
+            DeviceProgress::Updating {
+                since_ms: updating_since_ms,
+            }
             | DeviceProgress::Ready {
-                updating_since_ms: since_ms,
-                ..
+                updating_since_ms, ..
             } => {
-                let since = *since_ms;
-                if let Some(reason) = obs.failed.filter(|_| obs.release == to) {
-                    Some(DeviceProgress::Failed { reason })
-                } else if obs.release == to && obs.ready {
-                    match &e.progress {
-                        DeviceProgress::Ready { .. } => None,
-                        _ => Some(DeviceProgress::Ready {
-                            since_ms: now_ms,
-                            updating_since_ms: since,
-                        }),
+                let is_ready = matches!(e.progress, DeviceProgress::Ready { .. });
+                match obs.failed {
+                    Some(reason) if obs.release == to => Some(DeviceProgress::Failed { reason }),
+                    _ if obs.release == to && obs.ready => {
+                        if self.s.spec.min_ready_ms == 0 {
+                            Some(DeviceProgress::Updated)
+                        } else if is_ready {
+                            None
+                        } else {
+                            Some(DeviceProgress::Ready {
+                                since_ms: now_ms,
+                                updating_since_ms,
+                            })
+                        }
                     }
-                } else if matches!(e.progress, DeviceProgress::Ready { .. }) {
-                    Some(DeviceProgress::Updating { since_ms: since })
-                } else {
-                    None
+                    _ if is_ready => Some(DeviceProgress::Updating {
+                        since_ms: updating_since_ms,
+                    }),
+                    _ => None,
                 }
             }
-            DeviceProgress::RollingBack { .. } if obs.release == from => {
+            DeviceProgress::RollingBack { .. } if obs.release == e.from_release => {
                 Some(DeviceProgress::RolledBack)
             }
             _ => None,
         };
-        if let Some(p) = next {
-            if p != before {
-                self.set(device, p);
-                fx.push(Effect::Changed);
-            }
-        }
+        let Some(p) = next else {
+            return fx;
+        };
+        self.set(device, p);
         self.check(now_ms, &mut fx);
-        Self::with_changed(fx)
+        Self::done(true, fx)
     }
 
-    /// min_ready with zero wait, batch progression, rollback completion.
+    /// Batch progression and rollback completion.
     fn check(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        if self.phase == Phase::RollingBack && self.rolling_back == 0 {
-            self.finish(Phase::RolledBack, fx);
-            return;
-        }
-        if self.phase == Phase::Running && self.spec.min_ready_ms == 0 {
-            self.promote_ready(now_ms, fx);
-        }
-        let n = fx.len();
-        self.advance(now_ms, fx);
-        if fx.len() != n || self.phase != Phase::Running {
-            // phase changes are covered by Changed added by with_changed
-        }
-    }
-
-    fn promote_ready(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        let b = self.current;
-        let ready: Vec<String> = self.batches[b]
-            .iter()
-            .filter(|d| matches!(self.devices[*d].progress, DeviceProgress::Ready { since_ms, .. } if now_ms >= since_ms + self.spec.min_ready_ms))
-            .cloned()
-            .collect();
-        for d in ready {
-            self.set(&d, DeviceProgress::Updated);
-            fx.push(Effect::Changed);
-        }
-    }
-
-    /// Timeouts and min-ready. Call at [`Rollout::next_deadline`].
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
-        let mut fx = Vec::new();
-        match self.phase {
-            Phase::Running | Phase::Paused | Phase::WaitingApproval => {
-                let b = self.current;
-                let t = self.spec.device_timeout_ms;
-                for d in self.batches[b].clone() {
-                    match self.devices[&d].progress {
-                        DeviceProgress::Updating { since_ms } if now_ms >= since_ms + t => {
-                            self.set(
-                                &d,
-                                DeviceProgress::Failed {
-                                    reason: "timed out".into(),
-                                },
-                            );
-                            fx.push(Effect::Changed);
-                        }
-                        DeviceProgress::Ready { since_ms, .. }
-                            if now_ms >= since_ms + self.spec.min_ready_ms =>
-                        {
-                            self.set(&d, DeviceProgress::Updated);
-                            fx.push(Effect::Changed);
-                        }
-                        _ => {}
-                    }
-                }
-                self.advance(now_ms, &mut fx);
-            }
-            Phase::RollingBack => {
-                let t = self.spec.device_timeout_ms;
-                let late: Vec<String> = self
-                    .devices
-                    .iter()
-                    .filter(|(_, e)| matches!(e.progress, DeviceProgress::RollingBack { since_ms } if now_ms >= since_ms + t))
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                for d in late {
-                    self.set(
-                        &d,
-                        DeviceProgress::Failed {
-                            reason: "rollback timed out".into(),
-                        },
-                    );
-                    fx.push(Effect::Changed);
-                }
-                if self.rolling_back == 0 {
-                    self.finish(Phase::RolledBack, &mut fx);
-                }
-            }
+        match self.s.phase {
+            Phase::RollingBack if self.s.rolling_back == 0 => self.finish(Phase::RolledBack, fx),
+            Phase::Running => self.advance(now_ms, fx),
             _ => {}
         }
-        Self::with_changed(fx)
     }
 
-    /// When `tick` must next be called, if ever. O(devices in the batch).
-    pub fn next_deadline(&self) -> Option<u64> {
-        let t = self.spec.device_timeout_ms;
-        let m = self.spec.min_ready_ms;
-        let iter: Box<dyn Iterator<Item = &DeviceEntry>> = match self.phase {
-            Phase::RollingBack => Box::new(self.devices.values()),
-            Phase::Running | Phase::Paused | Phase::WaitingApproval => {
-                Box::new(self.batches[self.current].iter().map(|d| &self.devices[d]))
-            }
-            _ => return None,
-        };
-        iter.filter_map(|e| match e.progress {
-            DeviceProgress::Updating { since_ms } | DeviceProgress::RollingBack { since_ms } => {
-                Some(since_ms + t)
-            }
-            DeviceProgress::Ready {
-                since_ms,
-                updating_since_ms,
-            } => Some((since_ms + m).min(updating_since_ms + t)),
-            _ => None,
-        })
-        .min()
-    }
-
-    /// The device was deleted or left the selector: it is skipped.
-    pub fn device_gone(&mut self, device: &str, now_ms: u64) -> Vec<Effect> {
+    /// Timeouts and min-ready. Call at [`Rollout::next_deadline`]. Also
+    /// runs while Paused or WaitingApproval: a device's clock does not stop.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut changed = false;
         let mut fx = Vec::new();
-        if self.phase.is_final() || !self.devices.contains_key(device) {
+        if self.s.phase.is_final() {
             return fx;
         }
-        if self.devices[device].progress == DeviceProgress::Skipped {
+        while let Some((at, d)) = self.deadlines.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            let next = match self.s.devices[&d].progress {
+                DeviceProgress::Updating { .. } => DeviceProgress::Failed {
+                    reason: format!(
+                        "not ready within the device timeout ({} ms)",
+                        self.s.spec.device_timeout_ms
+                    ),
+                },
+                DeviceProgress::Ready { .. } => DeviceProgress::Updated,
+                DeviceProgress::RollingBack { .. } => DeviceProgress::Failed {
+                    reason: format!(
+                        "rollback not done within the device timeout ({} ms)",
+                        self.s.spec.device_timeout_ms
+                    ),
+                },
+                _ => unreachable!("only Updating, Ready and RollingBack have deadlines"),
+            };
+            self.set(&d, next);
+            changed = true;
+        }
+        if changed {
+            self.check(now_ms, &mut fx);
+        }
+        Self::done(changed, fx)
+    }
+
+    /// When `tick` must next be called, if ever. O(log n).
+    pub fn next_deadline(&self) -> Option<u64> {
+        if self.s.phase.is_final() {
+            return None;
+        }
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// The device was deleted or left the selector: it is skipped (and not
+    /// rolled back: it is no longer the rollout's).
+    pub fn device_gone(&mut self, device: &DeviceId, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.s.phase.is_final() {
             return fx;
+        }
+        match self.s.devices.get(device) {
+            None => return fx,
+            Some(e) if e.progress == DeviceProgress::Skipped => return fx,
+            Some(_) => {}
         }
         self.set(device, DeviceProgress::Skipped);
-        fx.push(Effect::Changed);
         self.check(now_ms, &mut fx);
-        Self::with_changed(fx)
+        Self::done(true, fx)
     }
 
     fn invalid(&self, action: &'static str) -> RolloutError {
         RolloutError::InvalidTransition {
             action,
-            phase: self.phase,
+            phase: self.s.phase,
         }
     }
 
+    /// Starts no more devices until [`Rollout::resume`]; devices already
+    /// updating go on and are observed.
     pub fn pause(&mut self, _now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
-        match self.phase {
+        match self.s.phase {
             Phase::Running | Phase::WaitingApproval => {
-                self.paused_from = Some(self.phase);
-                self.phase = Phase::Paused;
+                self.s.paused_from = Some(self.s.phase);
+                self.s.phase = Phase::Paused;
                 Ok(vec![Effect::Changed])
             }
             _ => Err(self.invalid("pause")),
         }
     }
 
+    /// Back to the phase it was paused from. After a pause by
+    /// `FailurePolicy::Pause` the operator's resume accepts the current
+    /// batch's failures: the batch goes on and the rollout can end Failed.
     pub fn resume(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
-        if self.phase != Phase::Paused {
+        if self.s.phase != Phase::Paused {
             return Err(self.invalid("resume"));
         }
-        self.phase = self.paused_from.take().unwrap_or(Phase::Running);
-        let mut fx = vec![Effect::Changed];
-        if self.phase == Phase::Running && self.threshold_unreachable(self.current) {
-            // resumed after a failure pause: go on like Continue
-            let saved = self.spec.on_failure;
-            self.spec.on_failure = FailurePolicy::Continue;
-            self.advance(now_ms, &mut fx);
-            self.spec.on_failure = saved;
-        } else {
-            self.advance(now_ms, &mut fx);
+        self.s.phase = self.s.paused_from.take().unwrap_or(Phase::Running);
+        if self.s.phase == Phase::Running && self.threshold_unreachable(self.s.current) {
+            self.s.failures_accepted = true;
         }
-        Ok(fx)
+        let mut fx = Vec::new();
+        self.advance(now_ms, &mut fx);
+        Ok(Self::done(true, fx))
     }
 
+    /// Starts the next batch while WaitingApproval.
     pub fn approve(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
-        if self.phase != Phase::WaitingApproval {
+        if self.s.phase != Phase::WaitingApproval {
             return Err(self.invalid("approve"));
         }
-        self.phase = Phase::Running;
-        let mut fx = vec![Effect::Changed];
+        self.s.phase = Phase::Running;
+        let mut fx = Vec::new();
         self.advance(now_ms, &mut fx);
-        Ok(fx)
+        Ok(Self::done(true, fx))
     }
 
     /// Stops without rollback; devices keep what they run.
     pub fn abort(&mut self, _now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
-        if self.phase.is_final() {
+        if self.s.phase.is_final() {
             return Err(self.invalid("abort"));
         }
         let mut fx = vec![Effect::Changed];
@@ -697,8 +781,9 @@ impl Rollout {
         Ok(fx)
     }
 
+    /// Puts every device it touched back on its previous release.
     pub fn rollback(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
-        if self.phase.is_final() || self.phase == Phase::RollingBack {
+        if self.s.phase.is_final() || self.s.phase == Phase::RollingBack {
             return Err(self.invalid("roll back"));
         }
         let mut fx = vec![Effect::Changed];
@@ -708,7 +793,7 @@ impl Rollout {
 
     /// A newer rollout of the same app took over: ends without rollback.
     pub fn supersede(&mut self, _now_ms: u64) -> Vec<Effect> {
-        if self.phase.is_final() {
+        if self.s.phase.is_final() {
             return Vec::new();
         }
         let mut fx = vec![Effect::Changed];
@@ -716,46 +801,176 @@ impl Rollout {
         fx
     }
 
-    /// After a restart: re-issue SetRelease for devices in flight.
+    /// After a restart: re-issue SetRelease for the devices in flight
+    /// (Updating or Ready: the target; RollingBack: the previous release).
+    /// Setting a desired release is idempotent, so this runs nothing twice.
     pub fn resume_effects(&self, _now_ms: u64) -> Vec<Effect> {
-        if self.phase.is_final() {
+        if self.s.phase.is_final() {
             return Vec::new();
         }
-        self.devices
-            .iter()
-            .filter_map(|(d, e)| match e.progress {
-                DeviceProgress::Updating { .. } | DeviceProgress::Ready { .. } => {
-                    Some(Effect::SetRelease {
-                        device: d.clone(),
-                        release: self.spec.to_release,
-                    })
-                }
-                DeviceProgress::RollingBack { .. } => Some(Effect::SetRelease {
+        let mut in_flight: Vec<&DeviceId> = self.deadlines.iter().map(|(_, d)| d).collect();
+        in_flight.sort();
+        in_flight
+            .into_iter()
+            .filter_map(|d| {
+                let e = &self.s.devices[d];
+                let release = match e.progress {
+                    DeviceProgress::Updating { .. } | DeviceProgress::Ready { .. } => {
+                        self.s.spec.to_release
+                    }
+                    DeviceProgress::RollingBack { .. } => e.from_release,
+                    _ => return None,
+                };
+                Some(Effect::SetRelease {
                     device: d.clone(),
-                    release: e.from_release,
-                }),
-                _ => None,
+                    release,
+                })
             })
             .collect()
     }
 
-    pub fn device(&self, device: &str) -> Option<&DeviceProgress> {
-        self.devices.get(device).map(|e| &e.progress)
+    pub fn device(&self, device: &DeviceId) -> Option<&DeviceProgress> {
+        self.s.devices.get(device).map(|e| &e.progress)
+    }
+
+    /// Every device: its batch and progress, by device id.
+    pub fn devices(&self) -> impl Iterator<Item = (&DeviceId, usize, &DeviceProgress)> {
+        self.s
+            .devices
+            .iter()
+            .map(|(d, e)| (d, e.batch, &e.progress))
     }
 
     pub fn summary(&self) -> Progress {
-        let total: usize = self.counts.iter().map(|c| c.total - c.skipped).sum();
-        let updated: usize = self.counts.iter().map(|c| c.updated).sum();
+        let total: usize = self.s.counts.iter().map(BatchCounts::eligible).sum();
+        let updated: usize = self.s.counts.iter().map(|c| c.updated).sum();
         Progress {
-            phase: self.phase,
-            current_batch: self.current,
-            batches: self.counts.clone(),
+            phase: self.s.phase,
+            current_batch: self.s.current,
+            batches: self.s.counts.clone(),
             percent: if total == 0 {
                 100
             } else {
                 (updated * 100 / total) as u8
             },
         }
+    }
+}
+
+impl From<FailurePolicy> for contract::OnFailure {
+    fn from(p: FailurePolicy) -> Self {
+        match p {
+            FailurePolicy::Rollback => contract::OnFailure::Rollback,
+            FailurePolicy::Pause => contract::OnFailure::Pause,
+            FailurePolicy::Continue => contract::OnFailure::Continue,
+        }
+    }
+}
+
+impl From<contract::OnFailure> for FailurePolicy {
+    fn from(p: contract::OnFailure) -> Self {
+        match p {
+            contract::OnFailure::Rollback => FailurePolicy::Rollback,
+            contract::OnFailure::Pause => FailurePolicy::Pause,
+            contract::OnFailure::Continue => FailurePolicy::Continue,
+        }
+    }
+}
+
+impl From<Phase> for contract::RolloutPhase {
+    fn from(p: Phase) -> Self {
+        use contract::RolloutPhase as C;
+        match p {
+            Phase::Running => C::Running,
+            Phase::WaitingApproval => C::WaitingApproval,
+            Phase::Paused => C::Paused,
+            Phase::RollingBack => C::RollingBack,
+            Phase::Succeeded => C::Succeeded,
+            Phase::Failed => C::Failed,
+            Phase::RolledBack => C::RolledBack,
+            Phase::Aborted => C::Aborted,
+            Phase::Superseded => C::Superseded,
+        }
+    }
+}
+
+impl From<&DeviceProgress> for contract::RolloutDeviceState {
+    fn from(p: &DeviceProgress) -> Self {
+        use contract::RolloutDeviceState as C;
+        match p {
+            DeviceProgress::Pending => C::Pending,
+            DeviceProgress::Updating { .. } => C::Updating,
+            DeviceProgress::Ready { .. } => C::Ready,
+            DeviceProgress::Updated => C::Updated,
+            DeviceProgress::Failed { .. } => C::Failed,
+            DeviceProgress::RollingBack { .. } => C::RollingBack,
+            DeviceProgress::RolledBack => C::RolledBack,
+            DeviceProgress::Skipped => C::Skipped,
+        }
+    }
+}
+
+impl From<&BatchCounts> for contract::RolloutCounts {
+    fn from(c: &BatchCounts) -> Self {
+        contract::RolloutCounts {
+            total: c.total,
+            pending: c.pending,
+            updating: c.updating,
+            updated: c.updated,
+            failed: c.failed,
+            skipped: c.skipped,
+            rolling_back: c.rolling_back,
+            rolled_back: c.rolled_back,
+        }
+    }
+}
+
+impl From<&Rollout> for contract::Rollout {
+    fn from(r: &Rollout) -> Self {
+        let p = r.summary();
+        let batches: Vec<contract::RolloutCounts> = p
+            .batches
+            .iter()
+            .map(contract::RolloutCounts::from)
+            .collect();
+        let mut counts = contract::RolloutCounts::default();
+        for c in &batches {
+            counts.total += c.total;
+            counts.pending += c.pending;
+            counts.updating += c.updating;
+            counts.updated += c.updated;
+            counts.failed += c.failed;
+            counts.skipped += c.skipped;
+            counts.rolling_back += c.rolling_back;
+            counts.rolled_back += c.rolled_back;
+        }
+        contract::Rollout {
+            id: r.s.id.clone(),
+            app: r.s.spec.app.clone(),
+            selector: r.s.spec.selector.clone(),
+            from_release: r.s.from_release,
+            to_release: r.s.spec.to_release,
+            phase: p.phase.into(),
+            created_at_ms: r.s.created_at_ms,
+            author: r.s.spec.author.clone(),
+            current_batch: p.current_batch,
+            batches,
+            counts,
+            percent: p.percent,
+        }
+    }
+}
+
+/// The REST view of one device of a rollout.
+pub fn device_view(device: &DeviceId, batch: usize, p: &DeviceProgress) -> contract::RolloutDevice {
+    contract::RolloutDevice {
+        device: device.clone(),
+        batch,
+        state: p.into(),
+        reason: match p {
+            DeviceProgress::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        },
     }
 }
 

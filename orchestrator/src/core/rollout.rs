@@ -277,6 +277,9 @@ struct State {
     /// The operator resumed after a failure pause: the current batch's
     /// failures no longer stop it. Reset when the next batch starts.
     failures_accepted: bool,
+    /// Paused by `FailurePolicy::Pause` (not by the operator).
+    #[serde(default)]
+    failure_paused: bool,
     /// The release most targets ran before.
     from_release: u64,
     batches: Vec<Vec<DeviceId>>,
@@ -382,6 +385,7 @@ impl Rollout {
                 phase: Phase::Running,
                 paused_from: None,
                 failures_accepted: false,
+                failure_paused: false,
                 from_release,
                 batches,
                 devices,
@@ -495,6 +499,7 @@ impl Rollout {
                     FailurePolicy::Pause => {
                         self.s.phase = Phase::Paused;
                         self.s.paused_from = Some(Phase::Running);
+                        self.s.failure_paused = true;
                         fx.push(Effect::Changed);
                         return;
                     }
@@ -553,6 +558,7 @@ impl Rollout {
     fn finish(&mut self, phase: Phase, fx: &mut Vec<Effect>) {
         self.s.phase = phase;
         self.s.paused_from = None;
+        self.s.failure_paused = false;
         self.deadlines.clear();
         fx.push(Effect::Finished(phase));
     }
@@ -562,6 +568,7 @@ impl Rollout {
     fn start_rollback(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         self.s.phase = Phase::RollingBack;
         self.s.paused_from = None;
+        self.s.failure_paused = false;
         let back: Vec<(DeviceId, u64)> = self
             .s
             .devices
@@ -747,12 +754,14 @@ impl Rollout {
     /// Back to the phase it was paused from. After a pause by
     /// `FailurePolicy::Pause` the operator's resume accepts the current
     /// batch's failures: the batch goes on and the rollout can end Failed.
+    /// After an operator's pause the failure policy applies as usual, also
+    /// to failures reported while paused.
     pub fn resume(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
         if self.s.phase != Phase::Paused {
             return Err(self.invalid("resume"));
         }
         self.s.phase = self.s.paused_from.take().unwrap_or(Phase::Running);
-        if self.s.phase == Phase::Running && self.threshold_unreachable(self.s.current) {
+        if std::mem::take(&mut self.s.failure_paused) {
             self.s.failures_accepted = true;
         }
         let mut fx = Vec::new();
@@ -848,11 +857,7 @@ impl Rollout {
             phase: self.s.phase,
             current_batch: self.s.current,
             batches: self.s.counts.clone(),
-            percent: if total == 0 {
-                100
-            } else {
-                (updated * 100 / total) as u8
-            },
+            percent: (updated * 100).checked_div(total).map_or(100, |p| p as u8),
         }
     }
 }

@@ -2,7 +2,7 @@ use super::*;
 
 fn spec() -> RolloutSpec {
     RolloutSpec {
-        app: Name::new("web").unwrap(),
+        app: Name::new("web").expect("accepted"),
         selector: "all".into(),
         to_release: 2,
         batches: vec![BatchSize::Count(1), BatchSize::Percent(50)],
@@ -17,7 +17,7 @@ fn spec() -> RolloutSpec {
 }
 
 fn d(i: usize) -> DeviceId {
-    DeviceId::new(format!("d{i:05}")).unwrap()
+    DeviceId::new(format!("d{i:05}")).expect("accepted")
 }
 
 fn targets(n: usize) -> BTreeMap<DeviceId, u64> {
@@ -71,11 +71,13 @@ fn sorted_sets(fx: &[Effect]) -> Vec<(DeviceId, u64)> {
 }
 
 fn start(s: RolloutSpec, n: usize) -> Rollout {
-    Rollout::new("r".into(), s, targets(n), 0).unwrap().0
+    Rollout::new("r".into(), s, targets(n), 0)
+        .expect("accepted")
+        .0
 }
 
 fn state(r: &Rollout, i: usize) -> DeviceProgress {
-    r.device(&d(i)).unwrap().clone()
+    r.device(&d(i)).expect("accepted").clone()
 }
 
 /// The counters, the deadline index and the cursor agree with the devices.
@@ -114,7 +116,7 @@ fn check_invariants(r: &Rollout) {
 
 #[test]
 fn batches_are_per_batch_and_last_takes_the_rest() {
-    let (r, fx) = Rollout::new("r".into(), spec(), targets(4), 0).unwrap();
+    let (r, fx) = Rollout::new("r".into(), spec(), targets(4), 0).expect("accepted");
     assert_eq!(
         r.batches().iter().map(Vec::len).collect::<Vec<_>>(),
         vec![1, 2, 1]
@@ -175,15 +177,21 @@ fn validate_names_the_field() {
 
 #[test]
 fn batch_size_serialises_as_a_number_or_a_percentage() {
-    assert_eq!(serde_json::to_string(&BatchSize::Count(3)).unwrap(), "3");
     assert_eq!(
-        serde_json::to_string(&BatchSize::Percent(50)).unwrap(),
+        serde_json::to_string(&BatchSize::Count(3)).expect("accepted"),
+        "3"
+    );
+    assert_eq!(
+        serde_json::to_string(&BatchSize::Percent(50)).expect("accepted"),
         "\"50%\""
     );
     let parse = |s: &str| serde_json::from_str::<BatchSize>(s);
-    assert_eq!(parse("3").unwrap(), BatchSize::Count(3));
-    assert_eq!(parse("\"50%\"").unwrap(), BatchSize::Percent(50));
-    assert_eq!(parse("\"100%\"").unwrap(), BatchSize::Percent(100));
+    assert_eq!(parse("3").expect("accepted"), BatchSize::Count(3));
+    assert_eq!(parse("\"50%\"").expect("accepted"), BatchSize::Percent(50));
+    assert_eq!(
+        parse("\"100%\"").expect("accepted"),
+        BatchSize::Percent(100)
+    );
     for (input, says) in [
         ("\"0%\"", "1% to 100%"),
         ("\"150%\"", "1% to 100%"),
@@ -194,7 +202,7 @@ fn batch_size_serialises_as_a_number_or_a_percentage() {
         ("-1", "at least 1"),
         ("1.5", "a device count (3) or a percentage"),
     ] {
-        let e = parse(input).unwrap_err().to_string();
+        let e = parse(input).expect_err("refused").to_string();
         assert!(e.contains(says), "{input}: {e}");
     }
 }
@@ -243,10 +251,10 @@ fn reports_that_change_nothing_yield_nothing() {
     assert_eq!(state(&r, 3), DeviceProgress::Pending);
     // an unknown device too
     assert!(r
-        .observe(&DeviceId::new("elsewhere").unwrap(), ok(), 1)
+        .observe(&DeviceId::new("elsewhere").expect("accepted"), ok(), 1)
         .is_empty());
     assert!(r
-        .device_gone(&DeviceId::new("elsewhere").unwrap(), 1)
+        .device_gone(&DeviceId::new("elsewhere").expect("accepted"), 1)
         .is_empty());
 }
 
@@ -339,7 +347,7 @@ fn rollback_times_out_too() {
 #[test]
 fn broken_canary_rolls_back_only_the_canary() {
     let mut all = Vec::new();
-    let (mut r, fx) = Rollout::new("r".into(), spec(), targets(10), 0).unwrap();
+    let (mut r, fx) = Rollout::new("r".into(), spec(), targets(10), 0).expect("accepted");
     all.extend(sets(&fx));
     assert_eq!(all, vec![(d(0), 2)]);
     let fx = r.observe(&d(0), failed("health check failed"), 5);
@@ -367,7 +375,7 @@ fn broken_canary_rolls_back_only_the_canary() {
 fn rollback_puts_an_absent_app_back_to_absent() {
     let mut t = targets(2);
     t.insert(d(0), 0);
-    let (mut r, _) = Rollout::new("r".into(), spec(), t, 0).unwrap();
+    let (mut r, _) = Rollout::new("r".into(), spec(), t, 0).expect("accepted");
     let fx = r.observe(&d(0), failed("exit 1"), 5);
     assert_eq!(sets(&fx), vec![(d(0), 0)]);
     let fx = r.observe(
@@ -390,7 +398,7 @@ fn pause_policy_and_continue_policy() {
     let fx = r.observe(&d(0), failed("pull"), 5);
     assert_eq!(r.phase(), Phase::Paused);
     assert!(sets(&fx).is_empty());
-    let fx = r.resume(6).unwrap();
+    let fx = r.resume(6).expect("accepted");
     assert_eq!(r.phase(), Phase::Running);
     assert_eq!(sets(&fx), vec![(d(1), 2)]);
     r.observe(&d(1), ok(), 7);
@@ -413,7 +421,7 @@ fn resume_after_a_failure_pause_accepts_that_batch_only() {
     let mut r = start(s, 4);
     r.observe(&d(0), failed("x"), 1);
     assert_eq!(r.phase(), Phase::Paused);
-    r.resume(2).unwrap();
+    r.resume(2).expect("accepted");
     // another failure in the accepted batch does not pause again
     r.observe(&d(1), failed("y"), 3);
     assert_eq!(r.phase(), Phase::Running);
@@ -467,7 +475,7 @@ fn max_unavailable_bounds_updating() {
     s.batches = vec![];
     s.max_unavailable = Some(BatchSize::Count(2));
     s.min_ready_ms = 10;
-    let (mut r, fx) = Rollout::new("r".into(), s.clone(), targets(5), 0).unwrap();
+    let (mut r, fx) = Rollout::new("r".into(), s.clone(), targets(5), 0).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 2), (d(1), 2)]);
     // Ready (not yet for min_ready) still counts as unavailable
     assert!(sets(&r.observe(&d(0), ok(), 1)).is_empty());
@@ -479,7 +487,7 @@ fn max_unavailable_bounds_updating() {
     // as a percentage of all devices, at least one
     s.max_unavailable = Some(BatchSize::Percent(10));
     s.min_ready_ms = 0;
-    let (mut r, fx) = Rollout::new("r".into(), s, targets(5), 0).unwrap();
+    let (mut r, fx) = Rollout::new("r".into(), s, targets(5), 0).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 2)]);
     let fx = r.observe(&d(0), ok(), 1);
     assert_eq!(sets(&fx), vec![(d(1), 2)]);
@@ -497,7 +505,7 @@ fn approval_waits_between_batches() {
     assert_eq!(r.phase(), Phase::WaitingApproval);
     assert_eq!(r.summary().current_batch, 1);
     assert!(r.resume(2).is_err());
-    let fx = r.approve(2).unwrap();
+    let fx = r.approve(2).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(1), 2), (d(2), 2)]);
     assert!(matches!(
         r.approve(3),
@@ -510,12 +518,12 @@ fn approval_waits_between_batches() {
     r.observe(&d(2), ok(), 4);
     assert_eq!(r.phase(), Phase::WaitingApproval);
     // WaitingApproval → Paused → (resume) WaitingApproval
-    r.pause(5).unwrap();
+    r.pause(5).expect("accepted");
     assert_eq!(r.phase(), Phase::Paused);
-    let fx = r.resume(6).unwrap();
+    let fx = r.resume(6).expect("accepted");
     assert!(sets(&fx).is_empty());
     assert_eq!(r.phase(), Phase::WaitingApproval);
-    let fx = r.approve(7).unwrap();
+    let fx = r.approve(7).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(3), 2)]);
     let fx = r.observe(&d(3), ok(), 8);
     assert!(
@@ -527,7 +535,7 @@ fn approval_waits_between_batches() {
 #[test]
 fn operator_actions() {
     let mut r = start(spec(), 3);
-    r.pause(1).unwrap();
+    r.pause(1).expect("accepted");
     assert!(r.pause(1).is_err());
     assert!(r.approve(1).is_err());
     // a device that becomes ready while paused is promoted; no new device
@@ -535,9 +543,9 @@ fn operator_actions() {
     let fx = r.observe(&d(0), ok(), 2);
     assert!(sets(&fx).is_empty());
     assert_eq!(state(&r, 0), DeviceProgress::Updated);
-    let fx = r.resume(3).unwrap();
+    let fx = r.resume(3).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(1), 2)]);
-    r.abort(4).unwrap();
+    r.abort(4).expect("accepted");
     assert!(r.abort(5).is_err());
     assert!(r.rollback(5).is_err());
     assert!(r.pause(5).is_err());
@@ -549,10 +557,22 @@ fn operator_actions() {
     assert!(fx.contains(&Effect::Finished(Phase::Superseded)));
     assert!(r.supersede(2).is_empty());
     let mut r = start(spec(), 3);
-    let fx = r.rollback(1).unwrap();
+    let fx = r.rollback(1).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 1)]);
     assert!(r.rollback(2).is_err(), "already rolling back");
     assert!(r.pause(2).is_err());
+}
+
+#[test]
+fn a_failure_while_paused_by_the_operator_applies_the_policy_on_resume() {
+    let mut r = start(spec(), 3);
+    r.pause(1).expect("accepted");
+    let fx = r.observe(&d(0), failed("x"), 2);
+    assert!(sets(&fx).is_empty());
+    assert_eq!(r.phase(), Phase::Paused);
+    let fx = r.resume(3).expect("accepted");
+    assert_eq!(r.phase(), Phase::RollingBack);
+    assert_eq!(sets(&fx), vec![(d(0), 1)]);
 }
 
 #[test]
@@ -560,13 +580,13 @@ fn ready_while_paused_is_promoted_on_resume_with_min_ready() {
     let mut s = spec();
     s.min_ready_ms = 50;
     let mut r = start(s, 3);
-    r.pause(1).unwrap();
+    r.pause(1).expect("accepted");
     r.observe(&d(0), ok(), 2);
     // the clock does not stop while paused
     let fx = r.tick(52);
     assert!(sets(&fx).is_empty());
     assert_eq!(state(&r, 0), DeviceProgress::Updated);
-    let fx = r.resume(60).unwrap();
+    let fx = r.resume(60).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(1), 2)]);
 }
 
@@ -582,7 +602,7 @@ fn ready_while_waiting_for_approval_of_the_next_batch() {
     r.observe(&d(0), ok(), 1);
     assert_eq!(r.phase(), Phase::WaitingApproval);
     assert_eq!(state(&r, 1), DeviceProgress::Pending);
-    let fx = r.approve(2).unwrap();
+    let fx = r.approve(2).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(1), 2)]);
 }
 
@@ -604,7 +624,7 @@ fn manual_rollback_mid_batch() {
     r.observe(&d(0), ok(), 1);
     r.tick(101);
     r.observe(&d(1), ok(), 110);
-    let fx = r.rollback(120).unwrap();
+    let fx = r.rollback(120).expect("accepted");
     assert_eq!(r.phase(), Phase::RollingBack);
     assert_eq!(
         sorted_sets(&fx),
@@ -640,22 +660,22 @@ fn rollback_and_abort_from_every_live_phase() {
     };
     // WaitingApproval → RollingBack: only the first batch goes back
     let mut r = waiting();
-    let fx = r.rollback(2).unwrap();
+    let fx = r.rollback(2).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 1)]);
     // Paused → RollingBack
     let mut r = waiting();
-    r.pause(2).unwrap();
-    let fx = r.rollback(3).unwrap();
+    r.pause(2).expect("accepted");
+    let fx = r.rollback(3).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 1)]);
     assert_eq!(r.phase(), Phase::RollingBack);
     // RollingBack → Aborted: devices keep what they run
-    let fx = r.abort(4).unwrap();
+    let fx = r.abort(4).expect("accepted");
     assert_eq!(fx, vec![Effect::Changed, Effect::Finished(Phase::Aborted)]);
     assert_eq!(r.next_deadline(), None);
     assert!(r.observe(&d(0), old(), 5).is_empty());
     // RollingBack → Superseded
     let mut r = waiting();
-    r.rollback(2).unwrap();
+    r.rollback(2).expect("accepted");
     assert!(r
         .supersede(3)
         .contains(&Effect::Finished(Phase::Superseded)));
@@ -663,16 +683,16 @@ fn rollback_and_abort_from_every_live_phase() {
     let mut r = waiting();
     assert!(r
         .abort(2)
-        .unwrap()
+        .expect("accepted")
         .contains(&Effect::Finished(Phase::Aborted)));
     let mut r = waiting();
-    r.pause(2).unwrap();
+    r.pause(2).expect("accepted");
     assert!(r
         .abort(3)
-        .unwrap()
+        .expect("accepted")
         .contains(&Effect::Finished(Phase::Aborted)));
     let mut r = start(spec(), 4);
-    let fx = r.abort(1).unwrap();
+    let fx = r.abort(1).expect("accepted");
     assert!(sets(&fx).is_empty(), "abort rolls nothing back");
     assert_eq!(r.phase(), Phase::Aborted);
     // WaitingApproval → Superseded, Paused → Superseded
@@ -681,7 +701,7 @@ fn rollback_and_abort_from_every_live_phase() {
         .supersede(2)
         .contains(&Effect::Finished(Phase::Superseded)));
     let mut r = waiting();
-    r.pause(2).unwrap();
+    r.pause(2).expect("accepted");
     assert!(r
         .supersede(3)
         .contains(&Effect::Finished(Phase::Superseded)));
@@ -765,7 +785,7 @@ fn rollback_covers_updated_and_failed_devices_not_rolled_back_ones() {
     let mut r = start(s, 4);
     r.observe(&d(0), ok(), 1); // Updated
     r.observe(&d(1), failed("x"), 2); // Failed
-    let fx = r.rollback(3).unwrap();
+    let fx = r.rollback(3).expect("accepted");
     assert_eq!(sorted_sets(&fx), vec![(d(0), 1), (d(1), 1), (d(2), 1)]);
     check_invariants(&r);
 }
@@ -782,9 +802,9 @@ fn serde_roundtrip_mid_batch_and_resume_effects() {
     r.tick(101); // batch 1: d1, d2, d3 start at 101
     r.observe(&d(1), ok(), 110); // Ready
     r.observe(&d(2), failed("x"), 110); // Failed
-    let json = serde_json::to_string(&r).unwrap();
+    let json = serde_json::to_string(&r).expect("accepted");
     assert!(!json.contains("deadlines"), "the index is not stored");
-    let mut r2: Rollout = serde_json::from_str(&json).unwrap();
+    let mut r2: Rollout = serde_json::from_str(&json).expect("accepted");
     check_invariants(&r2);
     assert_eq!(r2.summary(), r.summary());
     assert_eq!(r2.next_deadline(), r.next_deadline());
@@ -803,15 +823,17 @@ fn serde_roundtrip_mid_batch_and_resume_effects() {
     r.observe(&d(1), ok(), 2);
     r.observe(&d(2), failed("x"), 3);
     r.observe(&d(0), old(), 4); // RolledBack
-    let r2: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    let r2: Rollout =
+        serde_json::from_str(&serde_json::to_string(&r).expect("accepted")).expect("accepted");
     assert_eq!(r2.phase(), Phase::RollingBack);
     assert_eq!(sets(&r2.resume_effects(5)), vec![(d(1), 1), (d(2), 1)]);
     check_invariants(&r2);
 
     // a final rollout re-sends nothing
     let mut r = start(spec(), 1);
-    r.abort(1).unwrap();
-    let r2: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    r.abort(1).expect("accepted");
+    let r2: Rollout =
+        serde_json::from_str(&serde_json::to_string(&r).expect("accepted")).expect("accepted");
     assert!(r2.resume_effects(2).is_empty());
     assert_eq!(r2.next_deadline(), None);
 }
@@ -835,15 +857,16 @@ fn contract_views() {
     assert_eq!(devs[0].reason.as_deref(), Some("pull failed"));
     assert_eq!(devs[1].batch, 1);
     assert_eq!(devs[3].state, contract::RolloutDeviceState::Pending);
-    let json = serde_json::to_value(&v).unwrap();
+    let json = serde_json::to_value(&v).expect("accepted");
     assert_eq!(json["phase"], "running");
     let c: contract::CreateRollout =
-        serde_json::from_str(r#"{"app":"web","batches":[1,"10%"],"on_failure":"pause"}"#).unwrap();
+        serde_json::from_str(r#"{"app":"web","batches":[1,"10%"],"on_failure":"pause"}"#)
+            .expect("accepted");
     assert_eq!(c.batches, vec![BatchSize::Count(1), BatchSize::Percent(10)]);
     assert_eq!(FailurePolicy::from(c.on_failure), FailurePolicy::Pause);
     assert_eq!(c.success_threshold_percent, 100);
     let e = serde_json::from_str::<contract::CreateRollout>(r#"{"app":"web","batches":["0%"]}"#)
-        .unwrap_err();
+        .expect_err("refused");
     assert!(e.to_string().contains("1% to 100%"), "{e}");
 }
 
@@ -853,7 +876,7 @@ fn contract_views() {
 fn ten_thousand_devices_in_one_batch_is_cheap() {
     let mut s = spec();
     s.batches = vec![];
-    let (mut r, fx) = Rollout::new("r".into(), s, targets(10_000), 0).unwrap();
+    let (mut r, fx) = Rollout::new("r".into(), s, targets(10_000), 0).expect("accepted");
     assert_eq!(sets(&fx).len(), 10_000);
     let ids: Vec<DeviceId> = (0..10_000).map(d).collect();
     let t = std::time::Instant::now();
@@ -874,14 +897,14 @@ fn ten_batches_with_min_ready_and_ticks_are_cheap() {
     let mut s = spec();
     s.batches = vec![BatchSize::Percent(10); 10];
     s.min_ready_ms = 10;
-    let (mut r, _) = Rollout::new("r".into(), s, targets(10_000), 0).unwrap();
+    let (mut r, _) = Rollout::new("r".into(), s, targets(10_000), 0).expect("accepted");
     let t = std::time::Instant::now();
     let mut now = 0;
     for b in 0..10 {
         for i in b * 1000..(b + 1) * 1000 {
             r.observe(&d(i), ok(), now);
         }
-        now = r.next_deadline().unwrap();
+        now = r.next_deadline().expect("accepted");
         r.tick(now);
     }
     assert_eq!(r.phase(), Phase::Succeeded);

@@ -886,7 +886,7 @@ fn ten_thousand_devices_in_one_batch_is_cheap() {
     }
     assert_eq!(r.phase(), Phase::Succeeded);
     assert!(
-        t.elapsed() < std::time::Duration::from_millis(500),
+        t.elapsed() < std::time::Duration::from_secs(1),
         "{:?}",
         t.elapsed()
     );
@@ -909,7 +909,7 @@ fn ten_batches_with_min_ready_and_ticks_are_cheap() {
     }
     assert_eq!(r.phase(), Phase::Succeeded);
     assert!(
-        t.elapsed() < std::time::Duration::from_millis(500),
+        t.elapsed() < std::time::Duration::from_secs(1),
         "{:?}",
         t.elapsed()
     );

@@ -14,6 +14,7 @@ mod devices;
 mod errors;
 mod operations;
 mod registries;
+mod rollouts;
 mod security;
 
 pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
@@ -22,6 +23,10 @@ pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeRespons
 pub use errors::{ErrorBody, ErrorDetail};
 pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};
+pub use rollouts::{
+    BatchSize, CreateRollout, OnFailure, Rollout, RolloutCounts, RolloutDevice, RolloutDeviceState,
+    RolloutPhase,
+};
 pub use security::{
     ApiToken, AuditEntry, AuditOutcome, EnrollToken, MqttUser, NewApiToken, NewEnrollToken,
     NewMqttUser, Role,

@@ -8,4 +8,5 @@ pub mod fleet;
 pub mod ops;
 pub mod records;
 pub mod registries;
+pub mod rollout;
 pub mod selector;

@@ -1003,6 +1003,7 @@ impl<R: Runtime> Reconciler<R> {
                 match result {
                     Ok(Some(report)) => {
                         retry_at = report.retry_at;
+                        let apps = report.apps.clone();
                         let converged = report.failures.is_empty() && report.retry_at.is_none();
                         let ev = match report.retry_at {
                             Some(_) => ReconcileEvent::Interim {
@@ -1015,7 +1016,7 @@ impl<R: Runtime> Reconciler<R> {
                             return;
                         }
                         if converged {
-                            self.cleanup_images(&state).await;
+                            self.cleanup_images(&state, &apps).await;
                         }
                     }
                     Ok(None) => debug!(
@@ -1150,6 +1151,7 @@ impl<R: Runtime> Reconciler<R> {
             });
         }
 
+        self.hold_previous_images(&steps, &actual, desired).await;
         let mut errors: BTreeMap<Name, String> = BTreeMap::new();
         let mut failed: HashSet<(Name, Name)> = HashSet::new();
         let mut created: BTreeMap<(Name, Name), String> = BTreeMap::new();
@@ -1659,11 +1661,17 @@ impl<R: Runtime> Reconciler<R> {
         let now = now_ms();
         let snapshot = {
             let mut ledger = self.ledger.lock().await;
+            // A re-pull keeps the image's holds.
+            let held_for = ledger
+                .images
+                .remove(image)
+                .map(|p| p.held_for)
+                .unwrap_or_default();
             ledger.images.insert(
                 image.to_string(),
                 PulledImage {
-                    pulled_at_ms: now,
-                    last_used_ms: now,
+                    held_for,
+                    ..PulledImage::new(now)
                 },
             );
             ledger.snapshot()
@@ -1673,10 +1681,48 @@ impl<R: Runtime> Reconciler<R> {
         Ok(())
     }
 
-    /// After a converged pass: removes images this agent pulled that no
-    /// desired app references and no container uses, within the limits.
-    /// Failures are logged and skipped; cleanup never fails a pass.
-    pub async fn cleanup_images(&self, desired: &DesiredState) {
+    /// Holds the images of containers this pass replaces in apps that stay
+    /// (their previous release), before anything is removed: see
+    /// [`PulledImage::held_for`]. Only images this agent pulled are tracked.
+    async fn hold_previous_images(
+        &self,
+        steps: &[Step],
+        actual: &[ManagedContainer],
+        desired: &DesiredState,
+    ) {
+        let held: Vec<(&Name, &str)> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Remove { app, id, .. } if desired.app(app).is_some() => actual
+                    .iter()
+                    .find(|c| &c.id == id)
+                    .map(|c| (app, c.image.as_str())),
+                _ => None,
+            })
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let mut ledger = self.ledger.lock().await;
+        let mut dirty = false;
+        for (app, image) in held {
+            if let Some(p) = ledger.images.get_mut(image) {
+                dirty |= p.held_for.insert(app.to_string());
+            }
+        }
+        if dirty {
+            let snapshot = ledger.snapshot();
+            drop(ledger);
+            save_ledger(snapshot).await;
+        }
+    }
+
+    /// After a converged pass: releases the holds of apps that are gone or
+    /// whose current release runs, healthy where it has a health check;
+    /// then removes images this agent pulled that no desired app references,
+    /// no container uses and no app holds, within the limits. Failures are
+    /// logged and skipped; cleanup never fails a pass.
+    pub async fn cleanup_images(&self, desired: &DesiredState, apps: &[AppStatus]) {
         let wanted: HashSet<String> = desired
             .apps
             .iter()
@@ -1684,6 +1730,24 @@ impl<R: Runtime> Reconciler<R> {
             .collect();
         let mut ledger = self.ledger.lock().await;
         let mut dirty = false;
+        let settled_app = |app: &str| {
+            desired.apps.iter().all(|a| a.spec.name.as_str() != app)
+                || apps.iter().any(|s| {
+                    s.name.as_str() == app
+                        && s.phase == AppPhase::Running
+                        && s.containers
+                            .iter()
+                            .all(|c| matches!(c.health, None | Some(Health::Healthy)))
+                })
+        };
+        for (r, p) in ledger.images.iter_mut() {
+            let before = p.held_for.len();
+            p.held_for.retain(|app| !settled_app(app));
+            if p.held_for.len() != before {
+                debug!(image = ?r, "previous release's image no longer held");
+                dirty = true;
+            }
+        }
         // Last use: refreshed whenever the set of referenced pulled images
         // changes, which also stamps images at the moment they fall out of use.
         let referenced: BTreeSet<String> = ledger

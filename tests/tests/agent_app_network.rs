@@ -171,3 +171,103 @@ fn sortable_time(t: &str) -> String {
     let frac: String = rest.trim_end_matches('Z').chars().take(9).collect();
     format!("{main}.{frac:0<9}")
 }
+
+/// An image of its own in the shared registry (the test image plus a file
+/// with `tag` in it, so its id differs from every other image's), not kept
+/// locally: the agent has to pull it.
+async fn distinct_image(tag: &str) -> String {
+    let base = base_image_local().await;
+    let image = format!("{REGISTRY}/{BASE_REPO}:{tag}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("release");
+    std::fs::write(&file, tag).expect("write");
+    let builder = unique("drover-build");
+    docker_cli(&["create", "--name", &builder, &base]).await;
+    docker_cli(&[
+        "cp",
+        &file.display().to_string(),
+        &format!("{builder}:/release"),
+    ])
+    .await;
+    docker_cli(&["commit", &builder, &image]).await;
+    docker_cli(&["rm", "-f", &builder]).await;
+    docker_cli(&["push", "-q", &image]).await;
+    docker_cli(&["rmi", &image]).await;
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_previous_release_image_stays_until_the_new_one_is_healthy() {
+    let docker = docker().await;
+    let orch = Orch::start_open().await;
+    let api = &orch.api;
+    let state = tempfile::tempdir().expect("tempdir");
+    let id = unique("keepimg");
+    let mut agent = LabAgent::new(&orch.broker_url(), &id, state.path());
+    agent.start(StateDirMode::Writable).await;
+    wait_online(api, &id, Duration::from_secs(30)).await;
+
+    let old = distinct_image(&unique("keep-old")).await;
+    let new = distinct_image(&unique("keep-new")).await;
+    let release = |generation: u64, image: &str, check: Option<Value>| {
+        let mut c = json!({"name": "main", "image": image,
+                           "command": ["sh", "-c", "exec sleep 3600"]});
+        if let Some(check) = check {
+            c["healthcheck"] = check;
+        }
+        json!({"generation": generation, "apps": [
+            {"spec": {"name": "rel", "containers": [c]}, "run": "running", "started_at": 1}
+        ]})
+    };
+    let phase_at = |generation: u64, health: &'static str| {
+        let id = id.clone();
+        move || {
+            let id = id.clone();
+            async move {
+                let d = api.device(&id).await?;
+                let rel = observed_app(&d, "rel")?;
+                (d["applied_generation"] == json!(generation)
+                    && rel["phase"] == json!("running")
+                    && rel["containers"][0]["health"].as_str().unwrap_or("none") == health)
+                    .then_some(())
+            }
+        }
+    };
+    publish(&orch, &id, release(1, &old, None)).await;
+    wait_for(CONVERGE, "release 1 running", phase_at(1, "none")).await;
+
+    // The update's health check never passes: the old image stays, held
+    // in the ledger for the app.
+    let failing = json!({"test": ["CMD", "false"], "interval_ms": 300,
+                         "timeout_ms": 1000, "retries": 1});
+    publish(&orch, &id, release(2, &new, Some(failing))).await;
+    wait_for(CONVERGE, "release 2 unhealthy", phase_at(2, "unhealthy")).await;
+    docker
+        .inspect_image(&old)
+        .await
+        .expect("the previous release's image is still on Docker");
+    let ledger: Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("images.json")).expect("ledger"))
+            .expect("json");
+    assert_eq!(
+        ledger["images"][&old]["held_for"],
+        json!(["rel"]),
+        "{ledger}"
+    );
+
+    // Back to the old release, from the local image: it runs, and the
+    // failed release's image is an unused one the cleanup removes.
+    publish(&orch, &id, release(3, &old, None)).await;
+    wait_for(CONVERGE, "release 1 again", phase_at(3, "none")).await;
+    wait_for(CONVERGE, "the failed release's image removed", || async {
+        docker.inspect_image(&new).await.is_err().then_some(())
+    })
+    .await;
+    docker.inspect_image(&old).await.expect("old image present");
+    agent.stop().await;
+    // Dropping the agent removes its containers; then the image can go.
+    drop(agent);
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &old])
+        .output();
+}

@@ -375,6 +375,8 @@ struct FakeRuntime {
     attached: Mutex<HashMap<String, Vec<String>>>,
     /// Container id → its health status.
     health: Mutex<HashMap<String, Health>>,
+    /// Container id → the image it was created from.
+    image_of: Mutex<HashMap<String, String>>,
 }
 
 impl FakeRuntime {
@@ -409,7 +411,9 @@ impl Runtime for FakeRuntime {
             .iter()
             .filter_map(|(id, labels, state)| {
                 let code = self.exit_codes.lock().expect("lock").get(id).copied();
-                let mut m = ManagedContainer::from_labels(&me, id, labels, "img", state, code)?;
+                let image = self.image_of.lock().expect("lock").get(id).cloned();
+                let image = image.as_deref().unwrap_or("img");
+                let mut m = ManagedContainer::from_labels(&me, id, labels, image, state, code)?;
                 m.networks = self
                     .attached
                     .lock()
@@ -478,6 +482,10 @@ impl Runtime for FakeRuntime {
     ) -> Result<String, RuntimeError> {
         self.log(format!("create {name}"));
         let id = format!("id-{name}");
+        self.image_of
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), spec.image.clone());
         if let (Some(net), NetworkMode::Bridge) = (network, spec.network_mode) {
             let found = self
                 .networks
@@ -1331,8 +1339,8 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
             app("side", RunState::Running, vec![spec("main", "reg/side:1")]),
         ],
     );
-    r.pass(&v1, &newer).await.expect("runs");
-    r.cleanup_images(&v1).await;
+    let report = r.pass(&v1, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v1, &report.apps).await;
     assert!(
         !rt.log
             .lock()
@@ -1355,8 +1363,8 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
             vec![spec("main", "reg/web:2")],
         )],
     );
-    r.pass(&v2, &newer).await.expect("runs");
-    r.cleanup_images(&v2).await;
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
     let rmi: Vec<String> = rt
         .log
         .lock()
@@ -2014,4 +2022,77 @@ async fn an_unhealthy_dependency_fails_the_app_naming_it() {
             .contains(&"start id-drover-dev1-web-api".to_string()),
         "api never started"
     );
+}
+
+// ----- the previous release's image --------------------------------------
+
+#[tokio::test]
+async fn the_previous_release_image_is_kept_until_the_new_one_is_healthy() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/web:2"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let v1 = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    let report = r.pass(&v1, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v1, &report.apps).await;
+
+    // :2 has a health check that has not passed yet: :1 stays.
+    let mut main2 = spec("main", "reg/web:2");
+    main2.healthcheck = Some(drover_shared::model::HealthCheck {
+        test: vec!["CMD".into(), "true".into()],
+        interval_ms: None,
+        timeout_ms: None,
+        retries: None,
+        start_period_ms: None,
+    });
+    let v2 = desired(2, vec![app("web", RunState::Running, vec![main2])]);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Starting);
+    let report = {
+        let mut apps = report.apps;
+        apps[0].containers[0].health = Some(Health::Starting);
+        apps
+    };
+    r.cleanup_images(&v2, &report).await;
+    let rmi = |rt: &FakeRuntime| -> Vec<String> {
+        rt.log
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.starts_with("rmi"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rmi(&rt), Vec::<String>::new(), "held for a rollback");
+    assert!(r.ledger.lock().await.images["reg/web:1"]
+        .held_for
+        .contains("web"));
+
+    // Unhealthy: still held.
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Unhealthy);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
+    assert_eq!(rmi(&rt), Vec::<String>::new());
+
+    // Healthy: the hold ends and :1 is an unused image like any other.
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Healthy);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
+    assert_eq!(rmi(&rt), vec!["rmi reg/web:1"]);
+    drain_events(&mut events);
 }

@@ -211,6 +211,10 @@ pub enum Op {
     Start,
     Stop,
     Remove,
+    /// Freeze the app's containers (`docker pause`); they keep their memory.
+    Pause,
+    /// Thaw a paused app.
+    Unpause,
 }
 
 impl Op {
@@ -220,6 +224,8 @@ impl Op {
             Op::Start => "start",
             Op::Stop => "stop",
             Op::Remove => "remove",
+            Op::Pause => "pause",
+            Op::Unpause => "unpause",
         }
     }
 }

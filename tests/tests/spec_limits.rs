@@ -253,6 +253,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                     online: false,
                     inventory: None,
                     observed: None,
+                    labels: Default::default(),
                 }),
                 Write::Desired(DesiredRecord {
                     device: id,
@@ -265,6 +266,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                             release: 0,
                         }],
                     },
+                    placement: Default::default(),
                 }),
             ])
             .expect("write");

@@ -171,9 +171,39 @@ pub enum RegistriesCmd {
 pub enum ClientCmd {
     /// Devices and their state (default: list).
     Devices {
+        /// Only devices whose labels match this selector, e.g.
+        /// `env=prod,region in (eu,us),!canary`.
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
         #[command(subcommand)]
         cmd: Option<DevicesCmd>,
     },
+    /// Set or remove a device's operator-set labels, kubectl style:
+    /// `drover label pi-1 env=prod site=a canary-` (`k-` removes k).
+    Label {
+        device: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// An app's releases, oldest first.
+    Releases { app: String },
+    /// Put an app on every device matching a selector, and keep it so.
+    Assign {
+        app: String,
+        /// e.g. `env=prod,region in (eu,us)`; empty: every device.
+        #[arg(long, short = 'l')]
+        selector: String,
+        /// The release to run (default: the latest).
+        #[arg(long)]
+        release: Option<u64>,
+        /// Keep the app stopped instead of running.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// Delete an app's assignment (the app leaves the devices it put it on).
+    Unassign { app: String },
+    /// Show an app's assignment and the devices it covers.
+    Assignment { app: String },
     /// App definitions (default: list).
     Apps {
         #[command(subcommand)]
@@ -185,6 +215,10 @@ pub enum ClientCmd {
     Start(Target),
     /// Stop a deployed app (its containers stay).
     Stop(Target),
+    /// Pause a deployed app: its processes are frozen, their memory kept.
+    Pause(Target),
+    /// Thaw a paused app.
+    Unpause(Target),
     /// Remove an app from a device.
     Remove(Target),
     /// Follow what deploy/start/stop/remove did (default: list).
@@ -226,6 +260,8 @@ enum Resolved {
     Deploy(Target),
     Start(Target),
     Stop(Target),
+    Pause(Target),
+    Unpause(Target),
     Remove(Target),
     Logs(LogsArgs),
     Registries(RegistriesCmd),
@@ -299,6 +335,27 @@ impl Client {
             .await
     }
 
+    /// `drover label DEVICE k=v k2-`: one PATCH with every change.
+    async fn label(&self, device: &str, changes: &[String]) -> Result<()> {
+        let body = label_body(changes)?;
+        let v = self
+            .send(
+                self.http
+                    .patch(format!("{}/api/v1/devices/{device}/labels", self.base))
+                    .json(&body),
+            )
+            .await?;
+        self.print(&v, |d: crate::contract::Device| {
+            let text = d
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("device {} labels: {text}\n", d.id)
+        })
+    }
+
     pub(crate) fn print<T: serde::de::DeserializeOwned>(
         &self,
         v: &Value,
@@ -313,7 +370,71 @@ impl Client {
 
     pub async fn run(&self, cmd: ClientCmd) -> Result<()> {
         let cmd = match cmd {
-            ClientCmd::Devices { cmd } => Resolved::Devices(cmd.unwrap_or(DevicesCmd::List)),
+            ClientCmd::Devices {
+                selector: Some(sel),
+                cmd: None | Some(DevicesCmd::List),
+            } => {
+                let v = self
+                    .send(
+                        self.http
+                            .get(format!("{}/api/v1/devices", self.base))
+                            .query(&[("selector", sel)]),
+                    )
+                    .await?;
+                return self.print(&v, devices_table);
+            }
+            ClientCmd::Devices {
+                selector: Some(_), ..
+            } => {
+                bail!("--selector applies to listing devices only")
+            }
+            ClientCmd::Devices { cmd, .. } => Resolved::Devices(cmd.unwrap_or(DevicesCmd::List)),
+            ClientCmd::Releases { app } => {
+                let v = self.get(&format!("/api/v1/apps/{app}/releases")).await?;
+                return self.print(&v, |rs: Vec<crate::contract::Release>| {
+                    let mut out = String::from("RELEASE  CREATED_AT_MS  AUTHOR\n");
+                    for r in rs {
+                        out.push_str(&format!(
+                            "{:<8} {:<14} {}\n",
+                            r.number, r.created_at_ms, r.author
+                        ));
+                    }
+                    out
+                });
+            }
+            ClientCmd::Assign {
+                app,
+                selector,
+                release,
+                stopped,
+            } => {
+                let body = serde_json::json!({
+                    "selector": selector,
+                    "release": release.unwrap_or(0),
+                    "run": if stopped { "stopped" } else { "running" },
+                });
+                let v = self
+                    .send(
+                        self.http
+                            .put(format!("{}/api/v1/apps/{app}/assignment", self.base))
+                            .json(&body),
+                    )
+                    .await?;
+                return self.print(&v, assignment_text);
+            }
+            ClientCmd::Unassign { app } => {
+                self.delete(&format!("/api/v1/apps/{app}/assignment"))
+                    .await?;
+                if self.output == Output::Table {
+                    println!("deleted the assignment of {app}");
+                }
+                return Ok(());
+            }
+            ClientCmd::Assignment { app } => {
+                let v = self.get(&format!("/api/v1/apps/{app}/assignment")).await?;
+                return self.print(&v, assignment_text);
+            }
+            ClientCmd::Label { device, changes } => return self.label(&device, &changes).await,
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
             ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List {
                 device: None,
@@ -322,6 +443,8 @@ impl Client {
             ClientCmd::Deploy(t) => Resolved::Deploy(t),
             ClientCmd::Start(t) => Resolved::Start(t),
             ClientCmd::Stop(t) => Resolved::Stop(t),
+            ClientCmd::Pause(t) => Resolved::Pause(t),
+            ClientCmd::Unpause(t) => Resolved::Unpause(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
             ClientCmd::Registries { cmd } => {
@@ -417,6 +540,8 @@ impl Client {
                     .await?;
                 self.follow(v, &t).await
             }
+            Resolved::Pause(t) => self.pause(t, "pause").await,
+            Resolved::Unpause(t) => self.pause(t, "unpause").await,
             Resolved::Remove(t) => {
                 let v = self
                     .delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app))
@@ -492,6 +617,17 @@ impl Client {
 
     /// Prints the operation; with `--wait`, follows it to a final outcome
     /// (`follow.rs`) and fails the command if the device reports failure.
+    /// `drover pause` / `drover unpause`: `verb` is the route's last word.
+    async fn pause(&self, t: Target, verb: &str) -> anyhow::Result<()> {
+        let v = self
+            .post(
+                &format!("/api/v1/devices/{}/apps/{}/{verb}", t.device, t.app),
+                &Value::Null,
+            )
+            .await?;
+        self.follow(v, &t).await
+    }
+
     async fn follow(&self, v: Value, t: &Target) -> Result<()> {
         let mut op: Operation = serde_json::from_value(v)?;
         if t.wait {
@@ -917,4 +1053,39 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `k=v` sets, `k-` removes; anything else is refused by name.
+fn label_body(changes: &[String]) -> Result<Value> {
+    let mut set = serde_json::Map::new();
+    let mut remove = Vec::new();
+    for c in changes {
+        if let Some((k, v)) = c.split_once('=') {
+            set.insert(k.to_string(), Value::String(v.to_string()));
+        } else if let Some(k) = c.strip_suffix('-') {
+            remove.push(Value::String(k.to_string()));
+        } else {
+            bail!("{c:?}: write key=value to set a label, or key- to remove it");
+        }
+    }
+    Ok(serde_json::json!({ "set": set, "remove": remove }))
+}
+
+fn assignment_text(a: crate::contract::Assignment) -> String {
+    let list = |v: &[drover_shared::DeviceId]| {
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "app {} release {} {:?} on selector {:?}\nmatching:   {}\nassigned:   {}\noverridden: {}\n",
+        a.app,
+        a.release,
+        a.run,
+        a.selector,
+        list(&a.matching),
+        list(&a.assigned),
+        list(&a.overridden)
+    )
 }

@@ -32,6 +32,16 @@ pub struct Device {
     /// name (empty lists for unprivileged apps).
     #[serde(default)]
     pub privileges: BTreeMap<String, Vec<String>>,
+    /// The labels selectors see: `device_labels` overlaid by
+    /// `operator_labels` (the operator wins on a key both set).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Labels the device sets on itself (`drover-agent --label`).
+    #[serde(default)]
+    pub device_labels: BTreeMap<String, String>,
+    /// Labels set through the API (`drover label`).
+    #[serde(default)]
+    pub operator_labels: BTreeMap<String, String>,
     /// Its broker credential: none, active or revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialState>,
@@ -51,4 +61,24 @@ pub enum CredentialState {
 pub struct RevokeResponse {
     pub device: DeviceId,
     pub credential: CredentialState,
+}
+
+/// `PATCH /api/v1/devices/{id}/labels`: operator-set labels to set and
+/// keys to remove, as `drover label DEVICE k=v k2-` does. A key may not be
+/// in both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsPatch {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// `PUT /api/v1/devices/{id}/labels`: the device's operator-set labels,
+/// all of them (device-set labels are the device's own and stay).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsPut {
+    pub labels: BTreeMap<String, String>,
 }

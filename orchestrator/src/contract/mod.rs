@@ -16,9 +16,9 @@ mod operations;
 mod registries;
 mod security;
 
-pub use apps::{App, DeployRequest};
+pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
 pub use changes::{Change, ChangeFilter};
-pub use devices::{CredentialState, Device, RevokeResponse};
+pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};
 pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};

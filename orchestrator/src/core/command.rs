@@ -4,7 +4,9 @@
 //! record it leaves are properties of the command ([`CommandKind`]), checked
 //! and written in one place (`engine::commands`). Pure: no I/O.
 
-use drover_shared::model::AppSpec;
+use std::collections::BTreeMap;
+
+use drover_shared::model::{AppSpec, RunState};
 use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 
@@ -73,6 +75,29 @@ pub enum Command {
         app: Name,
         op: Op,
     },
+    /// Change a device's operator-set labels: `replace` drops the others
+    /// first (PUT), otherwise `set` and `remove` apply to what is there.
+    SetLabels {
+        device: DeviceId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        replace: bool,
+    },
+    /// Put an app at a release on every device matching a selector.
+    Assign {
+        app: Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+    },
+    /// Delete an app's assignment, removing the app where it put it.
+    Unassign(Name),
+    /// Let an app's assignment manage a device again after a deploy or
+    /// removal by hand.
+    ClearOverride {
+        device: DeviceId,
+        app: Name,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
     CreateEnrollToken(NewEnrollToken),
@@ -91,6 +116,10 @@ impl Command {
             Command::UpdateApp(_) => CommandKind::UpdateApp,
             Command::DeleteApp(_) => CommandKind::DeleteApp,
             Command::Apply { op, .. } => CommandKind::of_op(*op),
+            Command::SetLabels { .. } => CommandKind::SetLabels,
+            Command::Assign { .. } => CommandKind::Assign,
+            Command::Unassign(_) => CommandKind::Unassign,
+            Command::ClearOverride { .. } => CommandKind::ClearOverride,
             Command::SetRegistry(_) => CommandKind::SetRegistry,
             Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
             Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
@@ -117,6 +146,12 @@ pub enum CommandKind {
     Start,
     Stop,
     Remove,
+    Pause,
+    Unpause,
+    SetLabels,
+    Assign,
+    Unassign,
+    ClearOverride,
     SetRegistry,
     DeleteRegistry,
     CreateEnrollToken,
@@ -145,7 +180,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 31] = [
+    pub const ALL: [CommandKind; 37] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::DeleteApp,
@@ -153,6 +188,12 @@ impl CommandKind {
         CommandKind::Start,
         CommandKind::Stop,
         CommandKind::Remove,
+        CommandKind::Pause,
+        CommandKind::Unpause,
+        CommandKind::SetLabels,
+        CommandKind::Assign,
+        CommandKind::Unassign,
+        CommandKind::ClearOverride,
         CommandKind::SetRegistry,
         CommandKind::DeleteRegistry,
         CommandKind::CreateEnrollToken,
@@ -186,6 +227,8 @@ impl CommandKind {
             Op::Start => CommandKind::Start,
             Op::Stop => CommandKind::Stop,
             Op::Remove => CommandKind::Remove,
+            Op::Pause => CommandKind::Pause,
+            Op::Unpause => CommandKind::Unpause,
         }
     }
 
@@ -196,8 +239,10 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | CreateEnrollToken | DeleteEnrollToken
-            | ListEnrollTokens => Role::Operator,
+            Deploy | Start | Stop | Remove | Pause | Unpause | SetLabels | Assign | Unassign
+            | ClearOverride | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => {
+                Role::Operator
+            }
             CreateApp | UpdateApp | DeleteApp | SetRegistry | DeleteRegistry | RevokeDevice
             | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser | ListApiTokens
             | ListMqttUsers | ReadAudit => Role::Admin,
@@ -210,7 +255,8 @@ impl CommandKind {
     pub fn is_change(self) -> bool {
         use CommandKind::*;
         match self {
-            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | SetRegistry
+            CreateApp | UpdateApp | DeleteApp | Deploy | Start | Stop | Remove | Pause
+            | Unpause | SetLabels | Assign | Unassign | ClearOverride | SetRegistry
             | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
             | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
@@ -230,6 +276,12 @@ impl CommandKind {
             Start => "start",
             Stop => "stop",
             Remove => "remove",
+            Pause => "pause",
+            Unpause => "unpause",
+            SetLabels => "device.labels.set",
+            Assign => "app.assignment.set",
+            Unassign => "app.assignment.delete",
+            ClearOverride => "device.override.clear",
             SetRegistry => "registry.set",
             DeleteRegistry => "registry.delete",
             CreateEnrollToken => "enroll_token.create",
@@ -305,6 +357,9 @@ mod tests {
             (Start, Role::Operator),
             (Stop, Role::Operator),
             (Remove, Role::Operator),
+            (Pause, Role::Operator),
+            (Unpause, Role::Operator),
+            (SetLabels, Role::Operator),
             (CreateEnrollToken, Role::Operator),
             (ListEnrollTokens, Role::Operator),
             (CreateApp, Role::Admin),

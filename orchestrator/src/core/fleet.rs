@@ -15,8 +15,14 @@ use drover_shared::{DeviceId, Name};
 
 use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
-use crate::core::records::{AppRecord, DesiredRecord, DeviceRecord, OperationRecord, Write};
+use crate::core::records::{
+    AppRecord, AssignmentRecord, DesiredRecord, DeviceRecord, OperationRecord, Placement,
+    ReleaseRecord, Write,
+};
+use crate::core::selector::{effective_labels, Selector};
 
+/// Releases kept per app (besides any a device's desired state holds).
+pub const RELEASES_KEPT: usize = 100;
 /// Log lines kept per container; older lines are dropped first.
 pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
 /// Device events kept per device; older events are dropped first.
@@ -55,10 +61,20 @@ pub enum FleetError {
     UnknownDevice(DeviceId),
     #[error("app {0} does not exist")]
     UnknownApp(Name),
+    #[error("app {app} has no release {release} (latest: {latest})")]
+    UnknownRelease {
+        app: Name,
+        release: u64,
+        latest: u64,
+    },
+    #[error("app {0} has no assignment")]
+    NotAssigned(Name),
     #[error("app {0} already exists")]
     AppExists(Name),
     #[error("app {app} is not deployed on device {device}")]
     NotDeployed { device: DeviceId, app: Name },
+    #[error("app {app} is not paused on device {device}")]
+    NotPaused { device: DeviceId, app: Name },
     #[error("app {app} is still deployed on {devices:?}; remove it there first")]
     AppInUse { app: Name, devices: Vec<DeviceId> },
     #[error("app {app} publishes host port {port}, which app {other} already publishes on device {device}")]
@@ -87,6 +103,78 @@ pub enum FleetError {
     },
 }
 
+/// One device's next desired state, planned by an assignment or a
+/// release change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceUpdate {
+    pub device: DeviceId,
+    pub desired: DesiredState,
+    pub placement: Placement,
+}
+
+/// What `app` should be on one device (`want`: at this release, running or
+/// stopped; `None`: not there, if an assignment put it there), from its
+/// current state; `None` when nothing changes or the device overrides the
+/// app's assignment. A device where the app's host ports are taken by
+/// another app is left as it is.
+fn plan(
+    id: &DeviceId,
+    app: &Name,
+    want: Option<(&ReleaseRecord, RunState)>,
+    mut state: DesiredState,
+    mut placement: Placement,
+) -> Option<DeviceUpdate> {
+    if placement.overrides.contains(app) {
+        return None;
+    }
+    let generation = state.generation + 1;
+    let pos = state.apps.iter().position(|a| &a.spec.name == app);
+    match (want, pos) {
+        (Some((rel, run)), _) => {
+            let current = pos.map(|i| &state.apps[i]);
+            let same = current
+                .is_some_and(|c| c.release == rel.number && c.run == run && c.spec == rel.spec);
+            if same && placement.assigned.contains(app) {
+                return None;
+            }
+            let started_at = match current {
+                Some(c) if same || (run != RunState::Running) => c.started_at,
+                _ if run == RunState::Running => generation,
+                _ => 0,
+            };
+            let entry = DesiredApp {
+                spec: rel.spec.clone(),
+                run,
+                started_at,
+                release: rel.number,
+            };
+            match pos {
+                Some(i) => state.apps[i] = entry,
+                None => state.apps.push(entry),
+            }
+            if check_host_ports(id, &state, app).is_err() {
+                return None;
+            }
+            placement.assigned.insert(app.clone());
+        }
+        (None, Some(i)) if placement.assigned.contains(app) => {
+            state.apps.remove(i);
+            placement.assigned.remove(app);
+        }
+        (None, _) => {
+            if !placement.assigned.remove(app) {
+                return None;
+            }
+        }
+    }
+    state.generation = generation;
+    Some(DeviceUpdate {
+        device: id.clone(),
+        desired: state,
+        placement,
+    })
+}
+
 /// A device counts as offline once nothing live has come from it for this
 /// many of its heartbeat intervals.
 pub const MISSED_HEARTBEATS: u64 = 3;
@@ -107,6 +195,7 @@ pub struct Fleet {
     devices: BTreeMap<DeviceId, Device>,
     apps: BTreeMap<Name, AppRecord>,
     desired: HashMap<DeviceId, DesiredState>,
+    placement: HashMap<DeviceId, Placement>,
     operations: OpBook,
     logs: HashMap<(DeviceId, Name, Name), VecDeque<LogLine>>,
 }
@@ -137,7 +226,15 @@ impl Fleet {
                     )
                 })
                 .collect(),
-            apps: apps.into_iter().map(|a| (a.spec.name.clone(), a)).collect(),
+            apps: apps
+                .into_iter()
+                .map(|a| (a.spec.name.clone(), a.with_first_release()))
+                .collect(),
+            placement: desired
+                .iter()
+                .filter(|d| !d.placement.is_empty())
+                .map(|d| (d.device.clone(), d.placement.clone()))
+                .collect(),
             desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
             operations: OpBook::load(operations),
             logs: HashMap::new(),
@@ -200,6 +297,7 @@ impl Fleet {
                 online: live,
                 inventory: None,
                 observed: None,
+                labels: BTreeMap::new(),
             },
             offline_after_ms: None,
             heartbeat: None,
@@ -419,40 +517,87 @@ impl Fleet {
 
     // ----- operator requests -----------------------------------------------
 
-    /// Checks a new app; the caller persists the write, then [`Fleet::put_app`].
+    /// Checks a new app, which starts at release 1; the caller persists
+    /// the write, then [`Fleet::put_app`].
     pub fn create_app(
         &self,
         spec: AppSpec,
+        author: &str,
         now: u64,
     ) -> Result<(AppRecord, Vec<Write>), FleetError> {
         if self.apps.contains_key(&spec.name) {
             return Err(FleetError::AppExists(spec.name));
         }
         let rec = AppRecord {
+            releases: vec![ReleaseRecord {
+                number: 1,
+                created_at_ms: now,
+                author: author.to_string(),
+                spec: spec.clone(),
+            }],
             spec,
             created_at_ms: now,
             updated_at_ms: now,
+            assignment: None,
         };
         Ok((rec.clone(), vec![Write::App(rec)]))
     }
 
-    /// Checks a replacement spec for an existing app. Devices keep running
-    /// the old spec until the app is deployed to them again.
+    /// Checks a replacement spec for an existing app: a spec that differs
+    /// makes the next release; the same spec again changes nothing. Devices
+    /// keep running the release they have until it is deployed to them
+    /// again. The oldest releases beyond [`RELEASES_KEPT`] are dropped,
+    /// never one a device's desired state holds.
     pub fn update_app(
         &self,
         spec: AppSpec,
+        author: &str,
         now: u64,
     ) -> Result<(AppRecord, Vec<Write>), FleetError> {
         let old = self
             .apps
             .get(&spec.name)
             .ok_or_else(|| FleetError::UnknownApp(spec.name.clone()))?;
+        if old.spec == spec {
+            return Ok((old.clone(), Vec::new()));
+        }
+        let mut releases = old.releases.clone();
+        releases.push(ReleaseRecord {
+            number: old.latest_release() + 1,
+            created_at_ms: now,
+            author: author.to_string(),
+            spec: spec.clone(),
+        });
+        let in_use = self.releases_in_use(&spec.name);
+        let mut excess = releases.len().saturating_sub(RELEASES_KEPT);
+        // Oldest first; the newest is never dropped.
+        let last = releases.len() - 1;
+        let mut i = 0;
+        releases.retain(|r| {
+            let drop = excess > 0 && i != last && !in_use.contains(&r.number);
+            i += 1;
+            if drop {
+                excess -= 1;
+            }
+            !drop
+        });
         let rec = AppRecord {
             spec,
             created_at_ms: old.created_at_ms,
             updated_at_ms: now,
+            releases,
+            assignment: old.assignment.clone(),
         };
         Ok((rec.clone(), vec![Write::App(rec)]))
+    }
+
+    /// The releases of `app` that some device's desired state holds.
+    pub fn releases_in_use(&self, app: &Name) -> std::collections::BTreeSet<u64> {
+        self.desired
+            .values()
+            .filter_map(|d| d.app(app))
+            .map(|a| a.release)
+            .collect()
     }
 
     pub fn put_app(&mut self, rec: AppRecord) {
@@ -494,7 +639,7 @@ impl Fleet {
         app: &Name,
         op_id: String,
         now: u64,
-    ) -> Result<(DesiredState, OperationRecord, Vec<Write>), FleetError> {
+    ) -> Result<(DesiredState, Placement, OperationRecord, Vec<Write>), FleetError> {
         if !self.devices.contains_key(device) {
             return Err(FleetError::UnknownDevice(device.clone()));
         }
@@ -504,17 +649,15 @@ impl Fleet {
         let pos = next.apps.iter().position(|a| &a.spec.name == app);
         match (op, pos) {
             (Op::Deploy, _) => {
-                let spec = self
+                let rec = self
                     .apps
                     .get(app)
-                    .ok_or_else(|| FleetError::UnknownApp(app.clone()))?
-                    .spec
-                    .clone();
+                    .ok_or_else(|| FleetError::UnknownApp(app.clone()))?;
                 let entry = DesiredApp {
-                    spec,
+                    spec: rec.spec.clone(),
                     run: RunState::Running,
                     started_at: generation,
-                    release: 0,
+                    release: rec.latest_release(),
                 };
                 match pos {
                     Some(i) => next.apps[i] = entry,
@@ -532,6 +675,18 @@ impl Fleet {
                 next.apps[i].started_at = generation;
             }
             (Op::Stop, Some(i)) => next.apps[i].run = RunState::Stopped,
+            (Op::Pause, Some(i)) => next.apps[i].run = RunState::Paused,
+            // Only a paused app is thawed: unpausing a stopped app must
+            // not start it behind the operator's back.
+            (Op::Unpause, Some(i)) => {
+                if next.apps[i].run != RunState::Paused {
+                    return Err(FleetError::NotPaused {
+                        device: device.clone(),
+                        app: app.clone(),
+                    });
+                }
+                next.apps[i].run = RunState::Running;
+            }
             (Op::Remove, Some(i)) => {
                 next.apps.remove(i);
             }
@@ -593,24 +748,95 @@ impl Fleet {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        // A deploy or removal by hand of an app that has an assignment
+        // overrides it on this device until the override is cleared.
+        let mut placement = self.placement.get(device).cloned().unwrap_or_default();
+        let assigned = self.apps.get(app).is_some_and(|a| a.assignment.is_some());
+        if assigned && matches!(op, Op::Deploy | Op::Remove) {
+            placement.overrides.insert(app.clone());
+            placement.assigned.remove(app);
+        }
+        if op == Op::Remove {
+            placement.assigned.remove(app);
+        }
         let writes = vec![
             Write::Desired(DesiredRecord {
                 device: device.clone(),
                 state: next.clone(),
+                placement: placement.clone(),
             }),
             Write::Operation(operation.clone()),
         ];
-        Ok((next, operation, writes))
+        Ok((next, placement, operation, writes))
+    }
+
+    /// Checks a change of a device's operator-set labels and returns the
+    /// record it makes; the caller persists it, then
+    /// [`Fleet::put_device_labels`]. `replace`: `set` is the whole new set.
+    pub fn set_labels(
+        &self,
+        device: &DeviceId,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+        replace: bool,
+    ) -> Result<(DeviceRecord, Vec<Write>), FleetError> {
+        let dev = self
+            .devices
+            .get(device)
+            .ok_or_else(|| FleetError::UnknownDevice(device.clone()))?;
+        let mut rec = dev.record.clone();
+        if replace {
+            rec.labels.clear();
+        }
+        for k in remove {
+            rec.labels.remove(k);
+        }
+        rec.labels
+            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok((rec.clone(), vec![Write::Device(rec)]))
+    }
+
+    /// Puts a device's operator-set labels as given (a checked change, or
+    /// the undo of one).
+    pub fn put_device_labels(&mut self, device: &DeviceId, labels: BTreeMap<String, String>) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.record.labels = labels;
+        }
+    }
+
+    /// A device's operator-set labels.
+    pub fn operator_labels(&self, device: &DeviceId) -> Option<BTreeMap<String, String>> {
+        self.devices.get(device).map(|d| d.record.labels.clone())
     }
 
     /// Undoes a request whose writes failed: the device's desired state is
     /// what it was, and the operation never existed.
-    pub fn undo_request(&mut self, device: &DeviceId, previous: Option<DesiredState>, op_id: &str) {
+    pub fn undo_request(
+        &mut self,
+        device: &DeviceId,
+        previous: Option<DesiredState>,
+        placement: Option<Placement>,
+        op_id: &str,
+    ) {
+        self.restore_device(device, previous, placement);
+        self.operations.forget(op_id);
+    }
+
+    /// Puts a device's desired state and placement back as they were.
+    pub fn restore_device(
+        &mut self,
+        device: &DeviceId,
+        previous: Option<DesiredState>,
+        placement: Option<Placement>,
+    ) {
         match previous {
             Some(d) => self.desired.insert(device.clone(), d),
             None => self.desired.remove(device),
         };
-        self.operations.forget(op_id);
+        match placement {
+            Some(p) => self.placement.insert(device.clone(), p),
+            None => self.placement.remove(device),
+        };
     }
 
     /// Puts an app back as it was (`None`: it did not exist).
@@ -621,9 +847,228 @@ impl Fleet {
         };
     }
 
-    pub fn commit_request(&mut self, desired: DesiredState, op: OperationRecord) {
+    pub fn commit_request(
+        &mut self,
+        desired: DesiredState,
+        placement: Placement,
+        op: OperationRecord,
+    ) {
         self.desired.insert(op.device.clone(), desired);
+        self.placement.insert(op.device.clone(), placement);
         self.operations.insert(op);
+    }
+
+    pub fn placement(&self, device: &DeviceId) -> Option<&Placement> {
+        self.placement.get(device)
+    }
+
+    // ----- fleet assignment --------------------------------------------------
+
+    /// Checks an assignment of `app` (its selector already valid, in
+    /// canonical form) and returns the app record it makes; the caller
+    /// applies it with [`Fleet::put_app`] and then [`Fleet::reconcile_app`].
+    /// `release` 0 means the latest.
+    pub fn assign(
+        &self,
+        app: &Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+        author: &str,
+        now: u64,
+    ) -> Result<AppRecord, FleetError> {
+        let mut rec = self
+            .apps
+            .get(app)
+            .cloned()
+            .ok_or_else(|| FleetError::UnknownApp(app.clone()))?;
+        let release = if release == 0 {
+            rec.latest_release()
+        } else {
+            release
+        };
+        if rec.release(release).is_none() {
+            return Err(FleetError::UnknownRelease {
+                app: app.clone(),
+                release,
+                latest: rec.latest_release(),
+            });
+        }
+        rec.assignment = Some(AssignmentRecord {
+            selector,
+            release,
+            run,
+            updated_at_ms: now,
+            author: author.to_string(),
+        });
+        Ok(rec)
+    }
+
+    /// Makes every device agree with `app`'s assignment (or, with none,
+    /// takes the app from the devices an assignment put it on): the
+    /// devices to change, each with its next desired state. Nothing
+    /// changes here; apply them with [`Fleet::apply_updates`].
+    pub fn reconcile_app(&self, app: &Name) -> Vec<DeviceUpdate> {
+        let rec = self.apps.get(app);
+        let target = rec.and_then(|r| {
+            let a = r.assignment.as_ref()?;
+            let sel = Selector::parse(&a.selector).ok()?;
+            Some((sel, a.release, a.run))
+        });
+        let mut out = Vec::new();
+        for id in self.devices.keys() {
+            let want = match (&target, rec) {
+                (Some((sel, release, run)), Some(r)) => self
+                    .labels_of(id)
+                    .filter(|l| sel.matches(l))
+                    .and_then(|_| r.release(*release))
+                    .map(|rel| (rel, *run)),
+                _ => None,
+            };
+            let (state, placement) = self.current(id);
+            if let Some(u) = plan(id, app, want, state, placement) {
+                out.push(u);
+            }
+        }
+        out
+    }
+
+    /// Makes one device agree with every assignment: after it says hello
+    /// (maybe with new labels of its own), or is relabelled.
+    pub fn reconcile_device(&self, id: &DeviceId) -> Option<DeviceUpdate> {
+        let labels = self.labels_of(id)?;
+        let (mut state, mut placement) = self.current(id);
+        let mut changed: Option<DeviceUpdate> = None;
+        for (name, rec) in &self.apps {
+            let want = rec.assignment.as_ref().and_then(|a| {
+                let sel = Selector::parse(&a.selector).ok()?;
+                sel.matches(&labels)
+                    .then(|| rec.release(a.release).map(|r| (r, a.run)))
+                    .flatten()
+            });
+            if want.is_none() && !placement.assigned.contains(name) {
+                continue;
+            }
+            if let Some(u) = plan(id, name, want, state.clone(), placement.clone()) {
+                state = u.desired.clone();
+                placement = u.placement.clone();
+                changed = Some(u);
+            }
+        }
+        // One generation step for all of the device's changes.
+        changed.map(|mut u| {
+            u.desired.generation = self.desired.get(id).map_or(0, |d| d.generation) + 1;
+            u
+        })
+    }
+
+    /// Moves one app on one device to `release` (running or stopped as
+    /// `run`), as an assignment does; a rollout drives devices one batch at
+    /// a time through this. `None` when it is already so, or the device
+    /// overrides the app's assignment.
+    pub fn set_device_release(
+        &self,
+        id: &DeviceId,
+        app: &Name,
+        release: u64,
+        run: RunState,
+    ) -> Result<Option<DeviceUpdate>, FleetError> {
+        if !self.devices.contains_key(id) {
+            return Err(FleetError::UnknownDevice(id.clone()));
+        }
+        let rec = self
+            .apps
+            .get(app)
+            .ok_or_else(|| FleetError::UnknownApp(app.clone()))?;
+        let rel = rec
+            .release(release)
+            .ok_or_else(|| FleetError::UnknownRelease {
+                app: app.clone(),
+                release,
+                latest: rec.latest_release(),
+            })?;
+        let (state, placement) = self.current(id);
+        Ok(plan(id, app, Some((rel, run)), state, placement))
+    }
+
+    /// Clears a device's override of `app`'s assignment; the caller then
+    /// reconciles the device.
+    pub fn clear_override(&self, id: &DeviceId, app: &Name) -> Result<Placement, FleetError> {
+        if !self.devices.contains_key(id) {
+            return Err(FleetError::UnknownDevice(id.clone()));
+        }
+        let mut p = self.placement.get(id).cloned().unwrap_or_default();
+        p.overrides.remove(app);
+        Ok(p)
+    }
+
+    pub fn put_placement(&mut self, id: &DeviceId, placement: Placement) {
+        self.placement.insert(id.clone(), placement);
+    }
+
+    /// Applies planned updates to memory; returns their writes (one per
+    /// device) and what each device had before, to undo them.
+    #[allow(clippy::type_complexity)]
+    pub fn apply_updates(
+        &mut self,
+        updates: &[DeviceUpdate],
+    ) -> (
+        Vec<Write>,
+        Vec<(DeviceId, Option<DesiredState>, Option<Placement>)>,
+    ) {
+        let mut writes = Vec::with_capacity(updates.len());
+        let mut previous = Vec::with_capacity(updates.len());
+        for u in updates {
+            previous.push((
+                u.device.clone(),
+                self.desired.get(&u.device).cloned(),
+                self.placement.get(&u.device).cloned(),
+            ));
+            self.desired.insert(u.device.clone(), u.desired.clone());
+            self.placement.insert(u.device.clone(), u.placement.clone());
+            writes.push(Write::Desired(DesiredRecord {
+                device: u.device.clone(),
+                state: u.desired.clone(),
+                placement: u.placement.clone(),
+            }));
+        }
+        (writes, previous)
+    }
+
+    /// The API's view of `app`'s assignment, with the devices it covers.
+    pub fn assignment_view(&self, app: &Name) -> Option<contract::Assignment> {
+        let rec = self.apps.get(app)?;
+        let a = rec.assignment.as_ref()?;
+        let matching = Selector::parse(&a.selector)
+            .map(|s| self.matching(&s))
+            .unwrap_or_default();
+        let with = |f: fn(&Placement) -> &std::collections::BTreeSet<Name>| {
+            self.placement
+                .iter()
+                .filter(|(_, p)| f(p).contains(app))
+                .map(|(id, _)| id.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        Some(contract::Assignment {
+            app: app.clone(),
+            selector: a.selector.clone(),
+            release: a.release,
+            run: a.run,
+            updated_at_ms: a.updated_at_ms,
+            author: a.author.clone(),
+            assigned: with(|p| &p.assigned),
+            overridden: with(|p| &p.overrides),
+            matching,
+        })
+    }
+
+    fn current(&self, id: &DeviceId) -> (DesiredState, Placement) {
+        (
+            self.desired.get(id).cloned().unwrap_or_default(),
+            self.placement.get(id).cloned().unwrap_or_default(),
+        )
     }
 
     /// Marks an operation as handed to the broker, unless the device already
@@ -667,6 +1112,14 @@ impl Fleet {
             heartbeat: d.heartbeat.clone(),
             telemetry: d.telemetry.clone(),
             recent_events: d.events.iter().rev().take(20).cloned().collect(),
+            labels: self.labels_of(id).unwrap_or_default(),
+            device_labels: d
+                .record
+                .inventory
+                .as_ref()
+                .map(|h| h.labels.clone())
+                .unwrap_or_default(),
+            operator_labels: d.record.labels.clone(),
             credential: None,
             privileges: self
                 .desired
@@ -679,6 +1132,28 @@ impl Fleet {
                 })
                 .unwrap_or_default(),
         })
+    }
+
+    /// A device's effective labels: device-set overlaid by operator-set.
+    pub fn labels_of(&self, id: &DeviceId) -> Option<BTreeMap<String, String>> {
+        let d = self.devices.get(id)?;
+        let own = d.record.inventory.as_ref().map(|h| &h.labels);
+        Some(match own {
+            Some(own) => effective_labels(own, &d.record.labels),
+            None => d.record.labels.clone(),
+        })
+    }
+
+    /// The devices whose effective labels match `selector`, in id order.
+    pub fn matching(&self, selector: &Selector) -> Vec<DeviceId> {
+        self.devices
+            .keys()
+            .filter(|id| {
+                self.labels_of(id)
+                    .is_some_and(|labels| selector.matches(&labels))
+            })
+            .cloned()
+            .collect()
     }
 
     /// (known, online), without building views.
@@ -887,7 +1362,7 @@ mod tests {
     fn fleet_with_device() -> Fleet {
         let mut f = Fleet::default();
         f.on_device_message(&id("pi"), DeviceMessage::Hello(Hello::default()), 1);
-        let (rec, _) = f.create_app(spec("web"), 1).expect("create");
+        let (rec, _) = f.create_app(spec("web"), "t", 1).expect("create");
         f.put_app(rec);
         f
     }
@@ -900,8 +1375,8 @@ mod tests {
             op_id: &str,
             now: u64,
         ) -> Result<(DesiredState, OperationRecord), FleetError> {
-            let (d, o, _) = self.request(&id("pi"), op, &name(app), op_id.into(), now)?;
-            self.commit_request(d.clone(), o.clone());
+            let (d, p, o, _) = self.request(&id("pi"), op, &name(app), op_id.into(), now)?;
+            self.commit_request(d.clone(), p, o.clone());
             Ok((d, o))
         }
     }
@@ -921,8 +1396,44 @@ mod tests {
     fn put(f: &mut Fleet, v: serde_json::Value) {
         let mut spec: AppSpec = serde_json::from_value(v).expect("spec");
         spec.validate().expect("valid");
-        let (rec, _) = f.create_app(spec, 1).expect("create");
+        let (rec, _) = f.create_app(spec, "t", 1).expect("create");
         f.put_app(rec);
+    }
+
+    #[test]
+    fn pause_freezes_and_only_a_paused_app_is_unpaused() {
+        let mut f = fleet_with_device();
+        put(
+            &mut f,
+            serde_json::json!({"name": "frozen", "containers": [{"name": "main", "image": "busybox:1"}]}),
+        );
+        assert!(matches!(
+            f.req(Op::Pause, "frozen", "0", 1),
+            Err(FleetError::NotDeployed { .. })
+        ));
+        f.req(Op::Deploy, "frozen", "1", 2).expect("deploy");
+        assert!(
+            matches!(
+                f.req(Op::Unpause, "frozen", "2", 3),
+                Err(FleetError::NotPaused { .. })
+            ),
+            "a running app is not paused"
+        );
+        let (d, op) = f.req(Op::Pause, "frozen", "3", 4).expect("pause");
+        assert_eq!(d.apps[0].run, RunState::Paused);
+        assert_eq!(op.op, Op::Pause);
+        let started = d.apps[0].started_at;
+        let (d, _) = f.req(Op::Unpause, "frozen", "4", 5).expect("unpause");
+        assert_eq!(d.apps[0].run, RunState::Running);
+        assert_eq!(d.apps[0].started_at, started, "thawing is not a restart");
+        f.req(Op::Stop, "frozen", "5", 6).expect("stop");
+        assert!(
+            matches!(
+                f.req(Op::Unpause, "frozen", "6", 7),
+                Err(FleetError::NotPaused { .. })
+            ),
+            "unpausing a stopped app must not start it"
+        );
     }
 
     #[test]
@@ -1102,6 +1613,8 @@ mod tests {
             spec,
             created_at_ms: 1,
             updated_at_ms: 1,
+            releases: Vec::new(),
+            assignment: None,
         });
         assert!(matches!(
             f.req(Op::Start, "huge", "1", 2),
@@ -1181,7 +1694,7 @@ mod tests {
         f.on_device_message(&id("pi"), DeviceMessage::Ack(superseded), 3);
         assert_eq!(f.operation(&a.id).expect("a").status, OpStatus::InProgress);
         // Generation 2 (a later change to another app) applied; web runs.
-        let (rec, _) = f.create_app(spec("db"), 3).expect("create");
+        let (rec, _) = f.create_app(spec("db"), "t", 3).expect("create");
         f.put_app(rec);
         f.req(Op::Deploy, "db", "b", 4).expect("deploy db");
         let running = AppStatus {
@@ -1382,5 +1895,253 @@ mod tests {
             .iter()
             .all(|c| !matches!(c, Change::Device { device, .. } if device == &old)));
         assert_eq!(f.expire(80_001, 60_000).changes.len(), 1);
+    }
+
+    fn lbl(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Device-set labels come from hello, operator-set from the API; the
+    /// operator wins on a key both set; both are kept apart in the view.
+    #[test]
+    fn labels_merge_and_select() {
+        let mut f = Fleet::default();
+        let hello = Hello {
+            labels: lbl(&[("env", "dev"), ("arch", "arm64")]),
+            ..Hello::default()
+        };
+        f.on_device_message(&id("a"), DeviceMessage::Hello(hello), 1);
+        f.on_device_message(&id("b"), DeviceMessage::Hello(Hello::default()), 1);
+        let sel = Selector::parse("env=prod").expect("sel");
+        assert!(f.matching(&sel).is_empty());
+        let (rec, writes) = f
+            .set_labels(&id("a"), &lbl(&[("env", "prod")]), &[], false)
+            .expect("labels");
+        assert!(matches!(&writes[..], [Write::Device(r)] if r.labels == rec.labels));
+        f.put_device_labels(&id("a"), rec.labels);
+        assert_eq!(f.matching(&sel), vec![id("a")]);
+        let v = f.device_view(&id("a")).expect("view");
+        assert_eq!(v.labels, lbl(&[("arch", "arm64"), ("env", "prod")]));
+        assert_eq!(v.device_labels, lbl(&[("arch", "arm64"), ("env", "dev")]));
+        assert_eq!(v.operator_labels, lbl(&[("env", "prod")]));
+        // A new hello changes the device's own labels, never the operator's.
+        let hello = Hello {
+            labels: lbl(&[("env", "test")]),
+            ..Hello::default()
+        };
+        f.on_device_message(&id("a"), DeviceMessage::Hello(hello), 2);
+        assert_eq!(f.matching(&sel), vec![id("a")]);
+        // Removing the operator's key lets the device's own show again.
+        let (rec, _) = f
+            .set_labels(&id("a"), &BTreeMap::new(), &["env".into()], false)
+            .expect("remove");
+        f.put_device_labels(&id("a"), rec.labels);
+        assert_eq!(f.labels_of(&id("a")).expect("a"), lbl(&[("env", "test")]));
+        // Replacing sets exactly the given operator labels.
+        let (rec, _) = f
+            .set_labels(&id("b"), &lbl(&[("x", "1")]), &[], true)
+            .expect("replace");
+        assert_eq!(rec.labels, lbl(&[("x", "1")]));
+        assert!(matches!(
+            f.set_labels(&id("zz"), &BTreeMap::new(), &[], false),
+            Err(FleetError::UnknownDevice(_))
+        ));
+    }
+
+    /// Every change of a spec makes the next release; the same spec again
+    /// makes none; deploys carry the latest; history is bounded but keeps
+    /// what devices run.
+    #[test]
+    fn releases_are_numbered_kept_and_deployed() {
+        let mut f = fleet_with_device();
+        let web = name("web");
+        assert_eq!(f.app(&web).expect("app").latest_release(), 1);
+        let mut changed = spec("web");
+        changed.containers[0].image = "busybox:2".parse().expect("image");
+        let (rec, writes) = f.update_app(changed.clone(), "alice", 5).expect("update");
+        assert_eq!(rec.latest_release(), 2);
+        assert_eq!(rec.release(2).expect("2").author, "alice");
+        assert_eq!(rec.release(1).expect("1").spec, spec("web"));
+        assert_eq!(writes.len(), 1);
+        f.put_app(rec);
+        let (same, writes) = f.update_app(changed, "bob", 6).expect("same");
+        assert_eq!(
+            same.latest_release(),
+            2,
+            "an identical spec makes no release"
+        );
+        assert!(writes.is_empty());
+        f.req(Op::Deploy, "web", "op1", 7).expect("deploy");
+        assert_eq!(f.desired(&id("pi")).expect("d").apps[0].release, 2);
+        // Many more: the oldest go, release 2 (deployed) stays.
+        for i in 3..=(RELEASES_KEPT as u64 + 10) {
+            let mut s = spec("web");
+            s.containers[0].image = format!("busybox:{i}").parse().expect("image");
+            let (rec, _) = f.update_app(s, "alice", i).expect("update");
+            f.put_app(rec);
+        }
+        let rec = f.app(&web).expect("app");
+        assert_eq!(rec.releases.len(), RELEASES_KEPT);
+        assert!(rec.release(2).is_some(), "in use, kept");
+        assert!(rec.release(1).is_none());
+        assert_eq!(rec.latest_release(), RELEASES_KEPT as u64 + 10);
+        // A record from before releases gets its spec as release 1.
+        let old = AppRecord {
+            spec: spec("x"),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            releases: Vec::new(),
+            assignment: None,
+        };
+        assert_eq!(old.with_first_release().latest_release(), 1);
+    }
+
+    fn apply(f: &mut Fleet, updates: Vec<DeviceUpdate>) -> usize {
+        let n = updates.len();
+        f.apply_updates(&updates);
+        n
+    }
+
+    fn relabel(f: &mut Fleet, dev: &str, pairs: &[(&str, &str)]) -> Option<DeviceUpdate> {
+        let (rec, _) = f
+            .set_labels(&id(dev), &lbl(pairs), &[], true)
+            .expect("labels");
+        f.put_device_labels(&id(dev), rec.labels);
+        f.reconcile_device(&id(dev))
+    }
+
+    /// An assignment places the app on matching devices, follows them as
+    /// they enroll and are relabelled, and leaves overrides alone.
+    #[test]
+    fn assignment_follows_labels_and_respects_overrides() {
+        let mut f = fleet_with_device(); // "pi", app "web" release 1
+        let web = name("web");
+        for d in ["a", "b"] {
+            f.on_device_message(&id(d), DeviceMessage::Hello(Hello::default()), 1);
+        }
+        relabel(&mut f, "a", &[("env", "prod")]);
+        let rec = f
+            .assign(&web, "env=prod".into(), 0, RunState::Running, "ops", 2)
+            .expect("assign");
+        assert_eq!(rec.assignment.as_ref().expect("a").release, 1);
+        f.put_app(rec);
+        let updates = f.reconcile_app(&web);
+        assert_eq!(apply(&mut f, updates), 1);
+        let a = f.desired(&id("a")).expect("a");
+        assert_eq!(a.apps[0].release, 1);
+        assert_eq!(a.apps[0].run, RunState::Running);
+        assert_eq!(a.generation, 1);
+        assert!(f.desired(&id("b")).is_none());
+        // Level-triggered: nothing more to do.
+        assert!(f.reconcile_app(&web).is_empty());
+        // A device enrolling with a matching label of its own gets it.
+        let hello = Hello {
+            labels: lbl(&[("env", "prod")]),
+            ..Hello::default()
+        };
+        f.on_device_message(&id("c"), DeviceMessage::Hello(hello), 3);
+        let u = f.reconcile_device(&id("c")).expect("c gets it");
+        assert_eq!(u.desired.apps[0].spec.name, web);
+        f.apply_updates(&[u]);
+        // Relabelled in, it gets it; relabelled out, it loses it.
+        let u = relabel(&mut f, "b", &[("env", "prod")]).expect("in");
+        f.apply_updates(&[u]);
+        assert!(f.desired(&id("b")).expect("b").app(&web).is_some());
+        let u = relabel(&mut f, "b", &[("env", "dev")]).expect("out");
+        f.apply_updates(&[u]);
+        assert!(f.desired(&id("b")).expect("b").app(&web).is_none());
+        assert_eq!(f.desired(&id("b")).expect("b").generation, 2);
+        // A per-device removal overrides the assignment on that device.
+        f.req(Op::Remove, "web", "rm-a", 4)
+            .expect_err("web is not on pi");
+        let (d, p, o, _) = f
+            .request(&id("a"), Op::Remove, &web, "rm-a".into(), 4)
+            .expect("remove");
+        f.commit_request(d, p, o);
+        assert!(f.placement(&id("a")).expect("p").overrides.contains(&web));
+        assert!(
+            f.reconcile_device(&id("a")).is_none(),
+            "override left alone"
+        );
+        assert!(f.reconcile_app(&web).iter().all(|u| u.device != id("a")));
+        // Cleared, the assignment applies again.
+        let p = f.clear_override(&id("a"), &web).expect("clear");
+        f.put_placement(&id("a"), p);
+        let u = f.reconcile_device(&id("a")).expect("back");
+        assert_eq!(u.desired.apps.len(), 1);
+        f.apply_updates(&[u]);
+        // A new release set on the assignment moves every device at once.
+        let mut s2 = spec("web");
+        s2.containers[0].image = "busybox:2".into();
+        let (rec, _) = f.update_app(s2, "ops", 5).expect("update");
+        f.put_app(rec);
+        assert!(f.reconcile_app(&web).is_empty(), "pinned at release 1");
+        let rec = f
+            .assign(&web, "env=prod".into(), 2, RunState::Running, "ops", 6)
+            .expect("assign 2");
+        f.put_app(rec);
+        let updates = f.reconcile_app(&web);
+        assert_eq!(updates.len(), 2, "a and c");
+        assert!(updates.iter().all(|u| u.desired.apps[0].release == 2));
+        f.apply_updates(&updates);
+        // set_device_release moves one device, as a rollout will.
+        let u = f
+            .set_device_release(&id("a"), &web, 1, RunState::Running)
+            .expect("ok")
+            .expect("changes");
+        assert_eq!(u.desired.apps[0].release, 1);
+        assert!(matches!(
+            f.set_device_release(&id("a"), &web, 9, RunState::Running),
+            Err(FleetError::UnknownRelease { .. })
+        ));
+        // Deleting the assignment takes the app from where it put it.
+        let mut rec = f.app(&web).expect("web");
+        rec.assignment = None;
+        f.put_app(rec);
+        let updates = f.reconcile_app(&web);
+        assert_eq!(updates.len(), 2);
+        assert!(updates.iter().all(|u| u.desired.app(&web).is_none()));
+        // A release that does not exist is refused.
+        assert!(matches!(
+            f.assign(&web, String::new(), 7, RunState::Running, "ops", 7),
+            Err(FleetError::UnknownRelease { release: 7, .. })
+        ));
+    }
+
+    /// 10,000 matching devices: one plan, one write per device, all from
+    /// one call (the engine queues them as one store transaction).
+    #[test]
+    fn assigning_to_ten_thousand_devices_is_one_step() {
+        let mut f = fleet_with_device();
+        for i in 0..10_000 {
+            let hello = Hello {
+                labels: lbl(&[("fleet", "big")]),
+                ..Hello::default()
+            };
+            f.on_device_message(&id(&format!("d{i}")), DeviceMessage::Hello(hello), 1);
+        }
+        let rec = f
+            .assign(
+                &name("web"),
+                "fleet=big".into(),
+                0,
+                RunState::Running,
+                "ops",
+                2,
+            )
+            .expect("assign");
+        f.put_app(rec);
+        let t = std::time::Instant::now();
+        let updates = f.reconcile_app(&name("web"));
+        let (writes, _) = f.apply_updates(&updates);
+        assert_eq!(writes.len(), 10_000);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

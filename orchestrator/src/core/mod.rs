@@ -7,3 +7,4 @@ pub mod fleet;
 pub mod ops;
 pub mod records;
 pub mod registries;
+pub mod selector;

@@ -3,8 +3,10 @@
 //! serialized shape across releases; the API's views may change on their
 //! own.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use drover_shared::identity::automation_username;
-use drover_shared::model::{AppSpec, DesiredState, ObservedState};
+use drover_shared::model::{AppSpec, DesiredState, ObservedState, RunState};
 use drover_shared::payload::{Hello, Op, Progress, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,10 @@ pub struct DeviceRecord {
     pub inventory: Option<Hello>,
     #[serde(default)]
     pub observed: Option<ObservedState>,
+    /// Operator-set labels. The device's own (`Hello::labels`) are in
+    /// `inventory`; see [`crate::core::selector::effective_labels`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,12 +34,84 @@ pub struct AppRecord {
     pub spec: AppSpec,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Every kept release of the spec, oldest first; the last is `spec`.
+    /// Empty only in records from before releases existed (see
+    /// [`AppRecord::with_first_release`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<ReleaseRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<AssignmentRecord>,
+}
+
+/// One immutable, numbered version of an app's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub number: u64,
+    pub created_at_ms: u64,
+    /// Who made it (the actor's name).
+    pub author: String,
+    pub spec: AppSpec,
+}
+
+impl AppRecord {
+    /// The newest release's number (0: none).
+    pub fn latest_release(&self) -> u64 {
+        self.releases.last().map_or(0, |r| r.number)
+    }
+
+    pub fn release(&self, number: u64) -> Option<&ReleaseRecord> {
+        self.releases.iter().find(|r| r.number == number)
+    }
+
+    /// A record stored before releases existed gets its spec as release 1.
+    pub fn with_first_release(mut self) -> AppRecord {
+        if self.releases.is_empty() {
+            self.releases.push(ReleaseRecord {
+                number: 1,
+                created_at_ms: self.updated_at_ms,
+                author: String::new(),
+                spec: self.spec.clone(),
+            });
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DesiredRecord {
     pub device: DeviceId,
     pub state: DesiredState,
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+}
+
+/// Why apps are in a device's desired state: which a fleet assignment put
+/// there (and may take away), and which an operator deployed or removed by
+/// hand on this device, overriding the app's assignment until cleared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub assigned: BTreeSet<Name>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub overrides: BTreeSet<Name>,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self.assigned.is_empty() && self.overrides.is_empty()
+    }
+}
+
+/// "App A at release R, running or stopped, on every device matching
+/// selector S": kept true by the engine as devices come and change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// Canonical form of a valid selector (`core::selector`).
+    pub selector: String,
+    pub release: u64,
+    pub run: RunState,
+    pub updated_at_ms: u64,
+    pub author: String,
 }
 
 /// A request to change one device, followed from issue to final outcome.
@@ -145,6 +223,18 @@ impl From<&AppRecord> for contract::App {
             spec: r.spec.clone(),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            latest_release: r.latest_release(),
+        }
+    }
+}
+
+impl From<&ReleaseRecord> for contract::Release {
+    fn from(r: &ReleaseRecord) -> Self {
+        contract::Release {
+            number: r.number,
+            created_at_ms: r.created_at_ms,
+            author: r.author.clone(),
+            spec: r.spec.clone(),
         }
     }
 }
@@ -237,6 +327,9 @@ impl From<&AuditRecord> for contract::AuditEntry {
 /// A write the core asks for; the store applies a batch of them in one
 /// transaction.
 #[derive(Debug, Clone)]
+// Writes live only from a change to its commit; boxing the device record
+// would cost an allocation on every device message to save a few bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Write {
     Device(DeviceRecord),
     App(AppRecord),

@@ -24,6 +24,8 @@ use crate::store::{Store, StoreError};
 pub enum Reply {
     App(contract::App),
     Operation(contract::Operation),
+    Device(Box<contract::Device>),
+    Assignment(Box<contract::Assignment>),
     Registry(contract::Registry),
     EnrollToken(contract::EnrollToken),
     ApiToken(contract::ApiToken),
@@ -88,7 +90,10 @@ impl From<EngineError> for CommandError {
         match e {
             EngineError::Fleet(f) => match f {
                 FleetError::UnknownDevice(_) => CommandError::not_found("device", msg),
-                FleetError::UnknownApp(_) => CommandError::not_found("app", msg),
+                FleetError::UnknownApp(_) | FleetError::NotAssigned(_) => {
+                    CommandError::not_found("app", msg)
+                }
+                FleetError::UnknownRelease { .. } => CommandError::not_found("release", msg),
                 FleetError::AppExists(_) => CommandError::Conflict {
                     field: Some("name".into()),
                     message: msg,
@@ -96,6 +101,7 @@ impl From<EngineError> for CommandError {
                 // The last three are about what else the device runs, not
                 // about the request itself.
                 FleetError::NotDeployed { .. }
+                | FleetError::NotPaused { .. }
                 | FleetError::AppInUse { .. }
                 | FleetError::PortInUse { .. }
                 | FleetError::CpusExceedDevice { .. }
@@ -263,13 +269,13 @@ impl Commands {
             Command::CreateApp(mut spec) => {
                 validate(&mut spec)?;
                 let detail = app_detail(&spec);
-                let app = self.app(FleetChange::CreateApp(spec)).await?;
+                let app = self.app(FleetChange::CreateApp(spec, by.clone())).await?;
                 Ok((Reply::App(app), detail))
             }
             Command::UpdateApp(mut spec) => {
                 validate(&mut spec)?;
                 let detail = app_detail(&spec);
-                let app = self.app(FleetChange::UpdateApp(spec)).await?;
+                let app = self.app(FleetChange::UpdateApp(spec, by.clone())).await?;
                 Ok((Reply::App(app), detail))
             }
             Command::DeleteApp(name) => {
@@ -291,6 +297,102 @@ impl Commands {
                         Ok((Reply::Operation((&op).into()), detail))
                     }
                     other => Err(unexpected(other)),
+                }
+            }
+            Command::SetLabels {
+                device,
+                set,
+                remove,
+                replace,
+            } => {
+                let device_id = device;
+                crate::core::selector::validate_labels(&set)
+                    .map_err(|(k, m)| CommandError::invalid(format!("labels.{k}"), m))?;
+                for k in &remove {
+                    crate::core::selector::validate_key(k).map_err(|m| {
+                        CommandError::invalid("remove", format!("label key {k:?}: {m}"))
+                    })?;
+                    if set.contains_key(k) {
+                        return Err(CommandError::invalid(
+                            "remove",
+                            format!("label {k} is both set and removed"),
+                        ));
+                    }
+                }
+                let detail = format!(
+                    "{}set {:?}, removed {:?}",
+                    if replace { "replaced all; " } else { "" },
+                    set,
+                    remove
+                );
+                match self
+                    .engine
+                    .change(FleetChange::SetLabels {
+                        device: device_id.clone(),
+                        set,
+                        remove,
+                        replace,
+                    })
+                    .await?
+                {
+                    Done::Device(view) => Ok((Reply::Device(view), detail)),
+                    Done::Reconciled(_) => match self.engine.device(device_id).await? {
+                        Some(view) => Ok((Reply::Device(Box::new(view)), detail)),
+                        None => Err(CommandError::Internal("the device went away".into())),
+                    },
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::Assign {
+                app,
+                selector,
+                release,
+                run,
+            } => {
+                let sel = crate::core::selector::Selector::parse(&selector).map_err(|e| {
+                    CommandError::invalid(
+                        "selector",
+                        format!("selector {selector:?} is not valid: {e}"),
+                    )
+                })?;
+                if run == drover_shared::model::RunState::Paused {
+                    return Err(CommandError::invalid(
+                        "run",
+                        "an assignment runs an app (running) or keeps it stopped (stopped); pause it per device",
+                    ));
+                }
+                let selector = sel.to_string();
+                self.engine
+                    .change(FleetChange::Assign {
+                        app: app.clone(),
+                        selector: selector.clone(),
+                        release,
+                        run,
+                        author: by.clone(),
+                    })
+                    .await?;
+                let view = self.assignment(app).await?;
+                let detail = format!(
+                    "selector {selector:?}, release {}, {} device(s) assigned",
+                    view.release,
+                    view.assigned.len()
+                );
+                Ok((Reply::Assignment(Box::new(view)), detail))
+            }
+            Command::Unassign(app) => {
+                self.engine.change(FleetChange::Unassign(app)).await?;
+                Ok((Reply::Deleted, String::new()))
+            }
+            Command::ClearOverride { device, app } => {
+                self.engine
+                    .change(FleetChange::ClearOverride {
+                        device: device.clone(),
+                        app: app.clone(),
+                    })
+                    .await?;
+                match self.engine.device(device).await? {
+                    Some(view) => Ok((Reply::Device(Box::new(view)), format!("app {app}"))),
+                    None => Err(CommandError::Internal("the device went away".into())),
                 }
             }
             Command::SetRegistry(credential) => {
@@ -402,6 +504,18 @@ impl Commands {
             Done::App(rec) => Ok((&rec).into()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// An app's assignment with the devices it covers.
+    pub async fn assignment(
+        &self,
+        app: drover_shared::Name,
+    ) -> Result<contract::Assignment, CommandError> {
+        let name = app.clone();
+        self.engine
+            .read(move |f, _| f.assignment_view(&name))
+            .await?
+            .ok_or_else(|| CommandError::not_found("app", format!("app {app} has no assignment")))
     }
 
     /// `Err` with the reason while the store cannot be written.

@@ -16,13 +16,14 @@
 pub mod commands;
 mod outbox;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_shared::model::{AppSpec, DesiredState};
+use drover_shared::model::{AppSpec, DesiredState, RunState};
 use drover_shared::payload::{
     Action, Command as DeviceCommand, Desired, EnrollOutcome, EnrollRequest, Enrolled, LogLine, Op,
     RegistryCredential, Secret,
@@ -35,7 +36,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::contract::{self, AuditOutcome, Change};
 use crate::core::fleet::{DeviceMessage, Fleet, FleetError};
-use crate::core::records::{AppRecord, OperationRecord, RegistryRecord};
+use crate::core::records::{AppRecord, OperationRecord, Placement, RegistryRecord};
 use crate::core::registries::SecretsBook;
 use crate::link::Event;
 use crate::metrics::Metrics;
@@ -73,10 +74,36 @@ pub enum EngineError {
 /// A change the engine carries out: the fleet's part of a [`Command`](crate::core::command::Command).
 #[derive(Debug)]
 pub enum FleetChange {
-    CreateApp(AppSpec),
-    UpdateApp(AppSpec),
+    /// With the author of its first release.
+    CreateApp(AppSpec, String),
+    /// With the author of the release it makes.
+    UpdateApp(AppSpec, String),
     DeleteApp(Name),
-    Apply { device: DeviceId, app: Name, op: Op },
+    Apply {
+        device: DeviceId,
+        app: Name,
+        op: Op,
+    },
+    SetLabels {
+        device: DeviceId,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        replace: bool,
+    },
+    /// Puts `app` at `release` (0: latest) on every device matching
+    /// `selector` (valid, canonical).
+    Assign {
+        app: Name,
+        selector: String,
+        release: u64,
+        run: RunState,
+        author: String,
+    },
+    Unassign(Name),
+    ClearOverride {
+        device: DeviceId,
+        app: Name,
+    },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
 }
@@ -87,6 +114,9 @@ pub enum Done {
     App(AppRecord),
     AppDeleted,
     Operation(OperationRecord),
+    Device(Box<contract::Device>),
+    /// How many devices' desired states changed.
+    Reconciled(usize),
     Registry(contract::Registry),
     RegistryDeleted,
 }
@@ -246,6 +276,20 @@ enum Then {
         op: OperationRecord,
         desired: DesiredState,
         previous: Option<DesiredState>,
+        previous_placement: Option<Placement>,
+    },
+    /// Devices moved by an assignment, a relabelling or a release change:
+    /// publish their desired states once durable. `reply` when an
+    /// operator asked, with `done`.
+    Reconciled {
+        reply: Option<oneshot::Sender<Result<Done, EngineError>>>,
+        done: Option<Done>,
+        devices: Vec<DeviceId>,
+    },
+    Labels {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        device: DeviceId,
+        previous: BTreeMap<String, String>,
     },
     Registry {
         reply: oneshot::Sender<Result<Done, EngineError>>,
@@ -256,12 +300,14 @@ enum Then {
 }
 
 impl Then {
-    fn reply(self) -> oneshot::Sender<Result<Done, EngineError>> {
+    fn reply(self) -> Option<oneshot::Sender<Result<Done, EngineError>>> {
         match self {
             Then::App { reply, .. }
             | Then::AppDeleted { reply, .. }
             | Then::Apply { reply, .. }
-            | Then::Registry { reply, .. } => reply,
+            | Then::Labels { reply, .. }
+            | Then::Registry { reply, .. } => Some(reply),
+            Then::Reconciled { reply, .. } => reply,
         }
     }
 }
@@ -403,12 +449,12 @@ impl Engine {
         }
         let now = now_ms();
         match change {
-            FleetChange::CreateApp(spec) => {
-                let checked = self.fleet.create_app(spec, now);
+            FleetChange::CreateApp(spec, author) => {
+                let checked = self.fleet.create_app(spec, &author, now);
                 self.put_app(checked, reply).await;
             }
-            FleetChange::UpdateApp(spec) => {
-                let checked = self.fleet.update_app(spec, now);
+            FleetChange::UpdateApp(spec, author) => {
+                let checked = self.fleet.update_app(spec, &author, now);
                 self.put_app(checked, reply).await;
             }
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
@@ -432,9 +478,11 @@ impl Engine {
             FleetChange::Apply { device, app, op } => {
                 let id = uuid::Uuid::new_v4().to_string();
                 match self.fleet.request(&device, op, &app, id, now) {
-                    Ok((desired, op, writes)) => {
+                    Ok((desired, placement, op, writes)) => {
                         let previous = self.fleet.desired(&device).cloned();
-                        self.fleet.commit_request(desired.clone(), op.clone());
+                        let previous_placement = self.fleet.placement(&device).cloned();
+                        self.fleet
+                            .commit_request(desired.clone(), placement, op.clone());
                         self.queue(
                             writes,
                             Then::Apply {
@@ -442,9 +490,143 @@ impl Engine {
                                 op,
                                 desired,
                                 previous,
+                                previous_placement,
                             },
                         )
                         .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            FleetChange::SetLabels {
+                device,
+                set,
+                remove,
+                replace,
+            } => match self.fleet.set_labels(&device, &set, &remove, replace) {
+                Ok((record, mut writes)) => {
+                    let previous = self.fleet.operator_labels(&device).unwrap_or_default();
+                    self.fleet.put_device_labels(&device, record.labels);
+                    // Relabelled into or out of an assignment's selector:
+                    // the device's desired state changes in the same write.
+                    if let Some(u) = self.fleet.reconcile_device(&device) {
+                        let (w, _) = self.fleet.apply_updates(std::slice::from_ref(&u));
+                        writes.extend(w);
+                        // Undoing means reloading: the labels and the
+                        // desired state go back together.
+                        self.queue(
+                            writes,
+                            Then::Reconciled {
+                                reply: Some(reply),
+                                done: None,
+                                devices: vec![device],
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                    self.queue(
+                        writes,
+                        Then::Labels {
+                            reply,
+                            device,
+                            previous,
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::Assign {
+                app,
+                selector,
+                release,
+                run,
+                author,
+            } => match self
+                .fleet
+                .assign(&app, selector, release, run, &author, now)
+            {
+                Ok(record) => {
+                    self.fleet.put_app(record.clone());
+                    let updates = self.fleet.reconcile_app(&app);
+                    let (mut writes, _) = self.fleet.apply_updates(&updates);
+                    writes.push(Write::App(record.clone()));
+                    info!(app = %app, devices = updates.len(), "assignment set");
+                    self.queue(
+                        writes,
+                        Then::Reconciled {
+                            reply: Some(reply),
+                            done: Some(Done::App(record)),
+                            devices: updates.into_iter().map(|u| u.device).collect(),
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            FleetChange::Unassign(app) => {
+                let Some(mut record) = self.fleet.app(&app) else {
+                    let _ = reply.send(Err(FleetError::UnknownApp(app).into()));
+                    return;
+                };
+                if record.assignment.take().is_none() {
+                    let _ = reply.send(Err(FleetError::NotAssigned(app).into()));
+                    return;
+                }
+                self.fleet.put_app(record.clone());
+                let updates = self.fleet.reconcile_app(&app);
+                let (mut writes, _) = self.fleet.apply_updates(&updates);
+                writes.push(Write::App(record));
+                info!(app = %app, devices = updates.len(), "assignment deleted");
+                self.queue(
+                    writes,
+                    Then::Reconciled {
+                        reply: Some(reply),
+                        done: Some(Done::AppDeleted),
+                        devices: updates.into_iter().map(|u| u.device).collect(),
+                    },
+                )
+                .await;
+            }
+            FleetChange::ClearOverride { device, app } => {
+                match self.fleet.clear_override(&device, &app) {
+                    Ok(placement) => {
+                        let before = self.fleet.placement(&device).cloned().unwrap_or_default();
+                        self.fleet.put_placement(&device, placement.clone());
+                        let mut devices = Vec::new();
+                        let writes = match self.fleet.reconcile_device(&device) {
+                            Some(u) => {
+                                devices.push(device.clone());
+                                self.fleet.apply_updates(std::slice::from_ref(&u)).0
+                            }
+                            None if before != placement => {
+                                let state =
+                                    self.fleet.desired(&device).cloned().unwrap_or_default();
+                                vec![Write::Desired(crate::core::records::DesiredRecord {
+                                    device: device.clone(),
+                                    state,
+                                    placement,
+                                })]
+                            }
+                            None => Vec::new(),
+                        };
+                        self.queue(
+                            writes,
+                            Then::Reconciled {
+                                reply: Some(reply),
+                                done: None,
+                                devices,
+                            },
+                        )
+                        .await;
+                        let _ = device;
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
@@ -575,6 +757,39 @@ impl Engine {
                 });
                 let _ = reply.send(Ok(Done::Operation(op)));
             }
+            Then::Labels { reply, device, .. } => {
+                info!(device = %device, "operator labels changed");
+                self.emit(Change::Inventory {
+                    device: device.clone(),
+                    at_ms: now_ms(),
+                });
+                let reply_to = match self.fleet.device_view(&device) {
+                    Some(v) => Ok(Done::Device(Box::new(v))),
+                    None => Err(EngineError::Fleet(FleetError::UnknownDevice(device))),
+                };
+                let _ = reply.send(reply_to);
+            }
+            Then::Reconciled {
+                reply,
+                done,
+                devices,
+            } => {
+                if !devices.is_empty() {
+                    self.sync_secrets(Some(&devices), false);
+                    for id in &devices {
+                        if let Some(state) = self.fleet.desired(id).cloned() {
+                            self.publish_desired(id, &state);
+                        }
+                        self.emit(Change::Inventory {
+                            device: id.clone(),
+                            at_ms: now_ms(),
+                        });
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(done.unwrap_or(Done::Reconciled(devices.len()))));
+                }
+            }
             Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
@@ -614,7 +829,9 @@ impl Engine {
                     if !self.reload {
                         self.undo(&then);
                     }
-                    let _ = then.reply().send(Err(EngineError::Store(e)));
+                    if let Some(reply) = then.reply() {
+                        let _ = reply.send(Err(EngineError::Store(e)));
+                    }
                 }
             }
         }
@@ -631,10 +848,22 @@ impl Engine {
             Then::AppDeleted { name, previous, .. } => {
                 self.fleet.restore_app(name, previous.clone())
             }
-            Then::Apply { op, previous, .. } => {
-                self.fleet
-                    .undo_request(&op.device, previous.clone(), &op.id)
-            }
+            Then::Apply {
+                op,
+                previous,
+                previous_placement,
+                ..
+            } => self.fleet.undo_request(
+                &op.device,
+                previous.clone(),
+                previous_placement.clone(),
+                &op.id,
+            ),
+            // Many devices and maybe an app record: the file is the truth.
+            Then::Reconciled { .. } => self.reload = true,
+            Then::Labels {
+                device, previous, ..
+            } => self.fleet.put_device_labels(device, previous.clone()),
             Then::Registry { host, previous, .. } => match previous {
                 Some(rec) => self.secrets.put(rec.clone()),
                 None => {
@@ -729,10 +958,30 @@ impl Engine {
             };
             self.outbox.publish(&id, TopicKind::Cmd, encode(&cmd));
         }
+        let hello = fx
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Inventory { .. }));
         for change in fx.changes {
             self.emit(change);
         }
         self.record(fx.writes).await;
+        // A device that enrolled, or came back with labels of its own, gets
+        // (or loses) what the assignments say, durably before it is told.
+        if hello && !self.reload {
+            if let Some(u) = self.fleet.reconcile_device(&id) {
+                let (writes, _) = self.fleet.apply_updates(std::slice::from_ref(&u));
+                self.queue(
+                    writes,
+                    Then::Reconciled {
+                        reply: None,
+                        done: None,
+                        devices: vec![id],
+                    },
+                )
+                .await;
+            }
+        }
     }
 
     fn publish_desired(&self, device: &DeviceId, state: &DesiredState) -> bool {
@@ -989,12 +1238,14 @@ mod tests {
         .expect("spec");
         let done = f
             .engine
-            .change(FleetChange::CreateApp(spec.clone()))
+            .change(FleetChange::CreateApp(spec.clone(), "t".into()))
             .await
             .expect("created");
         assert!(matches!(done, Done::App(_)));
         assert!(matches!(
-            f.engine.change(FleetChange::CreateApp(spec)).await,
+            f.engine
+                .change(FleetChange::CreateApp(spec, "t".into()))
+                .await,
             Err(EngineError::Fleet(FleetError::AppExists(_)))
         ));
         let id = DeviceId::new("pi-1").expect("id");

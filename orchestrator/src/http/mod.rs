@@ -207,6 +207,8 @@ impl Ctx {
             Reply::Deleted => StatusCode::NO_CONTENT.into_response(),
             Reply::App(v) => (ok, Json(v)).into_response(),
             Reply::Operation(v) => (ok, Json(v)).into_response(),
+            Reply::Device(v) => (ok, Json(v)).into_response(),
+            Reply::Assignment(v) => (ok, Json(v)).into_response(),
             Reply::Registry(v) => (ok, Json(v)).into_response(),
             Reply::EnrollToken(v) => (ok, Json(v)).into_response(),
             Reply::ApiToken(v) => (ok, Json(v)).into_response(),

@@ -26,6 +26,7 @@ use super::{
 use crate::contract::{self, Change, ChangeFilter, DeployRequest, ErrorBody, RegistryCredentials};
 use crate::core::command::{Command, CommandKind};
 use crate::core::registries;
+use crate::core::selector::Selector;
 
 /// axum's default body limit, which every JSON body here is far below.
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -73,14 +74,21 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(openapi_json))
         .routes(routes!(list_devices))
         .routes(routes!(show_device))
+        .routes(routes!(patch_labels, put_labels))
         .routes(routes!(deploy))
         .routes(routes!(remove))
         .routes(routes!(start))
         .routes(routes!(stop))
+        .routes(routes!(pause))
+        .routes(routes!(unpause))
         .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
         .routes(routes!(show_app, update_app, delete_app))
+        .routes(routes!(list_releases))
+        .routes(routes!(show_release))
+        .routes(routes!(put_assignment, show_assignment, delete_assignment))
+        .routes(routes!(clear_override))
         .routes(routes!(list_operations))
         .routes(routes!(show_operation))
         .routes(routes!(changes))
@@ -178,16 +186,103 @@ async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
 
 // ----- devices -----------------------------------------------------------------
 
-/// Every device the orchestrator knows.
+#[derive(Debug, Deserialize)]
+struct DevicesQuery {
+    selector: Option<String>,
+}
+
+/// Every device the orchestrator knows, or those whose labels match a
+/// selector.
 #[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
-    responses((status = 200, description = "All devices", body = Vec<contract::Device>)))]
-async fn list_devices(State(api): State<ApiState>, ctx: Ctx) -> ApiResult<impl IntoResponse> {
+    params(("selector" = Option<String>, Query, description = "A Kubernetes-style label selector, e.g. `env=prod,region in (eu,us),!canary`; matched against each device's effective labels")),
+    responses(
+        (status = 200, description = "The devices", body = Vec<contract::Device>),
+        (status = 400, description = "The selector is not valid; the message says where", body = ErrorBody),
+    ))]
+async fn list_devices(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<DevicesQuery>,
+) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListDevices).await?;
+    let selector = q.selector.as_deref().map(parse_selector).transpose()?;
     let mut views = api.commands.engine.devices().await?;
+    if let Some(sel) = selector {
+        views.retain(|v| sel.matches(&v.labels));
+    }
     for v in &mut views {
         v.credential = Some(api.commands.identities.credential_state(&v.id));
     }
     Ok(Json(views))
+}
+
+fn parse_selector(s: &str) -> ApiResult<Selector> {
+    Selector::parse(s).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "selector",
+            format!("selector {s:?} is not valid: {e}"),
+        )
+    })
+}
+
+/// Changes a device's operator-set labels: sets the keys in `set`,
+/// removes those in `remove`. Operator-set labels win over the device's
+/// own on a key both set.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/labels", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    request_body = contract::LabelsPatch,
+    responses(
+        (status = 200, description = "The device with its new labels", body = contract::Device),
+        (status = 400, description = "A label key or value is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn patch_labels(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::SetLabels, StatusCode::OK, || {
+        let device = device_id(&id)?;
+        let body: contract::LabelsPatch = parse_body(&body)?;
+        Ok(Command::SetLabels {
+            device,
+            set: body.set,
+            remove: body.remove,
+            replace: false,
+        })
+    })
+    .await
+}
+
+/// Replaces a device's operator-set labels with `labels` (its own,
+/// device-set labels stay).
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id")),
+    request_body = contract::LabelsPut,
+    responses(
+        (status = 200, description = "The device with its new labels", body = contract::Device),
+        (status = 400, description = "A label key or value is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn put_labels(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::SetLabels, StatusCode::OK, || {
+        let device = device_id(&id)?;
+        let body: contract::LabelsPut = parse_body(&body)?;
+        Ok(Command::SetLabels {
+            device,
+            set: body.labels,
+            remove: Vec::new(),
+            replace: true,
+        })
+    })
+    .await
 }
 
 /// One device.
@@ -293,6 +388,41 @@ async fn stop(
     apply(api, ctx, id, app, Op::Stop).await
 }
 
+/// Pauses an app deployed on a device: its containers' processes are
+/// frozen (`docker pause`) and keep their memory.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/pause", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device", body = ErrorBody),
+    ))]
+async fn pause(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Pause).await
+}
+
+/// Thaws a paused app on a device.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/unpause", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device, or not paused", body = ErrorBody),
+    ))]
+async fn unpause(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Unpause).await
+}
+
 /// Removes an app deployed on a device.
 #[utoipa::path(delete, path = "/api/v1/devices/{id}/apps/{app}", tag = "devices",
     params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
@@ -308,6 +438,30 @@ async fn remove(
     Path((id, app)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     apply(api, ctx, id, app, Op::Remove).await
+}
+
+/// A deploy or removal by hand of an app that has an assignment makes the
+/// device override it; this clears that, and the assignment applies to the
+/// device again at once.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/apps/{app}/override", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The device, now following the app's assignment", body = contract::Device),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ))]
+async fn clear_override(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::ClearOverride, StatusCode::OK, || {
+        Ok(Command::ClearOverride {
+            device: device_id(&id)?,
+            app: name("app", &app)?,
+        })
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -491,6 +645,145 @@ async fn show_app(
         )
     })?;
     Ok(Json(contract::App::from(&rec)))
+}
+
+/// An app's kept releases, oldest first.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/releases", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The app's releases, oldest first", body = Vec<contract::Release>),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
+async fn list_releases(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let rec = app_record(&api, &n).await?;
+    Ok(Json(
+        rec.releases
+            .iter()
+            .map(contract::Release::from)
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// One release of an app.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/releases/{number}", tag = "apps",
+    params(("name" = Name, Path, description = "The app name"), ("number" = u64, Path, description = "The release number")),
+    responses(
+        (status = 200, description = "The release", body = contract::Release),
+        (status = 400, description = "The app name or number is not valid", body = ErrorBody),
+        (status = 404, description = "No such app or release", body = ErrorBody),
+    ))]
+async fn show_release(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((n, number)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let number: u64 = number.parse().map_err(|_| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "number",
+            format!("release number {number:?} is not a whole number"),
+        )
+    })?;
+    let rec = app_record(&api, &n).await?;
+    let release = rec.release(number).ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "number",
+            format!(
+                "app {} has no release {number} (latest: {})",
+                rec.spec.name,
+                rec.latest_release()
+            ),
+        )
+    })?;
+    Ok(Json(contract::Release::from(release)))
+}
+
+async fn app_record(api: &ApiState, n: &str) -> ApiResult<crate::core::records::AppRecord> {
+    let n = name("app", n)?;
+    api.commands.engine.app(n.clone()).await?.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "app",
+            format!("app {n} does not exist"),
+        )
+    })
+}
+
+/// Puts the app at a release on every device whose labels match the
+/// selector, now and as devices enroll or are relabelled; devices that stop
+/// matching lose it. One assignment per app: this replaces any other.
+#[utoipa::path(put, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    request_body = contract::AssignmentRequest,
+    responses(
+        (status = 200, description = "The assignment holds; the devices it covers", body = contract::Assignment),
+        (status = 400, description = "The selector or body is not valid; `field` names it", body = ErrorBody),
+        (status = 404, description = "No such app or release", body = ErrorBody),
+    ))]
+async fn put_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::Assign, StatusCode::OK, || {
+        let app = name("app", &n)?;
+        let body: contract::AssignmentRequest = parse_body(&body)?;
+        Ok(Command::Assign {
+            app,
+            selector: body.selector,
+            release: body.release,
+            run: body.run,
+        })
+    })
+    .await
+}
+
+/// The app's assignment and the devices it covers.
+#[utoipa::path(get, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 200, description = "The assignment", body = contract::Assignment),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app, or it has no assignment", body = ErrorBody),
+    ))]
+async fn show_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    ctx.authorize(&api, CommandKind::ShowApp).await?;
+    let app = name("app", &n)?;
+    app_record(&api, &n).await?;
+    Ok(Json(api.commands.assignment(app).await?))
+}
+
+/// Deletes the app's assignment and removes the app from the devices it
+/// put it on (devices that override it keep what they have).
+#[utoipa::path(delete, path = "/api/v1/apps/{name}/assignment", tag = "apps",
+    params(("name" = Name, Path, description = "The app name")),
+    responses(
+        (status = 204, description = "The assignment is gone"),
+        (status = 400, description = "The app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such app, or it has no assignment", body = ErrorBody),
+    ))]
+async fn delete_assignment(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    ctx.run(&api, CommandKind::Unassign, StatusCode::NO_CONTENT, || {
+        Ok(Command::Unassign(name("app", &n)?))
+    })
+    .await
 }
 
 /// Deletes an app that is deployed nowhere.

@@ -404,6 +404,8 @@ mod tests {
                     spec: spec.clone(),
                     created_at_ms: 1,
                     updated_at_ms: 1,
+                    releases: Vec::new(),
+                    assignment: None,
                 }),
                 Write::Desired(DesiredRecord {
                     device: dev.clone(),
@@ -416,6 +418,7 @@ mod tests {
                             release: 0,
                         }],
                     },
+                    placement: Default::default(),
                 }),
             ])
             .expect("write");

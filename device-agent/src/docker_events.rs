@@ -21,8 +21,9 @@ use crate::backoff::Backoff;
 use crate::reconcile::ReconcileEvent;
 use crate::runtime::DockerRuntime;
 
-/// The container events that can mean drift.
-const ACTIONS: [&str; 4] = ["die", "stop", "destroy", "oom"];
+/// The container events that can mean drift, and health changes (a
+/// container may be waiting for a dependency to become healthy).
+const ACTIONS: [&str; 5] = ["die", "stop", "destroy", "oom", "health_status"];
 /// A stream that stayed up this long counts as healthy: backoff restarts.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// The daemon is local, so there is no herd to spread: a short cap brings

@@ -5,7 +5,7 @@
 //! tool) is not the agent's to delete. The ledger lives in
 //! `<state-dir>/images.json`, written by temp file and rename.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -31,11 +31,25 @@ pub enum LedgerError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PulledImage {
     pub pulled_at_ms: u64,
     /// When a desired app last referenced it (at least the pull time).
     pub last_used_ms: u64,
+    /// Apps whose previous release runs on this image and whose new one is
+    /// not running and healthy yet: kept, so a rollback needs no registry.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub held_for: BTreeSet<String>,
+}
+
+impl PulledImage {
+    pub fn new(at_ms: u64) -> Self {
+        PulledImage {
+            pulled_at_ms: at_ms,
+            last_used_ms: at_ms,
+            held_for: BTreeSet::new(),
+        }
+    }
 }
 
 /// Reference → record. `path: None` keeps it in memory only (unit tests).
@@ -111,9 +125,10 @@ pub fn write_snapshot(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
     })
 }
 
-/// Which pulled images to remove now: those no desired app references and
-/// no container (of any kind, in any state) uses, minus the `keep` most
-/// recently used, oldest first, at most `max`.
+/// Which pulled images to remove now: those no desired app references, no
+/// container (of any kind, in any state) uses and no app holds as its
+/// previous release's, minus the `keep` most recently used, oldest first,
+/// at most `max`.
 pub fn select_for_cleanup(
     pulled: &BTreeMap<String, PulledImage>,
     desired: &HashSet<String>,
@@ -123,7 +138,7 @@ pub fn select_for_cleanup(
 ) -> Vec<String> {
     let mut unused: Vec<(&String, u64)> = pulled
         .iter()
-        .filter(|(r, _)| !desired.contains(*r) && !in_use.contains(*r))
+        .filter(|(r, p)| !desired.contains(*r) && !in_use.contains(*r) && p.held_for.is_empty())
         .map(|(r, p)| (r, p.last_used_ms))
         .collect();
     // Most recently used first, ties by name so the choice is stable.
@@ -144,8 +159,8 @@ mod tests {
                 (
                     r.to_string(),
                     PulledImage {
-                        pulled_at_ms: 0,
                         last_used_ms: *t,
+                        ..PulledImage::new(0)
                     },
                 )
             })
@@ -161,6 +176,16 @@ mod tests {
         let p = pulled(&[("a:1", 1), ("b:1", 2), ("c:1", 3), ("d:1", 4)]);
         let got = select_for_cleanup(&p, &set(&["a:1"]), &set(&["c:1"]), 0, 10);
         assert_eq!(got, vec!["b:1", "d:1"]);
+    }
+
+    #[test]
+    fn an_image_held_for_a_rollback_is_never_selected() {
+        let mut p = pulled(&[("v1:1", 1), ("other:1", 2)]);
+        if let Some(v1) = p.get_mut("v1:1") {
+            v1.held_for.insert("web".into());
+        }
+        let none = HashSet::new();
+        assert_eq!(select_for_cleanup(&p, &none, &none, 0, 10), vec!["other:1"]);
     }
 
     #[test]
@@ -202,8 +227,9 @@ mod tests {
         l.images.insert(
             "x:1".into(),
             PulledImage {
-                pulled_at_ms: 5,
                 last_used_ms: 6,
+                held_for: BTreeSet::from(["web".to_string()]),
+                ..PulledImage::new(5)
             },
         );
         let (path, bytes) = l.snapshot().expect("has a path");

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{
-    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, ImageRef, RestartPolicy,
-    RunState,
+    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, Health, ImageRef,
+    NetworkMode, RestartPolicy, RunState,
 };
 use drover_shared::payload::{DeviceEvent, EventKind, Progress, RegistryCredential, Secrets};
 use drover_shared::{DeviceId, Name};
@@ -30,11 +30,15 @@ use crate::images::{self, ImageLedger, PulledImage};
 use crate::now_ms;
 use crate::pull::{self, PullErrorClass};
 use crate::runtime::{
-    container_name, labels_for, ManagedContainer, PullProgress, Runtime, RuntimeError,
+    container_name, labels_for, network_labels, network_name, ManagedContainer, ManagedNetwork,
+    PullProgress, Runtime, RuntimeError,
 };
 
 /// Pull progress is sent at most this often per pass (≤ 2/s).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often a pass looks again at a dependency being waited for, when no
+/// Docker event (a health status change, a start) brings it sooner.
+const DEPENDENCY_POLL: Duration = Duration::from_secs(1);
 /// Docker events come in bursts (kill, die, stop, destroy): one pass for a burst.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -80,11 +84,22 @@ pub enum Step {
         container: Name,
         id: String,
     },
+    /// Creates the app's own network, before its containers.
+    CreateNetwork {
+        app: Name,
+    },
+    /// Removes an app network nothing desired uses, after its containers.
+    RemoveNetwork {
+        app: Name,
+        id: String,
+    },
 }
 
 impl Step {
-    fn key(&self) -> (&Name, &Name) {
-        match self {
+    /// The app and container a container step acts on; `None` for the
+    /// network steps, which act on a whole app.
+    fn key(&self) -> Option<(&Name, &Name)> {
+        Some(match self {
             Step::Pull { app, container, .. }
             | Step::Start { app, container, .. }
             | Step::Stop { app, container, .. }
@@ -92,12 +107,33 @@ impl Step {
             | Step::Pause { app, container, .. }
             | Step::Unpause { app, container, .. } => (app, container),
             Step::Create { app, spec } => (app, &spec.name),
+            Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => return None,
+        })
+    }
+
+    fn app(&self) -> &Name {
+        match self {
+            Step::Pull { app, .. }
+            | Step::Create { app, .. }
+            | Step::Start { app, .. }
+            | Step::Stop { app, .. }
+            | Step::Remove { app, .. }
+            | Step::Pause { app, .. }
+            | Step::Unpause { app, .. }
+            | Step::CreateNetwork { app }
+            | Step::RemoveNetwork { app, .. } => app,
         }
     }
 
     /// What a successful step did, for the restore event.
     fn done_text(&self) -> String {
-        let (app, container) = self.key();
+        let app = self.app();
+        let Some((_, container)) = self.key() else {
+            return match self {
+                Step::CreateNetwork { .. } => format!("created the network of {app}"),
+                _ => format!("removed the network of {app}"),
+            };
+        };
         match self {
             Step::Pull { image, .. } => format!("pulled {image}"),
             Step::Create { .. } => format!("created {app}/{container}"),
@@ -106,6 +142,7 @@ impl Step {
             Step::Remove { .. } => format!("removed {app}/{container}"),
             Step::Pause { .. } => format!("paused {app}/{container}"),
             Step::Unpause { .. } => format!("unpaused {app}/{container}"),
+            Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => String::new(),
         }
     }
 
@@ -118,6 +155,8 @@ impl Step {
             Step::Remove { .. } => "removing",
             Step::Pause { .. } => "pausing",
             Step::Unpause { .. } => "unpausing",
+            Step::CreateNetwork { .. } => "creating network",
+            Step::RemoveNetwork { .. } => "removing network",
         }
     }
 }
@@ -177,11 +216,83 @@ impl LeftExited {
     }
 }
 
+/// How far a dependency is from letting its dependents start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyState {
+    /// Not running (Docker's state word, or `absent`).
+    NotRunning(String),
+    /// Running, its health check has not passed yet.
+    Starting,
+    /// Running, and Docker says its health check fails.
+    Unhealthy,
+}
+
+/// A container whose start waits for a dependency (`depends_on`) to be
+/// running, and healthy where it has a health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub app: Name,
+    pub container: Name,
+    pub dependency: Name,
+    pub state: DependencyState,
+    /// How long the wait may last before the app fails.
+    pub bound: Duration,
+}
+
+/// The shortest wait for a dependency.
+pub const DEPENDENCY_WAIT_MIN: Duration = Duration::from_secs(60);
+
+/// How long a dependent waits for `dep`: the time its health check may
+/// take to pass (start period, then one more than its retries of interval
+/// plus timeout, with Docker's defaults for what it leaves out) and at
+/// least [`DEPENDENCY_WAIT_MIN`]. A dependency with no check of its own but
+/// a health status (the image's HEALTHCHECK) gets Docker's defaults.
+pub fn dependency_wait(dep: &ContainerSpec, has_health: bool) -> Duration {
+    let ms = match &dep.healthcheck {
+        Some(h) if h.test.first().map(String::as_str) != Some("NONE") => {
+            let interval = h.interval_ms.unwrap_or(30_000);
+            let timeout = h.timeout_ms.unwrap_or(30_000);
+            let tries = u64::from(h.retries.unwrap_or(3)) + 1;
+            h.start_period_ms
+                .unwrap_or(0)
+                .saturating_add(tries.saturating_mul(interval.saturating_add(timeout)))
+        }
+        None if has_health => 4 * (30_000 + 30_000),
+        _ => 0,
+    };
+    Duration::from_millis(ms).max(DEPENDENCY_WAIT_MIN)
+}
+
+/// Whether a wait of `waited` so far has failed: at once for an unhealthy
+/// dependency (as Compose does), past its bound otherwise. The error names
+/// the container and the dependency.
+pub fn judge_wait(b: &Blocked, waited: Duration) -> Option<String> {
+    let what = match &b.state {
+        DependencyState::Unhealthy => {
+            return Some(format!(
+                "container {} not started: its dependency {} is unhealthy",
+                b.container, b.dependency
+            ))
+        }
+        _ if waited < b.bound => return None,
+        DependencyState::NotRunning(state) => format!("not running ({state})"),
+        DependencyState::Starting => "not healthy (health: starting)".to_string(),
+    };
+    Some(format!(
+        "container {} not started: its dependency {} is still {what} after {} s",
+        b.container,
+        b.dependency,
+        b.bound.as_secs()
+    ))
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
     pub steps: Vec<Step>,
     pub repairs: Vec<Repair>,
     pub left_exited: Vec<LeftExited>,
+    /// Containers whose start waits for a dependency; not started this pass.
+    pub blocked: Vec<Blocked>,
 }
 
 /// Whether a container that exited with `exit_code` should run again, by
@@ -196,8 +307,12 @@ pub fn restarts_after_exit(policy: RestartPolicy, exit_code: Option<i64>) -> boo
 }
 
 /// [`plan_with`] for a fresh agent that has settled nothing.
-pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
-    plan_with(desired, actual, &Settled::new()).steps
+pub fn plan(
+    desired: &DesiredState,
+    actual: &[ManagedContainer],
+    networks: &[ManagedNetwork],
+) -> Vec<Step> {
+    plan_with(desired, actual, networks, &Settled::new()).steps
 }
 
 /// The steps that take `actual` to `desired`; empty when converged.
@@ -212,8 +327,47 @@ pub fn plan(desired: &DesiredState, actual: &[ManagedContainer]) -> Vec<Step> {
 /// operator asked for it to run) or when its restart policy says so, and is
 /// otherwise left exited and listed in `left_exited`. A container Docker is
 /// restarting, or that is paused or being removed, is not drift.
-pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &Settled) -> Plan {
+///
+/// Networks: an app with a bridge-mode container has a network of its own
+/// (`networks` are this device's, by app label), created before its
+/// containers; a bridge-mode container not attached to it is replaced
+/// (this also moves containers made before app networks existed). A
+/// network no desired app needs is removed after the containers.
+///
+/// Start order: containers are created and started in the app's
+/// `start_order()`; a container of a running app whose dependency is not
+/// running, or not healthy where it has a health check, is created but not
+/// started and listed in `blocked`; a later pass starts it.
+pub fn plan_with(
+    desired: &DesiredState,
+    actual: &[ManagedContainer],
+    networks: &[ManagedNetwork],
+    settled: &Settled,
+) -> Plan {
     let mut pulls = Vec::new();
+    let mut net_creates = Vec::new();
+    let mut net_removes = Vec::new();
+    let mut blocked = Vec::new();
+    // One network per app: the first by id; any other is a duplicate.
+    let mut app_net: BTreeMap<&Name, &ManagedNetwork> = BTreeMap::new();
+    for n in networks {
+        app_net.entry(&n.app).or_insert(n);
+    }
+    let wants_net = |app: &drover_shared::model::DesiredApp| {
+        app.spec
+            .containers
+            .iter()
+            .any(|c| c.network_mode == NetworkMode::Bridge)
+    };
+    for n in networks {
+        let wanted = desired.app(&n.app).is_some_and(wants_net);
+        if !wanted || app_net.get(&n.app).is_some_and(|k| k.id != n.id) {
+            net_removes.push(Step::RemoveNetwork {
+                app: n.app.clone(),
+                id: n.id.clone(),
+            });
+        }
+    }
     let mut teardown = Vec::new();
     let mut creates = Vec::new();
     let mut starts = Vec::new();
@@ -247,8 +401,24 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
 
     for app in &desired.apps {
         let app_name = &app.spec.name;
-        for spec in &app.spec.containers {
+        let net = app_net.get(app_name).copied();
+        if net.is_none() && wants_net(app) {
+            net_creates.push(Step::CreateNetwork {
+                app: app_name.clone(),
+            });
+        }
+        // Each container's readiness as a dependency, in start order.
+        let mut ready: HashMap<&Name, (DependencyState, bool)> = HashMap::new();
+        let order = app.spec.start_order();
+        for spec in order
+            .iter()
+            .filter_map(|n| app.spec.containers.iter().find(|c| &c.name == n))
+        {
             let hash = spec.fingerprint();
+            let on_net = |c: &ManagedContainer| {
+                spec.network_mode != NetworkMode::Bridge
+                    || net.is_some_and(|n| c.networks.contains(&n.id))
+            };
             let is_settled = settled
                 .get(&(app_name.clone(), spec.name.clone()))
                 .is_some_and(|(h, run, started)| {
@@ -261,9 +431,36 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
             // Keep one container with the current spec, preferring a running one.
             let keep = candidates
                 .iter()
-                .filter(|c| c.spec_hash == hash)
+                .filter(|c| c.spec_hash == hash && on_net(c))
                 .max_by_key(|c| c.is_running())
                 .copied();
+            // What dependents see: ready only if it runs now and stays.
+            let state = match keep {
+                Some(k) if k.state == "running" => match k.health {
+                    None | Some(Health::Healthy) => None,
+                    Some(Health::Starting) => Some(DependencyState::Starting),
+                    Some(Health::Unhealthy) => Some(DependencyState::Unhealthy),
+                },
+                Some(k) => Some(DependencyState::NotRunning(k.state.clone())),
+                None => Some(DependencyState::NotRunning("absent".to_string())),
+            };
+            if let Some(state) = state {
+                let has_health = keep.is_some_and(|k| k.health.is_some());
+                ready.insert(&spec.name, (state, has_health));
+            }
+            // The first dependency that holds this container's start back.
+            let waits_for = spec.depends_on.iter().find_map(|d| {
+                let (state, has_health) = ready.get(d)?;
+                let dep = app.spec.containers.iter().find(|c| &c.name == d)?;
+                Some(Blocked {
+                    app: app_name.clone(),
+                    container: spec.name.clone(),
+                    dependency: d.clone(),
+                    state: state.clone(),
+                    bound: dependency_wait(dep, *has_health),
+                })
+            });
+            let waits_for = waits_for.filter(|_| app.run == RunState::Running);
             for c in &candidates {
                 if keep.is_none_or(|k| k.id != c.id) {
                     retire(c, &mut teardown);
@@ -286,7 +483,9 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                         app: app_name.clone(),
                         spec: spec.clone(),
                     });
-                    if run != RunState::Stopped {
+                    if let Some(b) = waits_for {
+                        blocked.push(b);
+                    } else if run != RunState::Stopped {
                         starts.push(Step::Start {
                             app: app_name.clone(),
                             container: spec.name.clone(),
@@ -322,6 +521,7 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
                             id: k.id.clone(),
                         }),
                         "paused" => {}
+                        _ if waits_for.is_some() => blocked.extend(waits_for),
                         // Never started: start it whatever the policy says.
                         "created" => starts.push(start),
                         _ if !is_settled => starts.push(start),
@@ -389,12 +589,15 @@ pub fn plan_with(desired: &DesiredState, actual: &[ManagedContainer], settled: &
         steps: pulls
             .into_iter()
             .chain(teardown)
+            .chain(net_creates)
             .chain(creates)
             .chain(starts)
             .chain(pauses)
+            .chain(net_removes)
             .collect(),
         repairs,
         left_exited,
+        blocked,
     }
 }
 
@@ -670,6 +873,8 @@ struct Memory {
     restore_refused: bool,
     /// Pulled images the desired state referenced at the last converged pass.
     referenced: BTreeSet<String>,
+    /// Containers waiting for a dependency: since when, in which generation.
+    waits: HashMap<(Name, Name), (u64, Instant)>,
 }
 
 /// Executes plans against a runtime, one pass at a time.
@@ -798,6 +1003,7 @@ impl<R: Runtime> Reconciler<R> {
                 match result {
                     Ok(Some(report)) => {
                         retry_at = report.retry_at;
+                        let apps = report.apps.clone();
                         let converged = report.failures.is_empty() && report.retry_at.is_none();
                         let ev = match report.retry_at {
                             Some(_) => ReconcileEvent::Interim {
@@ -810,7 +1016,7 @@ impl<R: Runtime> Reconciler<R> {
                             return;
                         }
                         if converged {
-                            self.cleanup_images(&state).await;
+                            self.cleanup_images(&state, &apps).await;
                         }
                     }
                     Ok(None) => debug!(
@@ -884,14 +1090,19 @@ impl<R: Runtime> Reconciler<R> {
         if self.refuse_stale_restore(generation, &actual).await {
             return Ok(None);
         }
+        let networks = self.runtime.list_networks().await?;
         let settled = self.mem().settled.clone();
         let Plan {
             steps,
             repairs,
             left_exited,
-        } = plan_with(desired, &actual, &settled);
+            blocked,
+        } = plan_with(desired, &actual, &networks, &settled);
         self.report_exits(&left_exited).await;
-        if steps.is_empty() {
+        if blocked.is_empty() {
+            self.mem().waits.clear();
+        }
+        if steps.is_empty() && blocked.is_empty() {
             let mut apps = observe(desired, &actual, &BTreeMap::new(), &HashSet::new());
             mark_left_exited(&mut apps, &left_exited);
             self.settle(desired, &HashSet::new());
@@ -940,15 +1151,48 @@ impl<R: Runtime> Reconciler<R> {
             });
         }
 
+        self.hold_previous_images(&steps, &actual, desired).await;
         let mut errors: BTreeMap<Name, String> = BTreeMap::new();
         let mut failed: HashSet<(Name, Name)> = HashSet::new();
         let mut created: BTreeMap<(Name, Name), String> = BTreeMap::new();
+        // App → its network's id, for the containers created this pass.
+        let mut nets: BTreeMap<Name, String> = BTreeMap::new();
+        for n in &networks {
+            nets.entry(n.app.clone()).or_insert_with(|| n.id.clone());
+        }
         retrying.clear();
         for step in steps {
             if newer.has_changed().unwrap_or(false) {
                 return Ok(None);
             }
-            let (app, container) = step.key();
+            let Some((app, container)) = step.key() else {
+                // A network step: it fails its app, and an app without its
+                // network creates none of its containers.
+                let app = step.app().clone();
+                if errors.contains_key(&app) {
+                    continue;
+                }
+                match self.execute_network(&step, &mut nets).await {
+                    Ok(()) => {
+                        let mut m = self.mem();
+                        if m.restoring == Some(generation) {
+                            m.restore_actions.push(step.done_text());
+                        }
+                    }
+                    Err(e) if e.is_unreachable() => return Err(e),
+                    Err(e) => {
+                        let text = format!("{} failed: {e}", step.word());
+                        warn!(%app, error = %text, "network step failed");
+                        if let (Step::CreateNetwork { .. }, Some(a)) = (&step, desired.app(&app)) {
+                            for c in &a.spec.containers {
+                                failed.insert((app.clone(), c.name.clone()));
+                            }
+                        }
+                        errors.entry(app).or_insert(text);
+                    }
+                }
+                continue;
+            };
             let key = (app.clone(), container.clone());
             if failed.contains(&key) {
                 continue;
@@ -977,7 +1221,7 @@ impl<R: Runtime> Reconciler<R> {
                 },
             );
             let result = self
-                .execute(generation, &step, &pulling, &mut created)
+                .execute(generation, &step, &pulling, &mut created, &nets)
                 .await;
             if result.is_ok() {
                 let did = !matches!(step, Step::Pull { .. }) || pulling.contains(app);
@@ -1009,6 +1253,9 @@ impl<R: Runtime> Reconciler<R> {
                 }
             }
         }
+        let wait_at = self.judge_waits(generation, &blocked, &mut errors);
+        // A container still waiting is not brought about yet.
+        failed.extend(blocked.iter().map(|b| (b.app.clone(), b.container.clone())));
         let actual = self.runtime.list_managed().await?;
         let mut apps = observe(desired, &actual, &errors, &HashSet::new());
         mark_left_exited(&mut apps, &left_exited);
@@ -1018,7 +1265,7 @@ impl<R: Runtime> Reconciler<R> {
             .iter()
             .filter(|r| !failed.contains(&(r.app.clone(), r.container.clone())))
             .collect();
-        if let Some(at) = retrying.values().map(|r| r.next_at).min() {
+        if let Some(at) = retrying.values().map(|r| r.next_at).chain(wait_at).min() {
             self.publish_repairs(&done).await;
             return Ok(Some(PassReport {
                 generation,
@@ -1212,8 +1459,11 @@ impl<R: Runtime> Reconciler<R> {
         step: &Step,
         pulling: &HashSet<Name>,
         created: &mut BTreeMap<(Name, Name), String>,
+        nets: &BTreeMap<Name, String>,
     ) -> Result<(), RuntimeError> {
         match step {
+            // Run by `execute_network`.
+            Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => Ok(()),
             Step::Pull {
                 app,
                 container,
@@ -1227,13 +1477,20 @@ impl<R: Runtime> Reconciler<R> {
             Step::Create { app, spec } => {
                 let name = container_name(&self.device, app, &spec.name);
                 let labels = labels_for(&self.device, app, spec, generation);
-                let id = match self.runtime.create(&name, spec, labels.clone()).await {
+                // By id where known: names of networks need not be unique
+                // on older daemons.
+                let net = nets
+                    .get(app)
+                    .cloned()
+                    .unwrap_or_else(|| network_name(&self.device, app));
+                let net = Some(net.as_str());
+                let id = match self.runtime.create(&name, spec, labels.clone(), net).await {
                     // The image went away since the pass looked (another
                     // agent's cleanup, a person's `docker rmi`): pull again.
                     Err(RuntimeError::Docker(m)) if m.to_lowercase().contains("no such image") => {
                         info!(image = ?spec.image, "image vanished before create; pulling again");
                         self.pull(generation, &spec.name, &spec.image).await?;
-                        self.runtime.create(&name, spec, labels).await?
+                        self.runtime.create(&name, spec, labels, net).await?
                     }
                     r => r?,
                 };
@@ -1281,6 +1538,68 @@ impl<R: Runtime> Reconciler<R> {
                 Ok(())
             }
         }
+    }
+
+    /// Creates or removes an app network; a created one's id goes in `nets`.
+    async fn execute_network(
+        &self,
+        step: &Step,
+        nets: &mut BTreeMap<Name, String>,
+    ) -> Result<(), RuntimeError> {
+        match step {
+            Step::CreateNetwork { app } => {
+                let name = network_name(&self.device, app);
+                let id = self
+                    .runtime
+                    .create_network(&name, network_labels(&self.device, app))
+                    .await?;
+                info!(%app, network = %name, "created network");
+                nets.insert(app.clone(), id);
+            }
+            Step::RemoveNetwork { app, id } => {
+                self.runtime.remove_network(id).await?;
+                info!(%app, network = %id, "removed network");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Times the waits for dependencies: each blocked container's wait
+    /// starts at the first pass of this generation that found it blocked.
+    /// A wait that failed ([`judge_wait`]) is its app's error; the others
+    /// ask for a pass again soon (a Docker event may bring it sooner).
+    fn judge_waits(
+        &self,
+        generation: u64,
+        blocked: &[Blocked],
+        errors: &mut BTreeMap<Name, String>,
+    ) -> Option<Instant> {
+        let now = Instant::now();
+        let mut m = self.mem();
+        m.waits.retain(|k, (g, _)| {
+            *g == generation && blocked.iter().any(|b| b.app == k.0 && b.container == k.1)
+        });
+        let mut next: Option<Instant> = None;
+        for b in blocked {
+            let (_, since) = *m
+                .waits
+                .entry((b.app.clone(), b.container.clone()))
+                .or_insert((generation, now));
+            match judge_wait(b, now.saturating_duration_since(since)) {
+                Some(error) => {
+                    if !errors.contains_key(&b.app) {
+                        warn!(app = %b.app, container = %b.container, "{error}");
+                        errors.insert(b.app.clone(), error);
+                    }
+                }
+                None => {
+                    let at = (now + DEPENDENCY_POLL).min(since + b.bound);
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        next
     }
 
     /// Pulls one image unless present, after checking free disk, and
@@ -1342,11 +1661,17 @@ impl<R: Runtime> Reconciler<R> {
         let now = now_ms();
         let snapshot = {
             let mut ledger = self.ledger.lock().await;
+            // A re-pull keeps the image's holds.
+            let held_for = ledger
+                .images
+                .remove(image)
+                .map(|p| p.held_for)
+                .unwrap_or_default();
             ledger.images.insert(
                 image.to_string(),
                 PulledImage {
-                    pulled_at_ms: now,
-                    last_used_ms: now,
+                    held_for,
+                    ..PulledImage::new(now)
                 },
             );
             ledger.snapshot()
@@ -1356,10 +1681,48 @@ impl<R: Runtime> Reconciler<R> {
         Ok(())
     }
 
-    /// After a converged pass: removes images this agent pulled that no
-    /// desired app references and no container uses, within the limits.
-    /// Failures are logged and skipped; cleanup never fails a pass.
-    pub async fn cleanup_images(&self, desired: &DesiredState) {
+    /// Holds the images of containers this pass replaces in apps that stay
+    /// (their previous release), before anything is removed: see
+    /// [`PulledImage::held_for`]. Only images this agent pulled are tracked.
+    async fn hold_previous_images(
+        &self,
+        steps: &[Step],
+        actual: &[ManagedContainer],
+        desired: &DesiredState,
+    ) {
+        let held: Vec<(&Name, &str)> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Remove { app, id, .. } if desired.app(app).is_some() => actual
+                    .iter()
+                    .find(|c| &c.id == id)
+                    .map(|c| (app, c.image.as_str())),
+                _ => None,
+            })
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let mut ledger = self.ledger.lock().await;
+        let mut dirty = false;
+        for (app, image) in held {
+            if let Some(p) = ledger.images.get_mut(image) {
+                dirty |= p.held_for.insert(app.to_string());
+            }
+        }
+        if dirty {
+            let snapshot = ledger.snapshot();
+            drop(ledger);
+            save_ledger(snapshot).await;
+        }
+    }
+
+    /// After a converged pass: releases the holds of apps that are gone or
+    /// whose current release runs, healthy where it has a health check;
+    /// then removes images this agent pulled that no desired app references,
+    /// no container uses and no app holds, within the limits. Failures are
+    /// logged and skipped; cleanup never fails a pass.
+    pub async fn cleanup_images(&self, desired: &DesiredState, apps: &[AppStatus]) {
         let wanted: HashSet<String> = desired
             .apps
             .iter()
@@ -1367,6 +1730,24 @@ impl<R: Runtime> Reconciler<R> {
             .collect();
         let mut ledger = self.ledger.lock().await;
         let mut dirty = false;
+        let settled_app = |app: &str| {
+            desired.apps.iter().all(|a| a.spec.name.as_str() != app)
+                || apps.iter().any(|s| {
+                    s.name.as_str() == app
+                        && s.phase == AppPhase::Running
+                        && s.containers
+                            .iter()
+                            .all(|c| matches!(c.health, None | Some(Health::Healthy)))
+                })
+        };
+        for (r, p) in ledger.images.iter_mut() {
+            let before = p.held_for.len();
+            p.held_for.retain(|app| !settled_app(app));
+            if p.held_for.len() != before {
+                debug!(image = ?r, "previous release's image no longer held");
+                dirty = true;
+            }
+        }
         // Last use: refreshed whenever the set of referenced pulled images
         // changes, which also stamps images at the moment they fall out of use.
         let referenced: BTreeSet<String> = ledger

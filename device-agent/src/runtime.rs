@@ -10,18 +10,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, HealthConfig, HealthStatusEnum,
-    HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, EndpointSettings, HealthConfig,
+    HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    ListImagesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
-    StopContainerOptionsBuilder,
+    ListImagesOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use drover_shared::model::{
-    ContainerSpec, Health, HealthCheck, ImageRef, Protocol, LABEL_APP, LABEL_CONTAINER,
-    LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED, LABEL_SPEC_HASH,
+    ContainerSpec, Health, HealthCheck, ImageRef, NetworkMode, Protocol, LABEL_APP,
+    LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED, LABEL_SPEC_HASH,
 };
 use drover_shared::payload::RegistryCredential;
 use drover_shared::{DeviceId, Name};
@@ -107,6 +108,8 @@ pub struct ManagedContainer {
     pub health: Option<Health>,
     /// Docker's RestartCount: restarts by its restart policy.
     pub restarts: u32,
+    /// Ids of the Docker networks the container is attached to.
+    pub networks: Vec<String>,
 }
 
 impl ManagedContainer {
@@ -141,6 +144,7 @@ impl ManagedContainer {
             exit_code,
             health: None,
             restarts: 0,
+            networks: Vec::new(),
         })
     }
 
@@ -152,6 +156,50 @@ impl ManagedContainer {
 /// Docker's container name for one container of one app on one device.
 pub fn container_name(device: &DeviceId, app: &Name, container: &Name) -> String {
     format!("drover-{device}-{app}-{container}")
+}
+
+/// Docker's name for the network of one app on one device: the app's
+/// bridge-mode containers share it and find each other by name on it.
+pub fn network_name(device: &DeviceId, app: &Name) -> String {
+    format!("drover-{device}-{app}")
+}
+
+/// The labels of an app's network: ours, this device's, this app's.
+pub fn network_labels(device: &DeviceId, app: &Name) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (LABEL_DEVICE.to_string(), device.to_string()),
+        (LABEL_APP.to_string(), app.to_string()),
+    ])
+}
+
+/// An app network this agent created, as read back from its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedNetwork {
+    pub id: String,
+    pub name: String,
+    pub app: Name,
+}
+
+impl ManagedNetwork {
+    /// `None` unless managed and this device's, as for containers.
+    pub fn from_labels(
+        own: &DeviceId,
+        id: &str,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Option<ManagedNetwork> {
+        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
+            || labels.get(LABEL_DEVICE).map(String::as_str) != Some(own.as_str())
+        {
+            return None;
+        }
+        Some(ManagedNetwork {
+            id: id.to_string(),
+            name: name.to_string(),
+            app: Name::new(labels.get(LABEL_APP)?.as_str()).ok()?,
+        })
+    }
 }
 
 /// The labels that make a container ours and let a later pass compare it
@@ -197,13 +245,28 @@ pub trait Runtime: Send + Sync + 'static {
         auth: Option<&RegistryCredential>,
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Creates the container and returns its id.
+    /// Creates the container and returns its id. `network`: the app
+    /// network (name or id) a bridge-mode container joins instead of
+    /// Docker's default bridge, with its spec name as alias.
     fn create(
         &self,
         name: &str,
         spec: &ContainerSpec,
         labels: HashMap<String, String>,
+        network: Option<&str>,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// This device's app networks.
+    fn list_networks(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ManagedNetwork>, RuntimeError>> + Send;
+    /// Creates a bridge network and returns its id.
+    fn create_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Removes a network; already gone is success.
+    fn remove_network(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
@@ -366,7 +429,11 @@ fn exit_code_from_status(status: &str) -> Option<i64> {
 fn create_body(
     spec: &ContainerSpec,
     labels: HashMap<String, String>,
+    network: Option<&str>,
 ) -> Result<ContainerCreateBody, RuntimeError> {
+    // Only a bridge-mode container joins the app network; host and none
+    // keep Docker's meaning.
+    let network = network.filter(|_| spec.network_mode == NetworkMode::Bridge);
     let mut exposed = Vec::new();
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     for p in &spec.ports {
@@ -443,13 +510,24 @@ fn create_body(
                 .map(|mb| i64::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
             privileged: Some(spec.privileged),
-            network_mode: Some(spec.network_mode.docker_name().to_string()),
+            network_mode: Some(
+                network.map_or_else(|| spec.network_mode.docker_name().to_string(), String::from),
+            ),
             cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
             devices: (!devices.is_empty()).then_some(devices),
             // A privileged container has every capability anyway; for all
             // others, setuid binaries cannot gain more than the process has.
             security_opt: (!spec.privileged).then(|| vec![NO_NEW_PRIVILEGES.to_string()]),
             ..Default::default()
+        }),
+        networking_config: network.map(|n| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                n.to_string(),
+                EndpointSettings {
+                    aliases: Some(vec![spec.name.to_string()]),
+                    ..Default::default()
+                },
+            )])),
         }),
         ..Default::default()
     })
@@ -487,6 +565,13 @@ impl Runtime for DockerRuntime {
                     exit,
                 )?;
                 m.health = c.status.as_deref().and_then(health_from_status);
+                m.networks = c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_values()
+                    .filter_map(|e| e.network_id.filter(|id| !id.is_empty()))
+                    .collect();
                 Some(m)
             })
             .collect();
@@ -587,16 +672,70 @@ impl Runtime for DockerRuntime {
         name: &str,
         spec: &ContainerSpec,
         labels: HashMap<String, String>,
+        network: Option<&str>,
     ) -> Result<String, RuntimeError> {
         let d = self.client().await?;
         let opts = CreateContainerOptionsBuilder::new().name(name).build();
         let r = self
             .check(
-                d.create_container(Some(opts), create_body(spec, labels)?)
+                d.create_container(Some(opts), create_body(spec, labels, network)?)
                     .await,
             )
             .await?;
         Ok(r.id)
+    }
+
+    async fn list_networks(&self) -> Result<Vec<ManagedNetwork>, RuntimeError> {
+        let d = self.client().await?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_DEVICE}={}", self.device),
+            ],
+        )]);
+        let opts = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let list = self.check(d.list_networks(Some(opts)).await).await?;
+        let mut out: Vec<ManagedNetwork> = list
+            .into_iter()
+            .filter_map(|n| {
+                ManagedNetwork::from_labels(
+                    &self.device,
+                    n.id.as_deref()?,
+                    n.name.as_deref()?,
+                    &n.labels.unwrap_or_default(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn create_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<String, RuntimeError> {
+        let d = self.client().await?;
+        let req = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".to_string()),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        let r = self.check(d.create_network(req).await).await?;
+        Ok(r.id)
+    }
+
+    async fn remove_network(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        match d.remove_network(id).await {
+            // 404: already gone.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            r => self.check(r).await,
+        }
     }
 
     async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
@@ -749,12 +888,40 @@ mod tests {
 
     #[test]
     fn a_default_spec_is_created_unprivileged() {
-        let body = create_body(&plain("x:1"), HashMap::new()).expect("body");
+        let body = create_body(&plain("x:1"), HashMap::new(), None).expect("body");
         let hc = body.host_config.expect("host config");
         assert_eq!(hc.privileged, Some(false));
         assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
         assert_eq!(hc.security_opt, Some(vec![NO_NEW_PRIVILEGES.to_string()]));
         assert_eq!((hc.binds, hc.cap_add, hc.devices), (None, None, None));
+    }
+
+    #[test]
+    fn a_bridge_container_joins_the_app_network_under_its_name() {
+        let body = create_body(&plain("x:1"), HashMap::new(), Some("drover-d-web")).expect("body");
+        assert_eq!(
+            body.host_config.and_then(|h| h.network_mode).as_deref(),
+            Some("drover-d-web")
+        );
+        let endpoints = body
+            .networking_config
+            .and_then(|n| n.endpoints_config)
+            .expect("endpoints");
+        assert_eq!(
+            endpoints
+                .get("drover-d-web")
+                .and_then(|e| e.aliases.clone()),
+            Some(vec!["main".to_string()])
+        );
+        // Host and none keep their meaning: no app network.
+        let mut host = plain("x:1");
+        host.network_mode = drover_shared::model::NetworkMode::Host;
+        let body = create_body(&host, HashMap::new(), Some("drover-d-web")).expect("body");
+        assert_eq!(
+            body.host_config.and_then(|h| h.network_mode).as_deref(),
+            Some("host")
+        );
+        assert_eq!(body.networking_config, None);
     }
 
     #[test]
@@ -779,7 +946,7 @@ mod tests {
             target: "/data".into(),
             read_only: true,
         }];
-        let hc = create_body(&spec, HashMap::new())
+        let hc = create_body(&spec, HashMap::new(), None)
             .expect("body")
             .host_config
             .expect("host config");
@@ -813,7 +980,7 @@ mod tests {
             target: "/host-etc".into(),
             read_only: false,
         }];
-        let e = create_body(&spec, HashMap::new()).expect_err("refused");
+        let e = create_body(&spec, HashMap::new(), None).expect_err("refused");
         assert!(e.to_string().contains("host_mounts"), "{e}");
     }
 

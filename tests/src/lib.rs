@@ -1335,9 +1335,34 @@ pub async fn wait_all_ops_final(api: &Api, device: &str, timeout: Duration) -> V
     }
 }
 
-/// Removes every container labelled for `device` (cleanup for tests whose
-/// agent is gone or never existed as an [`Agent`]).
+/// Removes every container labelled for `device`, then its app networks
+/// (cleanup for tests whose agent is gone or never existed as an [`Agent`]).
 pub fn remove_device_containers(device: &str) {
+    remove_device_containers_only(device);
+    let out = std::process::Command::new("docker")
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=io.drover.device={device}"),
+        ])
+        .output();
+    if let Ok(out) = out {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
+fn remove_device_containers_only(device: &str) {
     let out = std::process::Command::new("docker")
         .args([
             "ps",

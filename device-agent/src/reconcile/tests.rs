@@ -8,8 +8,31 @@ use drover_shared::model::{AppSpec, DesiredApp, Health};
 use drover_shared::payload::{DeviceEvent, EventKind};
 
 use crate::backoff::Backoff;
+use crate::runtime::ManagedNetwork;
 
 use super::*;
+
+/// Every desired app's network, as [`actual`] attaches containers to them.
+fn nets_for(d: &DesiredState) -> Vec<ManagedNetwork> {
+    d.apps
+        .iter()
+        .map(|a| ManagedNetwork {
+            id: format!("net-{}", a.spec.name),
+            name: format!("drover-dev1-{}", a.spec.name),
+            app: a.spec.name.clone(),
+        })
+        .collect()
+}
+
+/// [`super::plan`] with every app's network in place.
+fn plan(d: &DesiredState, a: &[ManagedContainer]) -> Vec<Step> {
+    super::plan(d, a, &nets_for(d))
+}
+
+/// [`super::plan_with`] with every app's network in place.
+fn plan_with(d: &DesiredState, a: &[ManagedContainer], settled: &Settled) -> Plan {
+    super::plan_with(d, a, &nets_for(d), settled)
+}
 
 fn name(s: &str) -> Name {
     Name::new(s).expect("valid name")
@@ -65,6 +88,7 @@ fn actual(id: &str, app: &str, s: &ContainerSpec, state: &str) -> ManagedContain
         exit_code: None,
         health: None,
         restarts: 0,
+        networks: vec![format!("net-{app}")],
     }
 }
 
@@ -346,6 +370,13 @@ struct FakeRuntime {
     /// References Docker refuses to even inspect, as it does a reference
     /// its own parser rejects.
     malformed: Vec<String>,
+    networks: Mutex<Vec<ManagedNetwork>>,
+    /// Container id → the ids of the networks it is attached to.
+    attached: Mutex<HashMap<String, Vec<String>>>,
+    /// Container id → its health status.
+    health: Mutex<HashMap<String, Health>>,
+    /// Container id → the image it was created from.
+    image_of: Mutex<HashMap<String, String>>,
 }
 
 impl FakeRuntime {
@@ -380,7 +411,18 @@ impl Runtime for FakeRuntime {
             .iter()
             .filter_map(|(id, labels, state)| {
                 let code = self.exit_codes.lock().expect("lock").get(id).copied();
-                ManagedContainer::from_labels(&me, id, labels, "img", state, code)
+                let image = self.image_of.lock().expect("lock").get(id).cloned();
+                let image = image.as_deref().unwrap_or("img");
+                let mut m = ManagedContainer::from_labels(&me, id, labels, image, state, code)?;
+                m.networks = self
+                    .attached
+                    .lock()
+                    .expect("lock")
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_default();
+                m.health = self.health.lock().expect("lock").get(id).copied();
+                Some(m)
             })
             .collect())
     }
@@ -434,11 +476,30 @@ impl Runtime for FakeRuntime {
     async fn create(
         &self,
         name: &str,
-        _spec: &ContainerSpec,
+        spec: &ContainerSpec,
         labels: HashMap<String, String>,
+        network: Option<&str>,
     ) -> Result<String, RuntimeError> {
         self.log(format!("create {name}"));
         let id = format!("id-{name}");
+        self.image_of
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), spec.image.clone());
+        if let (Some(net), NetworkMode::Bridge) = (network, spec.network_mode) {
+            let found = self
+                .networks
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|n| n.id == net || n.name == net)
+                .map(|n| n.id.clone())
+                .ok_or_else(|| RuntimeError::Docker(format!("network {net} not found")))?;
+            self.attached
+                .lock()
+                .expect("lock")
+                .insert(id.clone(), vec![found]);
+        }
         self.containers
             .lock()
             .expect("lock")
@@ -464,6 +525,36 @@ impl Runtime for FakeRuntime {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.log(format!("remove {id}"));
         self.containers.lock().expect("lock").retain(|c| c.0 != id);
+        self.attached.lock().expect("lock").remove(id);
+        Ok(())
+    }
+    async fn list_networks(&self) -> Result<Vec<ManagedNetwork>, RuntimeError> {
+        Ok(self.networks.lock().expect("lock").clone())
+    }
+    async fn create_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<String, RuntimeError> {
+        let me = self.device.clone().expect("device");
+        let id = format!("netid-{name}");
+        let n = ManagedNetwork::from_labels(&me, &id, name, &labels).expect("managed labels");
+        self.networks.lock().expect("lock").push(n);
+        Ok(id)
+    }
+    async fn remove_network(&self, id: &str) -> Result<(), RuntimeError> {
+        if self
+            .attached
+            .lock()
+            .expect("lock")
+            .values()
+            .any(|n| n.iter().any(|n| n == id))
+        {
+            return Err(RuntimeError::Docker(format!(
+                "error while removing network: network {id} has active endpoints"
+            )));
+        }
+        self.networks.lock().expect("lock").retain(|n| n.id != id);
         Ok(())
     }
     async fn free_disk(&self) -> Result<Option<crate::runtime::DiskSpace>, RuntimeError> {
@@ -999,6 +1090,15 @@ async fn a_stored_state_older_than_what_runs_is_not_restored() {
         crate::runtime::labels_for(&dev, &name("new"), &newer_spec, 9),
         "running".into(),
     ));
+    // On its app's network, as generation 9 made it.
+    let labels = crate::runtime::network_labels(&dev, &name("new"));
+    rt.create_network("drover-dev1-new", labels)
+        .await
+        .expect("network");
+    rt.attached
+        .lock()
+        .expect("lock")
+        .insert("id-new".into(), vec!["netid-drover-dev1-new".into()]);
     let (r, mut events) = reconciler(Arc::clone(&rt));
     let stored = desired(
         7,
@@ -1239,8 +1339,8 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
             app("side", RunState::Running, vec![spec("main", "reg/side:1")]),
         ],
     );
-    r.pass(&v1, &newer).await.expect("runs");
-    r.cleanup_images(&v1).await;
+    let report = r.pass(&v1, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v1, &report.apps).await;
     assert!(
         !rt.log
             .lock()
@@ -1263,8 +1363,8 @@ async fn unused_pulled_images_are_cleaned_up_after_convergence() {
             vec![spec("main", "reg/web:2")],
         )],
     );
-    r.pass(&v2, &newer).await.expect("runs");
-    r.cleanup_images(&v2).await;
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
     let rmi: Vec<String> = rt
         .log
         .lock()
@@ -1633,4 +1733,366 @@ fn the_release_reported_is_that_of_the_containers_found() {
         &none,
     );
     assert_eq!(new[0].release, 5);
+}
+
+// ----- app networks and start order ------------------------------------------
+
+fn bridge_net(app_: &str, id: &str) -> ManagedNetwork {
+    ManagedNetwork {
+        id: id.into(),
+        name: format!("drover-dev1-{app_}"),
+        app: name(app_),
+    }
+}
+
+#[test]
+fn an_app_network_is_created_before_the_containers_and_removed_after_them() {
+    let main = spec("main", "reg/web:1");
+    let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let steps = super::plan(&d, &[], &[]);
+    let net = steps
+        .iter()
+        .position(|s| matches!(s, Step::CreateNetwork { app } if app == &name("web")))
+        .expect("the network is created");
+    let create = steps
+        .iter()
+        .position(|s| matches!(s, Step::Create { .. }))
+        .expect("create");
+    assert!(net < create, "{steps:?}");
+
+    // The app goes: its containers first, then its network.
+    let gone = desired(2, vec![]);
+    let steps = super::plan(
+        &gone,
+        &[actual("c1", "web", &main, "running")],
+        &[bridge_net("web", "net-web")],
+    );
+    assert_eq!(
+        steps.last(),
+        Some(&Step::RemoveNetwork {
+            app: name("web"),
+            id: "net-web".into()
+        })
+    );
+    assert!(matches!(steps[steps.len() - 2], Step::Remove { .. }));
+
+    // Host and none networking need no app network; a left-over one goes.
+    let mut host = spec("main", "reg/web:1");
+    host.network_mode = NetworkMode::Host;
+    let d = desired(3, vec![app("web", RunState::Running, vec![host.clone()])]);
+    assert!(!super::plan(&d, &[], &[])
+        .iter()
+        .any(|s| matches!(s, Step::CreateNetwork { .. })));
+    let mut on_host = actual("c1", "web", &host, "running");
+    on_host.networks.clear();
+    assert_eq!(
+        super::plan(&d, &[on_host], &[bridge_net("web", "net-web")]),
+        vec![Step::RemoveNetwork {
+            app: name("web"),
+            id: "net-web".into()
+        }]
+    );
+}
+
+#[test]
+fn a_bridge_container_off_its_app_network_is_replaced() {
+    // Made before app networks existed: on Docker's default bridge.
+    let main = spec("main", "reg/web:1");
+    let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let mut old = actual("c1", "web", &main, "running");
+    old.networks = vec!["default-bridge".into()];
+    let steps = super::plan(&d, &[old], &[]);
+    assert!(
+        matches!(steps.as_slice(), [
+            Step::Pull { .. },
+            Step::Stop { id: s, .. },
+            Step::Remove { id: r, .. },
+            Step::CreateNetwork { .. },
+            Step::Create { .. },
+            Step::Start { id: None, .. },
+        ] if s == "c1" && r == "c1"),
+        "{steps:?}"
+    );
+    // A duplicate network of the same app is removed; the one the
+    // container is on stays.
+    let ok = actual("c1", "web", &main, "running");
+    let steps = super::plan(
+        &d,
+        &[ok],
+        &[bridge_net("web", "net-web"), bridge_net("web", "net-zzz")],
+    );
+    assert_eq!(
+        steps,
+        vec![Step::RemoveNetwork {
+            app: name("web"),
+            id: "net-zzz".into()
+        }]
+    );
+}
+
+fn api_db() -> (ContainerSpec, ContainerSpec) {
+    let mut api = spec("api", "reg/api:1");
+    api.depends_on = vec![name("db")];
+    (api, spec("db", "reg/db:1"))
+}
+
+#[test]
+fn dependencies_are_created_first_and_dependents_wait_for_them() {
+    // Listed dependent first: the start order puts db first anyway.
+    let (api, db) = api_db();
+    let d = desired(
+        1,
+        vec![app("web", RunState::Running, vec![api.clone(), db.clone()])],
+    );
+    let p = plan_with(&d, &[], &Settled::new());
+    let created: Vec<&str> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Create { spec, .. } => Some(spec.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(created, vec!["db", "api"]);
+    let started: Vec<&Name> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Start { container, .. } => Some(container),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![&name("db")], "api waits for db");
+    assert_eq!(
+        p.blocked,
+        vec![Blocked {
+            app: name("web"),
+            container: name("api"),
+            dependency: name("db"),
+            state: DependencyState::NotRunning("absent".into()),
+            bound: DEPENDENCY_WAIT_MIN,
+        }]
+    );
+
+    // db runs but its health check has not passed: api still waits.
+    let with_health = |h| ManagedContainer {
+        health: h,
+        ..actual("c-db", "web", &db, "running")
+    };
+    let api_created = actual("c-api", "web", &api, "created");
+    let p = plan_with(
+        &d,
+        &[with_health(Some(Health::Starting)), api_created.clone()],
+        &Settled::new(),
+    );
+    assert_eq!(p.steps, vec![]);
+    assert_eq!(p.blocked[0].state, DependencyState::Starting);
+    assert_eq!(
+        p.blocked[0].bound,
+        Duration::from_secs(240),
+        "an image's check: Docker's defaults"
+    );
+    let p = plan_with(
+        &d,
+        &[with_health(Some(Health::Unhealthy)), api_created.clone()],
+        &Settled::new(),
+    );
+    assert_eq!(p.blocked[0].state, DependencyState::Unhealthy);
+
+    // Healthy (or no check at all): api starts.
+    for h in [Some(Health::Healthy), None] {
+        let p = plan_with(&d, &[with_health(h), api_created.clone()], &Settled::new());
+        assert_eq!(
+            p.steps,
+            vec![Step::Start {
+                app: name("web"),
+                container: name("api"),
+                id: Some("c-api".into())
+            }]
+        );
+        assert!(p.blocked.is_empty());
+    }
+
+    // A stopped app waits for nothing: its containers are only created.
+    let stopped = desired(2, vec![app("web", RunState::Stopped, vec![api, db])]);
+    assert!(plan_with(&stopped, &[], &Settled::new()).blocked.is_empty());
+}
+
+#[test]
+fn a_wait_is_bounded_by_the_dependency_health_check_and_fails_naming_it() {
+    let (_, mut db) = api_db();
+    assert_eq!(dependency_wait(&db, false), DEPENDENCY_WAIT_MIN);
+    db.healthcheck = Some(drover_shared::model::HealthCheck {
+        test: vec!["CMD-SHELL".into(), "true".into()],
+        interval_ms: Some(10_000),
+        timeout_ms: Some(5_000),
+        retries: Some(5),
+        start_period_ms: Some(30_000),
+    });
+    // 30 s start period, then 6 × (10 s + 5 s).
+    assert_eq!(dependency_wait(&db, true), Duration::from_secs(120));
+    let b = |state| Blocked {
+        app: name("web"),
+        container: name("api"),
+        dependency: name("db"),
+        state,
+        bound: Duration::from_secs(120),
+    };
+    let starting = b(DependencyState::Starting);
+    assert_eq!(judge_wait(&starting, Duration::from_secs(119)), None);
+    let e = judge_wait(&starting, Duration::from_secs(120)).expect("failed");
+    assert!(
+        e.contains("container api") && e.contains("dependency db") && e.contains("120 s"),
+        "{e}"
+    );
+    let e = judge_wait(&b(DependencyState::Unhealthy), Duration::ZERO).expect("at once");
+    assert!(e.contains("db is unhealthy"), "{e}");
+    let e = judge_wait(
+        &b(DependencyState::NotRunning("exited".into())),
+        Duration::from_secs(121),
+    )
+    .expect("failed");
+    assert!(e.contains("not running (exited)"), "{e}");
+}
+
+#[tokio::test]
+async fn an_app_runs_on_its_network_and_a_dependent_starts_once_its_dependency_runs() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/api:1", "reg/db:1"]));
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let (api, db) = api_db();
+    let d = desired(1, vec![app("web", RunState::Running, vec![api, db])]);
+    let first = r.pass(&d, &newer).await.expect("runs").expect("counted");
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    assert!(first.retry_at.is_some(), "api waits: the pass comes back");
+    assert_eq!(first.apps[0].phase, AppPhase::Starting);
+    let nets = rt.networks.lock().expect("lock").clone();
+    assert_eq!(nets.len(), 1);
+    assert_eq!(nets[0].name, "drover-dev1-web");
+    let attached = rt.attached.lock().expect("lock").clone();
+    for c in ["id-drover-dev1-web-db", "id-drover-dev1-web-api"] {
+        assert_eq!(attached.get(c), Some(&vec![nets[0].id.clone()]), "{c}");
+    }
+    assert_eq!(
+        *rt.log.lock().expect("lock"),
+        vec![
+            "pull reg/db:1",
+            "pull reg/api:1",
+            "create drover-dev1-web-db",
+            "create drover-dev1-web-api",
+            "start id-drover-dev1-web-db",
+        ]
+    );
+
+    // db runs now: the next pass starts api and the app converges.
+    let second = r.pass(&d, &newer).await.expect("runs").expect("counted");
+    assert_eq!(second.retry_at, None);
+    assert_eq!(second.apps[0].phase, AppPhase::Running);
+    assert_eq!(
+        rt.log.lock().expect("lock").last().map(String::as_str),
+        Some("start id-drover-dev1-web-api")
+    );
+
+    // The app goes: containers, then its network.
+    r.pass(&desired(2, vec![]), &newer).await.expect("runs");
+    assert!(rt.networks.lock().expect("lock").is_empty());
+    assert!(rt.containers.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn an_unhealthy_dependency_fails_the_app_naming_it() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/api:1", "reg/db:1"]));
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let (api, db) = api_db();
+    let d = desired(1, vec![app("web", RunState::Running, vec![api, db])]);
+    r.pass(&d, &newer).await.expect("runs");
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-db".into(), Health::Unhealthy);
+    let report = r.pass(&d, &newer).await.expect("runs").expect("counted");
+    assert_eq!(report.apps[0].phase, AppPhase::Failed);
+    let e = report.failures.get(&name("web")).expect("a failure");
+    assert!(e.contains("api") && e.contains("db is unhealthy"), "{e}");
+    assert!(
+        !rt.log
+            .lock()
+            .expect("lock")
+            .contains(&"start id-drover-dev1-web-api".to_string()),
+        "api never started"
+    );
+}
+
+// ----- the previous release's image --------------------------------------
+
+#[tokio::test]
+async fn the_previous_release_image_is_kept_until_the_new_one_is_healthy() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/web:2"]));
+    let (r, mut events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let v1 = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    let report = r.pass(&v1, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v1, &report.apps).await;
+
+    // :2 has a health check that has not passed yet: :1 stays.
+    let mut main2 = spec("main", "reg/web:2");
+    main2.healthcheck = Some(drover_shared::model::HealthCheck {
+        test: vec!["CMD".into(), "true".into()],
+        interval_ms: None,
+        timeout_ms: None,
+        retries: None,
+        start_period_ms: None,
+    });
+    let v2 = desired(2, vec![app("web", RunState::Running, vec![main2])]);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Starting);
+    let report = {
+        let mut apps = report.apps;
+        apps[0].containers[0].health = Some(Health::Starting);
+        apps
+    };
+    r.cleanup_images(&v2, &report).await;
+    let rmi = |rt: &FakeRuntime| -> Vec<String> {
+        rt.log
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.starts_with("rmi"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rmi(&rt), Vec::<String>::new(), "held for a rollback");
+    assert!(r.ledger.lock().await.images["reg/web:1"]
+        .held_for
+        .contains("web"));
+
+    // Unhealthy: still held.
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Unhealthy);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
+    assert_eq!(rmi(&rt), Vec::<String>::new());
+
+    // Healthy: the hold ends and :1 is an unused image like any other.
+    rt.health
+        .lock()
+        .expect("lock")
+        .insert("id-drover-dev1-web-main".into(), Health::Healthy);
+    let report = r.pass(&v2, &newer).await.expect("runs").expect("counted");
+    r.cleanup_images(&v2, &report.apps).await;
+    assert_eq!(rmi(&rt), vec!["rmi reg/web:1"]);
+    drain_events(&mut events);
 }

@@ -339,3 +339,30 @@ pub async fn wait_online(api: &Api, device: &str, timeout: Duration) -> Value {
     })
     .await
 }
+
+/// The app named `app` in a device view's last state report.
+pub fn observed_app(device: &Value, app: &str) -> Option<Value> {
+    device["observed"]["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == serde_json::json!(app))
+        .cloned()
+}
+
+/// Publishes `desired` (a `DesiredState` as JSON) retained on the device's
+/// `desired` topic of an open broker, as any MQTT client could.
+pub async fn publish_desired(orch: &crate::Orch, id: &str, desired: Value) {
+    use drover_shared::model::DesiredState;
+    use drover_shared::payload::Desired;
+    use drover_shared::topic::{TopicKind, Topics};
+    let state: DesiredState = serde_json::from_value(desired).expect("desired state");
+    let device = drover_shared::DeviceId::new(id.to_string()).expect("device id");
+    let topic = Topics::default().device(&device, TopicKind::Desired);
+    crate::mosquitto_pub(
+        orch.mqtt_port,
+        &topic,
+        &drover_shared::encode(&Desired { state }),
+        true,
+    )
+    .await;
+}

@@ -13,30 +13,6 @@ use serde_json::{json, Value};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-fn observed_app(device: &Value, app: &str) -> Option<Value> {
-    device["observed"]["apps"]
-        .as_array()?
-        .iter()
-        .find(|a| a["name"] == json!(app))
-        .cloned()
-}
-
-async fn publish(orch: &Orch, id: &str, desired: Value) {
-    use drover_shared::model::DesiredState;
-    use drover_shared::payload::Desired;
-    use drover_shared::topic::{TopicKind, Topics};
-    let state: DesiredState = serde_json::from_value(desired).expect("desired state");
-    let device = drover_shared::DeviceId::new(id.to_string()).expect("device id");
-    let topic = Topics::default().device(&device, TopicKind::Desired);
-    mosquitto_pub(
-        orch.mqtt_port,
-        &topic,
-        &drover_shared::encode(&Desired { state }),
-        true,
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
     let docker = docker().await;
@@ -67,7 +43,7 @@ async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
                              "interval_ms": 300, "timeout_ms": 2000, "retries": 3}}
         ]}, "run": "running", "started_at": 1}]
     });
-    publish(&orch, &id, desired).await;
+    publish_desired(&orch, &id, desired).await;
 
     let view = wait_for(CONVERGE, "pair running and healthy", || async {
         let d = api.device(&id).await?;
@@ -151,7 +127,7 @@ async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
     );
 
     // The app goes: its containers, then its network.
-    publish(&orch, &id, json!({"generation": 2, "apps": []})).await;
+    publish_desired(&orch, &id, json!({"generation": 2, "apps": []})).await;
     wait_for(CONVERGE, "the app network removed", || async {
         docker
             .inspect_network(&net_name, None::<InspectNetworkOptions>)
@@ -233,14 +209,14 @@ async fn the_previous_release_image_stays_until_the_new_one_is_healthy() {
             }
         }
     };
-    publish(&orch, &id, release(1, &old, None)).await;
+    publish_desired(&orch, &id, release(1, &old, None)).await;
     wait_for(CONVERGE, "release 1 running", phase_at(1, "none")).await;
 
     // The update's health check never passes: the old image stays, held
     // in the ledger for the app.
     let failing = json!({"test": ["CMD", "false"], "interval_ms": 300,
                          "timeout_ms": 1000, "retries": 1});
-    publish(&orch, &id, release(2, &new, Some(failing))).await;
+    publish_desired(&orch, &id, release(2, &new, Some(failing))).await;
     wait_for(CONVERGE, "release 2 unhealthy", phase_at(2, "unhealthy")).await;
     docker
         .inspect_image(&old)
@@ -257,7 +233,7 @@ async fn the_previous_release_image_stays_until_the_new_one_is_healthy() {
 
     // Back to the old release, from the local image: it runs, and the
     // failed release's image is an unused one the cleanup removes.
-    publish(&orch, &id, release(3, &old, None)).await;
+    publish_desired(&orch, &id, release(3, &old, None)).await;
     wait_for(CONVERGE, "release 1 again", phase_at(3, "none")).await;
     wait_for(CONVERGE, "the failed release's image removed", || async {
         docker.inspect_image(&new).await.is_err().then_some(())

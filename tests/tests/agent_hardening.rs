@@ -66,15 +66,6 @@ async fn deploy(api: &Api, device: &str, app: &str) -> serde_json::Value {
     op
 }
 
-/// The app named `app` in the device's last state report.
-fn observed_app(device: &serde_json::Value, app: &str) -> Option<serde_json::Value> {
-    device["observed"]["apps"]
-        .as_array()?
-        .iter()
-        .find(|a| a["name"] == json!(app))
-        .cloned()
-}
-
 /// A desired state published straight on the device's topic (the broker is
 /// open), as any MQTT client could: an image reference Docker refuses
 /// ("invalid reference format") must fail its own app, visibly, and never

@@ -6,33 +6,9 @@ use std::time::Duration;
 
 use drover_tests::agent_lab::*;
 use drover_tests::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(120);
-
-fn observed_app(device: &Value, app: &str) -> Option<Value> {
-    device["observed"]["apps"]
-        .as_array()?
-        .iter()
-        .find(|a| a["name"] == json!(app))
-        .cloned()
-}
-
-async fn publish(orch: &Orch, id: &str, desired: Value) {
-    use drover_shared::model::DesiredState;
-    use drover_shared::payload::Desired;
-    use drover_shared::topic::{TopicKind, Topics};
-    let state: DesiredState = serde_json::from_value(desired).expect("desired state");
-    let device = drover_shared::DeviceId::new(id.to_string()).expect("device id");
-    let topic = Topics::default().device(&device, TopicKind::Desired);
-    mosquitto_pub(
-        orch.mqtt_port,
-        &topic,
-        &drover_shared::encode(&Desired { state }),
-        true,
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_crash_loops_and_pause_reach_docker() {
@@ -65,7 +41,7 @@ async fn health_checks_crash_loops_and_pause_reach_docker() {
             ]
         })
     };
-    publish(&orch, &id, apps("running", 1)).await;
+    publish_desired(&orch, &id, apps("running", 1)).await;
 
     let hc_name = format!("drover-{id}-hc-main");
     let crash_name = format!("drover-{id}-crash-main");
@@ -128,7 +104,7 @@ async fn health_checks_crash_loops_and_pause_reach_docker() {
 
     // Paused: Docker holds the same container paused, and the phase says so.
     let hc_id = i.id.clone().expect("id");
-    publish(&orch, &id, apps("paused", 2)).await;
+    publish_desired(&orch, &id, apps("paused", 2)).await;
     wait_for(CONVERGE, "hc paused", || async {
         let d = api.device(&id).await?;
         (observed_app(&d, "hc")?["phase"] == json!("paused")).then_some(())
@@ -142,7 +118,7 @@ async fn health_checks_crash_loops_and_pause_reach_docker() {
     assert_eq!(p.state.as_ref().and_then(|s| s.paused), Some(true));
 
     // Running again: unpaused, still the same container.
-    publish(&orch, &id, apps("running", 3)).await;
+    publish_desired(&orch, &id, apps("running", 3)).await;
     wait_for(CONVERGE, "hc running again", || async {
         let d = api.device(&id).await?;
         (d["applied_generation"] == json!(3)

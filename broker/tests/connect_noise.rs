@@ -13,6 +13,12 @@ async fn connections_failing_before_login_write_a_bounded_number_of_lines() {
     // The orchestrator's default filter.
     let log = common::logs::capture("info,rumqttd=warn");
     let (addr, _) = common::guarded().await;
+    // The listener announces itself from its own task: count from after
+    // that line, or it may land among the lines counted below.
+    log.wait_until("the listener's announcement", |t| {
+        t.contains("embedded MQTT broker listening")
+    })
+    .await;
     let before = log.bytes().len();
 
     // TCP health checks: connect, close.

@@ -3,7 +3,7 @@ use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::Operation;
+use super::{Operation, Rollout};
 
 /// One change in the fleet, as the engine publishes it to its subscribers
 /// (`GET /api/v1/changes`, the CLI's `--wait`, and in time the console and
@@ -44,13 +44,17 @@ pub enum Change {
     },
     /// An app was created, changed or deleted.
     App { name: Name, deleted: bool },
+    /// A rollout was created or moved on: its phase and counts. Progress
+    /// is coalesced (at most a few per second per rollout); a change of
+    /// phase is sent at once.
+    Rollout { rollout: Box<Rollout> },
     /// This subscriber fell behind and `missed` changes were dropped for
     /// it: what it holds may be stale, read a snapshot again.
     Lagged { missed: u64 },
 }
 
 /// Which changes a subscriber of `GET /api/v1/changes` wants
-/// (`?device=ID&operation=ID`; both given means both must hold). A
+/// (`?device=ID&operation=ID&rollout=ID`; all given must hold). A
 /// [`Change::Lagged`] always passes: whatever the filter, the subscriber
 /// must learn that it missed something.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +63,8 @@ pub struct ChangeFilter {
     pub device: Option<DeviceId>,
     /// Only the progress and outcome of this operation.
     pub operation: Option<String>,
+    /// Only the progress and outcome of this rollout.
+    pub rollout: Option<String>,
 }
 
 impl ChangeFilter {
@@ -66,19 +72,24 @@ impl ChangeFilter {
         if let Change::Lagged { .. } = change {
             return true;
         }
-        let (device, operation) = match change {
+        let (device, operation, rollout) = match change {
             Change::Device { device, .. }
             | Change::Inventory { device, .. }
             | Change::State { device, .. }
             | Change::Telemetry { device, .. }
-            | Change::Event { device, .. } => (Some(device), None),
-            Change::Operation { operation } => (Some(&operation.device), Some(&operation.id)),
-            Change::App { .. } | Change::Lagged { .. } => (None, None),
+            | Change::Event { device, .. } => (Some(device), None, None),
+            Change::Operation { operation } => {
+                (Some(&operation.device), Some(&operation.id), None)
+            }
+            Change::Rollout { rollout } => (None, None, Some(&rollout.id)),
+            Change::App { .. } | Change::Lagged { .. } => (None, None, None),
         };
         fn wanted<T: PartialEq>(want: &Option<T>, got: Option<&T>) -> bool {
             want.as_ref().is_none_or(|w| got == Some(w))
         }
-        wanted(&self.device, device) && wanted(&self.operation, operation)
+        wanted(&self.device, device)
+            && wanted(&self.operation, operation)
+            && wanted(&self.rollout, rollout)
     }
 }
 
@@ -143,8 +154,8 @@ mod tests {
     #[test]
     fn operation_filter_passes_only_that_operation_and_lagged() {
         let f = ChangeFilter {
-            device: None,
             operation: Some("a".into()),
+            ..Default::default()
         };
         assert!(f.matches(&op("a", "d1")));
         assert!(!f.matches(&op("b", "d1")));
@@ -159,7 +170,7 @@ mod tests {
     fn device_filter_passes_that_devices_changes_and_lagged() {
         let f = ChangeFilter {
             device: Some(DeviceId::new("d1").expect("valid id")),
-            operation: None,
+            ..Default::default()
         };
         assert!(f.matches(&op("a", "d1")));
         assert!(f.matches(&online("d1")));
@@ -177,6 +188,7 @@ mod tests {
         let f = ChangeFilter {
             device: Some(DeviceId::new("d1").expect("valid id")),
             operation: Some("a".into()),
+            rollout: None,
         };
         assert!(f.matches(&op("a", "d1")));
         assert!(!f.matches(&op("a", "d2")));

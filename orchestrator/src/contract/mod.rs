@@ -24,7 +24,8 @@ pub use errors::{ErrorBody, ErrorDetail};
 pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};
 pub use rollouts::{
-    BatchSize, CreateRollout, OnFailure, Rollout, RolloutCounts, RolloutDevice, RolloutDeviceState,
+    BatchSize, CreateRollout, OnFailure, Rollout, RolloutAction, RolloutCounts, RolloutDevice,
+    RolloutDeviceState,
     RolloutPhase,
 };
 pub use security::{

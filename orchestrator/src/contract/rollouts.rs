@@ -1,5 +1,6 @@
 //! Rollouts (issue 13): a release reaches the devices a selector matches,
-//! batch by batch. Not yet served by a route.
+//! batch by batch. `POST/GET /api/v1/rollouts`, `GET /api/v1/rollouts/{id}`,
+//! `GET /api/v1/rollouts/{id}/devices`, `POST /api/v1/rollouts/{id}/{action}`.
 
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -232,6 +233,72 @@ pub struct Rollout {
     pub counts: RolloutCounts,
     /// Updated devices, percent of those not skipped.
     pub percent: u8,
+    pub on_failure: OnFailure,
+    pub approval: bool,
+    pub updated_at_ms: u64,
+    /// When it reached a final phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// Why it stopped, paused or rolled back, in words (who asked, or which
+    /// batch failed its threshold and by how much).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl RolloutPhase {
+    /// Succeeded, failed, rolled back, aborted or superseded: nothing more
+    /// will happen.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RolloutPhase::Succeeded
+                | RolloutPhase::Failed
+                | RolloutPhase::RolledBack
+                | RolloutPhase::Aborted
+                | RolloutPhase::Superseded
+        )
+    }
+}
+
+/// An operator's action on a rollout: `POST /api/v1/rollouts/{id}/{action}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Approve,
+    Abort,
+    Rollback,
+}
+
+impl RolloutAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Approve => "approve",
+            RolloutAction::Abort => "abort",
+            RolloutAction::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::str::FromStr for RolloutAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pause" => RolloutAction::Pause,
+            "resume" => RolloutAction::Resume,
+            "approve" => RolloutAction::Approve,
+            "abort" => RolloutAction::Abort,
+            "rollback" => RolloutAction::Rollback,
+            _ => {
+                return Err(format!(
+                    "unknown rollout action {s:?}: pause, resume, approve, abort or rollback"
+                ))
+            }
+        })
+    }
 }
 
 /// One device of a rollout.

@@ -289,6 +289,14 @@ struct State {
     cursor: usize,
     counts: Vec<BatchCounts>,
     rolling_back: usize,
+    /// Why it last stopped, paused or rolled back, in words.
+    #[serde(default)]
+    reason: Option<String>,
+    /// When it last changed (a device's progress or its phase).
+    #[serde(default)]
+    updated_at_ms: u64,
+    #[serde(default)]
+    finished_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -393,6 +401,9 @@ impl Rollout {
                 cursor: 0,
                 counts,
                 rolling_back: 0,
+                reason: None,
+                updated_at_ms: now_ms,
+                finished_at_ms: None,
             },
             deadlines: BTreeSet::new(),
         };
@@ -494,9 +505,22 @@ impl Rollout {
             }
             let b = self.s.current;
             if !self.s.failures_accepted && self.threshold_unreachable(b) {
+                let c = &self.s.counts[b];
+                let why = format!(
+                    "batch {} of {}: {} of {} devices failed; the success threshold of {}% can no longer be met",
+                    b + 1,
+                    self.s.batches.len(),
+                    c.failed,
+                    c.eligible(),
+                    self.s.spec.success_threshold_percent
+                );
                 match self.s.spec.on_failure {
-                    FailurePolicy::Rollback => return self.start_rollback(now_ms, fx),
+                    FailurePolicy::Rollback => {
+                        self.s.reason = Some(format!("{why}: rolling back"));
+                        return self.start_rollback(now_ms, fx);
+                    }
                     FailurePolicy::Pause => {
+                        self.s.reason = Some(format!("{why}: paused"));
                         self.s.phase = Phase::Paused;
                         self.s.paused_from = Some(Phase::Running);
                         self.s.failure_paused = true;
@@ -542,7 +566,7 @@ impl Rollout {
                 } else {
                     Phase::Succeeded
                 };
-                return self.finish(phase, fx);
+                return self.finish(phase, now_ms, fx);
             }
             self.s.current += 1;
             self.s.cursor = 0;
@@ -555,8 +579,9 @@ impl Rollout {
         }
     }
 
-    fn finish(&mut self, phase: Phase, fx: &mut Vec<Effect>) {
+    fn finish(&mut self, phase: Phase, now_ms: u64, fx: &mut Vec<Effect>) {
         self.s.phase = phase;
+        self.s.finished_at_ms = Some(now_ms);
         self.s.paused_from = None;
         self.s.failure_paused = false;
         self.deadlines.clear();
@@ -592,7 +617,7 @@ impl Rollout {
             });
         }
         if self.s.rolling_back == 0 {
-            self.finish(Phase::RolledBack, fx);
+            self.finish(Phase::RolledBack, now_ms, fx);
         }
     }
 
@@ -656,6 +681,7 @@ impl Rollout {
             return fx;
         };
         self.set(device, p);
+        self.s.updated_at_ms = now_ms;
         self.check(now_ms, &mut fx);
         Self::done(true, fx)
     }
@@ -663,7 +689,9 @@ impl Rollout {
     /// Batch progression and rollback completion.
     fn check(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         match self.s.phase {
-            Phase::RollingBack if self.s.rolling_back == 0 => self.finish(Phase::RolledBack, fx),
+            Phase::RollingBack if self.s.rolling_back == 0 => {
+                self.finish(Phase::RolledBack, now_ms, fx)
+            }
             Phase::Running => self.advance(now_ms, fx),
             _ => {}
         }
@@ -701,6 +729,7 @@ impl Rollout {
             changed = true;
         }
         if changed {
+            self.s.updated_at_ms = now_ms;
             self.check(now_ms, &mut fx);
         }
         Self::done(changed, fx)
@@ -727,6 +756,7 @@ impl Rollout {
             Some(_) => {}
         }
         self.set(device, DeviceProgress::Skipped);
+        self.s.updated_at_ms = now_ms;
         self.check(now_ms, &mut fx);
         Self::done(true, fx)
     }
@@ -740,11 +770,13 @@ impl Rollout {
 
     /// Starts no more devices until [`Rollout::resume`]; devices already
     /// updating go on and are observed.
-    pub fn pause(&mut self, _now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
+    pub fn pause(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
         match self.s.phase {
             Phase::Running | Phase::WaitingApproval => {
                 self.s.paused_from = Some(self.s.phase);
                 self.s.phase = Phase::Paused;
+                self.s.reason = Some("paused by an operator".into());
+                self.s.updated_at_ms = now_ms;
                 Ok(vec![Effect::Changed])
             }
             _ => Err(self.invalid("pause")),
@@ -761,6 +793,8 @@ impl Rollout {
             return Err(self.invalid("resume"));
         }
         self.s.phase = self.s.paused_from.take().unwrap_or(Phase::Running);
+        self.s.updated_at_ms = now_ms;
+        self.s.reason = None;
         if std::mem::take(&mut self.s.failure_paused) {
             self.s.failures_accepted = true;
         }
@@ -775,18 +809,21 @@ impl Rollout {
             return Err(self.invalid("approve"));
         }
         self.s.phase = Phase::Running;
+        self.s.updated_at_ms = now_ms;
         let mut fx = Vec::new();
         self.advance(now_ms, &mut fx);
         Ok(Self::done(true, fx))
     }
 
     /// Stops without rollback; devices keep what they run.
-    pub fn abort(&mut self, _now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
+    pub fn abort(&mut self, now_ms: u64) -> Result<Vec<Effect>, RolloutError> {
         if self.s.phase.is_final() {
             return Err(self.invalid("abort"));
         }
         let mut fx = vec![Effect::Changed];
-        self.finish(Phase::Aborted, &mut fx);
+        self.s.reason = Some("aborted by an operator".into());
+        self.s.updated_at_ms = now_ms;
+        self.finish(Phase::Aborted, now_ms, &mut fx);
         Ok(fx)
     }
 
@@ -796,18 +833,41 @@ impl Rollout {
             return Err(self.invalid("roll back"));
         }
         let mut fx = vec![Effect::Changed];
+        self.s.reason = Some("rolled back by an operator".into());
+        self.s.updated_at_ms = now_ms;
         self.start_rollback(now_ms, &mut fx);
         Ok(fx)
     }
 
     /// A newer rollout of the same app took over: ends without rollback.
-    pub fn supersede(&mut self, _now_ms: u64) -> Vec<Effect> {
+    pub fn supersede(&mut self, by: &str, now_ms: u64) -> Vec<Effect> {
         if self.s.phase.is_final() {
             return Vec::new();
         }
         let mut fx = vec![Effect::Changed];
-        self.finish(Phase::Superseded, &mut fx);
+        self.s.reason = Some(format!("superseded by rollout {by}"));
+        self.s.updated_at_ms = now_ms;
+        self.finish(Phase::Superseded, now_ms, &mut fx);
         fx
+    }
+
+    /// Why it last stopped, paused or rolled back.
+    pub fn reason(&self) -> Option<&str> {
+        self.s.reason.as_deref()
+    }
+
+    /// The devices it touched (set to the target at least once).
+    pub fn touched(&self) -> impl Iterator<Item = (&DeviceId, &DeviceProgress)> {
+        self.s
+            .devices
+            .iter()
+            .filter(|(_, e)| e.touched)
+            .map(|(d, e)| (d, &e.progress))
+    }
+
+    /// The release a device ran before the rollout (0: none).
+    pub fn from_release_of(&self, device: &DeviceId) -> Option<u64> {
+        self.s.devices.get(device).map(|e| e.from_release)
     }
 
     /// After a restart: re-issue SetRelease for the devices in flight
@@ -962,6 +1022,11 @@ impl From<&Rollout> for contract::Rollout {
             batches,
             counts,
             percent: p.percent,
+            on_failure: r.s.spec.on_failure.into(),
+            approval: r.s.spec.approval,
+            updated_at_ms: r.s.updated_at_ms,
+            finished_at_ms: r.s.finished_at_ms,
+            reason: r.s.reason.clone(),
         }
     }
 }

@@ -1055,6 +1055,8 @@ struct ChangesQuery {
     device: Option<String>,
     /// Only this operation's progress and outcome.
     operation: Option<String>,
+    /// Only this rollout's progress and outcome.
+    rollout: Option<String>,
 }
 
 /// The fleet's changes as server-sent events, one JSON object each (see
@@ -1067,12 +1069,13 @@ struct ChangesQuery {
     params(
         ("device" = Option<DeviceId>, Query, description = "Only this device's changes"),
         ("operation" = Option<String>, Query, description = "Only this operation's changes"),
+        ("rollout" = Option<String>, Query, description = "Only this rollout's changes"),
     ),
     responses(
         (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
          body = Change, content_type = "text/event-stream"),
         (status = 400, description = "A filter is not valid", body = ErrorBody),
-        (status = 404, description = "No such operation", body = ErrorBody),
+        (status = 404, description = "No such operation or rollout", body = ErrorBody),
     ))]
 async fn changes(
     State(api): State<ApiState>,
@@ -1083,6 +1086,7 @@ async fn changes(
     let filter = ChangeFilter {
         device: q.device.as_deref().map(device_id).transpose()?,
         operation: q.operation,
+        rollout: q.rollout,
     };
     let rx = api.commands.engine.subscribe();
     // An operation that does not exist would give a stream that never says

@@ -550,12 +550,12 @@ fn operator_actions() {
     assert!(r.rollback(5).is_err());
     assert!(r.pause(5).is_err());
     assert!(r.resume(5).is_err());
-    assert!(r.supersede(5).is_empty());
+    assert!(r.supersede("new", 5).is_empty());
     let mut r = start(spec(), 3);
-    let fx = r.supersede(1);
+    let fx = r.supersede("new", 1);
     assert_eq!(sets(&fx), vec![]);
     assert!(fx.contains(&Effect::Finished(Phase::Superseded)));
-    assert!(r.supersede(2).is_empty());
+    assert!(r.supersede("new", 2).is_empty());
     let mut r = start(spec(), 3);
     let fx = r.rollback(1).expect("accepted");
     assert_eq!(sets(&fx), vec![(d(0), 1)]);
@@ -677,7 +677,7 @@ fn rollback_and_abort_from_every_live_phase() {
     let mut r = waiting();
     r.rollback(2).expect("accepted");
     assert!(r
-        .supersede(3)
+        .supersede("new", 3)
         .contains(&Effect::Finished(Phase::Superseded)));
     // WaitingApproval → Aborted, Paused → Aborted, Running → Aborted
     let mut r = waiting();
@@ -698,12 +698,12 @@ fn rollback_and_abort_from_every_live_phase() {
     // WaitingApproval → Superseded, Paused → Superseded
     let mut r = waiting();
     assert!(r
-        .supersede(2)
+        .supersede("new", 2)
         .contains(&Effect::Finished(Phase::Superseded)));
     let mut r = waiting();
     r.pause(2).expect("accepted");
     assert!(r
-        .supersede(3)
+        .supersede("new", 3)
         .contains(&Effect::Finished(Phase::Superseded)));
     assert_eq!(r.phase(), Phase::Superseded);
 }

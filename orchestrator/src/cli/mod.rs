@@ -3,6 +3,7 @@
 
 pub mod certs;
 mod follow;
+pub mod rollouts;
 pub mod security;
 pub mod trust;
 
@@ -221,6 +222,12 @@ pub enum ClientCmd {
     Unassign { app: String },
     /// Show an app's assignment and the devices it covers.
     Assignment { app: String },
+    /// Move an app's devices to a release batch by batch, health-gated,
+    /// with automatic rollback (default: list).
+    Rollouts {
+        #[command(subcommand)]
+        cmd: Option<crate::cli::rollouts::RolloutsCmd>,
+    },
     /// App definitions (default: list).
     Apps {
         #[command(subcommand)]
@@ -460,6 +467,11 @@ impl Client {
                 return self.print(&v, assignment_text);
             }
             ClientCmd::Label { device, changes } => return self.label(&device, &changes).await,
+            ClientCmd::Rollouts { cmd } => {
+                return self
+                    .rollouts(cmd.unwrap_or(rollouts::RolloutsCmd::List { app: None }))
+                    .await
+            }
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
             ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List {
                 device: None,

@@ -293,18 +293,20 @@ async fn a_final_operation_needs_no_request() {
 #[test]
 fn events_are_read_by_kind_and_operation() {
     let op = r#"{"kind":"operation","operation":{"id":"a","device":"d1","app":"web","op":"deploy","generation":2,"status":"in_progress","created_at_ms":1,"updated_at_ms":2}}"#;
-    assert!(matches!(parse_event(op, "a"), Ok(Seen::Now(o)) if o.generation == 2));
-    assert!(matches!(parse_event(op, "b"), Ok(Seen::Other)));
+    assert!(matches!(parse_event::<Operation>(op, "a"), Ok(Seen::Now(o)) if o.generation == 2));
+    assert!(matches!(parse_event::<Operation>(op, "b"), Ok(Seen::Other)));
     assert!(matches!(
-        parse_event(r#"{"kind":"lagged","missed":7}"#, "a"),
+        parse_event::<Operation>(r#"{"kind":"lagged","missed":7}"#, "a"),
         Ok(Seen::Lagged)
     ));
     // A kind added to the server after this CLI was built is not an error.
     assert!(matches!(
-        parse_event(r#"{"kind":"something_new"}"#, "a"),
+        parse_event::<Operation>(r#"{"kind":"something_new"}"#, "a"),
         Ok(Seen::Other)
     ));
-    let err = parse_event("not json", "a").err().map(|e| e.to_string());
+    let err = parse_event::<Operation>("not json", "a")
+        .err()
+        .map(|e| e.to_string());
     assert!(
         err.as_deref().is_some_and(|e| e.contains("not JSON")),
         "{err:?}"

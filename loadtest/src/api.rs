@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,8 @@ pub enum ApiError {
         url: String,
         source: serde_json::Error,
     },
+    #[error("the change stream {url} broke: {message}")]
+    Stream { url: String, message: String },
 }
 
 /// An operation as `GET /api/v1/operations` shows it.
@@ -49,6 +53,66 @@ pub struct DeviceSummary {
     pub last_seen_ms: u64,
     pub desired_generation: u64,
     pub applied_generation: u64,
+}
+
+/// A rollout as `GET /api/v1/rollouts/{id}` and the change stream show it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RolloutView {
+    pub id: String,
+    pub phase: String,
+    /// The batch running (or next), from 0.
+    pub current_batch: usize,
+    pub batches: Vec<RolloutCountsView>,
+    pub counts: RolloutCountsView,
+    pub updated_at_ms: u64,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl RolloutView {
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.phase.as_str(),
+            "succeeded" | "failed" | "rolled_back" | "aborted" | "superseded"
+        )
+    }
+}
+
+/// A rollout's device counts (of one batch, or of all).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RolloutCountsView {
+    pub total: usize,
+    pub updated: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+/// What the change stream says about a followed rollout.
+#[derive(Debug, Clone)]
+pub enum RolloutChange {
+    /// The rollout as it is now.
+    Now(Box<RolloutView>),
+    /// Changes were dropped for this subscriber: read the rollout again.
+    Lagged,
+    /// Anything else (another rollout, a kind this tool does not read).
+    Other,
+}
+
+/// One event of `GET /api/v1/changes?rollout=ID`.
+pub fn parse_rollout_change(data: &str, id: &str) -> Result<RolloutChange, serde_json::Error> {
+    let v: serde_json::Value = serde_json::from_str(data)?;
+    Ok(match v.get("kind").and_then(serde_json::Value::as_str) {
+        Some("rollout") => {
+            let r: RolloutView = serde_json::from_value(v["rollout"].clone())?;
+            if r.id == id {
+                RolloutChange::Now(Box::new(r))
+            } else {
+                RolloutChange::Other
+            }
+        }
+        Some("lagged") => RolloutChange::Lagged,
+        _ => RolloutChange::Other,
+    })
 }
 
 #[derive(Clone)]
@@ -188,6 +252,59 @@ impl Api {
         .await
     }
 
+    /// `POST /api/v1/rollouts` with `body` (a `CreateRollout`).
+    pub async fn create_rollout(&self, body: serde_json::Value) -> Result<RolloutView, ApiError> {
+        self.post_json("/api/v1/rollouts", body).await
+    }
+
+    pub async fn rollout(&self, id: &str) -> Result<RolloutView, ApiError> {
+        self.get_json(&format!("/api/v1/rollouts/{id}")).await
+    }
+
+    /// Subscribes to one rollout's changes (server-sent events); the
+    /// request lives at most `limit`.
+    pub async fn rollout_changes(
+        &self,
+        id: &str,
+        limit: Duration,
+    ) -> Result<impl Stream<Item = Result<RolloutChange, ApiError>>, ApiError> {
+        let url = format!("{}/api/v1/changes?rollout={id}", self.base);
+        let mut req = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(limit);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|source| ApiError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(ApiError::Status {
+                url,
+                status: status.as_u16(),
+                body: resp.text().await.unwrap_or_default(),
+            });
+        }
+        let chunks = futures_util::stream::try_unfold(resp, |mut r| async move {
+            Ok::<_, reqwest::Error>(r.chunk().await?.map(|b| (b, r)))
+        });
+        let id = id.to_string();
+        Ok(chunks.eventsource().map(move |event| match event {
+            Ok(e) => parse_rollout_change(&e.data, &id).map_err(|source| ApiError::Decode {
+                url: url.clone(),
+                source,
+            }),
+            Err(e) => Err(ApiError::Stream {
+                url: url.clone(),
+                message: e.to_string(),
+            }),
+        }))
+    }
+
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>, ApiError> {
         self.get_json("/api/v1/devices").await
     }
@@ -213,6 +330,69 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The orchestrator's own change, as it goes on the wire.
+    fn rollout_change(id: &str, current_batch: usize, updated: usize) -> String {
+        use drover::contract::{Change, OnFailure, Rollout, RolloutCounts, RolloutPhase};
+        let counts = RolloutCounts {
+            total: 10,
+            pending: 10 - updated,
+            updated,
+            ..Default::default()
+        };
+        let r = Rollout {
+            id: id.into(),
+            app: drover_shared::Name::new("web").expect("valid name"),
+            selector: String::new(),
+            from_release: 0,
+            to_release: 1,
+            phase: RolloutPhase::Running,
+            created_at_ms: 1,
+            author: "admin".into(),
+            current_batch,
+            batches: vec![counts.clone()],
+            counts,
+            percent: 70,
+            on_failure: OnFailure::Rollback,
+            approval: false,
+            updated_at_ms: 5,
+            finished_at_ms: None,
+            reason: None,
+        };
+        serde_json::to_string(&Change::Rollout {
+            rollout: Box::new(r),
+        })
+        .expect("serialises")
+    }
+
+    #[test]
+    fn rollout_changes_are_read_by_kind_and_id() {
+        let r = rollout_change("r-1", 2, 7);
+        match parse_rollout_change(&r, "r-1") {
+            Ok(RolloutChange::Now(v)) => {
+                assert_eq!(
+                    (v.current_batch, v.counts.updated, v.batches.len()),
+                    (2, 7, 1)
+                );
+                assert_eq!(v.phase, "running");
+                assert!(!v.is_final());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_rollout_change(&r, "r-2"),
+            Ok(RolloutChange::Other)
+        ));
+        assert!(matches!(
+            parse_rollout_change(r#"{"kind":"lagged","missed":3}"#, "r-1"),
+            Ok(RolloutChange::Lagged)
+        ));
+        assert!(matches!(
+            parse_rollout_change(r#"{"kind":"app","name":"web","deleted":false}"#, "r-1"),
+            Ok(RolloutChange::Other)
+        ));
+        assert!(parse_rollout_change("{", "r-1").is_err());
+    }
 
     #[test]
     fn metrics_text_is_parsed() {

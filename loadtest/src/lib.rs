@@ -12,7 +12,8 @@
 //! - [`target`]: the orchestrator (and Mosquitto) under test, as processes.
 //! - [`procs`]: /proc sampling (RSS, CPU) and the open-file limit.
 //! - [`api`]: the REST calls the scenarios make.
-//! - [`scenario`]: ramp, steady, rollout, rtt, storm, agent-footprint.
+//! - [`scenario`]: ramp, steady, rollout, rtt, storm, agent-footprint;
+//!   [`scenario::rollout_request`] the rollout scenario's one-request path.
 //! - [`latency`]: e2e-latency, `drover deploy/remove --wait` next to raw Docker.
 //! - [`report`]: markdown tables and the `RESULTS.md` record.
 

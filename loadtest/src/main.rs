@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use drover_loadtest::report::{Machine, Run};
 use drover_loadtest::runtime::RuntimeConfig;
-use drover_loadtest::scenario::{self, Common, FootprintArgs};
+use drover_loadtest::scenario::{self, Common, FootprintArgs, RolloutPath};
 use drover_loadtest::target::{BrokerKind, TargetConfig};
 use drover_shared::topic::Topics;
 
@@ -117,7 +117,8 @@ enum Scenario {
         #[arg(long, value_enum, value_delimiter = ',', default_value = "embedded")]
         broker: Vec<BrokerKind>,
     },
-    /// One app deployed to every agent as fast as the API takes it.
+    /// One app deployed to every agent as fast as the API takes it: one
+    /// request per device, and one rollout request for the fleet.
     Rollout {
         #[arg(long, short = 'n', default_value_t = 10_000)]
         agents: usize,
@@ -128,6 +129,10 @@ enum Scenario {
         timeout_secs: u64,
         #[arg(long, value_enum, value_delimiter = ',', default_value = "embedded")]
         broker: Vec<BrokerKind>,
+        /// One deploy request per device, one rollout request for the
+        /// fleet (in 1 and in 10 batches), or both in the same run.
+        #[arg(long, value_enum, default_value = "both")]
+        path: RolloutPath,
     },
     /// Command round trip on a few probe devices, idle and under load.
     Rtt {
@@ -295,6 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
             concurrency,
             timeout_secs,
             broker,
+            path,
         } => {
             scenario::rollout(
                 &c,
@@ -302,6 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
                 *concurrency,
                 Duration::from_secs(*timeout_secs),
                 broker,
+                *path,
             )
             .await?
         }

@@ -314,6 +314,17 @@ pub fn observe(
             let error = failure
                 .filter(|(container, _)| app.spec.containers.iter().any(|s| &s.name == container))
                 .map(|(_, text)| text.clone());
+            // As the real agent: the release of what runs, so the spec's
+            // only once every container is made from it; 0 (unknown) while
+            // an older spec's containers are still there or none exist. A
+            // rollout counts a device updated on this, so echoing the
+            // desired release early would count it too soon.
+            let current = app.spec.containers.iter().all(|spec| {
+                let hash = spec.fingerprint();
+                containers
+                    .iter()
+                    .any(|c| c.app == app.spec.name && c.name == spec.name && c.spec_hash == hash)
+            });
             let all_running = statuses.iter().all(|c| c.state == "running");
             let none_running = statuses.iter().all(|c| c.state != "running");
             let phase = match (&error, app.run) {
@@ -329,7 +340,7 @@ pub fn observe(
                 attempts: 0,
                 next_retry_at_ms: None,
                 containers: statuses,
-                release: app.release,
+                release: if current { app.release } else { 0 },
             }
         })
         .collect()
@@ -345,6 +356,10 @@ mod tests {
     }
 
     fn desired(gen: u64, run: RunState, image: &str) -> DesiredState {
+        desired_release(gen, run, image, 0)
+    }
+
+    fn desired_release(gen: u64, run: RunState, image: &str, release: u64) -> DesiredState {
         let spec: ContainerSpec =
             serde_json::from_value(serde_json::json!({"name": "main", "image": image}))
                 .expect("spec");
@@ -358,7 +373,7 @@ mod tests {
                 },
                 run,
                 started_at: 1,
-                release: 0,
+                release,
             }],
         }
     }
@@ -429,5 +444,57 @@ mod tests {
             .error
             .as_deref()
             .is_some_and(|e| e.contains("simulated")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_release_reported_is_the_one_the_containers_run() {
+        let cfg = RuntimeConfig::default();
+        let one = desired_release(1, RunState::Running, "r/a:1", 1);
+        let out = execute(
+            cfg,
+            plan(&one, &[], &[]),
+            Vec::new(),
+            Vec::new(),
+            &mut Steps(Vec::new()),
+        )
+        .await;
+        let apps = observe(&one, &out.containers, None);
+        assert_eq!((apps[0].release, apps[0].phase), (1, AppPhase::Running));
+        // Release 2 is adopted; release 1's container still runs.
+        let two = desired_release(2, RunState::Running, "r/a:2", 2);
+        let apps = observe(&two, &out.containers, None);
+        assert_eq!(
+            (apps[0].release, apps[0].phase),
+            (0, AppPhase::Running),
+            "not release 2 before its containers exist"
+        );
+        // Its pull fails: the old container stays, and so does "unknown".
+        let failed = execute(
+            RuntimeConfig {
+                failure_rate: 1.0,
+                ..cfg
+            },
+            plan(&two, &out.containers, &out.images),
+            out.containers.clone(),
+            out.images.clone(),
+            &mut Steps(Vec::new()),
+        )
+        .await;
+        let apps = observe(&two, &failed.containers, failed.failure.as_ref());
+        assert_eq!((apps[0].release, apps[0].phase), (0, AppPhase::Failed));
+        let done = execute(
+            cfg,
+            plan(&two, &out.containers, &out.images),
+            out.containers,
+            out.images,
+            &mut Steps(Vec::new()),
+        )
+        .await;
+        let apps = observe(&two, &done.containers, None);
+        assert_eq!((apps[0].release, apps[0].phase), (2, AppPhase::Running));
+        assert!(apps[0]
+            .containers
+            .iter()
+            .all(|c| c.state == "running" && c.health.is_none()));
     }
 }

@@ -16,6 +16,8 @@ use crate::runtime::RuntimeConfig;
 use crate::sim::{Fleet, SimConfig, SimError};
 use crate::target::{BrokerKind, Target, TargetConfig, TargetError};
 
+pub mod rollout_request;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error(transparent)]
@@ -632,12 +634,35 @@ fn opt_secs(d: Option<Duration>) -> String {
     d.map_or("—".into(), |d| secs(d.as_secs_f64()))
 }
 
+/// Which way the rollout scenario moves the fleet to a new app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RolloutPath {
+    /// One `POST /api/v1/devices/{id}/apps` per device.
+    PerDevice,
+    /// One `POST /api/v1/rollouts` for the whole fleet, in one batch and
+    /// in ten.
+    Rollout,
+    /// Both, one after the other on the same orchestrator and agents.
+    Both,
+}
+
+impl RolloutPath {
+    fn per_device(self) -> bool {
+        self != RolloutPath::Rollout
+    }
+
+    fn rollout(self) -> bool {
+        self != RolloutPath::PerDevice
+    }
+}
+
 pub async fn rollout(
     c: &Common,
     n: usize,
     concurrency: usize,
     timeout: Duration,
     brokers: &[BrokerKind],
+    path: RolloutPath,
 ) -> Result<Vec<Table>, ScenarioError> {
     let fd_note = prepare_fds(n)?;
     let mut table = Table::new(
@@ -656,76 +681,188 @@ pub async fn rollout(
             "orch peak RSS",
         ],
     );
-    table.note(fd_note);
+    table.note(fd_note.clone());
     table.note(format!("one POST /api/v1/devices/{{id}}/apps per device, {concurrency} in flight; times from the first request; operations polled every 0.5 s"));
+    let mut requests = Table::new(
+        format!("rollout: one POST /api/v1/rollouts to {n} agents"),
+        &[
+            "broker",
+            "batches",
+            "request answered",
+            "50 % updated",
+            "100 % updated (final)",
+            "final phase",
+            "batch time p50 / max",
+            "updated / failed / skipped",
+            "applied == desired",
+            "orch CPU",
+            "orch peak RSS",
+        ],
+    );
+    requests.note(fd_note);
+    requests.note("one request for the whole fleet (selector: the label every simulated agent of this run sets on itself; release: the latest; on_failure: continue, so a simulated pull failure does not roll the fleet back mid-measurement); followed on GET /api/v1/changes?rollout=ID (subscribe, then one read; a read again on `lagged`), never polled; times from the request, as the changes arrive here (the server coalesces progress to a few changes per second); a batch ends when the next begins");
+    requests.note("updated = the device reports the target release running, every container running, health absent or healthy (the orchestrator's rule)");
     let mut rows: Vec<(BrokerKind, f64)> = Vec::new();
+    // Time to the end, per broker and path, for the comparison note.
+    let mut ends: Vec<(BrokerKind, String, Option<Duration>)> = Vec::new();
     for &b in brokers {
         let c = c.with_broker(b);
         let mut t = Target::start(c.target.clone()).await?;
         table.note(c.setup_note(&t));
+        requests.note(c.setup_note(&t));
         let mut fleet = Fleet::new(c.sim(&t), "sim")?;
         let started = Instant::now();
         fleet.grow_to(n, c.ramp_per_sec).await?;
         if let Err(why) = wait_online(&mut t, &fleet, n, Duration::from_secs(600), started).await {
-            table.row(vec![
-                b.as_str().into(),
-                format!("BROKE while connecting: {why}"),
-            ]);
+            let row = vec![b.as_str().into(), format!("BROKE while connecting: {why}")];
+            table.row(row.clone());
+            requests.row(row);
             fleet.shutdown(Duration::from_secs(5)).await;
             t.stop(c.keep).await;
             continue;
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let app = unique_app();
-        t.api
-            .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
-            .await?;
         let ids: Vec<String> = fleet.devices().iter().map(ToString::to_string).collect();
-        let o0 = t.orch_sample();
-        let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
-        let r = run_rollout(&t.api, &ids, &app, concurrency, timeout).await;
-        let series = sampler.stop().await;
-        let conv = converged(&t.api, &ids)
-            .await
-            .map_or_else(|e| e.to_string(), |k| format!("{k}/{n}"));
-        let p = |q| percentile(&r.rest_latencies, q).map_or("—".into(), ms);
-        table.row(vec![
-            b.as_str().into(),
-            secs(r.issue_time.as_secs_f64()),
-            format!(
-                "{:.0}",
-                r.issued as f64 / r.issue_time.as_secs_f64().max(1e-9)
-            ),
-            format!("{} / {}", p(50.0), p(99.0)),
-            opt_secs(r.t50),
-            opt_secs(r.t99),
-            opt_secs(r.t100),
-            format!(
-                "{} / {} / {} / {}",
-                r.succeeded, r.failed, r.other_final, r.open
-            ),
-            conv,
-            series
-                .as_ref()
-                .map_or("—".into(), |s| format!("{:.0} %", s.cpu_percent())),
-            series.as_ref().map_or_else(
-                || o0.map_or("—".into(), |s| mib(s.rss_bytes)),
-                |s| mib(s.max_rss),
-            ),
-        ]);
-        if !r.issue_errors.is_empty() {
-            table.note(format!(
-                "{}: {} REST errors, first: {}",
-                b.as_str(),
-                r.issue_errors.len(),
-                r.issue_errors[0]
-            ));
+        if path.per_device() {
+            let app = unique_app();
+            t.api
+                .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+                .await?;
+            let o0 = t.orch_sample();
+            let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
+            let r = run_rollout(&t.api, &ids, &app, concurrency, timeout).await;
+            let series = sampler.stop().await;
+            let conv = converged(&t.api, &ids)
+                .await
+                .map_or_else(|e| e.to_string(), |k| format!("{k}/{n}"));
+            let p = |q| percentile(&r.rest_latencies, q).map_or("—".into(), ms);
+            table.row(vec![
+                b.as_str().into(),
+                secs(r.issue_time.as_secs_f64()),
+                format!(
+                    "{:.0}",
+                    r.issued as f64 / r.issue_time.as_secs_f64().max(1e-9)
+                ),
+                format!("{} / {}", p(50.0), p(99.0)),
+                opt_secs(r.t50),
+                opt_secs(r.t99),
+                opt_secs(r.t100),
+                format!(
+                    "{} / {} / {} / {}",
+                    r.succeeded, r.failed, r.other_final, r.open
+                ),
+                conv,
+                series
+                    .as_ref()
+                    .map_or("—".into(), |s| format!("{:.0} %", s.cpu_percent())),
+                series.as_ref().map_or_else(
+                    || o0.map_or("—".into(), |s| mib(s.rss_bytes)),
+                    |s| mib(s.max_rss),
+                ),
+            ]);
+            if !r.issue_errors.is_empty() {
+                table.note(format!(
+                    "{}: {} REST errors, first: {}",
+                    b.as_str(),
+                    r.issue_errors.len(),
+                    r.issue_errors[0]
+                ));
+            }
+            for f in &r.failure_samples {
+                table.note(format!("{}: failed operation: {f}", b.as_str()));
+            }
+            if let Some(t100) = r.t100 {
+                rows.push((b, t100.as_secs_f64()));
+            }
+            ends.push((b, "one request per device".into(), r.t100));
         }
-        for f in &r.failure_samples {
-            table.note(format!("{}: failed operation: {f}", b.as_str()));
-        }
-        if let Some(t100) = r.t100 {
-            rows.push((b, t100.as_secs_f64()));
+        if path.rollout() {
+            for (label, batches) in rollout_request::plans() {
+                // Let the previous path's last reports drain first.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let app = unique_app();
+                t.api
+                    .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+                    .await?;
+                let o0 = t.orch_sample();
+                let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
+                let r = rollout_request::run_rollout_request(
+                    &t.api,
+                    &app,
+                    &fleet.selector(),
+                    &batches,
+                    timeout,
+                )
+                .await;
+                let series = sampler.stop().await;
+                let conv = converged(&t.api, &ids)
+                    .await
+                    .map_or_else(|e| e.to_string(), |k| format!("{k}/{n}"));
+                let last = r.clock.last.as_ref();
+                let succeeded = last.is_some_and(|l| l.phase == "succeeded");
+                let mut times: Vec<f64> = r
+                    .clock
+                    .batch_times()
+                    .iter()
+                    .flatten()
+                    .map(Duration::as_secs_f64)
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                requests.row(vec![
+                    b.as_str().into(),
+                    label.into(),
+                    opt_secs(r.request_time),
+                    opt_secs(r.clock.half_updated),
+                    opt_secs(r.clock.finished),
+                    last.map_or("—".into(), |l| l.phase.clone()),
+                    format!(
+                        "{} / {}",
+                        percentile(&times, 50.0).map_or("—".into(), secs),
+                        times.last().map_or("—".into(), |v| secs(*v))
+                    ),
+                    last.map_or("—".into(), |l| {
+                        format!(
+                            "{} / {} / {}",
+                            l.counts.updated, l.counts.failed, l.counts.skipped
+                        )
+                    }),
+                    conv,
+                    series
+                        .as_ref()
+                        .map_or("—".into(), |s| format!("{:.0} %", s.cpu_percent())),
+                    series.as_ref().map_or_else(
+                        || o0.map_or("—".into(), |s| mib(s.rss_bytes)),
+                        |s| mib(s.max_rss),
+                    ),
+                ]);
+                let per_batch: Vec<String> = r
+                    .clock
+                    .batch_times()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| format!("{}: {}", i + 1, opt_secs(*d)))
+                    .collect();
+                requests.note(format!(
+                    "{}, {label}: time per batch: {}; lagged {}, subscribed again {}",
+                    b.as_str(),
+                    per_batch.join(", "),
+                    r.lagged,
+                    r.resubscribed
+                ));
+                if let Some(l) = last.filter(|l| l.phase != "succeeded") {
+                    if let Some(why) = &l.reason {
+                        requests.note(format!("{}, {label}: {}: {why}", b.as_str(), l.phase));
+                    }
+                }
+                if let Some(e) = &r.error {
+                    requests.note(format!("{}, {label}: {e}", b.as_str()));
+                }
+                ends.push((
+                    b,
+                    format!("one rollout request, {label}"),
+                    r.clock.finished.filter(|_| succeeded),
+                ));
+            }
         }
         fleet.shutdown(Duration::from_secs(10)).await;
         t.stop(c.keep).await;
@@ -739,7 +876,50 @@ pub async fn rollout(
             m.1 / e.1.max(1e-9)
         ));
     }
-    Ok(vec![table])
+    let mut tables = Vec::new();
+    if path.per_device() {
+        tables.push(table);
+    }
+    if path.rollout() {
+        if path.per_device() {
+            requests.note(compare_paths(&ends));
+        }
+        tables.push(requests);
+    }
+    Ok(tables)
+}
+
+/// "time to 100 %, embedded rumqttd: one request per device 41.20 s; one
+/// rollout request, 1 batch 38.10 s (0.92×); …": every path next to the
+/// first, per broker.
+fn compare_paths(ends: &[(BrokerKind, String, Option<Duration>)]) -> String {
+    let mut parts = Vec::new();
+    let mut brokers: Vec<BrokerKind> = Vec::new();
+    for (b, _, _) in ends {
+        if !brokers.contains(b) {
+            brokers.push(*b);
+        }
+    }
+    for b in brokers {
+        let mine: Vec<&(BrokerKind, String, Option<Duration>)> =
+            ends.iter().filter(|e| e.0 == b).collect();
+        let base = mine.first().and_then(|e| e.2);
+        let cells: Vec<String> = mine
+            .iter()
+            .enumerate()
+            .map(|(i, (_, what, d))| match (d, base) {
+                (Some(d), Some(base)) if i > 0 => format!(
+                    "{what} {} ({:.2}×)",
+                    secs(d.as_secs_f64()),
+                    d.as_secs_f64() / base.as_secs_f64().max(1e-9)
+                ),
+                (Some(d), _) => format!("{what} {}", secs(d.as_secs_f64())),
+                (None, _) => format!("{what} did not reach 100 %"),
+            })
+            .collect();
+        parts.push(format!("{}: {}", b.as_str(), cells.join("; ")));
+    }
+    format!("time to 100 % (same orchestrator and agents, paths one after the other, each a new app), {}", parts.join(" | "))
 }
 
 /// Samples the orchestrator every 250 ms in the background.
@@ -1247,4 +1427,32 @@ pub async fn agent_footprint(c: &Common, a: &FootprintArgs) -> Result<Vec<Table>
     agent.terminate(Duration::from_secs(10)).await;
     t.stop(c.keep).await;
     Ok(vec![table])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_compared_with_the_first_per_broker() {
+        let s = |v: f64| Some(Duration::from_secs_f64(v));
+        let note = compare_paths(&[
+            (BrokerKind::Embedded, "per device".into(), s(40.0)),
+            (BrokerKind::Embedded, "1 batch".into(), s(30.0)),
+            (BrokerKind::Embedded, "10 batches".into(), None),
+            (BrokerKind::Mosquitto, "per device".into(), None),
+            (BrokerKind::Mosquitto, "1 batch".into(), s(20.0)),
+        ]);
+        assert!(
+            note.ends_with("embedded rumqttd: per device 40.00 s; 1 batch 30.00 s (0.75×); 10 batches did not reach 100 % | mosquitto: per device did not reach 100 %; 1 batch 20.00 s"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn both_paths_run_both() {
+        assert!(RolloutPath::Both.per_device() && RolloutPath::Both.rollout());
+        assert!(RolloutPath::PerDevice.per_device() && !RolloutPath::PerDevice.rollout());
+        assert!(!RolloutPath::Rollout.per_device() && RolloutPath::Rollout.rollout());
+    }
 }

@@ -163,6 +163,11 @@ impl Stats {
     }
 }
 
+/// The label every agent of a fleet sets on itself (in its `hello`), with a
+/// value unique to the fleet: a rollout's selector picks exactly this run's
+/// agents, even on an orchestrator that has other devices (`--api`).
+pub const FLEET_LABEL: &str = "loadtest-fleet";
+
 /// The device id of simulated agent `index` (1-based): `sim-00001`.
 pub fn device_id(prefix: &str, index: usize) -> Result<DeviceId, SimError> {
     let id = format!("{prefix}-{index:05}");
@@ -173,6 +178,8 @@ pub fn device_id(prefix: &str, index: usize) -> Result<DeviceId, SimError> {
 pub struct Fleet {
     cfg: Arc<SimConfig>,
     prefix: String,
+    /// The value of [`FLEET_LABEL`] on its agents.
+    label: Arc<str>,
     stats: Arc<Stats>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -187,6 +194,7 @@ impl Fleet {
         Ok(Fleet {
             cfg: Arc::new(cfg),
             prefix: prefix.to_string(),
+            label: format!("{prefix}-{}", crate::unique_suffix()).into(),
             stats: Arc::new(Stats::default()),
             stop: watch::channel(false).0,
             tasks: Vec::new(),
@@ -196,6 +204,11 @@ impl Fleet {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// A label selector that matches this fleet's agents and nothing else.
+    pub fn selector(&self) -> String {
+        format!("{FLEET_LABEL}={}", self.label)
     }
 
     pub fn devices(&self) -> &[DeviceId] {
@@ -226,6 +239,7 @@ impl Fleet {
             let host = self.cfg.hosts[i % self.cfg.hosts.len()].clone();
             self.tasks.extend(spawn_agent(
                 self.cfg.clone(),
+                self.label.clone(),
                 device.clone(),
                 host,
                 self.stats.clone(),
@@ -284,6 +298,7 @@ fn now_ms() -> u64 {
 
 fn spawn_agent(
     cfg: Arc<SimConfig>,
+    fleet: Arc<str>,
     device: DeviceId,
     host: String,
     stats: Arc<Stats>,
@@ -325,6 +340,7 @@ fn spawn_agent(
     );
     let agent = Agent {
         cfg,
+        fleet,
         device,
         client,
         stats,
@@ -414,6 +430,8 @@ async fn drive(
 /// One simulated agent's core: the owner of its desired state and acks.
 struct Agent {
     cfg: Arc<SimConfig>,
+    /// Its fleet's [`FLEET_LABEL`] value.
+    fleet: Arc<str>,
     device: DeviceId,
     client: AsyncClient,
     stats: Arc<Stats>,
@@ -629,7 +647,7 @@ impl Agent {
             docker_error: None,
             images: self.images.clone(),
             booted_at_ms: self.booted_ms,
-            labels: Default::default(),
+            labels: BTreeMap::from([(FLEET_LABEL.to_string(), self.fleet.to_string())]),
         }
     }
 
@@ -750,5 +768,28 @@ mod tests {
             "sim-123456"
         );
         assert!(device_id("bad/prefix", 1).is_err());
+    }
+
+    #[test]
+    fn a_fleet_selector_picks_its_own_agents_only() {
+        use drover::core::selector::{validate_labels, Selector};
+        let cfg = SimConfig {
+            topics: Topics::default(),
+            hosts: vec!["127.0.0.1".into()],
+            port: 1883,
+            heartbeat: Duration::from_secs(30),
+            telemetry: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(10),
+            tcp_nodelay: false,
+            runtime: RuntimeConfig::default(),
+        };
+        let a = Fleet::new(cfg.clone(), "sim").expect("fleet");
+        let b = Fleet::new(cfg, "sim").expect("fleet");
+        let own = BTreeMap::from([(FLEET_LABEL.to_string(), a.label.to_string())]);
+        validate_labels(&own).expect("the orchestrator accepts the label in a hello");
+        let sel = Selector::parse(&a.selector()).expect("a valid selector");
+        assert!(sel.matches(&own));
+        let other = BTreeMap::from([(FLEET_LABEL.to_string(), b.label.to_string())]);
+        assert!(!sel.matches(&other), "another fleet of the same prefix");
     }
 }

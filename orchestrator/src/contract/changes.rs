@@ -78,9 +78,7 @@ impl ChangeFilter {
             | Change::State { device, .. }
             | Change::Telemetry { device, .. }
             | Change::Event { device, .. } => (Some(device), None, None),
-            Change::Operation { operation } => {
-                (Some(&operation.device), Some(&operation.id), None)
-            }
+            Change::Operation { operation } => (Some(&operation.device), Some(&operation.id), None),
             Change::Rollout { rollout } => (None, None, Some(&rollout.id)),
             Change::App { .. } | Change::Lagged { .. } => (None, None, None),
         };

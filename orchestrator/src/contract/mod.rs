@@ -25,8 +25,7 @@ pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};
 pub use rollouts::{
     BatchSize, CreateRollout, OnFailure, Rollout, RolloutAction, RolloutCounts, RolloutDevice,
-    RolloutDeviceState,
-    RolloutPhase,
+    RolloutDeviceState, RolloutPhase,
 };
 pub use security::{
     ApiToken, AuditEntry, AuditOutcome, EnrollToken, MqttUser, NewApiToken, NewEnrollToken,

@@ -10,7 +10,9 @@ use drover_shared::model::{AppSpec, RunState};
 use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 
-use crate::contract::{NewApiToken, NewEnrollToken, NewMqttUser, Role};
+use crate::contract::{
+    CreateRollout, NewApiToken, NewEnrollToken, NewMqttUser, Role, RolloutAction,
+};
 
 /// What the audit log calls requests without a valid token; no token may
 /// be named so, or its actions would read as a stranger's.
@@ -106,6 +108,13 @@ pub enum Command {
     },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
+    /// Roll a release out to the devices a selector matches, in batches.
+    CreateRollout(Box<CreateRollout>),
+    /// Pause, resume, approve, abort or roll back a rollout.
+    RolloutAction {
+        id: String,
+        action: RolloutAction,
+    },
     CreateEnrollToken(NewEnrollToken),
     DeleteEnrollToken(String),
     RevokeDevice(DeviceId),
@@ -129,6 +138,8 @@ impl Command {
             Command::ClearOverride { .. } => CommandKind::ClearOverride,
             Command::SetRegistry(_) => CommandKind::SetRegistry,
             Command::DeleteRegistry(_) => CommandKind::DeleteRegistry,
+            Command::CreateRollout(_) => CommandKind::CreateRollout,
+            Command::RolloutAction { action, .. } => CommandKind::of_rollout_action(*action),
             Command::CreateEnrollToken(_) => CommandKind::CreateEnrollToken,
             Command::DeleteEnrollToken(_) => CommandKind::DeleteEnrollToken,
             Command::RevokeDevice(_) => CommandKind::RevokeDevice,
@@ -162,6 +173,12 @@ pub enum CommandKind {
     ClearOverride,
     SetRegistry,
     DeleteRegistry,
+    CreateRollout,
+    PauseRollout,
+    ResumeRollout,
+    ApproveRollout,
+    AbortRollout,
+    RollbackRollout,
     CreateEnrollToken,
     DeleteEnrollToken,
     RevokeDevice,
@@ -181,6 +198,8 @@ pub enum CommandKind {
     WatchChanges,
     ListRegistries,
     ShowRegistry,
+    ListRollouts,
+    ShowRollout,
     ListEnrollTokens,
     ListApiTokens,
     ListMqttUsers,
@@ -188,7 +207,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 38] = [
+    pub const ALL: [CommandKind; 46] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -205,6 +224,12 @@ impl CommandKind {
         CommandKind::ClearOverride,
         CommandKind::SetRegistry,
         CommandKind::DeleteRegistry,
+        CommandKind::CreateRollout,
+        CommandKind::PauseRollout,
+        CommandKind::ResumeRollout,
+        CommandKind::ApproveRollout,
+        CommandKind::AbortRollout,
+        CommandKind::RollbackRollout,
         CommandKind::CreateEnrollToken,
         CommandKind::DeleteEnrollToken,
         CommandKind::RevokeDevice,
@@ -223,6 +248,8 @@ impl CommandKind {
         CommandKind::WatchChanges,
         CommandKind::ListRegistries,
         CommandKind::ShowRegistry,
+        CommandKind::ListRollouts,
+        CommandKind::ShowRollout,
         CommandKind::ListEnrollTokens,
         CommandKind::ListApiTokens,
         CommandKind::ListMqttUsers,
@@ -241,6 +268,17 @@ impl CommandKind {
         }
     }
 
+    /// The kind of a [`Command::RolloutAction`] with this action.
+    pub fn of_rollout_action(action: RolloutAction) -> CommandKind {
+        match action {
+            RolloutAction::Pause => CommandKind::PauseRollout,
+            RolloutAction::Resume => CommandKind::ResumeRollout,
+            RolloutAction::Approve => CommandKind::ApproveRollout,
+            RolloutAction::Abort => CommandKind::AbortRollout,
+            RolloutAction::Rollback => CommandKind::RollbackRollout,
+        }
+    }
+
     /// The least role that may run it. Viewers read; operators also deploy,
     /// start, stop, remove and enroll; admins define apps (and so decide
     /// which apps get privileges), revoke devices, and manage tokens,
@@ -249,14 +287,15 @@ impl CommandKind {
         use CommandKind::*;
         match self {
             Deploy | Start | Stop | Remove | Pause | Unpause | SetLabels | Assign | Unassign
-            | ClearOverride | CreateEnrollToken | DeleteEnrollToken | ListEnrollTokens => {
-                Role::Operator
-            }
+            | ClearOverride | CreateRollout | PauseRollout | ResumeRollout | ApproveRollout
+            | AbortRollout | RollbackRollout | CreateEnrollToken | DeleteEnrollToken
+            | ListEnrollTokens => Role::Operator,
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
             | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
-            | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry => Role::Viewer,
+            | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
+            | ListRollouts | ShowRollout => Role::Viewer,
         }
     }
 
@@ -266,11 +305,15 @@ impl CommandKind {
         match self {
             CreateApp | UpdateApp | ImportApp | DeleteApp | Deploy | Start | Stop | Remove
             | Pause | Unpause | SetLabels | Assign | Unassign | ClearOverride | SetRegistry
-            | DeleteRegistry | CreateEnrollToken | DeleteEnrollToken | RevokeDevice
-            | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => true,
+            | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout | ApproveRollout
+            | AbortRollout | RollbackRollout | CreateEnrollToken | DeleteEnrollToken
+            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
+                true
+            }
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
-            | ListEnrollTokens | ListApiTokens | ListMqttUsers | ReadAudit => false,
+            | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
+            | ReadAudit => false,
         }
     }
 
@@ -294,6 +337,14 @@ impl CommandKind {
             ClearOverride => "device.override.clear",
             SetRegistry => "registry.set",
             DeleteRegistry => "registry.delete",
+            CreateRollout => "rollout.create",
+            PauseRollout => "rollout.pause",
+            ResumeRollout => "rollout.resume",
+            ApproveRollout => "rollout.approve",
+            AbortRollout => "rollout.abort",
+            RollbackRollout => "rollout.rollback",
+            ListRollouts => "rollouts.list",
+            ShowRollout => "rollout.show",
             CreateEnrollToken => "enroll_token.create",
             DeleteEnrollToken => "enroll_token.delete",
             RevokeDevice => "device.revoke",

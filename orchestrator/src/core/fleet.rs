@@ -3,7 +3,7 @@
 //! request changes that. No I/O: every transition returns the store writes
 //! and publications it implies, and `service` carries them out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use drover_shared::codec::MAX_PAYLOAD_BYTES;
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
@@ -198,6 +198,18 @@ pub struct Fleet {
     placement: HashMap<DeviceId, Placement>,
     operations: OpBook,
     logs: HashMap<(DeviceId, Name, Name), VecDeque<LogLine>>,
+    /// What running rollouts hold, per app (not stored: the engine sets
+    /// it again from the rollouts it loads).
+    holds: HashMap<Name, Hold>,
+}
+
+/// A running rollout's hold on its app: the devices the assignment's
+/// reconciliation leaves to the rollout, and the releases that must not
+/// be dropped (it may set a device back to one).
+#[derive(Debug, Default, Clone)]
+pub struct Hold {
+    pub devices: HashSet<DeviceId>,
+    pub releases: BTreeSet<u64>,
 }
 
 impl Fleet {
@@ -238,6 +250,7 @@ impl Fleet {
             desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
             operations: OpBook::load(operations),
             logs: HashMap::new(),
+            holds: HashMap::new(),
         }
     }
 
@@ -607,13 +620,22 @@ impl Fleet {
         }
     }
 
-    /// The releases of `app` that some device's desired state holds.
+    /// The releases of `app` that some device's desired state holds, its
+    /// assignment names, or a running rollout may set a device back to.
     pub fn releases_in_use(&self, app: &Name) -> std::collections::BTreeSet<u64> {
-        self.desired
+        let mut used: BTreeSet<u64> = self
+            .desired
             .values()
             .filter_map(|d| d.app(app))
             .map(|a| a.release)
-            .collect()
+            .collect();
+        if let Some(a) = self.apps.get(app).and_then(|r| r.assignment.as_ref()) {
+            used.insert(a.release);
+        }
+        if let Some(h) = self.holds.get(app) {
+            used.extend(h.releases.iter().copied());
+        }
+        used
     }
 
     pub fn put_app(&mut self, rec: AppRecord) {
@@ -931,8 +953,12 @@ impl Fleet {
             let sel = Selector::parse(&a.selector).ok()?;
             Some((sel, a.release, a.run))
         });
+        let held = self.holds.get(app);
         let mut out = Vec::new();
         for id in self.devices.keys() {
+            if held.is_some_and(|h| h.devices.contains(id)) {
+                continue;
+            }
             let want = match (&target, rec) {
                 (Some((sel, release, run)), Some(r)) => self
                     .labels_of(id)
@@ -956,6 +982,9 @@ impl Fleet {
         let (mut state, mut placement) = self.current(id);
         let mut changed: Option<DeviceUpdate> = None;
         for (name, rec) in &self.apps {
+            if self.holds.get(name).is_some_and(|h| h.devices.contains(id)) {
+                continue;
+            }
             let want = rec.assignment.as_ref().and_then(|a| {
                 let sel = Selector::parse(&a.selector).ok()?;
                 sel.matches(&labels)
@@ -979,9 +1008,10 @@ impl Fleet {
     }
 
     /// Moves one app on one device to `release` (running or stopped as
-    /// `run`), as an assignment does; a rollout drives devices one batch at
-    /// a time through this. `None` when it is already so, or the device
-    /// overrides the app's assignment.
+    /// `run`; 0: the app goes, if an assignment put it there), as an
+    /// assignment does; a rollout drives devices one batch at a time
+    /// through this. `None` when it is already so, or the device overrides
+    /// the app's assignment.
     pub fn set_device_release(
         &self,
         id: &DeviceId,
@@ -996,6 +1026,10 @@ impl Fleet {
             .apps
             .get(app)
             .ok_or_else(|| FleetError::UnknownApp(app.clone()))?;
+        let (state, placement) = self.current(id);
+        if release == 0 {
+            return Ok(plan(id, app, None, state, placement));
+        }
         let rel = rec
             .release(release)
             .ok_or_else(|| FleetError::UnknownRelease {
@@ -1003,8 +1037,110 @@ impl Fleet {
                 release,
                 latest: rec.latest_release(),
             })?;
-        let (state, placement) = self.current(id);
         Ok(plan(id, app, Some((rel, run)), state, placement))
+    }
+
+    // ----- rollouts -------------------------------------------------------
+
+    /// The devices a rollout of `app` over `selector` moves, each with the
+    /// release of the app it has now (0: none): every device the selector
+    /// matches, except those that override the app's assignment (an
+    /// operator manages the app there by hand).
+    pub fn rollout_targets(&self, app: &Name, selector: &Selector) -> BTreeMap<DeviceId, u64> {
+        self.matching(selector)
+            .into_iter()
+            .filter(|id| {
+                !self
+                    .placement
+                    .get(id)
+                    .is_some_and(|p| p.overrides.contains(app))
+            })
+            .map(|id| {
+                let r = self
+                    .desired
+                    .get(&id)
+                    .and_then(|d| d.app(app))
+                    .map_or(0, |a| a.release);
+                (id, r)
+            })
+            .collect()
+    }
+
+    /// The devices an assignment put `app` on.
+    pub fn assigned_devices(&self, app: &Name) -> Vec<DeviceId> {
+        self.placement
+            .iter()
+            .filter(|(_, p)| p.assigned.contains(app))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Sets (replaces) what a running rollout of `app` holds.
+    pub fn hold(&mut self, app: &Name, hold: Hold) {
+        self.holds.insert(app.clone(), hold);
+    }
+
+    /// A rollout of `app` ended: the assignment reconciles its devices again.
+    pub fn release_hold(&mut self, app: &Name) {
+        self.holds.remove(app);
+    }
+
+    /// One device is no longer the rollout's (it left the selector, or an
+    /// operator took the app over by hand).
+    pub fn release_held_device(&mut self, app: &Name, id: &DeviceId) {
+        if let Some(h) = self.holds.get_mut(app) {
+            h.devices.remove(id);
+        }
+    }
+
+    /// Marks `app` on `devices` as placed by hand, not by the assignment:
+    /// `overridden` (an aborted rollout's devices keep the release they
+    /// run) or plain (a rollback to no assignment at all). Returns the
+    /// writes of the placements that changed.
+    pub fn unassign(&mut self, app: &Name, devices: &[DeviceId], overridden: bool) -> Vec<Write> {
+        let mut writes = Vec::new();
+        for id in devices {
+            let Some(state) = self.desired.get(id) else {
+                continue;
+            };
+            let p = self.placement.entry(id.clone()).or_default();
+            let before = p.clone();
+            p.assigned.remove(app);
+            if overridden && state.app(app).is_some() {
+                p.overrides.insert(app.clone());
+            }
+            if *p != before {
+                writes.push(Write::Desired(DesiredRecord {
+                    device: id.clone(),
+                    state: state.clone(),
+                    placement: p.clone(),
+                }));
+            }
+        }
+        writes
+    }
+
+    /// What a device's last state report says of `app`, for a rollout:
+    /// the release it runs (0: absent), whether it is ready (the app
+    /// running, every container running and healthy where it has a health
+    /// check) and why it failed (its phase, or an unhealthy container). A
+    /// failure with no release yet (nothing made from the new spec) counts
+    /// for the release the device was told, once the report answers the
+    /// desired state that told it. `None` before any report.
+    pub fn rollout_observation(
+        &self,
+        id: &DeviceId,
+        app: &Name,
+    ) -> Option<crate::core::rollout::Observation> {
+        let observed = self.devices.get(id)?.record.observed.as_ref()?;
+        let desired = self.desired.get(id);
+        let ours = desired.map_or(0, |d| d.generation);
+        let told = desired.and_then(|d| d.app(app)).map_or(0, |a| a.release);
+        Some(crate::core::rollout::observe_app(
+            observed.apps.iter().find(|a| &a.name == app),
+            observed.desired_generation >= ours,
+            told,
+        ))
     }
 
     /// Clears a device's override of `app`'s assignment; the caller then

@@ -350,4 +350,17 @@ pub enum Write {
     },
     Registry(RegistryRecord),
     DeleteRegistry(String),
+    Rollout(Box<RolloutRecord>),
+    DeleteRollout(String),
+}
+
+/// A rollout as stored: the state machine and what its end needs. The
+/// app's assignment is moved to the rollout's target when it starts;
+/// `previous_assignment` is what a rollback or an abort puts back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub rollout: crate::core::rollout::Rollout,
+    pub previous_assignment: Option<AssignmentRecord>,
+    /// Running or stopped, as the devices get the release.
+    pub run: RunState,
 }

@@ -49,6 +49,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use drover_shared::model::{AppPhase, AppStatus, Health};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -200,6 +201,49 @@ pub struct Observation {
     pub release: u64,
     pub ready: bool,
     pub failed: Option<String>,
+}
+
+/// What a device's report of `app` means for a rollout (see
+/// [`crate::core::fleet::Fleet::rollout_observation`]): `status` is the
+/// app in the report (`None`: absent), `current` whether the report
+/// answers the device's latest desired state, `told` the release that
+/// desired state gives the app.
+pub fn observe_app(status: Option<&AppStatus>, current: bool, told: u64) -> Observation {
+    let Some(a) = status else {
+        return Observation {
+            release: 0,
+            ready: true,
+            failed: None,
+        };
+    };
+    let unhealthy = a
+        .containers
+        .iter()
+        .find(|c| c.health == Some(Health::Unhealthy));
+    let failed = if a.phase == AppPhase::Failed {
+        Some(a.error.clone().unwrap_or_else(|| "the app failed".into()))
+    } else {
+        unhealthy.map(|c| format!("container {} is unhealthy", c.name))
+    };
+    let release = if a.release == 0 && failed.is_some() && current {
+        told
+    } else {
+        a.release
+    };
+    let healthy = a
+        .containers
+        .iter()
+        .all(|c| c.state == "running" && matches!(c.health, None | Some(Health::Healthy)));
+    let ready = match a.phase {
+        AppPhase::Running => healthy,
+        AppPhase::Stopped | AppPhase::Paused => true,
+        _ => false,
+    };
+    Observation {
+        release,
+        ready,
+        failed,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

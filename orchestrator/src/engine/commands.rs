@@ -31,6 +31,7 @@ pub enum Reply {
     Operation(contract::Operation),
     Device(Box<contract::Device>),
     Assignment(Box<contract::Assignment>),
+    Rollout(Box<contract::Rollout>),
     Registry(contract::Registry),
     EnrollToken(contract::EnrollToken),
     ApiToken(contract::ApiToken),
@@ -116,6 +117,14 @@ impl From<EngineError> for CommandError {
                 },
             },
             EngineError::UnknownRegistry(_) => CommandError::not_found("host", msg),
+            EngineError::UnknownRollout(_) => CommandError::not_found("id", msg),
+            EngineError::RolloutInvalid { field, message } => {
+                CommandError::Invalid { field, message }
+            }
+            EngineError::RolloutConflict { field, message } => CommandError::Conflict {
+                field: Some(field),
+                message,
+            },
             EngineError::Store(s) => store_failed(&s),
             EngineError::Recovering | EngineError::Stopped => CommandError::Unavailable(msg),
         }
@@ -424,6 +433,46 @@ impl Commands {
                 match self.engine.device(device).await? {
                     Some(view) => Ok((Reply::Device(Box::new(view)), format!("app {app}"))),
                     None => Err(CommandError::Internal("the device went away".into())),
+                }
+            }
+            Command::CreateRollout(request) => {
+                let app = request.app.clone();
+                match self
+                    .engine
+                    .change(FleetChange::CreateRollout {
+                        request: *request,
+                        author: by.clone(),
+                    })
+                    .await?
+                {
+                    Done::Rollout(view) => {
+                        let detail = format!(
+                            "rollout {} of app {app}: release {} to {} device(s) matching {:?} in {} batch(es)",
+                            view.id,
+                            view.to_release,
+                            view.counts.total,
+                            view.selector,
+                            view.batches.len()
+                        );
+                        Ok((Reply::Rollout(view), detail))
+                    }
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::RolloutAction { id, action } => {
+                match self
+                    .engine
+                    .change(FleetChange::RolloutAction {
+                        id: id.clone(),
+                        action,
+                    })
+                    .await?
+                {
+                    Done::Rollout(view) => {
+                        let detail = format!("rollout {id}: now {:?}", view.phase);
+                        Ok((Reply::Rollout(view), detail))
+                    }
+                    other => Err(unexpected(other)),
                 }
             }
             Command::SetRegistry(credential) => {

@@ -15,6 +15,7 @@
 
 pub mod commands;
 mod outbox;
+mod rollouts;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -67,6 +68,12 @@ pub enum EngineError {
     Recovering,
     #[error("no credentials stored for registry {0}")]
     UnknownRegistry(String),
+    #[error("rollout {0} does not exist")]
+    UnknownRollout(String),
+    #[error("{message}")]
+    RolloutInvalid { field: String, message: String },
+    #[error("{message}")]
+    RolloutConflict { field: String, message: String },
     #[error("the orchestrator is shutting down")]
     Stopped,
 }
@@ -113,6 +120,15 @@ pub enum FleetChange {
     },
     SetRegistry(RegistryCredential),
     DeleteRegistry(String),
+    /// Starts a rollout (superseding the app's running one), by `author`.
+    CreateRollout {
+        request: contract::CreateRollout,
+        author: String,
+    },
+    RolloutAction {
+        id: String,
+        action: contract::RolloutAction,
+    },
 }
 
 /// What a fleet change produced.
@@ -130,9 +146,11 @@ pub enum Done {
     Reconciled(usize),
     Registry(contract::Registry),
     RegistryDeleted,
+    Rollout(Box<contract::Rollout>),
 }
 
 type Read = Box<dyn FnOnce(&Fleet, &SecretsBook) + Send>;
+type ReadRollouts = Box<dyn FnOnce(&rollouts::Rollouts) + Send>;
 
 enum Input {
     Change {
@@ -140,6 +158,7 @@ enum Input {
         reply: oneshot::Sender<Result<Done, EngineError>>,
     },
     Read(Read),
+    ReadRollouts(ReadRollouts),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -266,6 +285,43 @@ impl EngineHandle {
     pub async fn device_counts(&self) -> Result<(usize, usize), EngineError> {
         self.read(|f, _| f.device_counts()).await
     }
+
+    async fn read_rollouts<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rollouts::Rollouts) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadRollouts = Box::new(move |r| {
+            let _ = tx.send(f(r));
+        });
+        self.tx
+            .send(Input::ReadRollouts(read))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Newest first; only `app`'s when given.
+    pub async fn rollouts(&self, app: Option<Name>) -> Result<Vec<contract::Rollout>, EngineError> {
+        self.read_rollouts(move |r| r.list(app.as_ref())).await
+    }
+
+    pub async fn rollout(&self, id: String) -> Result<Option<contract::Rollout>, EngineError> {
+        self.read_rollouts(move |r| r.get(&id)).await
+    }
+
+    /// A rollout's devices (`None`: no such rollout).
+    pub async fn rollout_devices(
+        &self,
+        id: String,
+        state: Option<contract::RolloutDeviceState>,
+        batch: Option<usize>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Option<Vec<contract::RolloutDevice>>, EngineError> {
+        self.read_rollouts(move |r| r.devices(&id, state, batch, offset, limit))
+            .await
+    }
 }
 
 /// What to do once a change's writes are durable.
@@ -296,6 +352,8 @@ enum Then {
         reply: Option<oneshot::Sender<Result<Done, EngineError>>>,
         done: Option<Done>,
         devices: Vec<DeviceId>,
+        /// Rollouts stored with it: announced once durable.
+        rollouts: Vec<String>,
     },
     Labels {
         reply: oneshot::Sender<Result<Done, EngineError>>,
@@ -343,6 +401,7 @@ pub struct Engine {
     /// A device whose heartbeats announce no interval counts as offline
     /// after this long without a live message.
     offline_after: Duration,
+    rollouts: rollouts::Rollouts,
 }
 
 impl Engine {
@@ -358,7 +417,7 @@ impl Engine {
         access: Arc<Access>,
         offline_after: Duration,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
-        let (fleet, secrets) = load(&store)?;
+        let (fleet, secrets, rollout_records) = load(&store)?;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let engine = Engine {
@@ -374,7 +433,10 @@ impl Engine {
             pending: FuturesOrdered::new(),
             reload: false,
             offline_after,
+            rollouts: rollouts::Rollouts::default(),
         };
+        let mut engine = engine;
+        engine.restore_rollouts(rollout_records);
         let task = tokio::spawn(engine.run(rx, link));
         Ok((EngineHandle { tx, changes }, task))
     }
@@ -388,6 +450,9 @@ impl Engine {
         );
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reload_at = tokio::time::Instant::now();
+        let mut rollout_tick = tokio::time::interval(rollouts::TICK);
+        rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.resume_rollouts().await;
         loop {
             if self.reload
                 && self.pending.is_empty()
@@ -407,6 +472,7 @@ impl Engine {
                 }
                 Some(event) = link.recv(), if shutdown.is_none() => self.on_link_event(event).await,
                 _ = tokio::time::sleep_until(reload_at), if self.reload && self.pending.is_empty() => {}
+                _ = rollout_tick.tick(), if shutdown.is_none() && !self.reload => self.rollouts_tick().await,
                 _ = expiry.tick(), if shutdown.is_none() => {
                     let fx = self
                         .fleet
@@ -422,6 +488,7 @@ impl Engine {
                 input = rx.recv(), if shutdown.is_none() => match input {
                     Some(Input::Change { change, reply }) => self.on_change(change, reply).await,
                     Some(Input::Read(read)) => read(&self.fleet, &self.secrets),
+                    Some(Input::ReadRollouts(read)) => read(&self.rollouts),
                     Some(Input::Shutdown(done)) => {
                         info!(in_flight = self.pending.len(), "engine stopping: finishing changes in flight");
                         shutdown = Some(done);
@@ -434,6 +501,16 @@ impl Engine {
             let _ = done.send(());
         }
         info!("engine stopped");
+    }
+
+    fn rollout_running(&self, app: &Name) -> EngineError {
+        EngineError::RolloutConflict {
+            field: "app".into(),
+            message: format!(
+                "rollout {} of app {app} is running; wait for it, or abort or roll it back first",
+                self.rollouts.running(app).unwrap_or_default()
+            ),
+        }
     }
 
     fn emit(&self, change: Change) {
@@ -476,6 +553,20 @@ impl Engine {
                 let checked = self.fleet.import_app(spec, replace, &author, now);
                 self.put_app(checked, reply).await;
             }
+            FleetChange::DeleteApp(name) if self.rollouts.running(&name).is_some() => {
+                let _ = reply.send(Err(self.rollout_running(&name)));
+            }
+            FleetChange::Assign { app, .. } | FleetChange::Unassign(app)
+                if self.rollouts.running(&app).is_some() =>
+            {
+                let _ = reply.send(Err(self.rollout_running(&app)));
+            }
+            FleetChange::CreateRollout { request, author } => {
+                self.create_rollout(request, author, reply).await;
+            }
+            FleetChange::RolloutAction { id, action } => {
+                self.rollout_action(id, action, reply).await;
+            }
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
                 Ok(writes) => {
                     let previous = self.fleet.app(&name);
@@ -502,6 +593,10 @@ impl Engine {
                         let previous_placement = self.fleet.placement(&device).cloned();
                         self.fleet
                             .commit_request(desired.clone(), placement, op.clone());
+                        // Deployed or removed by hand: no longer the rollout's.
+                        if matches!(op.op, Op::Deploy | Op::Remove) {
+                            self.rollouts_relabelled(&device, Some(&app)).await;
+                        }
                         self.queue(
                             writes,
                             Then::Apply {
@@ -528,6 +623,7 @@ impl Engine {
                 Ok((record, mut writes)) => {
                     let previous = self.fleet.operator_labels(&device).unwrap_or_default();
                     self.fleet.put_device_labels(&device, record.labels);
+                    self.rollouts_relabelled(&device, None).await;
                     // Relabelled into or out of an assignment's selector:
                     // the device's desired state changes in the same write.
                     if let Some(u) = self.fleet.reconcile_device(&device) {
@@ -541,6 +637,7 @@ impl Engine {
                                 reply: Some(reply),
                                 done: None,
                                 devices: vec![device],
+                                rollouts: Vec::new(),
                             },
                         )
                         .await;
@@ -585,6 +682,7 @@ impl Engine {
                                 created: false,
                             }),
                             devices: updates.into_iter().map(|u| u.device).collect(),
+                            rollouts: Vec::new(),
                         },
                     )
                     .await;
@@ -613,6 +711,7 @@ impl Engine {
                         reply: Some(reply),
                         done: Some(Done::AppDeleted),
                         devices: updates.into_iter().map(|u| u.device).collect(),
+                        rollouts: Vec::new(),
                     },
                 )
                 .await;
@@ -645,6 +744,7 @@ impl Engine {
                                 reply: Some(reply),
                                 done: None,
                                 devices,
+                                rollouts: Vec::new(),
                             },
                         )
                         .await;
@@ -802,6 +902,7 @@ impl Engine {
                 reply,
                 done,
                 devices,
+                rollouts,
             } => {
                 if !devices.is_empty() {
                     self.sync_secrets(Some(&devices), false);
@@ -815,6 +916,7 @@ impl Engine {
                         });
                     }
                 }
+                self.announce_rollouts(&rollouts);
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(done.unwrap_or(Done::Reconciled(devices.len()))));
                 }
@@ -908,11 +1010,13 @@ impl Engine {
     async fn reload_from_store(&mut self) -> bool {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || load(&store)).await {
-            Ok(Ok((fleet, secrets))) => {
+            Ok(Ok((fleet, secrets, rollouts))) => {
                 self.fleet = fleet;
                 self.secrets = secrets;
+                self.restore_rollouts(rollouts);
                 self.reload = false;
                 warn!("engine state reloaded from the store after a failed write");
+                self.resume_rollouts().await;
                 true
             }
             Ok(Err(e)) => {
@@ -967,6 +1071,7 @@ impl Engine {
     }
 
     async fn on_device_message(&mut self, id: DeviceId, msg: DeviceMessage, retained: bool) {
+        let state_report = matches!(msg, DeviceMessage::State(_));
         let fx = if retained {
             self.fleet.on_retained_message(&id, msg, now_ms())
         } else {
@@ -995,9 +1100,13 @@ impl Engine {
             self.emit(change);
         }
         self.record(fx.writes).await;
+        if state_report && !self.reload {
+            self.rollouts_observe(&id).await;
+        }
         // A device that enrolled, or came back with labels of its own, gets
         // (or loses) what the assignments say, durably before it is told.
         if hello && !self.reload {
+            self.rollouts_relabelled(&id, None).await;
             if let Some(u) = self.fleet.reconcile_device(&id) {
                 let (writes, _) = self.fleet.apply_updates(std::slice::from_ref(&u));
                 self.queue(
@@ -1006,6 +1115,7 @@ impl Engine {
                         reply: None,
                         done: None,
                         devices: vec![id],
+                        rollouts: Vec::new(),
                     },
                 )
                 .await;
@@ -1074,14 +1184,20 @@ impl Engine {
     }
 }
 
-fn load(store: &Store) -> Result<(Fleet, SecretsBook), StoreError> {
+fn load(
+    store: &Store,
+) -> Result<(Fleet, SecretsBook, Vec<crate::core::records::RolloutRecord>), StoreError> {
     let fleet = Fleet::load(
         store.devices()?,
         store.apps()?,
         store.desired()?,
         store.operations()?,
     );
-    Ok((fleet, SecretsBook::load(store.registries()?)))
+    Ok((
+        fleet,
+        SecretsBook::load(store.registries()?),
+        store.rollouts()?,
+    ))
 }
 
 /// Answers an enrollment request on the device's `enrolled` topic, which

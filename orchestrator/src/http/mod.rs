@@ -10,6 +10,7 @@
 
 pub mod auth;
 mod openapi;
+mod rollouts;
 mod routes;
 pub mod security;
 pub mod tls;
@@ -213,6 +214,7 @@ impl Ctx {
             Reply::Operation(v) => (ok, Json(v)).into_response(),
             Reply::Device(v) => (ok, Json(v)).into_response(),
             Reply::Assignment(v) => (ok, Json(v)).into_response(),
+            Reply::Rollout(v) => (ok, Json(v)).into_response(),
             Reply::Registry(v) => (ok, Json(v)).into_response(),
             Reply::EnrollToken(v) => (ok, Json(v)).into_response(),
             Reply::ApiToken(v) => (ok, Json(v)).into_response(),

@@ -29,6 +29,7 @@ const BEARER: &str = "bearer";
         (name = "devices", description = "Devices and what runs on them"),
         (name = "apps", description = "App definitions"),
         (name = "operations", description = "Changes to devices, followed to their outcome"),
+        (name = "rollouts", description = "Releases rolled out to a fleet in batches, gated by health, rolled back on failure"),
         (name = "changes", description = "The fleet's change stream"),
         (name = "registries", description = "Private registry credentials"),
         (name = "security", description = "Enrollment, revocation, API tokens, automation identities, audit log"),

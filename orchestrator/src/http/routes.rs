@@ -95,6 +95,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(changes))
         .routes(routes!(list_registries))
         .routes(routes!(show_registry, put_registry, delete_registry))
+        .merge(super::rollouts::routes())
         .merge(super::security::routes())
 }
 
@@ -1097,6 +1098,22 @@ async fn changes(
                 StatusCode::NOT_FOUND,
                 "operation",
                 format!("operation {id:?} does not exist"),
+            ));
+        }
+    }
+    if let Some(id) = &filter.rollout {
+        if api
+            .commands
+            .engine
+            .rollout(id.clone())
+            .await
+            .map_err(ApiError::from)?
+            .is_none()
+        {
+            return Err(ApiError::field(
+                StatusCode::NOT_FOUND,
+                "rollout",
+                format!("rollout {id:?} does not exist"),
             ));
         }
     }

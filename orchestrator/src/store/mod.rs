@@ -13,11 +13,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::core::records::RegistryRecord;
 use crate::core::records::{
     ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
     DeviceRecord, EnrollTokenRecord, OperationRecord,
 };
+use crate::core::records::{RegistryRecord, RolloutRecord};
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -40,6 +40,9 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Private registry credentials by registry host. The only table with
 /// passwords; nothing derived from it is stored elsewhere.
 const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registries");
+/// Rollouts by id: the running ones and the last finished ones
+/// (`core::rollout`), each with what it needs to end (`RolloutRecord`).
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -122,6 +125,7 @@ impl Store {
             AUTOMATION,
             API_TOKENS,
             REGISTRIES,
+            ROLLOUTS,
         ] {
             tx.open_table(t)?;
         }
@@ -266,6 +270,13 @@ impl Store {
                     Write::DeleteRegistry(host) => {
                         tx.open_table(REGISTRIES)?.remove(host.as_str())?;
                     }
+                    Write::Rollout(r) => {
+                        tx.open_table(ROLLOUTS)?
+                            .insert(r.rollout.id(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteRollout(id) => {
+                        tx.open_table(ROLLOUTS)?.remove(id.as_str())?;
+                    }
                 }
             }
         }
@@ -378,6 +389,10 @@ impl Store {
 
     pub fn registries(&self) -> Result<Vec<RegistryRecord>, StoreError> {
         self.load_all(REGISTRIES, "registries")
+    }
+
+    pub fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.load_all(ROLLOUTS, "rollouts")
     }
 }
 

@@ -1,15 +1,18 @@
 //! CI smoke test of the load generator: an in-process orchestrator with its
 //! embedded broker, 300 simulated agents (real MQTT clients, SIMULATED
-//! container runtime), one app deployed to all of them. It checks
+//! container runtime), one app deployed to all of them, then two more
+//! through one rollout request each (one batch, ten batches). It checks
 //! correctness only — every agent online, every operation `succeeded`,
-//! every device reporting applied == desired — and asserts no timing; the
-//! deadlines below only stop a hung run.
+//! every device reporting applied == desired, every rollout `succeeded`
+//! with each batch seen — and asserts no timing; the deadlines below only
+//! stop a hung run.
 
 use std::time::{Duration, Instant};
 
 use drover::server::{self, BrokerMode, ServerConfig};
 use drover_loadtest::api::Api;
 use drover_loadtest::runtime::RuntimeConfig;
+use drover_loadtest::scenario::rollout_request::{plans, run_rollout_request};
 use drover_loadtest::scenario::{run_rollout, unique_app};
 use drover_loadtest::sim::{Fleet, SimConfig};
 use drover_shared::topic::Topics;
@@ -134,6 +137,39 @@ async fn three_hundred_simulated_agents_take_a_rollout() {
         },
     )
     .await;
+
+    // The same fleet again, through one rollout request each time: in one
+    // batch and in ten, followed on the change stream to `succeeded`.
+    for (label, batches) in plans() {
+        let app = unique_app();
+        api.create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
+            .await
+            .expect("app created");
+        let r = run_rollout_request(
+            &api,
+            &app,
+            &fleet.selector(),
+            &batches,
+            Duration::from_secs(120),
+        )
+        .await;
+        let last = r.clock.last.as_ref().expect("the rollout was seen");
+        assert_eq!(
+            (last.phase.as_str(), last.counts.total, last.counts.updated),
+            ("succeeded", AGENTS, AGENTS),
+            "{label}: {:?} {:?}",
+            r.error,
+            last.reason
+        );
+        assert!(r.error.is_none(), "{label}: {:?}", r.error);
+        let times = r.clock.batch_times();
+        assert_eq!(times.len(), batches.len() + 1, "{label}: {times:?}");
+        assert!(
+            times.iter().all(Option::is_some),
+            "{label}: every batch seen to start and end: {times:?}"
+        );
+        assert!(r.clock.half_updated.is_some() && r.clock.finished.is_some());
+    }
 
     let stats = fleet.stats().snapshot();
     assert!(

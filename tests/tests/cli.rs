@@ -284,3 +284,216 @@ async fn cli_wait_says_so_when_the_server_goes_away() {
         "{rest}"
     );
 }
+
+/// An app whose release `r` sets `R=r`; `broken` adds a health check that
+/// always fails, so a device running it never counts as updated.
+fn release_spec(app: &str, image: &str, r: u32, broken: bool) -> Value {
+    let mut c = json!({
+        "name": "main", "image": image,
+        "command": ["sh", "-c", "exec sleep 3600"],
+        "env": {"R": r.to_string()},
+    });
+    if broken {
+        c["healthcheck"] = json!({"test": ["CMD-SHELL", "exit 1"],
+            "interval_ms": 300, "timeout_ms": 1000, "retries": 1});
+    }
+    json!({"name": app, "containers": [c]})
+}
+
+/// The rollout id in `drover rollouts ... -o json` output.
+fn rollout_id(out: &str) -> String {
+    let v: Value = serde_json::from_str(out).expect("json rollout");
+    v["id"].as_str().expect("id").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_with_the_cli() {
+    let _docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let fleet = unique("clifl");
+    let a = Agent::spawn(&orch.broker_url(), &unique("clro-a"));
+    let b = Agent::spawn(&orch.broker_url(), &unique("clro-b"));
+    for agent in [&a, &b] {
+        wait_for(Duration::from_secs(30), "device online", || async {
+            api.device(&agent.id)
+                .await
+                .filter(|d| d["online"] == json!(true))
+        })
+        .await;
+        let (ok, _, err) = drover(api, &["label", &agent.id, &format!("fleet={fleet}")]).await;
+        assert!(ok, "{err}");
+    }
+    let image = base_image_local().await;
+    let app = unique("clro");
+    let (s, v) = api
+        .post("/api/v1/apps", &release_spec(&app, &image, 1, false))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let selector = format!("fleet={fleet}");
+
+    // Bad arguments never reach the server; the server's refusals are said.
+    let (ok, _, err) = drover(api, &["rollouts", "create", &app, "--batches", "1,x"]).await;
+    assert!(!ok && err.contains("--batches \"1,x\": item 2"), "{err}");
+    let (ok, _, err) = drover(api, &["rollouts", "create", &app, "--release", "9"]).await;
+    assert!(!ok && err.contains("404"), "{err}");
+
+    // Release 1: a canary of one, then the other; followed to the end.
+    let (ok, out, err) = drover(
+        api,
+        &[
+            "rollouts",
+            "create",
+            &app,
+            "-l",
+            &selector,
+            "--batches",
+            "1",
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("phase:       succeeded"), "{out}");
+    assert!(out.contains("release none->1"), "{out}");
+    // Not a terminal: one line per phase or batch change, the last one the
+    // end, no cursor movement.
+    assert!(!err.contains('\r'), "{err:?}");
+    assert!(err.contains("batch 1/2"), "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.ends_with("updated 2/2  failed 0  succeeded")),
+        "{err}"
+    );
+
+    let (ok, out, err) = drover(api, &["rollouts", "list", "--app", &app, "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).expect("json list");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let first = list[0]["id"].as_str().expect("id").to_string();
+    let (ok, out, err) = drover(api, &["rollouts"]).await;
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&first))
+        .unwrap_or_else(|| panic!("no row for {first}: {out}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[1..8],
+        [
+            app.as_str(),
+            "none->1",
+            "succeeded",
+            "2/2",
+            "2/2",
+            "100%",
+            "0"
+        ],
+        "{out}"
+    );
+    let (ok, out, err) = drover(api, &["rollouts", "show", &first, "--devices"]).await;
+    assert!(ok, "{err}");
+    let mut ids = [a.id.as_str(), b.id.as_str()];
+    ids.sort();
+    for (i, id) in ids.iter().enumerate() {
+        assert!(
+            out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [*id, &(i + 1).to_string(), "updated"]),
+            "{id} in batch {}: {out}",
+            i + 1
+        );
+    }
+    let (ok, out, err) = drover(api, &["rollouts", "show", &first, "--state", "failed"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.trim_end().ends_with("DEVICE  BATCH  STATE  REASON"),
+        "{out}"
+    );
+    // An action the phase does not allow is the server's 409, said.
+    let (ok, _, err) = drover(api, &["rollouts", "approve", &first]).await;
+    assert!(
+        !ok && err.contains(&format!("cannot approve rollout {first}")) && err.contains("409"),
+        "{err}"
+    );
+
+    // Release 2 with approval: it waits after the canary until approved.
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::PUT,
+            &format!("/api/v1/apps/{app}"),
+            &release_spec(&app, &image, 2, false),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (ok, out, err) = drover(
+        api,
+        &[
+            "rollouts",
+            "create",
+            &app,
+            "--batches",
+            "1",
+            "--approval",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let second = rollout_id(&out);
+    wait_for(Duration::from_secs(120), "waiting for approval", || async {
+        let (_, v) = api.get(&format!("/api/v1/rollouts/{second}")).await;
+        (v["phase"] == json!("waiting_approval")).then_some(())
+    })
+    .await;
+    let (ok, out, err) = drover(
+        api,
+        &["rollouts", "approve", &second, "--wait", "--timeout", "120"],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert!(
+        out.contains("phase:       succeeded") && out.contains("release 1->2"),
+        "{out}"
+    );
+
+    // Release 3 never gets healthy: the canary fails, the rollout rolls it
+    // back, and --wait exits non-zero saying so.
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::PUT,
+            &format!("/api/v1/apps/{app}"),
+            &release_spec(&app, &image, 3, true),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (ok, out, err) = drover(
+        api,
+        &[
+            "rollouts",
+            "create",
+            &app,
+            "--batches",
+            "1",
+            "--device-timeout",
+            "60",
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    )
+    .await;
+    assert!(!ok, "a rollback is not a success: {out}");
+    assert!(out.contains("phase:       rolled_back"), "{out}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("batch 1 of 2: ") && l.ends_with(": rolling back"))
+            && err.contains("drover: error: rollout ")
+            && err.contains(" ended rolled_back: batch 1 of 2"),
+        "{err}"
+    );
+    orch.stop().await;
+}

@@ -477,15 +477,14 @@ pub fn phase_note(r: &Rollout) -> Option<String> {
             batch_of(r),
             r.id
         )),
+        // The server's reasons name the phase ("...: paused", "paused by
+        // an operator"), so they are said as they are.
         RolloutPhase::Paused => Some(format!(
-            "paused ({}): drover rollouts resume {} (or rollback, abort)",
-            why.unwrap_or("no reason given"),
+            "{}; go on with: drover rollouts resume {} (or rollback, abort)",
+            why.unwrap_or("paused"),
             r.id
         )),
-        RolloutPhase::RollingBack => Some(format!(
-            "rolling back: {}",
-            why.unwrap_or("no reason given")
-        )),
+        RolloutPhase::RollingBack => Some(why.unwrap_or("rolling back").to_string()),
         _ => None,
     }
 }

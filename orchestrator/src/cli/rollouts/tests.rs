@@ -351,7 +351,7 @@ fn off_a_terminal_one_line_per_phase_or_batch() {
     r.phase = RolloutPhase::Paused;
     r.reason = Some("paused by an operator".into());
     assert!(w.update(&r).ends_with(
-        "paused (paused by an operator): drover rollouts resume r-1 (or rollback, abort)\n"
+        "paused by an operator; go on with: drover rollouts resume r-1 (or rollback, abort)\n"
     ));
     assert_eq!(w.finish(), "");
 }
@@ -367,11 +367,11 @@ fn on_a_terminal_one_line_redrawn() {
     assert_eq!(w.update(&r), format!("\r{}\x1b[K", bar_line(&r)));
     // A note clears the bar, takes a line of its own, and the bar follows.
     r.phase = RolloutPhase::RollingBack;
-    r.reason = Some("batch 2 of 3: 3 of 8 devices failed".into());
+    r.reason = Some("batch 2 of 3: 3 of 8 devices failed: rolling back".into());
     assert_eq!(
         w.update(&r),
         format!(
-            "\r\x1b[Krolling back: batch 2 of 3: 3 of 8 devices failed\n\r{}\x1b[K",
+            "\r\x1b[Kbatch 2 of 3: 3 of 8 devices failed: rolling back\n\r{}\x1b[K",
             bar_line(&r)
         )
     );

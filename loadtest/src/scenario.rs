@@ -725,9 +725,7 @@ pub async fn rollout(
         let ids: Vec<String> = fleet.devices().iter().map(ToString::to_string).collect();
         if path.per_device() {
             let app = unique_app();
-            t.api
-                .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
-                .await?;
+            t.api.create_app(&app, &path_image(&app), None).await?;
             let o0 = t.orch_sample();
             let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
             let r = run_rollout(&t.api, &ids, &app, concurrency, timeout).await;
@@ -781,9 +779,7 @@ pub async fn rollout(
                 // Let the previous path's last reports drain first.
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let app = unique_app();
-                t.api
-                    .create_app(&app, "127.0.0.1:5000/loadtest/simulated:1", None)
-                    .await?;
+                t.api.create_app(&app, &path_image(&app), None).await?;
                 let o0 = t.orch_sample();
                 let sampler = OrchSampler::start(t.orch.as_ref().map(Proc::pid));
                 let r = rollout_request::run_rollout_request(
@@ -889,6 +885,13 @@ pub async fn rollout(
     Ok(tables)
 }
 
+/// An image of the app's own: every path of the rollout scenario pays the
+/// simulated pull, as a new release's image would, instead of finding the
+/// previous path's image on the agents.
+fn path_image(app: &str) -> String {
+    format!("127.0.0.1:5000/loadtest/simulated:{app}")
+}
+
 /// "time to 100 %, embedded rumqttd: one request per device 41.20 s; one
 /// rollout request, 1 batch 38.10 s (0.92×); …": every path next to the
 /// first, per broker.
@@ -919,7 +922,7 @@ fn compare_paths(ends: &[(BrokerKind, String, Option<Duration>)]) -> String {
             .collect();
         parts.push(format!("{}: {}", b.as_str(), cells.join("; ")));
     }
-    format!("time to 100 % (same orchestrator and agents, paths one after the other, each a new app), {}", parts.join(" | "))
+    format!("time to 100 % (same orchestrator and agents, paths one after the other, each a new app with an image of its own; the per-device time is polled every 0.5 s, so rounded up to it), {}", parts.join(" | "))
 }
 
 /// Samples the orchestrator every 250 ms in the background.

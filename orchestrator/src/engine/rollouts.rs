@@ -39,7 +39,7 @@ use tracing::{info, warn};
 
 use super::{Done, Engine, EngineError, Then};
 use crate::contract::{self, Change, RolloutAction};
-use crate::core::fleet::Hold;
+use crate::core::fleet::{FleetError, Hold};
 use crate::core::records::{AssignmentRecord, RolloutRecord};
 use crate::core::rollout::{DeviceProgress, Effect, Phase, Rollout, RolloutSpec};
 use crate::core::selector::Selector;
@@ -344,10 +344,14 @@ impl Engine {
                                 queue.extend(rec.rollout.observe(&device, obs, now));
                             }
                         }
-                        Err(e) => {
-                            warn!(rollout = %id, device = %device, error = %e, "rollout cannot set the device; skipped");
+                        Err(e @ FleetError::UnknownDevice(_)) => {
+                            warn!(rollout = %id, device = %device, error = %e, "rollout device is gone; skipped");
                             self.fleet.release_held_device(&app, &device);
                             queue.extend(rec.rollout.device_gone(&device, now));
+                        }
+                        Err(e) => {
+                            warn!(rollout = %id, device = %device, error = %e, "rollout cannot set the device; failed");
+                            queue.extend(rec.rollout.device_failed(&device, e.to_string(), now));
                         }
                     }
                 }
@@ -990,5 +994,59 @@ mod tests {
         );
         // And what is stored is the latest progress.
         assert_eq!(stored(&f), Some(contract::RolloutDeviceState::Ready));
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_port_is_taken_fails_at_once_saying_why() {
+        let f = engine();
+        device(&f, "d1", "a").await;
+        device(&f, "d2", "a").await;
+        let with_port = |name: &str| -> AppSpec {
+            serde_json::from_value(serde_json::json!({
+                "name": name,
+                "containers": [{"name": "main", "image": "127.0.0.1:5000/busybox:1",
+                                "ports": [{"host": 8080, "container": 80}]}]
+            }))
+            .expect("spec")
+        };
+        for n in ["web", "other"] {
+            f.engine
+                .change(FleetChange::CreateApp(with_port(n), "t".into()))
+                .await
+                .expect("app");
+        }
+        f.engine
+            .change(FleetChange::Apply {
+                device: id("d1"),
+                app: Name::new("other").expect("name"),
+                op: drover_shared::payload::Op::Deploy,
+            })
+            .await
+            .expect("deploy");
+        let r = create(
+            &f,
+            serde_json::json!({"app": "web", "selector": "g=a", "on_failure": "continue"}),
+        )
+        .await;
+        let failed = f
+            .engine
+            .rollout_devices(
+                r.id.clone(),
+                Some(contract::RolloutDeviceState::Failed),
+                None,
+                0,
+                10,
+            )
+            .await
+            .expect("engine")
+            .expect("rollout");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].device, id("d1"));
+        let reason = failed[0].reason.clone().unwrap_or_default();
+        assert!(reason.contains("host port 8080"), "{reason}");
+        assert_eq!(desired_release(&f, "d2").await, 1);
+        report(&f, "d2", 1).await;
+        let r = wait(&f, &r.id, "finished", |r| r.phase == RolloutPhase::Failed).await;
+        assert_eq!((r.counts.updated, r.counts.failed), (1, 1));
     }
 }

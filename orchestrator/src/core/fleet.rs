@@ -1011,7 +1011,10 @@ impl Fleet {
     /// `run`; 0: the app goes, if an assignment put it there), as an
     /// assignment does; a rollout drives devices one batch at a time
     /// through this. `None` when it is already so, or the device overrides
-    /// the app's assignment.
+    /// the app's assignment. Refused, as a deploy would be, when the release
+    /// takes a host port another app on the device publishes or more CPUs
+    /// than the device has (an assignment skips such a device silently; a
+    /// rollout fails it, saying why).
     pub fn set_device_release(
         &self,
         id: &DeviceId,
@@ -1037,6 +1040,26 @@ impl Fleet {
                 release,
                 latest: rec.latest_release(),
             })?;
+        if !placement.overrides.contains(app) {
+            let mut next = state.clone();
+            let entry = DesiredApp {
+                spec: rel.spec.clone(),
+                run,
+                started_at: 0,
+                release,
+            };
+            match next.apps.iter().position(|a| &a.spec.name == app) {
+                Some(i) => next.apps[i] = entry,
+                None => next.apps.push(entry),
+            }
+            check_host_ports(id, &next, app)?;
+            let cpus = self
+                .devices
+                .get(id)
+                .and_then(|d| d.record.inventory.as_ref())
+                .map_or(0, |h| h.cpus);
+            check_cpus(id, &next, app, cpus)?;
+        }
         Ok(plan(id, app, Some((rel, run)), state, placement))
     }
 

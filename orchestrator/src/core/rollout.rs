@@ -33,6 +33,9 @@
 //!   on a rollback (`SetRelease` from); RollingBack → RolledBack (reports
 //!   the old release), RollingBack → Failed (timeout).
 //! - Any non-Skipped → Skipped (device gone), in a phase that is not final.
+//! - Updating, Ready, RollingBack → Failed (`device_failed`: the fleet
+//!   refuses the release on that device, e.g. a host port another app
+//!   takes), at once and with the fleet's reason.
 //!
 //! Rollout transitions (`Phase`):
 //! - Running → WaitingApproval (a batch ended, `approval`), → Paused
@@ -785,6 +788,28 @@ impl Rollout {
             return None;
         }
         self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// The device cannot be given the release (its other apps take a host
+    /// port the release needs, it has too few CPUs): it fails at once, with
+    /// the reason, instead of at its timeout. Only a device in flight.
+    pub fn device_failed(&mut self, device: &DeviceId, reason: String, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.s.phase.is_final() {
+            return fx;
+        }
+        match self.s.devices.get(device).map(|e| &e.progress) {
+            Some(
+                DeviceProgress::Updating { .. }
+                | DeviceProgress::Ready { .. }
+                | DeviceProgress::RollingBack { .. },
+            ) => {}
+            _ => return fx,
+        }
+        self.set(device, DeviceProgress::Failed { reason });
+        self.s.updated_at_ms = now_ms;
+        self.check(now_ms, &mut fx);
+        Self::done(true, fx)
     }
 
     /// The device was deleted or left the selector: it is skipped (and not

@@ -1262,15 +1262,17 @@ mod tests {
 
     use super::*;
 
-    struct Fixture {
-        engine: EngineHandle,
-        link: mpsc::Sender<Event>,
+    pub(super) struct Fixture {
+        pub(super) engine: EngineHandle,
+        pub(super) link: mpsc::Sender<Event>,
+        /// The engine's store, to look at what is durable.
+        pub(super) store: Store,
         _dir: tempfile::TempDir,
     }
 
     /// An engine on a real redb file, with an MQTT client that is never
     /// connected (publishes queue in its request channel).
-    fn engine() -> Fixture {
+    pub(super) fn engine() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("e.redb")).expect("store");
         let metrics = Arc::new(Metrics::default());
@@ -1285,7 +1287,7 @@ mod tests {
         let (outbox, _) = Outbox::spawn(client, topics, metrics.clone());
         let (link, link_rx) = mpsc::channel(100);
         let (engine, _) = Engine::spawn(
-            store,
+            store.clone(),
             writer,
             outbox,
             link_rx,
@@ -1298,6 +1300,7 @@ mod tests {
         Fixture {
             engine,
             link,
+            store,
             _dir: dir,
         }
     }

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 
 use super::{Done, Engine, EngineError, Then};
 use crate::contract::{self, Change, RolloutAction};
-use crate::core::fleet::Hold;
+use crate::core::fleet::{FleetError, Hold};
 use crate::core::records::{AssignmentRecord, RolloutRecord};
 use crate::core::rollout::{DeviceProgress, Effect, Phase, Rollout, RolloutSpec};
 use crate::core::selector::Selector;
@@ -63,6 +63,8 @@ pub struct Rollouts {
     /// Progress not yet announced.
     unannounced: BTreeSet<String>,
     last_flush: Option<Instant>,
+    /// Rollout records handed to the store so far (for tests and metrics).
+    stored: u64,
 }
 
 impl Rollouts {
@@ -342,10 +344,14 @@ impl Engine {
                                 queue.extend(rec.rollout.observe(&device, obs, now));
                             }
                         }
-                        Err(e) => {
-                            warn!(rollout = %id, device = %device, error = %e, "rollout cannot set the device; skipped");
+                        Err(e @ FleetError::UnknownDevice(_)) => {
+                            warn!(rollout = %id, device = %device, error = %e, "rollout device is gone; skipped");
                             self.fleet.release_held_device(&app, &device);
                             queue.extend(rec.rollout.device_gone(&device, now));
+                        }
+                        Err(e) => {
+                            warn!(rollout = %id, device = %device, error = %e, "rollout cannot set the device; failed");
+                            queue.extend(rec.rollout.device_failed(&device, e.to_string(), now));
                         }
                     }
                 }
@@ -432,6 +438,7 @@ impl Engine {
             if let Some(rec) = self.rollouts.records.get(id) {
                 driven.writes.push(Write::Rollout(Box::new(rec.clone())));
                 self.rollouts.dirty.remove(id);
+                self.rollouts.stored += 1;
             }
         }
         if driven.writes.is_empty() && reply.is_none() {
@@ -601,6 +608,7 @@ impl Engine {
                 .map(|r| Write::Rollout(Box::new(r.clone())))
                 .collect();
             self.rollouts.last_flush = Some(Instant::now());
+            self.rollouts.stored += writes.len() as u64;
             self.record(writes).await;
         }
     }
@@ -614,5 +622,431 @@ impl Engine {
                 });
             }
         }
+    }
+}
+
+/// The engine's part of rollouts, on a real redb file with devices
+/// simulated by link events (no MQTT, no Docker: the agents' side is
+/// covered by tests/tests/rollouts.rs).
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use drover_shared::model::{AppPhase, AppSpec, AppStatus, ContainerStatus, ObservedState};
+    use drover_shared::payload::{Hello, StateReport, Status};
+
+    use super::super::tests::{engine, Fixture};
+    use super::super::{Done, FleetChange};
+    use super::*;
+    use crate::contract::{CreateRollout, RolloutPhase};
+    use crate::core::fleet::DeviceMessage;
+    use crate::link::Event;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("id")
+    }
+
+    fn web() -> Name {
+        Name::new("web").expect("name")
+    }
+
+    async fn send(f: &Fixture, device: &str, msg: DeviceMessage) {
+        f.link
+            .send(Event::Device {
+                id: id(device),
+                msg: Box::new(msg),
+                retained: false,
+            })
+            .await
+            .expect("send");
+    }
+
+    /// A device comes online with labels of its own.
+    async fn device(f: &Fixture, name: &str, group: &str) {
+        send(
+            f,
+            name,
+            DeviceMessage::Status(Status {
+                online: true,
+                at_ms: 1,
+            }),
+        )
+        .await;
+        let hello = Hello {
+            cpus: 4,
+            labels: BTreeMap::from([("g".to_string(), group.to_string())]),
+            ..Default::default()
+        };
+        send(f, name, DeviceMessage::Hello(hello)).await;
+    }
+
+    /// The device reports what its desired state asks, running (or with
+    /// `release` 0, without the app).
+    async fn report(f: &Fixture, name: &str, release: u64) {
+        let d = f
+            .engine
+            .device(id(name))
+            .await
+            .expect("engine")
+            .expect("device");
+        let generation = d.desired.as_ref().map_or(0, |d| d.generation);
+        let apps = if release == 0 {
+            Vec::new()
+        } else {
+            vec![AppStatus {
+                name: web(),
+                phase: AppPhase::Running,
+                error: None,
+                attempts: 0,
+                next_retry_at_ms: None,
+                containers: vec![ContainerStatus {
+                    name: Name::new("main").expect("name"),
+                    image: "img".into(),
+                    container_id: None,
+                    state: "running".into(),
+                    exit_code: None,
+                    error: None,
+                    health: None,
+                    restarts: 0,
+                }],
+                release,
+            }]
+        };
+        let observed = ObservedState {
+            applied_generation: generation,
+            desired_generation: generation,
+            apps,
+            ..Default::default()
+        };
+        send(
+            f,
+            name,
+            DeviceMessage::State(StateReport { at_ms: 1, observed }),
+        )
+        .await;
+    }
+
+    async fn desired_release(f: &Fixture, name: &str) -> u64 {
+        let d = f
+            .engine
+            .device(id(name))
+            .await
+            .expect("engine")
+            .expect("device");
+        d.desired
+            .and_then(|d| d.app(&web()).map(|a| a.release))
+            .unwrap_or(0)
+    }
+
+    async fn app(f: &Fixture, env: &str) {
+        let spec: AppSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "containers": [{"name": "main", "image": "127.0.0.1:5000/busybox:1", "env": {"R": env}}]
+        }))
+        .expect("spec");
+        let change = if env == "1" {
+            FleetChange::CreateApp(spec, "t".into())
+        } else {
+            FleetChange::UpdateApp(spec, "t".into())
+        };
+        f.engine.change(change).await.expect("app");
+    }
+
+    async fn create(f: &Fixture, req: serde_json::Value) -> contract::Rollout {
+        let request: CreateRollout = serde_json::from_value(req).expect("request");
+        match f
+            .engine
+            .change(FleetChange::CreateRollout {
+                request,
+                author: "t".into(),
+            })
+            .await
+            .expect("created")
+        {
+            Done::Rollout(r) => *r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn wait(
+        f: &Fixture,
+        rid: &str,
+        what: &str,
+        ok: impl Fn(&contract::Rollout) -> bool,
+    ) -> contract::Rollout {
+        for _ in 0..200 {
+            let r = f
+                .engine
+                .rollout(rid.into())
+                .await
+                .expect("engine")
+                .expect("rollout");
+            if ok(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("rollout never got to {what}");
+    }
+
+    #[tokio::test]
+    async fn batches_follow_reports_and_a_device_relabelled_out_is_skipped_and_loses_the_app() {
+        let f = engine();
+        for d in ["d1", "d2", "d3"] {
+            device(&f, d, "a").await;
+        }
+        device(&f, "x", "b").await;
+        app(&f, "1").await;
+        let r = create(
+            &f,
+            serde_json::json!({"app": "web", "selector": "g=a", "batches": [1]}),
+        )
+        .await;
+        assert_eq!(r.counts.total, 3);
+        assert_eq!((r.batches[0].updating, r.batches[1].pending), (1, 2));
+        // Only the canary has been told.
+        assert_eq!(desired_release(&f, "d1").await, 1);
+        assert_eq!(desired_release(&f, "d2").await, 0);
+        assert_eq!(desired_release(&f, "x").await, 0);
+        // A report of something else does not count.
+        report(&f, "d1", 0).await;
+        let r = f
+            .engine
+            .rollout(r.id.clone())
+            .await
+            .expect("engine")
+            .expect("rollout");
+        assert_eq!(r.current_batch, 0);
+        report(&f, "d1", 1).await;
+        let r = wait(&f, &r.id, "batch 2", |r| r.current_batch == 1).await;
+        assert_eq!(r.batches[0].updated, 1);
+        assert_eq!(desired_release(&f, "d2").await, 1);
+        assert_eq!(desired_release(&f, "d3").await, 1);
+        // d3 leaves the selector (the operator's label wins over its own):
+        // skipped, and the app goes.
+        f.engine
+            .change(FleetChange::SetLabels {
+                device: id("d3"),
+                set: BTreeMap::from([("g".to_string(), "b".to_string())]),
+                remove: Vec::new(),
+                replace: false,
+            })
+            .await
+            .expect("relabel");
+        assert_eq!(desired_release(&f, "d3").await, 0);
+        report(&f, "d2", 1).await;
+        let r = wait(&f, &r.id, "succeeded", |r| {
+            r.phase == RolloutPhase::Succeeded
+        })
+        .await;
+        assert_eq!((r.counts.updated, r.counts.skipped), (2, 1));
+        assert_eq!(r.percent, 100);
+        // The assignment is the rollout's target, and now governs: d3
+        // relabelled back in gets the app at once.
+        let a = f.engine.app(web()).await.expect("engine").expect("app");
+        let a = a.assignment.expect("assignment");
+        assert_eq!((a.selector.as_str(), a.release), ("g=a", 1));
+        f.engine
+            .change(FleetChange::SetLabels {
+                device: id("d3"),
+                set: BTreeMap::new(),
+                remove: vec!["g".into()],
+                replace: false,
+            })
+            .await
+            .expect("relabel");
+        assert_eq!(desired_release(&f, "d3").await, 1);
+    }
+
+    #[tokio::test]
+    async fn abort_leaves_moved_devices_as_overrides_and_puts_the_assignment_back() {
+        let f = engine();
+        for d in ["d1", "d2", "d3"] {
+            device(&f, d, "a").await;
+        }
+        app(&f, "1").await;
+        let r = create(&f, serde_json::json!({"app": "web", "selector": "g=a"})).await;
+        for d in ["d1", "d2", "d3"] {
+            report(&f, d, 1).await;
+        }
+        wait(&f, &r.id, "succeeded", |r| {
+            r.phase == RolloutPhase::Succeeded
+        })
+        .await;
+        app(&f, "2").await;
+        let r = create(&f, serde_json::json!({"app": "web", "batches": [1]})).await;
+        assert_eq!((r.from_release, r.to_release), (1, 2));
+        // A second rollout of the app supersedes the first running one.
+        app(&f, "3").await;
+        let newer = create(
+            &f,
+            serde_json::json!({"app": "web", "batches": [1], "release": 2}),
+        )
+        .await;
+        let old = f
+            .engine
+            .rollout(r.id.clone())
+            .await
+            .expect("engine")
+            .expect("rollout");
+        assert_eq!(old.phase, RolloutPhase::Superseded);
+        assert!(old.reason.as_deref().unwrap_or("").contains(&newer.id));
+        assert_eq!(desired_release(&f, "d1").await, 2);
+        // Abort: d1 keeps release 2 as an override; the assignment is
+        // release 1 again and the others stay on it.
+        let done = f
+            .engine
+            .change(FleetChange::RolloutAction {
+                id: newer.id.clone(),
+                action: RolloutAction::Abort,
+            })
+            .await
+            .expect("abort");
+        let Done::Rollout(v) = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(v.phase, RolloutPhase::Aborted);
+        let a = f.engine.app(web()).await.expect("engine").expect("app");
+        assert_eq!(a.assignment.expect("assignment").release, 1);
+        assert_eq!(desired_release(&f, "d1").await, 2);
+        assert_eq!(desired_release(&f, "d2").await, 1);
+        let view = f
+            .engine
+            .read(|fl, _| fl.assignment_view(&web()))
+            .await
+            .expect("engine")
+            .expect("view");
+        assert_eq!(view.overridden, vec![id("d1")]);
+        // Finished: another action is a conflict, naming the phase.
+        let err = f
+            .engine
+            .change(FleetChange::RolloutAction {
+                id: newer.id.clone(),
+                action: RolloutAction::Resume,
+            })
+            .await
+            .expect_err("finished");
+        assert!(err.to_string().contains("Aborted"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn progress_from_reports_is_stored_in_batches_not_per_report() {
+        let f = engine();
+        device(&f, "d1", "a").await;
+        device(&f, "d2", "a").await;
+        app(&f, "1").await;
+        // A long minimum ready time: reports move devices to Ready only.
+        let r = create(
+            &f,
+            serde_json::json!({"app": "web", "min_ready_secs": 3600}),
+        )
+        .await;
+        let stored = |f: &Fixture| {
+            f.store
+                .rollouts()
+                .expect("rollouts")
+                .into_iter()
+                .find(|x| x.rollout.id() == r.id)
+                .map(|x| {
+                    crate::core::rollout::device_view(
+                        &id("d1"),
+                        0,
+                        x.rollout.device(&id("d1")).expect("d1"),
+                    )
+                    .state
+                })
+        };
+        // Stored with the batch start, in the same transaction.
+        assert_eq!(stored(&f), Some(contract::RolloutDeviceState::Updating));
+        report(&f, "d1", 1).await;
+        wait(&f, &r.id, "d1 ready", |r| r.batches[0].updating == 2).await;
+        let mem = f
+            .engine
+            .rollout_devices(
+                r.id.clone(),
+                Some(contract::RolloutDeviceState::Ready),
+                None,
+                0,
+                10,
+            )
+            .await
+            .expect("engine")
+            .expect("rollout");
+        assert_eq!(mem.len(), 1);
+        // Flapping between ready and not: every report changes the
+        // device's progress, and the rollout is stored at most once per
+        // flush period for all of them.
+        let before = f.engine.read_rollouts(|r| r.stored).await.expect("engine");
+        let start = Instant::now();
+        for i in 0..200 {
+            report(&f, "d1", if i % 2 == 0 { 0 } else { 1 }).await;
+        }
+        wait(&f, &r.id, "d1 ready again", |r| r.updated_at_ms > 0).await;
+        let _ = f.engine.devices().await.expect("engine");
+        tokio::time::sleep(FLUSH_EVERY + TICK * 2).await;
+        let stores = f.engine.read_rollouts(|r| r.stored).await.expect("engine") - before;
+        let periods = start.elapsed().as_millis() / FLUSH_EVERY.as_millis() + 2;
+        assert!(stores >= 1, "the progress was never stored");
+        assert!(
+            u128::from(stores) <= periods,
+            "{stores} stores for 200 reports in {:?}",
+            start.elapsed()
+        );
+        // And what is stored is the latest progress.
+        assert_eq!(stored(&f), Some(contract::RolloutDeviceState::Ready));
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_port_is_taken_fails_at_once_saying_why() {
+        let f = engine();
+        device(&f, "d1", "a").await;
+        device(&f, "d2", "a").await;
+        let with_port = |name: &str| -> AppSpec {
+            serde_json::from_value(serde_json::json!({
+                "name": name,
+                "containers": [{"name": "main", "image": "127.0.0.1:5000/busybox:1",
+                                "ports": [{"host": 8080, "container": 80}]}]
+            }))
+            .expect("spec")
+        };
+        for n in ["web", "other"] {
+            f.engine
+                .change(FleetChange::CreateApp(with_port(n), "t".into()))
+                .await
+                .expect("app");
+        }
+        f.engine
+            .change(FleetChange::Apply {
+                device: id("d1"),
+                app: Name::new("other").expect("name"),
+                op: drover_shared::payload::Op::Deploy,
+            })
+            .await
+            .expect("deploy");
+        let r = create(
+            &f,
+            serde_json::json!({"app": "web", "selector": "g=a", "on_failure": "continue"}),
+        )
+        .await;
+        let failed = f
+            .engine
+            .rollout_devices(
+                r.id.clone(),
+                Some(contract::RolloutDeviceState::Failed),
+                None,
+                0,
+                10,
+            )
+            .await
+            .expect("engine")
+            .expect("rollout");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].device, id("d1"));
+        let reason = failed[0].reason.clone().unwrap_or_default();
+        assert!(reason.contains("host port 8080"), "{reason}");
+        assert_eq!(desired_release(&f, "d2").await, 1);
+        report(&f, "d2", 1).await;
+        let r = wait(&f, &r.id, "finished", |r| r.phase == RolloutPhase::Failed).await;
+        assert_eq!((r.counts.updated, r.counts.failed), (1, 1));
     }
 }

@@ -279,6 +279,11 @@ async fn a_canary_goes_first_and_a_broken_release_rolls_back_at_it() {
     assert_eq!(s, 200, "{d}");
     assert_eq!(d.as_array().map(Vec::len), Some(1), "{d}");
     assert_eq!(d[0]["device"], json!(canary));
+    let why = d[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("unhealthy"),
+        "the rolled back canary says why it failed: {d}"
+    );
     wait_release(&docker, &ours, &app, "2").await;
     let after = containers(&docker, &ours, &app).await;
     for id in &ids[1..] {

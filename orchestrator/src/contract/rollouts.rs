@@ -307,7 +307,7 @@ pub struct RolloutDevice {
     pub device: DeviceId,
     pub batch: usize,
     pub state: RolloutDeviceState,
-    /// Why it failed, when it did.
+    /// Why it failed, when it did (also once rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

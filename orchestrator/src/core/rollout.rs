@@ -268,6 +268,10 @@ struct DeviceEntry {
     progress: DeviceProgress,
     /// Touched by this rollout (set to the target at least once).
     touched: bool,
+    /// Why it last failed: kept when a rollback moves it on, so a rolled
+    /// back device still says what went wrong on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -428,6 +432,7 @@ impl Rollout {
                         from_release: targets[d],
                         progress: DeviceProgress::Pending,
                         touched: false,
+                        failure: None,
                     },
                 );
             }
@@ -510,6 +515,9 @@ impl Rollout {
             self.deadlines.insert((t, device.clone()));
         }
         let e = self.s.devices.get_mut(device).expect("known device");
+        if let DeviceProgress::Failed { reason } = &p {
+            e.failure = Some(reason.clone());
+        }
         let c = &mut self.s.counts[e.batch];
         *c.slot(&e.progress) -= 1;
         *c.slot(&p) += 1;
@@ -971,6 +979,14 @@ impl Rollout {
         self.s.devices.get(device).map(|e| &e.progress)
     }
 
+    /// Why a device last failed in this rollout, also after a rollback.
+    pub fn failure_of(&self, device: &DeviceId) -> Option<&str> {
+        self.s
+            .devices
+            .get(device)
+            .and_then(|e| e.failure.as_deref())
+    }
+
     /// Every device: its batch and progress, by device id.
     pub fn devices(&self) -> impl Iterator<Item = (&DeviceId, usize, &DeviceProgress)> {
         self.s
@@ -1110,6 +1126,25 @@ pub fn device_view(device: &DeviceId, batch: usize, p: &DeviceProgress) -> contr
             DeviceProgress::Failed { reason } => Some(reason.clone()),
             _ => None,
         },
+    }
+}
+
+impl Rollout {
+    /// [`device_view`] with the reason a rolled-back (or rolling back)
+    /// device failed, when it did.
+    pub fn device_view(
+        &self,
+        device: &DeviceId,
+        batch: usize,
+        p: &DeviceProgress,
+    ) -> contract::RolloutDevice {
+        let mut v = device_view(device, batch, p);
+        if v.reason.is_none() {
+            v.reason = self
+                .failure_of(device)
+                .map(|r| format!("failed before the rollback: {r}"));
+        }
+        v
     }
 }
 

@@ -112,7 +112,7 @@ impl Rollouts {
                 })
                 .skip(offset)
                 .take(limit)
-                .map(|(d, b, p)| crate::core::rollout::device_view(d, b, p))
+                .map(|(d, b, p)| r.rollout.device_view(d, b, p))
                 .collect(),
         )
     }

@@ -788,6 +788,13 @@ fn rollback_covers_updated_and_failed_devices_not_rolled_back_ones() {
     let fx = r.rollback(3).expect("accepted");
     assert_eq!(sorted_sets(&fx), vec![(d(0), 1), (d(1), 1), (d(2), 1)]);
     check_invariants(&r);
+    // Rolled back, the failed device still says why it failed.
+    r.observe(&d(1), old(), 4);
+    assert_eq!(r.device(&d(1)), Some(&DeviceProgress::RolledBack));
+    assert_eq!(r.failure_of(&d(1)), Some("x"));
+    let v = r.device_view(&d(1), 0, r.device(&d(1)).expect("known"));
+    assert!(v.reason.as_deref().unwrap_or("").contains('x'), "{v:?}");
+    assert_eq!(r.failure_of(&d(0)), None);
 }
 
 // ---- persistence ----

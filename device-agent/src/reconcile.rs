@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_shared::model::{
-    AppPhase, AppStatus, ContainerSpec, ContainerStatus, DesiredState, Health, ImageRef,
+    AppPhase, AppSpec, AppStatus, ContainerSpec, ContainerStatus, DesiredState, Health, ImageRef,
     NetworkMode, RestartPolicy, RunState,
 };
 use drover_shared::payload::{DeviceEvent, EventKind, Progress, RegistryCredential, Secrets};
@@ -53,9 +53,14 @@ pub enum Step {
         container: Name,
         image: String,
     },
+    /// `app_network`: the container joins its app's network (the app
+    /// wants one, see [`wants_network`], and the container is in `bridge`
+    /// mode); otherwise it gets its spec's own mode, Docker's default
+    /// bridge for `bridge`.
     Create {
         app: Name,
         spec: ContainerSpec,
+        app_network: bool,
     },
     /// `id: None` starts the container created earlier in the same pass.
     Start {
@@ -85,14 +90,10 @@ pub enum Step {
         id: String,
     },
     /// Creates the app's own network, before its containers.
-    CreateNetwork {
-        app: Name,
-    },
-    /// Removes an app network nothing desired uses, after its containers.
-    RemoveNetwork {
-        app: Name,
-        id: String,
-    },
+    CreateNetwork { app: Name },
+    /// Removes an app network no desired app wants (or a duplicate of
+    /// one), after the containers that were on it are gone.
+    RemoveNetwork { app: Name, id: String },
 }
 
 impl Step {
@@ -106,7 +107,7 @@ impl Step {
             | Step::Remove { app, container, .. }
             | Step::Pause { app, container, .. }
             | Step::Unpause { app, container, .. } => (app, container),
-            Step::Create { app, spec } => (app, &spec.name),
+            Step::Create { app, spec, .. } => (app, &spec.name),
             Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => return None,
         })
     }
@@ -306,6 +307,20 @@ pub fn restarts_after_exit(policy: RestartPolicy, exit_code: Option<i64>) -> boo
     }
 }
 
+/// Whether an app gets a Docker network of its own: only with two or more
+/// `bridge`-mode containers, the one case where its containers need to
+/// reach each other by name. One such container runs on Docker's default
+/// bridge: Docker's default address pools allow only about 30 user-defined
+/// bridge networks per daemon, so a network per app would cap a device at
+/// about 30 apps.
+pub fn wants_network(app: &AppSpec) -> bool {
+    app.containers
+        .iter()
+        .filter(|c| c.network_mode == NetworkMode::Bridge)
+        .count()
+        >= 2
+}
+
 /// [`plan_with`] for a fresh agent that has settled nothing.
 pub fn plan(
     desired: &DesiredState,
@@ -328,11 +343,16 @@ pub fn plan(
 /// otherwise left exited and listed in `left_exited`. A container Docker is
 /// restarting, or that is paused or being removed, is not drift.
 ///
-/// Networks: an app with a bridge-mode container has a network of its own
-/// (`networks` are this device's, by app label), created before its
-/// containers; a bridge-mode container not attached to it is replaced
-/// (this also moves containers made before app networks existed). A
-/// network no desired app needs is removed after the containers.
+/// Networks: an app with two or more bridge-mode containers
+/// ([`wants_network`]) has a network of its own (`networks` are this
+/// device's, by app label), created before its containers; a bridge-mode
+/// container of such an app not attached to it is replaced (this also moves
+/// an app's first container onto the network when a second one joins). A
+/// bridge-mode container of an app that wants no network runs on Docker's
+/// default bridge; one still attached to a network of its app (the app had
+/// two and now has one) is replaced, so that the network can go. A network
+/// no desired app wants, or a duplicate, is removed after the containers,
+/// by then off it.
 ///
 /// Start order: containers are created and started in the app's
 /// `start_order()`; a container of a running app whose dependency is not
@@ -353,14 +373,8 @@ pub fn plan_with(
     for n in networks {
         app_net.entry(&n.app).or_insert(n);
     }
-    let wants_net = |app: &drover_shared::model::DesiredApp| {
-        app.spec
-            .containers
-            .iter()
-            .any(|c| c.network_mode == NetworkMode::Bridge)
-    };
     for n in networks {
-        let wanted = desired.app(&n.app).is_some_and(wants_net);
+        let wanted = desired.app(&n.app).is_some_and(|a| wants_network(&a.spec));
         if !wanted || app_net.get(&n.app).is_some_and(|k| k.id != n.id) {
             net_removes.push(Step::RemoveNetwork {
                 app: n.app.clone(),
@@ -402,7 +416,8 @@ pub fn plan_with(
     for app in &desired.apps {
         let app_name = &app.spec.name;
         let net = app_net.get(app_name).copied();
-        if net.is_none() && wants_net(app) {
+        let wants_net = wants_network(&app.spec);
+        if net.is_none() && wants_net {
             net_creates.push(Step::CreateNetwork {
                 app: app_name.clone(),
             });
@@ -415,9 +430,19 @@ pub fn plan_with(
             .filter_map(|n| app.spec.containers.iter().find(|c| &c.name == n))
         {
             let hash = spec.fingerprint();
+            let app_network = wants_net && spec.network_mode == NetworkMode::Bridge;
+            // On the network it should be on: its app's where the app wants
+            // one, and otherwise none of its app's (all about to go).
             let on_net = |c: &ManagedContainer| {
-                spec.network_mode != NetworkMode::Bridge
-                    || net.is_some_and(|n| c.networks.contains(&n.id))
+                if spec.network_mode != NetworkMode::Bridge {
+                    true
+                } else if wants_net {
+                    net.is_some_and(|n| c.networks.contains(&n.id))
+                } else {
+                    !networks
+                        .iter()
+                        .any(|n| &n.app == app_name && c.networks.contains(&n.id))
+                }
             };
             let is_settled = settled
                 .get(&(app_name.clone(), spec.name.clone()))
@@ -482,6 +507,7 @@ pub fn plan_with(
                     creates.push(Step::Create {
                         app: app_name.clone(),
                         spec: spec.clone(),
+                        app_network,
                     });
                     if let Some(b) = waits_for {
                         blocked.push(b);
@@ -1474,16 +1500,21 @@ impl<R: Runtime> Reconciler<R> {
                 }
                 self.pull(generation, container, image).await
             }
-            Step::Create { app, spec } => {
+            Step::Create {
+                app,
+                spec,
+                app_network,
+            } => {
                 let name = container_name(&self.device, app, &spec.name);
                 let labels = labels_for(&self.device, app, spec, generation);
                 // By id where known: names of networks need not be unique
                 // on older daemons.
-                let net = nets
-                    .get(app)
-                    .cloned()
-                    .unwrap_or_else(|| network_name(&self.device, app));
-                let net = Some(net.as_str());
+                let net = app_network.then(|| {
+                    nets.get(app)
+                        .cloned()
+                        .unwrap_or_else(|| network_name(&self.device, app))
+                });
+                let net = net.as_deref();
                 let id = match self.runtime.create(&name, spec, labels.clone(), net).await {
                     // The image went away since the pass looked (another
                     // agent's cleanup, a person's `docker rmi`): pull again.

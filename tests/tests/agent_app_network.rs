@@ -1,17 +1,46 @@
 //! An app's containers on a network of their own, reaching each other by
-//! name, started in dependency order; and the previous release's image
-//! kept through an update. A real agent on the real Docker Engine, the
-//! desired state published straight on the device's topic, the result
-//! read back from Docker itself.
+//! name, started in dependency order; a single-container app on Docker's
+//! default bridge, with no network; and the previous release's image kept
+//! through an update. A real agent on the real Docker Engine, the desired
+//! state published straight on the device's topic, the result read back
+//! from Docker itself.
 
 use std::time::Duration;
 
+use bollard::models::EndpointSettings;
 use bollard::query_parameters::InspectNetworkOptions;
+use bollard::Docker;
 use drover_tests::agent_lab::*;
 use drover_tests::*;
 use serde_json::{json, Value};
 
 const CONVERGE: Duration = Duration::from_secs(120);
+
+/// The networks a container is attached to, by network name.
+async fn networks_of(
+    docker: &Docker,
+    container: &str,
+) -> std::collections::HashMap<String, EndpointSettings> {
+    docker
+        .inspect_container(container, None)
+        .await
+        .expect("inspect")
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default()
+}
+
+/// Waits until `net` is gone from Docker.
+async fn wait_network_gone(docker: &Docker, net: &str, what: &str) {
+    wait_for(CONVERGE, what, || async {
+        docker
+            .inspect_network(net, None::<InspectNetworkOptions>)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
@@ -43,7 +72,7 @@ async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
                              "interval_ms": 300, "timeout_ms": 2000, "retries": 3}}
         ]}, "run": "running", "started_at": 1}]
     });
-    publish_desired(&orch, &id, desired).await;
+    publish_desired(&orch, &id, desired.clone()).await;
 
     let view = wait_for(CONVERGE, "pair running and healthy", || async {
         let d = api.device(&id).await?;
@@ -126,16 +155,65 @@ async fn containers_of_an_app_reach_each_other_by_name_in_dependency_order() {
         "{pair}"
     );
 
-    // The app goes: its containers, then its network.
-    publish_desired(&orch, &id, json!({"generation": 2, "apps": []})).await;
-    wait_for(CONVERGE, "the app network removed", || async {
-        docker
-            .inspect_network(&net_name, None::<InspectNetworkOptions>)
-            .await
-            .is_err()
+    // Down to db alone: one container has no one to reach by name, so
+    // the app's network goes (Docker allows only about 30 such networks)
+    // once db is moved off it to Docker's default bridge.
+    let mut db_only = desired.clone();
+    db_only["generation"] = json!(2);
+    let db = desired["apps"][0]["spec"]["containers"][1].clone();
+    db_only["apps"][0]["spec"]["containers"] = json!([db]);
+    publish_desired(&orch, &id, db_only).await;
+    wait_network_gone(
+        &docker,
+        &net_name,
+        "the network of a one-container app removed",
+    )
+    .await;
+    wait_for(CONVERGE, "db alone running", || async {
+        let d = api.device(&id).await?;
+        let pair = observed_app(&d, "pair")?;
+        (d["applied_generation"] == json!(2)
+            && pair["phase"] == json!("running")
+            && pair["containers"].as_array()?.len() == 1)
             .then_some(())
     })
     .await;
+    let db_nets = networks_of(&docker, &format!("drover-{id}-pair-db")).await;
+    assert_eq!(
+        db_nets.keys().collect::<Vec<_>>(),
+        vec!["bridge"],
+        "db is on Docker's default bridge only"
+    );
+    assert_eq!(device_containers(&docker, &id).await.len(), 1);
+
+    // Both again: the network is back, and db moves onto it beside web,
+    // which reaches it by name again.
+    let mut both = desired.clone();
+    both["generation"] = json!(3);
+    publish_desired(&orch, &id, both).await;
+    wait_for(CONVERGE, "pair running and healthy again", || async {
+        let d = api.device(&id).await?;
+        let pair = observed_app(&d, "pair")?;
+        let cs = pair["containers"].as_array()?;
+        (d["applied_generation"] == json!(3)
+            && pair["phase"] == json!("running")
+            && cs.len() == 2
+            && cs.iter().all(|c| c["health"] == json!("healthy")))
+        .then_some(())
+    })
+    .await;
+    for c in ["db", "web"] {
+        let nets = networks_of(&docker, &format!("drover-{id}-pair-{c}")).await;
+        assert_eq!(
+            nets.keys().collect::<Vec<_>>(),
+            vec![&net_name],
+            "{c} is on its app network only"
+        );
+    }
+
+    // The app goes: its containers, then its network.
+    publish_desired(&orch, &id, json!({"generation": 4, "apps": []})).await;
+    wait_network_gone(&docker, &net_name, "the app network removed").await;
     assert!(device_containers(&docker, &id).await.is_empty());
     agent.stop().await;
 }
@@ -211,6 +289,16 @@ async fn the_previous_release_image_stays_until_the_new_one_is_healthy() {
     };
     publish_desired(&orch, &id, release(1, &old, None)).await;
     wait_for(CONVERGE, "release 1 running", phase_at(1, "none")).await;
+    // One container: Docker's default bridge, no network of its own.
+    let nets = networks_of(&docker, &format!("drover-{id}-rel-main")).await;
+    assert_eq!(nets.keys().collect::<Vec<_>>(), vec!["bridge"]);
+    assert!(
+        docker
+            .inspect_network(&format!("drover-{id}-rel"), None::<InspectNetworkOptions>)
+            .await
+            .is_err(),
+        "a one-container app has no network"
+    );
 
     // The update's health check never passes: the old image stays, held
     // in the ledger for the app.

@@ -12,10 +12,12 @@ use crate::runtime::ManagedNetwork;
 
 use super::*;
 
-/// Every desired app's network, as [`actual`] attaches containers to them.
+/// The network of every desired app that wants one ([`wants_network`]), as
+/// [`actual`] attaches containers to them.
 fn nets_for(d: &DesiredState) -> Vec<ManagedNetwork> {
     d.apps
         .iter()
+        .filter(|a| wants_network(&a.spec))
         .map(|a| ManagedNetwork {
             id: format!("net-{}", a.spec.name),
             name: format!("drover-dev1-{}", a.spec.name),
@@ -24,12 +26,12 @@ fn nets_for(d: &DesiredState) -> Vec<ManagedNetwork> {
         .collect()
 }
 
-/// [`super::plan`] with every app's network in place.
+/// [`super::plan`] with every network an app wants in place.
 fn plan(d: &DesiredState, a: &[ManagedContainer]) -> Vec<Step> {
     super::plan(d, a, &nets_for(d))
 }
 
-/// [`super::plan_with`] with every app's network in place.
+/// [`super::plan_with`] with every network an app wants in place.
 fn plan_with(d: &DesiredState, a: &[ManagedContainer], settled: &Settled) -> Plan {
     super::plan_with(d, a, &nets_for(d), settled)
 }
@@ -106,7 +108,8 @@ fn new_app_is_pulled_created_and_started() {
             },
             Step::Create {
                 app: name("web"),
-                spec: main
+                spec: main,
+                app_network: false
             },
             Step::Start {
                 app: name("web"),
@@ -243,7 +246,8 @@ fn changed_spec_is_pulled_first_then_replaced() {
             },
             Step::Create {
                 app: name("web"),
-                spec: v2
+                spec: v2,
+                app_network: false
             },
             Step::Start {
                 app: name("web"),
@@ -838,7 +842,8 @@ fn removed_container_is_recreated_and_reported_as_drift() {
         assert!(
             p.steps.contains(&Step::Create {
                 app: name("web"),
-                spec: main.clone()
+                spec: main.clone(),
+                app_network: false
             }),
             "{run:?}"
         );
@@ -1090,15 +1095,12 @@ async fn a_stored_state_older_than_what_runs_is_not_restored() {
         crate::runtime::labels_for(&dev, &name("new"), &newer_spec, 9),
         "running".into(),
     ));
-    // On its app's network, as generation 9 made it.
-    let labels = crate::runtime::network_labels(&dev, &name("new"));
-    rt.create_network("drover-dev1-new", labels)
-        .await
-        .expect("network");
+    // On Docker's default bridge, as generation 9 made it: a one-container
+    // app has no network of its own.
     rt.attached
         .lock()
         .expect("lock")
-        .insert("id-new".into(), vec!["netid-drover-dev1-new".into()]);
+        .insert("id-new".into(), vec!["default-bridge".into()]);
     let (r, mut events) = reconciler(Arc::clone(&rt));
     let stored = desired(
         7,
@@ -1745,14 +1747,47 @@ fn bridge_net(app_: &str, id: &str) -> ManagedNetwork {
     }
 }
 
+/// Two bridge-mode containers with no dependency between them: the
+/// smallest app that wants a network.
+fn pair() -> (ContainerSpec, ContainerSpec) {
+    (spec("web", "reg/web:1"), spec("db", "reg/db:1"))
+}
+
+/// The containers a plan creates, and whether each joins its app network.
+fn creates(steps: &[Step]) -> Vec<(&str, bool)> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Create {
+                spec, app_network, ..
+            } => Some((spec.name.as_str(), *app_network)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn network_steps(steps: &[Step]) -> Vec<&Step> {
+    steps
+        .iter()
+        .filter(|s| matches!(s, Step::CreateNetwork { .. } | Step::RemoveNetwork { .. }))
+        .collect()
+}
+
 #[test]
 fn an_app_network_is_created_before_the_containers_and_removed_after_them() {
-    let main = spec("main", "reg/web:1");
-    let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let (web, db) = pair();
+    let d = desired(
+        1,
+        vec![app(
+            "shop",
+            RunState::Running,
+            vec![web.clone(), db.clone()],
+        )],
+    );
     let steps = super::plan(&d, &[], &[]);
     let net = steps
         .iter()
-        .position(|s| matches!(s, Step::CreateNetwork { app } if app == &name("web")))
+        .position(|s| matches!(s, Step::CreateNetwork { app } if app == &name("shop")))
         .expect("the network is created");
     let create = steps
         .iter()
@@ -1764,25 +1799,39 @@ fn an_app_network_is_created_before_the_containers_and_removed_after_them() {
     let gone = desired(2, vec![]);
     let steps = super::plan(
         &gone,
-        &[actual("c1", "web", &main, "running")],
-        &[bridge_net("web", "net-web")],
+        &[
+            actual("c1", "shop", &web, "running"),
+            actual("c2", "shop", &db, "running"),
+        ],
+        &[bridge_net("shop", "net-shop")],
     );
     assert_eq!(
         steps.last(),
         Some(&Step::RemoveNetwork {
-            app: name("web"),
-            id: "net-web".into()
+            app: name("shop"),
+            id: "net-shop".into()
         })
+    );
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|s| matches!(s, Step::Remove { .. }))
+            .count(),
+        2
     );
     assert!(matches!(steps[steps.len() - 2], Step::Remove { .. }));
 
     // Host and none networking need no app network; a left-over one goes.
     let mut host = spec("main", "reg/web:1");
     host.network_mode = NetworkMode::Host;
+    let mut none = spec("side", "reg/side:1");
+    none.network_mode = NetworkMode::None;
+    let d = desired(
+        3,
+        vec![app("web", RunState::Running, vec![host.clone(), none])],
+    );
+    assert!(network_steps(&super::plan(&d, &[], &[])).is_empty());
     let d = desired(3, vec![app("web", RunState::Running, vec![host.clone()])]);
-    assert!(!super::plan(&d, &[], &[])
-        .iter()
-        .any(|s| matches!(s, Step::CreateNetwork { .. })));
     let mut on_host = actual("c1", "web", &host, "running");
     on_host.networks.clear();
     assert_eq!(
@@ -1795,39 +1844,290 @@ fn an_app_network_is_created_before_the_containers_and_removed_after_them() {
 }
 
 #[test]
-fn a_bridge_container_off_its_app_network_is_replaced() {
-    // Made before app networks existed: on Docker's default bridge.
+fn a_one_container_app_runs_on_the_default_bridge() {
+    // New: no network, created with none.
     let main = spec("main", "reg/web:1");
     let d = desired(1, vec![app("web", RunState::Running, vec![main.clone()])]);
+    let steps = super::plan(&d, &[], &[]);
+    assert!(network_steps(&steps).is_empty(), "{steps:?}");
+    assert_eq!(creates(&steps), vec![("main", false)]);
+
+    // Running on Docker's default bridge (made by an agent older than app
+    // networks, or by this one): kept as it is.
     let mut old = actual("c1", "web", &main, "running");
     old.networks = vec!["default-bridge".into()];
-    let steps = super::plan(&d, &[old], &[]);
+    assert_eq!(super::plan(&d, &[old], &[]), vec![]);
+
+    // One bridge container beside host and none ones is still alone on
+    // its bridge: no network either.
+    let mut host = spec("agent", "reg/agent:1");
+    host.network_mode = NetworkMode::Host;
+    let mut none = spec("batch", "reg/batch:1");
+    none.network_mode = NetworkMode::None;
+    let d = desired(
+        2,
+        vec![app("web", RunState::Running, vec![main, host, none])],
+    );
+    let steps = super::plan(&d, &[], &[]);
+    assert!(network_steps(&steps).is_empty(), "{steps:?}");
+    assert_eq!(
+        creates(&steps),
+        vec![("main", false), ("agent", false), ("batch", false)]
+    );
+}
+
+#[test]
+fn two_bridge_containers_share_their_app_network() {
+    let (web, db) = pair();
+    let d = desired(
+        1,
+        vec![app(
+            "shop",
+            RunState::Running,
+            vec![web.clone(), db.clone()],
+        )],
+    );
+    let steps = super::plan(&d, &[], &[]);
+    assert_eq!(
+        network_steps(&steps),
+        vec![&Step::CreateNetwork { app: name("shop") }]
+    );
+    assert_eq!(creates(&steps), vec![("web", true), ("db", true)]);
+
+    // Both on it: nothing to do.
+    let both = [
+        actual("c1", "shop", &web, "running"),
+        actual("c2", "shop", &db, "running"),
+    ];
+    assert_eq!(
+        super::plan(&d, &both, &[bridge_net("shop", "net-shop")]),
+        vec![]
+    );
+}
+
+#[test]
+fn a_bridge_container_off_its_app_network_is_replaced() {
+    // Made before the app had a network: on Docker's default bridge.
+    let (web, db) = pair();
+    let d = desired(
+        1,
+        vec![app(
+            "shop",
+            RunState::Running,
+            vec![web.clone(), db.clone()],
+        )],
+    );
+    let mut old = actual("c1", "shop", &web, "running");
+    old.networks = vec!["default-bridge".into()];
+    let on_net = actual("c2", "shop", &db, "running");
+    let steps = super::plan(&d, &[old.clone(), on_net.clone()], &[]);
     assert!(
         matches!(steps.as_slice(), [
             Step::Pull { .. },
+            Step::Pull { .. },
             Step::Stop { id: s, .. },
             Step::Remove { id: r, .. },
+            Step::Stop { .. },
+            Step::Remove { .. },
             Step::CreateNetwork { .. },
             Step::Create { .. },
+            Step::Create { .. },
+            Step::Start { id: None, .. },
             Step::Start { id: None, .. },
         ] if s == "c1" && r == "c1"),
         "{steps:?}"
     );
-    // A duplicate network of the same app is removed; the one the
-    // container is on stays.
-    let ok = actual("c1", "web", &main, "running");
+    assert_eq!(creates(&steps), vec![("web", true), ("db", true)]);
+    // The network is there: only the container off it is replaced.
     let steps = super::plan(
         &d,
-        &[ok],
-        &[bridge_net("web", "net-web"), bridge_net("web", "net-zzz")],
+        &[old, on_net.clone()],
+        &[bridge_net("shop", "net-shop")],
+    );
+    assert_eq!(creates(&steps), vec![("web", true)]);
+    assert!(network_steps(&steps).is_empty(), "{steps:?}");
+
+    // A duplicate network of the same app is removed; the one the
+    // containers are on stays.
+    let ok = actual("c1", "shop", &web, "running");
+    let steps = super::plan(
+        &d,
+        &[ok, on_net],
+        &[
+            bridge_net("shop", "net-shop"),
+            bridge_net("shop", "net-zzz"),
+        ],
     );
     assert_eq!(
         steps,
         vec![Step::RemoveNetwork {
-            app: name("web"),
+            app: name("shop"),
             id: "net-zzz".into()
         }]
     );
+}
+
+#[test]
+fn an_app_down_to_one_bridge_container_moves_it_off_its_network_then_drops_it() {
+    let (web, db) = pair();
+    let on_net = [
+        actual("c-web", "shop", &web, "running"),
+        actual("c-db", "shop", &db, "running"),
+    ];
+    let nets = [bridge_net("shop", "net-shop")];
+    let d = desired(2, vec![app("shop", RunState::Running, vec![db.clone()])]);
+    let stop = |c: &str, id: &str| Step::Stop {
+        app: name("shop"),
+        container: name(c),
+        id: id.into(),
+    };
+    let remove = |c: &str, id: &str| Step::Remove {
+        app: name("shop"),
+        container: name(c),
+        id: id.into(),
+    };
+    // db is replaced although its spec is the same: it is on the network,
+    // which cannot go while anything is attached to it.
+    assert_eq!(
+        super::plan(&d, &on_net, &nets),
+        vec![
+            Step::Pull {
+                app: name("shop"),
+                container: name("db"),
+                image: "reg/db:1".into()
+            },
+            stop("db", "c-db"),
+            remove("db", "c-db"),
+            stop("web", "c-web"),
+            remove("web", "c-web"),
+            Step::Create {
+                app: name("shop"),
+                spec: db.clone(),
+                app_network: false
+            },
+            Step::Start {
+                app: name("shop"),
+                container: name("db"),
+                id: None
+            },
+            Step::RemoveNetwork {
+                app: name("shop"),
+                id: "net-shop".into()
+            },
+        ]
+    );
+    // The same when the other container stays but leaves bridge mode.
+    let mut web_host = web.clone();
+    web_host.network_mode = NetworkMode::Host;
+    let d = desired(
+        3,
+        vec![app("shop", RunState::Running, vec![web_host, db.clone()])],
+    );
+    let steps = super::plan(&d, &on_net, &nets);
+    assert_eq!(creates(&steps), vec![("web", false), ("db", false)]);
+    assert_eq!(
+        steps.last(),
+        Some(&Step::RemoveNetwork {
+            app: name("shop"),
+            id: "net-shop".into()
+        })
+    );
+
+    // Once off it and the network gone, nothing more.
+    let mut db_alone = actual("c-db2", "shop", &db, "running");
+    db_alone.networks = vec!["default-bridge".into()];
+    let d = desired(2, vec![app("shop", RunState::Running, vec![db])]);
+    assert_eq!(super::plan(&d, &[db_alone], &[]), vec![]);
+}
+
+#[test]
+fn an_app_up_to_two_bridge_containers_gets_a_network_and_moves_the_first_onto_it() {
+    let (web, db) = pair();
+    let mut alone = actual("c-db", "shop", &db, "running");
+    alone.networks = vec!["default-bridge".into()];
+    let d = desired(
+        2,
+        vec![app(
+            "shop",
+            RunState::Running,
+            vec![web.clone(), db.clone()],
+        )],
+    );
+    let steps = super::plan(&d, &[alone], &[]);
+    assert!(
+        matches!(steps.as_slice(), [
+            Step::Pull { .. },
+            Step::Pull { .. },
+            Step::Stop { id: s, .. },
+            Step::Remove { id: r, .. },
+            Step::CreateNetwork { app },
+            Step::Create { .. },
+            Step::Create { .. },
+            Step::Start { id: None, .. },
+            Step::Start { id: None, .. },
+        ] if s == "c-db" && r == "c-db" && app == &name("shop")),
+        "{steps:?}"
+    );
+    assert_eq!(creates(&steps), vec![("web", true), ("db", true)]);
+}
+
+#[tokio::test]
+async fn an_app_network_comes_with_a_second_container_and_goes_with_it() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1", "reg/db:1"]));
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let (_tx, newer) = watch::channel(None);
+    let (web, db) = pair();
+    let attached = |rt: &FakeRuntime| {
+        let mut a: Vec<(String, Vec<String>)> = rt
+            .attached
+            .lock()
+            .expect("lock")
+            .clone()
+            .into_iter()
+            .collect();
+        a.sort();
+        a
+    };
+    let one = desired(1, vec![app("shop", RunState::Running, vec![db.clone()])]);
+    let report = r.pass(&one, &newer).await.expect("runs").expect("counted");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(rt.networks.lock().expect("lock").is_empty());
+    assert_eq!(attached(&rt), vec![], "db is on the default bridge");
+
+    // 1 → 2: the network, and both on it.
+    let two = desired(
+        2,
+        vec![app("shop", RunState::Running, vec![web, db.clone()])],
+    );
+    let report = r.pass(&two, &newer).await.expect("runs").expect("counted");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let nets = rt.networks.lock().expect("lock").clone();
+    assert_eq!(nets.len(), 1);
+    let net = vec![nets[0].id.clone()];
+    assert_eq!(
+        attached(&rt),
+        vec![
+            ("id-drover-dev1-shop-db".into(), net.clone()),
+            ("id-drover-dev1-shop-web".into(), net),
+        ]
+    );
+
+    // 2 → 1: db off the network first (the fake, as Docker, refuses to
+    // remove a network still in use), then the network goes.
+    let back = desired(3, vec![app("shop", RunState::Running, vec![db])]);
+    let report = r.pass(&back, &newer).await.expect("runs").expect("counted");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+    assert!(rt.networks.lock().expect("lock").is_empty());
+    assert_eq!(attached(&rt), vec![]);
+    let containers = rt.containers.lock().expect("lock").clone();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0].0, "id-drover-dev1-shop-db");
+    assert_eq!(containers[0].2, "running");
+    // Converged: a further pass does nothing.
+    let before = rt.log.lock().expect("lock").len();
+    r.pass(&back, &newer).await.expect("runs");
+    assert_eq!(rt.log.lock().expect("lock").len(), before);
 }
 
 fn api_db() -> (ContainerSpec, ContainerSpec) {

@@ -18,9 +18,13 @@ use super::{ApiState, AuditDetail, Audited};
 use crate::contract::{AuditOutcome, ErrorBody, ErrorDetail};
 use crate::core::command::Actor;
 
-/// Routes anyone may call: probes, Prometheus, and the API's description.
+/// Routes anyone may call: probes, Prometheus, the API's description, and
+/// the web console's files (which hold no data).
 pub fn is_public(route: &str) -> bool {
-    matches!(route, "/healthz" | "/metrics" | "/api/v1/openapi.json")
+    matches!(
+        route,
+        "/healthz" | "/metrics" | "/api/v1/openapi.json" | "/" | "/console/{file}"
+    )
 }
 
 /// The bearer token; `Some("")` for an Authorization header that is present

@@ -9,6 +9,7 @@
 //! `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
 pub mod auth;
+pub mod console;
 mod openapi;
 mod rollouts;
 mod routes;

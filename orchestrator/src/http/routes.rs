@@ -69,7 +69,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Every route with its handler and description.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi())
+    let router = OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi());
+    super::console::routes(router)
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))

@@ -164,9 +164,7 @@ pub async fn authenticate(State(api): State<ApiState>, mut req: Request, next: N
             .headers()
             .get(CSRF_HEADER)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                crate::security::secret::verify(v, &crate::security::secret::digest(&s.csrf))
-            });
+            .is_some_and(|v| access.csrf_matches(s, v));
         if cross_site || !csrf_ok {
             let message = if cross_site {
                 "cross-site request refused: a changing request with the session cookie must come from the console's own origin"

@@ -282,6 +282,11 @@ impl Access {
         ))
     }
 
+    /// Whether `presented` is the session's CSRF value, in constant time.
+    pub fn csrf_matches(&self, session: &SessionRecord, presented: &str) -> bool {
+        secret::verify(presented, &secret::digest(&session.csrf))
+    }
+
     /// Signs out.
     pub async fn delete_session(&self, id: &str) -> Result<(), AccessError> {
         let _g = self.changes.lock().await;

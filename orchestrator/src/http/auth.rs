@@ -105,6 +105,25 @@ fn unauthorized(message: &str) -> Response {
     resp
 }
 
+/// Counts and audits a request refused here.
+async fn deny(api: &ApiState, who: &Actor, action: String, status: u16, message: &str) {
+    api.commands
+        .metrics
+        .api_denied
+        .fetch_add(1, Ordering::Relaxed);
+    api.commands
+        .access
+        .audit(
+            who,
+            action,
+            None,
+            AuditOutcome::Denied,
+            Some(status),
+            message.to_string(),
+        )
+        .await;
+}
+
 /// The authentication layer (a route layer, so the matched route is known).
 pub async fn authenticate(State(api): State<ApiState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -136,22 +155,10 @@ pub async fn authenticate(State(api): State<ApiState>, mut req: Request, next: N
         } else {
             "this endpoint needs an API token: send `Authorization: Bearer <token>`"
         };
-        api.commands
-            .metrics
-            .api_denied
-            .fetch_add(1, Ordering::Relaxed);
-        access
-            .audit(
-                &Actor::Unauthenticated {
-                    presented_token: presented,
-                },
-                action,
-                None,
-                AuditOutcome::Denied,
-                Some(401),
-                message.to_string(),
-            )
-            .await;
+        let who = Actor::Unauthenticated {
+            presented_token: presented,
+        };
+        deny(&api, &who, action, 401, message).await;
         return unauthorized(message);
     };
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
@@ -171,20 +178,7 @@ pub async fn authenticate(State(api): State<ApiState>, mut req: Request, next: N
             } else {
                 "a changing request signed in with the session cookie must send the session's CSRF value in the X-Drover-CSRF header"
             };
-            api.commands
-                .metrics
-                .api_denied
-                .fetch_add(1, Ordering::Relaxed);
-            access
-                .audit(
-                    &actor,
-                    action,
-                    None,
-                    AuditOutcome::Denied,
-                    Some(403),
-                    message.to_string(),
-                )
-                .await;
+            deny(&api, &actor, action, 403, message).await;
             return forbidden(message);
         }
     }

@@ -92,7 +92,9 @@ ensure_packages() {
     # /usr/local/bin, ...); only install Debian's when there is none.
     command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     local pkg
-    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv; do
+    # chromium and chromium-driver: the web console's browser tests
+    # (tests/src/browser.rs); fonts-dejavu-core so its screenshots have text.
+    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv chromium chromium-driver fonts-dejavu-core; do
         package_installed "$pkg" || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then

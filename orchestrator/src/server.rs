@@ -294,6 +294,7 @@ pub async fn start(
     let app = crate::http::router(Arc::new(Api {
         commands,
         stopping: api_stopping,
+        secure_cookies: api_https,
     }));
     let stop_api = stopped();
     let api_limits = config.api_limits;

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod schemathesis;
 
 use std::path::PathBuf;

@@ -91,6 +91,42 @@ impl ChangeFilter {
     }
 }
 
+/// Merges a subscriber's device-level changes (`device`, `inventory`,
+/// `state`, `telemetry`) per device and kind, keeping the latest, to be
+/// sent together at an interval (`GET /api/v1/changes?coalesce=true`, the
+/// console's feed): 10,000 chatty devices become at most one change per
+/// device and kind per interval. Everything else (operations, rollouts,
+/// events, logs, apps, `lagged`) passes at once, in order.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    pending: std::collections::BTreeMap<(DeviceId, u8), std::sync::Arc<Change>>,
+}
+
+impl Coalescer {
+    /// Keeps a device-level change for the next [`Coalescer::drain`], or
+    /// hands any other change back to send now.
+    pub fn offer(&mut self, change: std::sync::Arc<Change>) -> Option<std::sync::Arc<Change>> {
+        let key = match &*change {
+            Change::Device { device, .. } => (device.clone(), 0),
+            Change::Inventory { device, .. } => (device.clone(), 1),
+            Change::State { device, .. } => (device.clone(), 2),
+            Change::Telemetry { device, .. } => (device.clone(), 3),
+            _ => return Some(change),
+        };
+        self.pending.insert(key, change);
+        None
+    }
+
+    /// The kept changes, one per device and kind, by device.
+    pub fn drain(&mut self) -> Vec<std::sync::Arc<Change>> {
+        std::mem::take(&mut self.pending).into_values().collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use drover_shared::payload::Op;
@@ -179,6 +215,42 @@ mod tests {
             deleted: true,
         }));
         assert!(f.matches(&Change::Lagged { missed: 1 }));
+    }
+
+    #[test]
+    fn the_coalescer_keeps_the_latest_per_device_and_kind_and_passes_the_rest() {
+        use std::sync::Arc;
+        let mut c = Coalescer::default();
+        let state = |d: &str, applied: u64| {
+            Arc::new(Change::State {
+                device: DeviceId::new(d).expect("valid id"),
+                desired_generation: 9,
+                applied_generation: applied,
+                at_ms: applied,
+            })
+        };
+        for i in 0..100 {
+            assert!(c.offer(state("d1", i)).is_none());
+            assert!(c.offer(state("d2", i)).is_none());
+        }
+        assert!(c.offer(Arc::new(online("d1"))).is_none());
+        // An operation is not held back.
+        let passed = c.offer(Arc::new(op("a", "d1"))).expect("passes");
+        assert!(matches!(&*passed, Change::Operation { .. }));
+        let out = c.drain();
+        assert_eq!(out.len(), 3, "{out:?}");
+        let applied: Vec<u64> = out
+            .iter()
+            .filter_map(|c| match &**c {
+                Change::State {
+                    applied_generation, ..
+                } => Some(*applied_generation),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(applied, vec![99, 99], "the latest of each device");
+        assert!(c.is_empty());
+        assert!(c.drain().is_empty());
     }
 
     #[test]

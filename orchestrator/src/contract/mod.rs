@@ -18,7 +18,7 @@ mod rollouts;
 mod security;
 
 pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
-pub use changes::{Change, ChangeFilter};
+pub use changes::{Change, ChangeFilter, Coalescer};
 pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};
 pub use operations::{OpStatus, Operation};
@@ -29,7 +29,7 @@ pub use rollouts::{
 };
 pub use security::{
     ApiToken, AuditEntry, AuditOutcome, EnrollToken, MqttUser, NewApiToken, NewEnrollToken,
-    NewMqttUser, Role,
+    NewMqttUser, NewSession, Role, Session,
 };
 
 /// The prefix of every API route.

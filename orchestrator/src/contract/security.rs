@@ -95,6 +95,28 @@ pub struct NewApiToken {
     pub role: Role,
 }
 
+/// The body of `POST /api/v1/session`: sign in to the console with an
+/// API token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    pub token: String,
+}
+
+/// Who is signed in (`POST`/`GET /api/v1/session`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    /// The API token's name.
+    pub name: String,
+    pub role: Role,
+    /// With a session cookie: the value every changing request must send
+    /// in the `X-Drover-CSRF` header. Absent for a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csrf: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
 /// A broker identity for automation. `password` is only in the response
 /// that created it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

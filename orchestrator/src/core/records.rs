@@ -182,6 +182,21 @@ pub struct ApiTokenRecord {
     pub created_by: String,
 }
 
+/// A console sign-in: a cookie that stands for an API token (its role,
+/// as long as the token exists) until it expires or signs out. Only the
+/// secret's digest is stored; the CSRF value is not a credential on its
+/// own (it is useless without the cookie) and is kept as it is, to show
+/// the signed-in page again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub secret_digest: String,
+    pub token_id: String,
+    pub csrf: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
 /// One line of the audit log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -352,6 +367,8 @@ pub enum Write {
     DeleteRegistry(String),
     Rollout(Box<RolloutRecord>),
     DeleteRollout(String),
+    Session(SessionRecord),
+    DeleteSession(String),
 }
 
 /// A rollout as stored: the state machine and what its end needs. The

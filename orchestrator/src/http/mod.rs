@@ -41,6 +41,8 @@ pub struct Api {
     /// Flips to `true` when the server begins to shut down: long polls and
     /// change streams end then, so the graceful drain does not wait on them.
     pub stopping: watch::Receiver<bool>,
+    /// Session cookies are `Secure` (the API is served over HTTPS).
+    pub secure_cookies: bool,
 }
 
 pub type ApiState = Arc<Api>;

@@ -91,6 +91,13 @@ pub(super) fn finish(mut doc: OpenApi) -> OpenApi {
         if !path.starts_with(API_PREFIX) || is_public(path) {
             continue;
         }
+        if path == super::auth::SESSION_PATH {
+            // Signing in takes a token in its body; the rest need a session.
+            for op in [&mut item.get, &mut item.delete].into_iter().flatten() {
+                authenticated(op);
+            }
+            continue;
+        }
         let ops = [
             &mut item.get,
             &mut item.put,

@@ -1124,6 +1124,8 @@ struct ChangesQuery {
     operation: Option<String>,
     /// Only this rollout's progress and outcome.
     rollout: Option<String>,
+    /// Merge device-level changes per device to one per kind per second.
+    coalesce: Option<String>,
 }
 
 /// The fleet's changes as server-sent events, one JSON object each (see
@@ -1137,6 +1139,7 @@ struct ChangesQuery {
         ("device" = Option<DeviceId>, Query, description = "Only this device's changes"),
         ("operation" = Option<String>, Query, description = "Only this operation's changes"),
         ("rollout" = Option<String>, Query, description = "Only this rollout's changes"),
+        ("coalesce" = Option<bool>, Query, description = "Merge each device's `device`, `inventory`, `state` and `telemetry` changes to the latest of each kind, sent once a second (the console's feed); the rest is sent at once"),
     ),
     responses(
         (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
@@ -1150,6 +1153,17 @@ async fn changes(
     ApiQuery(q): ApiQuery<ChangesQuery>,
 ) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::WatchChanges).await?;
+    let coalesce = match q.coalesce.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "coalesce",
+                format!("`coalesce` is true or false, got {other:?}"),
+            ))
+        }
+    };
     let filter = ChangeFilter {
         device: q.device.as_deref().map(device_id).transpose()?,
         operation: q.operation,
@@ -1184,29 +1198,75 @@ async fn changes(
         }
     }
     let stopping = api.stopping.clone();
-    let stream = futures_util::stream::unfold(
-        (rx, stopping, filter),
-        |(mut rx, mut stopping, filter)| async move {
-            let change = loop {
-                let change = tokio::select! {
-                    next = rx.recv() => match next {
-                        Ok(c) => c,
-                        Err(RecvError::Lagged(missed)) => Arc::new(Change::Lagged { missed }),
-                        Err(RecvError::Closed) => return None,
-                    },
-                    _ = stopping.wait_for(|s| *s) => return None,
-                };
-                if filter.matches(&change) {
-                    break change;
-                }
-            };
-            let event = SseEvent::default()
-                .json_data(&*change)
-                .unwrap_or_else(|_| SseEvent::default().data("{}"));
-            Some((Ok::<_, Infallible>(event), (rx, stopping, filter)))
-        },
-    );
+    let mut flush = tokio::time::interval(COALESCE_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = Feed {
+        rx,
+        stopping,
+        filter,
+        coalescer: coalesce.then(contract::Coalescer::default),
+        ready: std::collections::VecDeque::new(),
+        flush,
+    };
+    let stream = futures_util::stream::unfold(state, |mut f| async move {
+        let change = f.next().await?;
+        let event = SseEvent::default()
+            .json_data(&*change)
+            .unwrap_or_else(|_| SseEvent::default().data("{}"));
+        Some((Ok::<_, Infallible>(event), f))
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// How often a coalescing subscriber gets its merged device changes.
+const COALESCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One subscriber of `GET /api/v1/changes`.
+struct Feed {
+    rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    filter: ChangeFilter,
+    coalescer: Option<contract::Coalescer>,
+    /// Changes ready to send, in order.
+    ready: std::collections::VecDeque<Arc<Change>>,
+    flush: tokio::time::Interval,
+}
+
+impl Feed {
+    /// The next change to send; `None` when the stream ends.
+    async fn next(&mut self) -> Option<Arc<Change>> {
+        loop {
+            if let Some(c) = self.ready.pop_front() {
+                return Some(c);
+            }
+            let pending = self.coalescer.as_ref().is_some_and(|c| !c.is_empty());
+            let change = tokio::select! {
+                next = self.rx.recv() => match next {
+                    Ok(c) => c,
+                    Err(RecvError::Lagged(missed)) => Arc::new(Change::Lagged { missed }),
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = self.flush.tick(), if pending => {
+                    if let Some(c) = self.coalescer.as_mut() {
+                        self.ready.extend(c.drain());
+                    }
+                    continue;
+                }
+                _ = self.stopping.wait_for(|s| *s) => return None,
+            };
+            if !self.filter.matches(&change) {
+                continue;
+            }
+            match self.coalescer.as_mut() {
+                Some(c) => {
+                    if let Some(now) = c.offer(change) {
+                        return Some(now);
+                    }
+                }
+                None => return Some(change),
+            }
+        }
+    }
 }
 
 // ----- registry credentials ------------------------------------------------------

@@ -29,6 +29,172 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_automation, create_automation))
         .routes(routes!(delete_automation))
         .routes(routes!(audit))
+        .routes(routes!(sign_in, show_session, sign_out))
+}
+
+fn session_cookie(api: &ApiState, value: &str, max_age_secs: i64) -> axum::http::HeaderValue {
+    let c = cookie::Cookie::build((super::auth::SESSION_COOKIE, value.to_string()))
+        .path("/")
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .secure(api.secure_cookies)
+        .max_age(cookie::time::Duration::seconds(max_age_secs))
+        .build();
+    axum::http::HeaderValue::from_str(&c.to_string())
+        .expect("a cookie of token characters is a valid header value")
+}
+
+/// Signs in to the console with an API token: sets an `HttpOnly`,
+/// `SameSite=Strict` session cookie (`Secure` under HTTPS) that stands for
+/// the token's name and role until it expires (12 hours), is signed out, or
+/// the token is revoked. Changing requests made with the cookie must send
+/// the returned `csrf` value in the `X-Drover-CSRF` header.
+#[utoipa::path(post, path = "/api/v1/session", tag = "security",
+    request_body = contract::NewSession,
+    responses(
+        (status = 201, description = "Signed in; the cookie is set", body = contract::Session,
+         headers(("Set-Cookie" = String, description = "`drover_session`"))),
+        (status = 400, description = "The body is not valid", body = ErrorBody),
+        (status = 401, description = "The token is not valid", body = ErrorBody),
+        (status = 500, description = "The session could not be stored", body = ErrorBody),
+        (status = 503, description = "The orchestrator is stopping", body = ErrorBody),
+    ))]
+async fn sign_in(State(api): State<ApiState>, body: Bytes) -> ApiResult<Response> {
+    let access = &api.commands.access;
+    let req: contract::NewSession = match parse_body(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            access
+                .audit(
+                    &crate::core::command::Actor::Unauthenticated {
+                        presented_token: false,
+                    },
+                    "POST /api/v1/session".into(),
+                    None,
+                    AuditOutcome::Denied,
+                    Some(400),
+                    "sign-in body not valid".into(),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    match access.create_session(req.token.trim()).await {
+        Ok(Some((rec, value, actor))) => {
+            access
+                .audit(
+                    &actor,
+                    "POST /api/v1/session".into(),
+                    None,
+                    AuditOutcome::Ok,
+                    Some(201),
+                    "signed in to the console".into(),
+                )
+                .await;
+            let (name, role) = match &actor {
+                crate::core::command::Actor::ApiToken { name, role } => (name.clone(), *role),
+                other => (other.name(), contract::Role::Viewer),
+            };
+            let ttl = (rec.expires_at_ms.saturating_sub(rec.created_at_ms) / 1000) as i64;
+            let mut resp = (
+                StatusCode::CREATED,
+                Json(contract::Session {
+                    name,
+                    role,
+                    csrf: Some(rec.csrf),
+                    expires_at_ms: Some(rec.expires_at_ms),
+                }),
+            )
+                .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::SET_COOKIE,
+                session_cookie(&api, &value, ttl),
+            );
+            resp.extensions_mut().insert(super::Audited);
+            Ok(resp)
+        }
+        Ok(None) => {
+            api.commands
+                .metrics
+                .api_denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            access
+                .audit(
+                    &crate::core::command::Actor::Unauthenticated {
+                        presented_token: true,
+                    },
+                    "POST /api/v1/session".into(),
+                    None,
+                    AuditOutcome::Denied,
+                    Some(401),
+                    "sign-in with a token that is not valid".into(),
+                )
+                .await;
+            Err(ApiError::field(
+                StatusCode::UNAUTHORIZED,
+                "token",
+                "the API token is not valid (unknown, revoked or malformed)",
+            ))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store a session");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the session could not be stored; try again",
+            ))
+        }
+    }
+}
+
+/// Who is signed in: the name and role of the token behind the session
+/// cookie (or the bearer token), and the session's CSRF value.
+#[utoipa::path(get, path = "/api/v1/session", tag = "security",
+    responses((status = 200, description = "Who is signed in", body = contract::Session)))]
+async fn show_session(
+    ctx: Ctx,
+    credential: Option<axum::Extension<super::auth::Credential>>,
+) -> ApiResult<impl IntoResponse> {
+    let (name, role) = match &ctx.actor {
+        crate::core::command::Actor::ApiToken { name, role } => (name.clone(), *role),
+        other => (other.name(), contract::Role::Viewer),
+    };
+    let session = match credential.map(|c| c.0) {
+        Some(super::auth::Credential::Session(s)) => Some(s),
+        _ => None,
+    };
+    Ok(Json(contract::Session {
+        name,
+        role,
+        csrf: session.as_ref().map(|s| s.csrf.clone()),
+        expires_at_ms: session.map(|s| s.expires_at_ms),
+    }))
+}
+
+/// Signs out: the session ends and its cookie is cleared.
+#[utoipa::path(delete, path = "/api/v1/session", tag = "security",
+    responses((status = 204, description = "Signed out; the cookie is cleared")))]
+async fn sign_out(
+    State(api): State<ApiState>,
+    _ctx: Ctx,
+    credential: Option<axum::Extension<super::auth::Credential>>,
+) -> ApiResult<Response> {
+    if let Some(super::auth::Credential::Session(s)) = credential.map(|c| c.0) {
+        api.commands
+            .access
+            .delete_session(&s.id)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot delete a session");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the session could not be ended; try again",
+                )
+            })?;
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut()
+        .insert(axum::http::header::SET_COOKIE, session_cookie(&api, "", 0));
+    Ok(resp)
 }
 
 /// Creates an enrollment token, shown only in this response.

@@ -21,13 +21,19 @@ use tracing::{info, warn};
 use crate::clock::now_ms;
 use crate::contract::{AuditOutcome, Role};
 use crate::core::command::{Actor, CommandKind, ANONYMOUS_ACTOR, INVALID_TOKEN_ACTOR};
-use crate::core::records::{ApiTokenRecord, AuditRecord};
+use crate::core::records::{ApiTokenRecord, AuditRecord, SessionRecord};
 use crate::security::secret;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError, Write};
 
 /// Prefix of API tokens: `at.<id>.<secret>`.
 pub const API_TOKEN_PREFIX: &str = "at";
+/// Prefix of console session cookies: `ds.<id>.<secret>`.
+pub const SESSION_PREFIX: &str = "ds";
+/// How long a console sign-in lasts.
+pub const SESSION_TTL_MS: u64 = 12 * 3600 * 1000;
+/// Sign-ins kept at most; the oldest goes first.
+pub const SESSIONS_KEPT: usize = 10_000;
 /// Audit records kept; older ones are dropped as new ones arrive.
 pub const AUDIT_KEEP: u64 = 100_000;
 /// The file `serve` writes the first admin token to, in its data directory.
@@ -57,6 +63,7 @@ pub struct Access {
     store: Store,
     writer: StoreWriter,
     tokens: RwLock<HashMap<String, ApiTokenRecord>>,
+    sessions: RwLock<HashMap<String, SessionRecord>>,
     changes: tokio::sync::Mutex<()>,
     /// Held while an audit record takes its sequence number and is queued,
     /// so records are stored in sequence order; not while it is stored.
@@ -72,10 +79,20 @@ impl Access {
             .map(|t| (t.id.clone(), t))
             .collect();
         let seq = store.last_audit_seq()?;
+        let now = now_ms();
+        // Expired sign-ins are dropped from memory here and from the file
+        // with the next sign-in or sign-out.
+        let sessions = store
+            .sessions()?
+            .into_iter()
+            .filter(|s| s.expires_at_ms > now)
+            .map(|s| (s.id.clone(), s))
+            .collect();
         Ok(Access {
             store,
             writer,
             tokens: RwLock::new(tokens),
+            sessions: RwLock::new(sessions),
             changes: tokio::sync::Mutex::new(()),
             audit_lock: tokio::sync::Mutex::new(()),
             audit_seq: AtomicU64::new(seq),
@@ -174,6 +191,112 @@ impl Access {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         Ok(true)
+    }
+
+    /// Signs in with an API token: a new session, its cookie value (the
+    /// only copy of its secret) and the actor it stands for. `None` for a
+    /// token that is not valid.
+    pub async fn create_session(
+        &self,
+        token: &str,
+    ) -> Result<Option<(SessionRecord, String, Actor)>, AccessError> {
+        let Some(actor) = self.authenticate(token) else {
+            return Ok(None);
+        };
+        let Some((token_id, _)) = secret::split_token(token, API_TOKEN_PREFIX) else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        let id = secret::short_id();
+        let s = secret::generate();
+        let rec = SessionRecord {
+            id: id.clone(),
+            secret_digest: secret::digest(&s),
+            token_id: token_id.to_string(),
+            csrf: secret::generate(),
+            created_at_ms: now,
+            expires_at_ms: now + SESSION_TTL_MS,
+        };
+        let _g = self.changes.lock().await;
+        // Expired ones go, and the oldest beyond the bound.
+        let mut drop: Vec<String> = {
+            let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+            let mut live: Vec<(&u64, &String)> = sessions
+                .values()
+                .filter(|s| s.expires_at_ms > now)
+                .map(|s| (&s.created_at_ms, &s.id))
+                .collect();
+            live.sort();
+            let excess = (live.len() + 1).saturating_sub(SESSIONS_KEPT);
+            let mut d: Vec<String> = live
+                .iter()
+                .take(excess)
+                .map(|(_, id)| (*id).clone())
+                .collect();
+            d.extend(
+                sessions
+                    .values()
+                    .filter(|s| s.expires_at_ms <= now)
+                    .map(|s| s.id.clone()),
+            );
+            d
+        };
+        drop.sort();
+        drop.dedup();
+        let mut writes: Vec<Write> = drop.iter().cloned().map(Write::DeleteSession).collect();
+        writes.push(Write::Session(rec.clone()));
+        self.persist(writes).await?;
+        let mut sessions = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        for d in &drop {
+            sessions.remove(d);
+        }
+        sessions.insert(id.clone(), rec.clone());
+        Ok(Some((
+            rec,
+            secret::join_token(SESSION_PREFIX, &id, &s),
+            actor,
+        )))
+    }
+
+    /// The actor a session cookie stands for and the session (for its CSRF
+    /// value), while it is unexpired and its API token still exists.
+    pub fn session(&self, cookie: &str) -> Option<(Actor, SessionRecord)> {
+        let (id, s) = secret::split_token(cookie, SESSION_PREFIX)?;
+        let rec = self
+            .sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()?;
+        if !secret::verify(s, &rec.secret_digest) || rec.expires_at_ms <= now_ms() {
+            return None;
+        }
+        let tokens = self.read();
+        let t = tokens.get(&rec.token_id)?;
+        Some((
+            Actor::ApiToken {
+                name: t.name.as_str().to_string(),
+                role: t.role,
+            },
+            rec,
+        ))
+    }
+
+    /// Whether `presented` is the session's CSRF value, in constant time.
+    pub fn csrf_matches(&self, session: &SessionRecord, presented: &str) -> bool {
+        secret::verify(presented, &secret::digest(&session.csrf))
+    }
+
+    /// Signs out.
+    pub async fn delete_session(&self, id: &str) -> Result<(), AccessError> {
+        let _g = self.changes.lock().await;
+        self.persist(vec![Write::DeleteSession(id.to_string())])
+            .await?;
+        self.sessions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
     }
 
     /// The actor a bearer token stands for, if it is a valid token.

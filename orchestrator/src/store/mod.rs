@@ -17,7 +17,7 @@ use crate::core::records::{
     ApiTokenRecord, AppRecord, AuditRecord, AutomationRecord, CredentialRecord, DesiredRecord,
     DeviceRecord, EnrollTokenRecord, OperationRecord,
 };
-use crate::core::records::{RegistryRecord, RolloutRecord};
+use crate::core::records::{RegistryRecord, RolloutRecord, SessionRecord};
 
 /// Devices by id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -43,6 +43,8 @@ const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registrie
 /// Rollouts by id: the running ones and the last finished ones
 /// (`core::rollout`), each with what it needs to end (`RolloutRecord`).
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Console sign-ins by id (secret digests only).
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,6 +128,7 @@ impl Store {
             API_TOKENS,
             REGISTRIES,
             ROLLOUTS,
+            SESSIONS,
         ] {
             tx.open_table(t)?;
         }
@@ -277,6 +280,13 @@ impl Store {
                     Write::DeleteRollout(id) => {
                         tx.open_table(ROLLOUTS)?.remove(id.as_str())?;
                     }
+                    Write::Session(r) => {
+                        tx.open_table(SESSIONS)?
+                            .insert(r.id.as_str(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteSession(id) => {
+                        tx.open_table(SESSIONS)?.remove(id.as_str())?;
+                    }
                 }
             }
         }
@@ -393,6 +403,10 @@ impl Store {
 
     pub fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
         self.load_all(ROLLOUTS, "rollouts")
+    }
+
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.load_all(SESSIONS, "sessions")
     }
 }
 

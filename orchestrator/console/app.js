@@ -82,6 +82,11 @@ const NAV = [
 const RANK = { viewer: 1, operator: 2, admin: 3 };
 
 let session = null; // {name, role, csrf, expires_at_ms}
+
+// Whether this browser signed in before, and until when: the session
+// cookie is HttpOnly, so without this hint the only way to know would be
+// a request that answers 401 to every first visit.
+const HINT = 'drover.session-until';
 let current = null; // {route, path, page (what mount returned)}
 
 const main = () => document.getElementById('main');
@@ -102,11 +107,17 @@ async function start() {
       signedOut();
     }
   });
+  if (!(Number(localStorage.getItem(HINT)) > Date.now())) {
+    localStorage.removeItem(HINT);
+    showSignIn();
+    return;
+  }
   try {
     const s = await api.get('/api/v1/session');
     signedIn(s);
   } catch (e) {
     if (e.status !== 401) showError(e, 'checking the session');
+    localStorage.removeItem(HINT);
     showSignIn();
   }
 }
@@ -114,6 +125,7 @@ async function start() {
 function signedIn(s) {
   session = s;
   api.setCsrf(s.csrf);
+  localStorage.setItem(HINT, String(s.expires_at_ms || Date.now() + 3600000));
   fill(document.getElementById('whoami'), h('span', {}, s.name), ' ', h('span', { class: 'badge plain' }, s.role));
   document.getElementById('whoami').hidden = false;
   document.getElementById('sign-out').hidden = false;
@@ -126,6 +138,7 @@ function signedIn(s) {
 function signedOut() {
   session = null;
   api.setCsrf('');
+  localStorage.removeItem(HINT);
   live.stop();
   window.removeEventListener('hashchange', route);
   if (current && current.page && current.page.unmount) current.page.unmount();

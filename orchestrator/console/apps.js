@@ -19,10 +19,11 @@ export const appList = {
       try {
         const apps = await get('/api/v1/apps');
         apps.sort((a, b) => a.spec.name.localeCompare(b.spec.name));
-        fill(list, apps.length ? table(['App', 'Containers', 'Release', 'Privileges', 'Changed'], apps.map((a) => h('tr', { data: { test: 'app-row', app: a.spec.name } },
+        fill(list, apps.length ? table(['App', 'Containers', 'Release', 'Assigned to', 'Privileges', 'Changed'], apps.map((a) => h('tr', { data: { test: 'app-row', app: a.spec.name } },
           h('td', {}, h('a', { href: `#/apps/${enc(a.spec.name)}` }, a.spec.name), Object.keys(a.spec.labels || {}).length ? h('span', { class: 'sub' }, labelChips(a.spec.labels, 3)) : null),
           h('td', {}, a.spec.containers.map((c) => h('span', { class: 'sub mono' }, `${c.name}: ${c.image}`))),
           h('td', { class: 'num' }, String(a.latest_release)),
+          h('td', { class: 'mono' }, a.assignment_selector === undefined ? h('span', { class: 'muted' }, '–') : a.assignment_selector || 'every device'),
           h('td', {}, a.privileges.length ? h('span', { class: 'warn' }, a.privileges.join(', ')) : h('span', { class: 'muted' }, 'none')),
           h('td', {}, ago(a.updated_at_ms))))) :
           h('p', { class: 'empty' }, 'No apps yet.', ctx.can('admin') ? [' ', h('a', { href: '#/apps/_new' }, 'Define one.')] : null));
@@ -211,12 +212,12 @@ export function diffLines(a, b) {
       out.push({ op: ' ', line: x[i] });
       i += 1;
       j += 1;
-    } else if (j < y.length && (i === x.length || lcs[i][j + 1] >= lcs[i + 1][j])) {
-      out.push({ op: '+', line: y[j] });
-      j += 1;
-    } else {
+    } else if (i < x.length && (j === y.length || lcs[i + 1][j] >= lcs[i][j + 1])) {
       out.push({ op: '-', line: x[i] });
       i += 1;
+    } else {
+      out.push({ op: '+', line: y[j] });
+      j += 1;
     }
   }
   return out;
@@ -295,7 +296,7 @@ export const appDetail = {
     ], async (v) => {
       await put(`${base}/assignment`, { selector: v.selector.trim(), release: Number(v.release) || 0, run: v.run });
       notify(`${name} is assigned to the devices matching ${v.selector.trim() || 'everything'}.`, 'ok');
-      loadAssignment();
+      reload();
     }) : null;
 
     fill(el,
@@ -336,6 +337,11 @@ export const appDetail = {
     diffTo.addEventListener('change', drawDiff);
 
     async function loadAssignment() {
+      // Only an app with an assignment has one to read (no 404 to ask).
+      if (!app || app.assignment_selector === undefined) {
+        fill(assignment, h('p', { class: 'muted' }, 'No assignment: the app runs only where it was deployed by hand.'));
+        return;
+      }
       try {
         const a = await get(`${base}/assignment`);
         fill(assignment, dl([
@@ -349,7 +355,7 @@ export const appDetail = {
         ]), operator ? button('Delete assignment', async () => {
           await del(`${base}/assignment`);
           notify(`The assignment of ${name} is gone; the app is removed where it put it.`, 'ok');
-          loadAssignment();
+          reload();
         }, { id: 'unassign', class: 'danger small', confirm: `Delete the assignment of ${name}? The app is removed from the devices it put it on.` }) : null);
         if (assignForm) {
           assignForm.elements.selector.value = a.selector;
@@ -409,9 +415,8 @@ export const appDetail = {
       });
     }
 
-    const reload = throttle(() => { load(); loadAssignment(); }, 1000);
-    load();
-    loadAssignment();
+    const reload = throttle(async () => { await load(); loadAssignment(); }, 1000);
+    reload();
     return {
       snapshot: reload,
       changes(l) { if (l.some((c) => c.kind === 'app' && c.name === name)) reload(); },

@@ -8,6 +8,16 @@ import {
 } from './ui.js';
 import { lineChart } from './chart.js';
 
+// Whether this server keeps telemetry history, from its OpenAPI document
+// (read once): asking a server without it would only log a 404.
+let historyServed = null;
+function hasHistory() {
+  historyServed = historyServed || get('/api/v1/openapi.json')
+    .then((doc) => Boolean(doc.paths && doc.paths['/api/v1/devices/{id}/telemetry']))
+    .catch(() => false);
+  return historyServed;
+}
+
 const RANGES = [['900000', 'Last 15 minutes'], ['3600000', 'Last hour'], ['21600000', 'Last 6 hours'], ['86400000', 'Last 24 hours']];
 const MAX_LOG_LINES = 2000;
 
@@ -161,7 +171,7 @@ export const device = {
           h('td', {}, operator && want ? h('div', { class: 'actions' },
             actionsFor(want.run).map((a) => actionButton(name, a)),
             actionButton(name, 'redeploy'),
-            actionButton(name, 'override')) : null));
+            assigned.has(name) ? actionButton(name, 'override') : null) : null));
       })) : h('p', { class: 'muted' }, 'No apps on this device.'));
       if (focused) {
         const b = apps.querySelector(`tr[data-app="${CSS.escape(focused[0] || '')}"] button[data-action="${focused[1]}"]`);
@@ -196,10 +206,13 @@ export const device = {
     }
     const reload = throttle(loadDevice, 1000);
 
+    let assigned = new Set(); // apps with a fleet assignment
+
     async function loadApps() {
       if (!operator) return;
       try {
         const list = await get('/api/v1/apps');
+        assigned = new Set(list.filter((a) => a.assignment_selector !== undefined).map((a) => a.spec.name));
         const keep = deploySelect.value;
         fill(deploySelect, list.length ? list.map((a) => h('option', { value: a.spec.name, selected: a.spec.name === keep }, a.spec.name))
           : h('option', { value: '' }, 'no apps defined'));
@@ -296,6 +309,7 @@ export const device = {
     async function loadTelemetry() {
       const since = Date.now() - Number(range.value);
       try {
+        if (!(await hasHistory())) throw Object.assign(new Error('no telemetry history'), { status: 404 });
         const r = await get(`${base}/telemetry${qs({ since_ms: since, resolution: 'auto' })}`);
         samples = (r.points || []).slice().sort((a, b) => a.at_ms - b.at_ms);
         history = true;
@@ -378,8 +392,8 @@ export const device = {
 
     // ----- start -------------------------------------------------------------------------
     async function snapshot() {
+      await loadApps();
       await loadDevice();
-      loadApps();
       loadOps();
       loadEvents();
       loadTelemetry();
@@ -392,7 +406,7 @@ export const device = {
       snapshot,
       changes(list) {
         for (const c of list) {
-          if (c.kind === 'app') loadApps();
+          if (c.kind === 'app') loadApps().then(() => dev && drawApps(dev));
           if (c.device !== id && !(c.kind === 'operation' && c.operation.device === id)) continue;
           switch (c.kind) {
             case 'device':

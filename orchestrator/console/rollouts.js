@@ -141,8 +141,8 @@ export const rolloutNew = {
       try {
         const rels = await get(`/api/v1/apps/${enc(app.value)}/releases`);
         fill(release, h('option', { value: '0' }, 'latest'), rels.slice().reverse().map((r) => h('option', { value: r.number }, `release ${r.number} (${new Date(r.created_at_ms).toLocaleDateString()})`)));
-        const a = await get(`/api/v1/apps/${enc(app.value)}/assignment`).catch(() => null);
-        f.elements.selector.placeholder = a ? `empty: the assignment's, ${a.selector || 'every device'}` : 'empty: every device';
+        const sel = (apps.find((a) => a.spec.name === app.value) || {}).assignment_selector;
+        f.elements.selector.placeholder = sel !== undefined ? `empty: the assignment's, ${sel || 'every device'}` : 'empty: every device';
         countMatches();
       } catch (e) {
         showError(e, 'reading releases');
@@ -167,9 +167,10 @@ export const rolloutNew = {
       timer = setTimeout(countMatches, 400);
     });
     app.addEventListener('change', loadReleases);
+    let apps = [];
     (async () => {
       try {
-        const apps = await get('/api/v1/apps');
+        apps = await get('/api/v1/apps');
         const want = ctx.query.get('app');
         fill(app, apps.length ? apps.map((a) => h('option', { value: a.spec.name, selected: a.spec.name === want }, a.spec.name))
           : h('option', { value: '' }, 'no apps defined'));

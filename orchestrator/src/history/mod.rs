@@ -229,3 +229,40 @@ impl History {
         .map_err(|e| HistoryError::Db(format!("history read failed: {e}")))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flag_of(c: HistoryConfig) -> Option<&'static str> {
+        match c.validate() {
+            Ok(()) => None,
+            Err(HistoryError::Config { flag, .. }) => Some(flag),
+            Err(e) => panic!("not a config error: {e}"),
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_naming_the_flag() {
+        let ok = HistoryConfig::default();
+        assert_eq!(flag_of(ok), None);
+        let with = |raw_hours, days, log_lines| HistoryConfig {
+            raw_hours,
+            days,
+            log_lines,
+        };
+        assert_eq!(flag_of(with(0, 30, 10)), Some("--history-raw-hours"));
+        assert_eq!(flag_of(with(24, 0, 10)), Some("--history-days"));
+        assert_eq!(flag_of(with(24, 3651, 10)), Some("--history-days"));
+        assert_eq!(flag_of(with(24, 30, 0)), Some("--history-log-lines"));
+        assert_eq!(
+            flag_of(with(24, 30, 1_000_001)),
+            Some("--history-log-lines")
+        );
+        // Raw samples may not outlive the buckets made of them.
+        assert_eq!(flag_of(with(48, 2, 10)), None);
+        assert_eq!(flag_of(with(49, 2, 10)), Some("--history-raw-hours"));
+        let msg = with(49, 2, 10).validate().expect_err("refused").to_string();
+        assert!(msg.starts_with("--history-raw-hours: "), "{msg}");
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`engine`]: the task that owns the fleet and answers commands.
 //! - [`link`]: the orchestrator's MQTT client.
 //! - [`security`]: identities, API tokens, the audit log.
+//! - [`history`]: telemetry history and container logs, in their own file.
 //! - [`http`]: the REST adapter; [`cli`]: the command line client.
 
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod contract;
 pub mod core;
 pub mod engine;
+pub mod history;
 pub mod http;
 pub mod link;
 pub mod metrics;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use drover::cli::certs::CertsCmd;
 use drover::cli::{Client, ClientCmd, Output};
+use drover::history::HistoryConfig;
 use drover::http::tls::ServeTlsArgs;
 use drover::server::{self, BrokerMode, ServerConfig};
 use drover_agent::tls::BrokerUrl;
@@ -100,6 +101,17 @@ struct Serve {
     /// from DROVER_BROKER_PASSWORD, never from the command line.
     #[arg(long, env = "DROVER_BROKER_USERNAME", requires = "broker")]
     broker_username: Option<String>,
+    /// Hours of full-resolution telemetry kept per device (every sample);
+    /// at most --history-days × 24.
+    #[arg(long, env = "DROVER_HISTORY_RAW_HOURS", default_value_t = 24)]
+    history_raw_hours: u64,
+    /// Days of five-minute telemetry buckets (average and maximum) and of
+    /// container log lines kept.
+    #[arg(long, env = "DROVER_HISTORY_DAYS", default_value_t = 30)]
+    history_days: u64,
+    /// Log lines kept per device, app and container (the newest).
+    #[arg(long, env = "DROVER_HISTORY_LOG_LINES", default_value_t = 10_000)]
+    history_log_lines: u64,
     #[command(flatten)]
     tls: ServeTlsArgs,
 }
@@ -127,6 +139,12 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: Serve) -> Result<()> {
+    let history = HistoryConfig {
+        raw_hours: args.history_raw_hours,
+        days: args.history_days,
+        log_lines: args.history_log_lines,
+    };
+    history.validate()?;
     let topics = Topics::new(args.topic_root.clone())
         .with_context(|| format!("--topic-root {:?}", args.topic_root))?;
     let agent_id = args
@@ -177,6 +195,7 @@ async fn serve(args: Serve) -> Result<()> {
     config.mqtts = tls.mqtts;
     config.api_tls = tls.api;
     config.broker_tls = tls.broker_client;
+    config.history = history;
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -23,6 +23,19 @@ pub struct Metrics {
     pub api_denied: AtomicU64,
     pub enrollments_accepted: AtomicU64,
     pub enrollments_refused: AtomicU64,
+    /// Telemetry samples and log lines stored in the history.
+    pub history_samples: AtomicU64,
+    pub history_log_lines: AtomicU64,
+    /// Telemetry messages and log batches the history did not store: its
+    /// queue was full, or their commit failed.
+    pub history_dropped: AtomicU64,
+    /// Changes the history's subscriber missed because it fell behind the
+    /// engine's change stream (of every kind, not only telemetry and logs).
+    pub history_lagged: AtomicU64,
+    /// Samples and lines outside retention (a device clock far off) or
+    /// already stored.
+    pub history_skipped: AtomicU64,
+    pub history_write_failed: AtomicU64,
     /// The embedded broker's authorization counters; unset with an
     /// external broker.
     pub broker: std::sync::OnceLock<std::sync::Arc<drover_broker::GuardStats>>,
@@ -88,6 +101,36 @@ impl Metrics {
             "drover_enrollments_refused_total",
             "Enrollment requests refused.",
             &self.enrollments_refused,
+        );
+        counter(
+            "drover_history_samples_total",
+            "Telemetry samples stored in the history.",
+            &self.history_samples,
+        );
+        counter(
+            "drover_history_log_lines_total",
+            "Container log lines stored in the history.",
+            &self.history_log_lines,
+        );
+        counter(
+            "drover_history_dropped_total",
+            "Telemetry messages and log batches the history dropped because its queue was full or their commit failed.",
+            &self.history_dropped,
+        );
+        counter(
+            "drover_history_lagged_total",
+            "Changes the history missed because it fell behind the engine's change stream.",
+            &self.history_lagged,
+        );
+        counter(
+            "drover_history_skipped_total",
+            "Telemetry samples and log lines not stored because their device timestamp is outside retention or the sample was already stored.",
+            &self.history_skipped,
+        );
+        counter(
+            "drover_history_write_failed_total",
+            "History commits that failed.",
+            &self.history_write_failed,
         );
         if let Some(b) = self.broker.get() {
             counter(

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::engine::{Commands, Engine, Outbox};
+use crate::history::{History, HistoryConfig, HistoryError};
 use crate::http::tls::{ApiListener, ApiTls};
 use crate::http::Api;
 use crate::link::LinkConfig;
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub device_timeout: Duration,
     /// The REST API's header-read timeout and connection limit.
     pub api_limits: crate::http::tls::ServeLimits,
+    /// How much telemetry history and how many log lines to keep.
+    pub history: HistoryConfig,
 }
 
 impl ServerConfig {
@@ -78,6 +81,7 @@ impl ServerConfig {
             broker_tls: None,
             device_timeout: Duration::from_secs(30),
             api_limits: Default::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -104,6 +108,8 @@ pub enum ServeError {
     Access(#[from] AccessError),
     #[error("REST API TLS: {0}")]
     ApiTls(drover_broker::TlsError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
 }
 
 /// A running orchestrator.
@@ -146,6 +152,7 @@ pub async fn start(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Orchestrator, ServeError> {
+    config.history.validate()?;
     // Certificate files are checked before anything is bound (the MQTTS
     // ones by `Broker::start`, before its ports).
     let api_tls = config
@@ -164,6 +171,14 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
         .await
         .map_err(|e| StoreError::Db(e.to_string()))??;
+    // Telemetry and logs have their own file and writer: their commits
+    // never wait on the control plane's, nor the other way round.
+    let history_path = config.data_dir.join("history.redb");
+    let history_config = config.history;
+    let history =
+        tokio::task::spawn_blocking(move || History::open(&history_path, &history_config))
+            .await
+            .map_err(|e| HistoryError::Db(e.to_string()))??;
     let metrics = Arc::new(Metrics::default());
     let writer = StoreWriter::spawn(store.clone(), metrics.clone());
     let identities = Arc::new(Identities::load(
@@ -281,6 +296,7 @@ pub async fn start(
         access.clone(),
         config.device_timeout,
     )?;
+    let history_writer = history.start(engine.subscribe(), metrics.clone());
     let link_task = tokio::spawn(crate::link::drive(
         client.clone(),
         eventloop,
@@ -293,6 +309,7 @@ pub async fn start(
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::http::router(Arc::new(Api {
         commands,
+        history,
         stopping: api_stopping,
         secure_cookies: api_https,
     }));
@@ -328,8 +345,10 @@ pub async fn start(
             warn!("the MQTT link did not close within 5 s");
         }
         // 5. Everything queued for redb (audit records too) is committed
-        //    and the writer task has ended.
+        //    and the writer task has ended; so is what the history holds
+        //    of the engine's last changes.
         writer.close().await;
+        history_writer.close().await;
         // 6. Last, the broker.
         let _ = broker_stop_tx.send(());
         if let Some(b) = broker_task {

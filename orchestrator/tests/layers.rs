@@ -17,19 +17,20 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("store", &["core", "contract", "metrics"][..]),
         ("security", &["core", "contract", "store", "clock"][..]),
         ("link", &["core", "metrics", "backoff"][..]),
+        ("history", &["core", "contract", "metrics", "clock"][..]),
         (
             "engine",
             &[
                 "core", "contract", "store", "link", "security", "metrics", "clock",
             ][..],
         ),
-        ("http", &["engine", "core", "contract"][..]),
+        ("http", &["engine", "core", "contract", "history"][..]),
         ("cli", &["contract"][..]),
         (
             "server",
             &[
-                "contract", "core", "store", "security", "link", "engine", "http", "metrics",
-                "clock", "backoff",
+                "contract", "core", "store", "security", "link", "engine", "history", "http",
+                "metrics", "clock", "backoff",
             ][..],
         ),
     ])

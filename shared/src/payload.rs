@@ -103,6 +103,7 @@ pub struct ContainerMetrics {
 
 /// `logs`: a bounded batch of lines from one container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogBatch {
     pub app: Name,
     pub container: Name,

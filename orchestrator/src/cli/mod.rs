@@ -3,6 +3,7 @@
 
 pub mod certs;
 mod follow;
+mod logs;
 pub mod rollouts;
 pub mod security;
 pub mod trust;
@@ -153,15 +154,28 @@ pub enum OpsCmd {
     Show { id: String },
 }
 
+/// `drover logs DEVICE APP`, or `drover logs APP --device DEVICE`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    pub app: String,
+    /// The device (the app, when --device names the device).
+    #[arg(value_name = "DEVICE")]
+    pub first: String,
+    /// The app.
+    #[arg(value_name = "APP")]
+    pub app: Option<String>,
+    /// The device, when not named first.
     #[arg(long, short = 'd')]
-    pub device: String,
+    pub device: Option<String>,
+    /// Only this container of the app.
     #[arg(long, short = 'c')]
     pub container: Option<String>,
+    /// How many of the newest lines to print first (at most 10000).
     #[arg(long, default_value_t = 100)]
     pub tail: usize,
+    /// Then keep printing new lines as they arrive, until Ctrl-C;
+    /// reconnects when the orchestrator restarts.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -598,19 +612,7 @@ impl Client {
                 let v = self.get(&format!("/api/v1/operations/{id}")).await?;
                 self.print(&v, |o: Operation| ops_table(vec![o]))
             }
-            Resolved::Logs(l) => {
-                let mut path = format!(
-                    "/api/v1/devices/{}/logs?app={}&tail={}",
-                    l.device, l.app, l.tail
-                );
-                if let Some(c) = &l.container {
-                    path.push_str(&format!("&container={c}"));
-                }
-                let v = self.get(&path).await?;
-                self.print(&v, |lines: Vec<drover_shared::payload::LogLine>| {
-                    lines.into_iter().map(|l| l.line + "\n").collect()
-                })
-            }
+            Resolved::Logs(l) => self.logs(l).await,
             Resolved::Registries(cmd) => self.registries(cmd).await,
         }
     }

@@ -1,4 +1,4 @@
-use drover_shared::payload::{DeviceEvent, Telemetry};
+use drover_shared::payload::{DeviceEvent, LogBatch, Telemetry};
 use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -36,6 +36,12 @@ pub enum Change {
     Telemetry {
         device: DeviceId,
         telemetry: Box<Telemetry>,
+    },
+    /// Log lines from one of a device's containers, in the order the
+    /// agent read them, with its timestamps.
+    Logs {
+        device: DeviceId,
+        batch: Box<LogBatch>,
     },
     /// Something a device did on its own.
     Event {
@@ -77,6 +83,7 @@ impl ChangeFilter {
             | Change::Inventory { device, .. }
             | Change::State { device, .. }
             | Change::Telemetry { device, .. }
+            | Change::Logs { device, .. }
             | Change::Event { device, .. } => (Some(device), None, None),
             Change::Operation { operation } => (Some(&operation.device), Some(&operation.id), None),
             Change::Rollout { rollout } => (None, None, Some(&rollout.id)),
@@ -159,6 +166,18 @@ mod tests {
         }
     }
 
+    fn logs(device: &str) -> Change {
+        Change::Logs {
+            device: DeviceId::new(device).expect("valid id"),
+            batch: Box::new(LogBatch {
+                app: Name::new("web").expect("valid name"),
+                container: Name::new("main").expect("valid name"),
+                lines: Vec::new(),
+                dropped: 0,
+            }),
+        }
+    }
+
     #[test]
     fn a_change_is_small() {
         // Every slot of the change channel is this big, subscribed or not.
@@ -208,6 +227,8 @@ mod tests {
         };
         assert!(f.matches(&op("a", "d1")));
         assert!(f.matches(&online("d1")));
+        assert!(f.matches(&logs("d1")));
+        assert!(!f.matches(&logs("d2")));
         assert!(!f.matches(&op("a", "d2")));
         assert!(!f.matches(&online("d2")));
         assert!(!f.matches(&Change::App {

@@ -12,6 +12,7 @@ mod apps;
 mod changes;
 mod devices;
 mod errors;
+mod history;
 mod operations;
 mod registries;
 mod rollouts;
@@ -21,6 +22,7 @@ pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
 pub use changes::{Change, ChangeFilter, Coalescer};
 pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};
+pub use history::{ContainerPoint, HostPoint, Resolution, Stat, TelemetryPoint, TelemetrySeries};
 pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};
 pub use rollouts::{

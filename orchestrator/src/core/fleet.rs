@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use drover_shared::codec::MAX_PAYLOAD_BYTES;
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
 use drover_shared::payload::{
-    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, LogBatch, LogLine, Op,
-    StateReport, Status, Telemetry,
+    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, LogBatch, Op, StateReport,
+    Status, Telemetry,
 };
 use drover_shared::{DeviceId, Name};
 
@@ -23,8 +23,6 @@ use crate::core::selector::{effective_labels, Selector};
 
 /// Releases kept per app (besides any a device's desired state holds).
 pub const RELEASES_KEPT: usize = 100;
-/// Log lines kept per container; older lines are dropped first.
-pub const LOG_LINES_PER_CONTAINER: usize = 2_000;
 /// Device events kept per device; older events are dropped first.
 pub const EVENTS_PER_DEVICE: usize = 200;
 
@@ -221,7 +219,6 @@ pub struct Fleet {
     desired: HashMap<DeviceId, DesiredState>,
     placement: HashMap<DeviceId, Placement>,
     operations: OpBook,
-    logs: HashMap<(DeviceId, Name, Name), VecDeque<LogLine>>,
     /// What running rollouts hold, per app (not stored: the engine sets
     /// it again from the rollouts it loads).
     holds: HashMap<Name, Hold>,
@@ -273,7 +270,6 @@ impl Fleet {
                 .collect(),
             desired: desired.into_iter().map(|d| (d.device, d.state)).collect(),
             operations: OpBook::load(operations),
-            logs: HashMap::new(),
             holds: HashMap::new(),
         }
     }
@@ -443,20 +439,16 @@ impl Fleet {
                 fx.republish = received < ours;
                 self.settle_operations(id, applied, now, &mut fx);
             }
+            // Kept by the history (`crate::history`), which follows the
+            // change stream; the fleet holds no log lines.
             DeviceMessage::Logs(batch) => {
                 if live {
                     dev.record.last_seen_ms = now;
                 }
-                let buf = self
-                    .logs
-                    .entry((id.clone(), batch.app, batch.container))
-                    .or_default();
-                for line in batch.lines {
-                    if buf.len() == LOG_LINES_PER_CONTAINER {
-                        buf.pop_front();
-                    }
-                    buf.push_back(line);
-                }
+                fx.changes.push(Change::Logs {
+                    device: id.clone(),
+                    batch: Box::new(batch),
+                });
             }
             DeviceMessage::Event(ev) => {
                 if live {
@@ -1442,24 +1434,9 @@ impl Fleet {
         )
     }
 
-    /// The last `tail` lines of one container, oldest first. `container`
-    /// may be omitted when the app has exactly one container with logs.
-    pub fn logs(
-        &self,
-        device: &DeviceId,
-        app: &Name,
-        container: Option<&Name>,
-        tail: usize,
-    ) -> Vec<LogLine> {
-        let mut lines: Vec<LogLine> = self
-            .logs
-            .iter()
-            .filter(|((d, a, c), _)| d == device && a == app && container.is_none_or(|n| n == c))
-            .flat_map(|(_, buf)| buf.iter().cloned())
-            .collect();
-        lines.sort_by_key(|l| l.at_ms);
-        let skip = lines.len().saturating_sub(tail);
-        lines.split_off(skip)
+    /// Whether the device is known (has said hello or come online).
+    pub fn has_device(&self, id: &DeviceId) -> bool {
+        self.devices.contains_key(id)
     }
 }
 
@@ -2054,28 +2031,30 @@ mod tests {
     }
 
     #[test]
-    fn logs_are_bounded_per_container() {
+    fn a_log_batch_goes_out_as_a_change() {
         let mut f = fleet_with_device();
-        let line = |i: u64| LogLine {
-            at_ms: i,
-            stream: drover_shared::payload::LogStream::Stdout,
-            line: i.to_string(),
-        };
         let batch = LogBatch {
             app: name("web"),
             container: name("main"),
-            lines: (0..LOG_LINES_PER_CONTAINER as u64 + 5).map(line).collect(),
+            lines: vec![drover_shared::payload::LogLine {
+                at_ms: 1,
+                stream: drover_shared::payload::LogStream::Stdout,
+                line: "hello".into(),
+            }],
             dropped: 0,
         };
-        f.on_device_message(&id("pi"), DeviceMessage::Logs(batch), 2);
-        let all = f.logs(&id("pi"), &name("web"), None, usize::MAX);
-        assert_eq!(all.len(), LOG_LINES_PER_CONTAINER);
-        assert_eq!(all[0].line, "5");
-        assert_eq!(
-            f.logs(&id("pi"), &name("web"), Some(&name("main")), 2)
-                .len(),
-            2
+        let fx = f.on_device_message(&id("pi"), DeviceMessage::Logs(batch.clone()), 2);
+        assert!(fx.writes.is_empty(), "{:?}", fx.writes);
+        assert!(
+            matches!(&fx.changes[..], [Change::Logs { device, batch: b }] if device == &id("pi") && **b == batch),
+            "{:?}",
+            fx.changes
         );
+        assert!(f.has_device(&id("pi")));
+        assert!(!f.has_device(&id("nobody")));
+        // Nothing from a device that never said hello.
+        let fx = f.on_device_message(&id("nobody"), DeviceMessage::Logs(batch), 3);
+        assert!(fx.changes.is_empty());
     }
 
     #[test]

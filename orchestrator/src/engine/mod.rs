@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use drover_shared::model::{AppSpec, DesiredState, RunState};
 use drover_shared::payload::{
-    Action, Command as DeviceCommand, Desired, EnrollOutcome, EnrollRequest, Enrolled, LogLine, Op,
+    Action, Command as DeviceCommand, Desired, EnrollOutcome, EnrollRequest, Enrolled, Op,
     RegistryCredential, Secret,
 };
 use drover_shared::topic::TopicKind;
@@ -254,20 +254,9 @@ impl EngineHandle {
         self.read(move |f, _| f.operation(&id)).await
     }
 
-    pub async fn logs(
-        &self,
-        device: DeviceId,
-        app: Name,
-        container: Option<Name>,
-        tail: usize,
-    ) -> Result<Result<Vec<LogLine>, FleetError>, EngineError> {
-        self.read(move |f, _| {
-            if f.device_view(&device).is_none() {
-                return Err(FleetError::UnknownDevice(device));
-            }
-            Ok(f.logs(&device, &app, container.as_ref(), tail))
-        })
-        .await
+    /// Whether the device is known to the fleet.
+    pub async fn has_device(&self, id: DeviceId) -> Result<bool, EngineError> {
+        self.read(move |f, _| f.has_device(&id)).await
     }
 
     pub async fn events(

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod console;
+mod history;
 mod openapi;
 mod rollouts;
 mod routes;
@@ -38,6 +39,8 @@ pub use routes::{openapi, router};
 /// What every handler shares.
 pub struct Api {
     pub commands: Commands,
+    /// Telemetry history and container logs.
+    pub history: crate::history::History,
     /// Flips to `true` when the server begins to shut down: long polls and
     /// change streams end then, so the graceful drain does not wait on them.
     pub stopping: watch::Receiver<bool>,

@@ -12,7 +12,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use drover_shared::model::AppSpec;
-use drover_shared::payload::{DeviceEvent, LogLine, Op, RegistryCredential};
+use drover_shared::payload::{DeviceEvent, Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -83,7 +83,6 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(stop))
         .routes(routes!(pause))
         .routes(routes!(unpause))
-        .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
         .routes(routes!(import_app))
@@ -97,6 +96,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(changes))
         .routes(routes!(list_registries))
         .routes(routes!(show_registry, put_registry, delete_registry))
+        .merge(super::history::routes())
         .merge(super::rollouts::routes())
         .merge(super::security::routes())
 }
@@ -530,68 +530,6 @@ async fn clear_override(
         })
     })
     .await
-}
-
-#[derive(Debug, Deserialize)]
-struct LogQuery {
-    app: Option<String>,
-    container: Option<String>,
-    tail: Option<String>,
-}
-
-/// The newest log lines of an app's containers on a device, oldest first.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/logs", tag = "devices",
-    params(
-        ("id" = DeviceId, Path, description = "The device id"),
-        ("app" = Name, Query, description = "The app whose logs to read"),
-        ("container" = Option<Name>, Query, description = "Only this container of the app"),
-        ("tail" = Option<u64>, Query, minimum = 1, description = "How many lines (default 100)"),
-    ),
-    responses(
-        (status = 200, description = "Log lines", body = Vec<LogLine>),
-        (status = 400, description = "A parameter is not valid", body = ErrorBody),
-        (status = 404, description = "No such device", body = ErrorBody),
-    ))]
-async fn logs(
-    State(api): State<ApiState>,
-    ctx: Ctx,
-    Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<LogQuery>,
-) -> ApiResult<impl IntoResponse> {
-    ctx.authorize(&api, CommandKind::ReadLogs).await?;
-    let id = device_id(&id)?;
-    let app = name(
-        "app",
-        q.app.as_deref().ok_or_else(|| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "app",
-                "query parameter `app` is required",
-            )
-        })?,
-    )?;
-    let container = q
-        .container
-        .as_deref()
-        .map(|c| name("container", c))
-        .transpose()?;
-    let tail = match q.tail.as_deref() {
-        None => 100,
-        Some(t) => t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "tail",
-                format!("`tail` must be a positive whole number, got {t:?}"),
-            )
-        })?,
-    };
-    let lines = api
-        .commands
-        .engine
-        .logs(id, app, container, tail)
-        .await?
-        .map_err(|e| ApiError::from(crate::engine::EngineError::from(e)))?;
-    Ok(Json(lines))
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,16 +8,6 @@ import {
 } from './ui.js';
 import { lineChart } from './chart.js';
 
-// Whether this server keeps telemetry history, from its OpenAPI document
-// (read once): asking a server without it would only log a 404.
-let historyServed = null;
-function hasHistory() {
-  historyServed = historyServed || get('/api/v1/openapi.json')
-    .then((doc) => Boolean(doc.paths && doc.paths['/api/v1/devices/{id}/telemetry']))
-    .catch(() => false);
-  return historyServed;
-}
-
 const RANGES = [['900000', 'Last 15 minutes'], ['3600000', 'Last hour'], ['21600000', 'Last 6 hours'], ['86400000', 'Last 24 hours']];
 const MAX_LOG_LINES = 2000;
 
@@ -279,14 +269,24 @@ export const device = {
     }
 
     // ----- telemetry -------------------------------------------------------------------
-    // Samples as {at_ms, cpu_percent, memory_used_bytes, memory_total_bytes,
-    // disk_used_bytes, disk_total_bytes}, oldest first.
+    // Samples as {at_ms, cpu, cpu_max, memory, memory_total, disk, disk_total},
+    // oldest first: the history's points (averages, and maxima over a
+    // bucket), then the live samples as they come.
     let samples = [];
-    let history = true; // false when the server has no telemetry history
+    let bucketed = false; // the history answered with 5-minute buckets
 
+    /** A live telemetry sample (contract: Telemetry). */
     function sampleOf(t) {
-      const host = t.host;
-      return { at_ms: t.at_ms, ...host };
+      const h0 = t.host;
+      return { at_ms: t.at_ms, cpu: h0.cpu_percent, cpu_max: h0.cpu_percent, memory: h0.memory_used_bytes,
+        memory_total: h0.memory_total_bytes, disk: h0.disk_used_bytes, disk_total: h0.disk_total_bytes };
+    }
+
+    /** A history point (contract: TelemetryPoint, each metric {avg, max}). */
+    function pointOf(p) {
+      const h0 = p.host;
+      return { at_ms: p.at_ms, cpu: h0.cpu_percent.avg, cpu_max: h0.cpu_percent.max, memory: h0.memory_used_bytes.avg,
+        memory_total: h0.memory_total_bytes, disk: h0.disk_used_bytes.avg, disk_total: h0.disk_total_bytes };
     }
 
     function drawCharts() {
@@ -296,27 +296,26 @@ export const device = {
       samples = samples.filter((s) => s.at_ms >= from);
       const pts = (key) => samples.map((s) => [s.at_ms, s[key]]);
       const last = samples[samples.length - 1];
-      charts.cpu.set([{ label: 'CPU', points: pts('cpu_percent') }], from, now);
+      // Over 5-minute buckets a peak hides in the average: draw both.
+      charts.cpu.set(bucketed ? [{ label: 'average', points: pts('cpu') }, { label: 'peak', points: pts('cpu_max') }]
+        : [{ label: 'CPU', points: pts('cpu') }], from, now);
       // Memory and disk are drawn against their totals.
-      charts.memory.set([{ label: 'used', points: pts('memory_used_bytes') }], from, now, last && last.memory_total_bytes);
-      charts.disk.set([{ label: 'used', points: pts('disk_used_bytes') }], from, now, last && last.disk_total_bytes);
-      if (last) {
-        chartNote.textContent = `${history ? '' : 'History is not available from this server: the charts show samples since this page opened. '}Memory total ${bytes(last.memory_total_bytes)}, disk total ${bytes(last.disk_total_bytes)}.`;
-      }
+      charts.memory.set([{ label: 'used', points: pts('memory') }], from, now, last && last.memory_total);
+      charts.disk.set([{ label: 'used', points: pts('disk') }], from, now, last && last.disk_total);
+      chartNote.textContent = last
+        ? `${bucketed ? 'Averages (and CPU peaks) over 5 minutes, then live samples. ' : ''}Memory total ${bytes(last.memory_total)}, disk total ${bytes(last.disk_total)}.`
+        : 'No telemetry from this device in this window.';
     }
     const redrawCharts = throttle(drawCharts, 1000);
 
     async function loadTelemetry() {
       const since = Date.now() - Number(range.value);
       try {
-        if (!(await hasHistory())) throw Object.assign(new Error('no telemetry history'), { status: 404 });
         const r = await get(`${base}/telemetry${qs({ since_ms: since, resolution: 'auto' })}`);
-        samples = (r.points || []).slice().sort((a, b) => a.at_ms - b.at_ms);
-        history = true;
+        bucketed = r.resolution !== 'raw';
+        samples = r.points.map(pointOf);
       } catch (e) {
-        if (e.status !== 404) showError(e, 'reading telemetry');
-        // No history endpoint (or none for this device): live samples only.
-        history = false;
+        showError(e, 'reading telemetry');
         if (!samples.length && dev && dev.telemetry) samples = [sampleOf(dev.telemetry)];
       }
       drawCharts();
@@ -332,7 +331,7 @@ export const device = {
     range.addEventListener('change', loadTelemetry);
 
     // ----- logs ------------------------------------------------------------------------
-    let logsLive = false; // the stream has sent `logs` changes: no polling
+    // The tail from the history, then each `logs` change's batch as it comes.
     let logLines = 0;
 
     function drawLogChoices(d) {
@@ -385,10 +384,6 @@ export const device = {
     }
     logApp.addEventListener('change', () => { drawLogChoices(dev); loadLogs(); });
     logContainer.addEventListener('change', loadLogs);
-    // Until the stream carries log lines, re-read the tail while following.
-    const poll = setInterval(() => {
-      if (!logsLive && logFollow.checked && !document.hidden && logApp.value) loadLogs();
-    }, 5000);
 
     // ----- start -------------------------------------------------------------------------
     async function snapshot() {
@@ -430,18 +425,20 @@ export const device = {
               eventList.length = Math.min(eventList.length, 50);
               drawEvents();
               break;
-            case 'logs':
-              logsLive = true;
-              if (c.app === logApp.value && (!logContainer.value || c.container === logContainer.value)) {
-                appendLogs(c.lines || [], logContainer.value ? null : c.container);
+            case 'logs': {
+              const b = c.batch;
+              if (b.app === logApp.value && (!logContainer.value || b.container === logContainer.value)) {
+                const lines = b.dropped
+                  ? [...b.lines, { at_ms: Date.now(), stream: 'stderr', line: `[${b.dropped} lines dropped by the agent]` }] : b.lines;
+                appendLogs(lines, logContainer.value ? null : b.container);
               }
               break;
+            }
             default:
           }
         }
       },
       unmount() {
-        clearInterval(poll);
         reload.cancel();
         redrawCharts.cancel();
       },

@@ -16,24 +16,27 @@
 //               (data-state="live" | "connecting" | "down"), #nav a[data-nav=<page>]
 //   messages:   #messages, [data-test=msg-error], [data-test=msg-ok], [data-test=msg-info]
 //   every page: main h1 (its title), main[data-page=<page>]
-//   overview:   [data-test=count-total|count-online|count-offline], [data-test=rollouts-active],
+//   overview:   [data-test=count-total|count-online|count-offline|count-apps], [data-test=rollouts-active],
 //               [data-test=failed-ops], [data-test=recent-events]
 //   devices:    #device-filter (form), #device-status, #device-q, #device-selector,
 //               [data-test=device-total], tr[data-test=device-row][data-device=<id>]
 //               (cells [data-test=status|cpu|memory]), #device-prev, #device-next
 //   device:     [data-test=device-status], [data-test=inventory], [data-test=labels],
 //               #label-form, tr[data-test=app-row][data-app=<name>] with
-//               button[data-action=start|stop|pause|unpause|remove|override],
+//               button[data-action=start|stop|pause|unpause|remove|redeploy|override]
+//               ([data-test=container][data-container=<name>] inside),
 //               #deploy-form, #deploy-app, #deploy-submit, [data-test=op-result] (data-status),
 //               [data-test=chart-cpu|chart-memory|chart-disk], #chart-range,
-//               #log-app, #log-container, #log-follow, pre#log-tail, [data-test=events],
-//               #revoke-device
+//               [data-test=container-metrics], #log-app, #log-container, #log-follow,
+//               pre#log-tail, [data-test=events], [data-test=operations], #revoke-device
 //   apps:       tr[data-test=app-row][data-app=<name>], #app-new (link),
 //               #app-form, #app-json-form, #app-compose-form (tabs: button[data-tab=form|json|compose]),
 //               [data-test=app-spec], [data-test=releases], #diff-from, #diff-to, [data-test=diff],
-//               #assign-form, #unassign, #edit-spec-form, #delete-app
+//               [data-test=assignment], #assign-form, #unassign, #edit-spec (button),
+//               #edit-spec-form, #delete-app
 //   rollouts:   tr[data-test=rollout-row][data-rollout=<id>], #rollout-new (link), #rollout-form,
-//               [data-test=rollout-phase], [data-test=rollout-batches],
+//               [data-test=rollout-phase], [data-test=rollout-batches] (tr[data-test=batch-row]),
+//               #rollout-device-state, [data-test=rollout-devices],
 //               tr[data-test=rollout-device][data-device=<id>],
 //               button[data-action=pause|resume|approve|abort|rollback]
 //   operations: #ops-filter, tr[data-test=op-row][data-op=<id>] (cell [data-test=status])
@@ -43,7 +46,7 @@
 //               #registry-form, tr[data-test=token-row|enroll-row|mqtt-user-row|registry-row]
 
 import * as api from './api.js';
-import { h, fill, notify, showError, form, field } from './ui.js';
+import { h, fill, notify, showError, field, clearMessages } from './ui.js';
 import { overview } from './overview.js';
 import { devices } from './devices.js';
 import { device } from './device.js';
@@ -226,6 +229,7 @@ function route() {
     return;
   }
   if (current && current.page && current.page.unmount) current.page.unmount();
+  clearMessages();
   document.body.classList.remove('nav-open');
   document.getElementById('nav-toggle').setAttribute('aria-expanded', 'false');
 

@@ -3,7 +3,7 @@
 
 import { get, post, patch, del, enc, qs } from './api.js';
 import {
-  h, fill, section, table, badge, labelChips, dl, ago, time, bytes, percent, throttle,
+  h, fill, section, table, badge, dl, ago, time, bytes, percent, throttle,
   button, form, field, showError, notify, loading,
 } from './ui.js';
 import { lineChart } from './chart.js';

@@ -68,7 +68,7 @@ export function fill(el, ...children) {
 export function notify(text, kind = 'info') {
   const area = document.getElementById('messages');
   const close = h('button', { class: 'link', 'aria-label': 'Dismiss message' }, '×');
-  const msg = h('div', { class: `msg msg-${kind}`, role: kind === 'error' ? 'alert' : 'status', data: { test: `msg-${kind}` } },
+  const msg = h('div', { class: `msg msg-${kind}`, role: kind === 'error' ? 'alert' : 'status', data: { test: `msg-${kind}`, at: Date.now() } },
     h('span', {}, text), close);
   close.addEventListener('click', () => msg.remove());
   area.append(msg);
@@ -76,6 +76,13 @@ export function notify(text, kind = 'info') {
   while (area.children.length > 4) area.firstElementChild.remove();
   if (kind !== 'error') setTimeout(() => msg.remove(), 6000);
   return msg;
+}
+
+/** Leaves the messages of the last moment (e.g. "saved" before a page change), removes older ones. */
+export function clearMessages() {
+  for (const m of document.querySelectorAll('#messages .msg')) {
+    if (Date.now() - Number(m.dataset.at) > 1500) m.remove();
+  }
 }
 
 /** Shows a failed request: what was tried, and the server's own reason. */

@@ -1,0 +1,223 @@
+//! The web console in a real headless Chromium (tests/src/browser.rs)
+//! against a real orchestrator, a real agent and the real Docker Engine:
+//! sign in; the agent's device shows online; deploy, stop and remove an app
+//! from the console (checked through Docker, never through Drover); a line
+//! the container prints appears in the live log tail without a reload; the
+//! telemetry chart has points; a viewer sees no controls and a request
+//! forged with the viewer's session is refused; the browser logged no
+//! errors. Screenshots of the main pages go to docs/screenshots/.
+
+use std::time::Duration;
+
+use bollard::query_parameters::InspectContainerOptions;
+use drover_tests::browser::Browser;
+use drover_tests::*;
+use fantoccini::Locator;
+use serde_json::json;
+
+const UI: Duration = Duration::from_secs(30);
+const DOCKER: Duration = Duration::from_secs(90);
+
+async fn running(docker: &bollard::Docker, name: &str) -> Option<bool> {
+    docker
+        .inspect_container(name, None::<InspectContainerOptions>)
+        .await
+        .ok()
+        .map(|c| c.state.and_then(|s| s.running).unwrap_or(false))
+}
+
+/// Sets a form control's value as a person choosing it would (input and
+/// change events), whatever kind of control it is.
+async fn choose(b: &Browser, css: &str, value: &str) {
+    b.wait_for(css, UI).await;
+    let script = format!(
+        "const e = document.querySelector({css:?}); e.value = {value:?};\
+         e.dispatchEvent(new Event('input', {{bubbles: true}}));\
+         e.dispatchEvent(new Event('change', {{bubbles: true}})); return e.value;"
+    );
+    assert_eq!(
+        b.eval(&script).await,
+        json!(value),
+        "{css} has no option {value}"
+    );
+}
+
+async fn click(b: &Browser, css: &str) {
+    b.wait_for(css, UI).await.click().await.expect("click");
+}
+
+async fn sign_in(b: &Browser, base: &str, token: &str) {
+    b.client
+        .goto(&format!("{base}/"))
+        .await
+        .expect("open console");
+    let input = b.wait_for("#signin-token", UI).await;
+    input.send_keys(token).await.expect("type token");
+    click(b, "#signin-submit").await;
+    b.wait_for("[data-test=whoami]", UI).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_the_fleet_from_the_console() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let base = api.base.clone();
+    // The harness's agents send telemetry every second.
+    let agent = Agent::spawn(&orch.broker_url(), &unique("ui"));
+    wait_for(Duration::from_secs(30), "device online", || async {
+        api.device(&agent.id)
+            .await
+            .filter(|d| d["online"] == json!(true))
+    })
+    .await;
+    let app = unique("web");
+    let line = format!("hello-from-{app}");
+    let (s, v) = api
+        .post(
+            "/api/v1/apps",
+            &json!({"name": app, "containers": [{
+                "name": "main", "image": format!("{REGISTRY}/{BASE_REPO}:{BASE_TAG}"),
+                "command": ["sh", "-c", format!("while true; do echo {line}; sleep 1; done")]
+            }]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let container = agent.container_name(&app, "main");
+
+    let b = Browser::start(1280, 800).await;
+    sign_in(&b, &base, api.token.as_deref().expect("admin token")).await;
+    b.wait_text("[data-test=whoami]", "admin", UI).await;
+    b.screenshot("overview").await;
+
+    // The device list shows the agent online.
+    b.client
+        .goto(&format!("{base}/#/devices"))
+        .await
+        .expect("devices");
+    let row = format!("tr[data-test=device-row][data-device='{}']", agent.id);
+    b.wait_text(&format!("{row} [data-test=status]"), "online", UI)
+        .await;
+    b.screenshot("devices").await;
+
+    // Deploy from the device page; Docker runs it.
+    click(&b, &format!("{row} a")).await;
+    b.wait_text("[data-test=device-status]", "online", UI).await;
+    choose(&b, "#deploy-app", &app).await;
+    click(&b, "#deploy-submit").await;
+    wait_for(DOCKER, "the container runs", || async {
+        running(&docker, &container).await.filter(|r| *r)
+    })
+    .await;
+    let app_row = format!("tr[data-test=app-row][data-app='{app}']");
+    b.wait_text(&app_row, "running", DOCKER).await;
+
+    // A line the container prints reaches the live tail, no reload.
+    choose(&b, "#log-app", &app).await;
+    b.wait_text("pre#log-tail", &line, UI).await;
+    let before = b
+        .eval("return performance.getEntriesByType('navigation').length")
+        .await;
+
+    // The telemetry chart has points.
+    wait_for(UI, "the CPU chart draws a line", || async {
+        let d = b
+            .eval("const p = document.querySelector('[data-test=chart-cpu] svg path'); return p ? p.getAttribute('d') : null")
+            .await;
+        d.as_str()
+            .filter(|d| d.matches(['L', 'l']).count() >= 1)
+            .map(String::from)
+    })
+    .await;
+    b.screenshot("device").await;
+
+    // Stop, then remove, from the app's row.
+    click(&b, &format!("{app_row} button[data-action=stop]")).await;
+    wait_for(DOCKER, "the container stops", || async {
+        running(&docker, &container).await.filter(|r| !*r)
+    })
+    .await;
+    click(&b, &format!("{app_row} button[data-action=remove]")).await;
+    // A confirmation, if the console asks for one.
+    if let Ok(alert) = b.client.get_alert_text().await {
+        assert!(!alert.is_empty());
+        b.client.accept_alert().await.expect("confirm");
+    }
+    wait_for(DOCKER, "the container is removed", || async {
+        running(&docker, &container).await.is_none().then_some(())
+    })
+    .await;
+    let after = b
+        .eval("return performance.getEntriesByType('navigation').length")
+        .await;
+    assert_eq!(before, after, "the page was never reloaded");
+
+    for (page, name) in [
+        ("#/apps", "apps"),
+        ("#/rollouts", "rollouts"),
+        ("#/operations", "operations"),
+    ] {
+        b.client
+            .goto(&format!("{base}/{page}"))
+            .await
+            .expect("page");
+        b.wait_for(&format!("main[data-page={name}]"), UI).await;
+        b.screenshot(name).await;
+    }
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "the browser logged errors: {errors:#?}");
+
+    // A viewer: no controls, and a forged change with its session is refused.
+    let viewer = api.as_role(&unique("viewer"), "viewer").await;
+    let v = Browser::start(390, 844).await;
+    sign_in(&v, &base, viewer.token.as_deref().expect("viewer token")).await;
+    v.wait_text("[data-test=whoami]", "viewer", UI).await;
+    v.client
+        .goto(&format!("{base}/#/devices/{}", agent.id))
+        .await
+        .expect("device page");
+    v.wait_text("[data-test=device-status]", "online", UI).await;
+    let controls = v
+        .client
+        .find_all(Locator::Css(
+            "#deploy-form, button[data-action], #label-form, #revoke-device",
+        ))
+        .await
+        .expect("query");
+    let mut visible = 0;
+    for c in controls {
+        if c.is_displayed().await.unwrap_or(false) {
+            visible += 1;
+        }
+    }
+    assert_eq!(visible, 0, "a viewer sees controls the server would refuse");
+    v.screenshot("device-viewer-phone").await;
+    let forged = v
+        .client
+        .execute_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];\
+                 fetch('/api/v1/session').then(r => r.json()).then(s =>\
+                   fetch('/api/v1/devices/{}/apps', {{method: 'POST',\
+                     headers: {{'content-type': 'application/json', 'X-Drover-CSRF': s.csrf}},\
+                     body: JSON.stringify({{app: '{app}'}})}}))\
+                 .then(r => done(r.status), e => done(String(e)));",
+                agent.id
+            ),
+            Vec::new(),
+        )
+        .await
+        .expect("fetch runs");
+    assert_eq!(forged, json!(403), "a viewer's forged deploy");
+    assert!(
+        running(&docker, &container).await.is_none(),
+        "nothing was deployed"
+    );
+    let errors = v.console_errors().await;
+    // The refused fetch is the test's own doing; nothing else may be logged.
+    let others: Vec<&String> = errors.iter().filter(|e| !e.contains("403")).collect();
+    assert!(
+        others.is_empty(),
+        "the viewer's browser logged errors: {others:#?}"
+    );
+}

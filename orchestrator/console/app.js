@@ -302,7 +302,9 @@ const live = {
   start() {
     this.stop();
     this.setState('connecting');
-    const es = new EventSource('/api/v1/changes?coalesce=true');
+    // Every kind but `logs`: the device page follows its own device's log
+    // lines on a stream of its own; 10,000 devices' would flood every tab.
+    const es = new EventSource('/api/v1/changes?coalesce=true&kinds=device,inventory,state,operation,telemetry,event,app,rollout');
     this.es = es;
     es.onopen = () => {
       this.setState('live');

@@ -383,6 +383,30 @@ export const device = {
       }
     }
     logApp.addEventListener('change', () => { drawLogChoices(dev); loadLogs(); });
+
+    // Log lines come on a stream of this device's own: the console's
+    // fleet-wide feed leaves them out (10,000 devices' logs would flood
+    // every open tab). After a reconnect the tail is read again.
+    function onLogs(c) {
+      const b = c.batch;
+      if (b.app === logApp.value && (!logContainer.value || b.container === logContainer.value)) {
+        const lines = b.dropped
+          ? [...b.lines, { at_ms: Date.now(), stream: 'stderr', line: `[${b.dropped} lines dropped by the agent]` }] : b.lines;
+        appendLogs(lines, logContainer.value ? null : b.container);
+      }
+    }
+    const logStream = new EventSource(`/api/v1/changes${qs({ device: id, kinds: 'logs' })}`);
+    let logStreamDown = false;
+    logStream.onmessage = (m) => {
+      const c = JSON.parse(m.data);
+      if (c.kind === 'logs') onLogs(c);
+      else if (c.kind === 'lagged') loadLogs();
+    };
+    logStream.onerror = () => { logStreamDown = true; };
+    logStream.onopen = () => {
+      if (logStreamDown) loadLogs();
+      logStreamDown = false;
+    };
     logContainer.addEventListener('change', loadLogs);
 
     // ----- start -------------------------------------------------------------------------
@@ -425,15 +449,6 @@ export const device = {
               eventList.length = Math.min(eventList.length, 50);
               drawEvents();
               break;
-            case 'logs': {
-              const b = c.batch;
-              if (b.app === logApp.value && (!logContainer.value || b.container === logContainer.value)) {
-                const lines = b.dropped
-                  ? [...b.lines, { at_ms: Date.now(), stream: 'stderr', line: `[${b.dropped} lines dropped by the agent]` }] : b.lines;
-                appendLogs(lines, logContainer.value ? null : b.container);
-              }
-              break;
-            }
             default:
           }
         }
@@ -441,6 +456,7 @@ export const device = {
       unmount() {
         reload.cancel();
         redrawCharts.cancel();
+        logStream.close();
       },
     };
   },

@@ -221,3 +221,45 @@ async fn an_operator_runs_the_fleet_from_the_console() {
         "the viewer's browser logged errors: {others:#?}"
     );
 }
+
+/// The console's live feed comes back by itself after the orchestrator is
+/// killed and restarted, and catches up: an app created after the restart
+/// shows up on the open page without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_reconnects_after_an_orchestrator_restart() {
+    let mut orch = OrchProc::start().await;
+    let base = orch.api.base.clone();
+    let b = Browser::start(1280, 800).await;
+    sign_in(&b, &base, orch.api.token.as_deref().expect("admin token")).await;
+    b.client
+        .goto(&format!("{base}/#/apps"))
+        .await
+        .expect("apps page");
+    b.wait_for("main[data-page=apps]", UI).await;
+    b.wait_for("[data-test=live-status][data-state=live]", UI)
+        .await;
+    orch.kill().await;
+    b.wait_for("[data-test=live-status]:not([data-state=live])", UI)
+        .await;
+    orch.restart().await;
+    b.wait_for(
+        "[data-test=live-status][data-state=live]",
+        Duration::from_secs(60),
+    )
+    .await;
+    let app = unique("back");
+    let (s, v) = orch
+        .api
+        .post(
+            "/api/v1/apps",
+            &json!({"name": app, "containers": [{"name": "main", "image": format!("{REGISTRY}/{BASE_REPO}:{BASE_TAG}")}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    b.wait_for(&format!("tr[data-test=app-row][data-app='{app}']"), UI)
+        .await;
+    let navigations = b
+        .eval("return performance.getEntriesByType('navigation').length")
+        .await;
+    assert_eq!(navigations, json!(1), "the page was never reloaded");
+}

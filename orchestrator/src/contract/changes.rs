@@ -71,12 +71,73 @@ pub struct ChangeFilter {
     pub operation: Option<String>,
     /// Only the progress and outcome of this rollout.
     pub rollout: Option<String>,
+    /// Only changes of these kinds (`?kinds=logs,event`); `lagged` always.
+    pub kinds: Option<std::collections::BTreeSet<&'static str>>,
+}
+
+impl Change {
+    /// Every kind, as `kind` names it in JSON.
+    pub const KINDS: [&'static str; 10] = [
+        "device",
+        "inventory",
+        "state",
+        "operation",
+        "telemetry",
+        "logs",
+        "event",
+        "app",
+        "rollout",
+        "lagged",
+    ];
+
+    /// Its `kind` in JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Device { .. } => "device",
+            Change::Inventory { .. } => "inventory",
+            Change::State { .. } => "state",
+            Change::Operation { .. } => "operation",
+            Change::Telemetry { .. } => "telemetry",
+            Change::Logs { .. } => "logs",
+            Change::Event { .. } => "event",
+            Change::App { .. } => "app",
+            Change::Rollout { .. } => "rollout",
+            Change::Lagged { .. } => "lagged",
+        }
+    }
+
+    /// The kinds named in `?kinds=a,b`; an unknown one is an error naming it.
+    pub fn parse_kinds(raw: &str) -> Result<std::collections::BTreeSet<&'static str>, String> {
+        raw.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                Change::KINDS
+                    .iter()
+                    .find(|known| **known == k)
+                    .copied()
+                    .ok_or_else(|| {
+                        format!(
+                            "{k:?} is not a kind of change: {}",
+                            Change::KINDS.join(", ")
+                        )
+                    })
+            })
+            .collect()
+    }
 }
 
 impl ChangeFilter {
     pub fn matches(&self, change: &Change) -> bool {
         if let Change::Lagged { .. } = change {
             return true;
+        }
+        if self
+            .kinds
+            .as_ref()
+            .is_some_and(|k| !k.contains(change.kind()))
+        {
+            return false;
         }
         let (device, operation, rollout) = match change {
             Change::Device { device, .. }
@@ -275,11 +336,30 @@ mod tests {
     }
 
     #[test]
+    fn the_kinds_filter_passes_only_those_kinds_and_lagged() {
+        let f = ChangeFilter {
+            kinds: Some(Change::parse_kinds("operation, app").expect("valid")),
+            ..Default::default()
+        };
+        assert!(f.matches(&op("a", "d1")));
+        assert!(!f.matches(&online("d1")));
+        assert!(f.matches(&Change::Lagged { missed: 1 }));
+        let err = Change::parse_kinds("logs,nope").expect_err("unknown kind");
+        assert!(err.contains("\"nope\""), "{err}");
+        // Every kind's name is one the filter knows.
+        for c in [op("a", "d1"), online("d1"), Change::Lagged { missed: 1 }] {
+            assert!(Change::parse_kinds(c.kind()).is_ok());
+            let json = serde_json::to_value(&c).expect("json");
+            assert_eq!(json["kind"], serde_json::json!(c.kind()));
+        }
+    }
+
+    #[test]
     fn both_filters_must_hold() {
         let f = ChangeFilter {
             device: Some(DeviceId::new("d1").expect("valid id")),
             operation: Some("a".into()),
-            rollout: None,
+            ..Default::default()
         };
         assert!(f.matches(&op("a", "d1")));
         assert!(!f.matches(&op("a", "d2")));

@@ -1064,6 +1064,8 @@ struct ChangesQuery {
     rollout: Option<String>,
     /// Merge device-level changes per device to one per kind per second.
     coalesce: Option<String>,
+    /// Only these kinds, comma-separated.
+    kinds: Option<String>,
 }
 
 /// The fleet's changes as server-sent events, one JSON object each (see
@@ -1077,6 +1079,7 @@ struct ChangesQuery {
         ("device" = Option<DeviceId>, Query, description = "Only this device's changes"),
         ("operation" = Option<String>, Query, description = "Only this operation's changes"),
         ("rollout" = Option<String>, Query, description = "Only this rollout's changes"),
+        ("kinds" = Option<String>, Query, description = "Only changes of these kinds, comma-separated (`lagged` always passes): device, inventory, state, operation, telemetry, logs, event, app, rollout"),
         ("coalesce" = Option<bool>, Query, description = "Merge each device's `device`, `inventory`, `state` and `telemetry` changes to the latest of each kind, sent once a second (the console's feed); the rest is sent at once"),
     ),
     responses(
@@ -1106,6 +1109,12 @@ async fn changes(
         device: q.device.as_deref().map(device_id).transpose()?,
         operation: q.operation,
         rollout: q.rollout,
+        kinds: q
+            .kinds
+            .as_deref()
+            .map(Change::parse_kinds)
+            .transpose()
+            .map_err(|m| ApiError::field(StatusCode::BAD_REQUEST, "kinds", m))?,
     };
     let rx = api.commands.engine.subscribe();
     // An operation that does not exist would give a stream that never says

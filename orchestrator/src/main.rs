@@ -182,6 +182,9 @@ async fn serve(args: Serve) -> Result<()> {
         )),
         None => None,
     };
+    let token_file = args
+        .data_dir
+        .join(drover::security::access::ADMIN_TOKEN_FILE);
     let mut config = ServerConfig::new(args.data_dir);
     config.mqtt_auth = !args.insecure_open_broker;
     config.device_timeout = std::time::Duration::from_secs(args.device_timeout);
@@ -217,6 +220,18 @@ async fn serve(args: Serve) -> Result<()> {
         println!(
             "drover: the first admin API token is in {} (the CLI reads it from there)",
             path.display()
+        );
+    }
+    if token_file.exists() {
+        println!(
+            "drover: console: {}/ — sign in with the token in {}",
+            orch.api_url(),
+            token_file.display()
+        );
+    } else {
+        println!(
+            "drover: console: {}/ — sign in with an API token (drover tokens create NAME --role viewer)",
+            orch.api_url()
         );
     }
 

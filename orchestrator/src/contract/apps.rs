@@ -15,6 +15,10 @@ pub struct App {
     /// The number of the release `spec` is.
     #[serde(default)]
     pub latest_release: u64,
+    /// The selector of the app's fleet assignment, when it has one (what
+    /// it covers: `GET /api/v1/apps/{name}/assignment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_selector: Option<String>,
 }
 
 /// One immutable, numbered version of an app's spec: every create or

@@ -188,6 +188,30 @@ struct Device {
     events: VecDeque<DeviceEvent>,
 }
 
+/// Which devices a list asks for, and which page of them
+/// (`GET /api/v1/devices?selector=&status=&q=&offset=&limit=`). Every
+/// filter given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery {
+    /// Effective labels match this selector.
+    pub selector: Option<Selector>,
+    /// Online (`true`) or offline (`false`) only.
+    pub online: Option<bool>,
+    /// The id or the hostname contains this, ignoring case.
+    pub text: Option<String>,
+    /// Skip this many matching devices.
+    pub offset: usize,
+    /// At most this many; `None`: all the rest.
+    pub limit: Option<usize>,
+}
+
+/// One page of devices and how many matched the query in all.
+#[derive(Debug, Clone, Default)]
+pub struct DevicePage {
+    pub total: usize,
+    pub devices: Vec<contract::Device>,
+}
+
 #[derive(Debug, Default)]
 pub struct Fleet {
     devices: BTreeMap<DeviceId, Device>,
@@ -1338,6 +1362,38 @@ impl Fleet {
             .collect()
     }
 
+    /// One page of the devices a query matches, in id order, and how many
+    /// match in all. Filters look at the records; views are built only for
+    /// the page, so a page of 50 out of 10,000 costs 50 views.
+    pub fn device_page(&self, q: &DeviceQuery) -> DevicePage {
+        let text = q.text.as_deref().map(str::to_lowercase);
+        let mut total = 0;
+        let mut devices = Vec::new();
+        for (id, d) in &self.devices {
+            if q.online.is_some_and(|o| o != d.record.online) {
+                continue;
+            }
+            if let Some(t) = &text {
+                let host = d.record.inventory.as_ref().map(|h| h.hostname.as_str());
+                let hit = id.as_str().to_lowercase().contains(t)
+                    || host.is_some_and(|h| h.to_lowercase().contains(t));
+                if !hit {
+                    continue;
+                }
+            }
+            if let Some(sel) = &q.selector {
+                if !self.labels_of(id).is_some_and(|l| sel.matches(&l)) {
+                    continue;
+                }
+            }
+            if total >= q.offset && q.limit.is_none_or(|l| devices.len() < l) {
+                devices.extend(self.device_view(id));
+            }
+            total += 1;
+        }
+        DevicePage { total, devices }
+    }
+
     pub fn apps(&self) -> Vec<AppRecord> {
         self.apps.values().cloned().collect()
     }
@@ -2319,5 +2375,101 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn a_device_page_filters_on_records_and_counts_every_match() {
+        let mut f = Fleet::default();
+        for i in 0..30 {
+            let hello = Hello {
+                hostname: format!("Host-{i:02}"),
+                labels: [(
+                    "env".to_string(),
+                    if i % 3 == 0 { "prod" } else { "dev" }.to_string(),
+                )]
+                .into(),
+                ..Hello::default()
+            };
+            f.on_device_message(
+                &id(&format!("dev-{i:02}")),
+                DeviceMessage::Hello(hello),
+                1_000,
+            );
+        }
+        // Ten of them stop talking: offline.
+        for i in 0..10 {
+            f.on_device_message(
+                &id(&format!("dev-{i:02}")),
+                DeviceMessage::Status(Status {
+                    online: false,
+                    at_ms: 1,
+                }),
+                2_000,
+            );
+        }
+        let ids = |p: &DevicePage| -> Vec<String> {
+            p.devices.iter().map(|d| d.id.to_string()).collect()
+        };
+
+        let all = f.device_page(&DeviceQuery::default());
+        assert_eq!((all.total, all.devices.len()), (30, 30));
+
+        // Pages in id order; the total is every match, not the page.
+        let page = f.device_page(&DeviceQuery {
+            offset: 10,
+            limit: Some(5),
+            ..Default::default()
+        });
+        assert_eq!(page.total, 30);
+        assert_eq!(
+            ids(&page),
+            ["dev-10", "dev-11", "dev-12", "dev-13", "dev-14"]
+        );
+        let past = f.device_page(&DeviceQuery {
+            offset: 40,
+            limit: Some(5),
+            ..Default::default()
+        });
+        assert_eq!((past.total, past.devices.len()), (30, 0));
+
+        let offline = f.device_page(&DeviceQuery {
+            online: Some(false),
+            limit: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(offline.total, 10);
+        assert_eq!(ids(&offline), ["dev-00", "dev-01", "dev-02"]);
+        assert!(offline.devices.iter().all(|d| !d.online));
+        let online = f.device_page(&DeviceQuery {
+            online: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(online.total, 20);
+        assert!(online.devices.iter().all(|d| d.online));
+
+        // Text: the id or the hostname, ignoring case.
+        let text = |t: &str| {
+            f.device_page(&DeviceQuery {
+                text: Some(t.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            ids(&text("DEV-2")),
+            (20..30).map(|i| format!("dev-{i}")).collect::<Vec<_>>()
+        );
+        assert_eq!(ids(&text("host-07")), ["dev-07"]);
+        assert_eq!(text("nothing").total, 0);
+
+        // Every filter must hold: prod (multiples of 3) and online (10 and up):
+        // 12, 15, 18, 21, 24, 27.
+        let both = f.device_page(&DeviceQuery {
+            selector: Some(Selector::parse("env=prod").expect("selector")),
+            online: Some(true),
+            limit: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(both.total, 6);
+        assert_eq!(ids(&both), ["dev-12", "dev-15"]);
     }
 }

@@ -239,6 +239,7 @@ impl From<&AppRecord> for contract::App {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             latest_release: r.latest_release(),
+            assignment_selector: r.assignment.as_ref().map(|a| a.selector.clone()),
         }
     }
 }

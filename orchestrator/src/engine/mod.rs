@@ -220,6 +220,14 @@ impl EngineHandle {
         self.read(|f, _| f.device_views()).await
     }
 
+    /// One page of the devices a query matches, and how many match.
+    pub async fn device_page(
+        &self,
+        query: crate::core::fleet::DeviceQuery,
+    ) -> Result<crate::core::fleet::DevicePage, EngineError> {
+        self.read(move |f, _| f.device_page(&query)).await
+    }
+
     pub async fn device(&self, id: DeviceId) -> Result<Option<contract::Device>, EngineError> {
         self.read(move |f, _| f.device_view(&id)).await
     }

@@ -32,9 +32,13 @@ pub const SESSION_COOKIE: &str = "drover_session";
 /// session's CSRF value in.
 pub const CSRF_HEADER: &str = "x-drover-csrf";
 
-/// Routes anyone may call: probes, Prometheus, and the API's description.
+/// Routes anyone may call: probes, Prometheus, the API's description, and
+/// the web console's files (which hold no data).
 pub fn is_public(route: &str) -> bool {
-    matches!(route, "/healthz" | "/metrics" | "/api/v1/openapi.json")
+    matches!(
+        route,
+        "/healthz" | "/metrics" | "/api/v1/openapi.json" | "/" | "/console/{file}"
+    )
 }
 
 /// The console's session: signing in (`POST`) checks the token it is

@@ -9,6 +9,7 @@
 //! `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
 pub mod auth;
+pub mod console;
 mod history;
 mod openapi;
 mod rollouts;

@@ -25,6 +25,7 @@ use super::{
 };
 use crate::contract::{self, Change, ChangeFilter, DeployRequest, ErrorBody, RegistryCredentials};
 use crate::core::command::{Command, CommandKind};
+use crate::core::fleet::DeviceQuery;
 use crate::core::registries;
 use crate::core::selector::Selector;
 
@@ -68,7 +69,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Every route with its handler and description.
 fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi())
+    let router = OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi());
+    super::console::routes(router)
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
@@ -191,15 +193,33 @@ async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
 #[derive(Debug, Deserialize)]
 struct DevicesQuery {
     selector: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
 }
 
-/// Every device the orchestrator knows, or those whose labels match a
-/// selector.
+/// The longest `?q=` text a device list takes.
+const MAX_QUERY_TEXT: usize = 256;
+
+/// The header with the number of devices a list matched, before paging.
+pub(crate) const TOTAL_COUNT: &str = "x-total-count";
+
+/// The devices the orchestrator knows, in id order, optionally only those
+/// that match every filter given, one page at a time. The body is the page
+/// (every match without `limit`); `X-Total-Count` says how many matched.
 #[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
-    params(("selector" = Option<String>, Query, description = "A Kubernetes-style label selector, e.g. `env=prod,region in (eu,us),!canary`; matched against each device's effective labels")),
+    params(
+        ("selector" = Option<String>, Query, description = "A Kubernetes-style label selector, e.g. `env=prod,region in (eu,us),!canary`; matched against each device's effective labels"),
+        ("status" = Option<String>, Query, pattern = "^(online|offline)$", description = "Only devices online now (`online`) or not (`offline`)"),
+        ("q" = Option<String>, Query, max_length = 256, description = "Only devices whose id or hostname contains this text, ignoring case"),
+        ("offset" = Option<u64>, Query, minimum = 0, description = "Skip this many matching devices (default 0)"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many devices (default: every match)"),
+    ),
     responses(
-        (status = 200, description = "The devices", body = Vec<contract::Device>),
-        (status = 400, description = "The selector is not valid; the message says where", body = ErrorBody),
+        (status = 200, description = "The devices (one page of them with `limit`/`offset`)", body = Vec<contract::Device>,
+         headers(("X-Total-Count" = u64, description = "How many devices match the filters, before `offset` and `limit`"))),
+        (status = 400, description = "A parameter is not valid (e.g. the selector; the message says where)", body = ErrorBody),
     ))]
 async fn list_devices(
     State(api): State<ApiState>,
@@ -208,14 +228,60 @@ async fn list_devices(
 ) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ListDevices).await?;
     let selector = q.selector.as_deref().map(parse_selector).transpose()?;
-    let mut views = api.commands.engine.devices().await?;
-    if let Some(sel) = selector {
-        views.retain(|v| sel.matches(&v.labels));
+    let online = match q.status.as_deref() {
+        None => None,
+        Some("online") => Some(true),
+        Some("offline") => Some(false),
+        Some(other) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "status",
+                format!("`status` must be `online` or `offline`, got {other:?}"),
+            ))
+        }
+    };
+    let text = q.q.filter(|t| !t.is_empty());
+    if text
+        .as_ref()
+        .is_some_and(|t| t.chars().count() > MAX_QUERY_TEXT)
+    {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "q",
+            format!("`q` is at most {MAX_QUERY_TEXT} characters"),
+        ));
     }
+    let offset = match q.offset.as_deref() {
+        None => 0,
+        Some(o) => o.parse::<usize>().map_err(|_| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "offset",
+                format!("`offset` must be a whole number from 0, got {o:?}"),
+            )
+        })?,
+    };
+    let limit = q
+        .limit
+        .as_deref()
+        .map(|l| parse_limit(Some(l)))
+        .transpose()?;
+    let page = api
+        .commands
+        .engine
+        .device_page(DeviceQuery {
+            selector,
+            online,
+            text,
+            offset,
+            limit,
+        })
+        .await?;
+    let mut views = page.devices;
     for v in &mut views {
         v.credential = Some(api.commands.identities.credential_state(&v.id));
     }
-    Ok(Json(views))
+    Ok(([(TOTAL_COUNT, page.total.to_string())], Json(views)))
 }
 
 fn parse_selector(s: &str) -> ApiResult<Selector> {

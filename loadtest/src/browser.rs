@@ -23,10 +23,10 @@ use tracing::debug;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrowserError {
-    #[error("cannot run {program}: {source}; the console scenario renders the console in a real headless Chromium: install Debian's `chromium` and `chromium-driver` (scripts/test-env.sh does), or pass --chromedriver")]
+    #[error("cannot run {program}: {error}; the console scenario renders the console in a real headless Chromium: install Debian's `chromium` and `chromium-driver` (scripts/test-env.sh does), or pass --chromedriver")]
     Driver {
         program: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "chromedriver exited at start ({0}); is Debian's `chromium-driver` installed and working?"
@@ -34,10 +34,10 @@ pub enum BrowserError {
     DriverExited(String),
     #[error("chromedriver could not start a headless Chromium (install Debian's `chromium`; scripts/test-env.sh does): {0}")]
     Session(String),
-    #[error("WebDriver command {what} failed: {source}")]
+    #[error("WebDriver command {what} failed: {error}")]
     Cmd {
         what: &'static str,
-        source: fantoccini::error::CmdError,
+        error: fantoccini::error::CmdError,
     },
     #[error("{0}")]
     Page(String),
@@ -141,9 +141,9 @@ impl Browser {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| BrowserError::Driver {
+            .map_err(|error| BrowserError::Driver {
                 program: chromedriver.display().to_string(),
-                source,
+                error,
             })?;
         let url = format!("http://127.0.0.1:{port}");
         let mut caps = serde_json::Map::new();
@@ -191,7 +191,7 @@ impl Browser {
     }
 
     fn cmd(what: &'static str) -> impl FnOnce(fantoccini::error::CmdError) -> BrowserError {
-        move |source| BrowserError::Cmd { what, source }
+        move |error| BrowserError::Cmd { what, error }
     }
 
     /// Signs in on the console's form at `base` with an API token, as a

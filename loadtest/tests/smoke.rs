@@ -316,6 +316,10 @@ async fn console_scenario_measures_two_hundred_agents_and_a_chromium_page() {
     }
 
     let tables = run.tables(CONSOLE_AGENTS, &a);
+    for t in &tables {
+        // Shown when the test fails, or with --no-capture.
+        eprintln!("{}", t.markdown());
+    }
     assert_eq!(tables.len(), 2);
     assert_eq!(
         tables[0].rows.len(),

@@ -597,7 +597,7 @@ impl ConsoleRun {
 pub async fn console(c: &Common, n: usize, a: &ConsoleArgs) -> Result<Vec<Table>, ScenarioError> {
     // Before minutes of ramping: no browser, no measurement.
     Browser::start(&a.chromedriver).await?.close().await;
-    let fd_note = prepare_fds(n + a.consoles + 256)?;
+    let fd_note = prepare_fds(n)?;
     let mut t = Target::start(c.target.clone()).await?;
     let mut fleet = Fleet::new(c.sim(&t), "sim")?;
     let started = Instant::now();

@@ -115,6 +115,18 @@ pub fn parse_rollout_change(data: &str, id: &str) -> Result<RolloutChange, serde
     })
 }
 
+/// A list read in full, and how long that took.
+#[derive(Debug, Clone, Copy)]
+pub struct TimedGet {
+    /// Request sent → last byte of the body.
+    pub elapsed: Duration,
+    /// `X-Total-Count`, when the server sent it (a paged list).
+    pub total: Option<u64>,
+    /// Items in the JSON array.
+    pub items: usize,
+    pub bytes: usize,
+}
+
 #[derive(Clone)]
 pub struct Api {
     base: String,
@@ -303,6 +315,117 @@ impl Api {
                 message: e.to_string(),
             }),
         }))
+    }
+
+    /// Signs in as the console does (`POST /api/v1/session` with the API
+    /// token) and returns the session cookie as `name=value`, for the
+    /// `Cookie` header of later requests.
+    pub async fn sign_in(&self) -> Result<String, ApiError> {
+        let url = format!("{}/api/v1/session", self.base);
+        let token = self.token.clone().unwrap_or_default();
+        let resp = self
+            .http
+            .post(&url)
+            .json(&serde_json::json!({ "token": token }))
+            .send()
+            .await
+            .map_err(|source| ApiError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let cookie = resp
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| cookie::Cookie::parse(v.to_string()).ok())
+            .find(|c| !c.value().is_empty())
+            .map(|c| format!("{}={}", c.name(), c.value()));
+        match cookie {
+            Some(c) if status.is_success() => Ok(c),
+            _ => Err(ApiError::Status {
+                url,
+                status: status.as_u16(),
+                body: resp.text().await.unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// One `GET {path}` with a session cookie, timed from sending the
+    /// request to the last byte of the body.
+    pub async fn timed_get(&self, path: &str, cookie: &str) -> Result<TimedGet, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let t0 = std::time::Instant::now();
+        let resp = self
+            .http
+            .get(&url)
+            .header(reqwest::header::COOKIE, cookie)
+            .send()
+            .await
+            .map_err(|source| ApiError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let total = resp
+            .headers()
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let body = resp.bytes().await.map_err(|source| ApiError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        let elapsed = t0.elapsed();
+        if !status.is_success() {
+            return Err(ApiError::Status {
+                url,
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let items = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body)
+            .map_err(|source| ApiError::Decode { url, source })?
+            .len();
+        Ok(TimedGet {
+            elapsed,
+            total,
+            items,
+            bytes: body.len(),
+        })
+    }
+
+    /// Opens `GET /api/v1/changes{query}` with a session cookie, as a
+    /// console's `EventSource` does; the response body is the stream, read
+    /// by the caller, and lives at most `limit`.
+    pub async fn open_changes(
+        &self,
+        query: &str,
+        cookie: &str,
+        limit: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        let url = format!("{}/api/v1/changes{query}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::COOKIE, cookie)
+            .timeout(limit)
+            .send()
+            .await
+            .map_err(|source| ApiError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(ApiError::Status {
+                url,
+                status: status.as_u16(),
+                body: resp.text().await.unwrap_or_default(),
+            });
+        }
+        Ok(resp)
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>, ApiError> {

@@ -13,19 +13,24 @@
 //! - [`procs`]: /proc sampling (RSS, CPU) and the open-file limit.
 //! - [`api`]: the REST calls the scenarios make.
 //! - [`scenario`]: ramp, steady, rollout, rtt, storm, agent-footprint;
-//!   [`scenario::rollout_request`] the rollout scenario's one-request path.
+//!   [`scenario::rollout_request`] the rollout scenario's one-request path;
+//!   [`scenario::console`] what the web console costs at fleet scale.
+//! - [`sse`]: counting a server-sent-event stream (pure).
+//! - [`browser`]: a real headless Chromium on the console (chromedriver).
 //! - [`latency`]: e2e-latency, `drover deploy/remove --wait` next to raw Docker.
 //! - [`report`]: markdown tables and the `RESULTS.md` record.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod browser;
 pub mod latency;
 pub mod procs;
 pub mod report;
 pub mod runtime;
 pub mod scenario;
 pub mod sim;
+pub mod sse;
 pub mod target;
 
 /// A short suffix unique to this process and call, for app names and

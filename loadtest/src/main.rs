@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use drover_loadtest::report::{Machine, Run};
 use drover_loadtest::runtime::RuntimeConfig;
+use drover_loadtest::scenario::console::ConsoleArgs;
 use drover_loadtest::scenario::{self, Common, FootprintArgs, RolloutPath};
 use drover_loadtest::target::{BrokerKind, TargetConfig};
 use drover_shared::topic::Topics;
@@ -158,6 +159,32 @@ enum Scenario {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// What the web console costs: the orchestrator with no console and
+    /// with several open, the feed each receives, the devices page's first
+    /// response and its first render in a real headless Chromium.
+    Console {
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        agents: usize,
+        /// Subscribers of the console's feed (/api/v1/changes?coalesce=true)
+        /// in the consoles phase, besides the one Chromium page.
+        #[arg(long, default_value_t = 5)]
+        consoles: usize,
+        /// Seconds of each measured phase: baseline, consoles, uncoalesced.
+        #[arg(long, visible_alias = "duration", default_value_t = 60)]
+        duration_secs: u64,
+        /// Sequential requests of the devices page's first page.
+        #[arg(long, default_value_t = 200)]
+        page_requests: usize,
+        /// Rows per page (the console's default).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        page_size: u64,
+        /// Fresh loads of #/devices in Chromium for the first-render time.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        render_runs: u64,
+        /// chromedriver (Debian's chromium-driver), which starts Chromium.
+        #[arg(long, default_value = "chromedriver")]
+        chromedriver: PathBuf,
+    },
     /// `drover deploy/remove --wait` next to `docker run -d` and
     /// `docker stop && docker rm`, real agent on the real Docker daemon.
     E2eLatency {
@@ -200,6 +227,7 @@ impl Scenario {
             Scenario::Rtt { .. } => "rtt",
             Scenario::Storm { .. } => "storm",
             Scenario::AgentFootprint { .. } => "agent-footprint",
+            Scenario::Console { .. } => "console",
             Scenario::E2eLatency { .. } => "e2e-latency",
         }
     }
@@ -342,6 +370,29 @@ async fn run(cli: Cli) -> Result<()> {
                 Duration::from_secs(*timeout_secs),
             )
             .await?
+        }
+        Scenario::Console {
+            agents,
+            consoles,
+            duration_secs,
+            page_requests,
+            page_size,
+            render_runs,
+            chromedriver,
+        } => {
+            if *page_requests == 0 {
+                bail!("--page-requests must be at least 1");
+            }
+            let a = ConsoleArgs {
+                consoles: *consoles,
+                duration: Duration::from_secs(*duration_secs),
+                warmup: Duration::from_secs(2),
+                page_requests: *page_requests,
+                page_size: usize::try_from(*page_size)?,
+                render_runs: usize::try_from(*render_runs)?,
+                chromedriver: chromedriver.clone(),
+            };
+            scenario::console::console(&c, *agents, &a).await?
         }
         Scenario::E2eLatency {
             agent_bin,

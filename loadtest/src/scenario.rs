@@ -16,6 +16,7 @@ use crate::runtime::RuntimeConfig;
 use crate::sim::{Fleet, SimConfig, SimError};
 use crate::target::{BrokerKind, Target, TargetConfig, TargetError};
 
+pub mod console;
 pub mod rollout_request;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum ScenarioError {
     Api(#[from] ApiError),
     #[error(transparent)]
     Proc(#[from] ProcError),
+    #[error(transparent)]
+    Browser(#[from] crate::browser::BrowserError),
     #[error("{0}")]
     Failed(String),
 }

@@ -590,13 +590,10 @@ impl Engine {
             let driven = self.drive(&id, fx, now);
             self.commit_driven(&id, driven, None, None).await;
         }
-        for id in std::mem::take(&mut self.rollouts.unannounced) {
-            if let Some(view) = self.rollouts.get(&id) {
-                self.emit(Change::Rollout {
-                    rollout: Box::new(view),
-                });
-            }
-        }
+        let unannounced: Vec<String> = std::mem::take(&mut self.rollouts.unannounced)
+            .into_iter()
+            .collect();
+        self.announce_rollouts(&unannounced);
         let due = self
             .rollouts
             .last_flush

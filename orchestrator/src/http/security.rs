@@ -44,6 +44,14 @@ fn session_cookie(api: &ApiState, value: &str, max_age_secs: i64) -> axum::http:
         .expect("a cookie of token characters is a valid header value")
 }
 
+/// The name and role a session shows for an actor.
+fn who(actor: &crate::core::command::Actor) -> (String, contract::Role) {
+    match actor {
+        crate::core::command::Actor::ApiToken { name, role } => (name.clone(), *role),
+        other => (other.name(), contract::Role::Viewer),
+    }
+}
+
 /// Signs in to the console with an API token: sets an `HttpOnly`,
 /// `SameSite=Strict` session cookie (`Secure` under HTTPS) that stands for
 /// the token's name and role until it expires (12 hours), is signed out, or
@@ -91,10 +99,7 @@ async fn sign_in(State(api): State<ApiState>, body: Bytes) -> ApiResult<Response
                     "signed in to the console".into(),
                 )
                 .await;
-            let (name, role) = match &actor {
-                crate::core::command::Actor::ApiToken { name, role } => (name.clone(), *role),
-                other => (other.name(), contract::Role::Viewer),
-            };
+            let (name, role) = who(&actor);
             let ttl = (rec.expires_at_ms.saturating_sub(rec.created_at_ms) / 1000) as i64;
             let mut resp = (
                 StatusCode::CREATED,
@@ -154,10 +159,7 @@ async fn show_session(
     ctx: Ctx,
     credential: Option<axum::Extension<super::auth::Credential>>,
 ) -> ApiResult<impl IntoResponse> {
-    let (name, role) = match &ctx.actor {
-        crate::core::command::Actor::ApiToken { name, role } => (name.clone(), *role),
-        other => (other.name(), contract::Role::Viewer),
-    };
+    let (name, role) = who(&ctx.actor);
     let session = match credential.map(|c| c.0) {
         Some(super::auth::Credential::Session(s)) => Some(s),
         _ => None,

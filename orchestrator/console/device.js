@@ -395,16 +395,24 @@ export const device = {
         appendLogs(lines, logContainer.value ? null : b.container);
       }
     }
-    const logStream = new EventSource(`/api/v1/changes${qs({ device: id, kinds: 'logs' })}`);
+    function onTelemetry(t) {
+      if (!samples.length || t.at_ms > samples[samples.length - 1].at_ms) samples.push(sampleOf(t));
+      drawContainerMetrics(t);
+      redrawCharts();
+    }
+    // This device's log lines and telemetry: the console's fleet-wide feed
+    // carries neither (see live.start in app.js).
+    const logStream = new EventSource(`/api/v1/changes${qs({ device: id, kinds: 'logs,telemetry' })}`);
     let logStreamDown = false;
     logStream.onmessage = (m) => {
       const c = JSON.parse(m.data);
       if (c.kind === 'logs') onLogs(c);
-      else if (c.kind === 'lagged') loadLogs();
+      else if (c.kind === 'telemetry') onTelemetry(c.telemetry);
+      else if (c.kind === 'lagged') { loadLogs(); loadTelemetry(); }
     };
     logStream.onerror = () => { logStreamDown = true; };
     logStream.onopen = () => {
-      if (logStreamDown) loadLogs();
+      if (logStreamDown) { loadLogs(); loadTelemetry(); }
       logStreamDown = false;
     };
     logContainer.addEventListener('change', loadLogs);
@@ -435,11 +443,6 @@ export const device = {
             case 'state':
             case 'inventory':
               reload();
-              break;
-            case 'telemetry':
-              if (!samples.length || c.telemetry.at_ms > samples[samples.length - 1].at_ms) samples.push(sampleOf(c.telemetry));
-              drawContainerMetrics(c.telemetry);
-              redrawCharts();
               break;
             case 'operation':
               upsertOp(c.operation);

@@ -297,11 +297,17 @@ pub async fn start(
         config.device_timeout,
     )?;
     let history_writer = history.start(engine.subscribe(), metrics.clone());
+    // Topics outside the device tree that automation and rules ask for,
+    // and where the link hands what arrives on them.
+    let subscriptions = crate::link::Subscriptions::new(client.clone());
+    let (inbox, _) = tokio::sync::broadcast::channel(crate::link::INBOX);
     let link_task = tokio::spawn(crate::link::drive(
         client.clone(),
         eventloop,
         link,
         events_tx,
+        subscriptions.clone(),
+        inbox.clone(),
         metrics.clone(),
     ));
     let commands = Commands::new(engine.clone(), identities.clone(), access, metrics, store);

@@ -10,7 +10,8 @@
 //!    form and opens `#/devices`; navigation → first device row rendered,
 //!    measured in the page;
 //! 4. **consoles**: `--consoles` subscribers of the console's feed
-//!    (`/api/v1/changes?coalesce=true`, plain HTTP clients reading the
+//!    (`/api/v1/changes` + `drover::http::console::FEED`: coalesced, no
+//!    logs or telemetry; plain HTTP clients reading the
 //!    stream as an `EventSource` does, each with a session of its own)
 //!    plus the Chromium page left open on `#/devices`; the events each
 //!    receives, and the orchestrator's CPU and RSS;
@@ -294,7 +295,7 @@ pub async fn measure(
         let limit = a.warmup + a.duration + Duration::from_secs(120);
         let mut readers = Vec::with_capacity(a.consoles);
         for _ in 0..a.consoles {
-            readers.push(Reader::open(api, "?coalesce=true", limit).await?);
+            readers.push(Reader::open(api, drover::http::console::FEED, limit).await?);
         }
         tokio::time::sleep(a.warmup).await;
         let before: Vec<Tally> = readers.iter().map(Reader::tally).collect();
@@ -440,8 +441,9 @@ impl ConsoleRun {
         cost.row(vec![
             "consoles".into(),
             format!(
-                "{} × /api/v1/changes?coalesce=true + 1 Chromium on #/devices",
-                a.consoles
+                "{} × /api/v1/changes{} + 1 Chromium on #/devices",
+                a.consoles,
+                drover::http::console::FEED
             ),
             cpu(&self.consoles),
             rss(&self.consoles),

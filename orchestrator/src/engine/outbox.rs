@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
-use rumqttc::AsyncClient;
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -24,7 +24,10 @@ const OUTBOX: usize = 100_000;
 
 struct Message {
     topic: String,
-    kind: TopicKind,
+    /// What it is, for the log: a device topic's kind, or "json".
+    what: &'static str,
+    qos: QoS,
+    retain: bool,
     payload: Vec<u8>,
 }
 
@@ -49,7 +52,7 @@ impl Outbox {
         let task = tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 match client
-                    .publish(msg.topic, qos(msg.kind), msg.kind.retained(), msg.payload)
+                    .publish(msg.topic, msg.qos, msg.retain, msg.payload)
                     .await
                 {
                     Ok(()) => {
@@ -57,7 +60,7 @@ impl Outbox {
                     }
                     Err(e) => {
                         m.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(kind = %msg.kind, error = %e, "publish failed; the device gets it on resync");
+                        warn!(what = msg.what, error = %e, "publish failed; the device gets it on resync");
                     }
                 }
             }
@@ -84,7 +87,9 @@ impl Outbox {
         }
         let msg = Message {
             topic,
-            kind,
+            what: kind.as_str(),
+            qos: qos(kind),
+            retain: kind.retained(),
             payload,
         };
         match self.tx.try_send(msg) {
@@ -94,6 +99,32 @@ impl Outbox {
                     .mqtt_publish_failed
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(device = %device, %kind, error = %e, "publish not queued; the device will get it on resync");
+                false
+            }
+        }
+    }
+
+    /// Queues a publish on any topic (the JSON automation tree, a rule's
+    /// message): same queue, same size check and drop policy as a device's.
+    /// The caller chose the topic; `shared::topic` formats Drover's own.
+    pub fn publish_raw(&self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool) -> bool {
+        if !admit(&topic, qos, &payload, &self.metrics, &self.oversize) {
+            return false;
+        }
+        let msg = Message {
+            topic,
+            what: "json",
+            qos,
+            retain,
+            payload,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics
+                    .mqtt_publish_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "publish not queued (outbox full or closed)");
                 false
             }
         }

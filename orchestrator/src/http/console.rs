@@ -29,6 +29,13 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
      img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; \
      form-action 'self'; frame-ancestors 'none'";
 
+/// The query of the console's fleet-wide feed on `/api/v1/changes`, as
+/// `app.js` opens it (a unit test holds the two together; the load test
+/// subscribes with it). No `logs` and no `telemetry`: at 10,000 devices
+/// those are ~1,000 changes a second that no page needs fleet-wide; the
+/// device page follows its own device's on `?device=ID&kinds=logs,telemetry`.
+pub const FEED: &str = "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout";
+
 /// One embedded file.
 struct Asset {
     name: &'static str,
@@ -159,6 +166,22 @@ mod tests {
             .collect();
         let embedded: BTreeSet<String> = ASSETS.iter().map(|a| a.name.to_string()).collect();
         assert_eq!(on_disk, embedded);
+    }
+
+    #[test]
+    fn the_console_opens_the_feed_the_load_test_measures() {
+        let app = ASSETS.iter().find(|a| a.name == "app.js").expect("app.js");
+        let text = std::str::from_utf8(app.body).expect("utf-8");
+        assert!(
+            text.contains(&format!("'/api/v1/changes{FEED}'")),
+            "app.js does not open /api/v1/changes{FEED}"
+        );
+        for kind in FEED.split("kinds=").nth(1).expect("kinds").split(',') {
+            assert!(
+                crate::contract::Change::parse_kinds(kind).is_ok(),
+                "{kind} is not a change kind"
+            );
+        }
     }
 
     /// A module that imports a file the binary does not serve would fail

@@ -2,7 +2,7 @@
 //! against the embedded broker and any external one. It turns incoming
 //! publishes into [`Event`]s and hands them to the service loop.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use drover_shared::payload::EnrollRequest;
 use drover_shared::topic::{TopicKind, Topics};
 use drover_shared::DeviceId;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -37,6 +37,81 @@ pub enum Event {
         id: DeviceId,
         request: EnrollRequest,
     },
+}
+
+/// A publish on a topic outside the device tree, which the link receives
+/// because something asked for it through [`Subscriptions`] (automation
+/// requests, rules' MQTT triggers).
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub retain: bool,
+}
+
+/// Where the link hands [`Inbound`] messages: a bounded broadcast channel,
+/// so a slow reader loses messages (and learns how many), never slows the
+/// link. Readers call `subscribe()`.
+pub type Inbox = broadcast::Sender<Arc<Inbound>>;
+
+/// Inbound messages kept for a slow reader before it lags.
+pub const INBOX: usize = 4096;
+
+/// Topic filters outside the device tree the link subscribes to, on top of
+/// the device topics: kept here so every (re)connect subscribes them again.
+/// Cheap to clone; all clones share one set.
+#[derive(Clone)]
+pub struct Subscriptions {
+    filters: Arc<Mutex<BTreeSet<String>>>,
+    client: AsyncClient,
+}
+
+impl Subscriptions {
+    pub fn new(client: AsyncClient) -> Subscriptions {
+        Subscriptions {
+            filters: Arc::default(),
+            client,
+        }
+    }
+
+    /// Adds `filter` (QoS 1); subscribes now unless it was there already.
+    /// While disconnected, rumqttc queues the request; the next ConnAck
+    /// subscribes every filter again anyway.
+    pub async fn add(&self, filter: &str) {
+        let new = self
+            .filters
+            .lock()
+            .expect("subscriptions lock")
+            .insert(filter.to_string());
+        if new {
+            if let Err(e) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                warn!(%filter, error = %e, "subscribe failed; retried on reconnect");
+            }
+        }
+    }
+
+    /// Removes `filter` and unsubscribes, if it was there.
+    pub async fn remove(&self, filter: &str) {
+        let had = self
+            .filters
+            .lock()
+            .expect("subscriptions lock")
+            .remove(filter);
+        if had {
+            if let Err(e) = self.client.unsubscribe(filter).await {
+                warn!(%filter, error = %e, "unsubscribe failed");
+            }
+        }
+    }
+
+    pub fn filters(&self) -> Vec<String> {
+        self.filters
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +265,8 @@ pub async fn drive(
     mut eventloop: EventLoop,
     cfg: LinkConfig,
     events: mpsc::Sender<Event>,
+    extra: Subscriptions,
+    inbox: Inbox,
     metrics: Arc<Metrics>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -208,6 +285,11 @@ pub async fn drive(
                         warn!(error = %e, "subscribe failed");
                     }
                 }
+                for filter in extra.filters() {
+                    if let Err(e) = client.subscribe(&filter, QoS::AtLeastOnce).await {
+                        warn!(%filter, error = %e, "subscribe failed");
+                    }
+                }
                 if events.send(Event::Connected).await.is_err() {
                     return;
                 }
@@ -215,8 +297,17 @@ pub async fn drive(
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
                 let Some((id, kind)) = cfg.topics.parse(&p.topic) else {
-                    metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
-                    debug!(topic = ?p.topic, "ignoring publish on a foreign topic");
+                    if inbox.receiver_count() > 0 {
+                        // Asked for through `Subscriptions`; readers judge it.
+                        let _ = inbox.send(Arc::new(Inbound {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            retain: p.retain,
+                        }));
+                    } else {
+                        metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                        debug!(topic = ?p.topic, "ignoring publish on a foreign topic");
+                    }
                     continue;
                 };
                 if kind == TopicKind::Enroll {

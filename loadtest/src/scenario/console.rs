@@ -10,7 +10,7 @@
 //!    form and opens `#/devices`; navigation → first device row rendered,
 //!    measured in the page;
 //! 4. **consoles**: `--consoles` subscribers of the console's feed
-//!    (`/api/v1/changes` + `drover::http::console::FEED`: coalesced, no
+//!    (`/api/v1/changes` + [`CONSOLE_FEED`]: coalesced, no
 //!    logs or telemetry; plain HTTP clients reading the
 //!    stream as an `EventSource` does, each with a session of its own)
 //!    plus the Chromium page left open on `#/devices`; the events each
@@ -35,6 +35,13 @@ use crate::report::{kib, mib, ms, percentile, Table};
 use crate::sim::Fleet;
 use crate::sse::{SseCounter, Tally};
 use crate::target::Target;
+
+/// The query of the console's fleet-wide feed, as the console opens it
+/// (`drover::http::console::FEED`; the load test talks to the orchestrator
+/// as an outside client and so keeps its own copy, which a unit test holds
+/// equal).
+pub const CONSOLE_FEED: &str =
+    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout";
 
 /// What the console scenario does, besides the fleet.
 #[derive(Debug, Clone)]
@@ -295,7 +302,7 @@ pub async fn measure(
         let limit = a.warmup + a.duration + Duration::from_secs(120);
         let mut readers = Vec::with_capacity(a.consoles);
         for _ in 0..a.consoles {
-            readers.push(Reader::open(api, drover::http::console::FEED, limit).await?);
+            readers.push(Reader::open(api, CONSOLE_FEED, limit).await?);
         }
         tokio::time::sleep(a.warmup).await;
         let before: Vec<Tally> = readers.iter().map(Reader::tally).collect();
@@ -442,8 +449,7 @@ impl ConsoleRun {
             "consoles".into(),
             format!(
                 "{} × /api/v1/changes{} + 1 Chromium on #/devices",
-                a.consoles,
-                drover::http::console::FEED
+                a.consoles, CONSOLE_FEED
             ),
             cpu(&self.consoles),
             rss(&self.consoles),
@@ -686,5 +692,13 @@ mod tests {
             "telemetry 50.0/s, app 1.0/s, device 1.0/s"
         );
         assert_eq!(kinds_per_sec(&Tally::default(), Duration::from_secs(1)), "");
+    }
+}
+
+#[cfg(test)]
+mod feed_tests {
+    #[test]
+    fn the_load_test_subscribes_as_the_console_does() {
+        assert_eq!(super::CONSOLE_FEED, drover::http::console::FEED);
     }
 }

@@ -472,7 +472,7 @@ impl ConsoleRun {
         let (pe, pk) = per_sec(page);
         cost.row(vec![
             "consoles: the Chromium page".into(),
-            "its EventSource (coalesce=true), counted in the page".into(),
+            "its EventSource (the console's feed), counted in the page".into(),
             "(same phase)".into(),
             "(same phase)".into(),
             pe,
@@ -501,7 +501,7 @@ impl ConsoleRun {
             a.duration.as_secs(),
             a.warmup.as_secs()
         ));
-        cost.note("the consoles are plain HTTP clients reading /api/v1/changes?coalesce=true as the console's EventSource does, each signed in with a session of its own (POST /api/v1/session, then the cookie); they do not render or re-read pages. The Chromium page is the real console on #/devices, which also re-reads its page of devices when one changes state (at most every 2 s)");
+        cost.note(format!("the consoles are plain HTTP clients reading /api/v1/changes{CONSOLE_FEED} as the console's EventSource does, each signed in with a session of its own (POST /api/v1/session, then the cookie); they do not render or re-read pages. The Chromium page is the real console on #/devices, which also re-reads its page of devices when one changes state (at most every 2 s) and every 10 s for its CPU and memory cells"));
         cost.note("KiB/s: bytes of the response body (SSE framing and keep-alives included); for the Chromium page, characters of the events' data (ASCII JSON: bytes, without the framing). CPU: percent of one core (200 % = both cores of a 2-core machine), sampled every 250 ms; RSS: first and last sample of the phase");
         cost.note(format!(
             "the Chromium page's live indicator at the end: {}; EventSources it opened: {}",

@@ -212,14 +212,15 @@ async fn run_device(
         // Only a generation that was fully applied before the restart has
         // containers that may be treated as settled; one cut short is simply
         // finished by the first pass.
-        let applied = store.load_applied() == Some(s.generation);
+        let applied_before = store.load_applied();
+        let applied = applied_before == Some(s.generation);
         if !applied {
             info!(
                 generation = s.generation,
                 "stored desired state was not fully applied before the restart; finishing it"
             );
         }
-        reconciler = reconciler.restoring(s, applied);
+        reconciler = reconciler.restoring(s, applied, applied_before.unwrap_or(0));
     }
     // Reconciling starts at once from the stored state, broker or not.
     let (desired_tx, desired_rx) = watch::channel(stored.map(Arc::new));

@@ -89,6 +89,12 @@ pub enum Step {
         container: Name,
         id: String,
     },
+    /// `docker restart`: the same container, new processes.
+    Restart {
+        app: Name,
+        container: Name,
+        id: String,
+    },
     /// Creates the app's own network, before its containers.
     CreateNetwork { app: Name },
     /// Removes an app network no desired app wants (or a duplicate of
@@ -106,7 +112,8 @@ impl Step {
             | Step::Stop { app, container, .. }
             | Step::Remove { app, container, .. }
             | Step::Pause { app, container, .. }
-            | Step::Unpause { app, container, .. } => (app, container),
+            | Step::Unpause { app, container, .. }
+            | Step::Restart { app, container, .. } => (app, container),
             Step::Create { app, spec, .. } => (app, &spec.name),
             Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => return None,
         })
@@ -121,6 +128,7 @@ impl Step {
             | Step::Remove { app, .. }
             | Step::Pause { app, .. }
             | Step::Unpause { app, .. }
+            | Step::Restart { app, .. }
             | Step::CreateNetwork { app }
             | Step::RemoveNetwork { app, .. } => app,
         }
@@ -143,6 +151,7 @@ impl Step {
             Step::Remove { .. } => format!("removed {app}/{container}"),
             Step::Pause { .. } => format!("paused {app}/{container}"),
             Step::Unpause { .. } => format!("unpaused {app}/{container}"),
+            Step::Restart { .. } => format!("restarted {app}/{container}"),
             Step::CreateNetwork { .. } | Step::RemoveNetwork { .. } => String::new(),
         }
     }
@@ -156,6 +165,7 @@ impl Step {
             Step::Remove { .. } => "removing",
             Step::Pause { .. } => "pausing",
             Step::Unpause { .. } => "unpausing",
+            Step::Restart { .. } => "restarting",
             Step::CreateNetwork { .. } => "creating network",
             Step::RemoveNetwork { .. } => "removing network",
         }
@@ -167,6 +177,31 @@ impl Step {
 /// from a settled state is drift; one that is not settled yet is still being
 /// brought about (a deploy, a start) and the operator's intent wins.
 pub type Settled = HashMap<(Name, Name), (String, RunState, u64)>;
+
+/// The restart requests ([`DesiredApp::restarted_at`]) the agent has carried
+/// out: per (app, container) the value it last did, and below that for
+/// every container `floor`, a generation the agent fully applied before it
+/// restarted (every restart at or below it was done then). A container of
+/// a running app whose desired value is above what this says is restarted.
+///
+/// [`DesiredApp::restarted_at`]: drover_shared::model::DesiredApp::restarted_at
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restarted {
+    pub done: HashMap<(Name, Name), u64>,
+    pub floor: u64,
+}
+
+impl Restarted {
+    /// Whether the restart requested at `wanted` is still to be done.
+    pub fn due(&self, app: &Name, container: &Name, wanted: u64) -> bool {
+        let done = self
+            .done
+            .get(&(app.clone(), container.clone()))
+            .copied()
+            .unwrap_or(self.floor);
+        wanted > done
+    }
+}
 
 /// Drift the planner found and repairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,7 +362,14 @@ pub fn plan(
     actual: &[ManagedContainer],
     networks: &[ManagedNetwork],
 ) -> Vec<Step> {
-    plan_with(desired, actual, networks, &Settled::new()).steps
+    plan_with(
+        desired,
+        actual,
+        networks,
+        &Settled::new(),
+        &Restarted::default(),
+    )
+    .steps
 }
 
 /// The steps that take `actual` to `desired`; empty when converged.
@@ -358,11 +400,17 @@ pub fn plan(
 /// `start_order()`; a container of a running app whose dependency is not
 /// running, or not healthy where it has a health check, is created but not
 /// started and listed in `blocked`; a later pass starts it.
+///
+/// Restarts: a kept container of a running app with a restart due
+/// ([`Restarted::due`]) is restarted in start order with the other starts
+/// (a paused one unpaused first, an exited one started, as `docker
+/// restart` does); one created this pass needs none.
 pub fn plan_with(
     desired: &DesiredState,
     actual: &[ManagedContainer],
     networks: &[ManagedNetwork],
     settled: &Settled,
+    restarted: &Restarted,
 ) -> Plan {
     let mut pulls = Vec::new();
     let mut net_creates = Vec::new();
@@ -497,7 +545,32 @@ pub fn plan_with(
                 container: spec.name.clone(),
                 drift,
             };
+            let restart_due = restarted.due(app_name, &spec.name, app.restarted_at);
             match (keep, app.run) {
+                (Some(k), RunState::Running) if restart_due && k.state != "removing" => {
+                    let restart = Step::Restart {
+                        app: app_name.clone(),
+                        container: spec.name.clone(),
+                        id: k.id.clone(),
+                    };
+                    match k.state.as_str() {
+                        "running" | "restarting" => starts.push(restart),
+                        "paused" => {
+                            starts.push(Step::Unpause {
+                                app: app_name.clone(),
+                                container: spec.name.clone(),
+                                id: k.id.clone(),
+                            });
+                            starts.push(restart);
+                        }
+                        _ if waits_for.is_some() => blocked.extend(waits_for),
+                        _ => starts.push(Step::Start {
+                            app: app_name.clone(),
+                            container: spec.name.clone(),
+                            id: Some(k.id.clone()),
+                        }),
+                    }
+                }
                 (None, run) => {
                     pulls.push(Step::Pull {
                         app: app_name.clone(),
@@ -883,6 +956,7 @@ struct Memory {
     /// between pulling and failed every interval.
     finished: u64,
     settled: Settled,
+    restarted: Restarted,
     /// Pull retries by image, for `retries_generation` only.
     retries: HashMap<String, Retry>,
     retries_generation: u64,
@@ -967,10 +1041,18 @@ impl<R: Runtime> Reconciler<R> {
     /// fully applied before the agent stopped (`applied`), its containers
     /// count as settled, so restart policies hold across an agent restart;
     /// otherwise missing containers are simply created, not called drift.
-    pub fn restoring(self, stored: &DesiredState, applied: bool) -> Self {
+    ///
+    /// `applied_before`: the generation last recorded as fully applied
+    /// (the stored one when `applied`): restarts at or below it were done.
+    pub fn restoring(self, stored: &DesiredState, applied: bool, applied_before: u64) -> Self {
         {
             let mut m = self.mem();
             m.restoring = Some(stored.generation);
+            m.restarted.floor = if applied {
+                stored.generation
+            } else {
+                applied_before.min(stored.generation)
+            };
             if !applied {
                 drop(m);
                 return self;
@@ -1117,13 +1199,16 @@ impl<R: Runtime> Reconciler<R> {
             return Ok(None);
         }
         let networks = self.runtime.list_networks().await?;
-        let settled = self.mem().settled.clone();
+        let (settled, restarted) = {
+            let m = self.mem();
+            (m.settled.clone(), m.restarted.clone())
+        };
         let Plan {
             steps,
             repairs,
             left_exited,
             blocked,
-        } = plan_with(desired, &actual, &networks, &settled);
+        } = plan_with(desired, &actual, &networks, &settled, &restarted);
         self.report_exits(&left_exited).await;
         if blocked.is_empty() {
             self.mem().waits.clear();
@@ -1361,18 +1446,26 @@ impl<R: Runtime> Reconciler<R> {
 
     /// Remembers what this pass brought about; containers whose steps failed
     /// are not settled, so the operator's intent still applies to them.
+    /// Restarts count as done for every container that did not fail,
+    /// whether restarted, created or started this pass; a failed one keeps
+    /// its older mark and is restarted again by a later pass.
     fn settle(&self, desired: &DesiredState, failed: &HashSet<(Name, Name)>) {
         let mut m = self.mem();
         let mut now = Settled::new();
+        let mut restarted = HashMap::new();
         for app in &desired.apps {
             for spec in &app.spec.containers {
                 let key = (app.spec.name.clone(), spec.name.clone());
                 if !failed.contains(&key) {
+                    restarted.insert(key.clone(), app.restarted_at);
                     now.insert(key, (spec.fingerprint(), app.run, app.started_at));
+                } else if let Some(done) = m.restarted.done.get(&key) {
+                    restarted.insert(key, *done);
                 }
             }
         }
         m.settled = now;
+        m.restarted.done = restarted;
     }
 
     /// Whether `generation` is the stored state the agent started with and
@@ -1566,6 +1659,11 @@ impl<R: Runtime> Reconciler<R> {
             Step::Unpause { app, container, id } => {
                 self.runtime.unpause(id).await?;
                 info!(%app, %container, "unpaused");
+                Ok(())
+            }
+            Step::Restart { app, container, id } => {
+                self.runtime.restart(id).await?;
+                info!(%app, %container, "restarted");
                 Ok(())
             }
         }

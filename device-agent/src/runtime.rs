@@ -17,7 +17,7 @@ use bollard::models::{
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
     ListImagesOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use drover_shared::model::{
@@ -272,6 +272,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn pause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn unpause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Stops (with the same grace as `stop`) and starts the container again.
+    fn restart(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Free space where images are stored; `None` when it cannot be told
     /// (the pull then goes ahead unchecked).
@@ -757,6 +759,14 @@ impl Runtime for DockerRuntime {
             }) => Ok(()),
             r => self.check(r).await,
         }
+    }
+
+    async fn restart(&self, id: &str) -> Result<(), RuntimeError> {
+        let d = self.client().await?;
+        let opts = RestartContainerOptionsBuilder::new()
+            .t(STOP_TIMEOUT_S)
+            .build();
+        self.check(d.restart_container(id, Some(opts)).await).await
     }
 
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {

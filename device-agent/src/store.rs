@@ -194,6 +194,7 @@ mod tests {
                 run: RunState::Running,
                 started_at: 1,
                 release: 0,
+                restarted_at: 0,
             }],
         }
     }

@@ -374,6 +374,7 @@ mod tests {
                 run,
                 started_at: 1,
                 release,
+                restarted_at: 0,
             }],
         }
     }

@@ -23,7 +23,7 @@
 //               (cells [data-test=status|cpu|memory]), #device-prev, #device-next
 //   device:     [data-test=device-status], [data-test=inventory], [data-test=labels],
 //               #label-form, tr[data-test=app-row][data-app=<name>] with
-//               button[data-action=start|stop|pause|unpause|remove|redeploy|override]
+//               button[data-action=start|stop|restart|pause|unpause|remove|redeploy|override]
 //               ([data-test=container][data-container=<name>] inside),
 //               #deploy-form, #deploy-app, #deploy-submit, [data-test=op-result] (data-status),
 //               [data-test=chart-cpu|chart-memory|chart-disk], #chart-range,

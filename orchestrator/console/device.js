@@ -13,7 +13,7 @@ const MAX_LOG_LINES = 2000;
 
 /** The actions that make sense for an app in run state `run`. */
 function actionsFor(run) {
-  if (run === 'running') return ['stop', 'pause', 'remove'];
+  if (run === 'running') return ['stop', 'restart', 'pause', 'remove'];
   if (run === 'paused') return ['unpause', 'stop', 'remove'];
   return ['start', 'remove'];
 }

@@ -1,4 +1,4 @@
-// Operations: every deploy, start, stop, pause, unpause and remove, newest
+// Operations: every deploy, start, stop, restart, pause, unpause and remove, newest
 // first, with their outcome; live as they move on.
 
 import { get, enc, qs } from './api.js';

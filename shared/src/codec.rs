@@ -167,6 +167,7 @@ mod tests {
                 run: RunState::Paused,
                 started_at: 7,
                 release: 4,
+                restarted_at: 6,
             }],
         };
         round_trip(Command {

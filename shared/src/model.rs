@@ -1119,6 +1119,15 @@ pub struct DesiredApp {
     /// The agent reports it back in [`AppStatus::release`].
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub release: u64,
+    /// The generation of the last restart request for this app (0: none).
+    /// The agent restarts the app's containers when this is above the mark
+    /// it last carried out. A generation rather than a count because
+    /// generations only grow on a device: a count would start again at 0
+    /// after a remove and a redeploy, and an agent that missed those could
+    /// not tell a new restart from an old one. Not encoded when 0, so older
+    /// agents and stored states decode it as before.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub restarted_at: u64,
 }
 
 fn is_zero_u64(n: &u64) -> bool {
@@ -1786,6 +1795,7 @@ mod tests {
                 run: RunState::Running,
                 started_at: u64::MAX,
                 release: u64::MAX,
+                restarted_at: u64::MAX,
             }],
         };
         let cmd = crate::payload::Command {
@@ -1977,6 +1987,43 @@ mod tests {
             assert_eq!(e.field, field, "{bad}");
             assert!(e.message.contains(says), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn restarted_at_is_left_out_at_zero_and_absent_decodes_as_zero() {
+        let app = DesiredApp {
+            spec: spec("busybox:1"),
+            run: RunState::Running,
+            started_at: 3,
+            release: 0,
+            restarted_at: 0,
+        };
+        let cbor = |a: &DesiredApp| {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(a, &mut bytes).expect("encodes");
+            bytes
+        };
+        let bytes = cbor(&app);
+        let v: ciborium::Value = ciborium::from_reader(&bytes[..]).expect("decodes");
+        let keys: Vec<String> = v
+            .as_map()
+            .expect("a map")
+            .iter()
+            .filter_map(|(k, _)| k.as_text().map(str::to_string))
+            .collect();
+        assert_eq!(
+            keys,
+            ["spec", "run", "started_at"],
+            "what an older agent reads"
+        );
+        let back: DesiredApp = ciborium::from_reader(&bytes[..]).expect("decodes");
+        assert_eq!(back.restarted_at, 0);
+        let restarted = DesiredApp {
+            restarted_at: 9,
+            ..app
+        };
+        let back: DesiredApp = ciborium::from_reader(&cbor(&restarted)[..]).expect("decodes");
+        assert_eq!(back.restarted_at, 9);
     }
 
     #[test]

@@ -216,6 +216,9 @@ pub enum Op {
     Pause,
     /// Thaw a paused app.
     Unpause,
+    /// Restart the app's running containers (`docker restart`), keeping
+    /// them: carried as [`crate::model::DesiredApp::restarted_at`].
+    Restart,
 }
 
 impl Op {
@@ -227,6 +230,7 @@ impl Op {
             Op::Remove => "remove",
             Op::Pause => "pause",
             Op::Unpause => "unpause",
+            Op::Restart => "restart",
         }
     }
 }

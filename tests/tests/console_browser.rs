@@ -131,6 +131,28 @@ async fn an_operator_runs_the_fleet_from_the_console() {
     .await;
     b.screenshot("device").await;
 
+    // Restart from the app's row: the same container, a new process.
+    let started =
+        |c: bollard::models::ContainerInspectResponse| (c.id, c.state.and_then(|s| s.started_at));
+    let (id, at) = started(
+        docker
+            .inspect_container(&container, None::<InspectContainerOptions>)
+            .await
+            .expect("inspect"),
+    );
+    click(&b, &format!("{app_row} button[data-action=restart]")).await;
+    let restarted = wait_for(DOCKER, "the container is restarted", || async {
+        let c = docker
+            .inspect_container(&container, None::<InspectContainerOptions>)
+            .await
+            .ok()?;
+        let runs = c.state.as_ref().and_then(|s| s.running) == Some(true);
+        let (id2, at2) = started(c);
+        (runs && at2 != at).then_some(id2)
+    })
+    .await;
+    assert_eq!(restarted, id, "the same container");
+
     // Stop, then remove, from the app's row.
     click(&b, &format!("{app_row} button[data-action=stop]")).await;
     wait_for(DOCKER, "the container stops", || async {

@@ -264,6 +264,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                             run: RunState::Running,
                             started_at: 3,
                             release: 0,
+                            restarted_at: 0,
                         }],
                     },
                     placement: Default::default(),

@@ -33,7 +33,7 @@ fn plan(d: &DesiredState, a: &[ManagedContainer]) -> Vec<Step> {
 
 /// [`super::plan_with`] with every network an app wants in place.
 fn plan_with(d: &DesiredState, a: &[ManagedContainer], settled: &Settled) -> Plan {
-    super::plan_with(d, a, &nets_for(d), settled)
+    super::plan_with(d, a, &nets_for(d), settled, &Restarted::default())
 }
 
 fn name(s: &str) -> Name {
@@ -71,6 +71,7 @@ fn app(name_: &str, run: RunState, containers: Vec<ContainerSpec>) -> DesiredApp
         run,
         started_at: 1,
         release: 0,
+        restarted_at: 0,
     }
 }
 
@@ -524,6 +525,10 @@ impl Runtime for FakeRuntime {
     }
     async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
         self.log(format!("unpause {id}"));
+        self.set_state(id, "running")
+    }
+    async fn restart(&self, id: &str) -> Result<(), RuntimeError> {
+        self.log(format!("restart {id}"));
         self.set_state(id, "running")
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -1014,7 +1019,7 @@ async fn restoring_reports_restored_from_local_state_once() {
             vec![spec("main", "reg/web:1")],
         )],
     );
-    let r = r.restoring(&d, true);
+    let r = r.restoring(&d, true, d.generation);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     r.pass(&d, &newer).await.expect("runs");
@@ -1050,7 +1055,7 @@ async fn restoring_a_generation_never_applied_reports_no_drift() {
             vec![spec("main", "reg/web:1")],
         )],
     );
-    let r = r.restoring(&d, false);
+    let r = r.restoring(&d, false, 0);
     let (_tx, newer) = watch::channel(None);
     r.pass(&d, &newer).await.expect("runs");
     let events = drain_events(&mut events);
@@ -1110,7 +1115,7 @@ async fn a_stored_state_older_than_what_runs_is_not_restored() {
             vec![spec("main", "reg/web:1")],
         )],
     );
-    let r = r.restoring(&stored, false);
+    let r = r.restoring(&stored, false, 0);
     let (_tx, newer) = watch::channel(None);
     for _ in 0..2 {
         assert_eq!(
@@ -2395,4 +2400,226 @@ async fn the_previous_release_image_is_kept_until_the_new_one_is_healthy() {
     r.cleanup_images(&v2, &report.apps).await;
     assert_eq!(rmi(&rt), vec!["rmi reg/web:1"]);
     drain_events(&mut events);
+}
+
+/// An app whose `api` waits for `db`, restart requested at generation 5.
+fn restarting_pair() -> (DesiredState, ContainerSpec, ContainerSpec) {
+    let db = spec("db", "reg/db:1");
+    let mut api = spec("api", "reg/api:1");
+    api.depends_on = vec![name("db")];
+    // Listed dependent first: the plan must follow start order, not the list.
+    let mut a = app("web", RunState::Running, vec![api.clone(), db.clone()]);
+    a.restarted_at = 5;
+    (desired(5, vec![a]), db, api)
+}
+
+fn full_plan(d: &DesiredState, a: &[ManagedContainer], restarted: &Restarted) -> Plan {
+    super::plan_with(d, a, &nets_for(d), &settled_as(d), restarted)
+}
+
+#[test]
+fn a_due_restart_restarts_kept_containers_in_start_order() {
+    let (d, db, api) = restarting_pair();
+    let running = [
+        actual("c-api", "web", &api, "running"),
+        actual("c-db", "web", &db, "running"),
+    ];
+    let restart = |c: &str, id: &str| Step::Restart {
+        app: name("web"),
+        container: name(c),
+        id: id.into(),
+    };
+    let p = full_plan(&d, &running, &Restarted::default());
+    assert_eq!(p.steps, [restart("db", "c-db"), restart("api", "c-api")]);
+    assert!(p.repairs.is_empty(), "an asked-for restart is not drift");
+    // Done, per container or below the floor: nothing.
+    let done = Restarted {
+        done: [
+            ((name("web"), name("db")), 5),
+            ((name("web"), name("api")), 5),
+        ]
+        .into(),
+        floor: 0,
+    };
+    assert!(full_plan(&d, &running, &done).steps.is_empty());
+    let floor = Restarted {
+        done: HashMap::new(),
+        floor: 5,
+    };
+    assert!(full_plan(&d, &running, &floor).steps.is_empty());
+    // One container done, the other not (a pass cut short): only that one.
+    let half = Restarted {
+        done: [((name("web"), name("db")), 5)].into(),
+        floor: 4,
+    };
+    assert_eq!(
+        full_plan(&d, &running, &half).steps,
+        [restart("api", "c-api")]
+    );
+}
+
+#[test]
+fn a_restart_unpauses_a_paused_container_and_starts_an_exited_one() {
+    let (d, db, api) = restarting_pair();
+    let (db_, db_id) = (name("db"), "c-db".to_string());
+    let p = full_plan(
+        &d,
+        &[
+            actual("c-api", "web", &api, "exited"),
+            actual("c-db", "web", &db, "paused"),
+        ],
+        &Restarted::default(),
+    );
+    assert_eq!(
+        p.steps,
+        [
+            Step::Unpause {
+                app: name("web"),
+                container: db_.clone(),
+                id: db_id.clone()
+            },
+            Step::Restart {
+                app: name("web"),
+                container: db_.clone(),
+                id: db_id.clone()
+            },
+        ]
+    );
+    // Its dependency is paused when the pass looks: a later pass starts it.
+    assert_eq!(p.blocked.len(), 1);
+    assert_eq!(p.blocked[0].container, name("api"));
+    let p = full_plan(
+        &d,
+        &[
+            actual("c-api", "web", &api, "exited"),
+            actual("c-db", "web", &db, "running"),
+        ],
+        &Restarted::default(),
+    );
+    assert_eq!(
+        p.steps,
+        [
+            Step::Restart {
+                app: name("web"),
+                container: db_,
+                id: db_id
+            },
+            Step::Start {
+                app: name("web"),
+                container: name("api"),
+                id: Some("c-api".into())
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_created_container_counts_as_restarted_and_a_stopped_app_is_not_restarted() {
+    let (d, db, api) = restarting_pair();
+    // db is gone: created and started; api is restarted after it.
+    let p = full_plan(
+        &d,
+        &[actual("c-api", "web", &api, "running")],
+        &Restarted::default(),
+    );
+    assert!(
+        !p.steps
+            .iter()
+            .any(|s| matches!(s, Step::Restart { container, .. } if container.as_str() == "db")),
+        "{:?}",
+        p.steps
+    );
+    assert!(p.steps.contains(&Step::Restart {
+        app: name("web"),
+        container: name("api"),
+        id: "c-api".into()
+    }));
+    let mut stopped = d.clone();
+    stopped.apps[0].run = RunState::Stopped;
+    let p = full_plan(
+        &stopped,
+        &[
+            actual("c-api", "web", &api, "exited"),
+            actual("c-db", "web", &db, "exited"),
+        ],
+        &Restarted::default(),
+    );
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+}
+
+fn restarts_in(rt: &FakeRuntime) -> Vec<String> {
+    rt.log
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.starts_with("restart "))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restart_is_carried_out_once_and_recorded() {
+    let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+    let (r, _events) = reconciler(Arc::clone(&rt));
+    let mut d = desired(
+        1,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    let (_tx, newer) = watch::channel(None);
+    r.pass(&d, &newer).await.expect("runs");
+    assert!(restarts_in(&rt).is_empty(), "a deploy is no restart");
+    d.generation = 2;
+    d.apps[0].restarted_at = 2;
+    let report = r.pass(&d, &newer).await.expect("runs").expect("done");
+    assert!(report.failures.is_empty());
+    assert_eq!(report.apps[0].phase, AppPhase::Running);
+    assert_eq!(restarts_in(&rt), ["restart id-drover-dev1-web-main"]);
+    r.pass(&d, &newer).await.expect("runs");
+    assert_eq!(restarts_in(&rt).len(), 1, "carried out once");
+    // A later generation that keeps the mark (another app's deploy, a
+    // release move) does not replay it.
+    d.generation = 3;
+    r.pass(&d, &newer).await.expect("runs");
+    assert_eq!(restarts_in(&rt).len(), 1);
+}
+
+/// After an agent restart: a restart at or below the generation recorded
+/// as applied was done; one above it (killed mid-restart) is done again.
+#[tokio::test]
+async fn after_an_agent_restart_an_unapplied_restart_is_done_again_and_an_applied_one_not() {
+    let mut d = desired(
+        4,
+        vec![app(
+            "web",
+            RunState::Running,
+            vec![spec("main", "reg/web:1")],
+        )],
+    );
+    d.apps[0].restarted_at = 4;
+    for (applied, applied_before, expect) in [(true, 4, 0), (false, 3, 1), (false, 0, 1)] {
+        let rt = Arc::new(FakeRuntime::new(&["reg/web:1"]));
+        {
+            // What the agent left running before it died.
+            let (before, _e) = reconciler(Arc::clone(&rt));
+            let (_tx, newer) = watch::channel(None);
+            let mut older = d.clone();
+            older.apps[0].restarted_at = 0;
+            before.pass(&older, &newer).await.expect("runs");
+        }
+        rt.log.lock().expect("lock").clear();
+        let (r, _events) = reconciler(Arc::clone(&rt));
+        let r = r.restoring(&d, applied, applied_before);
+        let (_tx, newer) = watch::channel(None);
+        r.pass(&d, &newer).await.expect("runs");
+        r.pass(&d, &newer).await.expect("runs");
+        assert_eq!(
+            restarts_in(&rt).len(),
+            expect,
+            "applied {applied}, applied before {applied_before}"
+        );
+    }
 }

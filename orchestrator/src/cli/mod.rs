@@ -257,6 +257,8 @@ pub enum ClientCmd {
     Pause(Target),
     /// Thaw a paused app.
     Unpause(Target),
+    /// Restart a running app's containers (`docker restart`; they are kept).
+    Restart(Target),
     /// Remove an app from a device.
     Remove(Target),
     /// Follow what deploy/start/stop/remove did (default: list).
@@ -300,6 +302,7 @@ enum Resolved {
     Stop(Target),
     Pause(Target),
     Unpause(Target),
+    Restart(Target),
     Remove(Target),
     Logs(LogsArgs),
     Registries(RegistriesCmd),
@@ -496,6 +499,7 @@ impl Client {
             ClientCmd::Stop(t) => Resolved::Stop(t),
             ClientCmd::Pause(t) => Resolved::Pause(t),
             ClientCmd::Unpause(t) => Resolved::Unpause(t),
+            ClientCmd::Restart(t) => Resolved::Restart(t),
             ClientCmd::Remove(t) => Resolved::Remove(t),
             ClientCmd::Logs(l) => Resolved::Logs(l),
             ClientCmd::Registries { cmd } => {
@@ -592,8 +596,9 @@ impl Client {
                     .await?;
                 self.follow(v, &t).await
             }
-            Resolved::Pause(t) => self.pause(t, "pause").await,
-            Resolved::Unpause(t) => self.pause(t, "unpause").await,
+            Resolved::Pause(t) => self.app_action(t, "pause").await,
+            Resolved::Unpause(t) => self.app_action(t, "unpause").await,
+            Resolved::Restart(t) => self.app_action(t, "restart").await,
             Resolved::Remove(t) => {
                 let v = self
                     .delete(&format!("/api/v1/devices/{}/apps/{}", t.device, t.app))
@@ -698,8 +703,8 @@ impl Client {
         })
     }
 
-    /// `drover pause` / `drover unpause`: `verb` is the route's last word.
-    async fn pause(&self, t: Target, verb: &str) -> anyhow::Result<()> {
+    /// `drover pause` / `unpause` / `restart`: `verb` is the route's last word.
+    async fn app_action(&self, t: Target, verb: &str) -> anyhow::Result<()> {
         let v = self
             .post(
                 &format!("/api/v1/devices/{}/apps/{}/{verb}", t.device, t.app),

@@ -167,6 +167,7 @@ pub enum CommandKind {
     Remove,
     Pause,
     Unpause,
+    Restart,
     SetLabels,
     Assign,
     Unassign,
@@ -207,7 +208,7 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 46] = [
+    pub const ALL: [CommandKind; 47] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -218,6 +219,7 @@ impl CommandKind {
         CommandKind::Remove,
         CommandKind::Pause,
         CommandKind::Unpause,
+        CommandKind::Restart,
         CommandKind::SetLabels,
         CommandKind::Assign,
         CommandKind::Unassign,
@@ -265,6 +267,7 @@ impl CommandKind {
             Op::Remove => CommandKind::Remove,
             Op::Pause => CommandKind::Pause,
             Op::Unpause => CommandKind::Unpause,
+            Op::Restart => CommandKind::Restart,
         }
     }
 
@@ -286,10 +289,10 @@ impl CommandKind {
     pub fn required_role(self) -> Role {
         use CommandKind::*;
         match self {
-            Deploy | Start | Stop | Remove | Pause | Unpause | SetLabels | Assign | Unassign
-            | ClearOverride | CreateRollout | PauseRollout | ResumeRollout | ApproveRollout
-            | AbortRollout | RollbackRollout | CreateEnrollToken | DeleteEnrollToken
-            | ListEnrollTokens => Role::Operator,
+            Deploy | Start | Stop | Remove | Pause | Unpause | Restart | SetLabels | Assign
+            | Unassign | ClearOverride | CreateRollout | PauseRollout | ResumeRollout
+            | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
+            | DeleteEnrollToken | ListEnrollTokens => Role::Operator,
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
             | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
@@ -304,12 +307,11 @@ impl CommandKind {
         use CommandKind::*;
         match self {
             CreateApp | UpdateApp | ImportApp | DeleteApp | Deploy | Start | Stop | Remove
-            | Pause | Unpause | SetLabels | Assign | Unassign | ClearOverride | SetRegistry
-            | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout | ApproveRollout
-            | AbortRollout | RollbackRollout | CreateEnrollToken | DeleteEnrollToken
-            | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser => {
-                true
-            }
+            | Pause | Unpause | Restart | SetLabels | Assign | Unassign | ClearOverride
+            | SetRegistry | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout
+            | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
+            | DeleteEnrollToken | RevokeDevice | CreateApiToken | DeleteApiToken
+            | CreateMqttUser | DeleteMqttUser => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
@@ -331,6 +333,7 @@ impl CommandKind {
             Remove => "remove",
             Pause => "pause",
             Unpause => "unpause",
+            Restart => "restart",
             SetLabels => "device.labels.set",
             Assign => "app.assignment.set",
             Unassign => "app.assignment.delete",
@@ -420,6 +423,7 @@ mod tests {
             (Remove, Role::Operator),
             (Pause, Role::Operator),
             (Unpause, Role::Operator),
+            (Restart, Role::Operator),
             (SetLabels, Role::Operator),
             (CreateEnrollToken, Role::Operator),
             (ListEnrollTokens, Role::Operator),

@@ -73,6 +73,14 @@ pub enum FleetError {
     NotDeployed { device: DeviceId, app: Name },
     #[error("app {app} is not paused on device {device}")]
     NotPaused { device: DeviceId, app: Name },
+    #[error(
+        "app {app} is {run} on device {device}; only a running app is restarted (start it instead)"
+    )]
+    NotRunning {
+        device: DeviceId,
+        app: Name,
+        run: &'static str,
+    },
     #[error("app {app} is still deployed on {devices:?}; remove it there first")]
     AppInUse { app: Name, devices: Vec<DeviceId> },
     #[error("app {app} publishes host port {port}, which app {other} already publishes on device {device}")]
@@ -140,11 +148,14 @@ fn plan(
                 _ if run == RunState::Running => generation,
                 _ => 0,
             };
+            // A release move keeps the restart mark: carried over, it is
+            // neither lost nor, being no newer, carried out again.
             let entry = DesiredApp {
                 spec: rel.spec.clone(),
                 run,
                 started_at,
                 release: rel.number,
+                restarted_at: current.map_or(0, |c| c.restarted_at),
             };
             match pos {
                 Some(i) => state.apps[i] = entry,
@@ -712,6 +723,7 @@ impl Fleet {
                     run: RunState::Running,
                     started_at: generation,
                     release: rec.latest_release(),
+                    restarted_at: pos.map_or(0, |i| next.apps[i].restarted_at),
                 };
                 match pos {
                     Some(i) => next.apps[i] = entry,
@@ -740,6 +752,23 @@ impl Fleet {
                     });
                 }
                 next.apps[i].run = RunState::Running;
+            }
+            // As `docker restart`, but a stopped or paused app is so by
+            // the operator's wish: a restart does not change that.
+            (Op::Restart, Some(i)) => {
+                let run = match next.apps[i].run {
+                    RunState::Running => None,
+                    RunState::Stopped => Some("stopped"),
+                    RunState::Paused => Some("paused"),
+                };
+                if let Some(run) = run {
+                    return Err(FleetError::NotRunning {
+                        device: device.clone(),
+                        app: app.clone(),
+                        run,
+                    });
+                }
+                next.apps[i].restarted_at = generation;
             }
             (Op::Remove, Some(i)) => {
                 next.apps.remove(i);
@@ -1063,6 +1092,7 @@ impl Fleet {
                 run,
                 started_at: 0,
                 release,
+                restarted_at: 0,
             };
             match next.apps.iter().position(|a| &a.spec.name == app) {
                 Some(i) => next.apps[i] = entry,
@@ -1837,6 +1867,7 @@ mod tests {
             run: RunState::Running,
             started_at: 7,
             release: 0,
+            restarted_at: 0,
         });
         f.desired.insert(id("pi"), huge);
         f.put_app(AppRecord {
@@ -2341,6 +2372,99 @@ mod tests {
             f.assign(&web, String::new(), 7, RunState::Running, "ops", 7),
             Err(FleetError::UnknownRelease { release: 7, .. })
         ));
+    }
+
+    #[test]
+    fn restart_marks_a_running_app_with_its_generation() {
+        let mut f = fleet_with_device();
+        put(
+            &mut f,
+            serde_json::json!({"name": "svc", "containers": [{"name": "main", "image": "busybox:1"}]}),
+        );
+        assert!(matches!(
+            f.req(Op::Restart, "svc", "0", 1),
+            Err(FleetError::NotDeployed { .. })
+        ));
+        let (deployed, _) = f.req(Op::Deploy, "svc", "1", 2).expect("deploy");
+        assert_eq!(deployed.apps[0].restarted_at, 0);
+        let (d, op) = f.req(Op::Restart, "svc", "2", 3).expect("restart");
+        assert_eq!(op.op, Op::Restart);
+        assert_eq!(op.generation, d.generation);
+        assert_eq!(d.generation, deployed.generation + 1);
+        assert_eq!(d.apps[0].restarted_at, d.generation);
+        assert_eq!(
+            (&d.apps[0].spec, d.apps[0].run, d.apps[0].started_at),
+            (
+                &deployed.apps[0].spec,
+                deployed.apps[0].run,
+                deployed.apps[0].started_at
+            ),
+            "a restart changes nothing else"
+        );
+        let mark = d.apps[0].restarted_at;
+        let (d, _) = f.req(Op::Restart, "svc", "3", 4).expect("again");
+        assert!(d.apps[0].restarted_at > mark, "each restart is a new mark");
+        let mark = d.apps[0].restarted_at;
+        let (d, _) = f.req(Op::Deploy, "svc", "4", 5).expect("redeploy");
+        assert_eq!(
+            d.apps[0].restarted_at, mark,
+            "a redeploy does not replay it"
+        );
+        for (op, word) in [(Op::Stop, "stopped"), (Op::Pause, "paused")] {
+            f.req(op, "svc", "5", 6).expect("stop or pause");
+            let e = f.req(Op::Restart, "svc", "6", 7).expect_err("not running");
+            assert!(matches!(e, FleetError::NotRunning { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("svc is {word} on device pi")),
+                "{e}"
+            );
+            f.req(Op::Start, "svc", "7", 8).expect("start");
+        }
+        f.req(Op::Remove, "svc", "8", 9).expect("remove");
+        let (d, _) = f.req(Op::Deploy, "svc", "9", 10).expect("deploy again");
+        assert_eq!(d.apps[0].restarted_at, 0, "a new deploy starts unmarked");
+    }
+
+    /// A release move (assignment, rollout) carries the restart mark over:
+    /// not lost, and not newer, so not carried out again.
+    #[test]
+    fn release_moves_keep_the_restart_mark() {
+        let mut f = fleet_with_device();
+        let web = name("web");
+        f.on_device_message(&id("a"), DeviceMessage::Hello(Hello::default()), 1);
+        relabel(&mut f, "a", &[("env", "prod")]);
+        let rec = f
+            .assign(&web, "env=prod".into(), 0, RunState::Running, "ops", 2)
+            .expect("assign");
+        f.put_app(rec);
+        let updates = f.reconcile_app(&web);
+        assert_eq!(apply(&mut f, updates), 1);
+        let (d, p, o, _) = f
+            .request(&id("a"), Op::Restart, &web, "r".into(), 3)
+            .expect("restart");
+        let mark = d.apps[0].restarted_at;
+        assert_eq!(mark, d.generation);
+        f.commit_request(d, p, o);
+        let mut s2 = spec("web");
+        s2.containers[0].image = "busybox:2".into();
+        let (rec, _) = f.update_app(s2, "ops", 4).expect("update");
+        f.put_app(rec);
+        let rec = f
+            .assign(&web, "env=prod".into(), 2, RunState::Running, "ops", 5)
+            .expect("assign 2");
+        f.put_app(rec);
+        let updates = f.reconcile_app(&web);
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].desired.apps[0].release, 2);
+        assert_eq!(updates[0].desired.apps[0].restarted_at, mark, "assignment");
+        f.apply_updates(&updates);
+        let u = f
+            .set_device_release(&id("a"), &web, 1, RunState::Running)
+            .expect("ok")
+            .expect("changes");
+        assert_eq!(u.desired.apps[0].release, 1);
+        assert_eq!(u.desired.apps[0].restarted_at, mark, "rollout move");
     }
 
     /// 10,000 matching devices: one plan, one write per device, all from

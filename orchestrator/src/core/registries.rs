@@ -237,6 +237,7 @@ mod tests {
                 run: RunState::Running,
                 started_at: 1,
                 release: 0,
+                restarted_at: 0,
             }],
         }
     }

@@ -108,6 +108,7 @@ impl From<EngineError> for CommandError {
                 // about the request itself.
                 FleetError::NotDeployed { .. }
                 | FleetError::NotPaused { .. }
+                | FleetError::NotRunning { .. }
                 | FleetError::AppInUse { .. }
                 | FleetError::PortInUse { .. }
                 | FleetError::CpusExceedDevice { .. }

@@ -83,6 +83,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(stop))
         .routes(routes!(pause))
         .routes(routes!(unpause))
+        .routes(routes!(restart))
         .routes(routes!(events))
         .routes(routes!(list_apps, create_app))
         .routes(routes!(import_app))
@@ -489,6 +490,26 @@ async fn unpause(
     Path((id, app)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     apply(api, ctx, id, app, Op::Unpause).await
+}
+
+/// Restarts a running app on a device: its containers are restarted in
+/// start order (`docker restart`) and kept. Carried in the desired state
+/// (`restarted_at`), so a device that was offline restarts the app when it
+/// comes back, once.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/apps/{app}/restart", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device id"), ("app" = Name, Path, description = "The app name")),
+    responses(
+        (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
+        (status = 400, description = "The device id or app name is not valid", body = ErrorBody),
+        (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app is not deployed on the device, or it is stopped or paused", body = ErrorBody),
+    ))]
+async fn restart(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((id, app)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    apply(api, ctx, id, app, Op::Restart).await
 }
 
 /// Removes an app deployed on a device.

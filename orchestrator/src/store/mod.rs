@@ -445,6 +445,7 @@ mod tests {
                             run: RunState::Running,
                             started_at: 3,
                             release: 0,
+                            restarted_at: 0,
                         }],
                     },
                     placement: Default::default(),

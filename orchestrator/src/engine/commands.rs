@@ -559,7 +559,7 @@ impl Commands {
             Command::CreateMqttUser(req) => {
                 let (rec, password) = self
                     .identities
-                    .create_automation(&by, req.name, req.subscribe, req.publish)
+                    .create_automation(&by, req.name, req.role, req.subscribe, req.publish)
                     .await?;
                 let detail = format!("subscribe {:?}, publish {:?}", rec.subscribe, rec.publish);
                 let mut view = contract::MqttUser::from(&rec);

@@ -39,7 +39,10 @@ async fn sub(
     for f in filters {
         cmd.args(["-t", f]);
     }
-    let out = cmd.output().await.expect("mosquitto_sub runs (mosquitto-clients)");
+    let out = cmd
+        .output()
+        .await
+        .expect("mosquitto_sub runs (mosquitto-clients)");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let msgs = text
         .lines()
@@ -51,7 +54,9 @@ async fn sub(
 
 async fn sub_json(orch: &Orch, name: &str, pw: &str, topic: &str) -> Value {
     let (msgs, err) = sub(orch, name, pw, &[topic], 1, 20).await;
-    let (_, p) = msgs.first().unwrap_or_else(|| panic!("nothing on {topic}: {err}"));
+    let (_, p) = msgs
+        .first()
+        .unwrap_or_else(|| panic!("nothing on {topic}: {err}"));
     serde_json::from_str(p).unwrap_or_else(|e| panic!("{topic}: not JSON ({e}): {p}"))
 }
 
@@ -60,7 +65,15 @@ async fn sub_json(orch: &Orch, name: &str, pw: &str, topic: &str) -> Value {
 async fn requests(orch: &Orch, name: &str, pw: &str, requests: &[String]) -> Vec<Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mqtt_requests.py");
     let mut child = tokio::process::Command::new(VENV_PYTHON)
-        .args([script, &orch.mqtt_host, &orch.mqtt_port.to_string(), name, pw, "drover", "30"])
+        .args([
+            script,
+            &orch.mqtt_host,
+            &orch.mqtt_port.to_string(),
+            name,
+            pw,
+            "drover",
+            "30",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -115,24 +128,57 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
         .as_array()
         .expect("list")
         .iter()
-        .map(|u| (u["name"].as_str().unwrap_or_default().into(), u["role"].as_str().unwrap_or_default().into()))
+        .map(|u| {
+            (
+                u["name"].as_str().unwrap_or_default().into(),
+                u["role"].as_str().unwrap_or_default().into(),
+            )
+        })
         .collect();
     assert!(roles.contains(&("nr".into(), "operator".into())), "{users}");
-    assert!(roles.contains(&("watcher".into(), "viewer".into())), "{users}");
+    assert!(
+        roles.contains(&("watcher".into(), "viewer".into())),
+        "{users}"
+    );
 
     // JSON telemetry and the retained status, read by mosquitto_sub.
-    let t = sub_json(&orch, "nr", &op_pw, &format!("drover/v1/json/dev/{dev}/telemetry")).await;
+    let t = sub_json(
+        &orch,
+        "nr",
+        &op_pw,
+        &format!("drover/v1/json/dev/{dev}/telemetry"),
+    )
+    .await;
     assert_eq!(t["device"], json!(dev), "{t}");
     for f in ["cpu_percent", "memory_percent", "disk_percent", "at_ms"] {
         assert!(t[f].is_number(), "{f} in {t}");
     }
     let m = t["memory_percent"].as_f64().expect("number");
     assert!((0.0..=100.0).contains(&m), "{t}");
-    let s = sub_json(&orch, "watcher", &view_pw, &format!("drover/v1/json/dev/{dev}/status")).await;
-    assert_eq!((s["online"].clone(), s["status"].clone()), (json!(true), json!("online")), "{s}");
+    let s = sub_json(
+        &orch,
+        "watcher",
+        &view_pw,
+        &format!("drover/v1/json/dev/{dev}/status"),
+    )
+    .await;
+    assert_eq!(
+        (s["online"].clone(), s["status"].clone()),
+        (json!(true), json!("online")),
+        "{s}"
+    );
     assert!(s["last_seen_ms"].as_u64().is_some_and(|t| t > 0), "{s}");
-    let inv = sub_json(&orch, "nr", &op_pw, &format!("drover/v1/json/dev/{dev}/inventory")).await;
-    assert!(inv["hostname"].is_string() && inv["cpus"].as_u64().is_some_and(|c| c > 0), "{inv}");
+    let inv = sub_json(
+        &orch,
+        "nr",
+        &op_pw,
+        &format!("drover/v1/json/dev/{dev}/inventory"),
+    )
+    .await;
+    assert!(
+        inv["hostname"].is_string() && inv["cpus"].as_u64().is_some_and(|c| c > 0),
+        "{inv}"
+    );
 
     // A subscription reaching confidential device topics is answered with
     // a SUBACK failure, not a disconnect: the granted filter beside it
@@ -141,7 +187,10 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
         &orch,
         "nr",
         &op_pw,
-        &["drover/v1/dev/+/#", &format!("drover/v1/json/dev/{dev}/status")],
+        &[
+            "drover/v1/dev/+/#",
+            &format!("drover/v1/json/dev/{dev}/status"),
+        ],
         1,
         20,
     )
@@ -154,8 +203,25 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
         let (host, port) = (orch.mqtt_host.clone(), orch.mqtt_port);
         async move {
             tokio::process::Command::new("mosquitto_sub")
-                .args(["-h", &host, "-p", &port.to_string(), "-u", "$auto:spy", "-P", &spy_pw])
-                .args(["-t", "drover/v1/json/res/nr", "-t", "drover/v1/json/res/+", "-v", "-W", "20"])
+                .args([
+                    "-h",
+                    &host,
+                    "-p",
+                    &port.to_string(),
+                    "-u",
+                    "$auto:spy",
+                    "-P",
+                    &spy_pw,
+                ])
+                .args([
+                    "-t",
+                    "drover/v1/json/res/nr",
+                    "-t",
+                    "drover/v1/json/res/+",
+                    "-v",
+                    "-W",
+                    "20",
+                ])
                 .output()
                 .await
                 .expect("mosquitto_sub")
@@ -173,9 +239,17 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
     .await;
     assert_eq!(answers.len(), 1, "{answers:?}");
     let a = &answers[0];
-    assert_eq!((a["id"].clone(), a["ok"].clone(), a["status"].clone()), (json!("v-1"), json!(false), json!(403)), "{a}");
+    assert_eq!(
+        (a["id"].clone(), a["ok"].clone(), a["status"].clone()),
+        (json!("v-1"), json!(false), json!(403)),
+        "{a}"
+    );
     assert_eq!(a["error"]["code"], json!("forbidden"), "{a}");
-    assert_eq!(operations(api, &dev).await.len(), before, "a refused deploy made no operation");
+    assert_eq!(
+        operations(api, &dev).await.len(),
+        before,
+        "a refused deploy made no operation"
+    );
     assert!(!container_running(&docker, &dev, &app).await);
 
     // The operator deploys by a JSON request; the answer is correlated and
@@ -189,20 +263,40 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
     .await;
     assert_eq!(answers.len(), 1, "{answers:?}");
     let a = &answers[0];
-    assert_eq!((a["id"].clone(), a["ok"].clone(), a["status"].clone()), (json!("d-1"), json!(true), json!(202)), "{a}");
+    assert_eq!(
+        (a["id"].clone(), a["ok"].clone(), a["status"].clone()),
+        (json!("d-1"), json!(true), json!(202)),
+        "{a}"
+    );
     assert_eq!(a["result"]["op"], json!("deploy"), "{a}");
-    assert_eq!(api.wait_op(&a["result"], TIMEOUT).await["status"], json!("succeeded"));
+    assert_eq!(
+        api.wait_op(&a["result"], TIMEOUT).await["status"],
+        json!("succeeded")
+    );
     assert!(container_running(&docker, &dev, &app).await);
-    let state = sub_json(&orch, "nr", &op_pw, &format!("drover/v1/json/dev/{dev}/state")).await;
+    let state = sub_json(
+        &orch,
+        "nr",
+        &op_pw,
+        &format!("drover/v1/json/dev/{dev}/state"),
+    )
+    .await;
     assert_eq!(state["apps"][&app]["state"], json!("running"), "{state}");
-    assert_eq!(state["apps"][&app]["containers"][0]["state"], json!("running"), "{state}");
+    assert_eq!(
+        state["apps"][&app]["containers"][0]["state"],
+        json!("running"),
+        "{state}"
+    );
 
     // Reads through the same path; bad requests get JSON errors naming
     // what is wrong.
     let bad = [
         json!({"id": "r-1", "cmd": "device.get", "device": dev}).to_string(),
         "{not json".to_string(),
-        format!(r#"{{"id": "big", "cmd": "deploy", "x": "{}"}}"#, "a".repeat(70_000)),
+        format!(
+            r#"{{"id": "big", "cmd": "deploy", "x": "{}"}}"#,
+            "a".repeat(70_000)
+        ),
         json!({"id": "u-1", "cmd": "reboot", "device": dev}).to_string(),
         json!({"id": "t-1", "cmd": "stop", "device": 7, "app": app}).to_string(),
         json!({"id": "f-1", "cmd": "stop", "device": dev, "app": app, "force": true}).to_string(),
@@ -210,7 +304,11 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
         json!({"id": ["x"], "cmd": "apps.list"}).to_string(),
     ];
     let answers = requests(&orch, "nr", &op_pw, &bad).await;
-    assert_eq!(answers.len(), bad.len(), "every request is answered: {answers:?}");
+    assert_eq!(
+        answers.len(),
+        bad.len(),
+        "every request is answered: {answers:?}"
+    );
     let by_id = |id: &str| {
         answers
             .iter()
@@ -219,9 +317,15 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
             .clone()
     };
     let got = by_id("r-1");
-    assert_eq!((got["ok"].clone(), got["result"]["id"].clone()), (json!(true), json!(dev)), "{got}");
+    assert_eq!(
+        (got["ok"].clone(), got["result"]["id"].clone()),
+        (json!(true), json!(dev)),
+        "{got}"
+    );
     assert_eq!(by_id("u-1")["error"]["code"], json!("unknown_command"));
-    assert!(by_id("u-1")["error"]["message"].as_str().is_some_and(|m| m.contains("deploy")));
+    assert!(by_id("u-1")["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("deploy")));
     assert_eq!(by_id("t-1")["error"]["field"], json!("device"));
     assert_eq!(by_id("f-1")["error"]["field"], json!("force"));
     assert_eq!(by_id("n-1")["status"], json!(404));
@@ -230,11 +334,22 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
         .iter()
         .filter_map(|a| a["error"]["code"].as_str())
         .collect();
-    assert_eq!(codes, HashSet::from(["malformed", "too_large", "invalid"]), "{anonymous:?}");
-    assert!(container_running(&docker, &dev, &app).await, "no bad request stopped it");
+    assert_eq!(
+        codes,
+        HashSet::from(["malformed", "too_large", "invalid"]),
+        "{anonymous:?}"
+    );
+    assert!(
+        container_running(&docker, &dev, &app).await,
+        "no bad request stopped it"
+    );
 
     let spied = spy.await.expect("spy");
-    assert!(spied.stdout.is_empty(), "another identity read nr's answers: {}", String::from_utf8_lossy(&spied.stdout));
+    assert!(
+        spied.stdout.is_empty(),
+        "another identity read nr's answers: {}",
+        String::from_utf8_lossy(&spied.stdout)
+    );
 
     // Every request that changed or tried to change something is in the
     // audit log under the identity's name.
@@ -251,10 +366,19 @@ async fn automation_identities_read_json_and_command_through_the_command_path() 
     assert!(has("auto:nr", Some("deploy"), "ok"), "{audit}");
     assert!(has("auto:watcher", Some("deploy"), "denied"), "{audit}");
     assert!(has("auto:nr", Some("stop"), "failed"), "{audit}");
-    assert!(has("auto:nr", None, "failed"), "the malformed ones too: {audit}");
+    assert!(
+        has("auto:nr", None, "failed"),
+        "the malformed ones too: {audit}"
+    );
     let (_, text) = api.get("/metrics").await;
-    let text = text.as_str().map(str::to_string).unwrap_or_else(|| text.to_string());
-    assert!(text.contains(r#"drover_mqtt_requests_total{outcome="refused"} 1"#), "{text}");
+    let text = text
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| text.to_string());
+    assert!(
+        text.contains(r#"drover_mqtt_requests_total{outcome="refused"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,11 +414,19 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
         .post(&format!("/api/v1/devices/{dev}/apps"), &json!({"app": app}))
         .await;
     assert_eq!(s, 202, "{op}");
-    assert_eq!(api.wait_op(&op, TIMEOUT).await["status"], json!("succeeded"));
+    assert_eq!(
+        api.wait_op(&op, TIMEOUT).await["status"],
+        json!("succeeded")
+    );
 
     let configs = wait_for(Duration::from_secs(20), "discovery configs", || async {
         let (msgs, _) = sub(&orch, "ha", &pw, &["homeassistant/+/+/+/config"], 4, 5).await;
-        (msgs.iter().filter(|(t, p)| t.contains(&dev.replace('.', "_")) && !p.is_empty()).count() >= 4).then_some(msgs)
+        (msgs
+            .iter()
+            .filter(|(t, p)| t.contains(&dev.replace('.', "_")) && !p.is_empty())
+            .count()
+            >= 4)
+            .then_some(msgs)
     })
     .await;
     let mut unique_ids = HashSet::new();
@@ -304,15 +436,43 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
         let component = topic.split('/').nth(1).expect("component").to_string();
         // Required by Home Assistant's MQTT discovery for these components.
         let required: &[&str] = match component.as_str() {
-            "sensor" => &["state_topic", "unique_id", "name", "device", "availability", "value_template", "unit_of_measurement"],
-            "switch" => &["command_topic", "state_topic", "unique_id", "name", "device", "availability", "payload_on", "payload_off", "value_template", "state_on", "state_off"],
+            "sensor" => &[
+                "state_topic",
+                "unique_id",
+                "name",
+                "device",
+                "availability",
+                "value_template",
+                "unit_of_measurement",
+            ],
+            "switch" => &[
+                "command_topic",
+                "state_topic",
+                "unique_id",
+                "name",
+                "device",
+                "availability",
+                "payload_on",
+                "payload_off",
+                "value_template",
+                "state_on",
+                "state_off",
+            ],
             other => panic!("unexpected component {other}"),
         };
         for k in required {
             assert!(!c[*k].is_null(), "{topic} lacks {k}: {c}");
         }
-        assert!(c["device"]["identifiers"].as_array().is_some_and(|i| !i.is_empty()), "{c}");
-        assert!(unique_ids.insert(c["unique_id"].as_str().expect("string").to_string()), "unique_id twice: {c}");
+        assert!(
+            c["device"]["identifiers"]
+                .as_array()
+                .is_some_and(|i| !i.is_empty()),
+            "{c}"
+        );
+        assert!(
+            unique_ids.insert(c["unique_id"].as_str().expect("string").to_string()),
+            "unique_id twice: {c}"
+        );
         // The topics it reads exist and carry JSON with the fields its
         // templates name.
         let avail = &c["availability"][0];
@@ -326,16 +486,27 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
                 .trim_end_matches(" }}");
             assert!(state[field].is_number(), "{template} on {state}");
         } else {
-            assert!(template.contains(&format!("value_json.apps['{app}'].running")), "{template}");
+            assert!(
+                template.contains(&format!("value_json.apps['{app}'].running")),
+                "{template}"
+            );
             assert_eq!(state["apps"][&app]["running"], json!(true), "{state}");
             assert_eq!(c["command_topic"], json!("drover/v1/json/req/ha"));
-            let off: Value = serde_json::from_str(c["payload_off"].as_str().expect("off")).expect("JSON request");
-            assert_eq!((off["cmd"].clone(), off["app"].clone()), (json!("stop"), json!(app)));
+            let off: Value = serde_json::from_str(c["payload_off"].as_str().expect("off"))
+                .expect("JSON request");
+            assert_eq!(
+                (off["cmd"].clone(), off["app"].clone()),
+                (json!("stop"), json!(app))
+            );
         }
         components.push(component);
     }
     components.sort();
-    assert_eq!(components, ["sensor", "sensor", "sensor", "switch"], "{configs:?}");
+    assert_eq!(
+        components,
+        ["sensor", "sensor", "sensor", "switch"],
+        "{configs:?}"
+    );
 
     // The switch, as Home Assistant would use it: payload_off stops the
     // container (checked through Docker).
@@ -344,7 +515,14 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
         .map(|(_, p)| serde_json::from_str::<Value>(p).expect("json"))
         .find(|c| !c["payload_off"].is_null())
         .expect("a switch");
-    mosquitto_pub_as(&orch, "ha", &pw, "drover/v1/json/req/ha", switch["payload_off"].as_str().expect("off")).await;
+    mosquitto_pub_as(
+        &orch,
+        "ha",
+        &pw,
+        "drover/v1/json/req/ha",
+        switch["payload_off"].as_str().expect("off"),
+    )
+    .await;
     wait_for(TIMEOUT, "the switch stops the app", || async {
         (!container_running(&docker, &dev, &app).await).then_some(())
     })
@@ -356,8 +534,26 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
         let (host, port, pw) = (orch.mqtt_host.clone(), orch.mqtt_port, pw.clone());
         async move {
             tokio::process::Command::new("mosquitto_sub")
-                .args(["-h", &host, "-p", &port.to_string(), "-u", "$auto:ha", "-P", &pw])
-                .args(["-t", "homeassistant/sensor/+/+/config", "-v", "-R", "-C", "3", "-W", "20"])
+                .args([
+                    "-h",
+                    &host,
+                    "-p",
+                    &port.to_string(),
+                    "-u",
+                    "$auto:ha",
+                    "-P",
+                    &pw,
+                ])
+                .args([
+                    "-t",
+                    "homeassistant/sensor/+/+/config",
+                    "-v",
+                    "-R",
+                    "-C",
+                    "3",
+                    "-W",
+                    "20",
+                ])
                 .output()
                 .await
                 .expect("mosquitto_sub")
@@ -367,15 +563,35 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
     mosquitto_pub_as(&orch, "ha", &pw, "homeassistant/status", "online").await;
     let out = again.await.expect("sub");
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert_eq!(lines, 3, "re-announced sensors: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        lines,
+        3,
+        "re-announced sensors: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn mosquitto_pub_as(orch: &Orch, name: &str, pw: &str, topic: &str, payload: &str) {
     let out = tokio::process::Command::new("mosquitto_pub")
         .args(["-h", &orch.mqtt_host, "-p", &orch.mqtt_port.to_string()])
-        .args(["-u", &format!("$auto:{name}"), "-P", pw, "-q", "1", "-t", topic, "-m", payload])
+        .args([
+            "-u",
+            &format!("$auto:{name}"),
+            "-P",
+            pw,
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            payload,
+        ])
         .output()
         .await
         .expect("mosquitto_pub");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

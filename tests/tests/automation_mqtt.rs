@@ -595,3 +595,68 @@ async fn mosquitto_pub_as(orch: &Orch, name: &str, pw: &str, topic: &str, payloa
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With an external broker the JSON tree is published, but requests are
+/// off: nothing there makes `json/req/<name>` speak for `<name>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_external_broker_json_is_mirrored_and_requests_are_off() {
+    let mosq = Mosquitto::start().await;
+    let orch = Orch::start_with(drover::server::BrokerMode::External {
+        host: "127.0.0.1".into(),
+        port: mosq.port,
+    })
+    .await;
+    let agent = online_agent(&orch, "ext").await;
+    let dev = agent.id.clone();
+    let plain = |topic: String, secs: u64| {
+        let port = mosq.port;
+        async move {
+            let out = tokio::process::Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &topic])
+                .args(["-C", "1", "-W", &secs.to_string()])
+                .output()
+                .await
+                .expect("mosquitto_sub");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    };
+    let status: Value = serde_json::from_str(
+        plain(format!("drover/v1/json/dev/{dev}/status"), 20)
+            .await
+            .trim(),
+    )
+    .expect("JSON status");
+    assert_eq!(status["online"], json!(true), "{status}");
+    let before = operations(&orch.api, &dev).await.len();
+    let answer = tokio::spawn(plain("drover/v1/json/res/x".into(), 6));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let request = json!({"id": "1", "cmd": "stop", "device": dev, "app": "any"}).to_string();
+    mosquitto_pub(mosq.port, "drover/v1/json/req/x", request.as_bytes(), false).await;
+    assert_eq!(
+        answer.await.expect("sub"),
+        "",
+        "no answer with an external broker"
+    );
+    assert_eq!(operations(&orch.api, &dev).await.len(), before);
+}
+
+/// `drover serve --json-mirror=false`: nothing is published in the JSON
+/// tree while devices report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_mirror_can_be_turned_off() {
+    let orch = Orch::start_config(|cfg| cfg.automation.json_mirror = false).await;
+    let agent = online_agent(&orch, "nomirror").await;
+    let pw = mqtt_user(&orch.api, json!({"name": "quiet"})).await;
+    let (json_msgs, _) = sub(&orch, "quiet", &pw, &["drover/v1/json/dev/#"], 1, 5).await;
+    assert!(json_msgs.is_empty(), "{json_msgs:?}");
+    let (cbor, err) = sub(
+        &orch,
+        "quiet",
+        &pw,
+        &[&format!("drover/v1/dev/{}/telemetry", agent.id)],
+        1,
+        10,
+    )
+    .await;
+    assert_eq!(cbor.len(), 1, "the device reports meanwhile: {err}");
+}

@@ -40,6 +40,9 @@ readonly WAIT_SECONDS=30
 # system's Python packages; tests/src/schemathesis.rs looks for it here.
 readonly TEST_VENV="/opt/drover-test-venv"
 readonly SCHEMATHESIS_SPEC="schemathesis>=4,<5"
+# paho-mqtt (PyPI): a second outside MQTT client with per-request control
+# (tests/tests/automation_mqtt.rs), in the same virtual environment.
+readonly PAHO_SPEC="paho-mqtt>=2,<3"
 
 # The image build's scratch directory, removed however the script ends.
 ROOTFS_TMP=""
@@ -400,9 +403,25 @@ ensure_schemathesis() {
     fi
 }
 
+ensure_paho() {
+    if "${TEST_VENV}/bin/python" -c 'import paho.mqtt.client' 2>/dev/null; then
+        log "paho-mqtt: present in ${TEST_VENV}"
+        return 0
+    fi
+    if [[ ! -x "${TEST_VENV}/bin/pip" ]]; then
+        soft_fail "no ${TEST_VENV} for paho-mqtt (ensure_schemathesis makes it)"
+        return 0
+    fi
+    log "paho-mqtt: installing ${PAHO_SPEC} into ${TEST_VENV}"
+    if ! "${TEST_VENV}/bin/pip" install --quiet --disable-pip-version-check "$PAHO_SPEC"; then
+        soft_fail "pip install ${PAHO_SPEC} failed"
+    fi
+}
+
 main() {
     ensure_packages
     ensure_schemathesis
+    ensure_paho
     ensure_docker
     ensure_registry
     ensure_image

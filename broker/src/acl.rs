@@ -20,11 +20,51 @@ pub enum Principal {
     Enrolling(DeviceId),
     /// An automation client with explicit permissions, always minus the
     /// confidential device topics and minus publishing as a device.
+    /// Whatever it is granted, it always reads its own response topic
+    /// and publishes on its own request topic, and never reads another
+    /// identity's responses.
     Automation {
         name: String,
         subscribe: Vec<String>,
         publish: Vec<String>,
     },
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a valid MQTT filter (or a malformed `$share/<group>/`).
+    Invalid,
+    /// `$SYS/...` and other broker topics are not Drover's to grant.
+    BrokerTopics,
+    /// A device or enrolling device asked for something not its own.
+    NotOwn,
+    /// It reaches what devices are told or handed (these kinds), which
+    /// only the device itself and the orchestrator ever read.
+    Confidential(Vec<&'static str>),
+    /// It reaches other automation identities' responses.
+    OthersResponses,
+    /// Outside what this identity was granted.
+    NotGranted,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Invalid => f.write_str("not a valid topic filter"),
+            Refusal::BrokerTopics => f.write_str("broker ($) topics are not granted"),
+            Refusal::NotOwn => f.write_str("not one of the client's own topics"),
+            Refusal::Confidential(kinds) => write!(
+                f,
+                "the filter reaches confidential device topics ({}); subscribe to the reported kinds one by one, or to the JSON tree",
+                kinds.join(", ")
+            ),
+            Refusal::OthersResponses => {
+                f.write_str("the filter reaches other identities' response topics")
+            }
+            Refusal::NotGranted => f.write_str("outside the identity's subscribe grants"),
+        }
+    }
 }
 
 impl Principal {
@@ -47,7 +87,14 @@ impl Principal {
             Principal::Enrolling(id) => {
                 !retain && matches!(topics.parse(topic), Some((d, TopicKind::Enroll)) if &d == id)
             }
-            Principal::Automation { publish, .. } => {
+            Principal::Automation { name, publish, .. } => {
+                // The JSON tree is the orchestrator's, but for each
+                // identity's own request topic: whoever publishes on
+                // `json/req/<name>` is `<name>`, which is what makes a
+                // request's actor true.
+                if filter::matches(&topics.json_space(), topic) {
+                    return !retain && topic == topics.json_request(name);
+                }
                 // Nobody but a device speaks for a device, and nobody but
                 // the orchestrator tells one what to do.
                 !filter::matches(&device_space(topics), topic)
@@ -57,8 +104,15 @@ impl Principal {
     }
 
     pub fn may_subscribe(&self, topics: &Topics, requested: &str) -> bool {
+        self.subscribe_refusal(topics, requested).is_none()
+    }
+
+    /// Why this principal may not subscribe to `requested`, or `None`
+    /// when it may: the reason goes into the broker's log line, so an
+    /// operator reading it knows what to grant or what to ask for instead.
+    pub fn subscribe_refusal(&self, topics: &Topics, requested: &str) -> Option<Refusal> {
         if matches!(self, Principal::Owner) {
-            return true;
+            return None;
         }
         // A shared subscription (`$share/<group>/<filter>`) delivers what
         // `<filter>` matches: rumqttd strips the prefix, so the rules apply
@@ -68,28 +122,43 @@ impl Principal {
         let requested = match (self, requested.strip_prefix("$share/")) {
             (Principal::Automation { .. }, Some(rest)) => match rest.split_once('/') {
                 Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => inner,
-                _ => return false,
+                _ => return Some(Refusal::Invalid),
             },
             _ => requested,
         };
-        if !filter::valid_filter(requested) || requested.starts_with('$') {
-            return false;
+        if !filter::valid_filter(requested) {
+            return Some(Refusal::Invalid);
         }
+        if requested.starts_with('$') {
+            return Some(Refusal::BrokerTopics);
+        }
+        let own = |ok: bool| (!ok).then_some(Refusal::NotOwn);
         match self {
-            Principal::Owner => true,
+            Principal::Owner => None,
             // Exact topics only: no wildcard can reach another device.
-            Principal::Device(id) => matches!(
+            Principal::Device(id) => own(matches!(
                 topics.parse(requested),
                 Some((d, k)) if &d == id && DEVICE_READS.contains(&k)
-            ),
-            Principal::Enrolling(id) => {
-                matches!(topics.parse(requested), Some((d, TopicKind::Enrolled)) if &d == id)
-            }
-            Principal::Automation { subscribe, .. } => {
-                subscribe.iter().any(|f| filter::covers(f, requested))
-                    && !confidential_filters(topics)
-                        .iter()
-                        .any(|c| filter::intersects(c, requested))
+            )),
+            Principal::Enrolling(id) => own(matches!(
+                topics.parse(requested),
+                Some((d, TopicKind::Enrolled)) if &d == id
+            )),
+            Principal::Automation {
+                name, subscribe, ..
+            } => {
+                let own_responses = topics.json_response(name);
+                if filter::covers(&own_responses, requested) {
+                    return None;
+                }
+                if filter::intersects(&topics.json_responses(), requested) {
+                    return Some(Refusal::OthersResponses);
+                }
+                if let Some(kinds) = confidential_reach(topics, requested) {
+                    return Some(Refusal::Confidential(kinds));
+                }
+                (!subscribe.iter().any(|f| filter::covers(f, requested)))
+                    .then_some(Refusal::NotGranted)
             }
         }
     }
@@ -139,12 +208,15 @@ fn device_space(topics: &Topics) -> String {
     format!("{}/v1/dev/#", topics.root())
 }
 
-fn confidential_filters(topics: &Topics) -> Vec<String> {
-    TopicKind::ALL
+/// The confidential kinds a filter reaches, if any.
+fn confidential_reach(topics: &Topics, requested: &str) -> Option<Vec<&'static str>> {
+    let kinds: Vec<&'static str> = TopicKind::ALL
         .into_iter()
         .filter(|k| k.confidential())
-        .map(|k| topics.all_devices(k))
-        .collect()
+        .filter(|k| filter::intersects(&topics.all_devices(*k), requested))
+        .map(TopicKind::as_str)
+        .collect();
+    (!kinds.is_empty()).then_some(kinds)
 }
 
 /// A permission filter that cannot be granted, naming it by its place
@@ -174,6 +246,15 @@ pub fn validate_grants(
         }
     }
     for (i, f) in publish.iter().enumerate() {
+        if filter::intersects(&topics.json_space(), f) {
+            return Err(InvalidGrant {
+                field: format!("publish[{i}]"),
+                message: format!(
+                    "{f:?} reaches the JSON tree ({}), where only the orchestrator publishes; an identity's own request topic needs no grant",
+                    topics.json_space()
+                ),
+            });
+        }
         if filter::intersects(&device_space(topics), f) {
             return Err(InvalidGrant {
                 field: format!("publish[{i}]"),
@@ -187,20 +268,26 @@ pub fn validate_grants(
     Ok(())
 }
 
-/// What an automation identity may read unless told otherwise: everything
-/// devices report about themselves, nothing they are told.
+/// What an automation identity may read unless told otherwise: the JSON
+/// tree (devices and fleet) and everything devices report about
+/// themselves (CBOR), nothing they are told. Its own response topic needs
+/// no grant.
 pub fn default_automation_subscribe(topics: &Topics) -> Vec<String> {
-    [
-        TopicKind::Status,
-        TopicKind::Heartbeat,
-        TopicKind::State,
-        TopicKind::Telemetry,
-        TopicKind::Hello,
-        TopicKind::Event,
-    ]
-    .into_iter()
-    .map(|k| topics.all_devices(k))
-    .collect()
+    [topics.json_devices(), topics.json_fleet()]
+        .into_iter()
+        .chain(
+            [
+                TopicKind::Status,
+                TopicKind::Heartbeat,
+                TopicKind::State,
+                TopicKind::Telemetry,
+                TopicKind::Hello,
+                TopicKind::Event,
+            ]
+            .into_iter()
+            .map(|k| topics.all_devices(k)),
+        )
+        .collect()
 }
 
 #[cfg(test)]
@@ -358,6 +445,90 @@ mod tests {
         assert!(!auto.may_publish(&topics, "anything", false));
     }
 
+    fn auto(name: &str, subscribe: Vec<String>, publish: Vec<String>) -> Principal {
+        Principal::Automation {
+            name: name.into(),
+            subscribe,
+            publish,
+        }
+    }
+
+    #[test]
+    fn each_identity_requests_on_its_own_topic_and_reads_only_its_own_answers() {
+        let topics = t();
+        let nr = auto("nr", default_automation_subscribe(&topics), vec![]);
+        let greedy = auto("greedy", vec!["#".into()], vec!["home/#".into()]);
+        assert!(nr.may_publish(&topics, "drover/v1/json/req/nr", false));
+        assert!(
+            !nr.may_publish(&topics, "drover/v1/json/req/nr", true),
+            "a retained request would run again"
+        );
+        assert!(!nr.may_publish(&topics, "drover/v1/json/req/other", false));
+        assert!(!greedy.may_publish(&topics, "drover/v1/json/req/nr", false));
+        for forged in [
+            "drover/v1/json/res/nr",
+            "drover/v1/json/dev/pi/telemetry",
+            "drover/v1/json/fleet/operations",
+        ] {
+            assert!(!nr.may_publish(&topics, forged, false), "{forged}");
+            assert!(!greedy.may_publish(&topics, forged, false), "{forged}");
+        }
+        assert!(nr.may_subscribe(&topics, "drover/v1/json/res/nr"));
+        assert!(greedy.may_subscribe(&topics, "drover/v1/json/res/greedy"));
+        for other in [
+            "drover/v1/json/res/nr",
+            "drover/v1/json/res/+",
+            "drover/v1/json/#",
+            "drover/v1/+/res/nr",
+            "$share/g/drover/v1/json/res/nr",
+        ] {
+            assert_eq!(
+                greedy.subscribe_refusal(&topics, other),
+                Some(Refusal::OthersResponses),
+                "{other}"
+            );
+        }
+        assert!(!nr.may_subscribe(&topics, "drover/v1/json/res/other"));
+        // The JSON tree is in the default grant, and so are the reported
+        // CBOR topics.
+        for f in [
+            "drover/v1/json/dev/+/telemetry",
+            "drover/v1/json/dev/#",
+            "drover/v1/json/fleet/#",
+            "drover/v1/json/fleet/rollouts/+",
+            "drover/v1/dev/+/telemetry",
+        ] {
+            assert!(nr.may_subscribe(&topics, f), "{f}");
+        }
+        assert!(greedy.may_subscribe(&topics, "drover/v1/json/dev/#"));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let topics = t();
+        let nr = auto("nr", default_automation_subscribe(&topics), vec![]);
+        match nr.subscribe_refusal(&topics, "drover/v1/dev/+/#") {
+            Some(Refusal::Confidential(kinds)) => {
+                assert_eq!(kinds, ["cmd", "desired", "enroll", "enrolled", "secrets"])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            nr.subscribe_refusal(&topics, "drover/v1/dev/+/logs"),
+            Some(Refusal::NotGranted)
+        );
+        assert_eq!(
+            nr.subscribe_refusal(&topics, "a/#/b"),
+            Some(Refusal::Invalid)
+        );
+        assert_eq!(
+            nr.subscribe_refusal(&topics, "$SYS/#"),
+            Some(Refusal::BrokerTopics)
+        );
+        let text = Refusal::Confidential(vec!["cmd"]).to_string();
+        assert!(text.contains("cmd") && text.contains("JSON tree"), "{text}");
+    }
+
     #[test]
     fn grants_are_validated() {
         let topics = t();
@@ -369,6 +540,10 @@ mod tests {
             matches!(validate_grants(&topics, &[], &["#".into()]), Err(e) if e.field == "publish[0]")
         );
         assert!(validate_grants(&topics, &[], &["drover/v1/dev/x/cmd".into()]).is_err());
+        assert!(
+            matches!(validate_grants(&topics, &[], &["ok/x".into(), "drover/v1/json/req/x".into()]), Err(e) if e.field == "publish[1]" && e.message.contains("JSON tree"))
+        );
+        assert!(validate_grants(&topics, &[], &["drover/+/json/#".into()]).is_err());
     }
 
     #[test]

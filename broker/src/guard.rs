@@ -31,7 +31,7 @@ use rumqttd::protocol::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::acl::Principal;
+use crate::acl::{Principal, Refusal};
 use crate::throttle::{LogLimit, LoginThrottle};
 
 /// The broker's source of identities: the orchestrator's device registry.
@@ -364,17 +364,18 @@ impl Guard {
                 }
             }
             Packet::Subscribe(subscribe, _) => {
-                let granted: Vec<bool> = subscribe
+                let refusals: Vec<Option<Refusal>> = subscribe
                     .filters
                     .iter()
-                    .map(|f| {
-                        self.principal()
-                            .is_some_and(|p| p.may_subscribe(topics, &f.path))
+                    .map(|f| match self.principal() {
+                        Some(p) => p.subscribe_refusal(topics, &f.path),
+                        None => Some(Refusal::NotGranted),
                     })
                     .collect();
-                if granted.iter().all(|g| *g) {
+                if refusals.iter().all(Option::is_none) {
                     return Ok(());
                 }
+                let granted: Vec<bool> = refusals.iter().map(Option::is_none).collect();
                 let mut pending = self
                     .refused_subscriptions
                     .lock()
@@ -386,7 +387,12 @@ impl Guard {
                     );
                 }
                 let client_id = self.conn.as_ref().map_or("", |c| c.client_id.as_str());
-                for (f, _) in subscribe.filters.iter().zip(&granted).filter(|(_, g)| !**g) {
+                for (f, why) in subscribe
+                    .filters
+                    .iter()
+                    .zip(&refusals)
+                    .filter_map(|(f, r)| r.as_ref().map(|r| (f, r)))
+                {
                     self.shared
                         .stats
                         .subscriptions_refused
@@ -395,9 +401,11 @@ impl Guard {
                         // Debug: client id and filter come from the wire.
                         warn!(
                             client_id = ?client_id,
+                            username = ?self.conn.as_ref().and_then(|c| c.username.as_deref()),
                             filter = ?f.path,
+                            reason = %why,
                             suppressed,
-                            "subscription not authorized; answered with failure code 0x80"
+                            "subscription not authorized; answered with SUBACK failure code 0x80, the connection stays up"
                         );
                     }
                 }

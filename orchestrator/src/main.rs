@@ -112,6 +112,23 @@ struct Serve {
     /// Log lines kept per device, app and container (the newest).
     #[arg(long, env = "DROVER_HISTORY_LOG_LINES", default_value_t = 10_000)]
     history_log_lines: u64,
+    /// Publish the fleet as JSON under <root>/v1/json/ for automation
+    /// (status, inventory, state, telemetry, events, operations, rollouts).
+    #[arg(long, env = "DROVER_JSON_MIRROR", default_value_t = true, action = clap::ArgAction::Set)]
+    json_mirror: bool,
+    /// Announce every device to Home Assistant (MQTT discovery), whose
+    /// switches send requests as this automation identity (`drover
+    /// mqtt-users create NAME --role operator ...`).
+    #[arg(long, env = "DROVER_HOMEASSISTANT_USER")]
+    homeassistant_user: Option<String>,
+    /// Home Assistant's discovery prefix.
+    #[arg(
+        long,
+        env = "DROVER_HOMEASSISTANT_PREFIX",
+        default_value = "homeassistant",
+        requires = "homeassistant_user"
+    )]
+    homeassistant_prefix: String,
     #[command(flatten)]
     tls: ServeTlsArgs,
 }
@@ -196,6 +213,17 @@ async fn serve(args: Serve) -> Result<()> {
     config.api_tls = tls.api;
     config.broker_tls = tls.broker_client;
     config.history = history;
+    config.automation.json_mirror = args.json_mirror;
+    if let Some(user) = args.homeassistant_user {
+        let user = drover_shared::Name::new(user.clone())
+            .with_context(|| format!("--homeassistant-user {user:?}"))?;
+        let discovery = drover_shared::topic::Discovery::new(args.homeassistant_prefix.clone())
+            .with_context(|| format!("--homeassistant-prefix {:?}", args.homeassistant_prefix))?;
+        config.automation.homeassistant = Some(drover::automation::HomeAssistantConfig {
+            user: user.as_str().to_string(),
+            discovery,
+        });
+    }
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

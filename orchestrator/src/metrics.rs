@@ -36,12 +36,31 @@ pub struct Metrics {
     /// already stored.
     pub history_skipped: AtomicU64,
     pub history_write_failed: AtomicU64,
+    /// JSON requests over MQTT by outcome: ok, refused (role), invalid
+    /// (unreadable, unknown command, bad field), failed (the command ran
+    /// and failed: not found, conflict, store).
+    pub mqtt_requests: [AtomicU64; 4],
+    /// JSON mirror publishes the outbox did not take (full).
+    pub json_mirror_dropped: AtomicU64,
     /// The embedded broker's authorization counters; unset with an
     /// external broker.
     pub broker: std::sync::OnceLock<std::sync::Arc<drover_broker::GuardStats>>,
 }
 
+/// The outcomes [`Metrics::mqtt_request`] counts, in `mqtt_requests` order.
+pub const MQTT_REQUEST_OUTCOMES: [&str; 4] = ["ok", "refused", "invalid", "failed"];
+
 impl Metrics {
+    /// Counts one JSON request over MQTT by its outcome (one of
+    /// [`MQTT_REQUEST_OUTCOMES`]; anything else counts as `failed`).
+    pub fn mqtt_request(&self, outcome: &'static str) {
+        let i = MQTT_REQUEST_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(3);
+        self.mqtt_requests[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn render(&self, devices_total: usize, devices_online: usize) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
@@ -132,6 +151,11 @@ impl Metrics {
             "History commits that failed.",
             &self.history_write_failed,
         );
+        counter(
+            "drover_json_mirror_dropped_total",
+            "JSON mirror publishes dropped because the outbox was full.",
+            &self.json_mirror_dropped,
+        );
         if let Some(b) = self.broker.get() {
             counter(
                 "drover_broker_acl_violations_total",
@@ -152,6 +176,17 @@ impl Metrics {
                 "drover_broker_auth_failures_total",
                 "Broker CONNECTs refused for unknown, wrong or revoked credentials.",
                 &b.auth_failures,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_mqtt_requests_total JSON requests over MQTT by outcome.\n# TYPE drover_mqtt_requests_total counter"
+        );
+        for (outcome, v) in MQTT_REQUEST_OUTCOMES.iter().zip(&self.mqtt_requests) {
+            let _ = writeln!(
+                out,
+                "drover_mqtt_requests_total{{outcome=\"{outcome}\"}} {}",
+                v.load(Ordering::Relaxed)
             );
         }
         let _ = writeln!(out, "# HELP drover_devices Known devices.\n# TYPE drover_devices gauge\ndrover_devices {devices_total}");

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::automation::AutomationConfig;
 use crate::engine::{Commands, Engine, Outbox};
 use crate::history::{History, HistoryConfig, HistoryError};
 use crate::http::tls::{ApiListener, ApiTls};
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub api_limits: crate::http::tls::ServeLimits,
     /// How much telemetry history and how many log lines to keep.
     pub history: HistoryConfig,
+    /// The JSON tree, commands over MQTT, Home Assistant discovery.
+    pub automation: AutomationConfig,
 }
 
 impl ServerConfig {
@@ -82,6 +85,7 @@ impl ServerConfig {
             device_timeout: Duration::from_secs(30),
             api_limits: Default::default(),
             history: HistoryConfig::default(),
+            automation: AutomationConfig::default(),
         }
     }
 }
@@ -110,6 +114,8 @@ pub enum ServeError {
     ApiTls(drover_broker::TlsError),
     #[error(transparent)]
     History(#[from] HistoryError),
+    #[error("{0}")]
+    Automation(String),
 }
 
 /// A running orchestrator.
@@ -153,6 +159,11 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Orchestrator, ServeError> {
     config.history.validate()?;
+    if config.automation.homeassistant.is_some() && !config.automation.json_mirror {
+        return Err(ServeError::Automation(
+            "--homeassistant-user needs the JSON mirror: Home Assistant reads the JSON tree; drop --json-mirror=false".into(),
+        ));
+    }
     // Certificate files are checked before anything is bound (the MQTTS
     // ones by `Broker::start`, before its ports).
     let api_tls = config
@@ -189,6 +200,7 @@ pub async fn start(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_stopping = stop_rx.clone();
+    let stopped_rx = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -289,7 +301,7 @@ pub async fn start(
     let (engine, engine_task) = Engine::spawn(
         store.clone(),
         writer.clone(),
-        outbox,
+        outbox.clone(),
         events_rx,
         metrics.clone(),
         identities.clone(),
@@ -311,6 +323,29 @@ pub async fn start(
         metrics.clone(),
     ));
     let commands = Commands::new(engine.clone(), identities.clone(), access, metrics, store);
+    let mut automation_config = config.automation.clone();
+    // Only the embedded broker's ACL makes `json/req/<name>` speak for
+    // `<name>`; anywhere else a request's topic proves nothing.
+    let guarded = matches!(config.broker, BrokerMode::Embedded { .. }) && config.mqtt_auth;
+    if automation_config.requests && !guarded {
+        automation_config.requests = false;
+        info!("MQTT commands (JSON requests) are off: they need the embedded broker with authentication, which alone enforces who publishes on each request topic");
+    }
+    if let Some(ha) = &automation_config.homeassistant {
+        if identities.automation_role(&ha.user).is_none() {
+            warn!(user = %ha.user, "Home Assistant discovery names an automation identity that does not exist yet; its switches work once `drover mqtt-users create` makes it");
+        }
+    }
+    let automation = crate::automation::start(
+        automation_config,
+        config.topics.clone(),
+        commands.clone(),
+        outbox,
+        &subscriptions,
+        &inbox,
+        stopped_rx.clone(),
+    )
+    .await;
 
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::http::router(Arc::new(Api {
@@ -325,6 +360,9 @@ pub async fn start(
         // 1. Intake stops: the API answers what it has begun (long polls
         //    and change streams end at once) and takes nothing new.
         let served = listener.serve(app, stop_api, api_limits).await;
+        //    The automation tasks answer the requests they have begun and
+        //    end, dropping their outbox clones (the outbox drains in 3.).
+        automation.join().await;
         // 2. The engine finishes the changes in flight: their writes
         //    committed or failed, their replies sent, their publishes queued.
         engine.shutdown().await;

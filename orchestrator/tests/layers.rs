@@ -25,12 +25,26 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             ][..],
         ),
         ("http", &["engine", "core", "contract", "history"][..]),
+        (
+            "automation",
+            &["engine", "core", "contract", "link", "metrics"][..],
+        ),
         ("cli", &["contract"][..]),
         (
             "server",
             &[
-                "contract", "core", "store", "security", "link", "engine", "history", "http",
-                "metrics", "clock", "backoff",
+                "contract",
+                "core",
+                "store",
+                "security",
+                "link",
+                "engine",
+                "history",
+                "http",
+                "automation",
+                "metrics",
+                "clock",
+                "backoff",
             ][..],
         ),
     ])

@@ -1,7 +1,13 @@
 //! The topic tree. Every topic Drover uses is built and parsed here.
 //!
 //! ```text
-//! <root>/v1/dev/<device-id>/<kind>
+//! <root>/v1/dev/<device-id>/<kind>          device traffic, CBOR
+//! <root>/v1/json/dev/<device-id>/<kind>     the JSON mirror for automation
+//! <root>/v1/json/fleet/operations           operation outcomes (JSON)
+//! <root>/v1/json/fleet/rollouts/<id>        rollout progress (JSON)
+//! <root>/v1/json/req/<name>                 automation identity <name>'s requests
+//! <root>/v1/json/res/<name>                 ... and the answers, for it alone
+//! <discovery-prefix>/<component>/<node>/<object>/config   Home Assistant
 //! ```
 //!
 //! `<root>` is configurable (default `drover`) so several fleets can share a
@@ -14,6 +20,48 @@ use crate::ids::DeviceId;
 pub const DEFAULT_ROOT: &str = "drover";
 const VERSION_SEGMENT: &str = "v1";
 const DEVICE_SEGMENT: &str = "dev";
+const JSON_SEGMENT: &str = "json";
+
+/// The kinds of per-device topic in the JSON tree (`<root>/v1/json/dev/<id>/<kind>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JsonKind {
+    /// Retained: online or not, and when last seen.
+    Status,
+    /// Retained: what the device is (its `hello`).
+    Inventory,
+    /// Retained: its apps by name, with their state and containers.
+    State,
+    /// Retained: the latest telemetry sample.
+    Telemetry,
+    /// Not retained: one device event.
+    Event,
+}
+
+impl JsonKind {
+    pub const ALL: [JsonKind; 5] = [
+        JsonKind::Status,
+        JsonKind::Inventory,
+        JsonKind::State,
+        JsonKind::Telemetry,
+        JsonKind::Event,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JsonKind::Status => "status",
+            JsonKind::Inventory => "inventory",
+            JsonKind::State => "state",
+            JsonKind::Telemetry => "telemetry",
+            JsonKind::Event => "event",
+        }
+    }
+
+    /// Whether the mirror publishes it retained: the latest value is what
+    /// a newcomer wants; an event is news only once.
+    pub fn retained(self) -> bool {
+        self != JsonKind::Event
+    }
+}
 
 /// The kinds of per-device topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,6 +261,78 @@ impl Topics {
         format!("{}/#", self.root)
     }
 
+    /// A device's topic in the JSON tree.
+    pub fn json_device(&self, device: &DeviceId, kind: JsonKind) -> String {
+        format!(
+            "{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/{DEVICE_SEGMENT}/{device}/{}",
+            self.root,
+            kind.as_str()
+        )
+    }
+
+    /// A filter matching every device's JSON topics.
+    pub fn json_devices(&self) -> String {
+        format!(
+            "{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/{DEVICE_SEGMENT}/#",
+            self.root
+        )
+    }
+
+    /// A filter matching the fleet-wide JSON topics.
+    pub fn json_fleet(&self) -> String {
+        format!("{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/fleet/#", self.root)
+    }
+
+    /// Operation outcomes, fleet-wide (not retained).
+    pub fn json_operations(&self) -> String {
+        format!(
+            "{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/fleet/operations",
+            self.root
+        )
+    }
+
+    /// One rollout's progress (retained). Rollout ids are the
+    /// orchestrator's own (no `/`, `+`, `#`).
+    pub fn json_rollout(&self, id: &str) -> String {
+        format!(
+            "{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/fleet/rollouts/{id}",
+            self.root
+        )
+    }
+
+    /// Where the automation identity `name` publishes its requests.
+    pub fn json_request(&self, name: &str) -> String {
+        format!("{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/req/{name}", self.root)
+    }
+
+    /// Where the answers to `name`'s requests go; only `name` reads it.
+    pub fn json_response(&self, name: &str) -> String {
+        format!("{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/res/{name}", self.root)
+    }
+
+    /// A filter matching every identity's request topic.
+    pub fn json_requests(&self) -> String {
+        self.json_request("+")
+    }
+
+    /// A filter matching every identity's response topic.
+    pub fn json_responses(&self) -> String {
+        self.json_response("+")
+    }
+
+    /// A filter matching the whole JSON tree: only the orchestrator
+    /// publishes there, except each identity on its own request topic.
+    pub fn json_space(&self) -> String {
+        format!("{}/{VERSION_SEGMENT}/{JSON_SEGMENT}/#", self.root)
+    }
+
+    /// The identity name of a request topic (`<root>/v1/json/req/<name>`).
+    pub fn parse_json_request<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic.strip_prefix(self.root.as_str())?.strip_prefix('/')?;
+        let name = rest.strip_prefix("v1/json/req/")?;
+        (!name.is_empty() && !name.contains(['/', '+', '#'])).then_some(name)
+    }
+
     /// Splits a topic into device and kind; `None` for anything that is not
     /// a well-formed v1 device topic under this root.
     pub fn parse(&self, topic: &str) -> Option<(DeviceId, TopicKind)> {
@@ -227,6 +347,51 @@ impl Topics {
             return None;
         }
         Some((device, kind))
+    }
+}
+
+/// Home Assistant's MQTT discovery topics under a discovery prefix
+/// (default `homeassistant`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    prefix: String,
+}
+
+impl Discovery {
+    pub const DEFAULT_PREFIX: &'static str = "homeassistant";
+
+    /// A validated prefix: the same rules as a topic root.
+    pub fn new(prefix: impl Into<String>) -> Result<Discovery, RootError> {
+        let t = Topics::new(prefix)?;
+        Ok(Discovery { prefix: t.root })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>/<component>/<node>/<object>/config`. `node` and `object`
+    /// are built from device ids and names, which hold no `/`, `+`, `#`.
+    pub fn config(&self, component: &str, node: &str, object: &str) -> String {
+        format!("{}/{component}/{node}/{object}/config", self.prefix)
+    }
+
+    /// Where Home Assistant announces itself (`online`/`offline`).
+    pub fn status(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+
+    /// Every discovery topic (what Home Assistant subscribes to).
+    pub fn everything(&self) -> String {
+        format!("{}/#", self.prefix)
+    }
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            prefix: Discovery::DEFAULT_PREFIX.into(),
+        }
     }
 }
 
@@ -266,6 +431,56 @@ mod tests {
     fn filters_use_single_level_wildcard() {
         let t = Topics::default();
         assert_eq!(t.all_devices(TopicKind::Status), "drover/v1/dev/+/status");
+    }
+
+    #[test]
+    fn the_json_tree() {
+        let t = Topics::new("site/drover").expect("root");
+        let d = DeviceId::new("pi-01").expect("id");
+        assert_eq!(
+            t.json_device(&d, JsonKind::Telemetry),
+            "site/drover/v1/json/dev/pi-01/telemetry"
+        );
+        assert_eq!(t.json_request("nr"), "site/drover/v1/json/req/nr");
+        assert_eq!(t.json_response("nr"), "site/drover/v1/json/res/nr");
+        assert_eq!(
+            t.parse_json_request("site/drover/v1/json/req/nr"),
+            Some("nr")
+        );
+        for s in [
+            "site/drover/v1/json/req/",
+            "site/drover/v1/json/req/a/b",
+            "site/drover/v1/json/res/nr",
+            "drover/v1/json/req/nr",
+        ] {
+            assert_eq!(t.parse_json_request(s), None, "{s}");
+        }
+        // Every JSON topic is in the JSON space, and none in the device tree.
+        for k in JsonKind::ALL {
+            let topic = t.json_device(&d, k);
+            assert!(crate::filter::matches(&t.json_space(), &topic));
+            assert!(crate::filter::matches(&t.json_devices(), &topic));
+            assert_eq!(t.parse(&topic), None);
+        }
+        assert!(crate::filter::matches(
+            &t.json_fleet(),
+            &t.json_rollout("r1")
+        ));
+        assert!(crate::filter::matches(
+            &t.json_fleet(),
+            &t.json_operations()
+        ));
+    }
+
+    #[test]
+    fn discovery_topics() {
+        let d = Discovery::default();
+        assert_eq!(
+            d.config("sensor", "drover_pi", "cpu"),
+            "homeassistant/sensor/drover_pi/cpu/config"
+        );
+        assert_eq!(d.status(), "homeassistant/status");
+        assert!(Discovery::new("a/#").is_err());
     }
 
     #[test]

@@ -52,8 +52,14 @@ pub enum MqttUsersCmd {
     /// Create an automation identity for the broker.
     Create {
         name: String,
-        /// Topic filter it may subscribe to (repeatable); default: what
-        /// devices report (status, heartbeat, state, telemetry, hello, event).
+        /// What its JSON requests (`<root>/v1/json/req/NAME`) may do:
+        /// viewer (read) or operator (also deploy, start, stop, …).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// Topic filter it may subscribe to (repeatable); default: the
+        /// JSON tree (`<root>/v1/json/dev/#`, `<root>/v1/json/fleet/#`) and
+        /// what devices report (status, heartbeat, state, telemetry,
+        /// hello, event). Its own response topic needs no grant.
         #[arg(long = "subscribe")]
         subscribe: Vec<String>,
         /// Topic filter it may publish on (repeatable); never device topics.
@@ -190,19 +196,21 @@ impl Client {
         match cmd {
             MqttUsersCmd::Create {
                 name,
+                role,
                 subscribe,
                 publish,
             } => {
-                let mut body = json!({ "name": name, "publish": publish });
+                let mut body = json!({ "name": name, "role": role, "publish": publish });
                 if !subscribe.is_empty() {
                     body["subscribe"] = json!(subscribe);
                 }
                 let v = self.post("/api/v1/mqtt-users", &body).await?;
                 self.print(&v, |u: AutomationView| {
                     format!(
-                        "MQTT username: {}\npassword: {}\nsubscribe: {}\npublish: {}\n",
+                        "MQTT username: {}\npassword: {}\nrole: {}\nsubscribe: {}\npublish: {}\n",
                         u.username,
                         u.password.unwrap_or_default(),
+                        u.role,
                         u.subscribe.join(" "),
                         if u.publish.is_empty() {
                             "nothing".into()
@@ -216,11 +224,12 @@ impl Client {
                 let v = self.get("/api/v1/mqtt-users").await?;
                 self.print(&v, |us: Vec<AutomationView>| {
                     table(
-                        &["USERNAME", "SUBSCRIBE", "PUBLISH", "CREATED"],
+                        &["USERNAME", "ROLE", "SUBSCRIBE", "PUBLISH", "CREATED"],
                         us.into_iter()
                             .map(|u| {
                                 vec![
                                     u.username,
+                                    u.role.to_string(),
                                     u.subscribe.join(" "),
                                     u.publish.join(" "),
                                     when(u.created_at_ms),

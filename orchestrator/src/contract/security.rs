@@ -124,6 +124,8 @@ pub struct MqttUser {
     pub name: Name,
     /// The MQTT username to connect with (any client id).
     pub username: String,
+    /// What its JSON requests over MQTT may do (viewer or operator).
+    pub role: Role,
     pub subscribe: Vec<String>,
     pub publish: Vec<String>,
     pub created_at_ms: u64,
@@ -133,15 +135,24 @@ pub struct MqttUser {
 }
 
 /// The body of `POST /api/v1/mqtt-users`. Without `subscribe`, the identity
-/// reads what devices report.
+/// reads the JSON tree and what devices report; without `role`, it is a
+/// viewer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMqttUser {
     pub name: Name,
+    /// `viewer` (default) or `operator`; never `admin`: an MQTT login
+    /// does not manage who may do what.
+    #[serde(default = "viewer")]
+    pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<Vec<String>>,
     #[serde(default)]
     pub publish: Vec<String>,
+}
+
+fn viewer() -> Role {
+    Role::Viewer
 }
 
 /// How an audited command ended.

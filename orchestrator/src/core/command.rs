@@ -24,6 +24,10 @@ pub const INVALID_TOKEN_ACTOR: &str = "invalid-token";
 pub enum Actor {
     /// A REST API token, by its (unique) name and role.
     ApiToken { name: String, role: Role },
+    /// An automation identity's JSON request over MQTT
+    /// (`<root>/v1/json/req/<name>`), with the identity's role. Audited as
+    /// `auto:<name>`.
+    Automation { name: String, role: Role },
     /// A device speaking for itself (enrollment).
     Device(DeviceId),
     /// The orchestrator itself (bootstrap, housekeeping). Never comes from
@@ -38,6 +42,7 @@ impl Actor {
     pub fn name(&self) -> String {
         match self {
             Actor::ApiToken { name, .. } => name.clone(),
+            Actor::Automation { name, .. } => format!("auto:{name}"),
             Actor::Device(id) => format!("device:{id}"),
             Actor::System => "system".into(),
             Actor::Unauthenticated {
@@ -53,7 +58,7 @@ impl Actor {
     /// may run no operator command.
     pub fn role(&self) -> Option<Role> {
         match self {
-            Actor::ApiToken { role, .. } => Some(*role),
+            Actor::ApiToken { role, .. } | Actor::Automation { role, .. } => Some(*role),
             Actor::Device(_) | Actor::Unauthenticated { .. } => None,
             Actor::System => Some(Role::Admin),
         }
@@ -501,5 +506,12 @@ mod tests {
         assert!(!device.may(CommandKind::ListDevices));
         assert_eq!(device.name(), "device:pi-1");
         assert!(Actor::System.may(CommandKind::ReadAudit));
+        let nr = Actor::Automation {
+            name: "nr".into(),
+            role: Role::Operator,
+        };
+        assert_eq!(nr.name(), "auto:nr");
+        assert!(nr.may(CommandKind::Deploy));
+        assert!(!nr.may(CommandKind::CreateApp));
     }
 }

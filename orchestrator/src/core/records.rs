@@ -165,10 +165,17 @@ pub struct EnrollTokenRecord {
 pub struct AutomationRecord {
     pub name: Name,
     pub password_digest: String,
+    /// Records from before roles existed are viewers.
+    #[serde(default = "viewer")]
+    pub role: Role,
     pub subscribe: Vec<String>,
     pub publish: Vec<String>,
     pub created_at_ms: u64,
     pub created_by: String,
+}
+
+fn viewer() -> Role {
+    Role::Viewer
 }
 
 /// A REST API token.
@@ -315,6 +322,7 @@ impl From<&AutomationRecord> for contract::MqttUser {
         contract::MqttUser {
             username: automation_username(r.name.as_str()),
             name: r.name.clone(),
+            role: r.role,
             subscribe: r.subscribe.clone(),
             publish: r.publish.clone(),
             created_at_ms: r.created_at_ms,

@@ -70,6 +70,19 @@ pub enum CommandError {
 }
 
 impl CommandError {
+    /// Its HTTP status, which every surface shows (REST as the status,
+    /// the JSON API over MQTT in its response's `status`).
+    pub fn status(&self) -> u16 {
+        match self {
+            CommandError::Denied { .. } => 403,
+            CommandError::Invalid { .. } => 400,
+            CommandError::NotFound { .. } => 404,
+            CommandError::Conflict { .. } => 409,
+            CommandError::Unavailable(_) => 503,
+            CommandError::Internal(_) => 500,
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         CommandError::Invalid {
             field: field.into(),
@@ -560,7 +573,7 @@ impl Commands {
             Command::CreateMqttUser(req) => {
                 let (rec, password) = self
                     .identities
-                    .create_automation(&by, req.name, req.subscribe, req.publish)
+                    .create_automation(&by, req.name, req.role, req.subscribe, req.publish)
                     .await?;
                 let detail = format!("subscribe {:?}, publish {:?}", rec.subscribe, rec.publish);
                 let mut view = contract::MqttUser::from(&rec);

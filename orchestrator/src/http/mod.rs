@@ -87,14 +87,7 @@ impl ApiError {
 
 /// The HTTP status of a command error.
 pub(crate) fn error_status(e: &CommandError) -> StatusCode {
-    match e {
-        CommandError::Denied { .. } => StatusCode::FORBIDDEN,
-        CommandError::Invalid { .. } => StatusCode::BAD_REQUEST,
-        CommandError::NotFound { .. } => StatusCode::NOT_FOUND,
-        CommandError::Conflict { .. } => StatusCode::CONFLICT,
-        CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        CommandError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 impl From<CommandError> for ApiError {

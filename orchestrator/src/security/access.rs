@@ -334,7 +334,7 @@ impl Access {
                 actor: actor.name(),
                 role: actor
                     .role()
-                    .filter(|_| matches!(actor, Actor::ApiToken { .. })),
+                    .filter(|_| matches!(actor, Actor::ApiToken { .. } | Actor::Automation { .. })),
                 action,
                 command: command.map(|c| c.name().to_string()),
                 outcome,

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use tracing::info;
 
 use crate::clock::now_ms;
-use crate::contract::CredentialState;
+use crate::contract::{CredentialState, Role};
 use crate::core::records::{AutomationRecord, CredentialRecord, EnrollTokenRecord};
 use crate::security::secret;
 use crate::store::writer::StoreWriter;
@@ -313,9 +313,16 @@ impl Identities {
         &self,
         created_by: &str,
         name: Name,
+        role: Role,
         subscribe: Option<Vec<String>>,
         publish: Vec<String>,
     ) -> Result<(AutomationRecord, String), IdentityError> {
+        if role == Role::Admin {
+            return Err(IdentityError::Invalid {
+                field: "role".into(),
+                message: "an automation identity is a viewer or an operator, never an admin".into(),
+            });
+        }
         let subscribe = subscribe.unwrap_or_else(|| default_automation_subscribe(&self.topics));
         validate_grants(&self.topics, &subscribe, &publish).map_err(|e| {
             IdentityError::Invalid {
@@ -331,6 +338,7 @@ impl Identities {
         let rec = AutomationRecord {
             name: name.clone(),
             password_digest: secret::digest(&password),
+            role,
             subscribe,
             publish,
             created_at_ms: now_ms(),
@@ -347,6 +355,11 @@ impl Identities {
         let mut v: Vec<_> = self.read().automation.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// The role of the automation identity `name`, if it exists.
+    pub fn automation_role(&self, name: &str) -> Option<Role> {
+        self.read().automation.get(name).map(|a| a.role)
     }
 
     /// Deletes an automation identity and closes its connections.
@@ -563,7 +576,7 @@ mod tests {
         let (_d, ids) = ids();
         let name = Name::new("nodered").expect("n");
         let (_, pw) = ids
-            .create_automation("admin", name, None, vec![])
+            .create_automation("admin", name, Role::Viewer, None, vec![])
             .await
             .expect("created");
         assert!(ids.authenticate("any-client", "$auto:nodered", &pw));
@@ -578,9 +591,30 @@ mod tests {
             other => panic!("unexpected principal {other:?}"),
         }
         let bad = ids
-            .create_automation("admin", Name::new("x").expect("n"), None, vec!["#".into()])
+            .create_automation(
+                "admin",
+                Name::new("x").expect("n"),
+                Role::Operator,
+                None,
+                vec!["#".into()],
+            )
             .await;
         assert!(matches!(bad, Err(IdentityError::Invalid { .. })));
+        let admin = ids
+            .create_automation(
+                "admin",
+                Name::new("y").expect("n"),
+                Role::Admin,
+                None,
+                vec![],
+            )
+            .await;
+        assert!(
+            matches!(&admin, Err(IdentityError::Invalid { field, .. }) if field == "role"),
+            "{admin:?}"
+        );
+        assert_eq!(ids.automation_role("nodered"), Some(Role::Viewer));
+        assert_eq!(ids.automation_role("y"), None);
         assert!(ids.delete_automation("nodered").await.expect("deleted"));
         assert!(!ids.authenticate("any-client", "$auto:nodered", &pw));
     }

@@ -208,6 +208,11 @@ pub const COMMANDS: &[Entry] = &[
         run: unpause,
     },
     Entry {
+        cmd: "restart",
+        kind: CommandKind::Restart,
+        run: restart,
+    },
+    Entry {
         cmd: "label",
         kind: CommandKind::SetLabels,
         run: label,
@@ -375,6 +380,9 @@ fn pause(c: &Ctx, a: Args) -> Fut<'_> {
 }
 fn unpause(c: &Ctx, a: Args) -> Fut<'_> {
     Box::pin(apply(c, a, Op::Unpause))
+}
+fn restart(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(apply(c, a, Op::Restart))
 }
 
 #[derive(Deserialize)]
@@ -975,6 +983,7 @@ mod tests {
         for (cmd, kind) in [
             ("deploy", CommandKind::Deploy),
             ("stop", CommandKind::Stop),
+            ("restart", CommandKind::Restart),
             ("rollout.abort", CommandKind::AbortRollout),
             ("devices.list", CommandKind::ListDevices),
         ] {

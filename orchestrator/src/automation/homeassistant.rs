@@ -208,6 +208,7 @@ mod tests {
                     run: drover_shared::model::RunState::Running,
                     started_at: 1,
                     release: 1,
+                    restarted_at: 0,
                 })
                 .collect(),
         };

@@ -329,12 +329,14 @@ mod tests {
                     run: RunState::Running,
                     started_at: 4,
                     release: 2,
+                    restarted_at: 0,
                 },
                 DesiredApp {
                     spec: spec("new"),
                     run: RunState::Stopped,
                     started_at: 0,
                     release: 1,
+                    restarted_at: 0,
                 },
             ],
         };

@@ -269,6 +269,12 @@ impl Api {
         self.post_json("/api/v1/rollouts", body).await
     }
 
+    /// `POST /api/v1/rules` with `body` (a `Rule`).
+    pub async fn create_rule(&self, body: serde_json::Value) -> Result<(), ApiError> {
+        let _: serde_json::Value = self.post_json("/api/v1/rules", body).await?;
+        Ok(())
+    }
+
     pub async fn rollout(&self, id: &str) -> Result<RolloutView, ApiError> {
         self.get_json(&format!("/api/v1/rollouts/{id}")).await
     }

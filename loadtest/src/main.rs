@@ -185,6 +185,24 @@ enum Scenario {
         #[arg(long, default_value = "chromedriver")]
         chromedriver: PathBuf,
     },
+    /// What the JSON mirror and rules cost: one orchestrator without them,
+    /// one with the mirror and `--rules` rules, the same fleet on each; and
+    /// a rule's latency from an MQTT trigger to its publish action.
+    Automation {
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        agents: usize,
+        /// Rules in the "with" phase (the first is the latency rule).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        rules: u64,
+        /// Seconds of each CPU phase.
+        #[arg(long, visible_alias = "duration", default_value_t = 60)]
+        duration_secs: u64,
+        /// Messages sent through the latency rule (and as many echoes).
+        #[arg(long, default_value_t = 500)]
+        pings: usize,
+        #[arg(long, default_value_t = 20)]
+        ping_interval_ms: u64,
+    },
     /// `drover deploy/remove --wait` next to `docker run -d` and
     /// `docker stop && docker rm`, real agent on the real Docker daemon.
     E2eLatency {
@@ -228,6 +246,7 @@ impl Scenario {
             Scenario::Storm { .. } => "storm",
             Scenario::AgentFootprint { .. } => "agent-footprint",
             Scenario::Console { .. } => "console",
+            Scenario::Automation { .. } => "automation",
             Scenario::E2eLatency { .. } => "e2e-latency",
         }
     }
@@ -268,6 +287,7 @@ fn common(a: &CommonArgs) -> Result<Common> {
             spread: a.spread,
             external,
             work_dir: a.work_dir.clone(),
+            extra_args: Vec::new(),
         },
         topics,
         heartbeat: Duration::from_secs(a.heartbeat_secs),
@@ -393,6 +413,21 @@ async fn run(cli: Cli) -> Result<()> {
                 chromedriver: chromedriver.clone(),
             };
             scenario::console::console(&c, *agents, &a).await?
+        }
+        Scenario::Automation {
+            agents,
+            rules,
+            duration_secs,
+            pings,
+            ping_interval_ms,
+        } => {
+            let a = scenario::automation::AutomationArgs {
+                rules: usize::try_from(*rules)?,
+                duration: Duration::from_secs(*duration_secs),
+                pings: *pings,
+                ping_interval: Duration::from_millis(*ping_interval_ms),
+            };
+            scenario::automation::automation(&c, *agents, &a).await?
         }
         Scenario::E2eLatency {
             agent_bin,

@@ -16,6 +16,7 @@ use crate::runtime::RuntimeConfig;
 use crate::sim::{Fleet, SimConfig, SimError};
 use crate::target::{BrokerKind, Target, TargetConfig, TargetError};
 
+pub mod automation;
 pub mod console;
 pub mod rollout_request;
 

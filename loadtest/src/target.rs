@@ -65,6 +65,8 @@ pub struct TargetConfig {
     /// Use an orchestrator that already runs: its API base URL and MQTT port.
     pub external: Option<(String, u16)>,
     pub work_dir: PathBuf,
+    /// More `drover serve` arguments (e.g. `--json-mirror=false`).
+    pub extra_args: Vec<String>,
 }
 
 pub struct Target {
@@ -191,6 +193,7 @@ impl Target {
                 format!("mqtt://127.0.0.1:{}", self.mqtt_port),
             ]),
         }
+        a.extend(self.cfg.extra_args.iter().cloned());
         a
     }
 

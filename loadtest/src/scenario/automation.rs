@@ -128,13 +128,22 @@ async fn client(
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => acks += 1,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ScenarioError::Failed(format!("mqtt client {id}: {e}"))),
-            Err(_) => return Err(ScenarioError::Failed(format!("mqtt client {id}: no SUBACK in 30 s"))),
+            Err(_) => {
+                return Err(ScenarioError::Failed(format!(
+                    "mqtt client {id}: no SUBACK in 30 s"
+                )))
+            }
         }
     }
     Ok((c, ev))
 }
 
-async fn cpu_phase(t: &Target, fleet: &Fleet, wall: Duration, mirrored: Option<&AtomicU64>) -> Phase {
+async fn cpu_phase(
+    t: &Target,
+    fleet: &Fleet,
+    wall: Duration,
+    mirrored: Option<&AtomicU64>,
+) -> Phase {
     let pid = t.orch.as_ref().map(Proc::pid);
     let m0 = mirrored.map_or(0, |m| m.load(Ordering::Relaxed));
     let s0 = fleet.stats().snapshot();
@@ -168,13 +177,15 @@ async fn fleet_on(
     if let Err(why) = wait_online(&mut t, &fleet, n, Duration::from_secs(600), started).await {
         fleet.shutdown(Duration::from_secs(5)).await;
         t.stop(c.keep).await;
-        return Err(ScenarioError::Failed(format!("not every agent came online: {why}")));
+        return Err(ScenarioError::Failed(format!(
+            "not every agent came online: {why}"
+        )));
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
     Ok((t, fleet))
 }
 
-async fn stop(t: Target, fleet: Fleet, keep: bool) -> Option<String> {
+async fn stop(mut t: Target, fleet: Fleet, keep: bool) -> Option<String> {
     let exited = t.orch_exit();
     fleet.shutdown(Duration::from_secs(10)).await;
     t.stop(keep).await;
@@ -184,16 +195,25 @@ async fn stop(t: Target, fleet: Fleet, keep: bool) -> Option<String> {
 /// Pings through the rule and echoes through the broker alone, one of
 /// each every `interval`.
 async fn latency(t: &Target, a: &AutomationArgs) -> Result<Latency, ScenarioError> {
-    let (c, mut ev) = client(t, &format!("lt-pinger-{}", std::process::id()), &[PONG, ECHO]).await?;
+    let (c, mut ev) = client(
+        t,
+        &format!("lt-pinger-{}", std::process::id()),
+        &[PONG, ECHO],
+    )
+    .await?;
     let sent: Arc<Mutex<HashMap<(bool, u64), Instant>>> = Arc::default();
     let out: Arc<Mutex<Latency>> = Arc::default();
     let reader = {
         let (sent, out) = (sent.clone(), out.clone());
         tokio::spawn(async move {
             while let Ok(e) = ev.poll().await {
-                let Event::Incoming(Packet::Publish(p)) = e else { continue };
+                let Event::Incoming(Packet::Publish(p)) = e else {
+                    continue;
+                };
                 let now = Instant::now();
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else { continue };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                    continue;
+                };
                 let is_rule = p.topic == PONG;
                 // The rule's answer carries the firing, which carries the
                 // message it saw.
@@ -206,14 +226,20 @@ async fn latency(t: &Target, a: &AutomationArgs) -> Result<Latency, ScenarioErro
                 let Some(seq) = seq else { continue };
                 if let Some(at) = sent.lock().expect("lock").remove(&(is_rule, seq)) {
                     let mut o = out.lock().expect("lock");
-                    if is_rule { o.rule.push(now - at) } else { o.echo.push(now - at) }
+                    if is_rule {
+                        o.rule.push(now - at)
+                    } else {
+                        o.echo.push(now - at)
+                    }
                 }
             }
         })
     };
     for seq in 0..a.pings as u64 {
         for (is_rule, topic) in [(true, PING), (false, ECHO)] {
-            sent.lock().expect("lock").insert((is_rule, seq), Instant::now());
+            sent.lock()
+                .expect("lock")
+                .insert((is_rule, seq), Instant::now());
             let body = serde_json::json!({ "seq": seq }).to_string();
             c.publish(topic, QoS::AtMostOnce, false, body)
                 .await
@@ -233,7 +259,11 @@ async fn latency(t: &Target, a: &AutomationArgs) -> Result<Latency, ScenarioErro
     Ok(l)
 }
 
-pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<Table>, ScenarioError> {
+pub async fn automation(
+    c: &Common,
+    n: usize,
+    a: &AutomationArgs,
+) -> Result<Vec<Table>, ScenarioError> {
     if c.target.external.is_some() {
         return Err(ScenarioError::Failed(
             "automation starts its own orchestrators (one without the mirror, one with); it cannot be combined with --api".into(),
@@ -249,7 +279,11 @@ pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<
         return Err(ScenarioError::Failed(why));
     }
 
-    info!(agents = n, rules = a.rules, "automation: with the JSON mirror and rules");
+    info!(
+        agents = n,
+        rules = a.rules,
+        "automation: with the JSON mirror and rules"
+    );
     let (t, fleet) = fleet_on(c, n, &[], "auto-on").await?;
     let setup_with = t.orch_command();
     let defs = rules(a.rules);
@@ -265,7 +299,13 @@ pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<
         Err(e) => Err(e),
         Ok(()) => {
             let filter = c.topics.json_devices();
-            match client(&t, &format!("lt-mirror-{}", std::process::id()), &[filter.as_str()]).await {
+            match client(
+                &t,
+                &format!("lt-mirror-{}", std::process::id()),
+                &[filter.as_str()],
+            )
+            .await
+            {
                 Err(e) => Err(e),
                 Ok((mc, mut mev)) => {
                     let m = mirrored.clone();
@@ -301,10 +341,23 @@ pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<
 
     let cpu = |p: &Phase| p.series.as_ref().map(Series::cpu_percent);
     let mut cost = Table::new(
-        format!("automation: {n} devices, without vs with the JSON mirror and {} rules", a.rules),
-        &["phase", "orchestrator", "orch CPU", "orch RSS start → end", "fleet publishes/s", "mirror messages received/s"],
+        format!(
+            "automation: {n} devices, without vs with the JSON mirror and {} rules",
+            a.rules
+        ),
+        &[
+            "phase",
+            "orchestrator",
+            "orch CPU",
+            "orch RSS start → end",
+            "fleet publishes/s",
+            "mirror messages received/s",
+        ],
     );
-    for (name, p, cmd) in [("without", &without, &setup_without), ("with", &with, &setup_with)] {
+    for (name, p, cmd) in [
+        ("without", &without, &setup_without),
+        ("with", &with, &setup_with),
+    ] {
         let secs = p.wall.as_secs_f64().max(0.001);
         cost.row(vec![
             name.into(),
@@ -314,7 +367,11 @@ pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<
                 format!("{} → {}", mib(s.first.rss_bytes), mib(s.last.rss_bytes))
             }),
             format!("{:.0}", p.fleet_publishes as f64 / secs),
-            if name == "with" { format!("{:.0}", p.mirrored as f64 / secs) } else { "—".into() },
+            if name == "with" {
+                format!("{:.0}", p.mirrored as f64 / secs)
+            } else {
+                "—".into()
+            },
         ]);
     }
     if let (Some(off), Some(on)) = (cpu(&without), cpu(&with)) {
@@ -338,15 +395,22 @@ pub async fn automation(c: &Common, n: usize, a: &AutomationArgs) -> Result<Vec<
     cost.note("the tool (agents, the mirror's reader, the pinger) runs on the same machine as the orchestrator and competes with it for CPU");
 
     let mut lt = Table::new(
-        "automation: rule latency (MQTT trigger → publish action), beside the broker alone".to_string(),
+        "automation: rule latency (MQTT trigger → publish action), beside the broker alone"
+            .to_string(),
         &["path", "answered / sent", "p50", "p99", "max"],
     );
     for (name, v) in [
-        ("rule: publish loadtest/ping → rule → loadtest/pong", &lat.rule),
-        ("broker alone: publish loadtest/echo → the same client", &lat.echo),
+        (
+            "rule: publish loadtest/ping → rule → loadtest/pong",
+            &lat.rule,
+        ),
+        (
+            "broker alone: publish loadtest/echo → the same client",
+            &lat.echo,
+        ),
     ] {
-        let mut v = v.clone();
-        v.sort();
+        let mut v: Vec<f64> = v.iter().map(Duration::as_secs_f64).collect();
+        v.sort_by(f64::total_cmp);
         lt.row(vec![
             name.into(),
             format!("{} / {}", v.len(), lat.sent),
@@ -372,8 +436,10 @@ mod tests {
         let r = rules(20);
         assert_eq!(r.len(), 20);
         assert_eq!(r[0]["trigger"]["filter"], PING);
-        let names: std::collections::BTreeSet<_> =
-            r.iter().map(|x| x["name"].as_str().expect("name").to_string()).collect();
+        let names: std::collections::BTreeSet<_> = r
+            .iter()
+            .map(|x| x["name"].as_str().expect("name").to_string())
+            .collect();
         assert_eq!(names.len(), 20);
         assert_eq!(rules(0).len(), 1);
     }

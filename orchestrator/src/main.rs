@@ -112,6 +112,11 @@ struct Serve {
     /// Log lines kept per device, app and container (the newest).
     #[arg(long, env = "DROVER_HISTORY_LOG_LINES", default_value_t = 10_000)]
     history_log_lines: u64,
+    /// Per-device gauges on /metrics (online, CPU, memory, disk, labelled
+    /// `device`): one series per device and gauge, as many as the fleet
+    /// has devices. `--metrics-per-device=false` leaves them out.
+    #[arg(long, env = "DROVER_METRICS_PER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics_per_device: bool,
     #[command(flatten)]
     tls: ServeTlsArgs,
 }
@@ -196,6 +201,7 @@ async fn serve(args: Serve) -> Result<()> {
     config.api_tls = tls.api;
     config.broker_tls = tls.broker_client;
     config.history = history;
+    config.metrics_per_device = args.metrics_per_device;
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

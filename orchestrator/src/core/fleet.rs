@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use drover_shared::codec::MAX_PAYLOAD_BYTES;
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
 use drover_shared::payload::{
-    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, LogBatch, Op, StateReport,
-    Status, Telemetry,
+    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, HostMetrics, LogBatch, Op,
+    StateReport, Status, Telemetry,
 };
 use drover_shared::{DeviceId, Name};
 
@@ -210,6 +210,32 @@ pub struct DeviceQuery {
 pub struct DevicePage {
     pub total: usize,
     pub devices: Vec<contract::Device>,
+}
+
+/// The fleet's gauges at one moment ([`Fleet::gauges`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetGauges {
+    pub online: usize,
+    pub offline: usize,
+    /// Every defined app (and any a device still runs), by name.
+    pub apps: BTreeMap<String, AppGauge>,
+    /// Empty unless asked for.
+    pub devices: Vec<DeviceGauge>,
+}
+
+/// Devices that should run an app, and devices where it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppGauge {
+    pub desired: u64,
+    pub running: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceGauge {
+    pub id: String,
+    pub online: bool,
+    /// From its latest telemetry; `None` before the first.
+    pub host: Option<HostMetrics>,
 }
 
 #[derive(Debug, Default)]
@@ -1353,6 +1379,41 @@ impl Fleet {
             self.devices.len(),
             self.devices.values().filter(|d| d.record.online).count(),
         )
+    }
+
+    /// What `/metrics` shows of the fleet at a scrape, in one pass over
+    /// the devices (no views built): the engine answers it between inputs.
+    /// Per-device rows only when `per_device`.
+    pub fn gauges(&self, per_device: bool) -> FleetGauges {
+        let mut g = FleetGauges::default();
+        for app in self.apps.keys() {
+            g.apps.insert(app.to_string(), AppGauge::default());
+        }
+        for (id, d) in &self.devices {
+            if d.record.online {
+                g.online += 1;
+            } else {
+                g.offline += 1;
+            }
+            for a in self.desired.get(id).map_or(&[][..], |s| &s.apps[..]) {
+                if a.run == RunState::Running {
+                    g.apps.entry(a.spec.name.to_string()).or_default().desired += 1;
+                }
+            }
+            for a in d.record.observed.as_ref().map_or(&[][..], |o| &o.apps[..]) {
+                if a.phase == AppPhase::Running {
+                    g.apps.entry(a.name.to_string()).or_default().running += 1;
+                }
+            }
+            if per_device {
+                g.devices.push(DeviceGauge {
+                    id: id.to_string(),
+                    online: d.record.online,
+                    host: d.telemetry.as_ref().map(|t| t.host.clone()),
+                });
+            }
+        }
+        g
     }
 
     pub fn device_views(&self) -> Vec<contract::Device> {

@@ -608,3 +608,190 @@ impl Collector for Scrape {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Operation;
+    use crate::core::fleet::{AppGauge, DeviceGauge};
+    use drover_shared::payload::HostMetrics;
+
+    fn fleet(per_device: bool) -> FleetGauges {
+        let mut f = FleetGauges {
+            online: 2,
+            offline: 1,
+            ..Default::default()
+        };
+        f.apps.insert(
+            "web".into(),
+            AppGauge {
+                desired: 3,
+                running: 2,
+            },
+        );
+        if per_device {
+            f.devices.push(DeviceGauge {
+                id: "pi-1".into(),
+                online: true,
+                host: Some(HostMetrics {
+                    cpu_percent: 50.0,
+                    memory_total_bytes: 1024,
+                    ..Default::default()
+                }),
+            });
+            // No telemetry yet: online, no resource gauges.
+            f.devices.push(DeviceGauge {
+                id: "pi-2".into(),
+                online: false,
+                host: None,
+            });
+        }
+        f
+    }
+
+    fn op(status: OpStatus, created: u64, updated: u64) -> Change {
+        Change::Operation {
+            operation: Box::new(Operation {
+                id: "o".into(),
+                device: drover_shared::DeviceId::new("pi-1").expect("id"),
+                app: drover_shared::Name::new("web").expect("name"),
+                op: Op::Deploy,
+                generation: 1,
+                status,
+                detail: String::new(),
+                progress: None,
+                created_at_ms: created,
+                updated_at_ms: updated,
+            }),
+        }
+    }
+
+    /// The sample lines of a text exposition, `name{labels} value`.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn known_label_values_are_there_at_zero_before_anything_happens() {
+        let m = Metrics::new(true);
+        let text = m.render(FleetGauges::default(), &[], false);
+        let s = samples(&text);
+        for line in [
+            "drover_operations_total{kind=\"unpause\",outcome=\"superseded\"} 0",
+            "drover_rollouts_total{outcome=\"rolled_back\"} 0",
+            "drover_rule_firings_total{outcome=\"cut\"} 0",
+            "drover_mqtt_requests_total{outcome=\"invalid\"} 0",
+            "drover_webhook_failures_total 0",
+            "drover_devices{status=\"offline\"} 0",
+            "drover_rollouts_in_progress{phase=\"waiting_approval\"} 0",
+            "drover_operation_duration_seconds_count{kind=\"stop\"} 0",
+        ] {
+            assert!(s.contains(&line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn fleet_gauges_per_device_only_when_asked() {
+        let m = Metrics::new(true);
+        let text = m.render(fleet(true), &[], false);
+        let s = samples(&text);
+        for line in [
+            "drover_devices{status=\"online\"} 2",
+            "drover_app_desired_devices{app=\"web\"} 3",
+            "drover_app_running_devices{app=\"web\"} 2",
+            "drover_device_online{device=\"pi-1\"} 1",
+            "drover_device_online{device=\"pi-2\"} 0",
+            "drover_device_cpu_ratio{device=\"pi-1\"} 0.5",
+            "drover_device_memory_total_bytes{device=\"pi-1\"} 1024.0",
+        ] {
+            assert!(s.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("device_cpu_ratio{device=\"pi-2\"}"),
+            "{text}"
+        );
+        let off = Metrics::new(false);
+        assert!(!off.per_device());
+        let text = off.render(fleet(false), &[], false);
+        assert!(!text.contains("drover_device_"), "{text}");
+        assert!(
+            text.contains("drover_devices{status=\"online\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn operations_are_counted_and_timed_from_the_change_stream() {
+        let m = Metrics::new(false);
+        m.observe(&op(OpStatus::Sent, 1_000, 1_001));
+        m.observe(&op(OpStatus::Received, 1_000, 1_250));
+        m.observe(&op(OpStatus::InProgress, 1_000, 1_300));
+        m.observe(&op(OpStatus::Succeeded, 1_000, 4_000));
+        m.observe(&Change::Lagged { missed: 3 });
+        let text = m.render(FleetGauges::default(), &[], false);
+        let s = samples(&text);
+        for line in [
+            "drover_command_round_trip_seconds_count 1",
+            "drover_command_round_trip_seconds_sum 0.25",
+            "drover_operation_duration_seconds_count{kind=\"deploy\"} 1",
+            "drover_operation_duration_seconds_sum{kind=\"deploy\"} 3.0",
+            "drover_operation_duration_seconds_bucket{kind=\"deploy\",le=\"2.56\"} 0",
+            "drover_operation_duration_seconds_bucket{kind=\"deploy\",le=\"5.12\"} 1",
+        ] {
+            assert!(s.contains(&line), "{line} missing from:\n{text}");
+        }
+        let ok = vec![("kind", "deploy"), ("outcome", "succeeded")];
+        assert_eq!(m.operations.get_or_create_owned(&ok).get(), 1);
+        assert_eq!(m.changes_lagged.get(), 3);
+    }
+
+    #[test]
+    fn rule_webhook_and_request_counters_count() {
+        let m = Metrics::new(false);
+        m.rule_fired("cut");
+        m.rule_fired("ok");
+        m.rule_fired("ok");
+        m.webhook_failed();
+        m.mqtt_request("refused");
+        let text = m.render(FleetGauges::default(), &[], false);
+        let s = samples(&text);
+        for line in [
+            "drover_rule_firings_total{outcome=\"ok\"} 2",
+            "drover_rule_firings_total{outcome=\"cut\"} 1",
+            "drover_rule_firings_total{outcome=\"failed\"} 0",
+            "drover_webhook_failures_total 1",
+            "drover_mqtt_requests_total{outcome=\"refused\"} 1",
+            "drover_mqtt_requests_total{outcome=\"ok\"} 0",
+        ] {
+            assert!(s.contains(&line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn openmetrics_only_when_the_accept_header_asks() {
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(wants_openmetrics(" application/openmetrics-text"));
+        for other in [
+            "",
+            "*/*",
+            "text/plain",
+            "garbage;;;,,",
+            "text/plain; application/openmetrics-text",
+        ] {
+            assert!(!wants_openmetrics(other), "{other:?}");
+        }
+        let m = Metrics::new(false);
+        let om = m.render(FleetGauges::default(), &[], true);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        // OpenMetrics names a counter's family without `_total`.
+        assert!(om.contains("# TYPE drover_mqtt_received counter"), "{om}");
+        let text = m.render(FleetGauges::default(), &[], false);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE drover_mqtt_received_total counter"),
+            "{text}"
+        );
+    }
+}

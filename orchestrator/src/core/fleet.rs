@@ -2119,6 +2119,66 @@ mod tests {
     }
 
     #[test]
+    fn gauges_count_devices_apps_and_per_device_resources() {
+        let mut f = fleet_with_device();
+        let (rec, _) = f.create_app(spec("db"), "t", 1).expect("create");
+        f.put_app(rec);
+        f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let running = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Running,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+            release: 0,
+        };
+        f.on_device_message(&id("pi"), report(1, vec![running]), 3);
+        f.on_device_message(&id("off"), DeviceMessage::Hello(Hello::default()), 1);
+        f.expire(10_000_000, 1_000);
+        f.on_device_message(&id("pi"), hb(1), 10_000_001);
+        let host = HostMetrics {
+            cpu_percent: 12.5,
+            memory_total_bytes: 4096,
+            ..Default::default()
+        };
+        let t = Telemetry {
+            at_ms: 10_000_001,
+            host: host.clone(),
+            containers: vec![],
+        };
+        f.on_device_message(&id("pi"), DeviceMessage::Telemetry(t), 10_000_001);
+
+        let g = f.gauges(true);
+        assert_eq!((g.online, g.offline), (1, 1));
+        assert_eq!(
+            g.apps["web"],
+            AppGauge {
+                desired: 1,
+                running: 1
+            }
+        );
+        // Defined and deployed nowhere: there, at 0.
+        assert_eq!(g.apps["db"], AppGauge::default());
+        assert_eq!(
+            g.devices,
+            vec![
+                DeviceGauge {
+                    id: "off".into(),
+                    online: false,
+                    host: None
+                },
+                DeviceGauge {
+                    id: "pi".into(),
+                    online: true,
+                    host: Some(host)
+                },
+            ]
+        );
+        assert!(f.gauges(false).devices.is_empty());
+    }
+
+    #[test]
     fn an_app_in_use_cannot_be_deleted() {
         let mut f = fleet_with_device();
         f.req(Op::Deploy, "web", "a", 2).expect("deploy");

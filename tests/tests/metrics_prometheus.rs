@@ -316,8 +316,7 @@ async fn prometheus_scrapes_drover_and_every_dashboard_panel_has_data() {
 
     // Values as Prometheus has them, not only their presence.
     let id = &agent.id;
-    let online = format!("drover_devices{{status=\"online\"}}");
-    assert_eq!(prom.value(&online).await, 1.0);
+    assert_eq!(prom.value("drover_devices{status=\"online\"}").await, 1.0);
     let running = format!("drover_app_running_devices{{app=\"{app}\"}}");
     wait_for(TIMEOUT, "the app running in Prometheus", || async {
         (prom.value(&running).await == 1.0).then_some(())

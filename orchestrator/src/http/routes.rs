@@ -177,8 +177,11 @@ async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoRespon
 /// it (Prometheus does), else the Prometheus text format 0.0.4.
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses(
-        (status = 200, description = "OpenMetrics text 1.0.0 (`Accept: application/openmetrics-text`) or the Prometheus text exposition format 0.0.4", body = String,
-         content_type = "text/plain"),
+        (status = 200, description = "OpenMetrics text 1.0.0 (`Accept: application/openmetrics-text`) or the Prometheus text exposition format 0.0.4",
+         content(
+            (String = "text/plain"),
+            (String = "application/openmetrics-text"),
+         )),
         (status = 503, description = "The engine is not running (starting or stopping)", body = ErrorBody),
     ))]
 async fn metrics(

@@ -369,3 +369,50 @@ async fn prometheus_scrapes_drover_and_every_dashboard_panel_has_data() {
     );
     orch.stop().await;
 }
+
+/// `drover serve --metrics-per-device=false` leaves out the per-device
+/// series (the fleet-wide ones stay); a value that is not a boolean is
+/// refused, naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_device_gauges_can_be_turned_off_and_the_flag_is_checked() {
+    let out = tokio::process::Command::new(binary("drover"))
+        .args(["serve", "--metrics-per-device=maybe"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run drover serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--metrics-per-device") && err.contains("maybe"),
+        "{err}"
+    );
+
+    let orch = OrchProc::start_with(&["--metrics-per-device=false"], None).await;
+    let agent = Agent::spawn(&orch.broker_url(), &unique("noper"));
+    wait_for(
+        Duration::from_secs(30),
+        "device online with telemetry",
+        || async {
+            orch.api
+                .device(&agent.id)
+                .await
+                .filter(|d| d["online"] == json!(true) && d["telemetry"].is_object())
+        },
+    )
+    .await;
+    let body = reqwest::get(format!("{}/metrics", orch.api.base))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        body.contains("drover_devices{status=\"online\"} 1"),
+        "{body}"
+    );
+    assert!(!body.contains("drover_device_"), "{body}");
+    if let Err(out) = promtool_check(&body).await {
+        panic!("promtool check metrics failed:\n{out}\n--- /metrics:\n{body}");
+    }
+}

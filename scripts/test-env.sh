@@ -418,10 +418,47 @@ ensure_paho() {
     fi
 }
 
+# Prometheus and promtool (Debian's `prometheus`): tests/tests/metrics_prometheus.rs
+# runs its own `prometheus` on a free loopback port with a temporary config
+# and data directory, and `promtool check metrics`. The packaged daemon is
+# never needed: it is installed with service starts denied (policy-rc.d),
+# and one an earlier install started is left alone, it serves nothing the
+# tests read.
+ensure_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        log "prometheus: $(prometheus --version 2>&1 | head -n1)"
+        return 0
+    fi
+    if ! is_root; then
+        soft_fail "prometheus and promtool missing and not root; apt-get install prometheus"
+        return 0
+    fi
+    log "prometheus: installing (service start denied)"
+    export DEBIAN_FRONTEND=noninteractive
+    local policy=/usr/sbin/policy-rc.d own_policy=""
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
+    local ok=1
+    apt-get update -qq >/dev/null || ok=""
+    if [[ -n "$ok" ]]; then
+        apt-get install -y -qq --no-install-recommends prometheus >/dev/null || ok=""
+    fi
+    [[ -z "$own_policy" ]] || rm -f "$policy"
+    if [[ -z "$ok" ]] || ! command -v promtool >/dev/null 2>&1; then
+        soft_fail "apt-get install prometheus failed"
+        return 0
+    fi
+    log "prometheus: $(prometheus --version 2>&1 | head -n1)"
+}
+
 main() {
     ensure_packages
     ensure_schemathesis
     ensure_paho
+    ensure_prometheus
     ensure_docker
     ensure_registry
     ensure_image

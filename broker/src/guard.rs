@@ -58,6 +58,10 @@ pub struct GuardStats {
     /// Connections closed for a packet over the size limit
     /// (`BrokerConfig::max_payload_size`).
     pub oversized_packets: AtomicU64,
+    /// PUBLISH packets accepted from clients (after the ACL check).
+    pub publishes_received: AtomicU64,
+    /// PUBLISH packets written to clients.
+    pub publishes_sent: AtomicU64,
 }
 
 struct Registered {
@@ -532,6 +536,12 @@ impl Protocol for Guard {
             Err(e) => return Err(e),
         };
         self.check(&mut packet)?;
+        if matches!(packet, Packet::Publish(..)) {
+            self.shared
+                .stats
+                .publishes_received
+                .fetch_add(1, Ordering::Relaxed);
+        }
         unpin(&mut packet);
         Ok(packet)
     }
@@ -539,6 +549,13 @@ impl Protocol for Guard {
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, ProtocolError> {
         let packet = match packet {
             Packet::SubAck(ack, props) => Packet::SubAck(self.with_refusals(ack), props),
+            Packet::Publish(..) => {
+                self.shared
+                    .stats
+                    .publishes_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                packet
+            }
             other => other,
         };
         self.inner.write(packet, write)

@@ -438,7 +438,8 @@ impl Api {
         self.get_json("/api/v1/devices").await
     }
 
-    /// `/metrics` as name → value (samples without labels only).
+    /// `/metrics` as series → value (a labelled series keyed as written:
+    /// `name{label="value"}`).
     pub async fn metrics(&self) -> Result<HashMap<String, f64>, ApiError> {
         let url = format!("{}/metrics", self.base);
         let text = self.call(self.http.get(&url), &url).await?;
@@ -525,8 +526,8 @@ mod tests {
 
     #[test]
     fn metrics_text_is_parsed() {
-        let m = parse_metrics("# HELP x y\n# TYPE x counter\ndrover_mqtt_received_total 42\ndrover_devices_online 7\n");
+        let m = parse_metrics("# HELP x y\n# TYPE x counter\ndrover_mqtt_received_total 42\ndrover_devices{status=\"online\"} 7\n");
         assert_eq!(m.get("drover_mqtt_received_total"), Some(&42.0));
-        assert_eq!(m.get("drover_devices_online"), Some(&7.0));
+        assert_eq!(m.get("drover_devices{status=\"online\"}"), Some(&7.0));
     }
 }

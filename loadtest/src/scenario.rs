@@ -110,8 +110,11 @@ pub fn prepare_fds(agents: usize) -> Result<String, ScenarioError> {
     Ok(note)
 }
 
+/// The series of online devices, as `/metrics` writes it.
+const ONLINE_SERIES: &str = "drover_devices{status=\"online\"}";
+
 fn online_from_metrics(m: &HashMap<String, f64>) -> usize {
-    m.get("drover_devices_online").map_or(0, |v| *v as usize)
+    m.get(ONLINE_SERIES).map_or(0, |v| *v as usize)
 }
 
 /// Polls `/metrics` until at least `n` devices are online. `Err` says why

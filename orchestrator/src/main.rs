@@ -129,6 +129,11 @@ struct Serve {
         requires = "homeassistant_user"
     )]
     homeassistant_prefix: String,
+    /// Per-device gauges on /metrics (online, CPU, memory, disk, labelled
+    /// `device`): one series per device and gauge, as many as the fleet
+    /// has devices. `--metrics-per-device=false` leaves them out.
+    #[arg(long, env = "DROVER_METRICS_PER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics_per_device: bool,
     #[command(flatten)]
     tls: ServeTlsArgs,
 }
@@ -224,6 +229,7 @@ async fn serve(args: Serve) -> Result<()> {
             discovery,
         });
     }
+    config.metrics_per_device = args.metrics_per_device;
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

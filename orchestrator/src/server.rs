@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub history: HistoryConfig,
     /// The JSON tree, commands over MQTT, Home Assistant discovery.
     pub automation: AutomationConfig,
+    /// Per-device gauges on `/metrics` (`--metrics-per-device`).
+    pub metrics_per_device: bool,
 }
 
 impl ServerConfig {
@@ -86,6 +88,7 @@ impl ServerConfig {
             api_limits: Default::default(),
             history: HistoryConfig::default(),
             automation: AutomationConfig::default(),
+            metrics_per_device: true,
         }
     }
 }
@@ -190,7 +193,7 @@ pub async fn start(
         tokio::task::spawn_blocking(move || History::open(&history_path, &history_config))
             .await
             .map_err(|e| HistoryError::Db(e.to_string()))??;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.metrics_per_device));
     let writer = StoreWriter::spawn(store.clone(), metrics.clone());
     let identities = Arc::new(Identities::load(
         store.clone(),
@@ -243,7 +246,7 @@ pub async fn start(
             };
             let broker = Broker::start(broker_config, access)?;
             identities.attach_connections(broker.connections());
-            let _ = metrics.broker.set(broker.stats());
+            metrics.set_broker(broker.stats(), broker.connections());
             mqtts_addr = broker.tls_addr();
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
@@ -309,6 +312,7 @@ pub async fn start(
         config.device_timeout,
     )?;
     let history_writer = history.start(engine.subscribe(), metrics.clone());
+    tokio::spawn(crate::metrics::follow(engine.subscribe(), metrics.clone()));
     // Topics outside the device tree that automation and rules ask for,
     // and where the link hands what arrives on them.
     let subscriptions = crate::link::Subscriptions::new(client.clone());

@@ -12,7 +12,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("contract", &[][..]),
         ("clock", &[][..]),
         ("backoff", &[][..]),
-        ("metrics", &[][..]),
+        ("metrics", &["core", "contract"][..]),
         ("core", &["contract"][..]),
         ("store", &["core", "contract", "metrics"][..]),
         ("security", &["core", "contract", "store", "clock"][..]),
@@ -24,7 +24,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "core", "contract", "store", "link", "security", "metrics", "clock",
             ][..],
         ),
-        ("http", &["engine", "core", "contract", "history"][..]),
+        (
+            "http",
+            &["engine", "core", "contract", "history", "metrics"][..],
+        ),
         (
             "automation",
             &["engine", "core", "contract", "link", "metrics"][..],

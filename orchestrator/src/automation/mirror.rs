@@ -13,7 +13,6 @@
 //! retained messages in memory only.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,9 +109,7 @@ impl Mirror {
 
     fn send(&self, topic: String, body: Vec<u8>, qos: QoS, retain: bool) {
         if !self.outbox.publish_raw(topic, body, qos, retain) {
-            self.metrics
-                .json_mirror_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.json_mirror_dropped.inc();
         }
     }
 
@@ -186,9 +183,7 @@ impl Mirror {
         if let Some(ha) = self.homeassistant.as_mut() {
             for (topic, body) in ha.update(v) {
                 if !self.outbox.publish_raw(topic, body, QoS::AtLeastOnce, true) {
-                    self.metrics
-                        .json_mirror_dropped
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.json_mirror_dropped.inc();
                 }
             }
         }

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use drover_shared::codec::MAX_PAYLOAD_BYTES;
 use drover_shared::model::{AppPhase, AppSpec, DesiredApp, DesiredState, RunState};
 use drover_shared::payload::{
-    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, LogBatch, Op, StateReport,
-    Status, Telemetry,
+    Ack, AckPhase, Action, Command, DeviceEvent, Heartbeat, Hello, HostMetrics, LogBatch, Op,
+    StateReport, Status, Telemetry,
 };
 use drover_shared::{DeviceId, Name};
 
@@ -221,6 +221,32 @@ pub struct DeviceQuery {
 pub struct DevicePage {
     pub total: usize,
     pub devices: Vec<contract::Device>,
+}
+
+/// The fleet's gauges at one moment ([`Fleet::gauges`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetGauges {
+    pub online: usize,
+    pub offline: usize,
+    /// Every defined app (and any a device still runs), by name.
+    pub apps: BTreeMap<String, AppGauge>,
+    /// Empty unless asked for.
+    pub devices: Vec<DeviceGauge>,
+}
+
+/// Devices that should run an app, and devices where it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppGauge {
+    pub desired: u64,
+    pub running: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceGauge {
+    pub id: String,
+    pub online: bool,
+    /// From its latest telemetry; `None` before the first.
+    pub host: Option<HostMetrics>,
 }
 
 #[derive(Debug, Default)]
@@ -1385,6 +1411,41 @@ impl Fleet {
         )
     }
 
+    /// What `/metrics` shows of the fleet at a scrape, in one pass over
+    /// the devices (no views built): the engine answers it between inputs.
+    /// Per-device rows only when `per_device`.
+    pub fn gauges(&self, per_device: bool) -> FleetGauges {
+        let mut g = FleetGauges::default();
+        for app in self.apps.keys() {
+            g.apps.insert(app.to_string(), AppGauge::default());
+        }
+        for (id, d) in &self.devices {
+            if d.record.online {
+                g.online += 1;
+            } else {
+                g.offline += 1;
+            }
+            for a in self.desired.get(id).map_or(&[][..], |s| &s.apps[..]) {
+                if a.run == RunState::Running {
+                    g.apps.entry(a.spec.name.to_string()).or_default().desired += 1;
+                }
+            }
+            for a in d.record.observed.as_ref().map_or(&[][..], |o| &o.apps[..]) {
+                if a.phase == AppPhase::Running {
+                    g.apps.entry(a.name.to_string()).or_default().running += 1;
+                }
+            }
+            if per_device {
+                g.devices.push(DeviceGauge {
+                    id: id.to_string(),
+                    online: d.record.online,
+                    host: d.telemetry.as_ref().map(|t| t.host.clone()),
+                });
+            }
+        }
+        g
+    }
+
     pub fn device_views(&self) -> Vec<contract::Device> {
         self.devices
             .keys()
@@ -2086,6 +2147,66 @@ mod tests {
         // Nothing from a device that never said hello.
         let fx = f.on_device_message(&id("nobody"), DeviceMessage::Logs(batch), 3);
         assert!(fx.changes.is_empty());
+    }
+
+    #[test]
+    fn gauges_count_devices_apps_and_per_device_resources() {
+        let mut f = fleet_with_device();
+        let (rec, _) = f.create_app(spec("db"), "t", 1).expect("create");
+        f.put_app(rec);
+        f.req(Op::Deploy, "web", "a", 2).expect("deploy");
+        let running = AppStatus {
+            name: name("web"),
+            phase: AppPhase::Running,
+            error: None,
+            attempts: 0,
+            next_retry_at_ms: None,
+            containers: vec![],
+            release: 0,
+        };
+        f.on_device_message(&id("pi"), report(1, vec![running]), 3);
+        f.on_device_message(&id("off"), DeviceMessage::Hello(Hello::default()), 1);
+        f.expire(10_000_000, 1_000);
+        f.on_device_message(&id("pi"), hb(1), 10_000_001);
+        let host = HostMetrics {
+            cpu_percent: 12.5,
+            memory_total_bytes: 4096,
+            ..Default::default()
+        };
+        let t = Telemetry {
+            at_ms: 10_000_001,
+            host: host.clone(),
+            containers: vec![],
+        };
+        f.on_device_message(&id("pi"), DeviceMessage::Telemetry(t), 10_000_001);
+
+        let g = f.gauges(true);
+        assert_eq!((g.online, g.offline), (1, 1));
+        assert_eq!(
+            g.apps["web"],
+            AppGauge {
+                desired: 1,
+                running: 1
+            }
+        );
+        // Defined and deployed nowhere: there, at 0.
+        assert_eq!(g.apps["db"], AppGauge::default());
+        assert_eq!(
+            g.devices,
+            vec![
+                DeviceGauge {
+                    id: "off".into(),
+                    online: false,
+                    host: None
+                },
+                DeviceGauge {
+                    id: "pi".into(),
+                    online: true,
+                    host: Some(host)
+                },
+            ]
+        );
+        assert!(f.gauges(false).devices.is_empty());
     }
 
     #[test]

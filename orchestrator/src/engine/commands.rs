@@ -4,7 +4,6 @@
 //! check and the audit record happen here, once, whatever the surface.
 //! Fleet changes go to the engine; identities and tokens to `security`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::warn;
@@ -249,7 +248,7 @@ impl Commands {
             who,
             has: actor.role(),
         };
-        self.metrics.api_denied.fetch_add(1, Ordering::Relaxed);
+        self.metrics.api_denied.inc();
         self.access
             .audit(
                 actor,

@@ -20,7 +20,6 @@ mod rollouts;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1211,7 +1210,7 @@ async fn enroll(
     let actor = crate::core::command::Actor::Device(id.clone());
     let outcome = match identities.enroll(&id, request.token.expose()).await {
         Ok(password) => {
-            metrics.enrollments_accepted.fetch_add(1, Ordering::Relaxed);
+            metrics.enrollments_accepted.inc();
             info!("device enrolled");
             access
                 .audit(
@@ -1228,7 +1227,7 @@ async fn enroll(
             }
         }
         Err(refusal) => {
-            metrics.enrollments_refused.fetch_add(1, Ordering::Relaxed);
+            metrics.enrollments_refused.inc();
             warn!(reason = %refusal, "enrollment refused");
             access
                 .audit(

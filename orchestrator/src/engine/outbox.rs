@@ -5,7 +5,6 @@
 //! dropped and counted, and the device heals through its next heartbeat
 //! (generations, not messages, are the truth).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use drover_shared::topic::{TopicKind, Topics};
@@ -56,10 +55,10 @@ impl Outbox {
                     .await
                 {
                     Ok(()) => {
-                        m.mqtt_published.fetch_add(1, Ordering::Relaxed);
+                        m.mqtt_published.inc();
                     }
                     Err(e) => {
-                        m.mqtt_publish_failed.fetch_add(1, Ordering::Relaxed);
+                        m.mqtt_publish_failed.inc();
                         warn!(what = msg.what, error = %e, "publish failed; the device gets it on resync");
                     }
                 }
@@ -95,9 +94,7 @@ impl Outbox {
         match self.tx.try_send(msg) {
             Ok(()) => true,
             Err(e) => {
-                self.metrics
-                    .mqtt_publish_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.mqtt_publish_failed.inc();
                 warn!(device = %device, %kind, error = %e, "publish not queued; the device will get it on resync");
                 false
             }
@@ -121,9 +118,7 @@ impl Outbox {
         match self.tx.try_send(msg) {
             Ok(()) => true,
             Err(e) => {
-                self.metrics
-                    .mqtt_publish_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.mqtt_publish_failed.inc();
                 warn!(error = %e, "publish not queued (outbox full or closed)");
                 false
             }

@@ -6,7 +6,7 @@
 //! [`PRUNE_INTERVAL`] the commit also removes a bounded chunk of what
 //! has aged out.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,8 +133,8 @@ fn lagged(n: u64, metrics: &Metrics, losses: &mut Losses) {
     );
 }
 
-fn bump(counter: &AtomicU64, n: u64) -> u64 {
-    counter.fetch_add(n, Ordering::Relaxed) + n
+fn bump(counter: &Counter, n: u64) -> u64 {
+    counter.inc_by(n) + n
 }
 
 type Commit = JoinHandle<(Cursors, Result<WriteStats, HistoryError>)>;
@@ -316,9 +316,9 @@ mod tests {
         let lines = store.logs("pi-1", "web", None, 0, 10).expect("read");
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].line, "hello");
-        assert_eq!(metrics.history_samples.load(Ordering::Relaxed), 2);
-        assert_eq!(metrics.history_log_lines.load(Ordering::Relaxed), 1);
-        assert_eq!(metrics.history_dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.history_samples.get(), 2);
+        assert_eq!(metrics.history_log_lines.get(), 1);
+        assert_eq!(metrics.history_dropped.get(), 0);
     }
 
     /// A feed that cannot keep up with the stream counts what it missed.
@@ -340,8 +340,8 @@ mod tests {
             metrics.clone(),
         );
         w.close().await;
-        assert_eq!(metrics.history_lagged.load(Ordering::Relaxed), 6);
-        assert_eq!(metrics.history_samples.load(Ordering::Relaxed), 4);
+        assert_eq!(metrics.history_lagged.get(), 6);
+        assert_eq!(metrics.history_samples.get(), 4);
     }
 
     /// A full queue drops and counts; the feed never waits for the writer.
@@ -360,6 +360,6 @@ mod tests {
             &metrics,
             &mut losses,
         );
-        assert_eq!(metrics.history_dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(metrics.history_dropped.get(), 3);
     }
 }

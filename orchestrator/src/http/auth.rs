@@ -15,8 +15,6 @@
 //! something is in the audit log: a change refused before it became a
 //! command (a body that does not parse, a bad path) is recorded here.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
@@ -111,10 +109,7 @@ fn unauthorized(message: &str) -> Response {
 
 /// Counts and audits a request refused here.
 async fn deny(api: &ApiState, who: &Actor, action: String, status: u16, message: &str) {
-    api.commands
-        .metrics
-        .api_denied
-        .fetch_add(1, Ordering::Relaxed);
+    api.commands.metrics.api_denied.inc();
     api.commands
         .access
         .audit(

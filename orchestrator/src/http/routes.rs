@@ -174,18 +174,43 @@ async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoRespon
     )
 }
 
-/// Prometheus metrics in the text exposition format.
+/// Prometheus metrics: OpenMetrics text when the `Accept` header asks for
+/// it (Prometheus does), else the Prometheus text format 0.0.4.
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses(
-        (status = 200, description = "Prometheus text exposition format 0.0.4", body = String,
-         content_type = "text/plain"),
+        (status = 200, description = "OpenMetrics text 1.0.0 (`Accept: application/openmetrics-text`) or the Prometheus text exposition format 0.0.4",
+         content(
+            (String = "text/plain"),
+            (String = "application/openmetrics-text"),
+         )),
         (status = 503, description = "The engine is not running (starting or stopping)", body = ErrorBody),
     ))]
-async fn metrics(State(api): State<ApiState>) -> ApiResult<impl IntoResponse> {
-    let (total, online) = api.commands.engine.device_counts().await?;
+async fn metrics(
+    State(api): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    let m = api.commands.metrics.clone();
+    let per_device = m.per_device();
+    // One pass over the devices on the engine task (no views built), and
+    // the rollouts; encoding happens here, off the engine.
+    let fleet = api
+        .commands
+        .engine
+        .read(move |f, _| f.gauges(per_device))
+        .await?;
+    let rollouts = api.commands.engine.rollouts(None).await?;
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(crate::metrics::wants_openmetrics);
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS_CONTENT_TYPE
+    } else {
+        crate::metrics::TEXT_CONTENT_TYPE
+    };
     Ok((
-        [("content-type", "text/plain; version=0.0.4")],
-        api.commands.metrics.render(total, online),
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        m.render(fleet, &rollouts, openmetrics),
     ))
 }
 

@@ -119,10 +119,7 @@ async fn sign_in(State(api): State<ApiState>, body: Bytes) -> ApiResult<Response
             Ok(resp)
         }
         Ok(None) => {
-            api.commands
-                .metrics
-                .api_denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            api.commands.metrics.api_denied.inc();
             access
                 .audit(
                     &crate::core::command::Actor::Unauthenticated {

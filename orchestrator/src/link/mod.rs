@@ -3,7 +3,6 @@
 //! publishes into [`Event`]s and hands them to the service loop.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -230,9 +229,7 @@ pub fn admit(topic: &str, qos: QoS, payload: &[u8], metrics: &Metrics, log: &Ove
     if payload.len() <= MAX_PAYLOAD_BYTES && size <= MAX_PACKET_BYTES {
         return true;
     }
-    metrics
-        .mqtt_publish_oversized
-        .fetch_add(1, Ordering::Relaxed);
+    metrics.mqtt_publish_oversized.inc();
     if log.first(topic) {
         warn!(
             %topic,
@@ -275,7 +272,7 @@ pub async fn drive(
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
-                metrics.mqtt_link_connects.fetch_add(1, Ordering::Relaxed);
+                metrics.mqtt_link_connects.inc();
                 info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "connected to broker");
                 for kind in TopicKind::FROM_DEVICE {
                     if let Err(e) = client
@@ -295,7 +292,7 @@ pub async fn drive(
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
+                metrics.mqtt_received.inc();
                 let Some((id, kind)) = cfg.topics.parse(&p.topic) else {
                     if inbox.receiver_count() > 0 {
                         // Asked for through `Subscriptions`; readers judge it.
@@ -305,7 +302,7 @@ pub async fn drive(
                             retain: p.retain,
                         }));
                     } else {
-                        metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                        metrics.mqtt_rejected.inc();
                         debug!(topic = ?p.topic, "ignoring publish on a foreign topic");
                     }
                     continue;
@@ -318,7 +315,7 @@ pub async fn drive(
                             }
                         }
                         Err(e) => {
-                            metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                            metrics.mqtt_rejected.inc();
                             if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
                                 warn!(device = %id, error = ?e.to_string(), suppressed, "rejected enrollment request");
                             }
@@ -342,7 +339,7 @@ pub async fn drive(
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        metrics.mqtt_rejected.fetch_add(1, Ordering::Relaxed);
+                        metrics.mqtt_rejected.inc();
                         // Device-controlled text, escaped (`?`), and at most
                         // a few lines a minute: a device sending garbage
                         // fills a counter, not the log.
@@ -422,7 +419,7 @@ mod tests {
             &metrics,
             &log
         ));
-        assert_eq!(metrics.mqtt_publish_oversized.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.mqtt_publish_oversized.get(), 2);
         assert!(!log.first(topic), "the first drop was logged already");
         assert!(log.first("drover/v1/dev/other/desired"));
     }

@@ -21,7 +21,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,10 +218,18 @@ async fn commit(
     all.extend(writes);
     let s = store.clone();
     let attempt = all.clone();
-    let res = tokio::task::spawn_blocking(move || s.write(&attempt))
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))))
-        .map_err(|e| e.to_string());
+    let res = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let res = s.write(&attempt);
+        (res, started.elapsed())
+    })
+    .await
+    .map(|(res, took)| {
+        metrics.store_commit_seconds.observe(took.as_secs_f64());
+        res
+    })
+    .unwrap_or_else(|e| Err(StoreError::Db(format!("writer task failed: {e}"))))
+    .map_err(|e| e.to_string());
     match &res {
         Ok(()) => {
             if retried > 0 {
@@ -230,7 +237,7 @@ async fn commit(
             }
         }
         Err(e) => {
-            metrics.store_write_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.store_write_failed.inc();
             warn!(error = %e, "store transaction failed");
             store.write_failed(format!("cannot write: {e}"));
             keep_audit(audit_retry, &all, metrics);
@@ -245,7 +252,7 @@ fn keep_audit(audit_retry: &mut VecDeque<Write>, writes: &[Write], metrics: &Met
         if matches!(w, Write::Audit { .. }) {
             if audit_retry.len() == AUDIT_RETRY {
                 audit_retry.pop_front();
-                metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.audit_dropped.inc();
             }
             audit_retry.push_back(w.clone());
         }

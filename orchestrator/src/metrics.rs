@@ -38,10 +38,30 @@ pub struct Metrics {
     pub history_write_failed: AtomicU64,
     /// The embedded broker's authorization counters; unset with an
     /// external broker.
+    /// Rule firings by outcome, and webhook calls that failed for good.
+    pub rule_fired_ok: AtomicU64,
+    pub rule_fired_failed: AtomicU64,
+    pub rule_fired_cut: AtomicU64,
+    pub webhook_failed: AtomicU64,
     pub broker: std::sync::OnceLock<std::sync::Arc<drover_broker::GuardStats>>,
 }
 
 impl Metrics {
+    /// A rule fired, with its outcome: "ok", "failed" or "cut".
+    pub fn rule_fired(&self, outcome: &str) {
+        let c = match outcome {
+            "ok" => &self.rule_fired_ok,
+            "cut" => &self.rule_fired_cut,
+            _ => &self.rule_fired_failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A webhook call failed after its retries.
+    pub fn webhook_failed(&self) {
+        self.webhook_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn render(&self, devices_total: usize, devices_online: usize) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
@@ -132,6 +152,11 @@ impl Metrics {
             "History commits that failed.",
             &self.history_write_failed,
         );
+        counter(
+            "drover_webhook_failures_total",
+            "Rule webhook calls that failed after their retries.",
+            &self.webhook_failed,
+        );
         if let Some(b) = self.broker.get() {
             counter(
                 "drover_broker_acl_violations_total",
@@ -152,6 +177,21 @@ impl Metrics {
                 "drover_broker_auth_failures_total",
                 "Broker CONNECTs refused for unknown, wrong or revoked credentials.",
                 &b.auth_failures,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_rule_firings_total Rule firings by outcome (ok, failed, cut).\n# TYPE drover_rule_firings_total counter"
+        );
+        for (outcome, v) in [
+            ("ok", &self.rule_fired_ok),
+            ("failed", &self.rule_fired_failed),
+            ("cut", &self.rule_fired_cut),
+        ] {
+            let _ = writeln!(
+                out,
+                "drover_rule_firings_total{{outcome=\"{outcome}\"}} {}",
+                v.load(Ordering::Relaxed)
             );
         }
         let _ = writeln!(out, "# HELP drover_devices Known devices.\n# TYPE drover_devices gauge\ndrover_devices {devices_total}");

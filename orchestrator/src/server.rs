@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::engine::rule_defs::RuleDefs;
 use crate::engine::{Commands, Engine, Outbox};
 use crate::history::{History, HistoryConfig, HistoryError};
 use crate::http::tls::{ApiListener, ApiTls};
@@ -289,7 +290,7 @@ pub async fn start(
     let (engine, engine_task) = Engine::spawn(
         store.clone(),
         writer.clone(),
-        outbox,
+        outbox.clone(),
         events_rx,
         metrics.clone(),
         identities.clone(),
@@ -310,7 +311,32 @@ pub async fn start(
         inbox.clone(),
         metrics.clone(),
     ));
-    let commands = Commands::new(engine.clone(), identities.clone(), access, metrics, store);
+    let rule_defs = {
+        let (store, writer, topics) = (store.clone(), writer.clone(), config.topics.clone());
+        tokio::task::spawn_blocking(move || RuleDefs::load(store, writer, topics))
+            .await
+            .map_err(|e| StoreError::Db(e.to_string()))??
+    };
+    let commands = Commands::new(
+        engine.clone(),
+        identities.clone(),
+        access,
+        metrics,
+        Arc::new(rule_defs),
+        store,
+    );
+    // Rules hold a clone of the outbox: the task ends (and drops it) at
+    // the shutdown signal, before the outbox is drained below.
+    let rules_task = crate::rules::spawn(
+        crate::rules::RulesDeps {
+            commands: commands.clone(),
+            outbox,
+            subscriptions,
+            inbox,
+            topics: config.topics.clone(),
+        },
+        stopped(),
+    );
 
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::http::router(Arc::new(Api {
@@ -327,6 +353,8 @@ pub async fn start(
         let served = listener.serve(app, stop_api, api_limits).await;
         // 2. The engine finishes the changes in flight: their writes
         //    committed or failed, their replies sent, their publishes queued.
+        //    Rules stop first: their actions are commands to the engine.
+        let _ = rules_task.await;
         engine.shutdown().await;
         let _ = engine_task.await;
         // 3. What the engine queued for devices reaches the MQTT client...

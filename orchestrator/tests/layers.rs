@@ -24,13 +24,19 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "core", "contract", "store", "link", "security", "metrics", "clock",
             ][..],
         ),
+        (
+            "rules",
+            &[
+                "engine", "core", "contract", "link", "metrics", "clock", "backoff",
+            ][..],
+        ),
         ("http", &["engine", "core", "contract", "history"][..]),
         ("cli", &["contract"][..]),
         (
             "server",
             &[
                 "contract", "core", "store", "security", "link", "engine", "history", "http",
-                "metrics", "clock", "backoff",
+                "metrics", "clock", "backoff", "rules",
             ][..],
         ),
     ])

@@ -445,6 +445,13 @@ impl RuleBook {
             .collect()
     }
 
+    /// Whether any enabled rule looks at app states (the shell reads a
+    /// device's apps on a state report only then).
+    pub fn watches_apps(&self) -> bool {
+        self.enabled()
+            .any(|c| matches!(c.rule.trigger, Trigger::AppState { .. }))
+    }
+
     fn enabled(&self) -> impl Iterator<Item = &Compiled> {
         self.rules.values().filter(|c| c.rule.enabled)
     }

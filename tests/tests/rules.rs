@@ -455,5 +455,26 @@ async fn bad_rules_are_refused_naming_the_field() {
     assert_eq!(viewer.delete("/api/v1/rules/r1").await.0, 403);
     assert_eq!(orch.api.delete("/api/v1/rules/r1").await.0, 204);
     assert_eq!(orch.api.get("/api/v1/rules/r1").await.0, 404);
+
+    // The CLI: create from stdin, disable, list, and a refusal it shows.
+    let rule = serde_json::to_vec(&with("name", json!("cli-1"))).expect("json");
+    let (ok, out, err) = drover_cli(&orch.api, &["rules", "create", "-f", "-"], &rule).await;
+    assert!(ok, "{out} {err}");
+    let (ok, out, err) = drover_cli(&orch.api, &["rules", "disable", "cli-1"], b"").await;
+    assert!(ok && out.contains("rule cli-1 disabled"), "{out} {err}");
+    assert_eq!(
+        orch.api.get("/api/v1/rules/cli-1").await.1["enabled"],
+        json!(false)
+    );
+    let (ok, out, err) = drover_cli(&orch.api, &["rules", "list"], b"").await;
+    assert!(
+        ok && out.contains("cli-1") && out.contains("device_online"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = drover_cli(&orch.api, &["rules", "firings"], b"").await;
+    assert!(ok && out.contains("OUTCOME"), "{out} {err}");
+    let bad = serde_json::to_vec(&with("selector", json!("a in (b"))).expect("json");
+    let (ok, _, err) = drover_cli(&orch.api, &["rules", "create", "-f", "-"], &bad).await;
+    assert!(!ok && err.contains("selector"), "{err}");
     orch.stop().await;
 }

@@ -64,7 +64,7 @@ async fn show_rule(
     Path(raw): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     ctx.authorize(&api, CommandKind::ShowRule).await?;
-    let rule = name("name", &raw)?;
+    let rule = rule_name(&raw)?;
     match api.commands.rules.get(&rule) {
         Some(r) => Ok(Json(r)),
         None => Err(no_rule(&rule).into()),
@@ -88,7 +88,7 @@ async fn update_rule(
     body: Bytes,
 ) -> ApiResult<Response> {
     ctx.run(&api, CommandKind::UpdateRule, StatusCode::OK, || {
-        let path = name("name", &raw)?;
+        let path = rule_name(&raw)?;
         let rule: contract::Rule = parse_body(&body)?;
         if rule.name != path {
             return Err(ApiError::field(
@@ -121,6 +121,18 @@ async fn delete_rule(
         || Ok(Command::DeleteRule(name("name", &raw)?)),
     )
     .await
+}
+
+/// Any text in the path is looked up: one that cannot be a rule's name
+/// names no rule (404), like a well-formed name that names none.
+fn rule_name(raw: &str) -> ApiResult<drover_shared::Name> {
+    drover_shared::Name::new(raw).map_err(|_| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "name",
+            format!("rule {raw:?} does not exist"),
+        )
+    })
 }
 
 #[derive(Debug, Deserialize)]

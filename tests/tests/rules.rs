@@ -214,8 +214,13 @@ async fn a_telemetry_threshold_rule_fires_after_its_duration_and_respects_its_co
         first["value"]["held_ms"].as_u64().expect("held_ms") >= 2000,
         "{first}"
     );
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let all = firings(&orch.api, &rule).await;
+    // Read as it goes (an idle pooled connection may be closed by the
+    // server's header timeout just as it is reused).
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        all = firings(&orch.api, &rule).await;
+    }
     let mut at: Vec<u64> = all
         .iter()
         .map(|f| f["at_ms"].as_u64().expect("at_ms"))

@@ -10,6 +10,7 @@
 //! - [`link`]: the orchestrator's MQTT client.
 //! - [`security`]: identities, API tokens, the audit log.
 //! - [`history`]: telemetry history and container logs, in their own file.
+//! - [`rules`]: the rules task, the I/O around `core::rules`.
 //! - [`http`]: the REST adapter; [`cli`]: the command line client.
 
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod history;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod rules;
 pub mod security;
 pub mod server;
 pub mod store;

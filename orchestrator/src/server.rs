@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::automation::AutomationConfig;
+use crate::engine::rule_defs::RuleDefs;
 use crate::engine::{Commands, Engine, Outbox};
 use crate::history::{History, HistoryConfig, HistoryError};
 use crate::http::tls::{ApiListener, ApiTls};
@@ -326,7 +327,20 @@ pub async fn start(
         inbox.clone(),
         metrics.clone(),
     ));
-    let commands = Commands::new(engine.clone(), identities.clone(), access, metrics, store);
+    let rule_defs = {
+        let (store, writer, topics) = (store.clone(), writer.clone(), config.topics.clone());
+        tokio::task::spawn_blocking(move || RuleDefs::load(store, writer, topics))
+            .await
+            .map_err(|e| StoreError::Db(e.to_string()))??
+    };
+    let commands = Commands::new(
+        engine.clone(),
+        identities.clone(),
+        access,
+        metrics,
+        Arc::new(rule_defs),
+        store,
+    );
     let mut automation_config = config.automation.clone();
     // Only the embedded broker's ACL makes `json/req/<name>` speak for
     // `<name>`; anywhere else a request's topic proves nothing.
@@ -344,12 +358,24 @@ pub async fn start(
         automation_config,
         config.topics.clone(),
         commands.clone(),
-        outbox,
+        outbox.clone(),
         &subscriptions,
         &inbox,
         stopped_rx.clone(),
     )
     .await;
+    // Rules hold a clone of the outbox: the task ends (and drops it) at
+    // the shutdown signal, before the outbox is drained below.
+    let rules_task = crate::rules::spawn(
+        crate::rules::RulesDeps {
+            commands: commands.clone(),
+            outbox,
+            subscriptions,
+            inbox,
+            topics: config.topics.clone(),
+        },
+        stopped(),
+    );
 
     info!(api = %api_addr, https = api_https, mqtts = ?mqtts_addr, mqtt = %format!("{}:{}", mqtt_addr.0, mqtt_addr.1), data = %config.data_dir.display(), "drover orchestrator started");
     let app = crate::http::router(Arc::new(Api {
@@ -369,6 +395,8 @@ pub async fn start(
         automation.join().await;
         // 2. The engine finishes the changes in flight: their writes
         //    committed or failed, their replies sent, their publishes queued.
+        //    Rules stop first: their actions are commands to the engine.
+        let _ = rules_task.await;
         engine.shutdown().await;
         let _ = engine_task.await;
         // 3. What the engine queued for devices reaches the MQTT client...

@@ -32,6 +32,12 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "automation",
             &["engine", "core", "contract", "link", "metrics"][..],
         ),
+        (
+            "rules",
+            &[
+                "engine", "core", "contract", "link", "metrics", "clock", "backoff",
+            ][..],
+        ),
         ("cli", &["contract"][..]),
         (
             "server",
@@ -48,6 +54,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "metrics",
                 "clock",
                 "backoff",
+                "rules",
             ][..],
         ),
     ])

@@ -256,6 +256,11 @@ impl Topics {
         format!("{}/{VERSION_SEGMENT}/{DEVICE_SEGMENT}/+/{kind}", self.root)
     }
 
+    /// Rule firings as JSON, fleet-wide (`<root>/v1/json/fleet/rules`).
+    pub fn json_rule_firings(&self) -> String {
+        format!("{}/{VERSION_SEGMENT}/json/fleet/rules", self.root)
+    }
+
     /// A filter matching every topic under this root.
     pub fn everything(&self) -> String {
         format!("{}/#", self.root)

@@ -660,3 +660,124 @@ async fn the_json_mirror_can_be_turned_off() {
     .await;
     assert_eq!(cbor.len(), 1, "the device reports meanwhile: {err}");
 }
+
+/// Rules are managed over MQTT like over REST: an operator identity
+/// creates, reads, replaces and deletes one; a bad condition is refused
+/// naming the field; a viewer may list but not create; the audit log has
+/// the changes under the identity's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_managed_over_mqtt() {
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let op_pw = mqtt_user(api, json!({"name": "ruler", "role": "operator"})).await;
+    let view_pw = mqtt_user(api, json!({"name": "peeker"})).await;
+    let rule = json!({
+        "name": "echo",
+        "trigger": {"type": "mqtt", "filter": "plant/in"},
+        "condition": "message.json.level > 3",
+        "actions": [{"type": "publish", "topic": "plant/out", "payload": {"alarm": true}}],
+        "cooldown_secs": 5,
+    });
+    let with = |id: &str, cmd: &str, extra: &Value| {
+        let mut v = json!({"id": id, "cmd": cmd});
+        for (k, x) in extra.as_object().expect("object") {
+            v[k] = x.clone();
+        }
+        v.to_string()
+    };
+    let mut bad = rule.clone();
+    bad["name"] = json!("broken");
+    bad["condition"] = json!("message.json.level >");
+    let mut replaced = rule.clone();
+    replaced["cooldown_secs"] = json!(9);
+    // One step at a time: requests are answered concurrently, so a batch
+    // has no order.
+    let mut answers = Vec::new();
+    for step in [
+        vec![
+            with("c", "rule.create", &rule),
+            with("b", "rule.create", &bad),
+        ],
+        vec![
+            with("l", "rules.list", &json!({})),
+            with("u", "rule.update", &replaced),
+        ],
+        vec![
+            with("g", "rule.get", &json!({"rule": "echo"})),
+            with(
+                "f",
+                "rule_firings.list",
+                &json!({"rule": "echo", "limit": 5}),
+            ),
+        ],
+        vec![with("d", "rule.delete", &json!({"rule": "echo"}))],
+        vec![with("g2", "rule.get", &json!({"rule": "echo"}))],
+    ] {
+        answers.extend(requests(&orch, "ruler", &op_pw, &step).await);
+    }
+    let by_id = |id: &str| {
+        answers
+            .iter()
+            .find(|a| a["id"] == json!(id))
+            .unwrap_or_else(|| panic!("no answer to {id}: {answers:?}"))
+            .clone()
+    };
+    assert_eq!(by_id("c")["status"], 201, "{:?}", by_id("c"));
+    assert_eq!(by_id("c")["result"]["name"], "echo");
+    let b = by_id("b");
+    assert_eq!(
+        (b["ok"].clone(), b["status"].clone()),
+        (json!(false), json!(400)),
+        "{b}"
+    );
+    assert_eq!(b["error"]["field"], "condition", "{b}");
+    assert!(by_id("l")["result"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|r| r["name"] == "echo")));
+    assert_eq!(by_id("u")["status"], 200, "{:?}", by_id("u"));
+    assert_eq!(by_id("g")["result"]["cooldown_secs"], 9);
+    assert_eq!(by_id("f")["result"], json!([]));
+    assert_eq!(by_id("d")["status"], 204, "{:?}", by_id("d"));
+    assert_eq!(by_id("g2")["status"], 404, "{:?}", by_id("g2"));
+    let (_, rest) = api.get("/api/v1/rules").await;
+    assert_eq!(rest, json!([]), "deleted over MQTT, gone over REST");
+
+    let answers = requests(
+        &orch,
+        "peeker",
+        &view_pw,
+        &[
+            with("l", "rules.list", &json!({})),
+            with("c", "rule.create", &rule),
+        ],
+    )
+    .await;
+    let l = answers
+        .iter()
+        .find(|a| a["id"] == "l")
+        .expect("list answer");
+    assert_eq!(l["status"], 200, "{l}");
+    let c = answers
+        .iter()
+        .find(|a| a["id"] == "c")
+        .expect("create answer");
+    assert_eq!(
+        (c["status"].clone(), c["error"]["code"].clone()),
+        (json!(403), json!("forbidden")),
+        "{c}"
+    );
+    let (_, rest) = api.get("/api/v1/rules").await;
+    assert_eq!(rest, json!([]), "the viewer created nothing");
+
+    let (_, audit) = api.get("/api/v1/audit?limit=1000").await;
+    let entries = audit.as_array().expect("audit list");
+    for (actor, outcome) in [("auto:ruler", "ok"), ("auto:peeker", "denied")] {
+        assert!(
+            entries.iter().any(|e| e["actor"] == json!(actor)
+                && e["outcome"] == json!(outcome)
+                && e["action"].as_str().is_some_and(|a| a.starts_with("mqtt"))),
+            "{actor} {outcome}: {audit}"
+        );
+    }
+    orch.stop().await;
+}

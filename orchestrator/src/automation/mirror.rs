@@ -157,7 +157,12 @@ impl Mirror {
             ),
             Change::Rollout { rollout } => self.rollout(rollout),
             Change::Lagged { .. } => {}
-            Change::Operation { .. } | Change::Logs { .. } | Change::App { .. } => {}
+            // Rule firings are published by the rules task itself
+            // (`json/fleet/rules`).
+            Change::Operation { .. }
+            | Change::Logs { .. }
+            | Change::App { .. }
+            | Change::RuleFiring { .. } => {}
         }
     }
 

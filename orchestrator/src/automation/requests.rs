@@ -248,6 +248,36 @@ pub const COMMANDS: &[Entry] = &[
         run: rollout_rollback,
     },
     Entry {
+        cmd: "rules.list",
+        kind: CommandKind::ListRules,
+        run: rules_list,
+    },
+    Entry {
+        cmd: "rule.get",
+        kind: CommandKind::ShowRule,
+        run: rule_get,
+    },
+    Entry {
+        cmd: "rule.create",
+        kind: CommandKind::CreateRule,
+        run: rule_create,
+    },
+    Entry {
+        cmd: "rule.update",
+        kind: CommandKind::UpdateRule,
+        run: rule_update,
+    },
+    Entry {
+        cmd: "rule.delete",
+        kind: CommandKind::DeleteRule,
+        run: rule_delete,
+    },
+    Entry {
+        cmd: "rule_firings.list",
+        kind: CommandKind::ListRuleFirings,
+        run: rule_firings_list,
+    },
+    Entry {
         cmd: "devices.list",
         kind: CommandKind::ListDevices,
         run: devices_list,
@@ -320,6 +350,7 @@ fn reply_value(reply: &Reply) -> Value {
         Reply::Device(v) => to_value(v),
         Reply::Assignment(v) => to_value(v),
         Reply::Rollout(v) => to_value(v),
+        Reply::Rule(v) => to_value(v),
         Reply::Registry(v) => to_value(v),
         Reply::EnrollToken(v) => to_value(v),
         Reply::ApiToken(v) => to_value(v),
@@ -638,6 +669,83 @@ fn rollout_get(c: &Ctx, a: Args) -> Fut<'_> {
                 )
             }),
         }
+    })
+}
+
+fn rules_list(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let NoArgs {} = args(a)?;
+        ok(to_value(&c.commands.rules.list()))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleArg {
+    rule: Name,
+}
+
+fn rule_get(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let RuleArg { rule } = args(a)?;
+        match c.commands.rules.get(&rule) {
+            Some(r) => ok(to_value(&r)),
+            None => Err(RequestError {
+                field: Some("rule".into()),
+                ..RequestError::new(404, "not_found", format!("rule {rule} does not exist"))
+            }),
+        }
+    })
+}
+
+/// The rule's fields are the request's (as the REST body of
+/// `POST /api/v1/rules`).
+fn rule_create(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let r: contract::Rule = args(a)?;
+        c.execute(Command::CreateRule(Box::new(r)), 201).await
+    })
+}
+
+fn rule_update(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let r: contract::Rule = args(a)?;
+        c.execute(Command::UpdateRule(Box::new(r)), 200).await
+    })
+}
+
+fn rule_delete(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let RuleArg { rule } = args(a)?;
+        c.execute(Command::DeleteRule(rule), 204).await
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiringsArgs {
+    #[serde(default)]
+    rule: Option<Name>,
+    #[serde(default)]
+    device: Option<DeviceId>,
+    #[serde(default)]
+    limit: Option<u16>,
+}
+
+/// Newest first; at most 100 in one answer (a message has to hold them).
+fn rule_firings_list(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let f: FiringsArgs = args(a)?;
+        let limit = usize::from(f.limit.unwrap_or(20));
+        if !(1..=100).contains(&limit) {
+            return Err(RequestError::field(
+                "limit",
+                "limit must be between 1 and 100",
+            ));
+        }
+        ok(to_value(
+            &c.commands.rules.firings(f.rule, f.device, limit).await?,
+        ))
     })
 }
 
@@ -984,6 +1092,8 @@ mod tests {
             ("deploy", CommandKind::Deploy),
             ("stop", CommandKind::Stop),
             ("restart", CommandKind::Restart),
+            ("rule.create", CommandKind::CreateRule),
+            ("rule_firings.list", CommandKind::ListRuleFirings),
             ("rollout.abort", CommandKind::AbortRollout),
             ("devices.list", CommandKind::ListDevices),
         ] {

@@ -5,6 +5,7 @@ pub mod certs;
 mod follow;
 mod logs;
 pub mod rollouts;
+pub mod rules;
 pub mod security;
 pub mod trust;
 
@@ -241,6 +242,12 @@ pub enum ClientCmd {
     Rollouts {
         #[command(subcommand)]
         cmd: Option<crate::cli::rollouts::RolloutsCmd>,
+    },
+    /// Rules that act on their own: triggers, conditions, actions
+    /// (default: list).
+    Rules {
+        #[command(subcommand)]
+        cmd: Option<crate::cli::rules::RulesCmd>,
     },
     /// App definitions (default: list).
     Apps {
@@ -488,6 +495,9 @@ impl Client {
                 return self
                     .rollouts(cmd.unwrap_or(rollouts::RolloutsCmd::List { app: None }))
                     .await
+            }
+            ClientCmd::Rules { cmd } => {
+                return self.rules(cmd.unwrap_or(rules::RulesCmd::List)).await
             }
             ClientCmd::Apps { cmd } => Resolved::Apps(cmd.unwrap_or(AppsCmd::List)),
             ClientCmd::Ops { cmd } => Resolved::Ops(cmd.unwrap_or(OpsCmd::List {

@@ -54,6 +54,10 @@ pub enum Change {
     /// is coalesced (at most a few per second per rollout); a change of
     /// phase is sent at once.
     Rollout { rollout: Box<Rollout> },
+    /// A rule fired (or a loop of rules was cut).
+    RuleFiring {
+        firing: Box<super::rules::RuleFiring>,
+    },
     /// This subscriber fell behind and `missed` changes were dropped for
     /// it: what it holds may be stale, read a snapshot again.
     Lagged { missed: u64 },
@@ -77,7 +81,7 @@ pub struct ChangeFilter {
 
 impl Change {
     /// Every kind, as `kind` names it in JSON.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "device",
         "inventory",
         "state",
@@ -87,6 +91,7 @@ impl Change {
         "event",
         "app",
         "rollout",
+        "rule_firing",
         "lagged",
     ];
 
@@ -102,6 +107,7 @@ impl Change {
             Change::Event { .. } => "event",
             Change::App { .. } => "app",
             Change::Rollout { .. } => "rollout",
+            Change::RuleFiring { .. } => "rule_firing",
             Change::Lagged { .. } => "lagged",
         }
     }
@@ -148,6 +154,7 @@ impl ChangeFilter {
             | Change::Event { device, .. } => (Some(device), None, None),
             Change::Operation { operation } => (Some(&operation.device), Some(&operation.id), None),
             Change::Rollout { rollout } => (None, None, Some(&rollout.id)),
+            Change::RuleFiring { firing } => (firing.device.as_ref(), None, None),
             Change::App { .. } | Change::Lagged { .. } => (None, None, None),
         };
         fn wanted<T: PartialEq>(want: &Option<T>, got: Option<&T>) -> bool {

@@ -16,6 +16,7 @@ mod history;
 mod operations;
 mod registries;
 mod rollouts;
+mod rules;
 mod security;
 
 pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
@@ -29,6 +30,7 @@ pub use rollouts::{
     BatchSize, CreateRollout, OnFailure, Rollout, RolloutAction, RolloutCounts, RolloutDevice,
     RolloutDeviceState, RolloutPhase,
 };
+pub use rules::{ActionOutcome, FiringOutcome, Rule, RuleAction, RuleFiring, Trigger};
 pub use security::{
     ApiToken, AuditEntry, AuditOutcome, EnrollToken, MqttUser, NewApiToken, NewEnrollToken,
     NewMqttUser, NewSession, Role, Session,

@@ -11,7 +11,7 @@ use drover_shared::payload::{Op, RegistryCredential};
 use drover_shared::{DeviceId, Name};
 
 use crate::contract::{
-    CreateRollout, NewApiToken, NewEnrollToken, NewMqttUser, Role, RolloutAction,
+    CreateRollout, NewApiToken, NewEnrollToken, NewMqttUser, Role, RolloutAction, Rule,
 };
 
 /// What the audit log calls requests without a valid token; no token may
@@ -33,6 +33,8 @@ pub enum Actor {
     /// The orchestrator itself (bootstrap, housekeeping). Never comes from
     /// outside.
     System,
+    /// A rule acting on its own, with the operator role (`rule:<name>`).
+    Rule { name: String },
     /// A request without a valid credential: refused, and audited as
     /// `anonymous` (no token) or `invalid-token`.
     Unauthenticated { presented_token: bool },
@@ -45,6 +47,7 @@ impl Actor {
             Actor::Automation { name, .. } => format!("auto:{name}"),
             Actor::Device(id) => format!("device:{id}"),
             Actor::System => "system".into(),
+            Actor::Rule { name } => format!("rule:{name}"),
             Actor::Unauthenticated {
                 presented_token: false,
             } => ANONYMOUS_ACTOR.into(),
@@ -61,6 +64,7 @@ impl Actor {
             Actor::ApiToken { role, .. } | Actor::Automation { role, .. } => Some(*role),
             Actor::Device(_) | Actor::Unauthenticated { .. } => None,
             Actor::System => Some(Role::Admin),
+            Actor::Rule { .. } => Some(Role::Operator),
         }
     }
 
@@ -127,6 +131,10 @@ pub enum Command {
     DeleteApiToken(String),
     CreateMqttUser(NewMqttUser),
     DeleteMqttUser(Name),
+    CreateRule(Box<Rule>),
+    /// Replaces a rule of the same name.
+    UpdateRule(Box<Rule>),
+    DeleteRule(Name),
 }
 
 impl Command {
@@ -152,6 +160,9 @@ impl Command {
             Command::DeleteApiToken(_) => CommandKind::DeleteApiToken,
             Command::CreateMqttUser(_) => CommandKind::CreateMqttUser,
             Command::DeleteMqttUser(_) => CommandKind::DeleteMqttUser,
+            Command::CreateRule(_) => CommandKind::CreateRule,
+            Command::UpdateRule(_) => CommandKind::UpdateRule,
+            Command::DeleteRule(_) => CommandKind::DeleteRule,
         }
     }
 }
@@ -192,6 +203,9 @@ pub enum CommandKind {
     DeleteApiToken,
     CreateMqttUser,
     DeleteMqttUser,
+    CreateRule,
+    UpdateRule,
+    DeleteRule,
     // reads
     ListDevices,
     ShowDevice,
@@ -210,10 +224,13 @@ pub enum CommandKind {
     ListApiTokens,
     ListMqttUsers,
     ReadAudit,
+    ListRules,
+    ShowRule,
+    ListRuleFirings,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 47] = [
+    pub const ALL: [CommandKind; 53] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -261,6 +278,12 @@ impl CommandKind {
         CommandKind::ListApiTokens,
         CommandKind::ListMqttUsers,
         CommandKind::ReadAudit,
+        CommandKind::CreateRule,
+        CommandKind::UpdateRule,
+        CommandKind::DeleteRule,
+        CommandKind::ListRules,
+        CommandKind::ShowRule,
+        CommandKind::ListRuleFirings,
     ];
 
     /// The kind of an [`Command::Apply`] with this op.
@@ -297,13 +320,15 @@ impl CommandKind {
             Deploy | Start | Stop | Remove | Pause | Unpause | Restart | SetLabels | Assign
             | Unassign | ClearOverride | CreateRollout | PauseRollout | ResumeRollout
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
-            | DeleteEnrollToken | ListEnrollTokens => Role::Operator,
+            | DeleteEnrollToken | ListEnrollTokens | CreateRule | UpdateRule | DeleteRule => {
+                Role::Operator
+            }
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
             | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
-            | ListRollouts | ShowRollout => Role::Viewer,
+            | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings => Role::Viewer,
         }
     }
 
@@ -316,11 +341,11 @@ impl CommandKind {
             | SetRegistry | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
             | DeleteEnrollToken | RevokeDevice | CreateApiToken | DeleteApiToken
-            | CreateMqttUser | DeleteMqttUser => true,
+            | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
-            | ReadAudit => false,
+            | ReadAudit | ListRules | ShowRule | ListRuleFirings => false,
         }
     }
 
@@ -375,6 +400,12 @@ impl CommandKind {
             ListApiTokens => "api_tokens.list",
             ListMqttUsers => "mqtt_users.list",
             ReadAudit => "audit.read",
+            CreateRule => "rule.create",
+            UpdateRule => "rule.update",
+            DeleteRule => "rule.delete",
+            ListRules => "rules.list",
+            ShowRule => "rule.show",
+            ListRuleFirings => "rule_firings.list",
         }
     }
 }

@@ -9,4 +9,5 @@ pub mod ops;
 pub mod records;
 pub mod registries;
 pub mod rollout;
+pub mod rules;
 pub mod selector;

@@ -378,6 +378,13 @@ pub enum Write {
     DeleteRollout(String),
     Session(SessionRecord),
     DeleteSession(String),
+    Rule(Box<crate::contract::Rule>),
+    DeleteRule(String),
+    /// Appends a rule firing and drops the ones at or below `prune_to`.
+    RuleFiring {
+        firing: Box<crate::contract::RuleFiring>,
+        prune_to: Option<u64>,
+    },
 }
 
 /// A rollout as stored: the state machine and what its end needs. The

@@ -36,6 +36,7 @@ pub enum Reply {
     ApiToken(contract::ApiToken),
     MqttUser(contract::MqttUser),
     Revoked(contract::RevokeResponse),
+    Rule(Box<contract::Rule>),
     Deleted,
 }
 
@@ -206,6 +207,7 @@ pub struct Commands {
     pub identities: Arc<Identities>,
     pub access: Arc<Access>,
     pub metrics: Arc<Metrics>,
+    pub rules: Arc<super::rule_defs::RuleDefs>,
     store: Store,
 }
 
@@ -215,6 +217,7 @@ impl Commands {
         identities: Arc<Identities>,
         access: Arc<Access>,
         metrics: Arc<Metrics>,
+        rules: Arc<super::rule_defs::RuleDefs>,
         store: Store,
     ) -> Commands {
         Commands {
@@ -222,6 +225,7 @@ impl Commands {
             identities,
             access,
             metrics,
+            rules,
             store,
         }
     }
@@ -579,6 +583,20 @@ impl Commands {
                 view.password = Some(password);
                 Ok((Reply::MqttUser(view), detail))
             }
+            Command::CreateRule(rule) => {
+                let detail = rule_detail(&rule);
+                let rule = self.rules.put(*rule, true).await?;
+                Ok((Reply::Rule(Box::new(rule)), detail))
+            }
+            Command::UpdateRule(rule) => {
+                let detail = rule_detail(&rule);
+                let rule = self.rules.put(*rule, false).await?;
+                Ok((Reply::Rule(Box::new(rule)), detail))
+            }
+            Command::DeleteRule(name) => {
+                self.rules.delete(&name).await?;
+                Ok((Reply::Deleted, String::new()))
+            }
             Command::DeleteMqttUser(name) => {
                 if self.identities.delete_automation(name.as_str()).await? {
                     Ok((Reply::Deleted, String::new()))
@@ -647,6 +665,22 @@ fn unexpected(done: Done) -> CommandError {
 fn validate(spec: &mut drover_shared::model::AppSpec) -> Result<(), CommandError> {
     spec.validate()
         .map_err(|e| CommandError::invalid(e.field.clone(), e.to_string()))
+}
+
+/// What a rule does, for the audit log.
+fn rule_detail(rule: &contract::Rule) -> String {
+    let actions: Vec<&str> = rule.actions.iter().map(|a| a.kind()).collect();
+    format!(
+        "{} trigger {}, actions {}, cooldown {} s",
+        if rule.enabled {
+            "enabled,"
+        } else {
+            "disabled,"
+        },
+        rule.trigger.kind(),
+        actions.join(", "),
+        rule.cooldown_secs
+    )
 }
 
 /// Which privileges an app definition grants: the audit log shows who

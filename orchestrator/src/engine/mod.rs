@@ -16,6 +16,7 @@
 pub mod commands;
 mod outbox;
 mod rollouts;
+pub mod rule_defs;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -201,6 +202,12 @@ impl EngineHandle {
     /// the channel's preallocated slots is one pointer.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
+    }
+
+    /// Puts a change that happened outside the fleet (a rule firing) on
+    /// the change stream, for every subscriber.
+    pub fn announce(&self, change: Change) {
+        let _ = self.changes.send(Arc::new(change));
     }
 
     /// Stops taking input, finishes the changes in flight (their writes

@@ -14,6 +14,7 @@ mod history;
 mod openapi;
 mod rollouts;
 mod routes;
+mod rules;
 pub mod security;
 pub mod tls;
 
@@ -219,6 +220,7 @@ impl Ctx {
             Reply::ApiToken(v) => (ok, Json(v)).into_response(),
             Reply::MqttUser(v) => (ok, Json(v)).into_response(),
             Reply::Revoked(v) => (ok, Json(v)).into_response(),
+            Reply::Rule(v) => (ok, Json(v)).into_response(),
         };
         resp.extensions_mut().insert(Audited);
         Ok(resp)

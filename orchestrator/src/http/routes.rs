@@ -99,6 +99,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(show_registry, put_registry, delete_registry))
         .merge(super::history::routes())
         .merge(super::rollouts::routes())
+        .merge(super::rules::routes())
         .merge(super::security::routes())
 }
 

@@ -45,6 +45,10 @@ const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registrie
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 /// Console sign-ins by id (secret digests only).
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// Rule definitions by name (`contract::Rule`).
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+/// Rule firings by sequence number, the newest `rules::FIRINGS_KEPT`.
+const RULE_FIRINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("rule_firings");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,10 +133,12 @@ impl Store {
             REGISTRIES,
             ROLLOUTS,
             SESSIONS,
+            RULES,
         ] {
             tx.open_table(t)?;
         }
         tx.open_table(AUDIT)?;
+        tx.open_table(RULE_FIRINGS)?;
         tx.commit()?;
         Ok(db)
     }
@@ -287,6 +293,20 @@ impl Store {
                     Write::DeleteSession(id) => {
                         tx.open_table(SESSIONS)?.remove(id.as_str())?;
                     }
+                    Write::Rule(r) => {
+                        tx.open_table(RULES)?
+                            .insert(r.name.as_str(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteRule(name) => {
+                        tx.open_table(RULES)?.remove(name.as_str())?;
+                    }
+                    Write::RuleFiring { firing, prune_to } => {
+                        let mut t = tx.open_table(RULE_FIRINGS)?;
+                        t.insert(firing.seq, encode(firing).as_slice())?;
+                        if let Some(upto) = prune_to {
+                            t.retain_in::<u64, _>(..=*upto, |_, _| false)?;
+                        }
+                    }
                 }
             }
         }
@@ -407,6 +427,45 @@ impl Store {
 
     pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         self.load_all(SESSIONS, "sessions")
+    }
+
+    pub fn rules(&self) -> Result<Vec<crate::contract::Rule>, StoreError> {
+        self.load_all(RULES, "rules")
+    }
+
+    /// The newest rule firings first, at most `limit`, that `keep` accepts.
+    pub fn rule_firings(
+        &self,
+        limit: usize,
+        keep: impl Fn(&crate::contract::RuleFiring) -> bool,
+    ) -> Result<Vec<crate::contract::RuleFiring>, StoreError> {
+        let tx = self.db()?.begin_read()?;
+        let table = tx.open_table(RULE_FIRINGS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            let (k, v) = row?;
+            let rec: crate::contract::RuleFiring =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                    table: "rule_firings",
+                    key: k.value().to_string(),
+                    source,
+                })?;
+            if keep(&rec) {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest rule firing sequence number so far (0 when empty).
+    pub fn last_firing_seq(&self) -> Result<u64, StoreError> {
+        let tx = self.db()?.begin_read()?;
+        let table = tx.open_table(RULE_FIRINGS)?;
+        let last = table.last()?.map_or(0, |(k, _)| k.value());
+        Ok(last)
     }
 }
 

@@ -199,3 +199,61 @@ async fn an_agent_killed_right_after_a_restart_request_restarts_the_app_at_least
     eprintln!("restarted {n} time(s) around the agent's SIGKILL");
     assert!((1..=2).contains(&n), "restarted {n} times");
 }
+
+/// A rule's `restart` action restarts the app through the same command:
+/// a telemetry rule that holds at once, with a long cooldown, restarts the
+/// running container exactly once, audited as the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_restarts_an_app_once_per_cooldown() {
+    let docker = docker().await;
+    let (orch, agent, app) = deployed("rrst").await;
+    let api = &orch.api;
+    let name = agent.container_name(&app, "main");
+    let (id, _, started) = inspect(&docker, &name).await;
+    let since = docker_now().await;
+    let rule = unique("restarter");
+    let (s, v) = api
+        .post(
+            "/api/v1/rules",
+            &json!({
+                "name": rule,
+                "trigger": {"type": "telemetry", "for_secs": 0},
+                "selector": "",
+                "condition": "telemetry.host.cpu_percent >= 0.0",
+                "actions": [{"type": "restart", "app": app}],
+                "cooldown_secs": 3600,
+            }),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    wait_for(TIMEOUT, "the rule restarted the container", || async {
+        let (_, _, now) = inspect(&docker, &name).await;
+        (now != started).then_some(())
+    })
+    .await;
+    let (id2, running, _) = inspect(&docker, &name).await;
+    assert_eq!(
+        (id2.as_str(), running),
+        (id.as_str(), true),
+        "same container, running"
+    );
+    // More telemetry arrives meanwhile; the cooldown holds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(docker_restarts(&id, &since).await, 1);
+    let (_, firings) = api.get(&format!("/api/v1/rules/{rule}/firings")).await;
+    let f = &firings.as_array().expect("firings")[0];
+    assert_eq!(f["outcome"], json!("ok"), "{firings}");
+    assert_eq!(f["actions"][0]["action"], json!("restart"), "{firings}");
+    let (_, audit) = api.get("/api/v1/audit?limit=200").await;
+    assert!(
+        audit
+            .as_array()
+            .expect("audit")
+            .iter()
+            .any(|e| e["actor"] == json!(format!("rule:{rule}"))
+                && e["command"] == json!("restart")
+                && e["outcome"] == json!("ok")),
+        "{audit}"
+    );
+    orch.stop().await;
+}

@@ -99,6 +99,11 @@ pub enum RuleAction {
         #[schema(value_type = String)]
         app: Name,
     },
+    /// Restarts a running app's containers (the same containers).
+    Restart {
+        #[schema(value_type = String)]
+        app: Name,
+    },
     Deploy {
         #[schema(value_type = String)]
         app: Name,
@@ -135,6 +140,7 @@ impl RuleAction {
         match self {
             RuleAction::Start { .. } => "start",
             RuleAction::Stop { .. } => "stop",
+            RuleAction::Restart { .. } => "restart",
             RuleAction::Deploy { .. } => "deploy",
             RuleAction::Remove { .. } => "remove",
             RuleAction::PauseRollout { .. } => "pause_rollout",

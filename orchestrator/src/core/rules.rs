@@ -137,6 +137,7 @@ pub fn validate(rule: &Rule, topics: &Topics) -> Result<Compiled, RuleError> {
         match action {
             RuleAction::Start { .. }
             | RuleAction::Stop { .. }
+            | RuleAction::Restart { .. }
             | RuleAction::Deploy { .. }
             | RuleAction::Remove { .. }
             | RuleAction::SetLabel { .. }
@@ -708,6 +709,7 @@ impl RuleBook {
                 RuleAction::Publish { topic, .. } => Cause::Topic(topic.clone()),
                 RuleAction::Start { .. }
                 | RuleAction::Stop { .. }
+                | RuleAction::Restart { .. }
                 | RuleAction::Deploy { .. }
                 | RuleAction::Remove { .. }
                 | RuleAction::SetLabel { .. } => match &device {

@@ -394,6 +394,7 @@ async fn act(
     let command = match action {
         RuleAction::Start { app } => op(app, Op::Start),
         RuleAction::Stop { app } => op(app, Op::Stop),
+        RuleAction::Restart { app } => op(app, Op::Restart),
         RuleAction::Deploy { app } => op(app, Op::Deploy),
         RuleAction::Remove { app } => op(app, Op::Remove),
         RuleAction::PauseRollout { rollout } => Some(Command::RolloutAction {

@@ -298,6 +298,13 @@ fn compile(trigger: &Trigger, text: &str) -> Result<Program, RuleError> {
 }
 
 fn evaluate(program: &Program, vars: &Json) -> Result<Value, ExecutionError> {
+    program.execute(&context(vars)?)
+}
+
+/// The variables as CEL values. Made once per input and shared by every
+/// rule that looks at it: the conversion, not the program, is most of an
+/// evaluation's cost.
+fn context(vars: &Json) -> Result<Context<'static>, ExecutionError> {
     let mut ctx = Context::default();
     if let Json::Object(map) = vars {
         for (k, v) in map {
@@ -305,7 +312,7 @@ fn evaluate(program: &Program, vars: &Json) -> Result<Value, ExecutionError> {
                 .map_err(|e| ExecutionError::function_error("variables", e.to_string()))?;
         }
     }
-    program.execute(&ctx)
+    Ok(ctx)
 }
 
 fn sample(trigger: &Trigger) -> Json {
@@ -560,13 +567,27 @@ impl RuleBook {
                 labels,
                 telemetry,
             } => {
-                let vars =
-                    json!({"device": device_vars(device, labels, true), "telemetry": telemetry});
+                // A sample per device every few seconds: its variables
+                // are made only when a rule looks, and made into CEL
+                // values once for all the rules that do.
+                let mut vars = Json::Null;
+                let mut ctx = None;
                 let mut held = Vec::new();
                 for c in self.enabled() {
                     if let Trigger::Telemetry { for_secs } = c.rule.trigger {
                         if c.selector.matches(labels) {
-                            held.push((c.rule.name.clone(), for_secs, condition(c, &vars)));
+                            if vars.is_null() {
+                                vars = json!({"device": device_vars(device, labels, true), "telemetry": telemetry});
+                            }
+                            let ctx = ctx.get_or_insert_with(|| context(&vars).ok());
+                            let holds = match (&c.condition, ctx) {
+                                (None, _) => true,
+                                (Some(p), Some(ctx)) => {
+                                    matches!(p.execute(ctx), Ok(Value::Bool(true)))
+                                }
+                                (Some(_), None) => false,
+                            };
+                            held.push((c.rule.name.clone(), for_secs, holds));
                         }
                     }
                 }

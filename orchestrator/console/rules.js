@@ -167,7 +167,7 @@ export const ruleList = {
           h('td', {}, h('a', { href: `#/rules/${enc(r.name)}` }, r.name)),
           h('td', { data: { test: 'enabled' } }, badge(state(r))),
           h('td', {}, r.trigger.type.replace(/_/g, ' '), triggerText(r.trigger) ? h('span', { class: 'sub mono' }, triggerText(r.trigger)) : null),
-          h('td', { class: 'opt mono' }, r.selector || h('span', { class: 'muted' }, 'every device')),
+          h('td', { class: 'opt mono' }, r.selector || h('span', { class: 'muted' }, r.trigger.type === 'mqtt' ? '–' : 'every device')),
           h('td', { class: 'mono' }, r.condition || h('span', { class: 'muted' }, 'always')),
           h('td', {}, r.actions.map((a) => h('span', { class: 'sub mono' }, actionText(a)))),
           h('td', { class: 'opt num' }, `${r.cooldown_secs} s`),
@@ -231,7 +231,7 @@ export const ruleDetail = {
       fill(status, badge(state(r)));
       fill(facts, dl([
         ['Trigger', [r.trigger.type.replace(/_/g, ' '), triggerText(r.trigger) ? ` (${triggerText(r.trigger)})` : '']],
-        ['Selector', h('code', {}, r.selector || '(every device)')],
+        ['Selector', r.trigger.type === 'mqtt' ? null : h('code', {}, r.selector || '(every device)')],
         ['Condition', h('code', {}, r.condition || '(always)')],
         ['Actions', r.actions.map((a) => h('span', { class: 'chip' }, actionText(a)))],
         ['Cooldown', `${r.cooldown_secs} s`],

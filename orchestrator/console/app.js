@@ -39,6 +39,12 @@
 //               #rollout-device-state, [data-test=rollout-devices],
 //               tr[data-test=rollout-device][data-device=<id>],
 //               button[data-action=pause|resume|approve|abort|rollback]
+//   rules:      tr[data-test=rule-row][data-rule=<name>] (cell [data-test=enabled]), #rule-new (link),
+//               #rule-form / #rule-edit-form (textarea #rule-form-json / #rule-edit-form-json),
+//               [data-test=rule-error], button[data-action=enable|disable|delete|edit],
+//               [data-test=rule-state], [data-test=rule-spec],
+//               [data-test=firings] tr[data-test=firing-row][data-seq=<seq>][data-rule=<name>]
+//               (cell [data-test=outcome])
 //   operations: #ops-filter, tr[data-test=op-row][data-op=<id>] (cell [data-test=status])
 //   audit:      #audit-filter, tr[data-test=audit-row]
 //   access:     #token-form, [data-test=token-secret], #enroll-form, [data-test=enroll-token],
@@ -52,6 +58,7 @@ import { devices } from './devices.js';
 import { device } from './device.js';
 import { appList, appNew, appDetail } from './apps.js';
 import { rolloutList, rolloutNew, rolloutDetail } from './rollouts.js';
+import { ruleList, ruleNew, ruleDetail } from './rules.js';
 import { operations } from './operations.js';
 import { audit } from './audit.js';
 import { access } from './access.js';
@@ -67,6 +74,9 @@ const ROUTES = [
   [/^\/rollouts$/, rolloutList, 'rollouts'],
   [/^\/rollouts\/_new$/, rolloutNew, 'rollouts'],
   [/^\/rollouts\/([^/]+)$/, rolloutDetail, 'rollouts'],
+  [/^\/rules$/, ruleList, 'rules'],
+  [/^\/rules\/_new$/, ruleNew, 'rules'],
+  [/^\/rules\/([^/]+)$/, ruleDetail, 'rules'],
   [/^\/operations$/, operations, 'operations'],
   [/^\/audit$/, audit, 'audit'],
   [/^\/access$/, access, 'access'],
@@ -77,6 +87,7 @@ const NAV = [
   ['devices', '#/devices', 'Devices', 'viewer'],
   ['apps', '#/apps', 'Apps', 'viewer'],
   ['rollouts', '#/rollouts', 'Rollouts', 'viewer'],
+  ['rules', '#/rules', 'Rules', 'viewer'],
   ['operations', '#/operations', 'Operations', 'viewer'],
   ['access', '#/access', 'Access', 'viewer'],
   ['audit', '#/audit', 'Audit log', 'admin'],
@@ -306,7 +317,7 @@ const live = {
     // ~1,000 changes a second that no page needs fleet-wide. The device page
     // follows its own device's logs and telemetry on a stream of its own; the
     // devices page re-reads the rows it shows on a timer.
-    const es = new EventSource('/api/v1/changes?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout');
+    const es = new EventSource('/api/v1/changes?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing');
     this.es = es;
     es.onopen = () => {
       this.setState('live');

@@ -216,10 +216,10 @@ export function table(headers, rows, props = {}) {
   return h('div', { class: 'table-wrap' }, t);
 }
 
-const GOOD = new Set(['online', 'running', 'succeeded', 'healthy', 'ok', 'updated', 'active']);
+const GOOD = new Set(['online', 'running', 'succeeded', 'healthy', 'ok', 'updated', 'active', 'enabled']);
 const BAD = new Set(['offline', 'failed', 'unhealthy', 'denied', 'rolled_back', 'aborted', 'revoked', 'exited', 'absent']);
 const BUSY = new Set(['pending', 'sent', 'received', 'in_progress', 'pulling', 'starting', 'retrying',
-  'updating', 'ready', 'rolling_back', 'waiting_approval', 'paused', 'created', 'restarting']);
+  'updating', 'ready', 'rolling_back', 'waiting_approval', 'paused', 'created', 'restarting', 'cut']);
 
 /** A status word in a coloured pill (the colour only repeats the word). */
 export function badge(word) {

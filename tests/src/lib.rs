@@ -518,6 +518,11 @@ pub async fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], retain: bool)
     if retain {
         cmd.arg("-r");
     }
+    run_mosquitto_pub(&mut cmd).await;
+}
+
+/// Runs a prepared `mosquitto_pub`; its failure fails the test.
+async fn run_mosquitto_pub(cmd: &mut tokio::process::Command) {
     let out = cmd
         .output()
         .await
@@ -527,6 +532,34 @@ pub async fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], retain: bool)
         "mosquitto_pub failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A new automation identity (`POST /api/v1/mqtt-users`) allowed these
+/// topic filters: (username, password).
+pub async fn automation(api: &Api, subscribe: &[String], publish: &[String]) -> (String, String) {
+    let (s, v) = api
+        .post(
+            "/api/v1/mqtt-users",
+            &serde_json::json!({"name": unique("rules"), "subscribe": subscribe, "publish": publish}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    (
+        v["username"].as_str().expect("username").to_string(),
+        v["password"].as_str().expect("password").to_string(),
+    )
+}
+
+/// Publishes `payload` with QoS 1 as `login` (username, password), with
+/// Debian's `mosquitto_pub`.
+pub async fn publish_as(port: u16, login: &(String, String), topic: &str, payload: &str) {
+    run_mosquitto_pub(
+        tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+            .args(["-t", topic, "-m", payload, "-u", &login.0, "-P", &login.1])
+            .args(["-i", &unique("pub")]),
+    )
+    .await;
 }
 
 // ----- agents ----------------------------------------------------------------

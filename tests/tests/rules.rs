@@ -11,36 +11,6 @@ use serde_json::{json, Value};
 
 const OP_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// An automation identity: (username, password).
-async fn automation(api: &Api, subscribe: &[String], publish: &[String]) -> (String, String) {
-    let (s, v) = api
-        .post(
-            "/api/v1/mqtt-users",
-            &json!({"name": unique("rules"), "subscribe": subscribe, "publish": publish}),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
-    (
-        v["username"].as_str().expect("username").to_string(),
-        v["password"].as_str().expect("password").to_string(),
-    )
-}
-
-async fn publish_as(port: u16, login: &(String, String), topic: &str, payload: &str) {
-    let out = tokio::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
-        .args(["-t", topic, "-m", payload, "-u", &login.0, "-P", &login.1])
-        .args(["-i", &unique("pub")])
-        .output()
-        .await
-        .expect("mosquitto_pub is not installed; run `bash scripts/test-env.sh`");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn firings(api: &Api, rule: &str) -> Vec<Value> {
     let (s, v) = api.get(&format!("/api/v1/rules/{rule}/firings")).await;
     assert_eq!(s, 200, "{v}");

@@ -34,7 +34,8 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
 /// subscribes with it). No `logs` and no `telemetry`: at 10,000 devices
 /// those are ~1,000 changes a second that no page needs fleet-wide; the
 /// device page follows its own device's on `?device=ID&kinds=logs,telemetry`.
-pub const FEED: &str = "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout";
+pub const FEED: &str =
+    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing";
 
 /// One embedded file.
 struct Asset {
@@ -69,6 +70,7 @@ static ASSETS: &[Asset] = &[
     asset!("device.js", JS),
     asset!("apps.js", JS),
     asset!("rollouts.js", JS),
+    asset!("rules.js", JS),
     asset!("operations.js", JS),
     asset!("audit.js", JS),
     asset!("access.js", JS),

@@ -388,14 +388,26 @@ impl Store {
         limit: usize,
         keep: impl Fn(&AuditRecord) -> bool,
     ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.newest_first(AUDIT, "audit", limit, keep)
+    }
+
+    /// The newest records of a table keyed by sequence number first, at
+    /// most `limit`, that `keep` accepts (the audit log, rule firings).
+    fn newest_first<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<u64, &[u8]>,
+        name: &'static str,
+        limit: usize,
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>, StoreError> {
         let tx = self.db()?.begin_read()?;
-        let table = tx.open_table(AUDIT)?;
+        let table = tx.open_table(def)?;
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
             let (k, v) = row?;
-            let rec: AuditRecord =
+            let rec: T =
                 serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
-                    table: "audit",
+                    table: name,
                     key: k.value().to_string(),
                     source,
                 })?;
@@ -439,25 +451,7 @@ impl Store {
         limit: usize,
         keep: impl Fn(&crate::contract::RuleFiring) -> bool,
     ) -> Result<Vec<crate::contract::RuleFiring>, StoreError> {
-        let tx = self.db()?.begin_read()?;
-        let table = tx.open_table(RULE_FIRINGS)?;
-        let mut out = Vec::new();
-        for row in table.iter()?.rev() {
-            let (k, v) = row?;
-            let rec: crate::contract::RuleFiring =
-                serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
-                    table: "rule_firings",
-                    key: k.value().to_string(),
-                    source,
-                })?;
-            if keep(&rec) {
-                out.push(rec);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        self.newest_first(RULE_FIRINGS, "rule_firings", limit, keep)
     }
 
     /// The highest rule firing sequence number so far (0 when empty).

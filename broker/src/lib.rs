@@ -165,6 +165,51 @@ pub enum BrokerError {
     Config(String),
     #[error("MQTTS listener: {0}")]
     Tls(#[from] TlsError),
+    #[error("in-process link to the router: {0}")]
+    Local(String),
+}
+
+/// Most publishes a [`LocalPublisher`] lets wait for the router; a batch
+/// beyond it is refused, not queued without bound.
+const LOCAL_BACKLOG: usize = 100_000;
+
+/// One message for [`LocalPublisher::publish_batch`].
+#[derive(Debug, Clone)]
+pub struct LocalMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Publishes at QoS 0 from inside the broker's process
+/// ([`Broker::local_publisher`]).
+pub struct LocalPublisher {
+    tx: rumqttd::local::LinkTx,
+    /// Kept so the router sees a live link; nothing is read from it (QoS
+    /// 0 publishes get no acknowledgement).
+    _rx: rumqttd::local::LinkRx,
+}
+
+impl LocalPublisher {
+    /// Queues every message for the router and wakes it once. Never
+    /// blocks. Returns false, queueing nothing, while the router has
+    /// fallen [`LOCAL_BACKLOG`] messages behind or is gone.
+    pub fn publish_batch(&mut self, messages: Vec<LocalMessage>) -> bool {
+        if messages.is_empty() {
+            return true;
+        }
+        let publishes = messages
+            .into_iter()
+            .map(|m| {
+                rumqttd::protocol::Publish::new(
+                    bytes::Bytes::from(m.topic),
+                    m.payload.into(),
+                    m.retain,
+                )
+            })
+            .collect();
+        self.tx.try_publish_batch(publishes, LOCAL_BACKLOG).is_ok()
+    }
 }
 
 /// The MQTTS listener, bound and loaded in [`Broker::start`].
@@ -187,6 +232,9 @@ pub struct Broker {
     stats: Arc<GuardStats>,
     connections: Arc<Connections>,
     tls: Option<TlsListener>,
+    /// The router's channel, for links inside this process
+    /// ([`Broker::local_publisher`]).
+    router_tx: rumqttd::RouterTx,
 }
 
 impl Broker {
@@ -304,7 +352,7 @@ impl Broker {
             tls_lines: Arc::new(throttle::LogLimit::new(log_interval, 20)),
         });
         let guard = Guard::new(shared.clone());
-        let server = Server::new(settings, router_tx, guard.clone());
+        let server = Server::new(settings, router_tx.clone(), guard.clone());
         Ok(Broker {
             config,
             listener,
@@ -314,7 +362,22 @@ impl Broker {
             stats,
             connections,
             tls,
+            router_tx,
         })
+    }
+
+    /// A publisher inside this process, straight into the router: no TCP,
+    /// no MQTT codec, no guard (it is the orchestrator itself), and one
+    /// router wake-up per batch. `name` becomes its client id; give one
+    /// that no remote client can take (a device id cannot hold `:`, and
+    /// the guard prefixes every other login's session id).
+    pub async fn local_publisher(&self, name: &str) -> Result<LocalPublisher, BrokerError> {
+        let (tx, rx, _) = rumqttd::local::LinkBuilder::new(name, self.router_tx.clone())
+            .clean_session(true)
+            .build_async()
+            .await
+            .map_err(|e| BrokerError::Local(e.to_string()))?;
+        Ok(LocalPublisher { tx, _rx: rx })
     }
 
     /// Authorization and authentication counters.

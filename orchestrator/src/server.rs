@@ -27,6 +27,11 @@ use crate::security::identity::Identities;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoreError};
 
+/// The client id of the JSON mirror's in-process link to the embedded
+/// broker. `:` keeps it out of reach of every remote login: a device id
+/// cannot hold one and the guard prefixes every other session id.
+const MIRROR_LINK_ID: &str = "drover:json-mirror";
+
 /// Which broker the orchestrator and its devices use.
 #[derive(Debug, Clone)]
 pub enum BrokerMode {
@@ -221,6 +226,7 @@ pub async fn start(
     let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut broker_task = None;
     let mut mqtts_addr = None;
+    let mut mirror_publisher = None;
     let mqtt_addr = match &config.broker {
         BrokerMode::Embedded { listen } => {
             let mut listen = *listen;
@@ -249,6 +255,11 @@ pub async fn start(
             identities.attach_connections(broker.connections());
             metrics.set_broker(broker.stats(), broker.connections());
             mqtts_addr = broker.tls_addr();
+            // The JSON mirror's telemetry goes straight into the router,
+            // in batches (see `automation::mirror`).
+            if config.automation.json_mirror {
+                mirror_publisher = Some(broker.local_publisher(MIRROR_LINK_ID).await?);
+            }
             broker_task = Some(tokio::spawn(broker.run(async move {
                 let _ = broker_stop_rx.await;
             })));
@@ -361,6 +372,7 @@ pub async fn start(
         outbox.clone(),
         &subscriptions,
         &inbox,
+        mirror_publisher,
         stopped_rx.clone(),
     )
     .await;

@@ -83,6 +83,7 @@ pub async fn start(
     outbox: Outbox,
     subscriptions: &Subscriptions,
     inbox: &Inbox,
+    fast: Option<drover_broker::LocalPublisher>,
     stopping: watch::Receiver<bool>,
 ) -> Automation {
     let mut tasks = Vec::new();
@@ -118,6 +119,7 @@ pub async fn start(
             commands.engine.clone(),
             commands.metrics.clone(),
             ha,
+            fast,
         );
         tasks.push(tokio::spawn(mirror.run(changes, ha_inbox, stopping)));
         info!(tree = %topics.json_space(), "JSON mirror on");

@@ -27,6 +27,10 @@ pub use server::{Broker, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 
+/// [drover patch] The router's channel as `Router::spawn` returns it, so
+/// an embedding process can keep it for in-process links.
+pub type RouterTx = flume::Sender<(ConnectionId, router::Event)>;
+
 mod link;
 pub mod protocol;
 mod router;

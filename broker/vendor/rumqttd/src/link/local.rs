@@ -34,6 +34,9 @@ pub enum LinkError {
     RecvTimeout(#[from] RecvTimeoutError),
     #[error("Timeout = {0}")]
     Elapsed(#[from] tokio::time::error::Elapsed),
+    /// [drover patch] `try_publish_batch` found this many packets waiting.
+    #[error("{0} packets already wait for the router")]
+    Backlog(usize),
 }
 
 // used to build LinkTx and LinkRx
@@ -313,6 +316,31 @@ impl LinkTx {
         let len = self.try_push(Packet::Publish(publish, None))?;
         // TODO: Remote item in buffer after failure and write unittest
         Ok(len)
+    }
+
+    /// [drover patch] Queues many publishes at once and wakes the router
+    /// once for all of them, without blocking: a burst from a process that
+    /// embeds the broker costs one router event, not one per message, and
+    /// no TCP or MQTT codec on either side. Refused (nothing queued) while
+    /// `max_queued` packets already wait for the router; a full router
+    /// channel leaves the batch queued for the next wake-up.
+    pub fn try_publish_batch(
+        &mut self,
+        publishes: Vec<Publish>,
+        max_queued: usize,
+    ) -> Result<usize, LinkError> {
+        let len = {
+            let mut buffer = self.recv_buffer.lock();
+            if buffer.len() >= max_queued {
+                return Err(LinkError::Backlog(buffer.len()));
+            }
+            buffer.extend(publishes.into_iter().map(|p| Packet::Publish(p, None)));
+            buffer.len()
+        };
+        match self.router_tx.try_send((self.connection_id, Event::DeviceData)) {
+            Ok(()) | Err(TrySendError::Full(_)) => Ok(len),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Sends a MQTT Subscribe to the eventloop

@@ -283,7 +283,7 @@ mod tests {
     /// its platform is told from `arch` where that is unambiguous.
     #[test]
     fn older_hellos_decode_without_a_platform() {
-        #[derive(serde::Serialize)]
+        #[derive(serde::Serialize, serde::Deserialize)]
         struct OldHello {
             agent_version: String,
             hostname: String,
@@ -297,6 +297,9 @@ mod tests {
             docker_version: String,
             images: Vec<String>,
             booted_at_ms: u64,
+        }
+        impl Message for OldHello {
+            const KIND: TopicKind = TopicKind::Hello;
         }
         let old = |arch: &str| OldHello {
             agent_version: "0.0.9".into(),

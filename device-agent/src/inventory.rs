@@ -2,6 +2,7 @@
 //! images (arch), spot outdated hosts (os, kernel, Docker) and plan capacity.
 
 use drover_shared::payload::Hello;
+use drover_shared::Platform;
 use sysinfo::{Disks, System};
 
 use crate::runtime::DockerRuntime;
@@ -18,6 +19,7 @@ pub fn host_facts() -> Hello {
         os: System::long_os_version().unwrap_or_default(),
         kernel: System::kernel_version().unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
+        platform: Platform::of_this_build(),
         cpus: std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         memory_bytes: sys.total_memory(),

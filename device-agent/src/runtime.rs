@@ -25,7 +25,7 @@ use drover_shared::model::{
     LABEL_CONTAINER, LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED, LABEL_SPEC_HASH,
 };
 use drover_shared::payload::RegistryCredential;
-use drover_shared::{DeviceId, Name};
+use drover_shared::{DeviceId, Name, Platform};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 
@@ -615,11 +615,18 @@ impl Runtime for DockerRuntime {
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<(), RuntimeError> {
         let d = self.client().await?;
-        // Always an explicit tag: an empty tag would pull every tag.
-        let opts = CreateImageOptionsBuilder::new()
+        // Always an explicit tag: an empty tag would pull every tag. The
+        // platform this agent was built for, the one it reports in
+        // `hello`: from a multi-platform image the daemon picks that
+        // entry (or an older variant it runs), and refuses an image that
+        // has none instead of running one it cannot execute.
+        let mut opts = CreateImageOptionsBuilder::new()
             .from_image(&image.repository)
-            .tag(image.pull_tag())
-            .build();
+            .tag(image.pull_tag());
+        if let Some(platform) = Platform::of_this_build() {
+            opts = opts.platform(&platform.to_string());
+        }
+        let opts = opts.build();
         let credentials = auth.map(crate::secrets::docker_credentials);
         let mut stream = d.create_image(Some(opts), None, credentials);
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();

@@ -149,6 +149,15 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         poll_ms: u64,
     },
+    /// What the image platform check costs a rollout request over N
+    /// simulated agents: the registry asked (cache empty) and cached.
+    PlatformCheck {
+        #[arg(long, short = 'n', default_value_t = 1_000)]
+        agents: usize,
+        /// Requests after the first, answered from the cache.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// SIGKILL and restart the orchestrator under N agents.
     Storm {
         #[arg(long, short = 'n', default_value_t = 10_000)]
@@ -242,6 +251,7 @@ impl Scenario {
             Scenario::Ramp { .. } => "ramp",
             Scenario::Steady { .. } => "steady",
             Scenario::Rollout { .. } => "rollout",
+            Scenario::PlatformCheck { .. } => "platform-check",
             Scenario::Rtt { .. } => "rtt",
             Scenario::Storm { .. } => "storm",
             Scenario::AgentFootprint { .. } => "agent-footprint",
@@ -359,6 +369,9 @@ async fn run(cli: Cli) -> Result<()> {
                 *path,
             )
             .await?
+        }
+        Scenario::PlatformCheck { agents, rounds } => {
+            scenario::platforms::platform_check(&c, *agents, *rounds).await?
         }
         Scenario::Rtt {
             probes,

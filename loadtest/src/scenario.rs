@@ -18,6 +18,7 @@ use crate::target::{BrokerKind, Target, TargetConfig, TargetError};
 
 pub mod automation;
 pub mod console;
+pub mod platforms;
 pub mod rollout_request;
 
 #[derive(Debug, thiserror::Error)]

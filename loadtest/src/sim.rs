@@ -639,6 +639,9 @@ impl Agent {
             os: "Debian GNU/Linux 12 (bookworm)".into(),
             kernel: "6.6.51+rpt-rpi-v8".into(),
             arch: "aarch64".into(),
+            // As an agent from before the platform report: the
+            // orchestrator tells linux/arm64 from `arch`.
+            platform: None,
             cpus: 4,
             memory_bytes: 4 * 1024 * 1024 * 1024,
             disk_total_bytes: 32_000_000_000,

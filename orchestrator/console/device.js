@@ -99,6 +99,7 @@ export const device = {
         ['First seen', time(d.first_seen_ms)],
         ['OS', [inv.os, inv.kernel].filter(Boolean).join(' · ')],
         ['Architecture', inv.arch],
+        ['Platform', d.platform || h('span', { class: 'sub' }, 'unknown: deploys are not checked against image platforms')],
         ['CPUs', inv.cpus],
         ['Memory', inv.memory_bytes ? bytes(inv.memory_bytes) : null],
         ['Disk', inv.disk_total_bytes ? `${bytes(inv.disk_free_bytes)} free of ${bytes(inv.disk_total_bytes)}` : null],

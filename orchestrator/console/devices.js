@@ -79,7 +79,7 @@ export const devices = {
         h('td', { class: 'num', data: { test: 'cpu' } }, host ? percent(host.cpu_percent) : '–'),
         h('td', { class: 'num opt', data: { test: 'memory' } }, memText(host)),
         h('td', { class: 'opt' }, ago(d.last_seen_ms)),
-        h('td', { class: 'opt' }, [inv.arch, inv.agent_version].filter(Boolean).join(' · ') || '–'));
+        h('td', { class: 'opt' }, [d.platform || inv.arch, inv.agent_version].filter(Boolean).join(' · ') || '–'));
     }
 
     async function load() {

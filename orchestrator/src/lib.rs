@@ -10,6 +10,8 @@
 //! - [`link`]: the orchestrator's MQTT client.
 //! - [`security`]: identities, API tokens, the audit log.
 //! - [`history`]: telemetry history and container logs, in their own file.
+//! - [`registry`]: which platforms an image provides, asked of its
+//!   registry (OCI distribution API) and cached per digest.
 //! - [`rules`]: the rules task, the I/O around `core::rules`.
 //! - [`http`]: the REST adapter; [`cli`]: the command line client.
 
@@ -26,6 +28,7 @@ pub mod history;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod registry;
 pub mod rules;
 pub mod security;
 pub mod server;

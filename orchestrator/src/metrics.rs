@@ -117,6 +117,16 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// REST requests refused with 401 or 403.
     pub api_denied: Counter,
+    /// Deploys, assignments and rollouts refused because an image does
+    /// not provide a device's platform.
+    pub platform_refused: Counter,
+    /// Image platform checks skipped (registry unreachable, image not in
+    /// it, credentials refused): the request went ahead.
+    pub platform_unchecked: Counter,
+    /// HTTP requests the image platform check sent to registries, and
+    /// lookups it answered from its cache instead.
+    pub registry_requests: Counter,
+    pub platform_cache_hits: Counter,
     pub enrollments_accepted: Counter,
     pub enrollments_refused: Counter,
     /// Telemetry samples and log lines stored in the history.
@@ -222,6 +232,26 @@ impl Metrics {
             "api_denied",
             "REST requests refused for a missing or invalid token (401) or a too-weak role (403)",
         );
+        let platform_refused = counter(
+            &mut r,
+            "image_platform_refused",
+            "Deploys, assignments and rollouts refused because an image does not provide a device's platform",
+        );
+        let platform_unchecked = counter(
+            &mut r,
+            "image_platform_unchecked",
+            "Image platform checks that could not ask the registry (unreachable, no such image, credentials refused); the request went ahead",
+        );
+        let registry_requests = counter(
+            &mut r,
+            "image_platform_registry_requests",
+            "HTTP requests the image platform check sent to registries (manifests, config blobs, tokens)",
+        );
+        let platform_cache_hits = counter(
+            &mut r,
+            "image_platform_cache_hits",
+            "Image platform lookups answered from the cache (per digest; tags and failures for 30 s)",
+        );
         let enrollments_accepted = counter(
             &mut r,
             "enrollments_accepted",
@@ -316,6 +346,10 @@ impl Metrics {
             store_commit_seconds,
             audit_dropped,
             api_denied,
+            platform_refused,
+            platform_unchecked,
+            registry_requests,
+            platform_cache_hits,
             enrollments_accepted,
             enrollments_refused,
             history_samples,

@@ -344,12 +344,14 @@ pub async fn start(
             .await
             .map_err(|e| StoreError::Db(e.to_string()))??
     };
+    let registries = Arc::new(crate::registry::Registries::new(metrics.clone()));
     let commands = Commands::new(
         engine.clone(),
         identities.clone(),
         access,
         metrics,
         Arc::new(rule_defs),
+        registries,
         store,
     );
     let mut automation_config = config.automation.clone();

@@ -18,10 +18,11 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("security", &["core", "contract", "store", "clock"][..]),
         ("link", &["core", "metrics", "backoff"][..]),
         ("history", &["core", "contract", "metrics", "clock"][..]),
+        ("registry", &["core", "metrics"][..]),
         (
             "engine",
             &[
-                "core", "contract", "store", "link", "security", "metrics", "clock",
+                "core", "contract", "store", "link", "security", "metrics", "clock", "registry",
             ][..],
         ),
         (
@@ -55,6 +56,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "clock",
                 "backoff",
                 "rules",
+                "registry",
             ][..],
         ),
     ])

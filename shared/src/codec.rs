@@ -272,6 +272,61 @@ mod tests {
             images: vec!["a:1".into()],
             ..Default::default()
         });
+        round_trip(Hello {
+            arch: "arm".into(),
+            platform: Some(crate::Platform::new("linux", "arm", Some("v6"))),
+            ..Default::default()
+        });
+    }
+
+    /// A hello from an agent older than the `platform` field decodes, and
+    /// its platform is told from `arch` where that is unambiguous.
+    #[test]
+    fn older_hellos_decode_without_a_platform() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct OldHello {
+            agent_version: String,
+            hostname: String,
+            os: String,
+            kernel: String,
+            arch: String,
+            cpus: u32,
+            memory_bytes: u64,
+            disk_total_bytes: u64,
+            disk_free_bytes: u64,
+            docker_version: String,
+            images: Vec<String>,
+            booted_at_ms: u64,
+        }
+        impl Message for OldHello {
+            const KIND: TopicKind = TopicKind::Hello;
+        }
+        let old = |arch: &str| OldHello {
+            agent_version: "0.0.9".into(),
+            hostname: "pi".into(),
+            os: "Debian".into(),
+            kernel: "6.1".into(),
+            arch: arch.into(),
+            cpus: 4,
+            memory_bytes: 1,
+            disk_total_bytes: 2,
+            disk_free_bytes: 1,
+            docker_version: "26".into(),
+            images: vec![],
+            booted_at_ms: 0,
+        };
+        let hello: Hello = decode(&encode(&old("aarch64"))).expect("decodes");
+        assert_eq!(hello.platform, None);
+        assert_eq!(
+            hello.effective_platform().map(|p| p.to_string()).as_deref(),
+            Some("linux/arm64")
+        );
+        let hello: Hello = decode(&encode(&old("arm"))).expect("decodes");
+        assert_eq!(
+            hello.effective_platform(),
+            None,
+            "arm without a variant is unknown"
+        );
     }
 
     #[test]

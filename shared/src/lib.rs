@@ -13,7 +13,9 @@ pub mod identity;
 pub mod ids;
 pub mod model;
 pub mod payload;
+pub mod platform;
 pub mod topic;
 
 pub use codec::{decode, encode, DecodeError, PROTOCOL_VERSION};
 pub use ids::{DeviceId, IdError, Name};
+pub use platform::Platform;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Message;
 use crate::ids::Name;
 use crate::model::{DesiredState, ObservedState};
+use crate::platform::Platform;
 use crate::topic::TopicKind;
 
 /// `hello`: who the device is and what it has. Sent on every connect.
@@ -17,7 +18,12 @@ pub struct Hello {
     pub hostname: String,
     pub os: String,
     pub kernel: String,
+    /// Rust's name of the agent's architecture (`x86_64`, `aarch64`, `arm`).
     pub arch: String,
+    /// The OCI platform the agent pulls images for (`linux/arm/v7`): the
+    /// one its build targets. Absent from agents before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
     pub cpus: u32,
     pub memory_bytes: u64,
     pub disk_total_bytes: u64,
@@ -33,6 +39,21 @@ pub struct Hello {
     /// operator-set labels of the same key win.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+impl Hello {
+    /// The device's platform: as reported, or for an agent that reports
+    /// none, told from its `arch` where that says it all (`x86_64`,
+    /// `aarch64`; 32-bit ARM has variants the old report does not give).
+    pub fn effective_platform(&self) -> Option<Platform> {
+        if let Some(p) = &self.platform {
+            return Some(p.clone());
+        }
+        match self.arch.as_str() {
+            "x86_64" | "aarch64" => Platform::from_rust("linux", &self.arch, None),
+            _ => None,
+        }
+    }
 }
 
 /// `status`: retained; the agent publishes `online: true` on connect and the

@@ -44,6 +44,9 @@ pub struct Inventory<'a> {
     pub os: &'a str,
     pub kernel: &'a str,
     pub arch: &'a str,
+    /// `linux/arm/v7`: what the agent reports, or tells from `arch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     pub cpus: u32,
     pub memory_bytes: u64,
     pub disk_total_bytes: u64,
@@ -69,6 +72,7 @@ impl<'a> Inventory<'a> {
             os: &h.os,
             kernel: &h.kernel,
             arch: &h.arch,
+            platform: h.effective_platform().map(|p| p.to_string()),
             cpus: h.cpus,
             memory_bytes: h.memory_bytes,
             disk_total_bytes: h.disk_total_bytes,

@@ -1004,7 +1004,7 @@ fn devices_table(devices: Vec<DeviceView>) -> String {
                 },
                 ago(d.last_seen_ms),
                 inv.hostname,
-                inv.arch,
+                d.platform.unwrap_or(inv.arch),
                 format!("{}/{}", d.applied_generation, d.desired_generation),
                 d.observed.map_or(0, |o| o.apps.len()).to_string(),
             ]
@@ -1016,7 +1016,7 @@ fn devices_table(devices: Vec<DeviceView>) -> String {
             "STATUS",
             "LAST SEEN",
             "HOSTNAME",
-            "ARCH",
+            "PLATFORM",
             "GEN (APPLIED/DESIRED)",
             "APPS",
         ],
@@ -1042,13 +1042,16 @@ fn device_detail(d: DeviceView) -> String {
         out += &format!("credential:  {c}\n");
     }
     out += &format!(
-        "hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\n",
+        "hostname:    {}\nos:          {} (kernel {}, {} , {} cpus, {} MiB)\nplatform:    {}\n",
         inv.hostname,
         inv.os,
         inv.kernel,
         inv.arch,
         inv.cpus,
-        inv.memory_bytes / (1 << 20)
+        inv.memory_bytes / (1 << 20),
+        d.platform
+            .as_deref()
+            .unwrap_or("unknown (the agent does not report one)")
     );
     out += &format!(
         "docker:      {}{}\nagent:       {}\n",

@@ -17,6 +17,12 @@ pub struct Device {
     pub applied_generation: u64,
     #[serde(default)]
     pub inventory: Option<Hello>,
+    /// The OCI platform images must provide for it (`linux/arm/v7`): what
+    /// its agent reports, or for an older agent what its `arch` tells
+    /// (`x86_64`, `aarch64`). Absent when unknown: deploys to it are not
+    /// checked against the image's platforms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     #[serde(default)]
     pub desired: Option<DesiredState>,
     #[serde(default)]

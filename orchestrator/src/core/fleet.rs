@@ -1354,6 +1354,12 @@ impl Fleet {
                 .as_ref()
                 .map_or(0, |o| o.applied_generation),
             inventory: d.record.inventory.clone(),
+            platform: d
+                .record
+                .inventory
+                .as_ref()
+                .and_then(|h| h.effective_platform())
+                .map(|p| p.to_string()),
             desired,
             observed: d.record.observed.clone(),
             heartbeat: d.heartbeat.clone(),
@@ -1528,6 +1534,11 @@ impl Fleet {
     /// Whether the device is known (has said hello or come online).
     pub fn has_device(&self, id: &DeviceId) -> bool {
         self.devices.contains_key(id)
+    }
+
+    /// The device's latest `hello`, if it has sent one.
+    pub fn inventory(&self, id: &DeviceId) -> Option<&drover_shared::payload::Hello> {
+        self.devices.get(id)?.record.inventory.as_ref()
     }
 }
 

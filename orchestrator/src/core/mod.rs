@@ -6,6 +6,7 @@ pub mod command;
 pub mod compose;
 pub mod fleet;
 pub mod ops;
+pub mod platforms;
 pub mod records;
 pub mod registries;
 pub mod rollout;

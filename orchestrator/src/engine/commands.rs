@@ -11,9 +11,11 @@ use tracing::warn;
 use crate::contract::{self, AuditOutcome, Role};
 use crate::core::command::{Actor, Command, CommandKind};
 use crate::core::fleet::FleetError;
+use crate::core::platforms::{self, Target};
 use crate::core::records::OperationRecord;
 use crate::engine::{Done, EngineError, EngineHandle, FleetChange};
 use crate::metrics::Metrics;
+use crate::registry::Registries;
 use crate::security::access::{Access, AccessError};
 use crate::security::identity::{Identities, IdentityError};
 use crate::store::{Store, StoreError};
@@ -208,6 +210,9 @@ pub struct Commands {
     pub access: Arc<Access>,
     pub metrics: Arc<Metrics>,
     pub rules: Arc<super::rule_defs::RuleDefs>,
+    /// Asked which platforms an image provides before a deploy, an
+    /// assignment or a rollout reaches the engine.
+    pub registries: Arc<Registries>,
     store: Store,
 }
 
@@ -218,6 +223,7 @@ impl Commands {
         access: Arc<Access>,
         metrics: Arc<Metrics>,
         rules: Arc<super::rule_defs::RuleDefs>,
+        registries: Arc<Registries>,
         store: Store,
     ) -> Commands {
         Commands {
@@ -226,6 +232,7 @@ impl Commands {
             access,
             metrics,
             rules,
+            registries,
             store,
         }
     }
@@ -340,6 +347,15 @@ impl Commands {
                 Ok((Reply::Deleted, String::new()))
             }
             Command::Apply { device, app, op } => {
+                let unchecked = if op == drover_shared::payload::Op::Deploy {
+                    self.check_platforms(Target::Deploy {
+                        device: device.clone(),
+                        app: app.clone(),
+                    })
+                    .await?
+                } else {
+                    String::new()
+                };
                 let done = self
                     .engine
                     .change(FleetChange::Apply {
@@ -350,7 +366,7 @@ impl Commands {
                     .await?;
                 match done {
                     Done::Operation(op) => {
-                        let detail = format!("app {app}, operation {}", op.id);
+                        let detail = format!("app {app}, operation {}{unchecked}", op.id);
                         Ok((Reply::Operation((&op).into()), detail))
                     }
                     other => Err(unexpected(other)),
@@ -419,6 +435,14 @@ impl Commands {
                     ));
                 }
                 let selector = sel.to_string();
+                let unchecked = self
+                    .check_platforms(Target::Selector {
+                        app: app.clone(),
+                        selector: selector.clone(),
+                        release,
+                        rollout: false,
+                    })
+                    .await?;
                 self.engine
                     .change(FleetChange::Assign {
                         app: app.clone(),
@@ -430,7 +454,7 @@ impl Commands {
                     .await?;
                 let view = self.assignment(app).await?;
                 let detail = format!(
-                    "selector {selector:?}, release {}, {} device(s) assigned",
+                    "selector {selector:?}, release {}, {} device(s) assigned{unchecked}",
                     view.release,
                     view.assigned.len()
                 );
@@ -454,6 +478,14 @@ impl Commands {
             }
             Command::CreateRollout(request) => {
                 let app = request.app.clone();
+                let unchecked = self
+                    .check_platforms(Target::Selector {
+                        app: app.clone(),
+                        selector: request.selector.clone(),
+                        release: request.release,
+                        rollout: true,
+                    })
+                    .await?;
                 match self
                     .engine
                     .change(FleetChange::CreateRollout {
@@ -464,7 +496,7 @@ impl Commands {
                 {
                     Done::Rollout(view) => {
                         let detail = format!(
-                            "rollout {} of app {app}: release {} to {} device(s) matching {:?} in {} batch(es)",
+                            "rollout {} of app {app}: release {} to {} device(s) matching {:?} in {} batch(es){unchecked}",
                             view.id,
                             view.to_release,
                             view.counts.total,
@@ -608,6 +640,67 @@ impl Commands {
                 }
             }
         }
+    }
+
+    /// Refuses a request whose images do not provide the platform of
+    /// every device it reaches (409, naming the image, the platforms it
+    /// provides and the devices). Runs before the engine sees the command:
+    /// the registry is asked here, never inside the engine's loop, once
+    /// per image (cached per digest), not per device.
+    ///
+    /// What it cannot judge goes ahead, and is said in the audit detail it
+    /// returns: a registry that cannot be reached, refuses the stored
+    /// credentials, or does not have the image (one loaded on devices by
+    /// hand must stay deployable: the device's own pull is the last word),
+    /// and devices that report no platform (agents older than the report,
+    /// except where their `arch` tells it).
+    async fn check_platforms(&self, target: Target) -> Result<String, CommandError> {
+        let found = self
+            .engine
+            .read(move |fleet, secrets| {
+                let t = platforms::targets(fleet, &target)?;
+                let creds: Vec<_> = t
+                    .images
+                    .iter()
+                    .map(|i| secrets.record(&i.registry_host()).map(|r| r.credential))
+                    .collect();
+                Some((t, creds))
+            })
+            .await?;
+        let Some((targets, creds)) = found else {
+            return Ok(String::new());
+        };
+        let unknown = targets.devices.iter().filter(|(_, p)| p.is_none()).count();
+        let mut notes = Vec::new();
+        if unknown > 0 {
+            notes.push(format!("{unknown} device(s) report no platform"));
+        }
+        if unknown < targets.devices.len() {
+            for (image, cred) in targets.images.iter().zip(&creds) {
+                match self.registries.platforms(image, cred.as_ref()).await {
+                    Ok(lookup) => {
+                        platforms::judge(&image.to_string(), &lookup.platforms, &targets.devices)
+                            .map_err(|m| {
+                            self.metrics.platform_refused.inc();
+                            CommandError::Conflict {
+                                field: Some("image".into()),
+                                message: m.to_string(),
+                            }
+                        })?;
+                    }
+                    Err(e) => {
+                        warn!(image = %image, error = %e, "image platforms not checked; going ahead");
+                        self.metrics.platform_unchecked.inc();
+                        notes.push(format!("platforms of image {image} not checked: {e}"));
+                    }
+                }
+            }
+        }
+        Ok(if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", notes.join("; "))
+        })
     }
 
     async fn app(&self, change: FleetChange) -> Result<contract::App, CommandError> {

@@ -39,7 +39,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         (status = 201, description = "The rollout has started (its first batch is on its way)", body = contract::Rollout),
         (status = 400, description = "The body is not valid; `field` names what", body = ErrorBody),
         (status = 404, description = "No such app or release", body = ErrorBody),
-        (status = 409, description = "The selector matches no device the app's assignment may manage", body = ErrorBody),
+        (status = 409, description = "The selector matches no device the app's assignment may manage, or an image does not provide the platform of a device it matches (`field` is `image`; the message names the devices)", body = ErrorBody),
     ))]
 async fn create_rollout(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiResult<Response> {
     ctx.run(

@@ -419,6 +419,7 @@ async fn show_device(
         (status = 202, description = "The desired state changed; follow the operation", body = contract::Operation),
         (status = 400, description = "The device id or the body is not valid", body = ErrorBody),
         (status = 404, description = "No such device or app", body = ErrorBody),
+        (status = 409, description = "The app conflicts with the device: a host port another app publishes, more CPUs than it has, or an image that does not provide the device's platform (`field` is `image`; the message names the image, the platforms it provides and the device's)", body = ErrorBody),
     ))]
 async fn deploy(
     State(api): State<ApiState>,
@@ -906,6 +907,7 @@ async fn app_record(api: &ApiState, n: &str) -> ApiResult<crate::core::records::
         (status = 200, description = "The assignment holds; the devices it covers", body = contract::Assignment),
         (status = 400, description = "The selector or body is not valid; `field` names it", body = ErrorBody),
         (status = 404, description = "No such app or release", body = ErrorBody),
+        (status = 409, description = "A rollout of the app is running, or an image does not provide the platform of a device the selector matches (`field` is `image`; the message names the devices)", body = ErrorBody),
     ))]
 async fn put_assignment(
     State(api): State<ApiState>,

@@ -50,6 +50,13 @@ pub async fn collect(runtime: &DockerRuntime) -> Hello {
         Ok(v) => hello.docker_version = v,
         Err(e) => hello.docker_error = Some(e.to_string()),
     }
+    // The daemon's platform is the one images must be for; the build's
+    // (set by `host_facts`) stands in while the daemon cannot be asked.
+    if let Ok(p) = runtime.platform().await {
+        if !p.architecture.is_empty() {
+            hello.platform = Some(p);
+        }
+    }
     match runtime.images().await {
         Ok(images) => hello.images = images,
         Err(e) => {

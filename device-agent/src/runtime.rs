@@ -359,6 +359,21 @@ impl DockerRuntime {
         Ok(v.version.unwrap_or_default())
     }
 
+    /// The platform the daemon runs containers for (its `Os` and `Arch`),
+    /// which is what a pull must ask for: the agent's own build may differ
+    /// (a 32-bit agent on a 64-bit system, an agent under emulation). The
+    /// daemon names no ARM variant, so an ARM daemon gets the one this
+    /// agent was built for when that is ARM too.
+    pub async fn platform(&self) -> Result<Platform, RuntimeError> {
+        let d = self.client().await?;
+        let v = self.check(d.version().await).await?;
+        let arch = v.arch.unwrap_or_default();
+        let variant = Platform::of_this_build()
+            .filter(|b| arch == "arm" && b.architecture == "arm")
+            .and_then(|b| b.variant);
+        Ok(Platform::new(&v.os.unwrap_or_default(), &arch, variant.as_deref()).normalize())
+    }
+
     /// `repo:tag` of every tagged image.
     pub async fn images(&self) -> Result<Vec<String>, RuntimeError> {
         let d = self.client().await?;
@@ -616,14 +631,16 @@ impl Runtime for DockerRuntime {
     ) -> Result<(), RuntimeError> {
         let d = self.client().await?;
         // Always an explicit tag: an empty tag would pull every tag. The
-        // platform this agent was built for, the one it reports in
-        // `hello`: from a multi-platform image the daemon picks that
-        // entry (or an older variant it runs), and refuses an image that
-        // has none instead of running one it cannot execute.
+        // daemon's platform, the one the agent reports in `hello` (the
+        // build's when the daemon does not say): from a multi-platform
+        // image the daemon picks that entry (or an older variant it
+        // runs), and refuses an image that has none instead of running
+        // one it cannot execute.
         let mut opts = CreateImageOptionsBuilder::new()
             .from_image(&image.repository)
             .tag(image.pull_tag());
-        if let Some(platform) = Platform::of_this_build() {
+        let platform = self.platform().await.ok();
+        if let Some(platform) = platform.or_else(Platform::of_this_build) {
             opts = opts.platform(&platform.to_string());
         }
         let opts = opts.build();

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Prepares everything the test suite needs on this machine: Debian packages,
+# the ARM cross-build tools (scripts/cross-env.sh),
 # schemathesis in a Python virtual environment,
 # a reachable Docker daemon, a local v2 registry on 127.0.0.1:5000 and a tiny
 # busybox test image in it, and a second registry on 127.0.0.1:5001 that
@@ -97,7 +98,9 @@ ensure_packages() {
     local pkg
     # chromium and chromium-driver: the web console's browser tests
     # (tests/src/browser.rs); fonts-dejavu-core so its screenshots have text.
-    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv chromium chromium-driver fonts-dejavu-core; do
+    # qemu-user-static: the ARM agent's tests under emulation
+    # (scripts/build-arm.sh --test, tests/tests/arm_agent.rs).
+    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv chromium chromium-driver fonts-dejavu-core qemu-user-static; do
         package_installed "$pkg" || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then
@@ -454,8 +457,16 @@ ensure_prometheus() {
     log "prometheus: $(prometheus --version 2>&1 | head -n1)"
 }
 
+# The ARM cross builds' tools (Rust targets, cargo-zigbuild and Zig in
+# /opt/drover-zig-venv): scripts/cross-env.sh, shared with
+# scripts/build-arm.sh. It follows the same CI=true rule.
+ensure_cross_tools() {
+    bash "$(dirname "${BASH_SOURCE[0]}")/cross-env.sh" --qemu
+}
+
 main() {
     ensure_packages
+    ensure_cross_tools
     ensure_schemathesis
     ensure_paho
     ensure_prometheus

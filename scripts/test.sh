@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: prepares the environment (Docker, the local registry,
-# the test image), builds the binaries the end-to-end tests start, then runs
+# the test image), builds the binaries the end-to-end tests start (and the
+# agent for ARM, whose unit tests run under qemu-user), then runs
 # the whole workspace's tests. Nothing is skipped: a missing service fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +17,7 @@ fi
 # built exactly as the harness builds them (the same packages, so the same
 # features: a different set would rebuild both once more).
 cargo build -p drover -p drover-agent --bins
+# drover-agent for aarch64 and armv7 (static musl), debug, and its unit tests
+# under qemu-user; tests/tests/arm_agent.rs then runs the aarch64 binary.
+bash scripts/build-arm.sh --agent-only --test
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -120,6 +120,42 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Path of `drover-agent` cross-built for `target` (e.g.
+/// `aarch64-unknown-linux-musl`) by `scripts/build-arm.sh`, in the same
+/// profile as this test. Never built here: a missing one fails the test
+/// with the command that builds it.
+pub fn cross_agent_binary(target: &str) -> PathBuf {
+    let profile_dir = target_dir();
+    let profile = profile_dir.file_name().expect("profile directory name");
+    let root = profile_dir.parent().expect("target directory");
+    let p = root.join(target).join(profile).join("drover-agent");
+    let release = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
+    assert!(
+        p.exists(),
+        "{} is missing; build it with `bash scripts/build-arm.sh --agent-only{release}` \
+         (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Full path of a program on `PATH`, or a failure naming the Debian
+/// package that provides it and the script that installs it.
+pub fn program_on_path(name: &str, package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found on PATH; install {package} (`bash scripts/test-env.sh` does)")
+        })
+}
+
 // ----- environment ---------------------------------------------------------
 
 pub async fn docker() -> Docker {
@@ -575,6 +611,9 @@ pub struct Agent {
     /// With [`Agent::spawn_logged`]: stdout and stderr go to this file
     /// (outside the state directory) with this `RUST_LOG` filter.
     log: Option<(tempfile::TempDir, String)>,
+    /// With [`Agent::spawn_command`]: the program (and its first arguments)
+    /// started instead of the host's `drover-agent`.
+    command: Vec<PathBuf>,
 }
 
 impl Agent {
@@ -593,9 +632,34 @@ impl Agent {
             state_dir,
             extra_args,
             log: None,
+            command: Vec::new(),
         };
         a.start(broker_url);
         a
+    }
+
+    /// Like [`Agent::spawn_logged`], started as `command` (a program and
+    /// its leading arguments, e.g. `qemu-aarch64-static` and a cross-built
+    /// agent) instead of the host's `drover-agent`; the harness's flags
+    /// follow it.
+    pub fn spawn_command(broker_url: &str, id: &str, command: &[PathBuf], filter: &str) -> Agent {
+        assert!(!command.is_empty(), "spawn_command needs a program");
+        let mut a = Agent {
+            id: id.to_string(),
+            child: None,
+            state_dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: Vec::new(),
+            log: Some((tempfile::tempdir().expect("tempdir"), filter.to_string())),
+            command: command.to_vec(),
+        };
+        a.start(broker_url);
+        a
+    }
+
+    /// The process id of the running agent (of its emulator, with
+    /// [`Agent::spawn_command`] and an emulator).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
     }
 
     /// Like [`Agent::spawn`], with everything the process prints captured
@@ -607,6 +671,7 @@ impl Agent {
             state_dir: tempfile::tempdir().expect("tempdir"),
             extra_args: Vec::new(),
             log: Some((tempfile::tempdir().expect("tempdir"), filter.to_string())),
+            command: Vec::new(),
         };
         a.start(broker_url);
         a
@@ -656,7 +721,14 @@ impl Agent {
     }
 
     fn launch(&mut self, broker_url: &str, token: Option<&str>) {
-        let mut cmd = tokio::process::Command::new(binary("drover-agent"));
+        let mut cmd = match self.command.split_first() {
+            Some((program, args)) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            None => tokio::process::Command::new(binary("drover-agent")),
+        };
         match token {
             Some(t) => cmd.env("DROVER_ENROLL_TOKEN", t),
             None => cmd.env_remove("DROVER_ENROLL_TOKEN"),

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod history;
 pub mod http;
 pub mod link;
+pub mod mdns;
 pub mod metrics;
 pub mod rules;
 pub mod security;

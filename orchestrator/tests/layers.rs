@@ -12,6 +12,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("contract", &[][..]),
         ("clock", &[][..]),
         ("backoff", &[][..]),
+        ("mdns", &[][..]),
         ("metrics", &["core", "contract"][..]),
         ("core", &["contract"][..]),
         ("store", &["core", "contract", "metrics"][..]),
@@ -55,6 +56,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "clock",
                 "backoff",
                 "rules",
+                "mdns",
             ][..],
         ),
     ])

@@ -12,6 +12,7 @@
 pub mod backoff;
 pub mod config;
 pub mod desired;
+pub mod discovery;
 pub mod docker_events;
 pub mod enroll;
 pub mod images;

@@ -16,10 +16,21 @@ use drover_shared::DeviceId;
 #[derive(Debug, Parser)]
 #[command(name = "drover-agent", version, about = "The Drover device agent")]
 struct Args {
-    /// Broker address, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, 8883 by default).
-    #[arg(long, env = "DROVER_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    broker: String,
-    /// CA certificates (PEM) that sign the broker's certificate; required with mqtts://.
+    /// Broker address, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, 8883 by
+    /// default). Without it the agent looks for an orchestrator on the local
+    /// network (DNS-SD `_drover._tcp`, multicast DNS).
+    #[arg(long, env = "DROVER_BROKER")]
+    broker: Option<String>,
+    /// Without --broker: connect only to the orchestrator that announces
+    /// this instance name (its `drover serve --mdns-name`).
+    #[arg(long, env = "DROVER_DISCOVER_NAME", conflicts_with = "broker")]
+    discover_name: Option<String>,
+    /// Without --broker: seconds to collect answers before choosing.
+    #[arg(long, env = "DROVER_DISCOVER_SECS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    discover_secs: u64,
+    /// CA certificates (PEM) that sign the broker's certificate; required
+    /// with mqtts://. Without --broker: connect to the discovered
+    /// orchestrator's MQTTS port and check it against this CA.
     #[arg(long, env = "DROVER_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// This device's client certificate (PEM), for a broker that requires one.
@@ -84,7 +95,7 @@ fn tls_config(
 ) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
     if !url.tls {
         if ca.is_some() || identity.is_some() {
-            bail!("--tls-ca, --tls-cert and --tls-key need an mqtts:// --broker");
+            bail!("--tls-ca, --tls-cert and --tls-key need an mqtts:// --broker (or no --broker: discovery then uses MQTTS)");
         }
         return Ok(None);
     }
@@ -102,8 +113,21 @@ fn secs(name: &str, s: u64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(s))
 }
 
+/// The broker from --broker, or, without it, a placeholder that discovery
+/// fills in (TLS exactly when there is a CA to check the broker with).
+fn broker_url(args: &Args) -> anyhow::Result<BrokerUrl> {
+    match &args.broker {
+        Some(b) => BrokerUrl::parse(b).context("--broker"),
+        None => Ok(BrokerUrl {
+            host: String::new(),
+            port: 0,
+            tls: args.tls_ca.is_some(),
+        }),
+    }
+}
+
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
-    let url = BrokerUrl::parse(&args.broker).context("--broker")?;
+    let url = broker_url(&args)?;
     let identity = args.tls_cert.zip(args.tls_key);
     let tls = tls_config(&url, args.tls_ca, identity)?;
     let mut c = AgentConfig::new(url.host, url.port, args.state_dir);
@@ -174,6 +198,31 @@ async fn shutdown_signal() {
     }
 }
 
+/// Discovers the broker first where there is no --broker (until SIGTERM,
+/// which ends the agent before it ever connects), then runs the agent.
+async fn run(
+    mut config: AgentConfig,
+    browse: Option<drover_agent::discovery::Browse>,
+) -> anyhow::Result<()> {
+    if let Some(b) = browse {
+        let ep = tokio::select! {
+            r = drover_agent::discovery::discover(&b) => r?,
+            () = shutdown_signal() => return Ok(()),
+        };
+        if !ep.tls {
+            tracing::warn!(
+                orchestrator = %ep.instance,
+                "discovered over plain MQTT: anyone on this network could have answered, and gets the enrollment token or credential; on a network you do not trust, use --tls-ca (or --broker)"
+            );
+        }
+        config.broker_host = ep.addr.to_string();
+        config.broker_port = ep.port;
+    }
+    drover_agent::run(config, shutdown_signal())
+        .await
+        .map_err(anyhow::Error::from)
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -185,10 +234,16 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    let browse = args
+        .broker
+        .is_none()
+        .then(|| drover_agent::discovery::Browse {
+            name: args.discover_name.clone(),
+            window: Duration::from_secs(args.discover_secs),
+            have_ca: args.tls_ca.is_some(),
+        });
     let result = match config(args) {
-        Ok(config) => drover_agent::run(config, shutdown_signal())
-            .await
-            .map_err(anyhow::Error::from),
+        Ok(config) => run(config, browse).await,
         Err(e) => Err(e),
     };
     match result {
@@ -223,7 +278,8 @@ mod tests {
     fn tls_flags_must_match_the_scheme() {
         let err = config(args(&["--broker", "mqtts://h:8883"])).expect_err("no CA");
         assert!(err.to_string().contains("--tls-ca"), "{err}");
-        let err = config(args(&["--tls-ca", "ca.pem"])).expect_err("plain mqtt");
+        let err =
+            config(args(&["--broker", "mqtt://h", "--tls-ca", "ca.pem"])).expect_err("plain mqtt");
         assert!(err.to_string().contains("mqtts://"), "{err}");
         let err = config(args(&[
             "--broker",
@@ -238,6 +294,30 @@ mod tests {
         );
         assert!(Args::try_parse_from(["drover-agent", "--tls-cert", "c.pem"]).is_err());
         assert!(config(args(&["--broker", "ftp://h"])).is_err());
+    }
+
+    #[test]
+    fn no_broker_means_discovery() {
+        let a = args(&[]);
+        assert!(a.broker.is_none());
+        assert_eq!(a.discover_secs, 3);
+        // Discovery with a CA connects with TLS: the CA is loaded up front.
+        let err = config(args(&["--tls-ca", "/nonexistent/ca.pem"])).expect_err("missing CA");
+        assert!(
+            format!("{err:#}").contains("/nonexistent/ca.pem"),
+            "{err:#}"
+        );
+        let a = args(&["--discover-name", "barn"]);
+        assert_eq!(a.discover_name.as_deref(), Some("barn"));
+        assert!(Args::try_parse_from([
+            "drover-agent",
+            "--broker",
+            "mqtt://h",
+            "--discover-name",
+            "barn"
+        ])
+        .is_err());
+        assert!(Args::try_parse_from(["drover-agent", "--discover-secs", "0"]).is_err());
     }
 
     fn args(extra: &[&str]) -> Args {

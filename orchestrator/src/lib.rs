@@ -27,6 +27,7 @@ pub mod engine;
 pub mod history;
 pub mod http;
 pub mod link;
+pub mod mdns;
 pub mod metrics;
 pub mod registry;
 pub mod rules;

@@ -134,6 +134,16 @@ struct Serve {
     /// has devices. `--metrics-per-device=false` leaves them out.
     #[arg(long, env = "DROVER_METRICS_PER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
     metrics_per_device: bool,
+    /// Announce this orchestrator on the local network by multicast DNS
+    /// (DNS-SD `_drover._tcp`) so agents started without --broker find it.
+    /// Default: on when the embedded broker listens on a non-loopback
+    /// address; `--mdns` forces it on, `--mdns=false` off.
+    #[arg(long, env = "DROVER_MDNS", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    mdns: Option<bool>,
+    /// The instance name agents see (and pick with `drover-agent
+    /// --discover-name`). Default: the host name.
+    #[arg(long, env = "DROVER_MDNS_NAME")]
+    mdns_name: Option<String>,
     #[command(flatten)]
     tls: ServeTlsArgs,
 }
@@ -230,6 +240,16 @@ async fn serve(args: Serve) -> Result<()> {
         });
     }
     config.metrics_per_device = args.metrics_per_device;
+    let host = drover::mdns::host_label();
+    config.mdns = Some(drover::mdns::MdnsConfig {
+        mode: match args.mdns {
+            None => drover::mdns::MdnsMode::Auto,
+            Some(true) => drover::mdns::MdnsMode::On,
+            Some(false) => drover::mdns::MdnsMode::Off,
+        },
+        name: args.mdns_name.unwrap_or_else(|| host.clone()),
+        host,
+    });
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

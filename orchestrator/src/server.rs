@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub automation: AutomationConfig,
     /// Per-device gauges on `/metrics` (`--metrics-per-device`).
     pub metrics_per_device: bool,
+    /// Announcing the orchestrator by multicast DNS (`--mdns`); `None`:
+    /// never (what tests and embedders get unless they ask).
+    pub mdns: Option<crate::mdns::MdnsConfig>,
 }
 
 impl ServerConfig {
@@ -95,6 +98,7 @@ impl ServerConfig {
             history: HistoryConfig::default(),
             automation: AutomationConfig::default(),
             metrics_per_device: true,
+            mdns: None,
         }
     }
 }
@@ -125,6 +129,8 @@ pub enum ServeError {
     History(#[from] HistoryError),
     #[error("{0}")]
     Automation(String),
+    #[error(transparent)]
+    Mdns(#[from] crate::mdns::MdnsError),
 }
 
 /// A running orchestrator.
@@ -207,6 +213,7 @@ pub async fn start(
         config.topics.clone(),
     )?);
 
+    let mut embedded_listen = None;
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_stopping = stop_rx.clone();
     let stopped_rx = stop_rx.clone();
@@ -243,6 +250,7 @@ pub async fn start(
                     source,
                 })?;
             }
+            embedded_listen = Some(listen);
             let mut broker_config = BrokerConfig::new(listen);
             broker_config.topics = config.topics.clone();
             broker_config.tls = config.mqtts.clone();
@@ -287,6 +295,37 @@ pub async fn start(
         })?;
     let api_https = api_tls.is_some();
     let listener = ApiListener::new(listener, api_tls);
+    // Announced once everything agents need is bound; withdrawn as soon as
+    // shutdown begins, so no agent finds an orchestrator on its way out.
+    let advertiser = match &config.mdns {
+        Some(m) => {
+            let listeners = crate::mdns::Listeners {
+                mqtt: embedded_listen,
+                mqtts: mqtts_addr,
+                api: api_addr,
+                api_https,
+            };
+            match crate::mdns::plan(m.mode, &listeners, &m.host, env!("CARGO_PKG_VERSION"))? {
+                Some(plan) => match crate::mdns::Advertiser::start(m, &plan) {
+                    Ok(a) => Some(a),
+                    Err(e) if m.mode == crate::mdns::MdnsMode::Auto => {
+                        warn!(error = %e, "cannot announce this orchestrator by multicast DNS; agents need --broker");
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            }
+        }
+        None => None,
+    };
+    let mdns_task = advertiser.map(|a| {
+        let stop = stopped();
+        tokio::spawn(async move {
+            stop.await;
+            a.stop().await;
+        })
+    });
 
     let credentials = match &config.broker {
         BrokerMode::Embedded { .. } => Some((
@@ -439,6 +478,10 @@ pub async fn start(
         //    of the engine's last changes.
         writer.close().await;
         history_writer.close().await;
+        //    The multicast DNS goodbye went out at the signal.
+        if let Some(t) = mdns_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         // 6. Last, the broker.
         let _ = broker_stop_tx.send(());
         if let Some(b) = broker_task {

@@ -12,6 +12,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("contract", &[][..]),
         ("clock", &[][..]),
         ("backoff", &[][..]),
+        ("mdns", &[][..]),
         ("metrics", &["core", "contract"][..]),
         ("core", &["contract"][..]),
         ("store", &["core", "contract", "metrics"][..]),
@@ -57,6 +58,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "backoff",
                 "rules",
                 "registry",
+                "mdns",
             ][..],
         ),
     ])

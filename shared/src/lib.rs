@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod discovery;
 pub mod filter;
 pub mod identity;
 pub mod ids;

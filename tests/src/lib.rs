@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod netns;
 pub mod schemathesis;
 
 use std::path::PathBuf;

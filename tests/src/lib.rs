@@ -11,6 +11,7 @@
 
 pub mod browser;
 pub mod schemathesis;
+pub mod systemd;
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -4,7 +4,8 @@
 # schemathesis in a Python virtual environment,
 # a reachable Docker daemon, a local v2 registry on 127.0.0.1:5000 and a tiny
 # busybox test image in it, and a second registry on 127.0.0.1:5001 that
-# serves the same storage behind htpasswd authentication. Safe to run any number of times: every step checks
+# serves the same storage behind htpasswd authentication; cargo-deb and a
+# Debian 12 image with systemd for the package tests. Safe to run any number of times: every step checks
 # first and does nothing when its goal already holds, so a ready machine costs
 # well under a second.
 #
@@ -44,6 +45,16 @@ readonly SCHEMATHESIS_SPEC="schemathesis>=4,<5"
 # paho-mqtt (PyPI): a second outside MQTT client with per-request control
 # (tests/tests/automation_mqtt.rs), in the same virtual environment.
 readonly PAHO_SPEC="paho-mqtt>=2,<3"
+# cargo-deb builds the .deb packages (tests/tests/packages.rs), installed
+# with `cargo install --locked` into ~/.cargo/bin.
+readonly CARGO_DEB_VERSION="3.8.0"
+# A Debian 12 image with systemd as PID 1 to install those packages into.
+# No public registry is reachable, so it is made here: debootstrap from
+# Debian's mirror, then `docker import`. Built once, kept in the local
+# Docker image store; the tests only read it.
+readonly SYSTEMD_IMAGE="drover-test/debian-systemd:12"
+readonly DEBIAN_MIRROR="${DROVER_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+readonly DEBOOTSTRAP_LOG="/var/log/drover-debootstrap.log"
 
 # The image build's scratch directory, removed however the script ends.
 ROOTFS_TMP=""
@@ -100,7 +111,9 @@ ensure_packages() {
     # (tests/src/browser.rs); fonts-dejavu-core so its screenshots have text.
     # qemu-user-static: the ARM agent's tests under emulation
     # (scripts/build-arm.sh --test, tests/tests/arm_agent.rs).
-    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv chromium chromium-driver fonts-dejavu-core qemu-user-static; do
+    # debootstrap: the systemd test image (ensure_systemd_image); dpkg-dev:
+    # dpkg-shlibdeps and strip for cargo-deb.
+    for pkg in docker-registry apache2-utils mosquitto mosquitto-clients busybox-static curl iproute2 python3 python3-venv chromium chromium-driver fonts-dejavu-core qemu-user-static debootstrap dpkg-dev; do
         package_installed "$pkg" || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then
@@ -464,6 +477,64 @@ ensure_cross_tools() {
     bash "$(dirname "${BASH_SOURCE[0]}")/cross-env.sh" --qemu
 }
 
+cargo_deb_version() {
+    cargo deb --version 2>/dev/null || true
+}
+
+ensure_cargo_deb() {
+    if [[ "$(cargo_deb_version)" == *"${CARGO_DEB_VERSION}"* ]]; then
+        log "cargo-deb: $(cargo_deb_version)"
+        return 0
+    fi
+    command -v cargo >/dev/null 2>&1 || die "no cargo to install cargo-deb with"
+    log "cargo-deb: installing ${CARGO_DEB_VERSION} (cargo install --locked, a few minutes)"
+    cargo install --quiet --locked --version "$CARGO_DEB_VERSION" cargo-deb ||
+        die "cargo install cargo-deb failed"
+    log "cargo-deb: $(cargo_deb_version)"
+}
+
+# Debian 12 minbase with systemd, dbus and curl: everything the packages
+# depend on is already there, so `dpkg -i` needs no mirror at test time.
+build_systemd_image() {
+    command -v debootstrap >/dev/null 2>&1 || die "debootstrap not found; apt-get install debootstrap"
+    local rootfs
+    rootfs=$(mktemp -d)
+    ROOTFS_TMP=$rootfs
+    log "systemd image: debootstrap bookworm from ${DEBIAN_MIRROR} (log: ${DEBOOTSTRAP_LOG})"
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,curl \
+        bookworm "$rootfs" "$DEBIAN_MIRROR" >"$DEBOOTSTRAP_LOG" 2>&1 ||
+        die "debootstrap failed; see ${DEBOOTSTRAP_LOG}"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    # Units that have nothing to do in a container, and would only fail.
+    local unit
+    for unit in systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket \
+        getty@.service console-getty.service systemd-logind.service \
+        systemd-remount-fs.service sys-kernel-config.mount sys-kernel-debug.mount \
+        sys-kernel-tracing.mount systemd-firstboot.service; do
+        ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
+    done
+    printf 'drover-test\n' >"$rootfs/etc/hostname"
+    tar --numeric-owner -C "$rootfs" -cf - . |
+        docker import \
+            -c 'ENV container=docker' \
+            -c 'CMD ["/sbin/init"]' \
+            -m "drover test image: Debian 12 with systemd" \
+            - "$SYSTEMD_IMAGE" >/dev/null ||
+        die "docker import of ${SYSTEMD_IMAGE} failed"
+    rm -rf "$rootfs"
+    ROOTFS_TMP=""
+}
+
+ensure_systemd_image() {
+    if docker image inspect "$SYSTEMD_IMAGE" >/dev/null 2>&1; then
+        log "systemd image: ${SYSTEMD_IMAGE} present"
+        return 0
+    fi
+    is_root || die "no ${SYSTEMD_IMAGE} and not root to debootstrap one"
+    build_systemd_image
+    log "systemd image: built ${SYSTEMD_IMAGE}"
+}
+
 main() {
     ensure_packages
     ensure_cross_tools
@@ -474,6 +545,8 @@ main() {
     ensure_registry
     ensure_image
     ensure_auth_registry
+    ensure_cargo_deb
+    ensure_systemd_image
     log "ready (registry ${REGISTRY_ADDR}, image ${IMAGE}; with auth: ${AUTH_REGISTRY_ADDR})"
 }
 

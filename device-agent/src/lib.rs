@@ -11,6 +11,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod config_file;
 pub mod desired;
 pub mod discovery;
 pub mod docker_events;

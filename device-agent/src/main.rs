@@ -16,6 +16,11 @@ use drover_shared::DeviceId;
 #[derive(Debug, Parser)]
 #[command(name = "drover-agent", version, about = "The Drover device agent")]
 struct Args {
+    /// A TOML file of settings: keys are the long flag names
+    /// (`broker = "mqtt://hub:1883"`); flags and environment variables win
+    /// over it.
+    #[arg(long, env = "DROVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Broker address, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, 8883 by
     /// default). Without it the agent looks for an orchestrator on the local
     /// network (DNS-SD `_drover._tcp`, multicast DNS).
@@ -225,7 +230,13 @@ async fn run(
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = match drover_agent::config_file::parse::<Args>() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("drover-agent: {}", error_chain(&e.into()));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // The only provider compiled in; installed so nothing can pick another.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
@@ -234,6 +245,9 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Some(path) = &args.config {
+        tracing::info!(file = %path.display(), "settings from the config file under flags and environment");
+    }
     let browse = args
         .broker
         .is_none()
@@ -361,6 +375,38 @@ mod tests {
             "1000"
         ]))
         .is_err());
+    }
+
+    /// The packaged config file with every `#key = value` example
+    /// uncommented.
+    fn packaged_config_uncommented(text: &str) -> tempfile::NamedTempFile {
+        let all: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| {
+                        r.starts_with(|c: char| c.is_ascii_lowercase()) && r.contains(" = ")
+                    })
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), all).expect("write config");
+        f
+    }
+
+    /// Every setting the packaged /etc/drover/agent.toml shows, commented
+    /// out or not, is a key the agent takes.
+    #[test]
+    fn the_packaged_config_names_real_flags() {
+        let f = packaged_config_uncommented(include_str!("../debian/agent.toml"));
+        let path = f.path().to_str().expect("utf-8 path");
+        let a: Args = drover_agent::config_file::try_parse_from(["drover-agent", "--config", path])
+            .expect("packaged config");
+        assert_eq!(a.broker, "mqtt://drover.example.net:1883");
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/drover-agent"));
+        assert_eq!(a.labels.len(), 2);
     }
 
     #[test]

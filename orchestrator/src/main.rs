@@ -63,6 +63,11 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct Serve {
+    /// A TOML file of settings for `serve`: keys are the long flag names
+    /// (`data-dir = "/var/lib/drover"`); flags and environment variables
+    /// win over it.
+    #[arg(long, env = "DROVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directory for the redb database.
     #[arg(long, env = "DROVER_DATA_DIR", default_value = ".drover/orchestrator")]
     data_dir: PathBuf,
@@ -171,6 +176,9 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: Serve) -> Result<()> {
+    if let Some(path) = &args.config {
+        info!(file = %path.display(), "settings from the config file under flags and environment");
+    }
     let history = HistoryConfig {
         raw_hours: args.history_raw_hours,
         days: args.history_days,
@@ -357,7 +365,13 @@ fn api_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match drover_agent::config_file::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("drover: error: {}", error_chain(&e.into()));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // The only provider compiled in; installed so nothing can pick another.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let res = match cli.command {
@@ -407,4 +421,45 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packaged config file with every `#key = value` example
+    /// uncommented.
+    fn packaged_config_uncommented(text: &str) -> tempfile::NamedTempFile {
+        let all: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| {
+                        r.starts_with(|c: char| c.is_ascii_lowercase()) && r.contains(" = ")
+                    })
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), all).expect("write config");
+        f
+    }
+
+    /// Every setting the packaged /etc/drover/drover.toml shows, commented
+    /// out or not, is a key `drover serve` takes.
+    #[test]
+    fn the_packaged_config_names_real_flags() {
+        let f = packaged_config_uncommented(include_str!("../debian/drover.toml"));
+        let path = f.path().to_str().expect("utf-8 path");
+        let cli: Cli =
+            drover_agent::config_file::try_parse_from(["drover", "serve", "--config", path])
+                .expect("packaged config");
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve: {cli:?}")
+        };
+        assert_eq!(serve.data_dir, PathBuf::from("/var/lib/drover"));
+        assert_eq!(serve.history_days, 30);
+        assert_eq!(serve.broker_username.as_deref(), Some("drover"));
+    }
 }

@@ -12,6 +12,7 @@
 pub mod browser;
 pub mod netns;
 pub mod schemathesis;
+pub mod systemd;
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -89,6 +89,9 @@ async fn aarch64_agent_under_qemu_enrolls_reports_arch_and_deploys() {
     );
     let inv = &dev["inventory"];
     assert_eq!(inv["arch"], json!("aarch64"), "{inv}");
+    // Images run on the Docker daemon, here the host's x86_64 one, so the
+    // platform it reports and pulls for is the daemon's, not the binary's.
+    assert_eq!(dev["platform"], json!("linux/amd64"), "{dev}");
     assert!(
         !inv["kernel"].as_str().unwrap_or_default().is_empty(),
         "{inv}"

@@ -404,7 +404,7 @@ mod tests {
         let path = f.path().to_str().expect("utf-8 path");
         let a: Args = drover_agent::config_file::try_parse_from(["drover-agent", "--config", path])
             .expect("packaged config");
-        assert_eq!(a.broker, "mqtt://drover.example.net:1883");
+        assert_eq!(a.broker.as_deref(), Some("mqtt://drover.example.net:1883"));
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/drover-agent"));
         assert_eq!(a.labels.len(), 2);
     }

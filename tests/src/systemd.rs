@@ -135,7 +135,9 @@ impl SystemdContainer {
         }
     }
 
-    /// Copies a host file into the container.
+    /// Copies a host file into the container. `docker cp` writes to the
+    /// container's own file system, under any tmpfs mounted over it: so
+    /// not into /tmp or /run here (use /var/tmp).
     pub fn copy_in(&self, host: &Path, dest: &str) {
         let o = run(
             Command::new("docker")

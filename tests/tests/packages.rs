@@ -68,12 +68,12 @@ fn debs_install_and_run_under_systemd() {
         .unwrap_or_else(|e| panic!("{DOCKER_SOCKET}: {e}; is Docker running?"))
         .gid();
     let c = SystemdContainer::start(&[format!("{DOCKER_SOCKET}:/var/run/docker.sock")]);
-    c.copy_in(&orch_deb, "/tmp/drover.deb");
-    c.copy_in(&agent_deb, "/tmp/drover-agent.deb");
+    c.copy_in(&orch_deb, "/var/tmp/drover.deb");
+    c.copy_in(&agent_deb, "/var/tmp/drover-agent.deb");
     // Docker's package would make the group; here the socket's gid must
     // match it for the agent to get in.
     c.must(&format!("groupadd --gid {docker_gid} docker"));
-    c.must("dpkg -i /tmp/drover.deb /tmp/drover-agent.deb");
+    c.must("dpkg -i /var/tmp/drover.deb /var/tmp/drover-agent.deb");
 
     // Both units enabled and started by the packages, as the system user.
     c.wait_until(

@@ -54,6 +54,20 @@ pub enum ConfigFileError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// A config file's text with every commented `#key = value` example
+/// uncommented: how the packaged files (`debian/*.toml`) are checked to
+/// name only real keys.
+pub fn uncomment_examples(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            l.strip_prefix('#')
+                .filter(|r| r.starts_with(|c: char| c.is_ascii_lowercase()) && r.contains(" = "))
+                .unwrap_or(l)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Parses the process's arguments into `P` with the config file overlaid;
 /// exits as clap does on a command-line error, `--help` or `--version`.
 pub fn parse<P: Parser>() -> Result<P, ConfigFileError> {

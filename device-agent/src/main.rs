@@ -380,17 +380,7 @@ mod tests {
     /// The packaged config file with every `#key = value` example
     /// uncommented.
     fn packaged_config_uncommented(text: &str) -> tempfile::NamedTempFile {
-        let all: String = text
-            .lines()
-            .map(|l| {
-                l.strip_prefix('#')
-                    .filter(|r| {
-                        r.starts_with(|c: char| c.is_ascii_lowercase()) && r.contains(" = ")
-                    })
-                    .unwrap_or(l)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let all = drover_agent::config_file::uncomment_examples(text);
         let f = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(f.path(), all).expect("write config");
         f

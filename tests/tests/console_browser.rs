@@ -44,8 +44,20 @@ async fn choose(b: &Browser, css: &str, value: &str) {
     );
 }
 
+/// Clicks what `css` finds. The console re-renders lists as changes
+/// arrive, so an element found a moment ago may have been replaced by the
+/// time it is clicked: then it is found again (a person would simply
+/// click the new one).
 async fn click(b: &Browser, css: &str) {
-    b.wait_for(css, UI).await.click().await.expect("click");
+    for attempt in 1..=5 {
+        match b.wait_for(css, UI).await.click().await {
+            Ok(()) => return,
+            Err(e) if e.is_stale_element_reference() && attempt < 5 => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("click {css}: {e:?}"),
+        }
+    }
 }
 
 async fn sign_in(b: &Browser, base: &str, token: &str) {

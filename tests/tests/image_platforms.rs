@@ -397,3 +397,84 @@ async fn rollouts_are_refused_naming_the_device_that_cannot_run_the_image() {
         "the audit record says the platforms were not checked: {audit}"
     );
 }
+
+/// An assignment keeps what the registry said of its image: a device that
+/// joins it later (enrolls or is labelled into its selector) is given the
+/// app only where the image provides its platform; the assignment shows
+/// the others as unsupported. The engine never asks the registry for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_joining_an_assignment_later_get_only_images_they_can_run() {
+    let orch = Orch::start_open().await;
+    let api = &orch.api;
+    let here = this_platform();
+    let other = if here == "linux/arm64" {
+        "linux/amd64"
+    } else {
+        "linux/arm64"
+    };
+    let (image, _) = push_index(&unique("late"), &[&here]).await;
+    let app = unique("late");
+    api.create_app(&app, &image).await;
+    let site = unique("site");
+    // No device matches yet: the assignment is made, and keeps the
+    // platforms the registry gave.
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::PUT,
+            &format!("/api/v1/apps/{app}/assignment"),
+            &json!({"selector": format!("site={site}")}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let pi = unique("pi");
+    fake_device(&orch, &pi, Some(other), "aarch64", &[("site", &site)]).await;
+    let nuc = unique("nuc");
+    fake_device(&orch, &nuc, Some(&here), "x86_64", &[("site", &site)]).await;
+    let view = wait_for(
+        Duration::from_secs(20),
+        "the assignment placed nuc",
+        || async {
+            let (_, v) = api.get(&format!("/api/v1/apps/{app}/assignment")).await;
+            (v["assigned"] == json!([nuc])).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(view["unsupported"], json!([pi]), "{view}");
+    let mut matching: Vec<String> = serde_json::from_value(view["matching"].clone()).expect("ids");
+    matching.sort();
+    let mut both = vec![pi.clone(), nuc.clone()];
+    both.sort();
+    assert_eq!(matching, both, "{view}");
+    let d = api.device(&pi).await.expect("pi");
+    assert_eq!(
+        d["desired_generation"],
+        json!(0),
+        "nothing was sent to the device the image cannot run on: {d}"
+    );
+    let d = api.device(&nuc).await.expect("nuc");
+    assert_eq!(d["desired_generation"], json!(1), "{d}");
+
+    // Relabelling a third device into the selector: the same rule.
+    let late = unique("late");
+    fake_device(&orch, &late, Some(other), "aarch64", &[]).await;
+    let (s, v) = api
+        .send_json(
+            reqwest::Method::PUT,
+            &format!("/api/v1/devices/{late}/labels"),
+            &json!({"labels": {"site": site}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let view = wait_for(Duration::from_secs(20), "late is unsupported", || async {
+        let (_, v) = api.get(&format!("/api/v1/apps/{app}/assignment")).await;
+        v["unsupported"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(view["assigned"], json!([nuc]), "{view}");
+    let d = api.device(&late).await.expect("late");
+    assert_eq!(d["desired_generation"], json!(0), "{d}");
+}

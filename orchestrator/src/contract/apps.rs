@@ -74,4 +74,9 @@ pub struct Assignment {
     pub assigned: Vec<DeviceId>,
     /// Matching devices that override it (a deploy or removal by hand).
     pub overridden: Vec<DeviceId>,
+    /// Matching devices left without the app because an image of its
+    /// release does not provide their platform (read from the registry
+    /// when the assignment was made).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<DeviceId>,
 }

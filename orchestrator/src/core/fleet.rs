@@ -16,8 +16,8 @@ use drover_shared::{DeviceId, Name};
 use crate::contract::{self, Change, OpStatus};
 use crate::core::ops::OpBook;
 use crate::core::records::{
-    AppRecord, AssignmentRecord, DesiredRecord, DeviceRecord, OperationRecord, Placement,
-    ReleaseRecord, Write,
+    AppRecord, AssignmentRecord, DesiredRecord, DeviceRecord, ImagePlatforms, OperationRecord,
+    Placement, ReleaseRecord, Write,
 };
 use crate::core::selector::{effective_labels, Selector};
 
@@ -977,6 +977,7 @@ impl Fleet {
     /// canonical form) and returns the app record it makes; the caller
     /// applies it with [`Fleet::put_app`] and then [`Fleet::reconcile_app`].
     /// `release` 0 means the latest.
+    #[allow(clippy::too_many_arguments)] // the assignment's fields
     pub fn assign(
         &self,
         app: &Name,
@@ -984,6 +985,7 @@ impl Fleet {
         release: u64,
         run: RunState,
         author: &str,
+        platforms: Vec<ImagePlatforms>,
         now: u64,
     ) -> Result<AppRecord, FleetError> {
         let mut rec = self
@@ -1009,6 +1011,7 @@ impl Fleet {
             run,
             updated_at_ms: now,
             author: author.to_string(),
+            platforms,
         });
         Ok(rec)
     }
@@ -1022,7 +1025,7 @@ impl Fleet {
         let target = rec.and_then(|r| {
             let a = r.assignment.as_ref()?;
             let sel = Selector::parse(&a.selector).ok()?;
-            Some((sel, a.release, a.run))
+            Some((sel, a.release, a.run, &a.platforms))
         });
         let held = self.holds.get(app);
         let mut out = Vec::new();
@@ -1031,9 +1034,9 @@ impl Fleet {
                 continue;
             }
             let want = match (&target, rec) {
-                (Some((sel, release, run)), Some(r)) => self
+                (Some((sel, release, run, known)), Some(r)) => self
                     .labels_of(id)
-                    .filter(|l| sel.matches(l))
+                    .filter(|l| sel.matches(l) && self.runs_all(id, known))
                     .and_then(|_| r.release(*release))
                     .map(|rel| (rel, *run)),
                 _ => None,
@@ -1058,7 +1061,7 @@ impl Fleet {
             }
             let want = rec.assignment.as_ref().and_then(|a| {
                 let sel = Selector::parse(&a.selector).ok()?;
-                sel.matches(&labels)
+                (sel.matches(&labels) && self.runs_all(id, &a.platforms))
                     .then(|| rec.release(a.release).map(|r| (r, a.run)))
                     .flatten()
             });
@@ -1282,6 +1285,18 @@ impl Fleet {
         (writes, previous)
     }
 
+    /// Whether `id` can run every image of an assignment whose images
+    /// provide `known` (a device that said no platform can).
+    fn runs_all(&self, id: &DeviceId, known: &[ImagePlatforms]) -> bool {
+        known.is_empty()
+            || ImagePlatforms::all_run_on(
+                known,
+                self.inventory(id)
+                    .and_then(|h| h.effective_platform())
+                    .as_ref(),
+            )
+    }
+
     /// The API's view of `app`'s assignment, with the devices it covers.
     pub fn assignment_view(&self, app: &Name) -> Option<contract::Assignment> {
         let rec = self.apps.get(app)?;
@@ -1307,6 +1322,11 @@ impl Fleet {
             author: a.author.clone(),
             assigned: with(|p| &p.assigned),
             overridden: with(|p| &p.overrides),
+            unsupported: matching
+                .iter()
+                .filter(|id| !self.runs_all(id, &a.platforms))
+                .cloned()
+                .collect(),
             matching,
         })
     }
@@ -2419,7 +2439,15 @@ mod tests {
         }
         relabel(&mut f, "a", &[("env", "prod")]);
         let rec = f
-            .assign(&web, "env=prod".into(), 0, RunState::Running, "ops", 2)
+            .assign(
+                &web,
+                "env=prod".into(),
+                0,
+                RunState::Running,
+                "ops",
+                Vec::new(),
+                2,
+            )
             .expect("assign");
         assert_eq!(rec.assignment.as_ref().expect("a").release, 1);
         f.put_app(rec);
@@ -2475,7 +2503,15 @@ mod tests {
         f.put_app(rec);
         assert!(f.reconcile_app(&web).is_empty(), "pinned at release 1");
         let rec = f
-            .assign(&web, "env=prod".into(), 2, RunState::Running, "ops", 6)
+            .assign(
+                &web,
+                "env=prod".into(),
+                2,
+                RunState::Running,
+                "ops",
+                Vec::new(),
+                6,
+            )
             .expect("assign 2");
         f.put_app(rec);
         let updates = f.reconcile_app(&web);
@@ -2501,7 +2537,15 @@ mod tests {
         assert!(updates.iter().all(|u| u.desired.app(&web).is_none()));
         // A release that does not exist is refused.
         assert!(matches!(
-            f.assign(&web, String::new(), 7, RunState::Running, "ops", 7),
+            f.assign(
+                &web,
+                String::new(),
+                7,
+                RunState::Running,
+                "ops",
+                Vec::new(),
+                7
+            ),
             Err(FleetError::UnknownRelease { release: 7, .. })
         ));
     }
@@ -2567,7 +2611,15 @@ mod tests {
         f.on_device_message(&id("a"), DeviceMessage::Hello(Hello::default()), 1);
         relabel(&mut f, "a", &[("env", "prod")]);
         let rec = f
-            .assign(&web, "env=prod".into(), 0, RunState::Running, "ops", 2)
+            .assign(
+                &web,
+                "env=prod".into(),
+                0,
+                RunState::Running,
+                "ops",
+                Vec::new(),
+                2,
+            )
             .expect("assign");
         f.put_app(rec);
         let updates = f.reconcile_app(&web);
@@ -2583,7 +2635,15 @@ mod tests {
         let (rec, _) = f.update_app(s2, "ops", 4).expect("update");
         f.put_app(rec);
         let rec = f
-            .assign(&web, "env=prod".into(), 2, RunState::Running, "ops", 5)
+            .assign(
+                &web,
+                "env=prod".into(),
+                2,
+                RunState::Running,
+                "ops",
+                Vec::new(),
+                5,
+            )
             .expect("assign 2");
         f.put_app(rec);
         let updates = f.reconcile_app(&web);
@@ -2618,6 +2678,7 @@ mod tests {
                 0,
                 RunState::Running,
                 "ops",
+                Vec::new(),
                 2,
             )
             .expect("assign");

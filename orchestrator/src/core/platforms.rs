@@ -261,6 +261,7 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::records::ImagePlatforms;
 
     fn p(s: &str) -> Platform {
         s.parse().expect("platform")
@@ -351,5 +352,34 @@ mod tests {
         assert!(text.contains("device d09 is linux/arm/v6"), "{text}");
         assert!(!text.contains("d10"), "{text}");
         assert!(text.ends_with("and 5 more device(s)"), "{text}");
+    }
+
+    #[test]
+    fn a_device_joining_later_must_run_every_image_read() {
+        let known = vec![
+            ImagePlatforms {
+                image: "a".into(),
+                platforms: vec![p("linux/amd64"), p("linux/arm/v7")],
+            },
+            ImagePlatforms {
+                image: "b".into(),
+                platforms: vec![p("linux/amd64"), p("linux/arm64")],
+            },
+        ];
+        assert!(ImagePlatforms::all_run_on(&known, Some(&p("linux/amd64"))));
+        // arm64 runs arm/v7 (containerd's rule) and has its own entry of b.
+        assert!(ImagePlatforms::all_run_on(&known, Some(&p("linux/arm64"))));
+        // arm/v7 has an entry of a but none of b.
+        assert!(!ImagePlatforms::all_run_on(
+            &known,
+            Some(&p("linux/arm/v7"))
+        ));
+        assert!(!ImagePlatforms::all_run_on(
+            &known,
+            Some(&p("linux/riscv64"))
+        ));
+        // Unknown device, or nothing read: not held against it.
+        assert!(ImagePlatforms::all_run_on(&known, None));
+        assert!(ImagePlatforms::all_run_on(&[], Some(&p("linux/riscv64"))));
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use drover_shared::identity::automation_username;
 use drover_shared::model::{AppSpec, DesiredState, ObservedState, RunState};
 use drover_shared::payload::{Hello, Op, Progress, RegistryCredential};
-use drover_shared::{DeviceId, Name};
+use drover_shared::{DeviceId, Name, Platform};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::{self, AuditOutcome, OpStatus, Role};
@@ -112,6 +112,36 @@ pub struct AssignmentRecord {
     pub run: RunState,
     pub updated_at_ms: u64,
     pub author: String,
+    /// The platforms each image of the release provided when the
+    /// assignment was made (read from its registry by the command path;
+    /// images it could not read are absent). A device that joins later is
+    /// placed only where these allow (`ImagePlatforms::all_run_on`): the
+    /// engine never asks a registry itself. Absent from older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<ImagePlatforms>,
+}
+
+/// The platforms one image provides, as its registry said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePlatforms {
+    pub image: String,
+    pub platforms: Vec<Platform>,
+}
+
+impl ImagePlatforms {
+    /// Whether a device of platform `device` can run every image of an
+    /// assignment whose images provide `known` (containerd's matching,
+    /// `Platform::runs`). A device that reports no platform, and an image
+    /// whose platforms were not read, are not held against each other:
+    /// only the device can tell then.
+    pub fn all_run_on(known: &[ImagePlatforms], device: Option<&Platform>) -> bool {
+        let Some(device) = device else {
+            return true;
+        };
+        known
+            .iter()
+            .all(|i| i.platforms.iter().any(|p| device.runs(p)))
+    }
 }
 
 /// A request to change one device, followed from issue to final outcome.

@@ -12,6 +12,7 @@ use crate::contract::{self, AuditOutcome, Role};
 use crate::core::command::{Actor, Command, CommandKind};
 use crate::core::fleet::FleetError;
 use crate::core::platforms::{self, Target};
+use crate::core::records::ImagePlatforms;
 use crate::core::records::OperationRecord;
 use crate::engine::{Done, EngineError, EngineHandle, FleetChange};
 use crate::metrics::Metrics;
@@ -353,6 +354,7 @@ impl Commands {
                         app: app.clone(),
                     })
                     .await?
+                    .0
                 } else {
                     String::new()
                 };
@@ -435,7 +437,7 @@ impl Commands {
                     ));
                 }
                 let selector = sel.to_string();
-                let unchecked = self
+                let (unchecked, platforms) = self
                     .check_platforms(Target::Selector {
                         app: app.clone(),
                         selector: selector.clone(),
@@ -450,6 +452,7 @@ impl Commands {
                         release,
                         run,
                         author: by.clone(),
+                        platforms,
                     })
                     .await?;
                 let view = self.assignment(app).await?;
@@ -478,7 +481,7 @@ impl Commands {
             }
             Command::CreateRollout(request) => {
                 let app = request.app.clone();
-                let unchecked = self
+                let (unchecked, platforms) = self
                     .check_platforms(Target::Selector {
                         app: app.clone(),
                         selector: request.selector.clone(),
@@ -491,6 +494,7 @@ impl Commands {
                     .change(FleetChange::CreateRollout {
                         request: *request,
                         author: by.clone(),
+                        platforms,
                     })
                     .await?
                 {
@@ -654,7 +658,13 @@ impl Commands {
     /// hand must stay deployable: the device's own pull is the last word),
     /// and devices that report no platform (agents older than the report,
     /// except where their `arch` tells it).
-    async fn check_platforms(&self, target: Target) -> Result<String, CommandError> {
+    ///
+    /// Returns that note and the platforms it read of each image: an
+    /// assignment keeps them, to place devices that join it later.
+    async fn check_platforms(
+        &self,
+        target: Target,
+    ) -> Result<(String, Vec<ImagePlatforms>), CommandError> {
         let found = self
             .engine
             .read(move |fleet, secrets| {
@@ -668,17 +678,24 @@ impl Commands {
             })
             .await?;
         let Some((targets, creds)) = found else {
-            return Ok(String::new());
+            return Ok((String::new(), Vec::new()));
         };
         let unknown = targets.devices.iter().filter(|(_, p)| p.is_none()).count();
         let mut notes = Vec::new();
+        let mut read = Vec::new();
         if unknown > 0 {
             notes.push(format!("{unknown} device(s) report no platform"));
         }
-        if unknown < targets.devices.len() {
+        // Asked also when no device matches yet: an assignment keeps what
+        // it read for the devices that join later.
+        if targets.devices.is_empty() || unknown < targets.devices.len() {
             for (image, cred) in targets.images.iter().zip(&creds) {
                 match self.registries.platforms(image, cred.as_ref()).await {
                     Ok(lookup) => {
+                        read.push(ImagePlatforms {
+                            image: image.to_string(),
+                            platforms: lookup.platforms.to_vec(),
+                        });
                         platforms::judge(&image.to_string(), &lookup.platforms, &targets.devices)
                             .map_err(|m| {
                             self.metrics.platform_refused.inc();
@@ -696,11 +713,12 @@ impl Commands {
                 }
             }
         }
-        Ok(if notes.is_empty() {
+        let note = if notes.is_empty() {
             String::new()
         } else {
             format!("; {}", notes.join("; "))
-        })
+        };
+        Ok((note, read))
     }
 
     async fn app(&self, change: FleetChange) -> Result<contract::App, CommandError> {

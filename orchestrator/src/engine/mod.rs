@@ -37,7 +37,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::contract::{self, AuditOutcome, Change};
 use crate::core::fleet::{DeviceMessage, Fleet, FleetError};
-use crate::core::records::{AppRecord, OperationRecord, Placement, RegistryRecord};
+use crate::core::records::{AppRecord, ImagePlatforms, OperationRecord, Placement, RegistryRecord};
 use crate::core::registries::SecretsBook;
 use crate::link::Event;
 use crate::metrics::Metrics;
@@ -112,6 +112,8 @@ pub enum FleetChange {
         release: u64,
         run: RunState,
         author: String,
+        /// What the command path read of the release's images.
+        platforms: Vec<ImagePlatforms>,
     },
     Unassign(Name),
     ClearOverride {
@@ -124,6 +126,8 @@ pub enum FleetChange {
     CreateRollout {
         request: contract::CreateRollout,
         author: String,
+        /// What the command path read of the release's images.
+        platforms: Vec<ImagePlatforms>,
     },
     RolloutAction {
         id: String,
@@ -564,8 +568,12 @@ impl Engine {
             {
                 let _ = reply.send(Err(self.rollout_running(&app)));
             }
-            FleetChange::CreateRollout { request, author } => {
-                self.create_rollout(request, author, reply).await;
+            FleetChange::CreateRollout {
+                request,
+                author,
+                platforms,
+            } => {
+                self.create_rollout(request, author, platforms, reply).await;
             }
             FleetChange::RolloutAction { id, action } => {
                 self.rollout_action(id, action, reply).await;
@@ -666,9 +674,10 @@ impl Engine {
                 release,
                 run,
                 author,
+                platforms,
             } => match self
                 .fleet
-                .assign(&app, selector, release, run, &author, now)
+                .assign(&app, selector, release, run, &author, platforms, now)
             {
                 Ok(record) => {
                     self.fleet.put_app(record.clone());

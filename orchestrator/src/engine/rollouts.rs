@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use super::{Done, Engine, EngineError, Then};
 use crate::contract::{self, Change, RolloutAction};
 use crate::core::fleet::{FleetError, Hold};
-use crate::core::records::{AssignmentRecord, RolloutRecord};
+use crate::core::records::{AssignmentRecord, ImagePlatforms, RolloutRecord};
 use crate::core::rollout::{DeviceProgress, Effect, Phase, Rollout, RolloutSpec};
 use crate::core::selector::Selector;
 use crate::store::Write;
@@ -179,9 +179,10 @@ impl Engine {
         &mut self,
         req: contract::CreateRollout,
         author: String,
+        platforms: Vec<ImagePlatforms>,
         reply: oneshot::Sender<Result<Done, EngineError>>,
     ) {
-        match self.plan_rollout(req, author) {
+        match self.plan_rollout(req, author, platforms) {
             Ok((id, driven)) => {
                 let view = self.rollouts.get(&id).map(Box::new);
                 self.commit_driven(&id, driven, Some(reply), view.map(Done::Rollout))
@@ -197,6 +198,7 @@ impl Engine {
         &mut self,
         req: contract::CreateRollout,
         author: String,
+        platforms: Vec<ImagePlatforms>,
     ) -> Result<(String, Driven), EngineError> {
         let now = super::now_ms();
         let invalid = |field: &str, message: String| EngineError::RolloutInvalid {
@@ -289,6 +291,7 @@ impl Engine {
             run,
             updated_at_ms: now,
             author,
+            platforms,
         });
         self.fleet.put_app(app_rec.clone());
         driven.writes.push(Write::App(app_rec));
@@ -756,6 +759,7 @@ mod tests {
             .change(FleetChange::CreateRollout {
                 request,
                 author: "t".into(),
+                platforms: Vec::new(),
             })
             .await
             .expect("created")

@@ -1132,14 +1132,14 @@ struct ChangesQuery {
         ("operation" = Option<String>, Query, description = "Only this operation's changes"),
         ("rollout" = Option<String>, Query, description = "Only this rollout's changes"),
         ("job" = Option<String>, Query, description = "Only this edge job's changes"),
-        ("kinds" = Option<String>, Query, description = "Only changes of these kinds, comma-separated (`lagged` always passes): device, inventory, state, operation, telemetry, logs, event, app, rollout"),
+        ("kinds" = Option<String>, Query, description = "Only changes of these kinds, comma-separated (`lagged` always passes): device, inventory, state, operation, telemetry, logs, event, app, rollout, job"),
         ("coalesce" = Option<bool>, Query, description = "Merge each device's `device`, `inventory`, `state` and `telemetry` changes to the latest of each kind, sent once a second (the console's feed); the rest is sent at once"),
     ),
     responses(
         (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
          body = Change, content_type = "text/event-stream"),
         (status = 400, description = "A filter is not valid", body = ErrorBody),
-        (status = 404, description = "No such operation or rollout", body = ErrorBody),
+        (status = 404, description = "No such operation, rollout or job", body = ErrorBody),
     ))]
 async fn changes(
     State(api): State<ApiState>,

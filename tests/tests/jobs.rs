@@ -56,6 +56,16 @@ async fn create(api: &Api, body: Value) -> String {
     v["id"].as_str().expect("id").to_string()
 }
 
+/// Waits until `device` runs job `id`; its container's name.
+async fn running(api: &Api, id: &str, device_id: &str) -> String {
+    wait_for(TIMEOUT, "job running", || async {
+        let v = job(api, id).await;
+        (device(&v, device_id)["state"] == json!("running")).then_some(())
+    })
+    .await;
+    format!("drover-job-{device_id}-{id}")
+}
+
 fn device<'a>(job: &'a Value, id: &str) -> &'a Value {
     job["devices"]
         .as_array()
@@ -286,12 +296,7 @@ async fn a_job_past_its_timeout_is_killed_and_a_cancelled_one_stops() {
             "command": ["sleep", "300"]}),
     )
     .await;
-    let name = format!("drover-job-{}-{id}", agent.id);
-    wait_for(TIMEOUT, "job running", || async {
-        let v = job(api, &id).await;
-        (device(&v, &agent.id)["state"] == json!("running")).then_some(())
-    })
-    .await;
+    let name = running(api, &id, &agent.id).await;
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(container_exists(&docker, &name).await, Some(true));
     let (s, v) = api
@@ -360,4 +365,43 @@ async fn the_cli_runs_a_job_and_waits_for_every_device() {
     let (ok, out, err) = drover_cli(api, &args, b"").await;
     assert!(!ok, "a failed job must fail the CLI: {out} {err}");
     assert!(format!("{out}{err}").contains("failed"), "{out} {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outlives_an_agent_killed_while_it_runs() {
+    let docker = docker().await;
+    let orch = Orch::start().await;
+    let api = &orch.api;
+    let mut agent = Agent::spawn(&orch.broker_url(), &unique("jb-r"));
+    online(api, &agent).await;
+    let group = unique("r");
+    label(api, &agent.id, &group).await;
+    let id = create(
+        api,
+        json!({"selector": format!("jobs={group}"), "image": image(), "timeout_secs": 120,
+            "command": ["sh", "-c", "sleep 6; echo done-after-restart"]}),
+    )
+    .await;
+    let name = running(api, &id, &agent.id).await;
+    // SIGKILL: the container runs on without its agent; the restarted
+    // agent finds it by its label and its spec in jobs.json, waits for it
+    // and reports it.
+    agent.kill().await;
+    assert_eq!(container_exists(&docker, &name).await, Some(true));
+    agent.start(&orch.broker_url());
+    let v = wait_job(api, &id, "succeeded").await;
+    let d = device(&v, &agent.id);
+    assert_eq!(d["exit_code"], json!(0), "{d}");
+    assert!(
+        d["output_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("done-after-restart"),
+        "{d}"
+    );
+    assert_eq!(
+        container_exists(&docker, &name).await,
+        None,
+        "container left"
+    );
 }

@@ -368,7 +368,7 @@ async fn the_cli_runs_a_job_and_waits_for_every_device() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_outlives_an_agent_killed_while_it_runs() {
+async fn a_job_outlives_a_killed_agent_and_an_offline_device_gets_it_when_back() {
     let docker = docker().await;
     let orch = Orch::start().await;
     let api = &orch.api;
@@ -403,5 +403,36 @@ async fn a_job_outlives_an_agent_killed_while_it_runs() {
         container_exists(&docker, &name).await,
         None,
         "container left"
+    );
+
+    // Offline when the job is made: pending until the device is back,
+    // then sent it.
+    agent.kill().await;
+    wait_for(Duration::from_secs(30), "device offline", || async {
+        api.device(&agent.id)
+            .await
+            .filter(|d| d["online"] == json!(false))
+    })
+    .await;
+    let later = create(
+        api,
+        json!({"selector": format!("jobs={group}"), "image": image(), "timeout_secs": 60,
+            "command": ["echo", "sent-when-back"]}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        device(&job(api, &later).await, &agent.id)["state"],
+        json!("pending")
+    );
+    agent.start(&orch.broker_url());
+    let v = wait_job(api, &later, "succeeded").await;
+    let d = device(&v, &agent.id);
+    assert!(
+        d["output_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sent-when-back"),
+        "{d}"
     );
 }

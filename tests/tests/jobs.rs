@@ -66,6 +66,18 @@ async fn running(api: &Api, id: &str, device_id: &str) -> String {
     format!("drover-job-{device_id}-{id}")
 }
 
+fn tail(d: &Value) -> &str {
+    d["output_tail"].as_str().unwrap_or_default()
+}
+
+/// Waits until job `id` succeeded; `device_id` exited 0 and printed `text`.
+async fn succeeded_with(api: &Api, id: &str, device_id: &str, text: &str) {
+    let v = wait_job(api, id, "succeeded").await;
+    let d = device(&v, device_id);
+    assert_eq!(d["exit_code"], json!(0), "{d}");
+    assert!(tail(d).contains(text), "{d}");
+}
+
 fn device<'a>(job: &'a Value, id: &str) -> &'a Value {
     job["devices"]
         .as_array()
@@ -176,13 +188,7 @@ async fn a_job_runs_across_a_selector_and_reports_per_device() {
     for d in [da, db] {
         assert_eq!(d["state"], json!("succeeded"), "{d}");
         assert_eq!(d["exit_code"], json!(0), "{d}");
-        assert!(
-            d["output_tail"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("out-hello"),
-            "{d}"
-        );
+        assert!(tail(d).contains("out-hello"), "{d}");
         assert!(d["started_at_ms"].as_u64() > Some(0), "{d}");
     }
     // At most one ran at a time: one finished before the other started.
@@ -227,13 +233,7 @@ async fn a_job_runs_across_a_selector_and_reports_per_device() {
         let d = device(&v, &agent.id);
         assert_eq!(d["state"], json!("failed"), "{d}");
         assert_eq!(d["exit_code"], json!(3), "{d}");
-        assert!(
-            d["output_tail"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("broken-on-purpose"),
-            "{d}"
-        );
+        assert!(tail(d).contains("broken-on-purpose"), "{d}");
     }
 
     // The audit log has who created and who was refused.
@@ -272,13 +272,7 @@ async fn a_job_past_its_timeout_is_killed_and_a_cancelled_one_stops() {
     let v = wait_job(api, &id, "failed").await;
     let d = device(&v, &agent.id);
     assert_eq!(d["state"], json!("timed_out"), "{d}");
-    assert!(
-        d["output_tail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("started"),
-        "{d}"
-    );
+    assert!(tail(d).contains("started"), "{d}");
     let took = d["finished_at_ms"].as_u64().expect("finished")
         - d["started_at_ms"].as_u64().expect("started");
     assert!((3000..20_000).contains(&took), "ran {took} ms");
@@ -389,16 +383,7 @@ async fn a_job_outlives_a_killed_agent_and_an_offline_device_gets_it_when_back()
     agent.kill().await;
     assert_eq!(container_exists(&docker, &name).await, Some(true));
     agent.start(&orch.broker_url());
-    let v = wait_job(api, &id, "succeeded").await;
-    let d = device(&v, &agent.id);
-    assert_eq!(d["exit_code"], json!(0), "{d}");
-    assert!(
-        d["output_tail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("done-after-restart"),
-        "{d}"
-    );
+    succeeded_with(api, &id, &agent.id, "done-after-restart").await;
     assert_eq!(
         container_exists(&docker, &name).await,
         None,
@@ -426,13 +411,27 @@ async fn a_job_outlives_a_killed_agent_and_an_offline_device_gets_it_when_back()
         json!("pending")
     );
     agent.start(&orch.broker_url());
-    let v = wait_job(api, &later, "succeeded").await;
-    let d = device(&v, &agent.id);
-    assert!(
-        d["output_tail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("sent-when-back"),
-        "{d}"
-    );
+    succeeded_with(api, &later, &agent.id, "sent-when-back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_an_orchestrator_killed_while_it_runs() {
+    let mut orch = OrchProc::start().await;
+    let api = orch.api.clone();
+    let agent = Agent::spawn(&orch.broker_url(), &unique("jb-o"));
+    online(&api, &agent).await;
+    let group = unique("o");
+    label(&api, &agent.id, &group).await;
+    let id = create(
+        &api,
+        json!({"selector": format!("jobs={group}"), "image": image(), "timeout_secs": 120,
+            "command": ["sh", "-c", "sleep 6; echo after-the-orchestrator"]}),
+    )
+    .await;
+    running(&api, &id, &agent.id).await;
+    // SIGKILL: the job is in redb; the device's final report arrives
+    // after the restart (or is sent again on its reconnect).
+    orch.kill().await;
+    orch.restart().await;
+    succeeded_with(&api, &id, &agent.id, "after-the-orchestrator").await;
 }

@@ -1145,6 +1145,9 @@ mod tests {
             ("rule_firings.list", CommandKind::ListRuleFirings),
             ("rollout.abort", CommandKind::AbortRollout),
             ("devices.list", CommandKind::ListDevices),
+            ("jobs.create", CommandKind::CreateJob),
+            ("jobs.get", CommandKind::ShowJob),
+            ("jobs.cancel", CommandKind::CancelJob),
         ] {
             let e = COMMANDS.iter().find(|e| e.cmd == cmd).expect("listed");
             assert_eq!(e.kind, kind);

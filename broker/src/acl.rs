@@ -325,6 +325,11 @@ mod tests {
         }
         assert!(!a.may_publish(&topics, "drover/v1/other", false));
         assert!(!a.may_publish(&topics, "elsewhere", false));
+        // Edge job reports: its own only, never retained.
+        let job = |d: &str| topics.device(&id(d), TopicKind::Job);
+        assert!(a.may_publish(&topics, &job("a"), false));
+        assert!(!a.may_publish(&topics, &job("b"), false));
+        assert!(!a.may_publish(&topics, &job("a"), true));
     }
 
     #[test]

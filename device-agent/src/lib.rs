@@ -18,6 +18,7 @@ pub mod docker_events;
 pub mod enroll;
 pub mod images;
 pub mod inventory;
+pub mod jobs;
 pub mod lock;
 pub mod logs;
 pub mod mqtt;
@@ -238,7 +239,15 @@ async fn run_device(
         mqtt::drive(eventloop, config.topics.clone(), device.clone(), online_tx, mqtt_tx, reenroll)
             .instrument(info_span!(parent: &here, "mqtt", broker = %format!("{}:{}", config.broker_host, config.broker_port))),
     );
+    let (jobs_tx, jobs_task) = jobs::spawn(
+        runtime.clone(),
+        publisher.clone(),
+        device.clone(),
+        &config.state_dir,
+        secrets_tx.subscribe(),
+    );
     let workers = [
+        jobs_task,
         tokio::spawn(
             reconciler
                 .run(desired_rx, config.reconcile_interval, trigger_rx)
@@ -263,6 +272,7 @@ async fn run_device(
     ];
 
     let core = Core {
+        jobs: jobs_tx,
         publisher: publisher.clone(),
         runtime,
         store,
@@ -307,6 +317,8 @@ async fn run_device(
 
 /// The agent core: the single owner of the desired state and of acks.
 struct Core {
+    /// The edge job runner (`jobs.rs`).
+    jobs: mpsc::Sender<jobs::JobInput>,
     publisher: Publisher,
     runtime: DockerRuntime,
     store: DesiredStore,
@@ -374,6 +386,7 @@ impl Core {
                     at_ms: now_ms(),
                 });
                 self.resync();
+                self.to_jobs(jobs::JobInput::Connected);
             }
             MqttEvent::Disconnected => {
                 debug!("offline; queueing state changes for the next connection")
@@ -385,6 +398,11 @@ impl Core {
                     info!(command = %c.id, op = op.as_str(), %app, generation = desired.generation, "command");
                     self.offer(desired, Some((&c.id, Some(&app)))).await;
                 }
+                Action::RunJob(spec) => {
+                    info!(command = %c.id, job = %spec.id, "run job");
+                    self.to_jobs(jobs::JobInput::Run(spec));
+                }
+                Action::CancelJob { id } => self.to_jobs(jobs::JobInput::Cancel(id)),
                 Action::Resync => {
                     self.ack(&AckOut {
                         command_id: c.id.clone(),
@@ -399,6 +417,14 @@ impl Core {
                     });
                 }
             },
+        }
+    }
+
+    /// Hands the job runner its input; when its queue is full the input is
+    /// dropped (the orchestrator sends a job again on the next reconnect).
+    fn to_jobs(&self, input: jobs::JobInput) {
+        if let Err(e) = self.jobs.try_send(input) {
+            warn!(error = %e, "job input dropped: the job runner is busy");
         }
     }
 

@@ -130,6 +130,11 @@ impl ManagedContainer {
         if labels.get(LABEL_DEVICE).map(String::as_str) != Some(own.as_str()) {
             return None;
         }
+        // An edge job's container is the job runner's (`jobs.rs`), never
+        // the reconciler's, whatever other labels it carries.
+        if labels.contains_key(drover_shared::job::LABEL_JOB) {
+            return None;
+        }
         Some(ManagedContainer {
             id: id.to_string(),
             app: Name::new(labels.get(LABEL_APP)?.as_str()).ok()?,
@@ -1063,6 +1068,14 @@ mod tests {
         );
         assert_eq!(
             ManagedContainer::from_labels(&me, "id4", &HashMap::new(), "x:1", "running", None),
+            None
+        );
+        // A job's container, even one that also carried app labels, is
+        // left to the job runner: the reconciler never stops or removes it.
+        let mut job = ours.clone();
+        job.insert(drover_shared::job::LABEL_JOB.into(), "j1".into());
+        assert_eq!(
+            ManagedContainer::from_labels(&me, "id5", &job, "x:1", "running", None),
             None
         );
     }

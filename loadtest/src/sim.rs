@@ -521,6 +521,8 @@ impl Agent {
                     Action::Apply { desired, app, .. } => {
                         self.offer(desired, Some((&c.id, Some(&app))))
                     }
+                    // The simulated fleet runs no containers, so no jobs.
+                    Action::RunJob(_) | Action::CancelJob { .. } => {}
                     Action::Resync => {
                         self.ack(&AckOut {
                             command_id: c.id.clone(),

@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod filter;
 pub mod identity;
 pub mod ids;
+pub mod job;
 pub mod model;
 pub mod payload;
 pub mod platform;

@@ -662,7 +662,7 @@ fn clean_path(p: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-fn check_count(field: &str, n: usize, max: usize) -> Result<(), FieldError> {
+pub(crate) fn check_count(field: &str, n: usize, max: usize) -> Result<(), FieldError> {
     if n > max {
         return Err(FieldError::new(
             field,
@@ -676,7 +676,7 @@ fn check_count(field: &str, n: usize, max: usize) -> Result<(), FieldError> {
 /// NUL, which no `execve` argument or environment entry can hold (Docker
 /// fails the container with "invalid argument"). `printable`: no control
 /// characters at all, for text that is only displayed.
-fn check_text(
+pub(crate) fn check_text(
     field: &str,
     what: &str,
     s: &str,

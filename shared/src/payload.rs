@@ -223,6 +223,10 @@ pub enum Action {
     },
     /// Re-send hello, state and heartbeat now.
     Resync,
+    /// Run an edge job once (a repeat of a known id re-sends its report).
+    RunJob(crate::job::JobSpec),
+    /// Kill and remove a running job: reported `cancelled`.
+    CancelJob { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

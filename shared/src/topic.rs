@@ -96,10 +96,12 @@ pub enum TopicKind {
     /// orchestrator → device, retained: registry credentials for the images
     /// in this device's desired state, and nothing else.
     Secrets,
+    /// device → orchestrator: progress and outcome of an edge job.
+    Job,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 13] = [
+    pub const ALL: [TopicKind; 14] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -113,10 +115,11 @@ impl TopicKind {
         TopicKind::Enroll,
         TopicKind::Enrolled,
         TopicKind::Secrets,
+        TopicKind::Job,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
-    pub const FROM_DEVICE: [TopicKind; 9] = [
+    pub const FROM_DEVICE: [TopicKind; 10] = [
         TopicKind::Ack,
         TopicKind::Status,
         TopicKind::Heartbeat,
@@ -126,6 +129,7 @@ impl TopicKind {
         TopicKind::Hello,
         TopicKind::Event,
         TopicKind::Enroll,
+        TopicKind::Job,
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
@@ -159,6 +163,7 @@ impl TopicKind {
             TopicKind::Enroll => "enroll",
             TopicKind::Enrolled => "enrolled",
             TopicKind::Secrets => "secrets",
+            TopicKind::Job => "job",
         }
     }
 

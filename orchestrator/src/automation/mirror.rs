@@ -205,6 +205,7 @@ impl Mirror {
             Change::Operation { .. }
             | Change::Logs { .. }
             | Change::App { .. }
+            | Change::Job { .. }
             | Change::RuleFiring { .. } => {}
         }
     }

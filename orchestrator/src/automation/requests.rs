@@ -248,6 +248,21 @@ pub const COMMANDS: &[Entry] = &[
         run: rollout_rollback,
     },
     Entry {
+        cmd: "jobs.create",
+        kind: CommandKind::CreateJob,
+        run: job_create,
+    },
+    Entry {
+        cmd: "jobs.get",
+        kind: CommandKind::ShowJob,
+        run: job_get,
+    },
+    Entry {
+        cmd: "jobs.cancel",
+        kind: CommandKind::CancelJob,
+        run: job_cancel,
+    },
+    Entry {
         cmd: "rules.list",
         kind: CommandKind::ListRules,
         run: rules_list,
@@ -351,6 +366,7 @@ fn reply_value(reply: &Reply) -> Value {
         Reply::Assignment(v) => to_value(v),
         Reply::Rollout(v) => to_value(v),
         Reply::Rule(v) => to_value(v),
+        Reply::Job(v) => to_value(v),
         Reply::Registry(v) => to_value(v),
         Reply::EnrollToken(v) => to_value(v),
         Reply::ApiToken(v) => to_value(v),
@@ -669,6 +685,39 @@ fn rollout_get(c: &Ctx, a: Args) -> Fut<'_> {
                 )
             }),
         }
+    })
+}
+
+fn job_create(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let j: crate::contract::CreateJob = args(a)?;
+        c.execute(Command::CreateJob(Box::new(j)), 201).await
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobId {
+    job: String,
+}
+
+fn job_get(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let JobId { job } = args(a)?;
+        match c.commands.engine.job(job.clone()).await? {
+            Some(j) => ok(to_value(&j)),
+            None => Err(RequestError {
+                field: Some("job".into()),
+                ..RequestError::new(404, "not_found", format!("job {job:?} does not exist"))
+            }),
+        }
+    })
+}
+
+fn job_cancel(c: &Ctx, a: Args) -> Fut<'_> {
+    Box::pin(async move {
+        let JobId { job } = args(a)?;
+        c.execute(Command::CancelJob(job), 200).await
     })
 }
 
@@ -1096,6 +1145,9 @@ mod tests {
             ("rule_firings.list", CommandKind::ListRuleFirings),
             ("rollout.abort", CommandKind::AbortRollout),
             ("devices.list", CommandKind::ListDevices),
+            ("jobs.create", CommandKind::CreateJob),
+            ("jobs.get", CommandKind::ShowJob),
+            ("jobs.cancel", CommandKind::CancelJob),
         ] {
             let e = COMMANDS.iter().find(|e| e.cmd == cmd).expect("listed");
             assert_eq!(e.kind, kind);

@@ -3,6 +3,7 @@
 
 pub mod certs;
 mod follow;
+pub mod jobs;
 mod logs;
 pub mod rollouts;
 pub mod rules;
@@ -242,6 +243,13 @@ pub enum ClientCmd {
     Rollouts {
         #[command(subcommand)]
         cmd: Option<crate::cli::rollouts::RolloutsCmd>,
+    },
+    /// Edge jobs: a container run to completion on the devices a
+    /// selector matches, each device's exit code and output collected
+    /// (default: list).
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<crate::cli::jobs::JobsCmd>,
     },
     /// Rules that act on their own: triggers, conditions, actions
     /// (default: list).
@@ -496,6 +504,7 @@ impl Client {
                     .rollouts(cmd.unwrap_or(rollouts::RolloutsCmd::List { app: None }))
                     .await
             }
+            ClientCmd::Jobs { cmd } => return self.jobs(cmd.unwrap_or(jobs::JobsCmd::List)).await,
             ClientCmd::Rules { cmd } => {
                 return self.rules(cmd.unwrap_or(rules::RulesCmd::List)).await
             }

@@ -3,7 +3,7 @@ use drover_shared::{DeviceId, Name};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Operation, Rollout};
+use super::{Job, Operation, Rollout};
 
 /// One change in the fleet, as the engine publishes it to its subscribers
 /// (`GET /api/v1/changes`, the CLI's `--wait`, and in time the console and
@@ -54,6 +54,9 @@ pub enum Change {
     /// is coalesced (at most a few per second per rollout); a change of
     /// phase is sent at once.
     Rollout { rollout: Box<Rollout> },
+    /// An edge job was created or moved on (its counts, without devices);
+    /// device progress coalesced like a rollout's.
+    Job { job: Box<Job> },
     /// A rule fired (or a loop of rules was cut).
     RuleFiring {
         firing: Box<super::rules::RuleFiring>,
@@ -75,13 +78,15 @@ pub struct ChangeFilter {
     pub operation: Option<String>,
     /// Only the progress and outcome of this rollout.
     pub rollout: Option<String>,
+    /// Only the progress and outcome of this job.
+    pub job: Option<String>,
     /// Only changes of these kinds (`?kinds=logs,event`); `lagged` always.
     pub kinds: Option<std::collections::BTreeSet<&'static str>>,
 }
 
 impl Change {
     /// Every kind, as `kind` names it in JSON.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "device",
         "inventory",
         "state",
@@ -91,6 +96,7 @@ impl Change {
         "event",
         "app",
         "rollout",
+        "job",
         "rule_firing",
         "lagged",
     ];
@@ -107,6 +113,7 @@ impl Change {
             Change::Event { .. } => "event",
             Change::App { .. } => "app",
             Change::Rollout { .. } => "rollout",
+            Change::Job { .. } => "job",
             Change::RuleFiring { .. } => "rule_firing",
             Change::Lagged { .. } => "lagged",
         }
@@ -154,8 +161,13 @@ impl ChangeFilter {
             | Change::Event { device, .. } => (Some(device), None, None),
             Change::Operation { operation } => (Some(&operation.device), Some(&operation.id), None),
             Change::Rollout { rollout } => (None, None, Some(&rollout.id)),
+            Change::Job { .. } => (None, None, None),
             Change::RuleFiring { firing } => (firing.device.as_ref(), None, None),
             Change::App { .. } | Change::Lagged { .. } => (None, None, None),
+        };
+        let job = match change {
+            Change::Job { job } => Some(&job.id),
+            _ => None,
         };
         fn wanted<T: PartialEq>(want: &Option<T>, got: Option<&T>) -> bool {
             want.as_ref().is_none_or(|w| got == Some(w))
@@ -163,6 +175,7 @@ impl ChangeFilter {
         wanted(&self.device, device)
             && wanted(&self.operation, operation)
             && wanted(&self.rollout, rollout)
+            && wanted(&self.job, job)
     }
 }
 

@@ -13,6 +13,7 @@ mod changes;
 mod devices;
 mod errors;
 mod history;
+mod jobs;
 mod operations;
 mod registries;
 mod rollouts;
@@ -24,6 +25,7 @@ pub use changes::{Change, ChangeFilter, Coalescer};
 pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};
 pub use errors::{ErrorBody, ErrorDetail};
 pub use history::{ContainerPoint, HostPoint, Resolution, Stat, TelemetryPoint, TelemetrySeries};
+pub use jobs::{CreateJob, Job, JobCounts, JobDevice, JobDeviceState, JobPhase};
 pub use operations::{OpStatus, Operation};
 pub use registries::{Registry, RegistryCredentials};
 pub use rollouts::{

@@ -131,6 +131,9 @@ pub enum Command {
     DeleteApiToken(String),
     CreateMqttUser(NewMqttUser),
     DeleteMqttUser(Name),
+    /// Run a container to completion on the devices a selector matches.
+    CreateJob(Box<crate::contract::CreateJob>),
+    CancelJob(String),
     CreateRule(Box<Rule>),
     /// Replaces a rule of the same name.
     UpdateRule(Box<Rule>),
@@ -160,6 +163,8 @@ impl Command {
             Command::DeleteApiToken(_) => CommandKind::DeleteApiToken,
             Command::CreateMqttUser(_) => CommandKind::CreateMqttUser,
             Command::DeleteMqttUser(_) => CommandKind::DeleteMqttUser,
+            Command::CreateJob(_) => CommandKind::CreateJob,
+            Command::CancelJob(_) => CommandKind::CancelJob,
             Command::CreateRule(_) => CommandKind::CreateRule,
             Command::UpdateRule(_) => CommandKind::UpdateRule,
             Command::DeleteRule(_) => CommandKind::DeleteRule,
@@ -206,6 +211,8 @@ pub enum CommandKind {
     CreateRule,
     UpdateRule,
     DeleteRule,
+    CreateJob,
+    CancelJob,
     // reads
     ListDevices,
     ShowDevice,
@@ -227,10 +234,12 @@ pub enum CommandKind {
     ListRules,
     ShowRule,
     ListRuleFirings,
+    ListJobs,
+    ShowJob,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 53] = [
+    pub const ALL: [CommandKind; 57] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -284,6 +293,10 @@ impl CommandKind {
         CommandKind::ListRules,
         CommandKind::ShowRule,
         CommandKind::ListRuleFirings,
+        CommandKind::CreateJob,
+        CommandKind::CancelJob,
+        CommandKind::ListJobs,
+        CommandKind::ShowJob,
     ];
 
     /// The kind of an [`Command::Apply`] with this op.
@@ -320,15 +333,15 @@ impl CommandKind {
             Deploy | Start | Stop | Remove | Pause | Unpause | Restart | SetLabels | Assign
             | Unassign | ClearOverride | CreateRollout | PauseRollout | ResumeRollout
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
-            | DeleteEnrollToken | ListEnrollTokens | CreateRule | UpdateRule | DeleteRule => {
-                Role::Operator
-            }
+            | DeleteEnrollToken | ListEnrollTokens | CreateRule | UpdateRule | DeleteRule
+            | CreateJob | CancelJob => Role::Operator,
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
             | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
-            | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings => Role::Viewer,
+            | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings | ListJobs
+            | ShowJob => Role::Viewer,
         }
     }
 
@@ -341,11 +354,12 @@ impl CommandKind {
             | SetRegistry | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
             | DeleteEnrollToken | RevokeDevice | CreateApiToken | DeleteApiToken
-            | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule => true,
+            | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule
+            | CreateJob | CancelJob => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
-            | ReadAudit | ListRules | ShowRule | ListRuleFirings => false,
+            | ReadAudit | ListRules | ShowRule | ListRuleFirings | ListJobs | ShowJob => false,
         }
     }
 
@@ -406,6 +420,10 @@ impl CommandKind {
             ListRules => "rules.list",
             ShowRule => "rule.show",
             ListRuleFirings => "rule_firings.list",
+            CreateJob => "job.create",
+            CancelJob => "job.cancel",
+            ListJobs => "jobs.list",
+            ShowJob => "job.show",
         }
     }
 }

@@ -1429,6 +1429,11 @@ impl Fleet {
             .collect()
     }
 
+    /// Whether the device is known and online.
+    pub fn is_online(&self, id: &DeviceId) -> bool {
+        self.devices.get(id).is_some_and(|d| d.record.online)
+    }
+
     /// (known, online), without building views.
     pub fn device_counts(&self) -> (usize, usize) {
         (

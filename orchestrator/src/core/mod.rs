@@ -5,6 +5,7 @@
 pub mod command;
 pub mod compose;
 pub mod fleet;
+pub mod jobs;
 pub mod ops;
 pub mod platforms;
 pub mod records;

@@ -406,6 +406,8 @@ pub enum Write {
     DeleteRegistry(String),
     Rollout(Box<RolloutRecord>),
     DeleteRollout(String),
+    Job(Box<crate::core::jobs::Job>),
+    DeleteJob(String),
     Session(SessionRecord),
     DeleteSession(String),
     Rule(Box<crate::contract::Rule>),

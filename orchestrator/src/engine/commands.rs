@@ -40,6 +40,7 @@ pub enum Reply {
     MqttUser(contract::MqttUser),
     Revoked(contract::RevokeResponse),
     Rule(Box<contract::Rule>),
+    Job(Box<contract::Job>),
     Deleted,
 }
 
@@ -139,6 +140,12 @@ impl From<EngineError> for CommandError {
                 CommandError::Invalid { field, message }
             }
             EngineError::RolloutConflict { field, message } => CommandError::Conflict {
+                field: Some(field),
+                message,
+            },
+            EngineError::UnknownJob(_) => CommandError::not_found("id", msg),
+            EngineError::JobInvalid { field, message } => CommandError::Invalid { field, message },
+            EngineError::JobConflict { field, message } => CommandError::Conflict {
                 field: Some(field),
                 message,
             },
@@ -525,6 +532,40 @@ impl Commands {
                         let detail = format!("rollout {id}: now {:?}", view.phase);
                         Ok((Reply::Rollout(view), detail))
                     }
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::CreateJob(request) => {
+                match self
+                    .engine
+                    .change(FleetChange::CreateJob {
+                        request: *request,
+                        author: by.clone(),
+                    })
+                    .await?
+                {
+                    Done::Job(view) => {
+                        let detail = format!(
+                            "job {}: {} on {} device(s) matching {:?}, timeout {} s, concurrency {}",
+                            view.id,
+                            view.image,
+                            view.counts.total,
+                            view.selector,
+                            view.timeout_secs,
+                            view.concurrency
+                        );
+                        Ok((Reply::Job(view), detail))
+                    }
+                    other => Err(unexpected(other)),
+                }
+            }
+            Command::CancelJob(id) => {
+                match self
+                    .engine
+                    .change(FleetChange::CancelJob { id: id.clone() })
+                    .await?
+                {
+                    Done::Job(view) => Ok((Reply::Job(view), format!("job {id} cancelled"))),
                     other => Err(unexpected(other)),
                 }
             }

@@ -14,6 +14,7 @@
 //! engine down.
 
 pub mod commands;
+mod jobs;
 mod outbox;
 mod rollouts;
 pub mod rule_defs;
@@ -74,6 +75,12 @@ pub enum EngineError {
     RolloutInvalid { field: String, message: String },
     #[error("{message}")]
     RolloutConflict { field: String, message: String },
+    #[error("job {0} does not exist")]
+    UnknownJob(String),
+    #[error("{message}")]
+    JobInvalid { field: String, message: String },
+    #[error("{message}")]
+    JobConflict { field: String, message: String },
     #[error("the orchestrator is shutting down")]
     Stopped,
 }
@@ -133,6 +140,14 @@ pub enum FleetChange {
         id: String,
         action: contract::RolloutAction,
     },
+    /// Starts an edge job on the devices its selector matches, by `author`.
+    CreateJob {
+        request: contract::CreateJob,
+        author: String,
+    },
+    CancelJob {
+        id: String,
+    },
 }
 
 /// What a fleet change produced.
@@ -151,10 +166,12 @@ pub enum Done {
     Registry(contract::Registry),
     RegistryDeleted,
     Rollout(Box<contract::Rollout>),
+    Job(Box<contract::Job>),
 }
 
 type Read = Box<dyn FnOnce(&Fleet, &SecretsBook) + Send>;
 type ReadRollouts = Box<dyn FnOnce(&rollouts::Rollouts) + Send>;
+type ReadJobs = Box<dyn FnOnce(&jobs::Jobs) + Send>;
 
 enum Input {
     Change {
@@ -163,6 +180,7 @@ enum Input {
     },
     Read(Read),
     ReadRollouts(ReadRollouts),
+    ReadJobs(ReadJobs),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -317,6 +335,31 @@ impl EngineHandle {
         self.read_rollouts(move |r| r.get(&id)).await
     }
 
+    async fn read_jobs<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&jobs::Jobs) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadJobs = Box::new(move |j| {
+            let _ = tx.send(f(j));
+        });
+        self.tx
+            .send(Input::ReadJobs(read))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Edge jobs, newest first, without their devices.
+    pub async fn jobs(&self) -> Result<Vec<contract::Job>, EngineError> {
+        self.read_jobs(|j| j.list()).await
+    }
+
+    /// One edge job with every device.
+    pub async fn job(&self, id: String) -> Result<Option<contract::Job>, EngineError> {
+        self.read_jobs(move |j| j.get(&id)).await
+    }
+
     /// A rollout's devices (`None`: no such rollout).
     pub async fn rollout_devices(
         &self,
@@ -373,6 +416,14 @@ enum Then {
         host: String,
         previous: Option<RegistryRecord>,
     },
+    /// An edge job created or cancelled: tell the devices once durable.
+    Job {
+        reply: oneshot::Sender<Result<Done, EngineError>>,
+        id: String,
+        created: bool,
+        /// Devices to send `CancelJob`.
+        stop: Vec<DeviceId>,
+    },
 }
 
 impl Then {
@@ -382,7 +433,8 @@ impl Then {
             | Then::AppDeleted { reply, .. }
             | Then::Apply { reply, .. }
             | Then::Labels { reply, .. }
-            | Then::Registry { reply, .. } => Some(reply),
+            | Then::Registry { reply, .. }
+            | Then::Job { reply, .. } => Some(reply),
             Then::Reconciled { reply, .. } => reply,
         }
     }
@@ -409,6 +461,7 @@ pub struct Engine {
     /// after this long without a live message.
     offline_after: Duration,
     rollouts: rollouts::Rollouts,
+    jobs: jobs::Jobs,
 }
 
 impl Engine {
@@ -425,6 +478,7 @@ impl Engine {
         offline_after: Duration,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
         let (fleet, secrets, rollout_records) = load(&store)?;
+        let job_records = store.jobs()?;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let engine = Engine {
@@ -441,6 +495,7 @@ impl Engine {
             reload: false,
             offline_after,
             rollouts: rollouts::Rollouts::default(),
+            jobs: jobs::Jobs::load(job_records),
         };
         let mut engine = engine;
         engine.restore_rollouts(rollout_records);
@@ -479,7 +534,10 @@ impl Engine {
                 }
                 Some(event) = link.recv(), if shutdown.is_none() => self.on_link_event(event).await,
                 _ = tokio::time::sleep_until(reload_at), if self.reload && self.pending.is_empty() => {}
-                _ = rollout_tick.tick(), if shutdown.is_none() && !self.reload => self.rollouts_tick().await,
+                _ = rollout_tick.tick(), if shutdown.is_none() && !self.reload => {
+                    self.rollouts_tick().await;
+                    self.jobs_tick().await;
+                }
                 _ = expiry.tick(), if shutdown.is_none() => {
                     let fx = self
                         .fleet
@@ -496,6 +554,7 @@ impl Engine {
                     Some(Input::Change { change, reply }) => self.on_change(change, reply).await,
                     Some(Input::Read(read)) => read(&self.fleet, &self.secrets),
                     Some(Input::ReadRollouts(read)) => read(&self.rollouts),
+                    Some(Input::ReadJobs(read)) => read(&self.jobs),
                     Some(Input::Shutdown(done)) => {
                         info!(in_flight = self.pending.len(), "engine stopping: finishing changes in flight");
                         shutdown = Some(done);
@@ -578,6 +637,10 @@ impl Engine {
             FleetChange::RolloutAction { id, action } => {
                 self.rollout_action(id, action, reply).await;
             }
+            FleetChange::CreateJob { request, author } => {
+                self.create_job(request, author, reply).await;
+            }
+            FleetChange::CancelJob { id } => self.cancel_job(id, reply).await,
             FleetChange::DeleteApp(name) => match self.fleet.delete_app(&name) {
                 Ok(writes) => {
                     let previous = self.fleet.app(&name);
@@ -933,6 +996,12 @@ impl Engine {
                     let _ = reply.send(Ok(done.unwrap_or(Done::Reconciled(devices.len()))));
                 }
             }
+            Then::Job {
+                reply,
+                id,
+                created,
+                stop,
+            } => self.job_durable(reply, &id, created, &stop),
             Then::Registry { reply, view, .. } => {
                 match &view {
                     Some(v) => {
@@ -1003,7 +1072,7 @@ impl Engine {
                 &op.id,
             ),
             // Many devices and maybe an app record: the file is the truth.
-            Then::Reconciled { .. } => self.reload = true,
+            Then::Reconciled { .. } | Then::Job { .. } => self.reload = true,
             Then::Labels {
                 device, previous, ..
             } => self.fleet.put_device_labels(device, previous.clone()),
@@ -1021,11 +1090,17 @@ impl Engine {
     /// `false` when it must be tried again later.
     async fn reload_from_store(&mut self) -> bool {
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || load(&store)).await {
-            Ok(Ok((fleet, secrets, rollouts))) => {
+        match tokio::task::spawn_blocking(move || {
+            let (f, s, r) = load(&store)?;
+            Ok::<_, StoreError>((f, s, r, store.jobs()?))
+        })
+        .await
+        {
+            Ok(Ok((fleet, secrets, rollouts, jobs))) => {
                 self.fleet = fleet;
                 self.secrets = secrets;
                 self.restore_rollouts(rollouts);
+                self.jobs = jobs::Jobs::load(jobs);
                 self.reload = false;
                 warn!("engine state reloaded from the store after a failed write");
                 self.resume_rollouts().await;
@@ -1063,6 +1138,11 @@ impl Engine {
                 self.on_device_message(id, *msg, retained)
                     .instrument(span)
                     .await;
+            }
+            Event::Job { id, report } => {
+                if !self.reload {
+                    self.job_report(&id, &report);
+                }
             }
             Event::Enroll { id, request } => {
                 // Stores a credential (an fsync): off the engine.
@@ -1118,6 +1198,7 @@ impl Engine {
         // A device that enrolled, or came back with labels of its own, gets
         // (or loses) what the assignments say, durably before it is told.
         if hello && !self.reload {
+            self.jobs_device_online(&id);
             self.rollouts_relabelled(&id, None).await;
             if let Some(u) = self.fleet.reconcile_device(&id) {
                 let (writes, _) = self.fleet.apply_updates(std::slice::from_ref(&u));

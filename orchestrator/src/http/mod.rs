@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod console;
 mod history;
+mod jobs;
 mod openapi;
 mod rollouts;
 mod routes;
@@ -221,6 +222,7 @@ impl Ctx {
             Reply::MqttUser(v) => (ok, Json(v)).into_response(),
             Reply::Revoked(v) => (ok, Json(v)).into_response(),
             Reply::Rule(v) => (ok, Json(v)).into_response(),
+            Reply::Job(v) => (ok, Json(v)).into_response(),
         };
         resp.extensions_mut().insert(Audited);
         Ok(resp)

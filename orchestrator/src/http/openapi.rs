@@ -30,6 +30,7 @@ const BEARER: &str = "bearer";
         (name = "apps", description = "App definitions"),
         (name = "operations", description = "Changes to devices, followed to their outcome"),
         (name = "rollouts", description = "Releases rolled out to a fleet in batches, gated by health, rolled back on failure"),
+        (name = "jobs", description = "Edge jobs: a container run to completion on the devices a selector matches, with each exit code and output tail"),
         (name = "rules", description = "Rules that act: a trigger, a device selector, a CEL condition, actions and a cooldown; every firing recorded"),
         (name = "changes", description = "The fleet's change stream"),
         (name = "registries", description = "Private registry credentials"),

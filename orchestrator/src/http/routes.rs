@@ -99,6 +99,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(show_registry, put_registry, delete_registry))
         .merge(super::history::routes())
         .merge(super::rollouts::routes())
+        .merge(super::jobs::routes())
         .merge(super::rules::routes())
         .merge(super::security::routes())
 }
@@ -1111,6 +1112,8 @@ struct ChangesQuery {
     operation: Option<String>,
     /// Only this rollout's progress and outcome.
     rollout: Option<String>,
+    /// Only this edge job's progress and outcome.
+    job: Option<String>,
     /// Merge device-level changes per device to one per kind per second.
     coalesce: Option<String>,
     /// Only these kinds, comma-separated.
@@ -1128,14 +1131,15 @@ struct ChangesQuery {
         ("device" = Option<DeviceId>, Query, description = "Only this device's changes"),
         ("operation" = Option<String>, Query, description = "Only this operation's changes"),
         ("rollout" = Option<String>, Query, description = "Only this rollout's changes"),
-        ("kinds" = Option<String>, Query, description = "Only changes of these kinds, comma-separated (`lagged` always passes): device, inventory, state, operation, telemetry, logs, event, app, rollout"),
+        ("job" = Option<String>, Query, description = "Only this edge job's changes"),
+        ("kinds" = Option<String>, Query, description = "Only changes of these kinds, comma-separated (`lagged` always passes): device, inventory, state, operation, telemetry, logs, event, app, rollout, job"),
         ("coalesce" = Option<bool>, Query, description = "Merge each device's `device`, `inventory`, `state` and `telemetry` changes to the latest of each kind, sent once a second (the console's feed); the rest is sent at once"),
     ),
     responses(
         (status = 200, description = "Server-sent events, each one `Change` as JSON in its `data`; the stream stays open",
          body = Change, content_type = "text/event-stream"),
         (status = 400, description = "A filter is not valid", body = ErrorBody),
-        (status = 404, description = "No such operation or rollout", body = ErrorBody),
+        (status = 404, description = "No such operation, rollout or job", body = ErrorBody),
     ))]
 async fn changes(
     State(api): State<ApiState>,
@@ -1158,6 +1162,7 @@ async fn changes(
         device: q.device.as_deref().map(device_id).transpose()?,
         operation: q.operation,
         rollout: q.rollout,
+        job: q.job,
         kinds: q
             .kinds
             .as_deref()
@@ -1190,6 +1195,22 @@ async fn changes(
                 StatusCode::NOT_FOUND,
                 "rollout",
                 format!("rollout {id:?} does not exist"),
+            ));
+        }
+    }
+    if let Some(id) = &filter.job {
+        if api
+            .commands
+            .engine
+            .job(id.clone())
+            .await
+            .map_err(ApiError::from)?
+            .is_none()
+        {
+            return Err(ApiError::field(
+                StatusCode::NOT_FOUND,
+                "job",
+                format!("job {id:?} does not exist"),
             ));
         }
     }

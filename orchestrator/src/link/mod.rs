@@ -36,6 +36,11 @@ pub enum Event {
         id: DeviceId,
         request: EnrollRequest,
     },
+    /// A device's progress or outcome of an edge job.
+    Job {
+        id: DeviceId,
+        report: drover_shared::job::JobReport,
+    },
 }
 
 /// A publish on a topic outside the device tree, which the link receives
@@ -149,8 +154,8 @@ pub fn decode_device_message(
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
-        // Enrollment is not a fleet matter: see `drive`.
-        TopicKind::Enroll => return Ok(None),
+        // Enrollment and jobs are not fleet matters: see `drive`.
+        TopicKind::Enroll | TopicKind::Job => return Ok(None),
         TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled | TopicKind::Secrets => {
             return Ok(None)
         }
@@ -318,6 +323,22 @@ pub async fn drive(
                             metrics.mqtt_rejected.inc();
                             if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
                                 warn!(device = %id, error = ?e.to_string(), suppressed, "rejected enrollment request");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if kind == TopicKind::Job {
+                    match decode::<drover_shared::job::JobReport>(&p.payload) {
+                        Ok(report) => {
+                            if events.send(Event::Job { id, report }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            metrics.mqtt_rejected.inc();
+                            if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
+                                warn!(device = %id, error = ?e.to_string(), suppressed, "rejected job report");
                             }
                         }
                     }

@@ -43,6 +43,9 @@ const REGISTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registrie
 /// Rollouts by id: the running ones and the last finished ones
 /// (`core::rollout`), each with what it needs to end (`RolloutRecord`).
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Edge jobs by id (`core::jobs::Job`): the running ones and the last
+/// finished ones.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// Console sign-ins by id (secret digests only).
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Rule definitions by name (`contract::Rule`).
@@ -132,6 +135,7 @@ impl Store {
             API_TOKENS,
             REGISTRIES,
             ROLLOUTS,
+            JOBS,
             SESSIONS,
             RULES,
         ] {
@@ -286,6 +290,12 @@ impl Store {
                     Write::DeleteRollout(id) => {
                         tx.open_table(ROLLOUTS)?.remove(id.as_str())?;
                     }
+                    Write::Job(j) => {
+                        tx.open_table(JOBS)?.insert(j.id(), encode(j).as_slice())?;
+                    }
+                    Write::DeleteJob(id) => {
+                        tx.open_table(JOBS)?.remove(id.as_str())?;
+                    }
                     Write::Session(r) => {
                         tx.open_table(SESSIONS)?
                             .insert(r.id.as_str(), encode(r).as_slice())?;
@@ -435,6 +445,10 @@ impl Store {
 
     pub fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
         self.load_all(ROLLOUTS, "rollouts")
+    }
+
+    pub fn jobs(&self) -> Result<Vec<crate::core::jobs::Job>, StoreError> {
+        self.load_all(JOBS, "jobs")
     }
 
     pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {

@@ -255,7 +255,10 @@ mod tests {
     fn one_answer_is_chosen_none_waits_several_refuse() {
         assert_eq!(choose(&[], None), Ok(Choice::Nothing));
         let a = found("barn", &["10.1.0.1"]);
-        assert_eq!(choose(&[a.clone()], None), Ok(Choice::One(a.clone())));
+        assert_eq!(
+            choose(std::slice::from_ref(&a), None),
+            Ok(Choice::One(a.clone()))
+        );
         // The same orchestrator twice (two interfaces) is still one.
         let a2 = found("Barn", &["10.2.0.1"]);
         assert!(matches!(choose(&[a.clone(), a2], None), Ok(Choice::One(_))));

@@ -96,10 +96,15 @@ pub enum TopicKind {
     /// orchestrator → device, retained: registry credentials for the images
     /// in this device's desired state, and nothing else.
     Secrets,
+    /// device → orchestrator: asks for one chunk of an agent binary.
+    Fetch,
+    /// orchestrator → device, not retained: the chunk asked for. Readable
+    /// only by that device.
+    Blob,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 13] = [
+    pub const ALL: [TopicKind; 15] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -113,10 +118,12 @@ impl TopicKind {
         TopicKind::Enroll,
         TopicKind::Enrolled,
         TopicKind::Secrets,
+        TopicKind::Fetch,
+        TopicKind::Blob,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
-    pub const FROM_DEVICE: [TopicKind; 9] = [
+    pub const FROM_DEVICE: [TopicKind; 10] = [
         TopicKind::Ack,
         TopicKind::Status,
         TopicKind::Heartbeat,
@@ -126,14 +133,16 @@ impl TopicKind {
         TopicKind::Hello,
         TopicKind::Event,
         TopicKind::Enroll,
+        TopicKind::Fetch,
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
-    pub const TO_DEVICE: [TopicKind; 4] = [
+    pub const TO_DEVICE: [TopicKind; 5] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Enrolled,
         TopicKind::Secrets,
+        TopicKind::Blob,
     ];
 
     /// Topics that carry secrets or what a device is told to run (which
@@ -159,6 +168,8 @@ impl TopicKind {
             TopicKind::Enroll => "enroll",
             TopicKind::Enrolled => "enrolled",
             TopicKind::Secrets => "secrets",
+            TopicKind::Fetch => "fetch",
+            TopicKind::Blob => "blob",
         }
     }
 

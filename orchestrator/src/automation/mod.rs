@@ -76,6 +76,7 @@ pub struct Automation {
 
 /// Starts what `config` asks for. Each task ends when `stopping` flips,
 /// dropping its outbox clone.
+#[allow(clippy::too_many_arguments)] // each is a distinct collaborator
 pub async fn start(
     config: AutomationConfig,
     topics: Topics,

@@ -135,6 +135,13 @@ pub enum Command {
     /// Replaces a rule of the same name.
     UpdateRule(Box<Rule>),
     DeleteRule(Name),
+    /// Store an agent binary under a version (checked as it is stored).
+    UploadAgentRelease {
+        version: String,
+        binary: bytes::Bytes,
+    },
+    /// By digest.
+    DeleteAgentRelease(String),
 }
 
 impl Command {
@@ -163,6 +170,8 @@ impl Command {
             Command::CreateRule(_) => CommandKind::CreateRule,
             Command::UpdateRule(_) => CommandKind::UpdateRule,
             Command::DeleteRule(_) => CommandKind::DeleteRule,
+            Command::UploadAgentRelease { .. } => CommandKind::UploadAgentRelease,
+            Command::DeleteAgentRelease(_) => CommandKind::DeleteAgentRelease,
         }
     }
 }
@@ -206,6 +215,8 @@ pub enum CommandKind {
     CreateRule,
     UpdateRule,
     DeleteRule,
+    UploadAgentRelease,
+    DeleteAgentRelease,
     // reads
     ListDevices,
     ShowDevice,
@@ -227,10 +238,11 @@ pub enum CommandKind {
     ListRules,
     ShowRule,
     ListRuleFirings,
+    ListAgentReleases,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 53] = [
+    pub const ALL: [CommandKind; 56] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -284,6 +296,9 @@ impl CommandKind {
         CommandKind::ListRules,
         CommandKind::ShowRule,
         CommandKind::ListRuleFirings,
+        CommandKind::UploadAgentRelease,
+        CommandKind::DeleteAgentRelease,
+        CommandKind::ListAgentReleases,
     ];
 
     /// The kind of an [`Command::Apply`] with this op.
@@ -325,10 +340,13 @@ impl CommandKind {
             }
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
-            | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
+            | ListApiTokens | ListMqttUsers | ReadAudit
+            // An agent binary runs as the agent's user on every device.
+            | UploadAgentRelease | DeleteAgentRelease => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
-            | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings => Role::Viewer,
+            | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings
+            | ListAgentReleases => Role::Viewer,
         }
     }
 
@@ -341,11 +359,12 @@ impl CommandKind {
             | SetRegistry | DeleteRegistry | CreateRollout | PauseRollout | ResumeRollout
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
             | DeleteEnrollToken | RevokeDevice | CreateApiToken | DeleteApiToken
-            | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule => true,
+            | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule
+            | UploadAgentRelease | DeleteAgentRelease => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
-            | ReadAudit | ListRules | ShowRule | ListRuleFirings => false,
+            | ReadAudit | ListRules | ShowRule | ListRuleFirings | ListAgentReleases => false,
         }
     }
 
@@ -400,6 +419,9 @@ impl CommandKind {
             ListApiTokens => "api_tokens.list",
             ListMqttUsers => "mqtt_users.list",
             ReadAudit => "audit.read",
+            UploadAgentRelease => "agent_release.upload",
+            DeleteAgentRelease => "agent_release.delete",
+            ListAgentReleases => "agent_releases.list",
             CreateRule => "rule.create",
             UpdateRule => "rule.update",
             DeleteRule => "rule.delete",

@@ -13,6 +13,7 @@
 //! changes and is told how many (`RecvError::Lagged`); it never slows the
 //! engine down.
 
+pub mod agent_releases;
 pub mod commands;
 mod outbox;
 mod rollouts;
@@ -124,6 +125,8 @@ pub enum FleetChange {
     CreateRollout {
         request: contract::CreateRollout,
         author: String,
+        /// For an agent rollout: every agent release there is.
+        agent_binaries: Vec<crate::core::records::AgentReleaseRecord>,
     },
     RolloutAction {
         id: String,
@@ -289,6 +292,12 @@ impl EngineHandle {
         self.read(|f, _| f.device_counts()).await
     }
 
+    /// The running agent rollouts that hand out the binary `digest`.
+    pub async fn agent_rollouts_using(&self, digest: String) -> Result<Vec<String>, EngineError> {
+        self.read_rollouts(move |r| r.agent_rollouts_using(&digest))
+            .await
+    }
+
     async fn read_rollouts<T: Send + 'static>(
         &self,
         f: impl FnOnce(&rollouts::Rollouts) -> T + Send + 'static,
@@ -405,6 +414,8 @@ pub struct Engine {
     /// after this long without a live message.
     offline_after: Duration,
     rollouts: rollouts::Rollouts,
+    /// Where devices' fetches of agent binaries go (`None`: not served).
+    blobs: Option<agent_releases::BlobServer>,
 }
 
 impl Engine {
@@ -419,6 +430,7 @@ impl Engine {
         identities: Arc<Identities>,
         access: Arc<Access>,
         offline_after: Duration,
+        blobs: Option<agent_releases::BlobServer>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
         let (fleet, secrets, rollout_records) = load(&store)?;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
@@ -437,6 +449,7 @@ impl Engine {
             reload: false,
             offline_after,
             rollouts: rollouts::Rollouts::default(),
+            blobs,
         };
         let mut engine = engine;
         engine.restore_rollouts(rollout_records);
@@ -564,8 +577,13 @@ impl Engine {
             {
                 let _ = reply.send(Err(self.rollout_running(&app)));
             }
-            FleetChange::CreateRollout { request, author } => {
-                self.create_rollout(request, author, reply).await;
+            FleetChange::CreateRollout {
+                request,
+                author,
+                agent_binaries,
+            } => {
+                self.create_rollout(request, author, agent_binaries, reply)
+                    .await;
             }
             FleetChange::RolloutAction { id, action } => {
                 self.rollout_action(id, action, reply).await;
@@ -1070,6 +1088,11 @@ impl Engine {
                     .instrument(span),
                 );
             }
+            Event::Fetch { id, request } => {
+                if let Some(blobs) = &self.blobs {
+                    blobs.offer(id, request);
+                }
+            }
         }
     }
 
@@ -1103,7 +1126,8 @@ impl Engine {
             self.emit(change);
         }
         self.record(fx.writes).await;
-        if state_report && !self.reload {
+        // An agent rollout also watches hellos (the binary's digest).
+        if (state_report || hello) && !self.reload {
             self.rollouts_observe(&id).await;
         }
         // A device that enrolled, or came back with labels of its own, gets
@@ -1298,6 +1322,7 @@ mod tests {
             identities,
             access,
             Duration::from_secs(30),
+            None,
         )
         .expect("engine");
         Fixture {

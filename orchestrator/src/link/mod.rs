@@ -9,6 +9,7 @@ use std::time::Duration;
 use drover_shared::codec::{decode, DecodeError, MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES};
 use drover_shared::payload::EnrollRequest;
 use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::update::FetchRequest;
 use drover_shared::DeviceId;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, mpsc};
@@ -36,6 +37,8 @@ pub enum Event {
         id: DeviceId,
         request: EnrollRequest,
     },
+    /// A device asks for a chunk of an agent binary.
+    Fetch { id: DeviceId, request: FetchRequest },
 }
 
 /// A publish on a topic outside the device tree, which the link receives
@@ -149,11 +152,13 @@ pub fn decode_device_message(
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
-        // Enrollment is not a fleet matter: see `drive`.
-        TopicKind::Enroll => return Ok(None),
-        TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled | TopicKind::Secrets => {
-            return Ok(None)
-        }
+        // Enrollment and agent binaries are not fleet matters: see `drive`.
+        TopicKind::Enroll | TopicKind::Fetch => return Ok(None),
+        TopicKind::Cmd
+        | TopicKind::Desired
+        | TopicKind::Enrolled
+        | TopicKind::Secrets
+        | TopicKind::Blob => return Ok(None),
     }))
 }
 
@@ -318,6 +323,28 @@ pub async fn drive(
                             metrics.mqtt_rejected.inc();
                             if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
                                 warn!(device = %id, error = ?e.to_string(), suppressed, "rejected enrollment request");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if kind == TopicKind::Fetch {
+                    match decode::<FetchRequest>(&p.payload) {
+                        // Never waits: a device asking faster than chunks
+                        // are served loses requests (and asks again), it
+                        // does not hold up other devices' messages.
+                        Ok(request) => match events.try_send(Event::Fetch { id, request }) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                metrics.mqtt_rejected.inc();
+                                debug!("fetch dropped: the engine's queue is full");
+                            }
+                        },
+                        Err(e) => {
+                            metrics.mqtt_rejected.inc();
+                            if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
+                                warn!(device = %id, error = ?e.to_string(), suppressed, "rejected fetch request");
                             }
                         }
                     }

@@ -350,10 +350,46 @@ async fn agents_update_themselves_through_a_rollout_and_keep_their_apps() {
         "{v}"
     );
 
+    // A canary that waits for approval, then rolled back: it goes back
+    // to the packaged binary (release 0), confirmed like any update.
+    let selector = format!("upd={label}");
     let (s, r) = api
         .post(
             "/api/v1/rollouts",
-            &serde_json::json!({"agent_version": "2.0.0", "selector": format!("upd={label}"),
+            &serde_json::json!({"agent_version": "2.0.0", "selector": selector,
+                "batches": [1], "approval": true}),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    let id = r["id"].as_str().expect("id").to_string();
+    wait_phase(api, &id, &["waiting_approval"]).await;
+    let (_, devs) = api
+        .get(&format!("/api/v1/rollouts/{id}/devices?state=updated"))
+        .await;
+    let canary = devs[0]["device"].as_str().expect("the canary").to_string();
+    wait_running(api, &canary, &new).await;
+    let (s, v) = api
+        .post(
+            &format!("/api/v1/rollouts/{id}/rollback"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    wait_phase(api, &id, &["rolled_back"]).await;
+    let packaged = sha(&agent_bytes());
+    for a in &agents {
+        wait_running(api, &a.id, &packaged).await;
+    }
+    let (_, events) = api.get(&format!("/api/v1/devices/{canary}/events")).await;
+    assert!(
+        events.to_string().matches("agent_updated").count() >= 2,
+        "updated, then back to the package: {events}"
+    );
+
+    let (s, r) = api
+        .post(
+            "/api/v1/rollouts",
+            &serde_json::json!({"agent_version": "2.0.0", "selector": selector,
                 "batches": [1], "device_timeout_secs": 90}),
         )
         .await;

@@ -200,6 +200,50 @@ async fn agent_releases_are_checked_stored_and_served_in_chunks() {
         assert!(c.data.is_empty());
     }
 
+    // Devices that cannot take the version are refused by name: one of
+    // another architecture, one that cannot replace its binary.
+    for (id, arch, self_update, why) in [
+        ("armdev", "aarch64", true, "armdev (aarch64)"),
+        ("olddev", std::env::consts::ARCH, false, "olddev"),
+    ] {
+        let hello = drover_shared::payload::Hello {
+            arch: arch.into(),
+            self_update,
+            labels: [("kind".to_string(), id.to_string())].into(),
+            ..Default::default()
+        };
+        let topics = Topics::default();
+        let dev = DeviceId::new(id).expect("id");
+        f.client
+            .publish(
+                topics.device(&dev, TopicKind::Hello),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                drover_shared::encode(&hello),
+            )
+            .await
+            .expect("hello");
+        wait_for(TIMEOUT, "the device to appear", || async {
+            api.device(id)
+                .await
+                .filter(|d| d["inventory"]["arch"] == arch)
+        })
+        .await;
+        let (s, v) = api
+            .post(
+                "/api/v1/rollouts",
+                &serde_json::json!({"agent_version": "2.0.0", "selector": format!("kind={id}")}),
+            )
+            .await;
+        assert_eq!(s, 409, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(why)),
+            "{v}"
+        );
+    }
+
     // Deleting removes the record and the file; then nothing is served.
     let (s, v) = api.delete("/api/v1/agent-releases/nothex").await;
     assert_eq!(

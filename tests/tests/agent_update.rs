@@ -262,6 +262,35 @@ async fn agent_releases_are_checked_stored_and_served_in_chunks() {
     assert_eq!(s, 404);
     let c = f.fetch(&digest, 0, 10).await;
     assert!(c.error.is_some(), "{c:?}");
+    // The CLI: upload, list, delete.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("drover-agent");
+    let cli_bin = variant("cli");
+    std::fs::write(&file, &cli_bin).expect("write");
+    let path = file.to_str().expect("utf-8 path");
+    let (ok, out, err) = drover_cli(
+        api,
+        &["agent-releases", "upload", path, "--version", "5.0"],
+        b"",
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&sha(&cli_bin)) && out.contains("5.0"), "{out}");
+    let (ok, out, err) = drover_cli(api, &["agent-releases"], b"").await;
+    assert!(
+        ok && out.contains("VERSION") && out.contains("5.0"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = drover_cli(
+        api,
+        &["agent-releases", "upload", path, "--version", "5.1"],
+        b"",
+    )
+    .await;
+    assert!(!ok && err.contains("already uploaded"), "{out}{err}");
+    let (ok, out, err) = drover_cli(api, &["agent-releases", "delete", &sha(&cli_bin)], b"").await;
+    assert!(ok, "{out}{err}");
+
     // Every change is in the audit log.
     let (_, audit) = api.get("/api/v1/audit?limit=50").await;
     let text = audit.to_string();

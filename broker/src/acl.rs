@@ -200,9 +200,15 @@ impl Principal {
 }
 
 /// What a device may subscribe to on its own topics: what it is told to
-/// run and the credentials for it (its `enrolled` answer is read under the
-/// `$enroll` identity, not as the device).
-const DEVICE_READS: [TopicKind; 3] = [TopicKind::Cmd, TopicKind::Desired, TopicKind::Secrets];
+/// run, the credentials for it and the agent binary chunks it fetched (its
+/// `enrolled` answer is read under the `$enroll` identity, not as the
+/// device).
+const DEVICE_READS: [TopicKind; 4] = [
+    TopicKind::Cmd,
+    TopicKind::Desired,
+    TopicKind::Secrets,
+    TopicKind::Blob,
+];
 
 fn device_space(topics: &Topics) -> String {
     format!("{}/v1/dev/#", topics.root())
@@ -358,6 +364,34 @@ mod tests {
         ] {
             assert!(!a.may_subscribe(&topics, f), "{f}");
         }
+    }
+
+    #[test]
+    fn agent_binaries_go_only_to_the_device_that_fetched_them() {
+        let topics = t();
+        let a = Principal::Device(id("a"));
+        let fetch = |d: &str| topics.device(&id(d), TopicKind::Fetch);
+        let blob = |d: &str| topics.device(&id(d), TopicKind::Blob);
+        assert!(a.may_publish(&topics, &fetch("a"), false));
+        assert!(!a.may_publish(&topics, &fetch("a"), true), "never retained");
+        assert!(!a.may_publish(&topics, &fetch("b"), false));
+        assert!(!a.may_publish(&topics, &blob("a"), false));
+        assert!(a.may_subscribe(&topics, &blob("a")));
+        assert!(!a.may_subscribe(&topics, &blob("b")));
+        assert!(!a.may_subscribe(&topics, &fetch("a")));
+        let auto = Principal::Automation {
+            name: "n".into(),
+            subscribe: vec!["#".into()],
+            publish: vec!["#".into()],
+        };
+        for f in [blob("a"), topics.all_devices(TopicKind::Blob)] {
+            assert_eq!(
+                auto.subscribe_refusal(&topics, &f),
+                Some(Refusal::Confidential(vec!["blob"])),
+                "{f}"
+            );
+        }
+        assert!(!auto.may_publish(&topics, &fetch("a"), false));
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct AgentConfig {
     pub enroll_token: Option<drover_shared::payload::Secret>,
     /// Labels the device sets on itself, sent in `hello`.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// How this binary replaces itself when its desired state names
+    /// another agent binary; `None`: it cannot (the agent inside
+    /// `drover serve --local-agent`), and says so in `hello`.
+    pub self_update: Option<crate::update::SelfUpdate>,
 }
 
 /// Parses one `--label key=value`. Keys follow Kubernetes label keys: an
@@ -194,6 +198,7 @@ impl AgentConfig {
             image_cleanup_max_per_pass: 5,
             keep_unused_images: 0,
             labels: Default::default(),
+            self_update: None,
         }
     }
 

@@ -211,6 +211,7 @@ mod tests {
         DesiredState {
             generation: g,
             apps: vec![],
+            agent: None,
         }
     }
 

@@ -29,6 +29,7 @@ pub mod secrets;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod update;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -226,12 +227,36 @@ async fn run_device(
         reconciler = reconciler.restoring(s, applied, applied_before.unwrap_or(0));
     }
     // Reconciling starts at once from the stored state, broker or not.
+    let stored_agent = stored.as_ref().and_then(|s| s.agent.clone());
     let (desired_tx, desired_rx) = watch::channel(stored.map(Arc::new));
     // Docker events poke the reconciler; a capacity of one is enough, since
     // one pending poke already means "pass soon".
     let (trigger_tx, trigger_rx) = mpsc::channel(1);
 
     let (publisher, eventloop, online_tx) = mqtt::client(&config, &device, credential.as_ref());
+    // Self-update: the updater follows the desired agent binary.
+    let (update_events_tx, update_events) = mpsc::channel(16);
+    let updater = config.self_update.clone().map(|me| {
+        let (target_tx, target_rx) = watch::channel(stored_agent);
+        let (input_tx, input_rx) = mpsc::channel(64);
+        tokio::spawn(
+            update::run(
+                me.clone(),
+                config.state_dir.clone(),
+                target_rx,
+                input_rx,
+                publisher.clone(),
+                update_events_tx.clone(),
+            )
+            .in_current_span(),
+        );
+        Updater {
+            me,
+            target_tx,
+            input_tx,
+        }
+    });
+    drop(update_events_tx);
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
     let log_positions = logs::Positions::load(&config.state_dir);
     let here = tracing::Span::current();
@@ -291,8 +316,16 @@ async fn run_device(
         published: None,
         storage_retry_at: Instant::now() + STORAGE_RETRY,
         store_applied: 0,
+        updater,
     };
-    core.run(mqtt_rx, rec_rx, config.heartbeat_interval, shutdown)
+    let exec = core
+        .run(
+            mqtt_rx,
+            rec_rx,
+            update_events,
+            config.heartbeat_interval,
+            shutdown,
+        )
         .await;
 
     info!("shutting down");
@@ -313,6 +346,19 @@ async fn run_device(
         warn!("broker did not take the disconnect in time");
         abort.abort();
     }
+    if let Some(exec) = exec {
+        info!(digest = %exec.digest, "replacing this process with the agent binary");
+        let e = exec.run();
+        error!(error = %e, "cannot run the agent binary; exiting so the service manager restarts the agent");
+        std::process::exit(1);
+    }
+}
+
+/// The core's side of the updater task.
+struct Updater {
+    me: update::SelfUpdate,
+    target_tx: watch::Sender<Option<drover_shared::update::AgentTarget>>,
+    input_tx: mpsc::Sender<update::UpdateInput>,
 }
 
 /// The agent core: the single owner of the desired state and of acks.
@@ -339,16 +385,22 @@ struct Core {
     storage_retry_at: Instant,
     /// The applied generation last handed to the store.
     store_applied: u64,
+    /// `None`: this agent cannot replace its binary.
+    updater: Option<Updater>,
 }
 
 impl Core {
+    /// Runs until shutdown (`None`) or until the updater hands over a
+    /// binary to replace this process with, after the state report that
+    /// says so.
     async fn run(
         mut self,
         mut mqtt_rx: mpsc::Receiver<MqttEvent>,
         mut rec_rx: mpsc::Receiver<ReconcileEvent>,
+        mut update_rx: mpsc::Receiver<update::UpdateEvent>,
         heartbeat_every: Duration,
         shutdown: impl Future<Output = ()> + Send,
-    ) {
+    ) -> Option<update::Exec> {
         self.observed.desired_generation = self.intake.held_generation();
         if let Some(e) = self.observed.storage_error.clone() {
             self.storage_event(EventKind::PersistenceFailed, e);
@@ -362,9 +414,14 @@ impl Core {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => return None,
                 Some(ev) = mqtt_rx.recv() => self.on_mqtt(ev).await,
                 Some(ev) = rec_rx.recv() => self.on_reconcile(ev).await,
+                Some(ev) = update_rx.recv() => {
+                    if let Some(exec) = self.on_update(ev) {
+                        return Some(exec);
+                    }
+                }
                 _ = heartbeat.tick() => {
                     self.heartbeat();
                     if self.observed.storage_error.is_some() && Instant::now() >= self.storage_retry_at {
@@ -387,6 +444,14 @@ impl Core {
                 });
                 self.resync();
                 self.to_jobs(jobs::JobInput::Connected);
+                if let Some(u) = &self.updater {
+                    let _ = u.input_tx.try_send(update::UpdateInput::Online);
+                }
+            }
+            MqttEvent::Blob(chunk) => {
+                if let Some(u) = &self.updater {
+                    let _ = u.input_tx.try_send(update::UpdateInput::Blob(chunk));
+                }
             }
             MqttEvent::Disconnected => {
                 debug!("offline; queueing state changes for the next connection")
@@ -434,10 +499,13 @@ impl Core {
         let runtime = self.runtime.clone();
         let publisher = self.publisher.clone();
         let labels = self.labels.clone();
+        let digest = self.updater.as_ref().map(|u| u.me.digest.clone());
         tokio::spawn(
             async move {
                 let mut hello = inventory::collect(&runtime).await;
                 hello.labels = labels;
+                hello.self_update = digest.is_some();
+                hello.agent_digest = digest;
                 if let Err(e) = publisher.send(&hello) {
                     warn!(error = %e, "could not queue hello");
                 }
@@ -543,6 +611,13 @@ impl Core {
             return;
         };
         info!(generation, "adopted desired state");
+        if let Some(u) = &self.updater {
+            u.target_tx.send_if_modified(|t| {
+                let changed = *t != held.agent;
+                t.clone_from(&held.agent);
+                changed
+            });
+        }
         self.desired_tx.send_replace(Some(Arc::new(held)));
         self.observed.desired_generation = generation;
         // Applied from memory whether or not it can be stored; a failure
@@ -692,6 +767,35 @@ impl Core {
                 // Queued while offline (QoS 1): the orchestrator keeps a
                 // bounded history, so late is better than lost.
                 self.send(&ev);
+            }
+        }
+    }
+
+    fn on_update(&mut self, ev: update::UpdateEvent) -> Option<update::Exec> {
+        match ev {
+            update::UpdateEvent::Status(s) => {
+                self.observed.agent_update = s;
+                self.publish_state();
+                None
+            }
+            update::UpdateEvent::Confirmed(detail) => {
+                self.send(&DeviceEvent {
+                    at_ms: now_ms(),
+                    kind: EventKind::AgentUpdated,
+                    app: None,
+                    container: None,
+                    detail,
+                });
+                None
+            }
+            update::UpdateEvent::Restart(exec) => {
+                self.observed.agent_update = Some(drover_shared::update::AgentUpdateStatus {
+                    digest: exec.digest.clone(),
+                    phase: drover_shared::update::AgentUpdatePhase::Restarting,
+                    error: None,
+                });
+                self.publish_state();
+                Some(exec)
             }
         }
     }

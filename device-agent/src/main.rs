@@ -89,6 +89,10 @@ struct Args {
     /// bytes; values at most 512 bytes.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = drover_agent::config::parse_label)]
     labels: Vec<(String, String)>,
+    /// Seconds a new agent binary (a self-update) has to come online before
+    /// the agent goes back to the previous one.
+    #[arg(long, env = "DROVER_UPDATE_CONFIRM_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    update_confirm_secs: u64,
 }
 
 /// The TLS client config for `url`: mqtts:// needs a CA file; the TLS flags
@@ -164,6 +168,16 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     c.image_cleanup_max_per_pass = args.image_cleanup_max_per_pass;
     c.keep_unused_images = args.keep_unused_images;
     c.labels = args.labels.into_iter().collect();
+    c.self_update = match drover_agent::update::SelfUpdate::of_this_process(Duration::from_secs(
+        args.update_confirm_secs,
+    )) {
+        Ok(me) => Some(me),
+        Err(e) => {
+            // Runs, but cannot tell its own digest: no self-update.
+            eprintln!("drover-agent: cannot read the running binary ({e}); self-update is off");
+            None
+        }
+    };
     c.enroll_token = match (
         &args.enroll_token_file,
         std::env::var("DROVER_ENROLL_TOKEN"),
@@ -237,6 +251,9 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // A self-updated binary runs instead of this one (or an update that
+    // keeps failing is rolled back) before anything else happens.
+    drover_agent::update::launch_at_start(&args.state_dir);
     // The only provider compiled in; installed so nothing can pick another.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()

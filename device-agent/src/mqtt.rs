@@ -42,6 +42,8 @@ pub enum MqttEvent {
     Command(Command),
     /// Registry credentials; `Debug` leaves the passwords out.
     Secrets(Secrets),
+    /// A chunk of an agent binary this device fetched.
+    Blob(drover_shared::update::BlobChunk),
 }
 
 fn qos(level: u8) -> QoS {
@@ -235,6 +237,10 @@ pub async fn drive(
                     }
                     Some((d, TopicKind::Secrets)) if d == device => {
                         drover_shared::decode::<Secrets>(&p.payload).map(MqttEvent::Secrets)
+                    }
+                    Some((d, TopicKind::Blob)) if d == device => {
+                        drover_shared::decode::<drover_shared::update::BlobChunk>(&p.payload)
+                            .map(MqttEvent::Blob)
                     }
                     _ => {
                         debug!(topic = ?p.topic, "ignoring message on unexpected topic");

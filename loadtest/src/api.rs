@@ -473,6 +473,7 @@ mod tests {
         let r = Rollout {
             id: id.into(),
             app: drover_shared::Name::new("web").expect("valid name"),
+            agent_version: None,
             selector: String::new(),
             from_release: 0,
             to_release: 1,

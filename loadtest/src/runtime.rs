@@ -376,6 +376,7 @@ mod tests {
                 release,
                 restarted_at: 0,
             }],
+            agent: None,
         }
     }
 
@@ -416,6 +417,7 @@ mod tests {
         let empty = DesiredState {
             generation: 3,
             apps: vec![],
+            agent: None,
         };
         assert_eq!(
             plan(&empty, &out.containers, &out.images).len(),

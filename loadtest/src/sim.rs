@@ -653,6 +653,8 @@ impl Agent {
             images: self.images.clone(),
             booted_at_ms: self.booted_ms,
             labels: BTreeMap::from([(FLEET_LABEL.to_string(), self.fleet.to_string())]),
+            agent_digest: None,
+            self_update: false,
         }
     }
 

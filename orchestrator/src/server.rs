@@ -352,6 +352,21 @@ pub async fn start(
     let (outbox, outbox_task) =
         Outbox::spawn(client.clone(), config.topics.clone(), metrics.clone());
     let (events_tx, events_rx) = mpsc::channel(10_000);
+    let agent_releases = {
+        let (store, writer, dir) = (store.clone(), writer.clone(), config.data_dir.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                crate::engine::agent_releases::AgentReleases::load(&store, writer, &dir)
+            })
+            .await
+            .map_err(|e| StoreError::Db(e.to_string()))??,
+        )
+    };
+    let blobs = crate::engine::agent_releases::BlobServer::spawn(
+        agent_releases.clone(),
+        outbox.clone(),
+        metrics.clone(),
+    );
     let (engine, engine_task) = Engine::spawn(
         store.clone(),
         writer.clone(),
@@ -361,6 +376,7 @@ pub async fn start(
         identities.clone(),
         access.clone(),
         config.device_timeout,
+        Some(blobs),
     )?;
     let history_writer = history.start(engine.subscribe(), metrics.clone());
     tokio::spawn(crate::metrics::follow(engine.subscribe(), metrics.clone()));
@@ -391,6 +407,7 @@ pub async fn start(
         metrics,
         Arc::new(rule_defs),
         registries,
+        agent_releases,
         store,
     );
     let mut automation_config = config.automation.clone();

@@ -169,6 +169,7 @@ mod tests {
                 release: 4,
                 restarted_at: 6,
             }],
+            agent: None,
         };
         round_trip(Command {
             id: "c1".into(),
@@ -233,6 +234,7 @@ mod tests {
                 }],
                 storage_error: Some("cannot write desired.cbor: read-only file system".into()),
                 docker_error: Some("docker is not reachable: connection refused".into()),
+                agent_update: None,
             },
         });
         round_trip(Telemetry {

@@ -17,6 +17,7 @@ pub mod model;
 pub mod payload;
 pub mod platform;
 pub mod topic;
+pub mod update;
 
 pub use codec::{decode, encode, DecodeError, PROTOCOL_VERSION};
 pub use ids::{DeviceId, IdError, Name};

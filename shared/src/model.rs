@@ -1102,6 +1102,10 @@ pub enum RunState {
 pub struct DesiredState {
     pub generation: u64,
     pub apps: Vec<DesiredApp>,
+    /// The agent binary the device should run; `None`: the one it was
+    /// installed with. Not encoded when `None`, so older states decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::update::AgentTarget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1177,6 +1181,9 @@ pub struct ObservedState {
     /// reports about containers is current. Absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_error: Option<String>,
+    /// An agent update under way, or the last one that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_update: Option<crate::update::AgentUpdateStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1797,6 +1804,7 @@ mod tests {
                 release: u64::MAX,
                 restarted_at: u64::MAX,
             }],
+            agent: None,
         };
         let cmd = crate::payload::Command {
             id: uuid_like(),

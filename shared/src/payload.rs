@@ -39,6 +39,14 @@ pub struct Hello {
     /// operator-set labels of the same key win.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// SHA-256 (lowercase hex) of the running agent binary; absent when
+    /// the agent could not read it, and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_digest: Option<String>,
+    /// Whether this agent can replace its own binary (false for the agent
+    /// inside `drover serve --local-agent`, and for older agents).
+    #[serde(default)]
+    pub self_update: bool,
 }
 
 impl Hello {
@@ -349,6 +357,8 @@ pub enum EventKind {
     DockerUnreachable,
     /// The Docker daemon answers again.
     DockerReachable,
+    /// The agent runs a new binary and confirmed it (`detail` names it).
+    AgentUpdated,
 }
 
 macro_rules! message {
@@ -420,6 +430,8 @@ message! {
     Ack => Ack,
     DeviceEvent => Event,
     Secrets => Secrets,
+    crate::update::FetchRequest => Fetch,
+    crate::update::BlobChunk => Blob,
 }
 
 #[cfg(test)]

@@ -98,10 +98,15 @@ pub enum TopicKind {
     Secrets,
     /// device → orchestrator: progress and outcome of an edge job.
     Job,
+    /// device → orchestrator: asks for one chunk of an agent binary.
+    Fetch,
+    /// orchestrator → device, not retained: the chunk asked for. Readable
+    /// only by that device.
+    Blob,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 14] = [
+    pub const ALL: [TopicKind; 16] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Ack,
@@ -116,10 +121,12 @@ impl TopicKind {
         TopicKind::Enrolled,
         TopicKind::Secrets,
         TopicKind::Job,
+        TopicKind::Fetch,
+        TopicKind::Blob,
     ];
 
     /// Topics a device publishes and the orchestrator consumes.
-    pub const FROM_DEVICE: [TopicKind; 10] = [
+    pub const FROM_DEVICE: [TopicKind; 11] = [
         TopicKind::Ack,
         TopicKind::Status,
         TopicKind::Heartbeat,
@@ -130,14 +137,16 @@ impl TopicKind {
         TopicKind::Event,
         TopicKind::Enroll,
         TopicKind::Job,
+        TopicKind::Fetch,
     ];
 
     /// Topics the orchestrator publishes and a device consumes.
-    pub const TO_DEVICE: [TopicKind; 4] = [
+    pub const TO_DEVICE: [TopicKind; 5] = [
         TopicKind::Cmd,
         TopicKind::Desired,
         TopicKind::Enrolled,
         TopicKind::Secrets,
+        TopicKind::Blob,
     ];
 
     /// Topics that carry secrets or what a device is told to run (which
@@ -164,6 +173,8 @@ impl TopicKind {
             TopicKind::Enrolled => "enrolled",
             TopicKind::Secrets => "secrets",
             TopicKind::Job => "job",
+            TopicKind::Fetch => "fetch",
+            TopicKind::Blob => "blob",
         }
     }
 

@@ -405,6 +405,17 @@ impl Api {
         .await
     }
 
+    /// POSTs raw bytes as `application/octet-stream`.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn send_json(
         &self,
         method: reqwest::Method,

@@ -242,6 +242,7 @@ async fn retained_garbage_on_desired_then_agent_restart_keeps_state() {
         state: DesiredState {
             generation: 999,
             apps: Vec::new(),
+            agent: None,
         },
     };
     let valid_wipe = encode(&wipe);

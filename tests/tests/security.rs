@@ -273,6 +273,7 @@ async fn a_device_cannot_touch_another_devices_topics() {
             desired: DesiredState {
                 generation: 10_000,
                 apps: vec![],
+                agent: None,
             },
         },
     });
@@ -292,6 +293,7 @@ async fn a_device_cannot_touch_another_devices_topics() {
                 state: DesiredState {
                     generation: 10_000,
                     apps: vec![],
+                    agent: None,
                 },
             }),
         ),

@@ -266,6 +266,7 @@ async fn a_stored_oversized_state_never_enters_the_link() {
                             release: 0,
                             restarted_at: 0,
                         }],
+                        agent: None,
                     },
                     placement: Default::default(),
                 }),

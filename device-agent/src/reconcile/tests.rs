@@ -76,7 +76,11 @@ fn app(name_: &str, run: RunState, containers: Vec<ContainerSpec>) -> DesiredApp
 }
 
 fn desired(generation: u64, apps: Vec<DesiredApp>) -> DesiredState {
-    DesiredState { generation, apps }
+    DesiredState {
+        generation,
+        apps,
+        agent: None,
+    }
 }
 
 fn actual(id: &str, app: &str, s: &ContainerSpec, state: &str) -> ManagedContainer {

@@ -211,6 +211,7 @@ mod tests {
                     restarted_at: 0,
                 })
                 .collect(),
+            agent: None,
         };
         serde_json::from_value(json!({
             "id": "pi.01", "online": true, "first_seen_ms": 0, "last_seen_ms": 0,

@@ -343,6 +343,7 @@ mod tests {
                     restarted_at: 0,
                 },
             ],
+            agent: None,
         };
         let observed = ObservedState {
             applied_generation: 3,
@@ -378,6 +379,7 @@ mod tests {
             ],
             storage_error: None,
             docker_error: None,
+            agent_update: None,
         };
         let d = id();
         let v =

@@ -372,6 +372,7 @@ fn reply_value(reply: &Reply) -> Value {
         Reply::ApiToken(v) => to_value(v),
         Reply::MqttUser(v) => to_value(v),
         Reply::Revoked(v) => to_value(v),
+        Reply::AgentRelease(v) => to_value(v),
         Reply::Deleted => Value::Null,
     }
 }

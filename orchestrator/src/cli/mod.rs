@@ -202,6 +202,20 @@ pub enum RegistriesCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AgentReleasesCmd {
+    /// Uploaded agent binaries, by version and architecture.
+    List,
+    /// Upload an agent binary (a Linux ELF executable) under a version.
+    Upload {
+        file: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Delete an agent binary by its digest (refused while in use).
+    Delete { digest: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClientCmd {
     /// Devices and their state (default: list).
     Devices {
@@ -304,6 +318,11 @@ pub enum ClientCmd {
     Registries {
         #[command(subcommand)]
         cmd: Option<RegistriesCmd>,
+    },
+    /// Agent binaries that rollouts put on devices (default: list).
+    AgentReleases {
+        #[command(subcommand)]
+        cmd: Option<AgentReleasesCmd>,
     },
 }
 
@@ -528,6 +547,11 @@ impl Client {
             ClientCmd::Tokens { cmd } => return self.tokens(cmd).await,
             ClientCmd::MqttUsers { cmd } => return self.mqtt_users(cmd).await,
             ClientCmd::Audit(a) => return self.audit(a).await,
+            ClientCmd::AgentReleases { cmd } => {
+                return self
+                    .agent_releases(cmd.unwrap_or(AgentReleasesCmd::List))
+                    .await
+            }
         };
         match cmd {
             Resolved::Devices(DevicesCmd::List) => {
@@ -638,6 +662,42 @@ impl Client {
             }
             Resolved::Logs(l) => self.logs(l).await,
             Resolved::Registries(cmd) => self.registries(cmd).await,
+        }
+    }
+
+    async fn agent_releases(&self, cmd: AgentReleasesCmd) -> Result<()> {
+        match cmd {
+            AgentReleasesCmd::List => {
+                let v = self.get("/api/v1/agent-releases").await?;
+                self.print(&v, agent_releases_table)
+            }
+            AgentReleasesCmd::Upload { file, version } => {
+                let binary = std::fs::read(&file).with_context(|| format!("cannot read {file}"))?;
+                let req = self
+                    .http
+                    .post(format!("{}/api/v1/agent-releases", self.base))
+                    .query(&[("version", version.as_str())])
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(binary);
+                let v = self
+                    .send(req)
+                    .await
+                    .with_context(|| format!("{file} was not uploaded"))?;
+                self.print(&v, |r: crate::contract::AgentRelease| {
+                    format!(
+                        "uploaded {file} as agent version {} ({}, {} bytes, sha256 {})\n",
+                        r.version, r.arch, r.size, r.digest
+                    )
+                })
+            }
+            AgentReleasesCmd::Delete { digest } => {
+                self.delete(&format!("/api/v1/agent-releases/{digest}"))
+                    .await?;
+                if self.output == Output::Table {
+                    println!("deleted agent release {digest}");
+                }
+                Ok(())
+            }
         }
     }
 
@@ -945,6 +1005,26 @@ fn privileges_text(p: &[String]) -> String {
     } else {
         p.join(", ")
     }
+}
+
+fn agent_releases_table(all: Vec<crate::contract::AgentRelease>) -> String {
+    let rows = all
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.version,
+                r.release.to_string(),
+                r.arch,
+                r.size.to_string(),
+                r.digest,
+                ago(r.created_ms),
+            ]
+        })
+        .collect();
+    table(
+        &["VERSION", "RELEASE", "ARCH", "BYTES", "DIGEST", "UPLOADED"],
+        rows,
+    )
 }
 
 fn registries_table(regs: Vec<RegistryView>) -> String {

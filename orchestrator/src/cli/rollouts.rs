@@ -83,8 +83,13 @@ pub struct WaitArgs {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// The app.
-    pub app: String,
+    /// The app (or, instead, --agent-version).
+    #[arg(required_unless_present = "agent_version")]
+    pub app: Option<String>,
+    /// Roll this agent version (`drover agent-releases`) out instead of
+    /// an app.
+    #[arg(long, conflicts_with_all = ["app", "release"])]
+    pub agent_version: Option<String>,
     /// The release to roll out (default: the latest).
     #[arg(long)]
     pub release: Option<u64>,
@@ -199,9 +204,15 @@ fn parse_device_state(v: &str) -> Result<RolloutDeviceState, String> {
 /// default (the body is read from the app's name alone first, so those
 /// defaults live in one place).
 pub fn create_body(a: &CreateArgs) -> Result<CreateRollout> {
-    drover_shared::Name::new(&a.app).map_err(|e| anyhow!("app name {:?}: {e}", a.app))?;
-    let mut body: CreateRollout =
-        serde_json::from_value(json!({ "app": a.app })).context("the rollout's defaults")?;
+    let mut body: CreateRollout = match (&a.app, &a.agent_version) {
+        (Some(app), _) => {
+            drover_shared::Name::new(app).map_err(|e| anyhow!("app name {app:?}: {e}"))?;
+            serde_json::from_value(json!({ "app": app }))
+        }
+        (None, Some(v)) => serde_json::from_value(json!({ "agent_version": v })),
+        (None, None) => return Err(anyhow!("name an app or --agent-version")),
+    }
+    .context("the rollout's defaults")?;
     body.selector = a.selector.clone();
     body.release = a.release.unwrap_or(0);
     if let Some(b) = &a.batches {

@@ -8,6 +8,7 @@
 //! the API shows as they are), serde, and utoipa's `ToSchema` derive: these
 //! types are the schemas of the OpenAPI document (`http::openapi`).
 
+mod agent_releases;
 mod apps;
 mod changes;
 mod devices;
@@ -20,6 +21,7 @@ mod rollouts;
 mod rules;
 mod security;
 
+pub use agent_releases::AgentRelease;
 pub use apps::{App, Assignment, AssignmentRequest, DeployRequest, Release};
 pub use changes::{Change, ChangeFilter, Coalescer};
 pub use devices::{CredentialState, Device, LabelsPatch, LabelsPut, RevokeResponse};

@@ -129,7 +129,13 @@ pub enum OnFailure {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
-    pub app: Name,
+    /// The app to roll out (with `release`); or, instead, `agent_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<Name>,
+    /// Roll an agent version (`/api/v1/agent-releases`) out instead of an
+    /// app: each device gets that version's binary for its architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
     /// A label selector; empty matches every device.
     #[serde(default)]
     pub selector: String,
@@ -216,7 +222,12 @@ pub struct RolloutCounts {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Rollout {
     pub id: String,
+    /// The app rolled out; `agent` for an agent rollout.
     pub app: Name,
+    /// For an agent rollout: the agent version rolled out (the releases are
+    /// agent release numbers, 0: the packaged binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
     pub selector: String,
     /// The release most of its devices ran before (0: none had the app).
     pub from_release: u64,

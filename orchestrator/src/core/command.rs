@@ -138,6 +138,13 @@ pub enum Command {
     /// Replaces a rule of the same name.
     UpdateRule(Box<Rule>),
     DeleteRule(Name),
+    /// Store an agent binary under a version (checked as it is stored).
+    UploadAgentRelease {
+        version: String,
+        binary: bytes::Bytes,
+    },
+    /// By digest.
+    DeleteAgentRelease(String),
 }
 
 impl Command {
@@ -168,6 +175,8 @@ impl Command {
             Command::CreateRule(_) => CommandKind::CreateRule,
             Command::UpdateRule(_) => CommandKind::UpdateRule,
             Command::DeleteRule(_) => CommandKind::DeleteRule,
+            Command::UploadAgentRelease { .. } => CommandKind::UploadAgentRelease,
+            Command::DeleteAgentRelease(_) => CommandKind::DeleteAgentRelease,
         }
     }
 }
@@ -213,6 +222,8 @@ pub enum CommandKind {
     DeleteRule,
     CreateJob,
     CancelJob,
+    UploadAgentRelease,
+    DeleteAgentRelease,
     // reads
     ListDevices,
     ShowDevice,
@@ -236,10 +247,11 @@ pub enum CommandKind {
     ListRuleFirings,
     ListJobs,
     ShowJob,
+    ListAgentReleases,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 57] = [
+    pub const ALL: [CommandKind; 60] = [
         CommandKind::CreateApp,
         CommandKind::UpdateApp,
         CommandKind::ImportApp,
@@ -297,6 +309,9 @@ impl CommandKind {
         CommandKind::CancelJob,
         CommandKind::ListJobs,
         CommandKind::ShowJob,
+        CommandKind::UploadAgentRelease,
+        CommandKind::DeleteAgentRelease,
+        CommandKind::ListAgentReleases,
     ];
 
     /// The kind of an [`Command::Apply`] with this op.
@@ -337,11 +352,13 @@ impl CommandKind {
             | CreateJob | CancelJob => Role::Operator,
             CreateApp | UpdateApp | ImportApp | DeleteApp | SetRegistry | DeleteRegistry
             | RevokeDevice | CreateApiToken | DeleteApiToken | CreateMqttUser | DeleteMqttUser
-            | ListApiTokens | ListMqttUsers | ReadAudit => Role::Admin,
+            | ListApiTokens | ListMqttUsers | ReadAudit
+            // An agent binary runs as the agent's user on every device.
+            | UploadAgentRelease | DeleteAgentRelease => Role::Admin,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListRules | ShowRule | ListRuleFirings | ListJobs
-            | ShowJob => Role::Viewer,
+            | ShowJob | ListAgentReleases => Role::Viewer,
         }
     }
 
@@ -355,11 +372,12 @@ impl CommandKind {
             | ApproveRollout | AbortRollout | RollbackRollout | CreateEnrollToken
             | DeleteEnrollToken | RevokeDevice | CreateApiToken | DeleteApiToken
             | CreateMqttUser | DeleteMqttUser | CreateRule | UpdateRule | DeleteRule
-            | CreateJob | CancelJob => true,
+            | CreateJob | CancelJob | UploadAgentRelease | DeleteAgentRelease => true,
             ListDevices | ShowDevice | ListApps | ShowApp | ListOperations | ShowOperation
             | ReadLogs | ReadEvents | WatchChanges | ListRegistries | ShowRegistry
             | ListRollouts | ShowRollout | ListEnrollTokens | ListApiTokens | ListMqttUsers
-            | ReadAudit | ListRules | ShowRule | ListRuleFirings | ListJobs | ShowJob => false,
+            | ReadAudit | ListRules | ShowRule | ListRuleFirings | ListJobs | ShowJob
+            | ListAgentReleases => false,
         }
     }
 
@@ -414,6 +432,9 @@ impl CommandKind {
             ListApiTokens => "api_tokens.list",
             ListMqttUsers => "mqtt_users.list",
             ReadAudit => "audit.read",
+            UploadAgentRelease => "agent_release.upload",
+            DeleteAgentRelease => "agent_release.delete",
+            ListAgentReleases => "agent_releases.list",
             CreateRule => "rule.create",
             UpdateRule => "rule.update",
             DeleteRule => "rule.delete",

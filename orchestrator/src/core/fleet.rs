@@ -1241,6 +1241,104 @@ impl Fleet {
         ))
     }
 
+    /// Plans one device's move to another agent binary (`None`: the
+    /// packaged one); `None` when it is there already.
+    pub fn set_device_agent(
+        &self,
+        id: &DeviceId,
+        target: Option<drover_shared::update::AgentTarget>,
+    ) -> Result<Option<DeviceUpdate>, FleetError> {
+        if !self.devices.contains_key(id) {
+            return Err(FleetError::UnknownDevice(id.clone()));
+        }
+        let (state, placement) = self.current(id);
+        if state.agent == target {
+            return Ok(None);
+        }
+        let mut desired = state;
+        desired.generation += 1;
+        desired.agent = target;
+        Ok(Some(DeviceUpdate {
+            device: id.clone(),
+            desired,
+            placement,
+        }))
+    }
+
+    /// What an agent rollout needs of each device the selector matches:
+    /// its architecture, whether it can replace its binary, and the digest
+    /// of the binary it runs.
+    pub fn agent_facts(
+        &self,
+        selector: &Selector,
+    ) -> Vec<(DeviceId, String, bool, Option<String>)> {
+        self.matching(selector)
+            .into_iter()
+            .filter_map(|id| {
+                let hello = self
+                    .devices
+                    .get(&id)?
+                    .record
+                    .inventory
+                    .clone()
+                    .unwrap_or_default();
+                Some((id, hello.arch, hello.self_update, hello.agent_digest))
+            })
+            .collect()
+    }
+
+    /// One device's (architecture, self_update, agent digest).
+    pub fn agent_facts_of(&self, id: &DeviceId) -> Option<(String, bool, Option<String>)> {
+        let hello = self
+            .devices
+            .get(id)?
+            .record
+            .inventory
+            .clone()
+            .unwrap_or_default();
+        Some((hello.arch, hello.self_update, hello.agent_digest))
+    }
+
+    /// An agent rollout's view of a device: the release it runs (the one
+    /// whose binary has its hello's digest; 0: none of them), ready once
+    /// online; failed when its state report says the update to the target
+    /// binary failed.
+    pub fn agent_observation(
+        &self,
+        id: &DeviceId,
+        binaries: &BTreeMap<u64, BTreeMap<String, drover_shared::update::AgentTarget>>,
+        to: u64,
+    ) -> Option<crate::core::rollout::Observation> {
+        let dev = self.devices.get(id)?;
+        let hello = dev.record.inventory.as_ref()?;
+        let running = hello.agent_digest.as_deref();
+        let release = binaries
+            .iter()
+            .find(|(_, by_arch)| by_arch.values().any(|t| Some(t.digest.as_str()) == running))
+            .map_or(0, |(r, _)| *r);
+        let target = binaries.get(&to).and_then(|m| m.get(&hello.arch));
+        let failed = dev
+            .record
+            .observed
+            .as_ref()
+            .and_then(|o| o.agent_update.as_ref())
+            .filter(|u| {
+                u.phase == drover_shared::update::AgentUpdatePhase::Failed
+                    && target.is_some_and(|t| t.digest == u.digest)
+            })
+            .map(|u| {
+                format!(
+                    "the agent update failed: {}",
+                    u.error.as_deref().unwrap_or("no reason given")
+                )
+            });
+        Some(crate::core::rollout::Observation {
+            release: if failed.is_some() { to } else { release },
+            ready: dev.record.online,
+            failed,
+        })
+    }
+
     /// Clears a device's override of `app`'s assignment; the caller then
     /// reconciles the device.
     pub fn clear_override(&self, id: &DeviceId, app: &Name) -> Result<Placement, FleetError> {
@@ -1526,6 +1624,18 @@ impl Fleet {
 
     pub fn desired(&self, id: &DeviceId) -> Option<&DesiredState> {
         self.desired.get(id)
+    }
+
+    /// The devices whose desired state names this agent binary.
+    pub fn agent_digest_users(&self, digest: &str) -> Vec<DeviceId> {
+        let mut ids: Vec<DeviceId> = self
+            .desired
+            .iter()
+            .filter(|(_, d)| d.agent.as_ref().is_some_and(|a| a.digest == digest))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     pub fn all_desired(&self) -> impl Iterator<Item = (&DeviceId, &DesiredState)> {
@@ -1958,6 +2068,7 @@ mod tests {
         let mut huge = DesiredState {
             generation: 7,
             apps: Vec::new(),
+            agent: None,
         };
         huge.apps.push(DesiredApp {
             spec: spec.clone(),

@@ -2,6 +2,7 @@
 //! publications, changes) and do no I/O. Unit-tested without tokio, redb,
 //! axum or rumqttc.
 
+pub mod agent_releases;
 pub mod command;
 pub mod compose;
 pub mod fleet;

@@ -417,6 +417,35 @@ pub enum Write {
         firing: Box<crate::contract::RuleFiring>,
         prune_to: Option<u64>,
     },
+    AgentRelease(AgentReleaseRecord),
+    /// By digest.
+    DeleteAgentRelease(String),
+}
+
+/// An uploaded agent binary; the file is `<data-dir>/agent-binaries/<digest>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReleaseRecord {
+    pub version: String,
+    pub release: u64,
+    pub arch: String,
+    pub digest: String,
+    pub size: u64,
+    pub uploaded_by: String,
+    pub created_ms: u64,
+}
+
+impl From<&AgentReleaseRecord> for contract::AgentRelease {
+    fn from(r: &AgentReleaseRecord) -> Self {
+        contract::AgentRelease {
+            version: r.version.clone(),
+            release: r.release,
+            arch: r.arch.clone(),
+            digest: r.digest.clone(),
+            size: r.size,
+            uploaded_by: r.uploaded_by.clone(),
+            created_ms: r.created_ms,
+        }
+    }
 }
 
 /// A rollout as stored: the state machine and what its end needs. The
@@ -428,4 +457,8 @@ pub struct RolloutRecord {
     pub previous_assignment: Option<AssignmentRecord>,
     /// Running or stopped, as the devices get the release.
     pub run: RunState,
+    /// An agent rollout's binaries: agent release → architecture → binary,
+    /// for the target and every release its devices ran before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_binaries: BTreeMap<u64, BTreeMap<String, drover_shared::update::AgentTarget>>,
 }

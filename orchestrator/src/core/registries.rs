@@ -239,6 +239,7 @@ mod tests {
                 release: 0,
                 restarted_at: 0,
             }],
+            agent: None,
         }
     }
 

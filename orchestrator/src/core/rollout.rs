@@ -87,6 +87,10 @@ pub struct RolloutSpec {
     pub approval: bool,
     /// Who created it (an API token's name).
     pub author: String,
+    /// An agent rollout of this version: `app` is only its key, releases
+    /// are agent release numbers (0: the packaged binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 /// A bad spec or an invalid transition; names the field or the phase.
@@ -1097,6 +1101,7 @@ impl From<&Rollout> for contract::Rollout {
         contract::Rollout {
             id: r.s.id.clone(),
             app: r.s.spec.app.clone(),
+            agent_version: r.s.spec.agent_version.clone(),
             selector: r.s.spec.selector.clone(),
             from_release: r.s.from_release,
             to_release: r.s.spec.to_release,

@@ -41,6 +41,7 @@ pub enum Reply {
     Revoked(contract::RevokeResponse),
     Rule(Box<contract::Rule>),
     Job(Box<contract::Job>),
+    AgentRelease(contract::AgentRelease),
     Deleted,
 }
 
@@ -100,6 +101,18 @@ impl CommandError {
             message: message.into(),
         }
     }
+}
+
+/// A new rollout's audit detail.
+fn rollout_detail(view: &contract::Rollout, what: &str, suffix: &str) -> String {
+    format!(
+        "rollout {} of {what}: release {} to {} device(s) matching {:?} in {} batch(es){suffix}",
+        view.id,
+        view.to_release,
+        view.counts.total,
+        view.selector,
+        view.batches.len()
+    )
 }
 
 fn store_failed(e: &StoreError) -> CommandError {
@@ -221,10 +234,12 @@ pub struct Commands {
     /// Asked which platforms an image provides before a deploy, an
     /// assignment or a rollout reaches the engine.
     pub registries: Arc<Registries>,
+    pub agent_releases: Arc<super::agent_releases::AgentReleases>,
     store: Store,
 }
 
 impl Commands {
+    #[allow(clippy::too_many_arguments)] // each is a distinct collaborator
     pub fn new(
         engine: EngineHandle,
         identities: Arc<Identities>,
@@ -232,6 +247,7 @@ impl Commands {
         metrics: Arc<Metrics>,
         rules: Arc<super::rule_defs::RuleDefs>,
         registries: Arc<Registries>,
+        agent_releases: Arc<super::agent_releases::AgentReleases>,
         store: Store,
     ) -> Commands {
         Commands {
@@ -241,6 +257,7 @@ impl Commands {
             metrics,
             rules,
             registries,
+            agent_releases,
             store,
         }
     }
@@ -487,7 +504,38 @@ impl Commands {
                 }
             }
             Command::CreateRollout(request) => {
-                let app = request.app.clone();
+                if let Some(version) = request.agent_version.clone() {
+                    if request.app.is_some() || request.release != 0 {
+                        return Err(CommandError::invalid(
+                            "agent_version",
+                            "a rollout moves either an app (`app`, `release`) or the agent (`agent_version`), not both",
+                        ));
+                    }
+                    let agent_binaries = self.agent_releases.list();
+                    return match self
+                        .engine
+                        .change(FleetChange::CreateRollout {
+                            request: *request,
+                            author: by.clone(),
+                            agent_binaries,
+                            platforms: Vec::new(),
+                        })
+                        .await?
+                    {
+                        Done::Rollout(view) => {
+                            let detail =
+                                rollout_detail(&view, &format!("agent version {version}"), "");
+                            Ok((Reply::Rollout(view), detail))
+                        }
+                        other => Err(unexpected(other)),
+                    };
+                }
+                let Some(app) = request.app.clone() else {
+                    return Err(CommandError::invalid(
+                        "app",
+                        "a rollout needs `app` (an app's release) or `agent_version`",
+                    ));
+                };
                 let (unchecked, platforms) = self
                     .check_platforms(Target::Selector {
                         app: app.clone(),
@@ -502,18 +550,12 @@ impl Commands {
                         request: *request,
                         author: by.clone(),
                         platforms,
+                        agent_binaries: Vec::new(),
                     })
                     .await?
                 {
                     Done::Rollout(view) => {
-                        let detail = format!(
-                            "rollout {} of app {app}: release {} to {} device(s) matching {:?} in {} batch(es){unchecked}",
-                            view.id,
-                            view.to_release,
-                            view.counts.total,
-                            view.selector,
-                            view.batches.len()
-                        );
+                        let detail = rollout_detail(&view, &format!("app {app}"), &unchecked);
                         Ok((Reply::Rollout(view), detail))
                     }
                     other => Err(unexpected(other)),
@@ -568,6 +610,30 @@ impl Commands {
                     Done::Job(view) => Ok((Reply::Job(view), format!("job {id} cancelled"))),
                     other => Err(unexpected(other)),
                 }
+            }
+            Command::UploadAgentRelease { version, binary } => {
+                let rec = self.agent_releases.upload(version, binary, by).await?;
+                let detail = format!(
+                    "agent version {} for {}, {} bytes, sha256 {}",
+                    rec.version, rec.arch, rec.size, rec.digest
+                );
+                Ok((Reply::AgentRelease((&rec).into()), detail))
+            }
+            Command::DeleteAgentRelease(digest) => {
+                let d = digest.clone();
+                let devices = self
+                    .engine
+                    .read(move |f, _| f.agent_digest_users(&d))
+                    .await?;
+                let d = digest.clone();
+                let rollouts = self.engine.agent_rollouts_using(d).await?;
+                let in_use: Vec<String> = devices
+                    .iter()
+                    .map(|id| format!("device {id}"))
+                    .chain(rollouts.iter().map(|id| format!("rollout {id}")))
+                    .collect();
+                self.agent_releases.delete(&digest, &in_use).await?;
+                Ok((Reply::Deleted, format!("agent release {digest}")))
             }
             Command::SetRegistry(credential) => {
                 crate::core::registries::validate_host(&credential.host)

@@ -13,6 +13,7 @@
 //! changes and is told how many (`RecvError::Lagged`); it never slows the
 //! engine down.
 
+pub mod agent_releases;
 pub mod commands;
 mod jobs;
 mod outbox;
@@ -135,6 +136,8 @@ pub enum FleetChange {
         author: String,
         /// What the command path read of the release's images.
         platforms: Vec<ImagePlatforms>,
+        /// For an agent rollout: every agent release there is.
+        agent_binaries: Vec<crate::core::records::AgentReleaseRecord>,
     },
     RolloutAction {
         id: String,
@@ -311,6 +314,12 @@ impl EngineHandle {
         self.read(|f, _| f.device_counts()).await
     }
 
+    /// The running agent rollouts that hand out the binary `digest`.
+    pub async fn agent_rollouts_using(&self, digest: String) -> Result<Vec<String>, EngineError> {
+        self.read_rollouts(move |r| r.agent_rollouts_using(&digest))
+            .await
+    }
+
     async fn read_rollouts<T: Send + 'static>(
         &self,
         f: impl FnOnce(&rollouts::Rollouts) -> T + Send + 'static,
@@ -462,6 +471,8 @@ pub struct Engine {
     offline_after: Duration,
     rollouts: rollouts::Rollouts,
     jobs: jobs::Jobs,
+    /// Where devices' fetches of agent binaries go (`None`: not served).
+    blobs: Option<agent_releases::BlobServer>,
 }
 
 impl Engine {
@@ -476,6 +487,7 @@ impl Engine {
         identities: Arc<Identities>,
         access: Arc<Access>,
         offline_after: Duration,
+        blobs: Option<agent_releases::BlobServer>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
         let (fleet, secrets, rollout_records) = load(&store)?;
         let job_records = store.jobs()?;
@@ -496,6 +508,7 @@ impl Engine {
             offline_after,
             rollouts: rollouts::Rollouts::default(),
             jobs: jobs::Jobs::load(job_records),
+            blobs,
         };
         let mut engine = engine;
         engine.restore_rollouts(rollout_records);
@@ -631,8 +644,10 @@ impl Engine {
                 request,
                 author,
                 platforms,
+                agent_binaries,
             } => {
-                self.create_rollout(request, author, platforms, reply).await;
+                self.create_rollout(request, author, platforms, agent_binaries, reply)
+                    .await;
             }
             FleetChange::RolloutAction { id, action } => {
                 self.rollout_action(id, action, reply).await;
@@ -1159,6 +1174,11 @@ impl Engine {
                     .instrument(span),
                 );
             }
+            Event::Fetch { id, request } => {
+                if let Some(blobs) = &self.blobs {
+                    blobs.offer(id, request);
+                }
+            }
         }
     }
 
@@ -1192,7 +1212,8 @@ impl Engine {
             self.emit(change);
         }
         self.record(fx.writes).await;
-        if state_report && !self.reload {
+        // An agent rollout also watches hellos (the binary's digest).
+        if (state_report || hello) && !self.reload {
             self.rollouts_observe(&id).await;
         }
         // A device that enrolled, or came back with labels of its own, gets
@@ -1388,6 +1409,7 @@ mod tests {
             identities,
             access,
             Duration::from_secs(30),
+            None,
         )
         .expect("engine");
         Fixture {

@@ -40,10 +40,11 @@ use tracing::{info, warn};
 use super::{Done, Engine, EngineError, Then};
 use crate::contract::{self, Change, RolloutAction};
 use crate::core::fleet::{FleetError, Hold};
-use crate::core::records::{AssignmentRecord, ImagePlatforms, RolloutRecord};
+use crate::core::records::{AgentReleaseRecord, AssignmentRecord, ImagePlatforms, RolloutRecord};
 use crate::core::rollout::{DeviceProgress, Effect, Phase, Rollout, RolloutSpec};
 use crate::core::selector::Selector;
 use crate::store::Write;
+use drover_shared::update::AgentTarget;
 
 /// How often a rollout's progress is stored, at most.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -58,6 +59,8 @@ pub struct Rollouts {
     records: BTreeMap<String, RolloutRecord>,
     /// App → its running rollout.
     active: HashMap<Name, String>,
+    /// The running agent rollout (at most one: a newer one supersedes it).
+    agent_active: Option<String>,
     /// Progress not yet stored.
     dirty: BTreeSet<String>,
     /// Progress not yet announced.
@@ -70,6 +73,31 @@ pub struct Rollouts {
 impl Rollouts {
     pub fn running(&self, app: &Name) -> Option<&str> {
         self.active.get(app).map(String::as_str)
+    }
+
+    /// Every running rollout, apps' and the agent's.
+    fn running_ids(&self) -> Vec<String> {
+        self.active
+            .values()
+            .chain(self.agent_active.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// The running agent rollout, if it hands out `digest`.
+    pub fn agent_rollouts_using(&self, digest: &str) -> Vec<String> {
+        self.agent_active
+            .iter()
+            .filter(|id| {
+                self.records.get(*id).is_some_and(|r| {
+                    r.agent_binaries
+                        .values()
+                        .flat_map(|m| m.values())
+                        .any(|t| t.digest == digest)
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, id: &str) -> Option<contract::Rollout> {
@@ -118,6 +146,56 @@ impl Rollouts {
     }
 }
 
+/// The key an agent rollout has where an app rollout has its app.
+fn agent_key() -> Name {
+    Name::new("agent").unwrap_or_else(|_| unreachable!("a valid name"))
+}
+
+/// The machine for a request, with a new id: its spec from the request's
+/// strategy and what the engine resolved (key, selector, target release).
+#[allow(clippy::too_many_arguments)] // the resolved parts of one request
+fn new_rollout(
+    req: &contract::CreateRollout,
+    app: Name,
+    selector: String,
+    to_release: u64,
+    author: String,
+    agent_version: Option<String>,
+    targets: BTreeMap<DeviceId, u64>,
+    now: u64,
+) -> Result<(String, Rollout, Vec<Effect>), EngineError> {
+    let invalid = |field: &str, message: String| EngineError::RolloutInvalid {
+        field: field.into(),
+        message,
+    };
+    let to_ms = |s: u64, field: &str| {
+        s.checked_mul(1000)
+            .ok_or_else(|| invalid(field, format!("{s} seconds is too long")))
+    };
+    let spec = RolloutSpec {
+        app,
+        selector,
+        to_release,
+        batches: req.batches.clone(),
+        max_unavailable: req.max_unavailable,
+        success_threshold_percent: req.success_threshold_percent,
+        on_failure: req.on_failure.into(),
+        device_timeout_ms: to_ms(req.device_timeout_secs, "device_timeout_secs")?,
+        min_ready_ms: to_ms(req.min_ready_secs, "min_ready_secs")?,
+        approval: req.approval,
+        author,
+        agent_version,
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let (rollout, fx) = Rollout::new(id.clone(), spec, targets, now).map_err(|e| match e {
+        crate::core::rollout::RolloutError::Field { field, message } => {
+            invalid(&field, format!("{field}: {message}"))
+        }
+        other => invalid("rollout", other.to_string()),
+    })?;
+    Ok((id, rollout, fx))
+}
+
 /// What carrying out a rollout's effects produced.
 #[derive(Default)]
 struct Driven {
@@ -136,7 +214,9 @@ impl Engine {
         self.rollouts = Rollouts::default();
         for rec in records {
             let id = rec.rollout.id().to_string();
-            if !rec.rollout.phase().is_final() {
+            if !rec.rollout.phase().is_final() && rec.rollout.spec().agent_version.is_some() {
+                self.rollouts.agent_active = Some(id.clone());
+            } else if !rec.rollout.phase().is_final() {
                 let app = rec.rollout.spec().app.clone();
                 self.fleet.hold(&app, self.hold_for(&rec.rollout));
                 self.rollouts.active.insert(app, id.clone());
@@ -149,7 +229,7 @@ impl Engine {
     /// engine runs (after a start or a reload).
     pub(super) async fn resume_rollouts(&mut self) {
         let now = super::now_ms();
-        let ids: Vec<String> = self.rollouts.active.values().cloned().collect();
+        let ids = self.rollouts.running_ids();
         for id in ids {
             let Some(rec) = self.rollouts.records.get(&id) else {
                 continue;
@@ -180,9 +260,14 @@ impl Engine {
         req: contract::CreateRollout,
         author: String,
         platforms: Vec<ImagePlatforms>,
+        agent_binaries: Vec<AgentReleaseRecord>,
         reply: oneshot::Sender<Result<Done, EngineError>>,
     ) {
-        match self.plan_rollout(req, author, platforms) {
+        let planned = match req.agent_version.clone() {
+            Some(version) => self.plan_agent_rollout(req, version, agent_binaries, author),
+            None => self.plan_rollout(req, author, platforms),
+        };
+        match planned {
             Ok((id, driven)) => {
                 let view = self.rollouts.get(&id).map(Box::new);
                 self.commit_driven(&id, driven, Some(reply), view.map(Done::Rollout))
@@ -205,10 +290,14 @@ impl Engine {
             field: field.into(),
             message,
         };
+        let app = req
+            .app
+            .clone()
+            .ok_or_else(|| invalid("app", "a rollout needs `app` or `agent_version`".into()))?;
         let mut app_rec = self
             .fleet
-            .app(&req.app)
-            .ok_or_else(|| crate::core::fleet::FleetError::UnknownApp(req.app.clone()))?;
+            .app(&app)
+            .ok_or_else(|| crate::core::fleet::FleetError::UnknownApp(app.clone()))?;
         let release = if req.release == 0 {
             app_rec.latest_release()
         } else {
@@ -216,7 +305,7 @@ impl Engine {
         };
         if app_rec.release(release).is_none() {
             return Err(crate::core::fleet::FleetError::UnknownRelease {
-                app: req.app.clone(),
+                app: app.clone(),
                 release,
                 latest: app_rec.latest_release(),
             }
@@ -229,41 +318,27 @@ impl Engine {
         };
         let selector = Selector::parse(&raw)
             .map_err(|e| invalid("selector", format!("selector {raw:?} is not valid: {e}")))?;
-        let targets = self.fleet.rollout_targets(&req.app, &selector);
+        let targets = self.fleet.rollout_targets(&app, &selector);
         if targets.is_empty() {
             return Err(EngineError::RolloutConflict {
                 field: "selector".into(),
                 message: format!(
                     "selector {:?} matches no device that the assignment of app {} may manage",
                     selector.to_string(),
-                    req.app
+                    app
                 ),
             });
         }
-        let to_secs = |s: u64, field: &str| {
-            s.checked_mul(1000)
-                .ok_or_else(|| invalid(field, format!("{s} seconds is too long")))
-        };
-        let spec = RolloutSpec {
-            app: req.app.clone(),
-            selector: selector.to_string(),
-            to_release: release,
-            batches: req.batches.clone(),
-            max_unavailable: req.max_unavailable,
-            success_threshold_percent: req.success_threshold_percent,
-            on_failure: req.on_failure.into(),
-            device_timeout_ms: to_secs(req.device_timeout_secs, "device_timeout_secs")?,
-            min_ready_ms: to_secs(req.min_ready_secs, "min_ready_secs")?,
-            approval: req.approval,
-            author: author.clone(),
-        };
-        let id = uuid::Uuid::new_v4().to_string();
-        let (rollout, fx) = Rollout::new(id.clone(), spec, targets, now).map_err(|e| match e {
-            crate::core::rollout::RolloutError::Field { field, message } => {
-                invalid(&field, format!("{field}: {message}"))
-            }
-            other => invalid("rollout", other.to_string()),
-        })?;
+        let (id, rollout, fx) = new_rollout(
+            &req,
+            app.clone(),
+            selector.to_string(),
+            release,
+            author.clone(),
+            None,
+            targets,
+            now,
+        )?;
         let mut driven = Driven {
             store: true,
             ..Default::default()
@@ -275,7 +350,7 @@ impl Engine {
             .assignment
             .as_ref()
             .map_or(RunState::Running, |a| a.run);
-        if let Some(old_id) = self.rollouts.active.remove(&req.app) {
+        if let Some(old_id) = self.rollouts.active.remove(&app) {
             if let Some(old) = self.rollouts.records.get_mut(&old_id) {
                 old.rollout.supersede(&id, now);
                 previous = old.previous_assignment.clone();
@@ -296,17 +371,151 @@ impl Engine {
         self.fleet.put_app(app_rec.clone());
         driven.writes.push(Write::App(app_rec));
         let hold = self.hold_for(&rollout);
-        self.fleet.hold(&req.app, hold);
-        info!(rollout = %id, app = %req.app, release, devices = rollout.devices().count(), batches = rollout.batches().len(), "rollout created");
+        self.fleet.hold(&app, hold);
+        info!(rollout = %id, app = %app, release, devices = rollout.devices().count(), batches = rollout.batches().len(), "rollout created");
         self.rollouts.records.insert(
             id.clone(),
             RolloutRecord {
                 rollout,
                 previous_assignment: previous,
                 run,
+                agent_binaries: BTreeMap::new(),
             },
         );
-        self.rollouts.active.insert(req.app.clone(), id.clone());
+        self.rollouts.active.insert(app.clone(), id.clone());
+        let more = self.drive(&id, fx, now);
+        driven.writes.extend(more.writes);
+        driven.devices.extend(more.devices);
+        Ok((id, driven))
+    }
+
+    /// An agent rollout: the devices the selector matches move to the
+    /// version's binary for their architecture, batch by batch. Refused
+    /// (naming them) when a device cannot replace its binary or the
+    /// version has no binary for its architecture.
+    fn plan_agent_rollout(
+        &mut self,
+        req: contract::CreateRollout,
+        version: String,
+        all: Vec<AgentReleaseRecord>,
+        author: String,
+    ) -> Result<(String, Driven), EngineError> {
+        let now = super::now_ms();
+        let invalid = |field: &str, message: String| EngineError::RolloutInvalid {
+            field: field.into(),
+            message,
+        };
+        let conflict = |field: &str, message: String| EngineError::RolloutConflict {
+            field: field.into(),
+            message,
+        };
+        let Some(to_release) = all.iter().find(|r| r.version == version).map(|r| r.release) else {
+            return Err(invalid(
+                "agent_version",
+                format!("no agent release has version {version:?}; upload one first"),
+            ));
+        };
+        let mut binaries: BTreeMap<u64, BTreeMap<String, AgentTarget>> = BTreeMap::new();
+        for r in &all {
+            binaries.entry(r.release).or_default().insert(
+                r.arch.clone(),
+                AgentTarget {
+                    version: r.version.clone(),
+                    digest: r.digest.clone(),
+                    size: r.size,
+                },
+            );
+        }
+        let selector = Selector::parse(&req.selector).map_err(|e| {
+            invalid(
+                "selector",
+                format!("selector {:?} is not valid: {e}", req.selector),
+            )
+        })?;
+        let facts = self.fleet.agent_facts(&selector);
+        if facts.is_empty() {
+            return Err(conflict(
+                "selector",
+                format!("selector {:?} matches no device", selector.to_string()),
+            ));
+        }
+        let fixed: Vec<String> = facts
+            .iter()
+            .filter(|(_, _, self_update, _)| !self_update)
+            .map(|(d, _, _, _)| d.to_string())
+            .collect();
+        if !fixed.is_empty() {
+            return Err(conflict(
+                "selector",
+                format!(
+                    "these devices cannot replace their agent binary (an agent inside `drover serve`, or one older than self-update): {}",
+                    fixed.join(", ")
+                ),
+            ));
+        }
+        let target = &binaries[&to_release];
+        let no_binary: Vec<String> = facts
+            .iter()
+            .filter(|(_, arch, _, _)| !target.contains_key(arch))
+            .map(|(d, arch, _, _)| format!("{d} ({arch})"))
+            .collect();
+        if !no_binary.is_empty() {
+            return Err(conflict(
+                "agent_version",
+                format!(
+                    "agent version {version} has binaries for {}, not for these devices: {}",
+                    target.keys().cloned().collect::<Vec<_>>().join(", "),
+                    no_binary.join(", ")
+                ),
+            ));
+        }
+        let targets: BTreeMap<DeviceId, u64> = facts
+            .iter()
+            .map(|(d, _, _, digest)| {
+                let from = binaries
+                    .iter()
+                    .find(|(_, m)| m.values().any(|t| Some(&t.digest) == digest.as_ref()))
+                    .map_or(0, |(r, _)| *r);
+                (d.clone(), from)
+            })
+            .collect();
+        // Only what this rollout can hand out: the target and what its
+        // devices ran before.
+        let keep: BTreeSet<u64> = targets.values().copied().chain([to_release]).collect();
+        binaries.retain(|r, _| keep.contains(r));
+        let (id, rollout, fx) = new_rollout(
+            &req,
+            agent_key(),
+            selector.to_string(),
+            to_release,
+            author,
+            Some(version.clone()),
+            targets,
+            now,
+        )?;
+        let mut driven = Driven {
+            store: true,
+            ..Default::default()
+        };
+        if let Some(old_id) = self.rollouts.agent_active.take() {
+            if let Some(old) = self.rollouts.records.get_mut(&old_id) {
+                old.rollout.supersede(&id, now);
+                driven.writes.push(Write::Rollout(Box::new(old.clone())));
+                self.rollouts.unannounced.insert(old_id.clone());
+                info!(rollout = %old_id, by = %id, "agent rollout superseded");
+            }
+        }
+        info!(rollout = %id, %version, release = to_release, devices = rollout.devices().count(), "agent rollout created");
+        self.rollouts.records.insert(
+            id.clone(),
+            RolloutRecord {
+                rollout,
+                previous_assignment: None,
+                run: RunState::Running,
+                agent_binaries: binaries,
+            },
+        );
+        self.rollouts.agent_active = Some(id.clone());
         let more = self.drive(&id, fx, now);
         driven.writes.extend(more.writes);
         driven.devices.extend(more.devices);
@@ -331,6 +540,49 @@ impl Engine {
                     self.rollouts.unannounced.insert(id.to_string());
                 }
                 Effect::Finished(phase) => finished = Some(phase),
+                Effect::SetRelease { device, release }
+                    if rec.rollout.spec().agent_version.is_some() =>
+                {
+                    out.store = true;
+                    let arch = self
+                        .fleet
+                        .agent_facts_of(&device)
+                        .map(|(arch, _, _)| arch)
+                        .unwrap_or_default();
+                    let target = match release {
+                        0 => None,
+                        r => rec
+                            .agent_binaries
+                            .get(&r)
+                            .and_then(|m| m.get(&arch))
+                            .cloned(),
+                    };
+                    if release != 0 && target.is_none() {
+                        let reason = format!("no binary of agent release {release} for {arch:?}");
+                        queue.extend(rec.rollout.device_failed(&device, reason, now));
+                        continue;
+                    }
+                    match self.fleet.set_device_agent(&device, target) {
+                        Ok(Some(update)) => {
+                            let (w, _) = self.fleet.apply_updates(std::slice::from_ref(&update));
+                            out.writes.extend(w);
+                            out.devices.push(device);
+                        }
+                        Ok(None) => {
+                            if let Some(obs) = self.fleet.agent_observation(
+                                &device,
+                                &rec.agent_binaries,
+                                rec.rollout.spec().to_release,
+                            ) {
+                                queue.extend(rec.rollout.observe(&device, obs, now));
+                            }
+                        }
+                        Err(e) => {
+                            warn!(rollout = %id, device = %device, error = %e, "agent rollout device is gone; skipped");
+                            queue.extend(rec.rollout.device_gone(&device, now));
+                        }
+                    }
+                }
                 Effect::SetRelease { device, release } => {
                     out.store = true;
                     match self
@@ -374,6 +626,15 @@ impl Engine {
             return;
         };
         let app = rec.rollout.spec().app.clone();
+        if rec.rollout.spec().agent_version.is_some() {
+            // No assignment or hold: each device keeps the binary it was
+            // last told, the rollback having set back the ones it moved.
+            if self.rollouts.agent_active.as_deref() == Some(id) {
+                self.rollouts.agent_active = None;
+            }
+            info!(rollout = %id, phase = ?phase, reason = rec.rollout.reason().unwrap_or(""), "agent rollout finished");
+            return;
+        }
         if self.rollouts.active.get(&app).map(String::as_str) == Some(id) {
             self.rollouts.active.remove(&app);
         }
@@ -505,11 +766,11 @@ impl Engine {
     /// A device reported its state: each running rollout it is in flight
     /// in looks at it. O(running rollouts) per report.
     pub(super) async fn rollouts_observe(&mut self, device: &DeviceId) {
-        if self.rollouts.active.is_empty() {
+        if self.rollouts.active.is_empty() && self.rollouts.agent_active.is_none() {
             return;
         }
         let now = super::now_ms();
-        let ids: Vec<String> = self.rollouts.active.values().cloned().collect();
+        let ids = self.rollouts.running_ids();
         for id in ids {
             let Some(rec) = self.rollouts.records.get_mut(&id) else {
                 continue;
@@ -526,7 +787,16 @@ impl Engine {
                 continue;
             }
             let app = rec.rollout.spec().app.clone();
-            let Some(obs) = self.fleet.rollout_observation(device, &app) else {
+            let obs = if rec.rollout.spec().agent_version.is_some() {
+                self.fleet.agent_observation(
+                    device,
+                    &rec.agent_binaries,
+                    rec.rollout.spec().to_release,
+                )
+            } else {
+                self.fleet.rollout_observation(device, &app)
+            };
+            let Some(obs) = obs else {
                 continue;
             };
             let fx = rec.rollout.observe(device, obs, now);
@@ -546,12 +816,12 @@ impl Engine {
         device: &DeviceId,
         gone_from: Option<&Name>,
     ) {
-        if self.rollouts.active.is_empty() {
+        if self.rollouts.active.is_empty() && self.rollouts.agent_active.is_none() {
             return;
         }
         let now = super::now_ms();
         let labels = self.fleet.labels_of(device);
-        let ids: Vec<String> = self.rollouts.active.values().cloned().collect();
+        let ids = self.rollouts.running_ids();
         for id in ids {
             let Some(rec) = self.rollouts.records.get_mut(&id) else {
                 continue;
@@ -561,7 +831,8 @@ impl Engine {
                 None | Some(DeviceProgress::Skipped) => continue,
                 Some(_) => {}
             }
-            let still = gone_from != Some(&app)
+            let agent = rec.rollout.spec().agent_version.is_some();
+            let still = (agent || gone_from != Some(&app))
                 && match (&labels, Selector::parse(&rec.rollout.spec().selector)) {
                     (Some(l), Ok(sel)) => sel.matches(l),
                     _ => false,
@@ -570,7 +841,9 @@ impl Engine {
                 continue;
             }
             info!(rollout = %id, device = %device, "device left the rollout");
-            self.fleet.release_held_device(&app, device);
+            if !agent {
+                self.fleet.release_held_device(&app, device);
+            }
             let fx = rec.rollout.device_gone(device, now);
             let driven = self.drive(&id, fx, now);
             self.commit_driven(&id, driven, None, None).await;
@@ -581,7 +854,7 @@ impl Engine {
     /// progress. Called every [`TICK`].
     pub(super) async fn rollouts_tick(&mut self) {
         let now = super::now_ms();
-        let ids: Vec<String> = self.rollouts.active.values().cloned().collect();
+        let ids = self.rollouts.running_ids();
         for id in ids {
             let Some(rec) = self.rollouts.records.get_mut(&id) else {
                 continue;
@@ -760,6 +1033,7 @@ mod tests {
                 request,
                 author: "t".into(),
                 platforms: Vec::new(),
+                agent_binaries: Vec::new(),
             })
             .await
             .expect("created")

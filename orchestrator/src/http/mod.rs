@@ -8,6 +8,7 @@
 //! Errors are JSON objects that name the offending field:
 //! `{"error": {"status": 400, "message": "...", "field": "..."}}`.
 
+mod agent_releases;
 pub mod auth;
 pub mod console;
 mod history;
@@ -223,6 +224,7 @@ impl Ctx {
             Reply::Revoked(v) => (ok, Json(v)).into_response(),
             Reply::Rule(v) => (ok, Json(v)).into_response(),
             Reply::Job(v) => (ok, Json(v)).into_response(),
+            Reply::AgentRelease(v) => (ok, Json(v)).into_response(),
         };
         resp.extensions_mut().insert(Audited);
         Ok(resp)
@@ -341,4 +343,39 @@ pub(crate) fn parse_limit(raw: Option<&str>) -> ApiResult<usize> {
                 )
             }),
     }
+}
+
+/// Reads a request body of at most `limit` bytes (413 naming `what`
+/// beyond it, told by `Content-Length` before anything is read).
+pub(crate) async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+    what: &str,
+) -> ApiResult<axum::body::Bytes> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what} is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the request body could not be read: {e}"),
+            )
+        }
+    })
 }

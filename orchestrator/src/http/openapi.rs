@@ -34,6 +34,7 @@ const BEARER: &str = "bearer";
         (name = "rules", description = "Rules that act: a trigger, a device selector, a CEL condition, actions and a cooldown; every firing recorded"),
         (name = "changes", description = "The fleet's change stream"),
         (name = "registries", description = "Private registry credentials"),
+        (name = "agent-releases", description = "Agent binaries by version and architecture, which rollouts put on devices"),
         (name = "security", description = "Enrollment, revocation, API tokens, automation identities, audit log"),
     ),
     components(schemas(ErrorBody))

@@ -97,6 +97,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(changes))
         .routes(routes!(list_registries))
         .routes(routes!(show_registry, put_registry, delete_registry))
+        .merge(super::agent_releases::routes())
         .merge(super::history::routes())
         .merge(super::rollouts::routes())
         .merge(super::jobs::routes())
@@ -712,33 +713,7 @@ async fn import_app(
             ),
         ));
     }
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the Compose file is larger than the limit of {MAX_COMPOSE_BYTES} bytes"),
-        )
-    };
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_COMPOSE_BYTES as u64) {
-        return Err(too_large());
-    }
-    let bytes = axum::body::to_bytes(body, MAX_COMPOSE_BYTES)
-        .await
-        .map_err(|e| {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over {
-                too_large()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("the request body could not be read: {e}"),
-                )
-            }
-        })?;
+    let bytes = super::read_body(&headers, body, MAX_COMPOSE_BYTES, "the Compose file").await?;
     let replace = match q.replace.as_deref() {
         None | Some("false") => false,
         Some("true") => true,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use drover_shared::codec::{decode, DecodeError, MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES};
 use drover_shared::payload::EnrollRequest;
 use drover_shared::topic::{TopicKind, Topics};
+use drover_shared::update::FetchRequest;
 use drover_shared::DeviceId;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, mpsc};
@@ -41,6 +42,8 @@ pub enum Event {
         id: DeviceId,
         report: drover_shared::job::JobReport,
     },
+    /// A device asks for a chunk of an agent binary.
+    Fetch { id: DeviceId, request: FetchRequest },
 }
 
 /// A publish on a topic outside the device tree, which the link receives
@@ -154,11 +157,14 @@ pub fn decode_device_message(
         TopicKind::Logs => DeviceMessage::Logs(decode(payload)?),
         TopicKind::Ack => DeviceMessage::Ack(decode(payload)?),
         TopicKind::Event => DeviceMessage::Event(decode(payload)?),
-        // Enrollment and jobs are not fleet matters: see `drive`.
-        TopicKind::Enroll | TopicKind::Job => return Ok(None),
-        TopicKind::Cmd | TopicKind::Desired | TopicKind::Enrolled | TopicKind::Secrets => {
-            return Ok(None)
-        }
+        // Enrollment, jobs and agent binaries are not fleet matters: see
+        // `drive`.
+        TopicKind::Enroll | TopicKind::Job | TopicKind::Fetch => return Ok(None),
+        TopicKind::Cmd
+        | TopicKind::Desired
+        | TopicKind::Enrolled
+        | TopicKind::Secrets
+        | TopicKind::Blob => return Ok(None),
     }))
 }
 
@@ -339,6 +345,28 @@ pub async fn drive(
                             metrics.mqtt_rejected.inc();
                             if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
                                 warn!(device = %id, error = ?e.to_string(), suppressed, "rejected job report");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if kind == TopicKind::Fetch {
+                    match decode::<FetchRequest>(&p.payload) {
+                        // Never waits: a device asking faster than chunks
+                        // are served loses requests (and asks again), it
+                        // does not hold up other devices' messages.
+                        Ok(request) => match events.try_send(Event::Fetch { id, request }) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                metrics.mqtt_rejected.inc();
+                                debug!("fetch dropped: the engine's queue is full");
+                            }
+                        },
+                        Err(e) => {
+                            metrics.mqtt_rejected.inc();
+                            if let Some(suppressed) = rejects.allow(std::time::Instant::now()) {
+                                warn!(device = %id, error = ?e.to_string(), suppressed, "rejected fetch request");
                             }
                         }
                     }

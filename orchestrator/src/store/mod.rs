@@ -50,6 +50,9 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Rule definitions by name (`contract::Rule`).
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+/// Agent binaries by digest (`AgentReleaseRecord`); the files are beside
+/// the database, in `agent-binaries/`.
+const AGENT_RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_releases");
 /// Rule firings by sequence number, the newest `rules::FIRINGS_KEPT`.
 const RULE_FIRINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("rule_firings");
 
@@ -138,6 +141,7 @@ impl Store {
             JOBS,
             SESSIONS,
             RULES,
+            AGENT_RELEASES,
         ] {
             tx.open_table(t)?;
         }
@@ -310,6 +314,13 @@ impl Store {
                     Write::DeleteRule(name) => {
                         tx.open_table(RULES)?.remove(name.as_str())?;
                     }
+                    Write::AgentRelease(r) => {
+                        tx.open_table(AGENT_RELEASES)?
+                            .insert(r.digest.as_str(), encode(r).as_slice())?;
+                    }
+                    Write::DeleteAgentRelease(digest) => {
+                        tx.open_table(AGENT_RELEASES)?.remove(digest.as_str())?;
+                    }
                     Write::RuleFiring { firing, prune_to } => {
                         let mut t = tx.open_table(RULE_FIRINGS)?;
                         t.insert(firing.seq, encode(firing).as_slice())?;
@@ -455,6 +466,12 @@ impl Store {
         self.load_all(SESSIONS, "sessions")
     }
 
+    pub fn agent_releases(
+        &self,
+    ) -> Result<Vec<crate::core::records::AgentReleaseRecord>, StoreError> {
+        self.load_all(AGENT_RELEASES, "agent_releases")
+    }
+
     pub fn rules(&self) -> Result<Vec<crate::contract::Rule>, StoreError> {
         self.load_all(RULES, "rules")
     }
@@ -514,6 +531,7 @@ mod tests {
                             release: 0,
                             restarted_at: 0,
                         }],
+                        agent: None,
                     },
                     placement: Default::default(),
                 }),

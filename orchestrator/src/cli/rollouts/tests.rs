@@ -34,6 +34,7 @@ fn rollout(phase: RolloutPhase, updated_at_ms: u64) -> Rollout {
     Rollout {
         id: "r-1".into(),
         app: Name::new("web").expect("valid name"),
+        agent_version: None,
         selector: "env=prod".into(),
         from_release: 3,
         to_release: 4,
@@ -106,7 +107,19 @@ fn create_keeps_the_api_defaults_for_what_is_not_given() {
         panic!("a create command");
     };
     let body = create_body(&a).expect("valid");
-    assert_eq!(body.app.as_str(), "web");
+    assert_eq!(body.app.as_ref().map(Name::as_str), Some("web"));
+    assert_eq!(body.agent_version, None);
+    let Ok(RolloutsCmd::Create(a)) = parse(&["rollouts", "create", "--agent-version", "2.0"])
+    else {
+        panic!("an agent rollout");
+    };
+    let agent = create_body(&a).expect("valid");
+    assert_eq!(
+        (agent.app, agent.agent_version.as_deref()),
+        (None, Some("2.0"))
+    );
+    assert!(parse(&["rollouts", "create", "web", "--agent-version", "2.0"]).is_err());
+    assert!(parse(&["rollouts", "create"]).is_err());
     assert_eq!(body.selector, "");
     assert_eq!(body.release, 0, "0 is the latest release");
     assert!(body.batches.is_empty(), "one batch");

@@ -13,6 +13,7 @@ fn spec() -> RolloutSpec {
         min_ready_ms: 0,
         approval: false,
         author: "ops".into(),
+        agent_version: None,
     }
 }
 

@@ -548,7 +548,10 @@ mod tests {
         let nr = auto("nr", default_automation_subscribe(&topics), vec![]);
         match nr.subscribe_refusal(&topics, "drover/v1/dev/+/#") {
             Some(Refusal::Confidential(kinds)) => {
-                assert_eq!(kinds, ["cmd", "desired", "enroll", "enrolled", "secrets"])
+                assert_eq!(
+                    kinds,
+                    ["cmd", "desired", "enroll", "enrolled", "secrets", "blob"]
+                )
             }
             other => panic!("{other:?}"),
         }

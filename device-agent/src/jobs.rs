@@ -112,13 +112,11 @@ fn load(path: &Path) -> Saved {
     }
 }
 
+/// Through the agent's one atomic writer (`store::write_file`): synced,
+/// renamed, and no temporary file left behind when the disk is full.
 fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    crate::store::write_file(path, &bytes, None)
 }
 
 struct Runner {

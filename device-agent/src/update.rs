@@ -177,13 +177,11 @@ fn set_json<T: Serialize>(dir: &Path, name: &str, v: Option<&T>) -> std::io::Res
     }
 }
 
+/// Through the agent's one atomic writer (`store::write_file`: synced,
+/// renamed, no temporary file left behind on a full disk).
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))
+    crate::store::write_file(&dir.join(name), bytes, None)
 }
 
 /// SHA-256 of a file, lowercase hex.

@@ -478,7 +478,18 @@ async fn home_assistant_discovery_is_valid_and_announced_again() {
         let avail = &c["availability"][0];
         let status = sub_json(&orch, "ha", &pw, avail["topic"].as_str().expect("topic")).await;
         assert_eq!(status["status"], avail["payload_available"], "{status}");
-        let state = sub_json(&orch, "ha", &pw, c["state_topic"].as_str().expect("topic")).await;
+        let state_topic = c["state_topic"].as_str().expect("topic");
+        let mut state = sub_json(&orch, "ha", &pw, state_topic).await;
+        if component == "switch" {
+            // The mirror republishes a device's state document at most
+            // 250 ms after the report that ended the deploy, which may be
+            // after the operation is seen to succeed.
+            state = wait_for(TIMEOUT, "the app running in the state document", || async {
+                let s = sub_json(&orch, "ha", &pw, state_topic).await;
+                (s["apps"][&app]["running"] == json!(true)).then_some(s)
+            })
+            .await;
+        }
         let template = c["value_template"].as_str().expect("template");
         if component == "sensor" {
             let field = template

@@ -56,6 +56,7 @@ async fn create_rule(State(api): State<ApiState>, ctx: Ctx, body: Bytes) -> ApiR
     params(("name" = String, Path, description = "The rule's name")),
     responses(
         (status = 200, description = "The rule", body = contract::Rule),
+        (status = 400, description = "The name is not a valid rule name", body = ErrorBody),
         (status = 404, description = "No such rule", body = ErrorBody),
     ))]
 async fn show_rule(
@@ -107,6 +108,7 @@ async fn update_rule(
     params(("name" = String, Path, description = "The rule's name")),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "The name is not a valid rule name", body = ErrorBody),
         (status = 404, description = "No such rule", body = ErrorBody),
     ))]
 async fn delete_rule(

@@ -37,8 +37,14 @@
 //   rollouts:   tr[data-test=rollout-row][data-rollout=<id>], #rollout-new (link), #rollout-form,
 //               [data-test=rollout-phase], [data-test=rollout-batches] (tr[data-test=batch-row]),
 //               #rollout-device-state, [data-test=rollout-devices],
-//               tr[data-test=rollout-device][data-device=<id>],
+//               tr[data-test=rollout-device][data-device=<id>], [data-test=rollout-agent] (an agent rollout),
 //               button[data-action=pause|resume|approve|abort|rollback]
+//   jobs:       tr[data-test=job-row][data-job=<id>] (cell [data-test=job-phase]), #job-new (link),
+//               #job-form (#job-selector, #job-image, #job-command, #job-env, #job-timeout,
+//               #job-concurrency, #job-submit), [data-test=job-error][data-field=<field>],
+//               [data-test=job-phase], [data-test=job-counts], [data-test=job-devices]
+//               tr[data-test=job-device][data-device=<id>][data-state=<state>] (cells
+//               [data-test=state|exit-code|error], pre[data-test=output-tail]), #job-cancel
 //   rules:      tr[data-test=rule-row][data-rule=<name>] (cell [data-test=enabled]), #rule-new (link),
 //               #rule-form / #rule-edit-form (textarea #rule-form-json / #rule-edit-form-json),
 //               [data-test=rule-error], button[data-action=enable|disable|delete|edit],
@@ -58,6 +64,7 @@ import { devices } from './devices.js';
 import { device } from './device.js';
 import { appList, appNew, appDetail } from './apps.js';
 import { rolloutList, rolloutNew, rolloutDetail } from './rollouts.js';
+import { jobList, jobNew, jobDetail } from './jobs.js';
 import { ruleList, ruleNew, ruleDetail } from './rules.js';
 import { operations } from './operations.js';
 import { audit } from './audit.js';
@@ -74,6 +81,9 @@ const ROUTES = [
   [/^\/rollouts$/, rolloutList, 'rollouts'],
   [/^\/rollouts\/_new$/, rolloutNew, 'rollouts'],
   [/^\/rollouts\/([^/]+)$/, rolloutDetail, 'rollouts'],
+  [/^\/jobs$/, jobList, 'jobs'],
+  [/^\/jobs\/_new$/, jobNew, 'jobs'],
+  [/^\/jobs\/([^/]+)$/, jobDetail, 'jobs'],
   [/^\/rules$/, ruleList, 'rules'],
   [/^\/rules\/_new$/, ruleNew, 'rules'],
   [/^\/rules\/([^/]+)$/, ruleDetail, 'rules'],
@@ -87,6 +97,7 @@ const NAV = [
   ['devices', '#/devices', 'Devices', 'viewer'],
   ['apps', '#/apps', 'Apps', 'viewer'],
   ['rollouts', '#/rollouts', 'Rollouts', 'viewer'],
+  ['jobs', '#/jobs', 'Jobs', 'viewer'],
   ['rules', '#/rules', 'Rules', 'viewer'],
   ['operations', '#/operations', 'Operations', 'viewer'],
   ['access', '#/access', 'Access', 'viewer'],
@@ -317,7 +328,7 @@ const live = {
     // ~1,000 changes a second that no page needs fleet-wide. The device page
     // follows its own device's logs and telemetry on a stream of its own; the
     // devices page re-reads the rows it shows on a timer.
-    const es = new EventSource('/api/v1/changes?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing');
+    const es = new EventSource('/api/v1/changes?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing,job');
     this.es = es;
     es.onopen = () => {
       this.setState('live');

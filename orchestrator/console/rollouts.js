@@ -33,10 +33,16 @@ function counted(c) {
   return progress(c.updated, of, `${c.updated}/${of} updated${extra ? `, ${extra}` : ''}`);
 }
 
+/** The app a rollout moves, or for an agent rollout the agent version. */
+function target(r) {
+  return r.agent_version ? h('span', { data: { test: 'rollout-agent' } }, `agent ${r.agent_version}`)
+    : h('a', { href: `#/apps/${enc(r.app)}` }, r.app);
+}
+
 function rolloutRow(r) {
   return h('tr', { data: { test: 'rollout-row', rollout: r.id } },
     h('td', {}, h('a', { href: `#/rollouts/${enc(r.id)}`, class: 'mono' }, r.id.slice(0, 8)), h('span', { class: 'sub' }, ago(r.created_at_ms))),
-    h('td', {}, h('a', { href: `#/apps/${enc(r.app)}` }, r.app), h('span', { class: 'sub' }, `release ${r.from_release || '–'} → ${r.to_release}`)),
+    h('td', {}, target(r), h('span', { class: 'sub' }, `release ${r.from_release || '–'} → ${r.to_release}`)),
     h('td', {}, badge(r.phase)),
     h('td', {}, counted(r.counts)),
     h('td', { class: 'opt' }, `${Math.min(r.current_batch + 1, r.batches.length)} of ${r.batches.length}`),
@@ -205,7 +211,7 @@ export const rolloutDetail = {
     function draw(r) {
       fill(phase, badge(r.phase));
       fill(summary, dl([
-        ['App', h('a', { href: `#/apps/${enc(r.app)}` }, r.app)],
+        [r.agent_version ? 'Agent' : 'App', target(r)],
         ['Release', `${r.from_release || 'none'} → ${r.to_release}`],
         ['Selector', h('code', {}, r.selector || '(every device)')],
         ['Progress', counted(r.counts)],

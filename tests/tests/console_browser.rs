@@ -6,7 +6,9 @@
 //! telemetry chart has points; a viewer sees no controls and a request
 //! forged with the viewer's session is refused; an operator defines a rule
 //! from JSON, sees it fire live and disables it, a bad rule shows the
-//! server's reason; the browser logged no errors. Screenshots of the main
+//! server's reason; an operator runs a job from the form and sees its
+//! output, a viewer sees it without the controls; the browser logged no
+//! errors. Screenshots of the main
 //! pages go to docs/screenshots/.
 
 use std::time::Duration;
@@ -180,6 +182,78 @@ async fn operator_defines_a_rule(b: &Browser, orch: &Orch) -> String {
     rule
 }
 
+/// The operator signed in in `b` runs a job from the form on the test's
+/// agent: a bad image is refused with the server's reason beside the
+/// field; a good one reaches `succeeded` live, with the command's output
+/// in the device's tail (REST agrees). Returns the job's id.
+async fn operator_runs_a_job(b: &Browser, orch: &Orch, device: &str) -> String {
+    click(b, "#nav a[data-nav=jobs]").await;
+    b.wait_for("main[data-page=jobs]", UI).await;
+    click(b, "#job-new").await;
+    choose(b, "#job-image", "Not An Image").await;
+    choose(b, "#job-command", "echo hello-from-console").await;
+    choose(b, "#job-timeout", "60").await;
+    click(b, "#job-submit").await;
+    b.wait_for("[data-test=job-error][data-field=image]", UI)
+        .await;
+    assert_eq!(
+        b.eval("return document.querySelector('#job-image').getAttribute('aria-invalid')")
+            .await,
+        json!("true")
+    );
+    choose(
+        b,
+        "#job-image",
+        &format!("{REGISTRY}/{BASE_REPO}:{BASE_TAG}"),
+    )
+    .await;
+    click(b, "#job-submit").await;
+    b.wait_for("#job-cancel, [data-test=job-phase] .badge.good", UI)
+        .await;
+    let hash = b.eval("return location.hash").await;
+    let id = hash
+        .as_str()
+        .and_then(|h| h.strip_prefix("#/jobs/"))
+        .expect("on the job's page")
+        .to_string();
+    b.wait_text("[data-test=job-phase]", "succeeded", DOCKER)
+        .await;
+    let row = format!("tr[data-test=job-device][data-device='{device}']");
+    b.wait_text(
+        &format!("{row} pre[data-test=output-tail]"),
+        "hello-from-console",
+        UI,
+    )
+    .await;
+    b.wait_text(&format!("{row} [data-test=exit-code]"), "0", UI)
+        .await;
+    assert_eq!(
+        visible_count(b, "#job-cancel").await,
+        0,
+        "a finished job has no Cancel"
+    );
+    b.eval(
+        "for (const m of document.querySelectorAll('#messages .msg')) m.remove();\
+         document.querySelector('[data-test=job-phase]').scrollIntoView(); return 0",
+    )
+    .await;
+    b.screenshot("job").await;
+    let (s, v) = orch.api.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["phase"], json!("succeeded"), "{v}");
+    assert_eq!(v["command"], json!(["echo", "hello-from-console"]), "{v}");
+    // Listed, with its phase.
+    click(b, "#nav a[data-nav=jobs]").await;
+    b.wait_text(
+        &format!("tr[data-test=job-row][data-job='{id}'] [data-test=job-phase]"),
+        "succeeded",
+        UI,
+    )
+    .await;
+    b.screenshot("jobs").await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_the_fleet_from_the_console() {
     let docker = docker().await;
@@ -313,6 +387,7 @@ async fn an_operator_runs_the_fleet_from_the_console() {
     assert!(errors.is_empty(), "the browser logged errors: {errors:#?}");
 
     let rule = operator_defines_a_rule(&b, &orch).await;
+    let job = operator_runs_a_job(&b, &orch, &agent.id).await;
 
     // A viewer: no controls, and a forged change with its session is refused.
     let viewer = api.as_role(&unique("viewer"), "viewer").await;
@@ -354,6 +429,37 @@ async fn an_operator_runs_the_fleet_from_the_console() {
         .await,
         0,
         "a viewer sees rule controls the server would refuse"
+    );
+    // Jobs: listed and followed, but no new-job link, form or Cancel.
+    v.client
+        .goto(&format!("{base}/#/jobs"))
+        .await
+        .expect("jobs page");
+    let job_row = format!("tr[data-test=job-row][data-job='{job}']");
+    v.wait_text(&format!("{job_row} [data-test=job-phase]"), "succeeded", UI)
+        .await;
+    assert_eq!(
+        visible_count(&v, "#job-new").await,
+        0,
+        "a viewer sees New job"
+    );
+    click(&v, &format!("{job_row} a")).await;
+    v.wait_text("[data-test=job-devices]", "hello-from-console", UI)
+        .await;
+    assert_eq!(
+        visible_count(&v, "#job-cancel").await,
+        0,
+        "a viewer sees Cancel"
+    );
+    v.client
+        .goto(&format!("{base}/#/jobs/_new"))
+        .await
+        .expect("new job page");
+    v.wait_text("main[data-page=jobs] h1", "New job", UI).await;
+    assert_eq!(
+        visible_count(&v, "#job-form").await,
+        0,
+        "a viewer sees the job form"
     );
     let forged = v
         .client

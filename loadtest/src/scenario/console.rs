@@ -41,7 +41,7 @@ use crate::target::Target;
 /// as an outside client and so keeps its own copy, which a unit test holds
 /// equal).
 pub const CONSOLE_FEED: &str =
-    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing";
+    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing,job";
 
 /// What the console scenario does, besides the fleet.
 #[derive(Debug, Clone)]

@@ -35,7 +35,7 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
 /// those are ~1,000 changes a second that no page needs fleet-wide; the
 /// device page follows its own device's on `?device=ID&kinds=logs,telemetry`.
 pub const FEED: &str =
-    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing";
+    "?coalesce=true&kinds=device,inventory,state,operation,event,app,rollout,rule_firing,job";
 
 /// One embedded file.
 struct Asset {
@@ -71,6 +71,7 @@ static ASSETS: &[Asset] = &[
     asset!("apps.js", JS),
     asset!("rollouts.js", JS),
     asset!("rules.js", JS),
+    asset!("jobs.js", JS),
     asset!("operations.js", JS),
     asset!("audit.js", JS),
     asset!("access.js", JS),

@@ -10,13 +10,19 @@ use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
-/// Where screenshots go: `docs/screenshots/` of this checkout, which
-/// README.md shows.
+/// Where screenshots go: with `DROVER_UPDATE_SCREENSHOTS=1`,
+/// `docs/screenshots/` of this checkout, which README.md shows; otherwise
+/// a directory under the system's temporary one, so that running the
+/// tests leaves the checkout as it was.
 pub fn screenshot_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("docs")
-        .join("screenshots")
+    if std::env::var_os("DROVER_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("docs")
+            .join("screenshots")
+    } else {
+        std::env::temp_dir().join(format!("drover-screenshots-{}", std::process::id()))
+    }
 }
 
 pub struct Browser {
@@ -153,9 +159,13 @@ impl Browser {
             .expect("script runs")
     }
 
-    /// Saves a PNG of the window as `docs/screenshots/<name>.png`.
+    /// Saves a PNG of the window as `<name>.png` in [`screenshot_dir`].
     pub async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.expect("screenshot");
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "the screenshot {name} is a PNG"
+        );
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir).expect("screenshot dir");
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");

@@ -9,7 +9,8 @@
 //! server's reason; an operator runs a job from the form and sees its
 //! output, a viewer sees it without the controls; the browser logged no
 //! errors. Screenshots of the main
-//! pages go to docs/screenshots/.
+//! pages go to docs/screenshots/ with
+//! `DROVER_UPDATE_SCREENSHOTS=1` (a temporary directory otherwise).
 
 use std::time::Duration;
 
